@@ -1,0 +1,1 @@
+"""The ``ostate`` command line: a thin click layer over the ostate library (installed as ``ostate_cli``)."""

@@ -1,0 +1,76 @@
+"""What every command shares: error handling, ``--debug``, and warnings on stderr."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import warnings
+from typing import Any, Callable
+
+import click
+
+from ostate.errors import OstateError
+
+EXIT_BAD_INPUT = 2
+EXIT_INTERNAL = 1
+EXIT_INTERRUPTED = 130
+
+
+def debug_option(fn: Callable) -> Callable:
+    return click.option(
+        "--debug", is_flag=True, envvar="OSTATE_DEBUG", help="Show full tracebacks instead of one-line errors."
+    )(fn)
+
+
+def handle_errors(fn: Callable) -> Callable:
+    """Run a command: an OstateError prints one line and exits 2; tracebacks only with --debug."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, debug: bool = False, **kwargs: Any) -> Any:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = _show_warning
+            try:
+                return fn(*args, **kwargs)
+            except OstateError as e:
+                if debug:
+                    raise
+                fail(str(e), EXIT_BAD_INPUT)
+            except KeyboardInterrupt:
+                if debug:
+                    raise
+                fail("interrupted; no output was written", EXIT_INTERRUPTED)
+            except click.exceptions.Exit:
+                raise
+            except click.ClickException:
+                raise
+            except Exception as e:  # a bug in ostate: still one line, and how to get the details
+                if debug:
+                    raise
+                fail(f"internal error: {type(e).__name__}: {e} (this is a bug in ostate; rerun with --debug "
+                     "for the traceback)", EXIT_INTERNAL)
+
+    return debug_option(wrapper)
+
+
+def fail(message: str, code: int) -> None:
+    click.echo(f"ostate: error: {message}", err=True)
+    sys.exit(code)
+
+
+def warn(message: str) -> None:
+    click.echo(f"ostate: warning: {message}", err=True)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    if category.__module__.startswith("ostate") or category is UserWarning:
+        text = str(message)
+        if "Failed to initialize NumPy" in text:
+            return
+        warn(text)
+
+
+def progress_enabled() -> bool:
+    """Progress bars go to stderr, and only when a person is watching it."""
+    return sys.stderr.isatty() and not os.environ.get("CI")

@@ -1,0 +1,51 @@
+"""``ostate inspect``: the header and per-parameter (or group, layer, model) table of a checkpoint."""
+
+from __future__ import annotations
+
+import click
+
+import ostate
+from ostate.analysis import VIEWS
+from ostate.optimizers import families
+from ostate.report import FORMATS, inspect as build_report, render
+from ostate_cli.common import handle_errors, progress_enabled, warn
+
+
+@click.command()
+@click.argument("path", type=click.Path(dir_okay=True, path_type=str))
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True,
+              help="Output format.")
+@click.option("--by", type=click.Choice(VIEWS), default="param", show_default=True,
+              help="One row per parameter, param group, layer (module prefix of the name) or the whole model.")
+@click.option("--sort", metavar="COLUMN", help="Order rows by this column, largest first.")
+@click.option("--ascending", is_flag=True, help="With --sort: smallest first.")
+@click.option("--top", type=click.IntRange(min=1), metavar="N", help="Show only the first N rows.")
+@click.option("--optimizer-index", type=click.IntRange(min=0), metavar="K",
+              help="Only the K-th optimizer (0-based) when the file holds several.")
+@click.option("--optimizer", "kind", type=click.Choice(sorted(families())), metavar="KIND",
+              help=f"Treat the state as this optimizer family instead of detecting it: {', '.join(sorted(families()))}.")
+@click.option("--columns", metavar="A,B,...", help="Columns for table/markdown output ('all' for every column).")
+@click.option("--trust-pickle", is_flag=True,
+              help="Allow pickled Python objects beyond tensors (runs code from the file: only for files you trust).")
+@handle_errors
+def inspect(path, fmt, by, sort, ascending, top, optimizer_index, kind, columns, trust_pickle):
+    """Show the optimizer state in the checkpoint at PATH.
+
+    PATH is a torch.save file (.pt, .pth, .bin, .ckpt) holding one or more optimizer
+    state dicts, for example a training checkpoint or a Lightning .ckpt.
+    """
+    checkpoint = ostate.load(path, trust_pickle=trust_pickle, optimizer=kind)
+    report = build_report(
+        checkpoint,
+        by=by,
+        sort=sort,
+        ascending=ascending,
+        top=top,
+        optimizer_index=optimizer_index,
+        columns=[c.strip() for c in columns.split(",") if c.strip()] if columns else None,
+        progress=progress_enabled(),
+    )
+    if fmt in ("csv", "json"):  # machine formats: warnings go to stderr as well
+        for w in report.warnings + [w for o in report.optimizers for w in o.description["warnings"]]:
+            warn(w)
+    click.echo(render(report, fmt), nl=False)

@@ -1,0 +1,26 @@
+"""The ``ostate`` command group. Each command lives in its own module and is added here."""
+
+from __future__ import annotations
+
+import click
+
+import ostate
+from ostate_cli.demo_cmd import demo
+from ostate_cli.inspect_cmd import inspect
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(ostate.__version__, prog_name="ostate")
+def main() -> None:
+    """What is in your optimizer state, and should you keep it when you fine-tune?
+
+    Run `ostate demo` to make a small checkpoint and inspect it, or
+    `ostate inspect PATH` on your own.
+    """
+
+
+main.add_command(inspect)
+main.add_command(demo)
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,32 @@
+"""ostate: what is in your optimizer state, and should you keep it when you fine-tune?
+
+The public surface:
+
+- :func:`load` reads a checkpoint (safely, memory-mapped) into a :class:`Checkpoint`.
+- :func:`from_state_dict` wraps an in-memory optimizer state dict the same way.
+- :func:`analyze` turns one into a table (per parameter, group, layer or model).
+- :func:`describe` summarises one optimizer (kind, groups, steps, sizes).
+- :func:`effective_lr` and :func:`next_update` apply an optimizer family's exact math.
+"""
+
+from ostate.analysis import analyze, describe
+from ostate.errors import OstateError
+from ostate.formats import from_state_dict, load
+from ostate.optimizers import effective_lr, next_update
+from ostate.state import Checkpoint, OptimizerState, ParamState, TensorRef
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Checkpoint",
+    "OptimizerState",
+    "OstateError",
+    "ParamState",
+    "TensorRef",
+    "analyze",
+    "describe",
+    "effective_lr",
+    "from_state_dict",
+    "load",
+    "next_update",
+]

@@ -1,0 +1,112 @@
+"""Per-parameter statistics: stream a parameter's state through its family's math into sketches.
+
+For each parameter the state tensors that have the parameter's shape are read in
+flat chunks; the family turns each chunk into per-coordinate quantities (effective
+learning rate, |m|, v, ...) and every quantity is summarised in a :class:`Sketch`.
+Only the sketches are kept, so memory stays at a few chunks whatever the tensor's size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ostate.analysis.sketch import CHUNK, Sketch
+from ostate.optimizers import Family
+from ostate.state import OptimizerState, ParamState
+
+QUANTILES = {"p1": 0.01, "p5": 0.05, "p25": 0.25, "p50": 0.5, "p75": 0.75, "p95": 0.95, "p99": 0.99}
+STATS = ("mean", "rms", "min", "max", *QUANTILES)
+
+
+@dataclass
+class ParamSummary:
+    """One parameter's table row and the sketches behind its statistics."""
+
+    row: dict[str, Any]
+    sketches: dict[str, Sketch] = field(default_factory=dict)
+
+
+ROOT_LAYER = "(root)"
+
+
+def layer_of(name: str, name_source: str = "param_names") -> str:
+    """The module a parameter belongs to: its name without the last component.
+
+    A parameter of the top-level module belongs to ``(root)``; an unnamed parameter
+    (``param.<index>``) is a layer of its own.
+    """
+    if name_source == "none":
+        return name
+    return name.rsplit(".", 1)[0] if "." in name else ROOT_LAYER
+
+
+def sketch_columns(quantity: str, sketch: Sketch) -> dict[str, float]:
+    """``{quantity}_{stat}`` for every statistic in :data:`STATS`."""
+    quantiles = sketch.quantiles(QUANTILES.values())
+    out = {f"{quantity}_mean": sketch.mean, f"{quantity}_rms": sketch.rms,
+           f"{quantity}_min": sketch.min if sketch.count else float("nan"),
+           f"{quantity}_max": sketch.max if sketch.count else float("nan")}
+    out.update({f"{quantity}_{name}": value for name, value in zip(QUANTILES, quantiles)})
+    if sketch.nonfinite:
+        out[f"{quantity}_nonfinite"] = sketch.nonfinite
+    return out
+
+
+def base_row(optimizer: OptimizerState, param: ParamState) -> dict[str, Any]:
+    tensors = param.tensors()
+    aligned = [t for t in tensors.values() if param.shape is not None and t.shape == tuple(param.shape)]
+    dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in (aligned or tensors.values())})
+    return {
+        "optimizer": optimizer.location,
+        "name": param.name,
+        "name_source": param.name_source,
+        "index": param.index,
+        "group": param.group,
+        "layer": layer_of(param.name, param.name_source),
+        "shape": tuple(param.shape) if param.shape is not None else None,
+        "numel": param.numel,
+        "step": param.step,
+        "has_state": param.has_state,
+        "dtype": ",".join(dtypes) if dtypes else None,
+        "state_bytes": param.state_bytes,
+    }
+
+
+def summarize_param(optimizer: OptimizerState, param: ParamState, family: Family) -> ParamSummary:
+    """The row and sketches of one parameter."""
+    group = optimizer.groups[param.group]
+    row = base_row(optimizer, param)
+    if param.has_state:
+        row.update(family.columns(param, group))
+    sketches = quantity_sketches(param, group, family)
+    for quantity, sketch in sketches.items():
+        row.update(sketch_columns(quantity, sketch))
+    return ParamSummary(row, sketches)
+
+
+def quantity_sketches(param: ParamState, group: dict, family: Family) -> dict[str, Sketch]:
+    """Sketches of the family's per-coordinate quantities over the whole parameter."""
+    if not param.has_state or param.shape is None:
+        return {}
+    shape = tuple(param.shape)
+    aligned = {k: ref for k, ref in param.tensors().items() if ref.shape == shape}
+    if not aligned:
+        return {}
+    sketches: dict[str, Sketch] = {}
+    flat = {k: ref.read().reshape(-1) for k, ref in aligned.items()}
+    numel = param.numel or 0
+    try:
+        for start in range(0, numel, CHUNK):
+            chunk = {k: t[start : start + CHUNK] for k, t in flat.items()}
+            length = min(CHUNK, numel - start)
+            for quantity, values in family.quantities(chunk, group, param).items():
+                sketch = sketches.setdefault(quantity, Sketch())
+                if isinstance(values, (int, float)):
+                    sketch.add_constant(float(values), length)
+                else:
+                    sketch.add(values)
+    finally:
+        for ref in aligned.values():
+            ref.release()
+    return sketches

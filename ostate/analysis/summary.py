@@ -1,0 +1,85 @@
+"""The header of a report: what an optimizer is, its groups, steps, coverage and sizes."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from ostate.optimizers import get_family
+from ostate.state import OptimizerState
+
+LR_NOTE = (
+    "effective learning rates use each group's saved lr; a scheduler that stepped before the save "
+    "has usually already set it to the next step's lr"
+)
+
+
+def describe(optimizer: OptimizerState) -> dict[str, Any]:
+    """A JSON-ready description of one optimizer (no tensor data is read except step counts).
+
+    Example:
+        >>> import ostate, torch
+        >>> m = torch.nn.Linear(2, 2); opt = torch.optim.AdamW(m.parameters())
+        >>> m(torch.ones(1, 2)).sum().backward(); opt.step()
+        >>> d = describe(ostate.from_state_dict(opt.state_dict()).optimizers[0])
+        >>> d["kind"], d["params_with_state"], d["steps"]["min"]
+        ('adamw', 2, 1.0)
+    """
+    family = get_family(optimizer.kind)
+    params = optimizer.params
+    with_state = [p for p in params if p.has_state]
+    steps = [p.step for p in with_state if p.step is not None]
+    dtype_bytes: Counter[str] = Counter()
+    for p in params:
+        for t in p.tensors().values():
+            dtype_bytes[str(t.dtype).removeprefix("torch.")] += t.nbytes
+    groups = []
+    for g, group in enumerate(optimizer.groups):
+        members = [p for p in params if p.group == g]
+        shown = {k: _plain(group[k]) for k in family.hyperparameters if k in group}
+        others = {k: _plain(v) for k, v in group.items() if k not in shown and _is_plain(v)}
+        groups.append(
+            {
+                "index": g,
+                "params": len(members),
+                "numel": sum(p.numel or 0 for p in members),
+                "hyperparameters": shown,
+                "other": others,
+            }
+        )
+    return {
+        "location": optimizer.location,
+        "kind": optimizer.kind,
+        "kind_label": family.label,
+        "kind_source": optimizer.kind_source,
+        "groups": groups,
+        "steps": {
+            "min": min(steps) if steps else None,
+            "max": max(steps) if steps else None,
+            "distinct": len(set(steps)),
+            "differ": len(set(steps)) > 1,
+        },
+        "params": len(params),
+        "params_with_state": len(with_state),
+        "params_without_state": [p.name for p in params if not p.has_state],
+        "name_sources": dict(Counter(p.name_source for p in params)),
+        "state_bytes": sum(dtype_bytes.values()),
+        "state_dtypes": dict(dtype_bytes),
+        "lr_note": LR_NOTE,
+        "notes": list(family.notes),
+        "warnings": list(optimizer.warnings),
+    }
+
+
+def _is_plain(value: Any) -> bool:
+    if isinstance(value, (list, tuple)):
+        return all(_is_plain(v) for v in value)
+    return value is None or isinstance(value, (bool, int, float, str))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    if hasattr(value, "item") and getattr(value, "numel", lambda: 0)() == 1:
+        return value.item()
+    return value if _is_plain(value) else repr(value)

@@ -1,0 +1,171 @@
+"""Open a ``torch.save`` file safely: tensors and plain containers only, memory-mapped.
+
+``torch.load(weights_only=True)`` refuses every pickled global outside torch's allow
+list, so a hostile file cannot run code. When a file needs more, the error names the
+globals that block it (read from the pickle's opcodes, never executed) and the opt-in
+that allows them. Zip-format files (every ``torch.save`` since 1.6) are memory-mapped:
+a tensor's bytes are read when it is touched, not when the file is opened.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import pickletools
+import re
+import warnings
+import zipfile
+from typing import Any
+
+import torch
+
+from ostate.errors import OstateError
+
+_ZIP_MAGIC = b"PK\x03\x04"
+_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # torch.serialization.MAGIC_NUMBER
+TRUST_PICKLE_HINT = "rerun with --trust-pickle (Python: trust_pickle=True) only if you trust where the file came from"
+
+
+def check_readable_file(path: str) -> None:
+    """Raise a clear error unless ``path`` is an existing, readable, non-empty file."""
+    if not os.path.lexists(path):
+        raise OstateError("no such file or directory", where=path)
+    if not os.path.exists(path):
+        raise OstateError("broken symbolic link", where=path)
+    if os.path.isdir(path):
+        raise OstateError("is a directory, expected a checkpoint file", where=path)
+    if not os.access(path, os.R_OK):
+        raise OstateError("permission denied", where=path, hint="check the file's permissions")
+    if os.path.getsize(path) == 0:
+        raise OstateError("file is empty", where=path, hint="the checkpoint was not written completely")
+
+
+def sniff(path: str) -> str:
+    """``zip`` or ``legacy`` for torch files, otherwise a word for what the file looks like."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if head.startswith(_ZIP_MAGIC):
+        return "zip"
+    if head[:1] == b"\x80":
+        return "legacy"
+    if len(head) >= 8 and head[8:9] == b"{":
+        return "safetensors"
+    if head.lstrip()[:1] in (b"{", b"["):
+        return "json"
+    return "unknown"
+
+
+def load_torch_file(path: str, *, trust_pickle: bool = False) -> Any:
+    """The object a ``torch.save`` file holds, with tensors memory-mapped where possible.
+
+    Example:
+        >>> import tempfile, os
+        >>> p = os.path.join(tempfile.mkdtemp(), "x.pt")
+        >>> torch.save({"w": torch.ones(2)}, p)
+        >>> load_torch_file(p)["w"].tolist()
+        [1.0, 1.0]
+    """
+    check_readable_file(path)
+    kind = sniff(path)
+    if kind == "zip":
+        return _load(path, trust_pickle=trust_pickle, mmap=True)
+    if kind == "legacy":
+        return _load(path, trust_pickle=trust_pickle, mmap=False)
+    what = {
+        "safetensors": "a safetensors file, not a torch.save checkpoint",
+        "json": "a JSON file, not a torch.save checkpoint",
+    }.get(kind, "not a torch.save checkpoint (neither zip nor legacy pickle format)")
+    raise OstateError(what, where=path)
+
+
+def _load(path: str, *, trust_pickle: bool, mmap: bool) -> Any:
+    if trust_pickle:
+        warnings.warn(
+            f"{path}: loading with --trust-pickle: any code pickled in this file runs now",
+            stacklevel=3,
+        )
+    try:
+        return torch.load(path, map_location="cpu", weights_only=not trust_pickle, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        text = str(e)
+        blockers = unsafe_globals(path) if not trust_pickle and "Weights only load failed" in text else []
+        if blockers or "Unsupported global" in text:
+            listed = ", ".join(blockers) if blockers else _unsupported_global(text)
+            raise OstateError(
+                f"needs pickled Python objects to load ({listed}); ostate loads only tensors and plain containers by default",
+                where=path,
+                hint=TRUST_PICKLE_HINT,
+            ) from None
+        raise OstateError(
+            f"cannot read as a torch checkpoint: {_unpickler_reason(text)}",
+            where=path,
+            hint="the file may be truncated or corrupted",
+        ) from None
+    except (RuntimeError, EOFError, KeyError, ValueError, IndexError, TypeError, AttributeError, OverflowError,
+            zipfile.BadZipFile, UnicodeDecodeError, MemoryError, OSError) as e:
+        raise OstateError(
+            f"cannot read as a torch checkpoint: {_first_line(e) or type(e).__name__}",
+            where=path,
+            hint="the file may be truncated or corrupted",
+        ) from None
+
+
+def _unsupported_global(text: str) -> str:
+    match = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    return match.group(1) if match else "objects outside torch's allow list"
+
+
+def _unpickler_reason(text: str) -> str:
+    match = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n\n|$)", text, re.S)
+    reason = match.group(1).strip() if match else text.strip().splitlines()[0]
+    return " ".join(reason.split())[:200] or "invalid pickle data"
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:200] if text else ""
+
+
+def unsafe_globals(path: str) -> list[str]:
+    """Globals a ``torch.save`` file would import when unpickled, beyond torch's allow list.
+
+    Read from the pickle opcodes without executing anything.
+    """
+    if sniff(path) == "zip":
+        try:
+            return list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+        except Exception:  # a damaged archive: nothing more to say than the load error
+            return []
+    return _legacy_globals(path)
+
+
+def _legacy_globals(path: str) -> list[str]:
+    # A legacy file is a chain of pickles: magic number, protocol, system info, then the object.
+    found: list[str] = []
+    safe = {f"{m}.{n}" for m, n in _torch_safe_globals()}
+    try:
+        with open(path, "rb") as f:
+            for _ in range(4):
+                strings: list[str] = []
+                for op, arg, _pos in pickletools.genops(f):
+                    if isinstance(arg, str):
+                        strings.append(arg)
+                    if op.name == "GLOBAL":
+                        found.append(arg.replace(" ", "."))
+                    elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                        found.append(f"{strings[-2]}.{strings[-1]}")
+                    if op.name == "STOP":
+                        break
+    except Exception:
+        pass
+    out = []
+    for name in found:
+        if name not in safe and not name.startswith("torch.") and name not in out:
+            out.append(name)
+    return out
+
+
+def _torch_safe_globals() -> list[tuple[str, str]]:
+    names = [("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "bytes"), ("builtins", "complex")]
+    names += [(g.__module__, g.__qualname__) for g in torch.serialization.get_safe_globals() if hasattr(g, "__module__")]
+    return names

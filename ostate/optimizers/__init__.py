@@ -1,0 +1,59 @@
+"""Optimizer families: recognition, effective learning rates and next updates.
+
+One module per family holds its math (the formula is in the module docstring):
+``adam`` (Adam, AdamW, AMSGrad), ``sgd``, and ``generic`` for state nobody recognises.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ostate.optimizers import adam, generic, sgd  # noqa: F401  (each registers its family)
+from ostate.optimizers.family import Family, Group, detect, families, get_family
+from ostate.errors import OstateError
+from ostate.state import ParamState
+
+__all__ = ["Family", "detect", "families", "get_family", "effective_lr", "next_update", "family_for"]
+
+
+def family_for(param: ParamState, group: Group, kind: str | None = None) -> Family:
+    """The family named ``kind``, or the one detected from this parameter's state and group."""
+    if kind is None:
+        kind, _source, _also = detect(frozenset(param.state), [group])
+    return get_family(kind)
+
+
+def effective_lr(param: ParamState, group: Group, *, kind: str | None = None) -> torch.Tensor:
+    """The per-coordinate effective learning rate of ``param`` (a tensor of its shape).
+
+    ``kind`` names the optimizer family; by default it is detected from the state and
+    the group. The formula for each family is in its module and in docs/columns.md.
+
+    Example:
+        >>> import ostate, torch
+        >>> p = torch.nn.Parameter(torch.ones(3))
+        >>> opt = torch.optim.AdamW([p], lr=1e-3)
+        >>> p.grad = torch.ones(3); opt.step()
+        >>> ckpt = ostate.from_state_dict(opt.state_dict())
+        >>> o = ckpt.optimizers[0]
+        >>> ostate.effective_lr(o.params[0], o.groups[0]).shape
+        torch.Size([3])
+    """
+    family = family_for(param, group, kind)
+    if family.effective_lr is None:
+        raise OstateError(f"no effective learning rate is defined for optimizer kind '{family.name}'")
+    return family.effective_lr(param, group)
+
+
+def next_update(
+    param: ParamState, group: Group, grad: torch.Tensor, weight: torch.Tensor, *, kind: str | None = None
+) -> torch.Tensor:
+    """The change of the weights (new minus old) that the optimizer's next ``step()`` makes.
+
+    Computed from the saved state, the gradient ``grad`` and the current ``weight``, in
+    the weight's dtype and in torch's order of operations.
+    """
+    family = family_for(param, group, kind)
+    if family.next_update is None:
+        raise OstateError(f"the next update of optimizer kind '{family.name}' cannot be computed from its state")
+    return family.next_update(param, group, grad, weight)

@@ -1,0 +1,164 @@
+r"""Adam, AdamW and AMSGrad, as ``torch.optim.Adam`` / ``torch.optim.AdamW`` compute them.
+
+A checkpoint holds the state after step :math:`t`: :math:`m_t` (``exp_avg``),
+:math:`v_t` (``exp_avg_sq``), :math:`t` (``step``), and with AMSGrad
+:math:`v^{max}_t` (``max_exp_avg_sq``). Step :math:`t+1`, given gradient :math:`g`
+and weights :math:`\theta`:
+
+.. math::
+    g &\leftarrow -g \quad\text{if maximize} \\
+    \theta &\leftarrow \theta (1 - \gamma\lambda) \quad\text{(AdamW: decoupled weight decay)} \\
+    g &\leftarrow g + \lambda\theta \quad\text{(Adam: L2 weight decay, enters both moments)} \\
+    m_{t+1} &= \beta_1 m_t + (1-\beta_1) g \\
+    v_{t+1} &= \beta_2 v_t + (1-\beta_2) g^2 \\
+    \hat v &= v_{t+1} \text{, or } \max(v^{max}_t, v_{t+1}) \text{ with AMSGrad} \\
+    \theta &\leftarrow \theta - \frac{\gamma}{1-\beta_1^{t+1}} \cdot
+        \frac{m_{t+1}}{\sqrt{\hat v}/\sqrt{1-\beta_2^{t+1}} + \epsilon}
+
+The **effective learning rate** of coordinate :math:`i` is the factor that multiplies
+the bias-corrected first moment :math:`\hat m = m/(1-\beta_1^t)`, read from the saved
+state:
+
+.. math::
+    \eta_i = \frac{\gamma}{\sqrt{v_{t,i}} / \sqrt{1-\beta_2^{t}} + \epsilon}
+
+with :math:`\gamma` the group's saved ``lr`` (after a scheduler step this is usually
+the lr of the *next* step), :math:`v` replaced by ``max_exp_avg_sq`` under AMSGrad,
+and :math:`\epsilon` added to :math:`\sqrt{\hat v}` (outside the square root).
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+
+from ostate.optimizers.family import Family, Group, group_has, register, step_of
+from ostate.state import ParamState
+
+_STATE_KEYS = frozenset({"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"})
+
+
+def second_moment_key(group: Group) -> str:
+    """The state key that plays :math:`v` in the denominator."""
+    return "max_exp_avg_sq" if group.get("amsgrad", False) else "exp_avg_sq"
+
+
+def adam_effective_lr(exp_avg_sq: torch.Tensor, *, lr: float, beta2: float, eps: float, step: float) -> torch.Tensor:
+    r""":math:`\gamma / (\sqrt{v}/\sqrt{1-\beta_2^t} + \epsilon)`, elementwise, in float32 (or float64 if given)."""
+    v = exp_avg_sq if exp_avg_sq.dtype == torch.float64 else exp_avg_sq.float()
+    bias_correction2_sqrt = (1 - beta2**step) ** 0.5
+    return lr / (v.sqrt() / bias_correction2_sqrt + eps)
+
+
+def effective_lr(param: ParamState, group: Group) -> torch.Tensor:
+    beta2 = group["betas"][1]
+    return adam_effective_lr(
+        param.read(second_moment_key(group)), lr=group["lr"], beta2=beta2, eps=group["eps"], step=step_of(param)
+    )
+
+
+def next_update(param: ParamState, group: Group, grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Adam's next change of ``weight`` (L2 weight decay unless the group says decoupled)."""
+    return adam_update(param, group, grad, weight, decoupled=bool(group.get("decoupled_weight_decay", False)))
+
+
+def next_update_adamw(param: ParamState, group: Group, grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """AdamW's next change of ``weight`` (decoupled weight decay)."""
+    return adam_update(param, group, grad, weight, decoupled=True)
+
+
+def adam_update(
+    param: ParamState, group: Group, grad: torch.Tensor, weight: torch.Tensor, *, decoupled: bool
+) -> torch.Tensor:
+    """The change of ``weight`` that the next ``step()`` makes, computed in the weight's dtype
+    with torch's order of operations (so the result matches torch to rounding)."""
+    lr, eps, wd = group["lr"], group["eps"], group.get("weight_decay", 0.0)
+    beta1, beta2 = group["betas"]
+    theta = weight.detach().clone()
+    g = -grad if group.get("maximize", False) else grad
+    if wd != 0:
+        if decoupled:
+            theta.mul_(1 - lr * wd)
+        else:
+            g = g.add(theta, alpha=wd)
+    exp_avg = param.read("exp_avg").to(theta.dtype).lerp(g, 1 - beta1)
+    exp_avg_sq = param.read("exp_avg_sq").to(theta.dtype).mul(beta2).addcmul_(g, g, value=1 - beta2)
+    step = step_of(param) + 1
+    bias_correction1 = 1 - beta1**step
+    bias_correction2_sqrt = (1 - beta2**step) ** 0.5
+    if group.get("amsgrad", False):
+        exp_avg_sq = torch.maximum(param.read("max_exp_avg_sq").to(theta.dtype), exp_avg_sq)
+    denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+    theta.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
+    return theta - weight
+
+
+def quantities(chunk: Mapping[str, torch.Tensor], group: Group, param: ParamState) -> dict:
+    q = {
+        "eff_lr": adam_effective_lr(
+            chunk[second_moment_key(group)], lr=group["lr"], beta2=group["betas"][1], eps=group["eps"],
+            step=step_of(param),
+        ),
+        "exp_avg_abs": chunk["exp_avg"].abs(),
+        "exp_avg_sq": chunk["exp_avg_sq"],
+    }
+    if "max_exp_avg_sq" in chunk:
+        q["max_exp_avg_sq"] = chunk["max_exp_avg_sq"]
+    return q
+
+
+def columns(param: ParamState, group: Group) -> dict:
+    if param.step is None:
+        return {}
+    beta1, beta2 = group["betas"]
+    return {"bias_correction1": 1 - beta1**param.step, "bias_correction2": 1 - beta2**param.step}
+
+
+def _match(decoupled: bool):
+    def match(state_keys: frozenset[str], group: Group) -> int:
+        if state_keys and not ({"exp_avg", "exp_avg_sq"} <= state_keys <= _STATE_KEYS):
+            return 0
+        if not group_has(group, "betas", "eps"):
+            return 1 if state_keys else 0
+        if "decoupled_weight_decay" in group:
+            return 4 if bool(group["decoupled_weight_decay"]) == decoupled and "amsgrad" in group else 0
+        # Before torch 2.6, Adam and AdamW groups had the same keys.
+        return 3 if "amsgrad" in group else 1
+
+    return match
+
+
+_DISPLAY = ("exp_avg_abs_mean", "exp_avg_sq_mean", "eff_lr_min", "eff_lr_p50", "eff_lr_max")
+_HYPER = ("lr", "initial_lr", "betas", "eps", "weight_decay", "amsgrad", "maximize")
+
+ADAM = register(
+    Family(
+        name="adam",
+        label="Adam",
+        match=_match(decoupled=False),
+        quantities=quantities,
+        effective_lr=effective_lr,
+        next_update=next_update,
+        columns=columns,
+        display=_DISPLAY,
+        hyperparameters=_HYPER,
+    )
+)
+
+
+ADAMW = register(
+    Family(
+        name="adamw",
+        label="AdamW",
+        match=_match(decoupled=True),
+        quantities=quantities,
+        effective_lr=effective_lr,
+        next_update=next_update_adamw,
+        columns=columns,
+        display=_DISPLAY,
+        hyperparameters=_HYPER,
+        preferred=True,
+        notes=("AdamW: weight decay is decoupled (theta <- theta * (1 - lr * weight_decay) before the Adam step).",),
+    )
+)

@@ -1,0 +1,116 @@
+"""What every optimizer family module provides, and how a family is chosen.
+
+A family module (``adam.py``, ``sgd.py``, ...) writes its math as plain functions
+and registers one :class:`Family` record that points at them. Detection scores
+every registered family against an optimizer's state keys and group keys; the
+highest score wins. A tie between families is settled by the family that declares
+itself the more common reading, and the choice is reported as ``assumed``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import torch
+
+from ostate.state import ParamState
+
+Group = Mapping[str, Any]
+# Per-coordinate quantities of one chunk of a parameter: a tensor (one value per
+# coordinate of the chunk) or a float (the same value for every coordinate).
+Quantities = dict[str, "torch.Tensor | float"]
+
+
+@dataclass(frozen=True)
+class Family:
+    """One optimizer family: how to recognise it and the math to apply to its state.
+
+    - ``match(state_keys, group)`` scores how well an optimizer's keys fit (0: not at all).
+    - ``effective_lr(param, group)`` is the per-coordinate effective learning rate.
+    - ``next_update(param, group, grad, weight)`` is the next step's change of the weights.
+    - ``quantities(chunk, group, param)`` gives the per-coordinate values to summarise,
+      for one chunk of the coordinate-aligned state tensors (``chunk`` maps state keys to
+      equal-length 1-D slices; the parameter's other state is read from ``param``).
+    - ``columns(param, group)`` gives per-parameter scalar columns (bias corrections, ...).
+    - ``display`` names the columns the inspect table shows by default.
+    - ``param_shape(state)`` gives the parameter's shape where its largest state tensor does not.
+    """
+
+    name: str
+    label: str
+    match: Callable[[frozenset[str], Group], int]
+    quantities: Callable[[Mapping[str, torch.Tensor], Group, ParamState], Quantities]
+    effective_lr: Callable[[ParamState, Group], torch.Tensor] | None = None
+    next_update: Callable[[ParamState, Group, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    columns: Callable[[ParamState, Group], dict[str, Any]] = lambda param, group: {}
+    display: tuple[str, ...] = ()
+    # Prefer this family when another one matches equally well (the more common reading).
+    preferred: bool = False
+    # Which group hyperparameters the header shows, in order.
+    hyperparameters: tuple[str, ...] = ("lr", "initial_lr", "weight_decay")
+    # The parameter's shape from its state entry, when that is not simply the shape of
+    # its largest state tensor (factored or flattened state).
+    param_shape: Callable[[Mapping[str, Any]], "tuple[int, ...] | None"] | None = None
+    notes: tuple[str, ...] = field(default=())
+
+
+_FAMILIES: dict[str, Family] = {}
+
+
+def register(family: Family) -> Family:
+    _FAMILIES[family.name] = family
+    return family
+
+
+def families() -> dict[str, Family]:
+    """Every registered family by name."""
+    return dict(_FAMILIES)
+
+
+def get_family(name: str) -> Family:
+    from ostate.errors import OstateError
+
+    try:
+        return _FAMILIES[name]
+    except KeyError:
+        raise OstateError(
+            f"unknown optimizer kind '{name}'", hint=f"known kinds: {', '.join(sorted(_FAMILIES))}"
+        ) from None
+
+
+def detect(state_keys: frozenset[str], groups: list[Group]) -> tuple[str, str, list[str]]:
+    """The family name that best fits, how it was decided, and the other names that fit as well.
+
+    Returns ``(name, source, also)`` where source is ``detected`` (one clear winner),
+    ``assumed`` (a tie, settled by the preferred family) or ``unknown``.
+    """
+    scores: dict[str, int] = {}
+    for family in _FAMILIES.values():
+        if family.name == "unknown":
+            continue
+        score = min((family.match(state_keys, g) for g in groups), default=family.match(state_keys, {}))
+        if score > 0:
+            scores[family.name] = score
+    if not scores:
+        return "unknown", "unknown", []
+    best = max(scores.values())
+    winners = sorted(name for name, s in scores.items() if s == best)
+    if len(winners) == 1:
+        return winners[0], "detected", []
+    preferred = [w for w in winners if _FAMILIES[w].preferred]
+    choice = preferred[0] if preferred else winners[0]
+    return choice, "assumed", [w for w in winners if w != choice]
+
+
+def group_has(group: Group, *keys: str) -> bool:
+    return all(k in group for k in keys)
+
+
+def step_of(param: ParamState) -> float:
+    """The parameter's step count; a clear error when the state has none."""
+    from ostate.errors import OstateError
+
+    if param.step is None:
+        raise OstateError(f"parameter '{param.name}' has no step count in its state")
+    return float(param.step)

@@ -1,0 +1,315 @@
+"""The inspect report: a checkpoint's header and tables, rendered as text, CSV, JSON or Markdown."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+
+from ostate.analysis import VIEWS, analyze, describe
+from ostate.errors import OstateError
+from ostate.optimizers import get_family
+from ostate.state import Checkpoint
+
+FORMATS = ("table", "csv", "json", "markdown")
+_KEY_COLUMNS = {
+    "param": ("name", "name_source", "shape", "numel", "group", "step"),
+    "group": ("group", "lr", "params", "numel", "step_min", "step_max"),
+    "layer": ("layer", "params", "numel", "step_min", "step_max"),
+    "model": ("params", "params_with_state", "numel", "step_min", "step_max"),
+}
+
+
+@dataclass
+class OptimizerReport:
+    description: dict[str, Any]
+    table: pd.DataFrame
+    columns: list[str]  # the columns a human-readable rendering shows
+
+
+@dataclass
+class Report:
+    """What ``ostate inspect`` shows: one header per checkpoint, one table per optimizer."""
+
+    path: str
+    format: str
+    view: str
+    metadata: dict[str, Any]
+    weights_location: str | None
+    weights_count: int
+    schedulers: list[dict[str, Any]]
+    optimizers: list[OptimizerReport] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def inspect(
+    checkpoint: Checkpoint,
+    *,
+    by: str = "param",
+    sort: str | None = None,
+    ascending: bool = False,
+    top: int | None = None,
+    optimizer_index: int | None = None,
+    columns: list[str] | None = None,
+    progress: bool = False,
+) -> Report:
+    """Build the report for a loaded checkpoint.
+
+    ``sort`` orders rows by a column (largest first unless ``ascending``), ``top``
+    keeps the first N rows, ``optimizer_index`` picks one optimizer when the file
+    holds several, ``columns`` replaces the default columns of the text renderings
+    (``["all"]`` shows every column).
+    """
+    if by not in VIEWS:
+        raise OstateError(f"unknown view '{by}'", hint=f"choose one of: {', '.join(VIEWS)}")
+    optimizers = checkpoint.optimizers
+    if optimizer_index is not None:
+        if not 0 <= optimizer_index < len(optimizers):
+            found = ", ".join(f"{i}: {o.location}" for i, o in enumerate(optimizers))
+            raise OstateError(
+                f"no optimizer with index {optimizer_index}", where=checkpoint.path, hint=f"found {found}"
+            )
+        optimizers = [optimizers[optimizer_index]]
+    report = Report(
+        path=checkpoint.path,
+        format=checkpoint.format,
+        view=by,
+        metadata=dict(checkpoint.metadata),
+        weights_location=checkpoint.weights_location,
+        weights_count=len(checkpoint.weights or {}),
+        schedulers=[_scheduler_summary(s) for s in checkpoint.schedulers],
+        warnings=list(checkpoint.warnings),
+    )
+    for optimizer in optimizers:
+        table = analyze(optimizer, by=by, progress=progress)
+        if sort is not None:
+            if sort not in table.columns:
+                raise OstateError(
+                    f"no column '{sort}' to sort by", hint=f"columns: {', '.join(map(str, table.columns))}"
+                )
+            table = table.sort_values(sort, ascending=ascending, na_position="last", kind="stable")
+        if top is not None:
+            table = table.head(top)
+        shown = _shown_columns(optimizer.kind, by, table, columns)
+        report.optimizers.append(OptimizerReport(describe(optimizer), table.reset_index(drop=True), shown))
+    return report
+
+
+def _shown_columns(kind: str, by: str, table: pd.DataFrame, requested: list[str] | None) -> list[str]:
+    if requested == ["all"]:
+        return [c for c in table.columns if c != "optimizer"]
+    if requested:
+        missing = [c for c in requested if c not in table.columns]
+        if missing:
+            raise OstateError(
+                f"no column {', '.join(missing)}", hint=f"columns: {', '.join(map(str, table.columns))}"
+            )
+        return requested
+    family = get_family(kind)
+    stats = list(family.display) or [c for c in table.columns if c.endswith(("_mean", "_rms"))]
+    return [c for c in (*_KEY_COLUMNS[by], *stats) if c in table.columns]
+
+
+def _scheduler_summary(state: dict[str, Any]) -> dict[str, Any]:
+    keep = ("_location", "last_epoch", "_step_count", "_last_lr", "base_lrs")
+    return {k.lstrip("_") if k == "_location" else k: _jsonable(state[k]) for k in keep if k in state}
+
+
+# ---------------------------------------------------------------------- rendering
+def render(report: Report, fmt: str = "table") -> str:
+    """The report as text (``table``), ``csv``, ``json`` or ``markdown``."""
+    if fmt == "json":
+        return json.dumps(to_json(report), indent=2, allow_nan=False) + "\n"
+    if fmt == "csv":
+        frames = [o.table for o in report.optimizers]
+        table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+        return _for_text(table).to_csv(index=False)
+    if fmt in ("table", "markdown"):
+        return _render_text(report, markdown=fmt == "markdown")
+    raise OstateError(f"unknown format '{fmt}'", hint=f"choose one of: {', '.join(FORMATS)}")
+
+
+def to_json(report: Report) -> dict[str, Any]:
+    """The report as JSON-ready data (NaN becomes null)."""
+    out: dict[str, Any] = {
+        "path": report.path,
+        "format": report.format,
+        "view": report.view,
+        "metadata": _jsonable(report.metadata),
+        "weights": {"location": report.weights_location, "tensors": report.weights_count},
+        "schedulers": report.schedulers,
+        "warnings": report.warnings,
+        "optimizers": [],
+    }
+    for o in report.optimizers:
+        d = o.description
+        entry = {
+            "location": d["location"],
+            "kind": d["kind"],
+            "kind_label": d["kind_label"],
+            "kind_source": d["kind_source"],
+            "groups": [{"index": g["index"], "params": g["params"], "numel": g["numel"],
+                        **g["hyperparameters"], **g["other"]} for g in d["groups"]],
+            **{k: d[k] for k in ("steps", "params_with_state", "params_without_state", "name_sources",
+                                 "state_bytes", "state_dtypes", "lr_note", "notes", "warnings")},
+            "param_count": d["params"],
+        }
+        rows = [_jsonable(r) for r in o.table.to_dict(orient="records")]
+        entry["params" if report.view == "param" else "rows"] = rows
+        out["optimizers"].append(entry)
+    return out
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float):
+        return None if math.isnan(value) or math.isinf(value) else value
+    if hasattr(value, "item") and callable(value.item):
+        try:
+            return _jsonable(value.item())
+        except (ValueError, RuntimeError):
+            return repr(value)
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    return repr(value)
+
+
+def _for_text(table: pd.DataFrame) -> pd.DataFrame:
+    table = table.copy()
+    if "shape" in table.columns:
+        table["shape"] = [format_shape(s) for s in table["shape"]]
+    return table
+
+
+def format_shape(shape: Any) -> str:
+    if shape is None or (isinstance(shape, float) and math.isnan(shape)):
+        return "?"
+    return "x".join(str(d) for d in shape) if len(shape) else "scalar"
+
+
+def format_value(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "-"
+        if value.is_integer() and abs(value) < 1e15:
+            return str(int(value))
+        return f"{value:.4g}"
+    if hasattr(value, "item") and callable(value.item):
+        return format_value(value.item())
+    if isinstance(value, (list, tuple)):
+        return "(" + ", ".join(format_value(v) for v in value) + ")"
+    return str(value)
+
+
+def format_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def _header_lines(report: Report) -> list[str]:
+    lines = [f"checkpoint: {report.path} ({report.format})"]
+    meta = {k: v for k, v in report.metadata.items() if k in ("epoch", "global_step", "step", "iteration")}
+    if meta:
+        lines.append("training: " + ", ".join(f"{k}={format_value(v)}" for k, v in meta.items()))
+    if report.weights_location:
+        lines.append(f"model weights: {report.weights_location} ({report.weights_count} floating-point tensors)")
+    for s in report.schedulers:
+        lr = s.get("last_lr")
+        lines.append(
+            f"scheduler: {s.get('location')} (last_epoch={format_value(s.get('last_epoch'))}"
+            + (f", last lr={format_value(lr)}" if lr is not None else "") + ")"
+        )
+    for w in report.warnings:
+        lines.append(f"warning: {w}")
+    return lines
+
+
+def _optimizer_lines(o: OptimizerReport) -> list[str]:
+    d = o.description
+    lines = [f"optimizer at '{d['location']}': {d['kind_label']} ({d['kind_source']})"]
+    for g in d["groups"]:
+        hp = " ".join(f"{k}={format_value(v)}" for k, v in g["hyperparameters"].items())
+        lines.append(f"  group {g['index']}: {g['params']} params, {g['numel']:,} coords; {hp}")
+    steps = d["steps"]
+    if steps["min"] is None:
+        lines.append("  steps: none recorded in the state")
+    elif steps["differ"]:
+        lines.append(
+            f"  steps: {format_value(steps['min'])} to {format_value(steps['max'])} "
+            f"({steps['distinct']} different counts across parameters)"
+        )
+    else:
+        lines.append(f"  steps: {format_value(steps['min'])} (same for every parameter)")
+    missing = d["params_without_state"]
+    dtypes = ", ".join(f"{k} {format_bytes(v)}" for k, v in d["state_dtypes"].items())
+    lines.append(
+        f"  state: {d['params_with_state']} of {d['params']} parameters; {format_bytes(d['state_bytes'])}"
+        + (f" ({dtypes})" if dtypes else "")
+    )
+    if missing:
+        shown = ", ".join(missing[:6]) + (f", ... ({len(missing)} in all)" if len(missing) > 6 else "")
+        lines.append(f"  without state (frozen or never stepped): {shown}")
+    lines.append("  names: " + ", ".join(f"{k} {v}" for k, v in d["name_sources"].items()))
+    lines.append(f"  note: {d['lr_note']}")
+    for note in d["notes"]:
+        lines.append(f"  note: {note}")
+    for w in d["warnings"]:
+        lines.append(f"  warning: {w}")
+    return lines
+
+
+def _render_text(report: Report, *, markdown: bool) -> str:
+    out: list[str] = []
+    header = _header_lines(report)
+    out.extend(f"- {line}" for line in header) if markdown else out.extend(header)
+    for o in report.optimizers:
+        out.append("")
+        lines = _optimizer_lines(o)
+        if markdown:
+            out.append(f"## {lines[0]}")
+            out.append("")
+            out.extend(f"- {line.strip()}" for line in lines[1:])
+        else:
+            out.extend(lines)
+        out.append("")
+        out.append(_markdown_table(o) if markdown else _text_table(o))
+    return "\n".join(out) + "\n"
+
+
+def _cells(o: OptimizerReport) -> tuple[list[str], list[list[str]]]:
+    table = _for_text(o.table)
+    rows = [[format_value(v) for v in record] for record in table[o.columns].itertuples(index=False, name=None)]
+    return list(o.columns), rows
+
+
+def _text_table(o: OptimizerReport) -> str:
+    head, rows = _cells(o)
+    if not rows:
+        return "(no rows)"
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
+    text_cols = {i for i, h in enumerate(head) if h in ("name", "name_source", "layer", "shape", "dtype")}
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.ljust(w) if i in text_cols else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    return "\n".join([line(head), line(["-" * w for w in widths]), *(line(r) for r in rows)])
+
+
+def _markdown_table(o: OptimizerReport) -> str:
+    head, rows = _cells(o)
+    out = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    out += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows]
+    return "\n".join(out)

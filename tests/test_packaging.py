@@ -1,0 +1,34 @@
+"""The project's shape: every package is installed, and the library never imports click."""
+
+from __future__ import annotations
+
+import ast
+import tomllib
+
+from tests.conftest import REPO
+
+
+def test_every_package_folder_is_listed_in_pyproject():
+    config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(config["packages"])
+    on_disk = {".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "ostate").rglob("__init__.py")}
+    assert on_disk <= listed, on_disk - listed
+    assert "ostate_cli" in listed and config["package-dir"]["ostate_cli"] == "cli"
+
+
+def test_the_library_never_imports_click():
+    offenders = []
+    for path in (REPO / "ostate").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            if any(n == "click" or n.startswith("click.") or n.startswith("ostate_cli") for n in names):
+                offenders.append(str(path.relative_to(REPO)))
+    assert offenders == []
+
+
+def test_torch_is_pinned_for_installs_here():
+    assert "torch==2.13.0" in (REPO / "constraints.txt").read_text()
