@@ -149,3 +149,53 @@ def test_sgd_steady_state_lr_is_what_a_constant_gradient_converges_to(dampening,
     assert float(before - p.detach()) == pytest.approx(
         steady_state_lr(lr=0.1, momentum=0.8, dampening=dampening, nesterov=nesterov), rel=1e-9
     )
+
+
+def zero_gradient_step(model, opt):
+    before = [p.detach().clone() for p in model.parameters()]
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    return [p.detach() - b for p, b in zip(model.parameters(), before)]
+
+
+@pytest.mark.parametrize(
+    "make",
+    [lambda ps: torch.optim.Adam(ps, lr=1e-3), lambda ps: torch.optim.AdamW(ps, lr=2e-3, weight_decay=0.0),
+     lambda ps: torch.optim.Adam(ps, lr=1e-3, amsgrad=True, betas=(0.8, 0.9)),
+     lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9),
+     lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, nesterov=True),
+     lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.8, dampening=0.5)],
+    ids=["adam", "adamw", "amsgrad", "sgd", "sgd-nesterov", "sgd-dampening"],
+)
+def test_update_quantity_is_the_next_step_with_a_zero_gradient(tmp_path, make):
+    from ostate.optimizers import get_family
+
+    torch.manual_seed(0)
+    model = Net().double()
+    opt = make(model.parameters())
+    train(model, opt, steps=3)
+    loaded = saved_and_loaded(tmp_path, model, opt)
+    family = get_family(loaded.kind)
+    predicted = []
+    for p in loaded.params:
+        chunk = {k: ref.read().reshape(-1) for k, ref in p.tensors().items() if ref.shape == p.shape}
+        predicted.append(family.quantities(chunk, loaded.groups[p.group], p)["update"])
+    actual = zero_gradient_step(model, opt)
+    for ours, theirs in zip(predicted, actual):
+        assert relative_error(ours.double(), theirs.reshape(-1)) <= TOLERANCE
+
+
+def test_snr_is_bias_corrected_first_over_second_moment(tmp_path):
+    from ostate.optimizers.adam import adam_snr
+
+    torch.manual_seed(0)
+    model = Net()
+    opt = torch.optim.AdamW(model.parameters(), betas=(0.9, 0.95))
+    train(model, opt, steps=5)
+    state = opt.state[model.head.weight]
+    expected = (state["exp_avg"].abs() / (1 - 0.9**5)) / (state["exp_avg_sq"] / (1 - 0.95**5)).sqrt()
+    ours = adam_snr(state["exp_avg"], state["exp_avg_sq"], beta1=0.9, beta2=0.95, step=5)
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=0)
+    zero = adam_snr(torch.zeros(2), torch.zeros(2), beta1=0.9, beta2=0.95, step=5)
+    assert zero.tolist() == [0.0, 0.0]

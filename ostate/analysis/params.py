@@ -41,6 +41,29 @@ def layer_of(name: str, name_source: str = "param_names") -> str:
     return name.rsplit(".", 1)[0] if "." in name else ROOT_LAYER
 
 
+def param_kind(name: str, shape: tuple[int, ...] | None) -> str:
+    """``embedding``, ``norm``, ``bias``, ``weight`` or ``other``, from the name and the shape.
+
+    A name-based rule (documented in docs/columns.md): ``embed``/``wte``/``wpe`` in the
+    name is an embedding; ``norm``, ``ln_`` or a last module named ``ln``/``ln<digit>``
+    is a normalisation layer; a name ending in ``bias`` is a bias; any other tensor of
+    two or more dimensions is a weight; the rest (1-D scales, scalars, unnamed
+    parameters of unknown shape) is ``other``.
+    """
+    lowered = name.lower()
+    parts = lowered.split(".")
+    module = parts[-2] if len(parts) > 1 else ""
+    if any(key in lowered for key in ("embed", "wte", "wpe")):
+        return "embedding"
+    if "norm" in lowered or "ln_" in lowered or module == "ln" or (module.startswith("ln") and module[2:].isdigit()):
+        return "norm"
+    if parts[-1] == "bias" or lowered.endswith("_bias"):
+        return "bias"
+    if shape is not None and len(shape) >= 2:
+        return "weight"
+    return "other"
+
+
 def sketch_columns(quantity: str, sketch: Sketch) -> dict[str, float]:
     """``{quantity}_{stat}`` for every statistic in :data:`STATS`."""
     quantiles = sketch.quantiles(QUANTILES.values())
@@ -64,6 +87,8 @@ def base_row(optimizer: OptimizerState, param: ParamState) -> dict[str, Any]:
         "index": param.index,
         "group": param.group,
         "layer": layer_of(param.name, param.name_source),
+        "param_kind": param_kind(param.name, param.shape) if param.name_source != "none" else (
+            "weight" if param.shape is not None and len(param.shape) >= 2 else "other"),
         "shape": tuple(param.shape) if param.shape is not None else None,
         "numel": param.numel,
         "step": param.step,
@@ -96,10 +121,11 @@ def quantity_sketches(param: ParamState, group: dict, family: Family) -> dict[st
     sketches: dict[str, Sketch] = {}
     flat = {k: ref.read().reshape(-1) for k, ref in aligned.items()}
     numel = param.numel or 0
+    step = CHUNK if family.chunked else max(numel, 1)
     try:
-        for start in range(0, numel, CHUNK):
-            chunk = {k: t[start : start + CHUNK] for k, t in flat.items()}
-            length = min(CHUNK, numel - start)
+        for start in range(0, numel, step):
+            chunk = {k: t[start : start + step] for k, t in flat.items()}
+            length = min(step, numel - start)
             for quantity, values in family.quantities(chunk, group, param).items():
                 sketch = sketches.setdefault(quantity, Sketch())
                 if isinstance(values, (int, float)):

@@ -94,14 +94,45 @@ def adam_update(
     return theta - weight
 
 
+def adam_snr(exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, *, beta1: float, beta2: float, step: float) -> torch.Tensor:
+    r""":math:`|\hat m| / \sqrt{\hat v}` elementwise (0 where :math:`v = 0`), without :math:`\epsilon`."""
+    m, v = exp_avg.float(), exp_avg_sq.float()
+    scale = (1 - beta2**step) ** 0.5 / (1 - beta1**step)
+    snr = m.abs().mul_(scale).div_(v.sqrt())
+    return snr.masked_fill_(v == 0, 0.0)
+
+
+def adam_momentum_update(
+    exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, *, lr: float, beta1: float, beta2: float, eps: float,
+    step: float,
+) -> torch.Tensor:
+    r"""The next step's change with a zero gradient and no weight decay:
+    :math:`-\frac{\gamma}{1-\beta_1^{t+1}} \cdot \frac{\beta_1 m}{\sqrt{\beta_2 v}/\sqrt{1-\beta_2^{t+1}}+\epsilon}`.
+
+    ``exp_avg_sq`` here is the *next* second moment (:math:`\beta_2 v`, or
+    ``max_exp_avg_sq`` under AMSGrad, which a zero gradient leaves unchanged).
+    """
+    m, v = exp_avg.float(), exp_avg_sq.float()
+    t = step + 1
+    denom = v.sqrt().div_((1 - beta2**t) ** 0.5).add_(eps)
+    return (m * beta1).div_(denom).mul_(-lr / (1 - beta1**t))
+
+
 def quantities(chunk: Mapping[str, torch.Tensor], group: Group, param: ParamState) -> dict:
+    beta1, beta2 = group["betas"]
+    step = step_of(param)
+    # With a zero gradient v becomes beta2 * v; AMSGrad keeps max(v_max, beta2 * v) = v_max.
+    next_v = chunk["max_exp_avg_sq"] if group.get("amsgrad", False) else chunk["exp_avg_sq"] * beta2
     q = {
         "eff_lr": adam_effective_lr(
-            chunk[second_moment_key(group)], lr=group["lr"], beta2=group["betas"][1], eps=group["eps"],
-            step=step_of(param),
+            chunk[second_moment_key(group)], lr=group["lr"], beta2=beta2, eps=group["eps"], step=step,
         ),
         "exp_avg_abs": chunk["exp_avg"].abs(),
         "exp_avg_sq": chunk["exp_avg_sq"],
+        "snr": adam_snr(chunk["exp_avg"], chunk["exp_avg_sq"], beta1=beta1, beta2=beta2, step=step),
+        "update": adam_momentum_update(
+            chunk["exp_avg"], next_v, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], step=step
+        ),
     }
     if "max_exp_avg_sq" in chunk:
         q["max_exp_avg_sq"] = chunk["max_exp_avg_sq"]
@@ -143,6 +174,8 @@ ADAM = register(
         columns=columns,
         display=_DISPLAY,
         hyperparameters=_HYPER,
+        first_moment="exp_avg_abs",
+        second_moment="exp_avg_sq",
     )
 )
 
@@ -158,6 +191,8 @@ ADAMW = register(
         columns=columns,
         display=_DISPLAY,
         hyperparameters=_HYPER,
+        first_moment="exp_avg_abs",
+        second_moment="exp_avg_sq",
         preferred=True,
         notes=("AdamW: weight decay is decoupled (theta <- theta * (1 - lr * weight_decay) before the Adam step).",),
     )

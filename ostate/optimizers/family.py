@@ -24,7 +24,7 @@ Quantities = dict[str, "torch.Tensor | float"]
 
 @dataclass(frozen=True)
 class Family:
-    """One optimizer family: how to recognise it and the math to apply to its state.
+    r"""One optimizer family: how to recognise it and the math to apply to its state.
 
     - ``match(state_keys, group)`` scores how well an optimizer's keys fit (0: not at all).
     - ``effective_lr(param, group)`` is the per-coordinate effective learning rate.
@@ -35,6 +35,21 @@ class Family:
     - ``columns(param, group)`` gives per-parameter scalar columns (bias corrections, ...).
     - ``display`` names the columns the inspect table shows by default.
     - ``param_shape(state)`` gives the parameter's shape where its largest state tensor does not.
+
+    Standard quantity names, which views, plots and comparisons rely on (a family
+    returns those that make sense for it):
+
+    - ``eff_lr``: the per-coordinate effective learning rate (see each family's docstring);
+    - ``update``: the signed change of each coordinate in the next step *with a zero
+      gradient and no weight decay* (the momentum part of the next update);
+    - ``snr``: the first moment's signal-to-noise ratio (Adam family:
+      :math:`|\hat m|/\sqrt{\hat v}`, 0 where :math:`v = 0`);
+    - the quantity named by ``first_moment`` (e.g. ``exp_avg_abs``: absolute values)
+      and by ``second_moment`` (e.g. ``exp_avg_sq``).
+
+    ``chunked=False`` makes the analysis pass the whole (flattened) state tensors in one
+    call, for families whose math is not elementwise (factored second moments,
+    per-matrix orthogonalisation).
     """
 
     name: str
@@ -53,6 +68,9 @@ class Family:
     # its largest state tensor (factored or flattened state).
     param_shape: Callable[[Mapping[str, Any]], "tuple[int, ...] | None"] | None = None
     notes: tuple[str, ...] = field(default=())
+    first_moment: str | None = None
+    second_moment: str | None = None
+    chunked: bool = True
 
 
 _FAMILIES: dict[str, Family] = {}

@@ -58,10 +58,21 @@ def next_update(param: ParamState, group: Group, grad: torch.Tensor, weight: tor
     return theta - weight
 
 
+def sgd_momentum_update(momentum_buffer: torch.Tensor, *, lr: float, momentum: float, nesterov: bool) -> torch.Tensor:
+    r"""The next step's change with a zero gradient and no weight decay: :math:`-\gamma\mu b`,
+    or :math:`-\gamma\mu^2 b` with Nesterov."""
+    factor = momentum * momentum if nesterov else momentum
+    return momentum_buffer.float() * (-lr * factor)
+
+
 def quantities(chunk: Mapping[str, torch.Tensor], group: Group, param: ParamState) -> dict:
     q: dict = {"eff_lr": float(group["lr"])}
     if "momentum_buffer" in chunk:
         q["momentum_buffer_abs"] = chunk["momentum_buffer"].abs()
+        q["update"] = sgd_momentum_update(
+            chunk["momentum_buffer"], lr=group["lr"], momentum=group.get("momentum", 0.0),
+            nesterov=group.get("nesterov", False),
+        )
     return q
 
 
@@ -93,5 +104,6 @@ SGD = register(
         columns=columns,
         display=("momentum_buffer_abs_mean", "momentum_buffer_abs_max", "eff_lr_p50", "steady_state_lr"),
         hyperparameters=("lr", "initial_lr", "momentum", "dampening", "nesterov", "weight_decay", "maximize"),
+        first_moment="momentum_buffer_abs",
     )
 )
