@@ -116,7 +116,9 @@ def quantity_sketches(param: ParamState, group: dict, family: Family) -> dict[st
         return {}
     shape = tuple(param.shape)
     aligned = {k: ref for k, ref in param.tensors().items() if ref.shape == shape}
-    if not aligned:
+    # An unchunked family reads state that is not shaped like the parameter (factored
+    # second moments) from ``param`` itself, so it is asked even when nothing is aligned.
+    if not aligned and family.chunked:
         return {}
     sketches: dict[str, Sketch] = {}
     flat = {k: ref.read().reshape(-1) for k, ref in aligned.items()}

@@ -1,14 +1,43 @@
 """Optimizer families: recognition, effective learning rates and next updates.
 
 One module per family holds its math (the formula is in the module docstring):
-``adam`` (Adam, AdamW, AMSGrad), ``sgd``, and ``generic`` for state nobody recognises.
+
+- torch.optim: ``adam`` (Adam, AdamW, AMSGrad), ``sgd``, ``adamax``, ``nadam``, ``radam``,
+  ``adagrad``, ``rmsprop``, ``adadelta``, ``asgd``, ``rprop``, ``sparse_adam``,
+  ``adafactor``, ``muon``, ``lbfgs`` (summary only);
+- third-party: ``hf_adafactor`` (transformers), ``bnb8bit`` (bitsandbytes 8-bit and
+  32-bit state), ``lion`` (lion-pytorch), ``schedulefree`` (schedule-free AdamW);
+- ``generic`` for state nobody recognises.
+
+docs/optimizers.md lists each family's recognition rule and formulas.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ostate.optimizers import adam, generic, sgd  # noqa: F401  (each registers its family)
+# Importing a family module registers its family.
+from ostate.optimizers import (  # noqa: F401
+    adadelta,
+    adafactor,
+    adagrad,
+    adam,
+    adamax,
+    asgd,
+    bnb8bit,
+    generic,
+    hf_adafactor,
+    lbfgs,
+    lion,
+    muon,
+    nadam,
+    radam,
+    rmsprop,
+    rprop,
+    schedulefree,
+    sgd,
+    sparse_adam,
+)
 from ostate.optimizers.family import Family, Group, detect, families, get_family
 from ostate.errors import OstateError
 from ostate.state import ParamState
@@ -27,7 +56,8 @@ def effective_lr(param: ParamState, group: Group, *, kind: str | None = None) ->
     """The per-coordinate effective learning rate of ``param`` (a tensor of its shape).
 
     ``kind`` names the optimizer family; by default it is detected from the state and
-    the group. The formula for each family is in its module and in docs/columns.md.
+    the group. The formula for each family is in its module and in docs/optimizers.md.
+    It uses the group's saved ``lr`` (after a scheduler step, usually the next step's lr).
 
     Example:
         >>> import ostate, torch

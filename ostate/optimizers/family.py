@@ -132,3 +132,12 @@ def step_of(param: ParamState) -> float:
     if param.step is None:
         raise OstateError(f"parameter '{param.name}' has no step count in its state")
     return float(param.step)
+
+
+def scalar_of(param: ParamState, key: str) -> float:
+    """A scalar state entry (a 0-d tensor or a number, e.g. NAdam's ``mu_product``) as a float."""
+    from ostate.errors import OstateError
+
+    if key not in param.state:
+        raise OstateError(f"parameter '{param.name}' has no '{key}' in its state")
+    return float(param.read(key).reshape(-1)[0])
