@@ -62,7 +62,8 @@ def weight_scale(weight: torch.Tensor, group: Group) -> float:
 
 
 def reconstructed_variance(param: ParamState, group: Group) -> torch.Tensor:
-    r""":math:`\hat V_t` with the parameter's shape: :math:`R_i C_j / \max(\mathrm{mean}(R), \epsilon_1)`, or ``variance``."""
+    r""":math:`\hat V_t` in the parameter's shape: :math:`R_i C_j / \max(\mathrm{mean}(R), \epsilon_1)`
+    (matrices) or ``variance`` (vectors)."""
     if "variance" in param.state:
         return param.read("variance")
     row_var, col_var = param.read("row_var"), param.read("col_var")

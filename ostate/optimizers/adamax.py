@@ -87,9 +87,17 @@ def columns(param: ParamState, group: Group) -> dict:
 
 
 def match(state_keys: frozenset[str], group: Group) -> int:
-    if not ("exp_inf" in state_keys and state_keys <= _STATE_KEYS):
-        return 0
-    return 5 if group_has(group, "betas", "eps") else 2
+    if state_keys:
+        if not ("exp_inf" in state_keys and state_keys <= _STATE_KEYS):
+            return 0
+        return 5 if group_has(group, "betas", "eps") else 2
+    # No state yet: Adamax's group has Adam's keys but neither amsgrad nor decoupled_weight_decay
+    # (which RAdam and NAdam have had since torch 2.x).
+    if group_has(group, "betas", "eps", "weight_decay", "differentiable") and not (
+        {"amsgrad", "decoupled_weight_decay", "momentum_decay", "k", "alpha"} & set(group)
+    ):
+        return 3
+    return 0
 
 
 ADAMAX = register(

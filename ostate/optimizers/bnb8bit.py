@@ -25,9 +25,11 @@ FSDP does not gather them); older releases kept them flat. ostate reads both.
 - Adam / AdamW (``"adam"``): :math:`m \leftarrow \beta_1 m + (1-\beta_1)g`,
   :math:`v \leftarrow \beta_2 v + (1-\beta_2)g^2`, :math:`\theta \leftarrow
   \theta(1-\gamma\lambda)` (weight decay is *always* decoupled, for Adam8bit too),
-  :math:`\theta \leftarrow \theta - \frac{\gamma}{1-\beta_1^{t+1}}\cdot\frac{m}{\sqrt{v}/\sqrt{1-\beta_2^{t+1}}+\epsilon}`.
+  :math:`\theta \leftarrow \theta - \frac{\gamma}{1-\beta_1^{t+1}}
+  \cdot\frac{m}{\sqrt{v}/\sqrt{1-\beta_2^{t+1}}+\epsilon}`.
   Effective lr as torch's Adam: :math:`\eta_i = \gamma/(\sqrt{v_i/(1-\beta_2^t)}+\epsilon)`.
-- Lion (``"lion"``): :math:`\theta \leftarrow \theta(1-\gamma\lambda) - \gamma\,\mathrm{sign}(\beta_1 m + (1-\beta_1) g)`,
+- Lion (``"lion"``):
+  :math:`\theta \leftarrow \theta(1-\gamma\lambda) - \gamma\,\mathrm{sign}(\beta_1 m + (1-\beta_1) g)`,
   :math:`m \leftarrow \beta_2 m + (1-\beta_2) g`. :math:`\eta_i = \gamma`.
 - SGD momentum (``"momentum"``, betas = (momentum, dampening); dampening is ignored
   by the kernels): :math:`g \leftarrow g + \lambda\theta`, :math:`b \leftarrow g` on

@@ -154,7 +154,8 @@ def match(state_keys: frozenset[str], group: Group) -> int:
         return 0
     if any(key in group for key in ("k", "train_mode", "alpha", "t_alpha")):  # schedule-free, bitsandbytes
         return 0
-    return 4 if "decoupled_weight_decay" in group or "differentiable" in group else 2
+    # Older torch releases had no decoupled_weight_decay key: RAdam is then a weaker reading.
+    return 4 if "decoupled_weight_decay" in group else 2
 
 
 RADAM = register(
