@@ -145,3 +145,26 @@ def test_schedulefree_effective_lr_uses_the_next_scheduled_lr_and_group_counter(
     torch.testing.assert_close(ostate.effective_lr(loaded.params[0], group), expected, rtol=1e-6, atol=0)
     columns = get_family("schedulefree_adamw").columns(loaded.params[0], group)
     assert columns["k"] == 4 and columns["scheduled_lr"] == pytest.approx(1e-3)
+
+
+class ConvNet(torch.nn.Module):
+    """A 4-D convolution kernel: Adafactor factors its second moment over the last two dimensions."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 5, 3)
+        self.lin = torch.nn.Linear(5, 2)
+
+    def forward(self, x):
+        return self.lin(self.conv(x.reshape(-1, 1, 2, 2).repeat(1, 3, 2, 2)).mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize(
+    "kind,make",
+    [("adafactor", lambda ps: torch.optim.Adafactor(ps)),
+     ("hf_adafactor", lambda ps: HFAdafactor(ps, lr=1e-2, relative_step=False))],
+    ids=["torch", "transformers"],
+)
+def test_adafactor_factored_state_of_a_conv_kernel_matches_the_real_step(tmp_path, kind, make):
+    loaded = check_next_update(tmp_path, make, 3, kind=kind, model=ConvNet())
+    assert loaded.param("conv.weight").shape == (5, 3, 3, 3)

@@ -352,3 +352,32 @@ def test_lbfgs_is_summarised_without_crashing_and_says_what_cannot_be_computed(t
         ostate.next_update(first, loaded.groups[0], torch.zeros(8, 4), torch.zeros(8, 4))
     with pytest.raises(ostate.OstateError, match="no effective learning rate"):
         ostate.effective_lr(first, loaded.groups[0])
+
+
+def test_adafactor_oracle_cases_exercise_update_clipping(tmp_path):
+    # The 'adafactor' case after one step: some parameter's RMS(U) exceeds d = 1, so the
+    # prediction above matched torch with clipping active, not only without it.
+    from ostate.optimizers.adafactor import weight_scale
+
+    torch.manual_seed(0)
+    model = Net()
+    opt = O.Adafactor(model.parameters(), lr=0.01)
+    train(model, opt, steps=1)
+    set_next_gradient(model)
+    eps1 = torch.finfo(torch.float32).eps
+    rms_of_update = []
+    for p in model.parameters():
+        state, g = opt.state[p], p.grad
+        w = 2.0**-0.8  # (t+1)^beta2_decay at t+1 = 2
+        if g.dim() > 1:
+            row = state["row_var"].lerp(g.norm(dim=-1, keepdim=True).square() / g.size(-1), w)
+            col = state["col_var"].lerp(g.norm(dim=-2, keepdim=True).square() / g.size(-2), w)
+            v = row @ col / row.mean(dim=-2, keepdim=True).clamp(min=eps1)
+        else:
+            v = state["variance"].lerp(g * g, w)
+        u = g * v.clamp(min=eps1 * eps1).rsqrt()
+        rms_of_update.append(float(u.norm() / u.numel() ** 0.5))
+    assert max(rms_of_update) > 1.0 > min(rms_of_update)
+    weight = model.hidden.weight.detach()
+    assert weight_scale(weight, opt.param_groups[0]) == pytest.approx(
+        max(1e-3, float(weight.norm() / weight.numel() ** 0.5)))

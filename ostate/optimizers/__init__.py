@@ -81,7 +81,21 @@ def next_update(
     """The change of the weights (new minus old) that the optimizer's next ``step()`` makes.
 
     Computed from the saved state, the gradient ``grad`` and the current ``weight``, in
-    the weight's dtype and in torch's order of operations.
+    the weight's dtype and in the library's order of operations, so it matches the real
+    step to rounding. Families whose next step needs more (LBFGS re-evaluates the loss)
+    raise :class:`~ostate.OstateError`.
+
+    Example:
+        >>> import ostate, torch
+        >>> p = torch.nn.Parameter(torch.ones(3))
+        >>> opt = torch.optim.RAdam([p], lr=1e-2)
+        >>> p.grad = torch.ones(3); opt.step()
+        >>> o = ostate.from_state_dict(opt.state_dict()).optimizers[0]
+        >>> grad = torch.tensor([0.5, -1.0, 2.0])
+        >>> delta = ostate.next_update(o.params[0], o.groups[0], grad, p.detach())
+        >>> before = p.detach().clone(); p.grad = grad; opt.step()
+        >>> torch.equal(delta, p.detach() - before)
+        True
     """
     family = family_for(param, group, kind)
     if family.next_update is None:

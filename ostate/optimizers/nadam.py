@@ -34,6 +34,7 @@ slowly (about 0.45 at the start, 0.855 only after about 14,000 steps with the de
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 from typing import Mapping
 
 import torch
@@ -50,6 +51,7 @@ def momentum_at(step: float, *, beta1: float, momentum_decay: float) -> float:
     return beta1 * (1.0 - 0.5 * (0.96 ** (step * momentum_decay)))
 
 
+@lru_cache(maxsize=64)  # the same for every parameter of a group
 def expected_mu_product(step: int, *, beta1: float, momentum_decay: float) -> float:
     r""":math:`\prod_{k=1}^{t}\mu_k`, what ``mu_product`` holds after :math:`t` untouched steps."""
     if step <= 0:
