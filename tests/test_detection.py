@@ -7,6 +7,7 @@ import torch
 
 import ostate
 from ostate.optimizers import detect
+from tests.conftest import run_cli
 from tests.families import FAMILIES, save, trained
 
 pytest.importorskip("transformers")
@@ -80,3 +81,23 @@ def test_bnb_lion_reading_suggests_the_alternative(tmp_path):
     save(path, model, opt)
     loaded = ostate.load(path).optimizers[0]
     assert any("--optimizer bnb_momentum" in w for w in loaded.warnings)
+
+
+def test_math_of_the_wrong_family_is_one_clear_error_not_a_key_error(tmp_path):
+    model, opt = trained("SGD")
+    path = tmp_path / "ckpt.pt"
+    save(path, model, opt)
+    loaded = ostate.load(path, optimizer="adam").optimizers[0]
+    with pytest.raises(ostate.OstateError, match="needs 'betas'.*momentum_buffer"):
+        ostate.effective_lr(loaded.params[0], loaded.groups[0], kind="adam")
+
+
+def test_forcing_a_family_the_state_does_not_fit_warns_then_fails_clearly(tmp_path):
+    model, opt = trained("SGD")
+    path = tmp_path / "ckpt.pt"
+    save(path, model, opt)
+    loaded = ostate.load(path, optimizer="radam").optimizers[0]
+    assert any("do not look like 'radam'" in w and "'sgd'" in w for w in loaded.warnings)
+    result = run_cli("inspect", str(path), "--optimizer", "radam")
+    assert result.returncode == 2
+    assert "needs 'betas'" in result.stderr and "internal error" not in result.stderr

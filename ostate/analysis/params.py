@@ -13,6 +13,7 @@ from typing import Any
 
 from ostate.analysis.sketch import CHUNK, Sketch
 from ostate.optimizers import Family
+from ostate.optimizers.family import explain_missing_keys
 from ostate.state import OptimizerState, ParamState
 
 QUANTILES = {"p1": 0.01, "p5": 0.05, "p25": 0.25, "p50": 0.5, "p75": 0.75, "p95": 0.95, "p99": 0.99}
@@ -102,9 +103,10 @@ def summarize_param(optimizer: OptimizerState, param: ParamState, family: Family
     """The row and sketches of one parameter."""
     group = optimizer.groups[param.group]
     row = base_row(optimizer, param)
-    if param.has_state:
-        row.update(family.columns(param, group))
-    sketches = quantity_sketches(param, group, family)
+    with explain_missing_keys(param, family):
+        if param.has_state:
+            row.update(family.columns(param, group))
+        sketches = quantity_sketches(param, group, family)
     for quantity, sketch in sketches.items():
         row.update(sketch_columns(quantity, sketch))
     return ParamSummary(row, sketches)

@@ -71,6 +71,13 @@ def read_optimizer(
     if kind is not None:
         family = get_family(kind)
         kind_source = "user"
+        fits = all(family.match(state_keys, g) > 0 for g in groups) if groups else True
+        if family.name != "unknown" and not fits:
+            detected, _source, _also = detect(state_keys, groups)
+            warnings.append(
+                f"the state and group keys do not look like '{kind}' (they fit '{detected}'); "
+                f"reading them as '{kind}' as asked"
+            )
     else:
         name, kind_source, also = detect(state_keys, groups)
         family = get_family(name)
