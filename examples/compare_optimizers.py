@@ -1,6 +1,6 @@
 """Train one small model with several optimizers and compare what their saved states say.
 
-For each optimizer: train 50 steps, save a checkpoint with torch.save, load it with
+For each optimizer: train 30 steps, save a checkpoint with torch.save, load it with
 ostate, print the recognised family, the median effective learning rate over all
 coordinates, a family-specific column, and check ``ostate.next_update`` against the
 optimizer's own next step. Third-party optimizers (transformers, bitsandbytes,
@@ -84,7 +84,7 @@ print(f"{'optimizer':26s} {'recognised as':26s} {'median eff_lr':>13s}  {'family
 for label, make in optimizers().items():
     model = make_model()
     opt = make(model.parameters())
-    for step in range(50):
+    for step in range(30):
         opt.zero_grad()
         loss_of(model, step).backward()
         opt.step()
@@ -99,7 +99,7 @@ for label, make in optimizers().items():
 
     # The next step, predicted from the saved state, against the optimizer's own step().
     opt.zero_grad()
-    loss_of(model, 50).backward()
+    loss_of(model, 30).backward()
     predicted = [ostate.next_update(p, loaded.groups[p.group], w.grad.clone(), w.detach().clone())
                  for p, w in zip(loaded.params, model.parameters())]
     before = [w.detach().clone() for w in model.parameters()]

@@ -152,7 +152,8 @@ def match(state_keys: frozenset[str], group: Group) -> int:
     # RAdam's groups have weight_decay but neither Adam's amsgrad nor NAdam's momentum_decay.
     if not group_has(group, "betas", "eps", "weight_decay") or "amsgrad" in group or "momentum_decay" in group:
         return 0
-    if any(key in group for key in ("k", "train_mode", "alpha", "t_alpha")):  # schedule-free, bitsandbytes
+    # torch's groups carry its implementation flags; schedule-free's and bitsandbytes' groups do not.
+    if not any(key in group for key in ("foreach", "differentiable", "capturable")) or "k" in group:
         return 0
     # Older torch releases had no decoupled_weight_decay key: RAdam is then a weaker reading.
     return 4 if "decoupled_weight_decay" in group else 2
