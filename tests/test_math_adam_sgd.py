@@ -15,44 +15,7 @@ import torch
 
 import ostate
 from tests.conftest import Net, train
-
-TOLERANCE = 1e-5
-
-
-def relative_error(ours: torch.Tensor, theirs: torch.Tensor) -> float:
-    scale = theirs.abs().max().clamp_min(1e-30)
-    return float((ours - theirs).abs().max() / scale)
-
-
-def saved_and_loaded(tmp_path, model, opt):
-    path = tmp_path / "state.pt"
-    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, path)
-    return ostate.load(path).optimizers[0]
-
-
-def check_next_update(tmp_path, make_opt, steps, kind=None, dtype=torch.float32):
-    torch.manual_seed(0)
-    model = Net().to(dtype)
-    opt = make_opt(model.parameters())
-    train(model, opt, steps=steps)
-    loaded = saved_and_loaded(tmp_path, model, opt)
-    if kind is not None:
-        assert loaded.kind == kind
-    # One more batch: the gradient the next step will use.
-    x = torch.randn(16, 4, generator=torch.Generator().manual_seed(99), dtype=dtype)
-    opt.zero_grad()
-    model(x).square().mean().backward()
-    params = list(model.parameters())
-    before = [p.detach().clone() for p in params]
-    predicted = [
-        ostate.next_update(loaded.params[i], loaded.groups[loaded.params[i].group], p.grad, p.detach())
-        for i, p in enumerate(params)
-    ]
-    opt.step()
-    for p, b, ours in zip(params, before, predicted):
-        actual = p.detach() - b
-        assert relative_error(ours, actual) <= TOLERANCE
-
+from tests.oracle import TOLERANCE, check_next_update, relative_error, saved_and_loaded
 
 ADAM_CASES = {
     "adam": lambda ps: torch.optim.Adam(ps, lr=1e-3),

@@ -13,6 +13,7 @@ from typing import Any
 
 from ostate.analysis.sketch import CHUNK, Sketch
 from ostate.optimizers import Family
+from ostate.optimizers.family import explain_missing_keys
 from ostate.state import OptimizerState, ParamState
 
 QUANTILES = {"p1": 0.01, "p5": 0.05, "p25": 0.25, "p50": 0.5, "p75": 0.75, "p95": 0.95, "p99": 0.99}
@@ -102,9 +103,10 @@ def summarize_param(optimizer: OptimizerState, param: ParamState, family: Family
     """The row and sketches of one parameter."""
     group = optimizer.groups[param.group]
     row = base_row(optimizer, param)
-    if param.has_state:
-        row.update(family.columns(param, group))
-    sketches = quantity_sketches(param, group, family)
+    with explain_missing_keys(param, family):
+        if param.has_state:
+            row.update(family.columns(param, group))
+        sketches = quantity_sketches(param, group, family)
     for quantity, sketch in sketches.items():
         row.update(sketch_columns(quantity, sketch))
     return ParamSummary(row, sketches)
@@ -116,7 +118,9 @@ def quantity_sketches(param: ParamState, group: dict, family: Family) -> dict[st
         return {}
     shape = tuple(param.shape)
     aligned = {k: ref for k, ref in param.tensors().items() if ref.shape == shape}
-    if not aligned:
+    # An unchunked family reads state that is not shaped like the parameter (factored
+    # second moments) from ``param`` itself, so it is asked even when nothing is aligned.
+    if not aligned and family.chunked:
         return {}
     sketches: dict[str, Sketch] = {}
     flat = {k: ref.read().reshape(-1) for k, ref in aligned.items()}

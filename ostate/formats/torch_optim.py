@@ -65,10 +65,19 @@ def read_optimizer(
             "param group and is ignored"
         )
 
-    state_keys = frozenset(k for entry in entries.values() if isinstance(entry, Mapping) for k in entry)
+    state_keys = frozenset(
+        k for entry in entries.values() if isinstance(entry, Mapping) for k in _flat_entry(entry)
+    )
     if kind is not None:
         family = get_family(kind)
         kind_source = "user"
+        fits = all(family.match(state_keys, g) > 0 for g in groups) if groups else True
+        if family.name != "unknown" and not fits:
+            detected, _source, _also = detect(state_keys, groups)
+            warnings.append(
+                f"the state and group keys do not look like '{kind}' (they fit '{detected}'); "
+                f"reading them as '{kind}' as asked"
+            )
     else:
         name, kind_source, also = detect(state_keys, groups)
         family = get_family(name)
@@ -110,8 +119,23 @@ def _key(pid: Any) -> Any:
     return int(pid) if isinstance(pid, torch.Tensor) else pid
 
 
+# bitsandbytes >= 0.45 nests its quantisation tensors under this key in ``state_dict()``
+# (so that FSDP does not gather them); its ``load_state_dict`` unwraps them the same way.
+# Source: bitsandbytes/optim/optimizer.py, Optimizer8bit.state_dict / load_state_dict.
+BNB_NESTED_KEY = "__bnb_optimizer_quant_state__"
+
+
+def _flat_entry(entry: Mapping[str, Any]) -> dict[str, Any]:
+    """One parameter's state with bitsandbytes' nested quantisation state unwrapped."""
+    flat = dict(entry)
+    nested = flat.pop(BNB_NESTED_KEY, None)
+    if isinstance(nested, Mapping):
+        flat.update(nested)
+    return flat
+
+
 def _state_values(entry: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: TensorRef.of(v) if isinstance(v, torch.Tensor) else v for k, v in entry.items()}
+    return {k: TensorRef.of(v) if isinstance(v, torch.Tensor) else v for k, v in _flat_entry(entry).items()}
 
 
 def _step(value: Any) -> float | None:

@@ -1,15 +1,44 @@
 """Optimizer families: recognition, effective learning rates and next updates.
 
 One module per family holds its math (the formula is in the module docstring):
-``adam`` (Adam, AdamW, AMSGrad), ``sgd``, and ``generic`` for state nobody recognises.
+
+- torch.optim: ``adam`` (Adam, AdamW, AMSGrad), ``sgd``, ``adamax``, ``nadam``, ``radam``,
+  ``adagrad``, ``rmsprop``, ``adadelta``, ``asgd``, ``rprop``, ``sparse_adam``,
+  ``adafactor``, ``muon``, ``lbfgs`` (summary only);
+- third-party: ``hf_adafactor`` (transformers), ``bnb8bit`` (bitsandbytes 8-bit and
+  32-bit state), ``lion`` (lion-pytorch), ``schedulefree`` (schedule-free AdamW);
+- ``generic`` for state nobody recognises.
+
+docs/optimizers.md lists each family's recognition rule and formulas.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ostate.optimizers import adam, generic, sgd  # noqa: F401  (each registers its family)
-from ostate.optimizers.family import Family, Group, detect, families, get_family
+# Importing a family module registers its family.
+from ostate.optimizers import (  # noqa: F401
+    adadelta,
+    adafactor,
+    adagrad,
+    adam,
+    adamax,
+    asgd,
+    bnb8bit,
+    generic,
+    hf_adafactor,
+    lbfgs,
+    lion,
+    muon,
+    nadam,
+    radam,
+    rmsprop,
+    rprop,
+    schedulefree,
+    sgd,
+    sparse_adam,
+)
+from ostate.optimizers.family import Family, Group, detect, explain_missing_keys, families, get_family
 from ostate.errors import OstateError
 from ostate.state import ParamState
 
@@ -27,7 +56,8 @@ def effective_lr(param: ParamState, group: Group, *, kind: str | None = None) ->
     """The per-coordinate effective learning rate of ``param`` (a tensor of its shape).
 
     ``kind`` names the optimizer family; by default it is detected from the state and
-    the group. The formula for each family is in its module and in docs/columns.md.
+    the group. The formula for each family is in its module and in docs/optimizers.md.
+    It uses the group's saved ``lr`` (after a scheduler step, usually the next step's lr).
 
     Example:
         >>> import ostate, torch
@@ -42,7 +72,8 @@ def effective_lr(param: ParamState, group: Group, *, kind: str | None = None) ->
     family = family_for(param, group, kind)
     if family.effective_lr is None:
         raise OstateError(f"no effective learning rate is defined for optimizer kind '{family.name}'")
-    return family.effective_lr(param, group)
+    with explain_missing_keys(param, family):
+        return family.effective_lr(param, group)
 
 
 def next_update(
@@ -51,9 +82,25 @@ def next_update(
     """The change of the weights (new minus old) that the optimizer's next ``step()`` makes.
 
     Computed from the saved state, the gradient ``grad`` and the current ``weight``, in
-    the weight's dtype and in torch's order of operations.
+    the weight's dtype and in the library's order of operations, so it matches the real
+    step to rounding. Families whose next step needs more (LBFGS re-evaluates the loss)
+    raise :class:`~ostate.OstateError`.
+
+    Example:
+        >>> import ostate, torch
+        >>> p = torch.nn.Parameter(torch.ones(3))
+        >>> opt = torch.optim.RAdam([p], lr=1e-2)
+        >>> p.grad = torch.ones(3); opt.step()
+        >>> o = ostate.from_state_dict(opt.state_dict()).optimizers[0]
+        >>> grad = torch.tensor([0.5, -1.0, 2.0])
+        >>> delta = ostate.next_update(o.params[0], o.groups[0], grad, p.detach())
+        >>> before = p.detach().clone(); p.grad = grad; opt.step()
+        >>> torch.equal(delta, p.detach() - before)
+        True
     """
     family = family_for(param, group, kind)
     if family.next_update is None:
         raise OstateError(f"the next update of optimizer kind '{family.name}' cannot be computed from its state")
-    return family.next_update(param, group, grad, weight)
+    with explain_missing_keys(param, family):
+        return family.next_update(param, group, grad, weight)
+

@@ -9,8 +9,9 @@ itself the more common reading, and the choice is reported as ``assumed``.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
@@ -132,3 +133,32 @@ def step_of(param: ParamState) -> float:
     if param.step is None:
         raise OstateError(f"parameter '{param.name}' has no step count in its state")
     return float(param.step)
+
+
+def scalar_of(param: ParamState, key: str) -> float:
+    """A scalar state entry (a 0-d tensor or a number, e.g. NAdam's ``mu_product``) as a float."""
+    from ostate.errors import OstateError
+
+    if key not in param.state:
+        raise OstateError(f"parameter '{param.name}' has no '{key}' in its state")
+    return float(param.read(key).reshape(-1)[0])
+
+
+@contextmanager
+def explain_missing_keys(param: ParamState, family: Family) -> Iterator[None]:
+    """Turn a state or group key that ``family``'s math needs but does not find into one clear error.
+
+    This happens when ``--optimizer`` names a family the state does not come from, or a
+    parameter never stepped.
+    """
+    from ostate.errors import OstateError
+
+    try:
+        yield
+    except KeyError as e:
+        raise OstateError(
+            f"'{param.name}': optimizer kind '{family.name}' needs '{e.args[0]}', which is in neither its state "
+            "nor its param group",
+            hint="it may never have stepped, or the state is another optimizer's (see --optimizer); "
+            f"its state keys: {', '.join(sorted(param.state)) or 'none'}",
+        ) from None

@@ -1,0 +1,130 @@
+r"""Schedule-free AdamW, as ``schedulefree.AdamWScheduleFree`` (facebookresearch/schedule_free) computes it.
+
+The state holds the base sequence :math:`z` (``z``) and :math:`v` (``exp_avg_sq``);
+the step counter :math:`k`, ``weight_sum``, ``lr_max`` and ``train_mode`` live in the
+*param groups*. The model's weights are :math:`y` in train mode and :math:`x` in eval
+mode (``optimizer.eval()``, recommended before saving), with
+:math:`y = (1-\beta_1)z + \beta_1 x`. Step :math:`k+1`, given gradient :math:`g` at
+:math:`y`, with :math:`\gamma` = ``lr``, :math:`W` = ``warmup_steps``, :math:`r` and
+:math:`p` = ``weight_lr_power``:
+
+.. math::
+    \gamma_{k+1} &= \gamma \cdot \min\left(1, \tfrac{k+1}{W}\right), \qquad
+        \gamma_{max} = \max(\gamma_{max}, \gamma_{k+1}) \\
+    w &= (k+1)^r \gamma_{max}^p, \qquad S \leftarrow S + w, \qquad c = w/S \\
+    v &\leftarrow \beta_2 v + (1-\beta_2) g^2, \qquad
+        \hat g = \frac{g}{\sqrt{v/(1-\beta_2^{k+1})} + \epsilon} + \lambda y \\
+    y &\leftarrow (1-c)\,y + c\,z + \gamma_{k+1}(\beta_1(1-c) - 1)\,\hat g, \qquad
+        z \leftarrow z - \gamma_{k+1}\hat g
+
+The **effective learning rate** of coordinate :math:`i` is the factor on the gradient
+in the :math:`z` step, with the next step's scheduled lr and the saved second moment:
+
+.. math::
+    \eta_i = \frac{\gamma_{k+1}}{\sqrt{v_i/(1-\beta_2^{k})} + \epsilon}
+
+``next_update`` returns the change of the parameter tensor as saved: in eval mode that
+includes ``optimizer.train()`` moving it from :math:`x` to :math:`y` before the step.
+The momentum-like part of a step needs the weights (:math:`c(z-y)`), so there is no
+``update`` quantity.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+
+from ostate.optimizers.family import Family, Group, group_has, register
+from ostate.state import ParamState
+
+_STATE_KEYS = frozenset({"z", "exp_avg_sq"})
+
+
+def scheduled_lr(group: Group) -> float:
+    r""":math:`\gamma_{k+1}`: the lr of the next step after linear warmup."""
+    k, warmup = group["k"], group.get("warmup_steps", 0)
+    return group["lr"] * ((k + 1) / warmup if k < warmup else 1.0)
+
+
+def next_averaging_weight(group: Group) -> float:
+    """:math:`c_{k+1}`, the weight of :math:`z` in the next average (0 when the weights sum to 0)."""
+    k = group["k"]
+    lr_max = max(scheduled_lr(group), group["lr_max"])
+    weight = ((k + 1) ** group.get("r", 0.0)) * (lr_max ** group.get("weight_lr_power", 2.0))
+    weight_sum = group["weight_sum"] + weight
+    return weight / weight_sum if weight_sum != 0 else 0.0
+
+
+def schedulefree_effective_lr(exp_avg_sq: torch.Tensor, group: Group) -> torch.Tensor:
+    v = exp_avg_sq if exp_avg_sq.dtype == torch.float64 else exp_avg_sq.float()
+    k, beta2 = group["k"], group["betas"][1]
+    bias_correction2 = 1 - beta2**k if k > 0 else 1.0
+    return scheduled_lr(group) / (v.div(bias_correction2).sqrt_() + group["eps"])
+
+
+def effective_lr(param: ParamState, group: Group) -> torch.Tensor:
+    return schedulefree_effective_lr(param.read("exp_avg_sq"), group)
+
+
+def next_update(param: ParamState, group: Group, grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The change of the parameter tensor as saved (``x`` in eval mode, ``y`` in train mode) after the next step."""
+    beta1, beta2 = group["betas"]
+    eps, decay = group["eps"], group.get("weight_decay", 0.0)
+    z = param.read("z").to(weight.dtype)
+    y = weight.detach().clone()
+    if not group.get("train_mode", False):
+        y.lerp_(end=z, weight=1 - beta1)  # optimizer.train(): x -> y
+    lr = scheduled_lr(group)
+    ckp1 = next_averaging_weight(group)
+    bias_correction2 = 1 - beta2 ** (group["k"] + 1)
+    exp_avg_sq = param.read("exp_avg_sq").to(weight.dtype).mul(beta2).addcmul_(grad, grad, value=1 - beta2)
+    denom = exp_avg_sq.div(bias_correction2).sqrt_().add_(eps)
+    grad_normalized = grad.div(denom)
+    if decay != 0:
+        grad_normalized.add_(y, alpha=decay)
+    y.lerp_(end=z, weight=ckp1)
+    y.add_(grad_normalized, alpha=lr * (beta1 * (1 - ckp1) - 1))
+    return y - weight
+
+
+def quantities(chunk: Mapping[str, torch.Tensor], group: Group, param: ParamState) -> dict:
+    return {"eff_lr": schedulefree_effective_lr(chunk["exp_avg_sq"], group), "exp_avg_sq": chunk["exp_avg_sq"]}
+
+
+def columns(param: ParamState, group: Group) -> dict:
+    return {
+        "k": group["k"],
+        "train_mode": bool(group.get("train_mode", False)),
+        "scheduled_lr": scheduled_lr(group),
+        "averaging_weight": next_averaging_weight(group),
+    }
+
+
+def match(state_keys: frozenset[str], group: Group) -> int:
+    if state_keys and not ("z" in state_keys and state_keys <= _STATE_KEYS):
+        return 0
+    if not group_has(group, "k", "weight_sum", "lr_max", "warmup_steps", "train_mode", "betas", "eps"):
+        return 0
+    # RAdamScheduleFree (silent_sgd_phase) and the reference version (decay_at_z) step differently.
+    return 0 if "silent_sgd_phase" in group or "decay_at_z" in group else 5
+
+
+SCHEDULEFREE_ADAMW = register(
+    Family(
+        name="schedulefree_adamw",
+        label="AdamW schedule-free",
+        match=match,
+        quantities=quantities,
+        effective_lr=effective_lr,
+        next_update=next_update,
+        columns=columns,
+        display=("k", "train_mode", "scheduled_lr", "averaging_weight", "exp_avg_sq_mean", "eff_lr_min",
+                 "eff_lr_p50", "eff_lr_max"),
+        hyperparameters=("lr", "betas", "eps", "weight_decay", "warmup_steps", "r", "weight_lr_power", "k",
+                         "train_mode"),
+        second_moment="exp_avg_sq",
+        notes=("Schedule-free AdamW: the step counter k lives in the param groups; eff_lr uses the next step's "
+               "warmup-scheduled lr. The saved weights are x in eval mode and y in train mode.",),
+    )
+)
