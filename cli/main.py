@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 import ostate
+from ostate_cli.convert_cmd import convert
 from ostate_cli.demo_cmd import demo
 from ostate_cli.inspect_cmd import inspect
 
@@ -21,6 +22,7 @@ def main() -> None:
 
 main.add_command(inspect)
 main.add_command(demo)
+main.add_command(convert)
 
 if __name__ == "__main__":
     main()
