@@ -172,3 +172,9 @@ def test_a_trainer_checkpoint_without_optimizer_explains(gpt2_run, tmp_path):
     (target / "optimizer.pt").unlink()
     with pytest.raises(ostate.OstateError, match="without optimizer state.*save_only_model"):
         ostate.load(target)
+
+
+def test_the_optimizer_file_alone_points_to_its_directory_for_names(gpt2_run):
+    ckpt = ostate.load(gpt2_run.checkpoint / "optimizer.pt")
+    assert ckpt.format == "torch" and {p.name_source for p in ckpt.optimizers[0].params} == {"none"}
+    assert any("part of a hf-trainer checkpoint directory" in w for w in ckpt.warnings)

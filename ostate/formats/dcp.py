@@ -164,7 +164,7 @@ class Storage:
 
     def _chunk(self, key: str, info: Any, sizes: tuple, dtype: torch.dtype) -> torch.Tensor:
         with self._open(info) as (window, where):
-            tensor = load_torch_stream(window, where=where, trust_pickle=self.trust_pickle)
+            tensor = load_torch_stream(window, where=where, trust_pickle=self.trust_pickle, warn=False)
         if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != tuple(sizes) or tensor.dtype != dtype:
             found = f"{tuple(tensor.shape)} {tensor.dtype}" if isinstance(tensor, torch.Tensor) else type(tensor).__name__
             raise OstateError(f"a chunk of '{key}' holds {found}, the metadata says {tuple(sizes)} {dtype}",
@@ -184,7 +184,7 @@ class Storage:
             for info, (parent, k, leaf) in items:
                 try:
                     with self._open(info) as (window, where):
-                        parent[k] = load_torch_stream(window, where=where, trust_pickle=self.trust_pickle)
+                        parent[k] = load_torch_stream(window, where=where, trust_pickle=self.trust_pickle, warn=False)
                 except OstateError:
                     if required:
                         raise

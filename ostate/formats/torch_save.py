@@ -22,7 +22,23 @@ def sniff(path: str) -> int:
 def read(path: str, *, trust_pickle: bool = False, optimizer: str | None = None) -> Checkpoint:
     check_readable_file(path)
     obj = load_torch_file(path, trust_pickle=trust_pickle)
-    return from_object(obj, path=path, optimizer=optimizer)
+    checkpoint = from_object(obj, path=path, optimizer=optimizer)
+    unnamed = any(p.name_source == "none" for o in checkpoint.optimizers for p in o.params)
+    parent = os.path.dirname(os.path.abspath(path))
+    if unnamed and _directory_layout(parent):
+        checkpoint.warnings.append(
+            f"this file is part of a {_directory_layout(parent)} checkpoint directory; inspect the directory "
+            f"({parent}) to get parameter names from the model saved beside it"
+        )
+    return checkpoint
+
+
+def _directory_layout(directory: str) -> str | None:
+    from ostate.formats.registry import READERS  # the registry lists this module: import it late
+
+    scored = [(r.sniff(directory), r.name) for r in READERS if r.name != READER.name]
+    score, name = max(scored)
+    return name if score > 1 else None
 
 
 READER = Reader("torch", "a torch.save file (.pt, .pth, .bin, .ckpt; Lightning checkpoints too)", sniff, read)

@@ -78,10 +78,12 @@ def load_torch_file(path: str, *, trust_pickle: bool = False) -> Any:
     raise OstateError(what, where=path)
 
 
-def load_torch_stream(stream: BinaryIO, *, where: str, trust_pickle: bool = False) -> Any:
+def load_torch_stream(stream: BinaryIO, *, where: str, trust_pickle: bool = False, warn: bool = True) -> Any:
     """The object a ``torch.save`` byte stream holds (for example a byte range of a larger file).
 
     Same safety rules and errors as :func:`load_torch_file`; nothing is memory-mapped.
+    ``warn=False`` skips the ``trust_pickle`` warning, for callers that gave it once
+    for a whole directory of blobs.
 
     Example:
         >>> import io
@@ -89,12 +91,13 @@ def load_torch_stream(stream: BinaryIO, *, where: str, trust_pickle: bool = Fals
         >>> load_torch_stream(buffer, where="<buffer>")
         {'lr': 0.1}
     """
-    return _load(stream, where=where, trust_pickle=trust_pickle, mmap=False)
+    return _load(stream, where=where, trust_pickle=trust_pickle, mmap=False, warn=warn)
 
 
-def _load(source: str | BinaryIO, *, trust_pickle: bool, mmap: bool, where: str | None = None) -> Any:
+def _load(source: str | BinaryIO, *, trust_pickle: bool, mmap: bool, where: str | None = None,
+          warn: bool = True) -> Any:
     where = where or str(source)
-    if trust_pickle:
+    if trust_pickle and warn:
         warnings.warn(
             f"{where}: loading with --trust-pickle: any code pickled in this file runs now",
             stacklevel=3,
