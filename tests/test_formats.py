@@ -83,3 +83,9 @@ def test_a_deepspeed_folder_is_named_as_such(tmp_path):
 def test_every_reader_is_listed_with_a_summary():
     assert registry.reader_names() == ["hf-trainer", "accelerate", "dcp", "safetensors", "torch"]
     assert all(r.summary and callable(r.sniff) and callable(r.read) for r in registry.READERS)
+
+
+def test_a_scripts_own_folder_of_pt_files_points_to_its_files(pt_file):
+    torch.save(torch.load(pt_file, weights_only=True)["optimizer"], pt_file.parent / "optimizer.pt")
+    with pytest.raises(OstateError, match=r"to read one file, pass it: ckpt.pt, optimizer.pt"):
+        ostate.load(pt_file.parent)

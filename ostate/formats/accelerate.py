@@ -111,9 +111,8 @@ def name_unnamed(optimizer: OptimizerState, models: list[Weights], preferred: in
 def sniff(path: str) -> int:
     if not os.path.isdir(path):
         return 0
-    names = os.listdir(path)
-    has_optimizer = any(_OPTIMIZER_FILE.match(n) or _OPTIMIZER_DIR.match(n) for n in names)
-    return 2 if has_optimizer else 0
+    # accelerate names optimizers optimizer.bin, optimizer_<i>.bin, optimizer_<i>/; a lone optimizer.pt is the Trainer's.
+    return 2 if any(s.name != "optimizer.pt" for s in optimizer_sources(path)) else 0
 
 
 def read(path: str, *, trust_pickle: bool = False, optimizer: str | None = None) -> Checkpoint:

@@ -42,7 +42,7 @@ def sniff(path: str) -> int:
     if not os.path.isdir(path):
         return 0
     names = set(os.listdir(path))
-    if accelerate.optimizer_sources(path) and (TRAINER_STATE in names or "optimizer.pt" in names):
+    if accelerate.optimizer_sources(path) and (TRAINER_STATE in names or "config.json" in names):
         return 3
     # A Trainer checkpoint without an optimizer file: this reader explains; a DeepSpeed reader scores higher.
     return 1 if TRAINER_STATE in names else 0

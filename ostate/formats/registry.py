@@ -25,6 +25,7 @@ READERS: tuple[Reader, ...] = (
 # Files that mark a DeepSpeed checkpoint (deepspeed/runtime/engine.py: the `latest` tag file,
 # global_step<N>/ tag folders, *_optim_states.pt), for a clear message until a reader exists.
 _DEEPSPEED_MARKS = ("latest", "zero_to_fp32.py")
+_CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
 
 
 def reader_names() -> list[str]:
@@ -68,6 +69,9 @@ def unrecognised(path: str) -> OstateError:
     inner = [n for n in names if os.path.isdir(os.path.join(path, n)) and _recognised(os.path.join(path, n))]
     if inner:
         hints.append(f"these subdirectories are checkpoints: {listing(inner, limit=6)}; pass one of them")
+    files = [n for n in names if n.endswith(_CHECKPOINT_SUFFIXES) and os.path.isfile(os.path.join(path, n))]
+    if files and not inner:
+        hints.append(f"to read one file, pass it: {listing(files, limit=6)}")
     if _looks_like_deepspeed(path, names):
         hints.append("this looks like a DeepSpeed checkpoint, which ostate does not read yet")
     else:
