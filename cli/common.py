@@ -29,7 +29,7 @@ def format_hint_option(fn: Callable) -> Callable:
 
     names = reader_names()
     return click.option("--format-hint", type=click.Choice(names), metavar="NAME",
-                        help=f"Read PATH as this layout instead of recognising it: {', '.join(names)}.")(fn)
+                        help=f"Read the checkpoint as this layout instead of recognising it: {', '.join(names)}.")(fn)
 
 
 def handle_errors(fn: Callable) -> Callable:

@@ -16,7 +16,8 @@ def main() -> None:
     """What is in your optimizer state, and should you keep it when you fine-tune?
 
     Run `ostate demo` to make a small checkpoint and inspect it, or
-    `ostate inspect PATH` on your own.
+    `ostate inspect PATH` on your own (a file or a checkpoint directory);
+    `ostate convert IN OUT` writes its optimizer state as safetensors or .pt.
     """
 
 

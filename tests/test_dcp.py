@@ -183,3 +183,24 @@ def test_a_dcp_checkpoint_without_optimizer_lists_what_it_holds(tmp_path):
     dcp.save({"model": Mlp().state_dict()}, checkpoint_id=str(tmp_path / "weights"), no_dist=True)
     with pytest.raises(OstateError, match="no optimizer state found.*model"):
         ostate.load(tmp_path / "weights")
+
+
+def test_a_raw_state_dict_saved_with_dcp_keeps_its_index_keys(tmp_path):
+    # DCP turns a raw optimizer.state_dict()'s int state keys into path strings ('0'); params stay ints.
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    dcp.save({"model": model.state_dict(), "optim": optimizer.state_dict()}, checkpoint_id=str(tmp_path / "raw"),
+             no_dist=True)
+    (o,) = ostate.load(tmp_path / "raw").optimizers
+    assert [(p.name, p.name_source) for p in o.params] == [("weight", "model-order"), ("bias", "model-order")]
+    assert torch.equal(o.param("weight").read("momentum_buffer"), optimizer.state[model.weight]["momentum_buffer"])
+
+
+def test_an_optimizer_that_never_stepped_has_groups_and_no_state(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    dcp.save({"optimizer": torch.optim.AdamW(model.parameters(), lr=0.5).state_dict()},
+             checkpoint_id=str(tmp_path / "fresh"), no_dist=True)
+    (o,) = ostate.load(tmp_path / "fresh").optimizers
+    assert o.groups[0]["lr"] == 0.5 and len(o.params) == 2 and not any(p.has_state for p in o.params)

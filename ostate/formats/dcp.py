@@ -355,9 +355,18 @@ def _normalise(node: Any, optimizers: set[tuple], route: tuple = ()) -> Any:
     # An optimizer's `state` keyed by integer index stays a dict.
     if route[-1:] != ("state",) and out and all(isinstance(k, int) for k in out) and set(out) == set(range(len(out))):
         return [out[i] for i in range(len(out))]
-    if route in optimizers and "state" not in out:
-        out["state"] = {}  # an optimizer that never stepped saves no state entries at all
+    if route in optimizers:
+        out.setdefault("state", {})  # an optimizer that never stepped saves no state entries at all
+        out["state"] = _state_keys_as_listed(out)
     return out
+
+
+def _state_keys_as_listed(optimizer: dict) -> dict:
+    """State keyed as the param groups list the parameters: DCP turns a raw state dict's int keys into strings."""
+    groups = optimizer.get("param_groups")
+    listed = [pid for g in groups if isinstance(g, dict) for pid in g.get("params", ())] if isinstance(groups, list) else []
+    by_text = {str(pid): pid for pid in listed if not isinstance(pid, str)}
+    return {by_text.get(k, k): v for k, v in optimizer["state"].items()}
 
 
 def _get(tree: dict, route: tuple) -> Any:
