@@ -53,7 +53,7 @@ def choose(path: str, format_hint: str | None = None) -> Reader:
         raise OstateError("no such file or directory", where=path)
     if not os.path.exists(path):
         raise OstateError("broken symbolic link", where=path)
-    scored = [(reader.sniff(path), -i, reader) for i, reader in enumerate(READERS)]
+    scored = [(_score(reader, path), -i, reader) for i, reader in enumerate(READERS)]
     score, _, best = max(scored, key=lambda s: s[:2])
     if score > 0:
         return best
@@ -72,7 +72,7 @@ def unrecognised(path: str) -> OstateError:
     files = [n for n in names if n.endswith(_CHECKPOINT_SUFFIXES) and os.path.isfile(os.path.join(path, n))]
     if files and not inner:
         hints.append(f"to read one file, pass it: {listing(files, limit=6)}")
-    if _looks_like_deepspeed(path, names):
+    if _looks_like_deepspeed(names):
         hints.append("this looks like a DeepSpeed checkpoint, which ostate does not read yet")
     else:
         hints.append(f"readers: {', '.join(reader_names())} (--format-hint NAME forces one; see docs/formats.md)")
@@ -95,11 +95,18 @@ def _names(path: str) -> list[str]:
         return []
 
 
+def _score(reader: Reader, path: str) -> int:
+    try:
+        return reader.sniff(path)
+    except OSError:  # an unreadable directory: the error for it says so
+        return 0
+
+
 def _recognised(path: str) -> bool:
-    return any(r.sniff(path) > 1 for r in READERS)
+    return any(_score(r, path) > 1 for r in READERS)
 
 
-def _looks_like_deepspeed(path: str, names: list[str]) -> bool:
+def _looks_like_deepspeed(names: list[str]) -> bool:
     if any(n in names for n in _DEEPSPEED_MARKS) or any(n.startswith("global_step") for n in names):
         return True
     return any(n.endswith("_optim_states.pt") or n.endswith("_model_states.pt") for n in names)
