@@ -23,6 +23,15 @@ def debug_option(fn: Callable) -> Callable:
     )(fn)
 
 
+def format_hint_option(fn: Callable) -> Callable:
+    """``--format-hint NAME``: read PATH with this reader instead of recognising its layout."""
+    from ostate.formats.registry import reader_names
+
+    names = reader_names()
+    return click.option("--format-hint", type=click.Choice(names), metavar="NAME",
+                        help=f"Read the checkpoint as this layout instead of recognising it: {', '.join(names)}.")(fn)
+
+
 def handle_errors(fn: Callable) -> Callable:
     """Run a command: an OstateError prints one line and exits 2; tracebacks only with --debug."""
 

@@ -8,7 +8,7 @@ import ostate
 from ostate.analysis import VIEWS
 from ostate.optimizers import families
 from ostate.report import FORMATS, inspect as build_report, render
-from ostate_cli.common import handle_errors, progress_enabled, warn
+from ostate_cli.common import format_hint_option, handle_errors, progress_enabled, warn
 
 
 @click.command()
@@ -27,14 +27,17 @@ from ostate_cli.common import handle_errors, progress_enabled, warn
 @click.option("--columns", metavar="A,B,...", help="Columns for table/markdown output ('all' for every column).")
 @click.option("--trust-pickle", is_flag=True,
               help="Allow pickled Python objects beyond tensors (runs code from the file: only for files you trust).")
+@format_hint_option
 @handle_errors
-def inspect(path, fmt, by, sort, ascending, top, optimizer_index, kind, columns, trust_pickle):
+def inspect(path, fmt, by, sort, ascending, top, optimizer_index, kind, columns, trust_pickle, format_hint):
     """Show the optimizer state in the checkpoint at PATH.
 
-    PATH is a torch.save file (.pt, .pth, .bin, .ckpt) holding one or more optimizer
-    state dicts, for example a training checkpoint or a Lightning .ckpt.
+    PATH is a file or a directory: a torch.save file (.pt, .pth, .bin, .ckpt; Lightning
+    too), a Hugging Face Trainer checkpoint-N/ directory, an accelerate save_state
+    directory, a torch.distributed.checkpoint directory (torchtitan too), or optimizer
+    state in .safetensors. The layout is recognised from the contents.
     """
-    checkpoint = ostate.load(path, trust_pickle=trust_pickle, optimizer=kind)
+    checkpoint = ostate.load(path, trust_pickle=trust_pickle, optimizer=kind, format_hint=format_hint)
     report = build_report(
         checkpoint,
         by=by,

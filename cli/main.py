@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 import ostate
+from ostate_cli.convert_cmd import convert
 from ostate_cli.demo_cmd import demo
 from ostate_cli.inspect_cmd import inspect
 
@@ -15,12 +16,14 @@ def main() -> None:
     """What is in your optimizer state, and should you keep it when you fine-tune?
 
     Run `ostate demo` to make a small checkpoint and inspect it, or
-    `ostate inspect PATH` on your own.
+    `ostate inspect PATH` on your own (a file or a checkpoint directory);
+    `ostate convert IN OUT` writes its optimizer state as safetensors or .pt.
     """
 
 
 main.add_command(inspect)
 main.add_command(demo)
+main.add_command(convert)
 
 if __name__ == "__main__":
     main()

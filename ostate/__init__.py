@@ -2,7 +2,8 @@
 
 The public surface:
 
-- :func:`load` reads a checkpoint (safely, memory-mapped) into a :class:`Checkpoint`.
+- :func:`load` reads a checkpoint file or directory (safely, lazily) into a :class:`Checkpoint`.
+- :func:`convert` writes one optimizer's state as safetensors or a plain torch state dict.
 - :func:`from_state_dict` wraps an in-memory optimizer state dict the same way.
 - :func:`analyze` turns one into a table (per parameter, group, layer or model).
 - :func:`describe` summarises one optimizer (kind, groups, steps, sizes).
@@ -12,6 +13,7 @@ The public surface:
 from ostate.analysis import analyze, describe
 from ostate.errors import OstateError
 from ostate.formats import from_state_dict, load
+from ostate.formats.convert import convert
 from ostate.optimizers import effective_lr, next_update
 from ostate.state import Checkpoint, OptimizerState, ParamState, TensorRef
 
@@ -24,6 +26,7 @@ __all__ = [
     "ParamState",
     "TensorRef",
     "analyze",
+    "convert",
     "describe",
     "effective_lr",
     "from_state_dict",

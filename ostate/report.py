@@ -15,6 +15,8 @@ from ostate.optimizers import get_family
 from ostate.state import Checkpoint
 
 FORMATS = ("table", "csv", "json", "markdown")
+# Metadata shown on the header's "training:" line, in this order.
+_TRAINING_KEYS = ("epoch", "global_step", "step", "iteration", "max_steps", "processes")
 _KEY_COLUMNS = {
     "param": ("name", "name_source", "shape", "numel", "group", "step"),
     "group": ("group", "lr", "params", "numel", "step_min", "step_max"),
@@ -221,13 +223,18 @@ def format_bytes(n: int) -> str:
 
 def _header_lines(report: Report) -> list[str]:
     lines = [f"checkpoint: {report.path} ({report.format})"]
-    meta = {k: v for k, v in report.metadata.items() if k in ("epoch", "global_step", "step", "iteration")}
-    if meta:
-        lines.append("training: " + ", ".join(f"{k}={format_value(v)}" for k, v in meta.items()))
+    meta = {k: report.metadata[k] for k in _TRAINING_KEYS if k in report.metadata}
+    training = [f"{k}={format_value(v)}" for k, v in meta.items()]
+    if "logged_lr" in report.metadata:
+        at = report.metadata.get("logged_lr_step")
+        training.append(f"last logged lr={format_value(report.metadata['logged_lr'])}"
+                        + (f" (step {format_value(at)})" if at is not None else ""))
+    if training:
+        lines.append("training: " + ", ".join(training))
     if report.weights_location:
         lines.append(f"model weights: {report.weights_location} ({report.weights_count} floating-point tensors)")
     for s in report.schedulers:
-        lr = s.get("last_lr")
+        lr = s.get("_last_lr")  # the lr the schedule set for the next step
         lines.append(
             f"scheduler: {s.get('location')} (last_epoch={format_value(s.get('last_epoch'))}"
             + (f", last lr={format_value(lr)}" if lr is not None else "") + ")"

@@ -90,3 +90,30 @@ def adamw_checkpoint(tmp_path):
         path,
     )
     return path, model, opt
+
+
+# Checkpoints written by the real libraries (tests/builders.py), made once per test session.
+@pytest.fixture(scope="session")
+def gpt2_run(tmp_path_factory):
+    pytest.importorskip("transformers")
+    from tests.builders import tiny_gpt2, train_with_trainer
+
+    return train_with_trainer(tmp_path_factory.mktemp("gpt2"), tiny_gpt2())
+
+
+@pytest.fixture(scope="session")
+def accelerate_run(tmp_path_factory):
+    pytest.importorskip("accelerate")
+    from tests.builders import save_with_accelerate
+
+    return save_with_accelerate(tmp_path_factory.mktemp("accelerate") / "state")
+
+
+@pytest.fixture(scope="session")
+def dcp_sharded(tmp_path_factory):
+    """DCP layouts saved by two gloo processes with FSDP2 (tensors in chunks across two files)."""
+    from tests.builders import save_dcp_layouts
+
+    directory = tmp_path_factory.mktemp("dcp2")
+    save_dcp_layouts(directory, world_size=2)
+    return directory

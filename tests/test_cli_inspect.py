@@ -137,7 +137,7 @@ def test_the_installed_command_runs_in_its_own_process(adamw_checkpoint, tmp_pat
 
 def test_directory_without_checkpoint_lists_what_it_found(tmp_path):
     (tmp_path / "readme.txt").write_text("hi")
-    one_error_line(run_cli("inspect", str(tmp_path)), "is a directory", "readme.txt")
+    one_error_line(run_cli("inspect", str(tmp_path)), "no checkpoint layout recognised", "readme.txt")
 
 
 def test_truncated_and_empty_files(tmp_path, adamw_checkpoint):

@@ -206,7 +206,7 @@ def test_missing_path_and_directory_are_clear_errors(tmp_path):
         ostate.load(tmp_path / "nope.pt")
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "notes.txt").write_text("x")
-    with pytest.raises(OstateError, match="is a directory.*notes.txt"):
+    with pytest.raises(OstateError, match="no checkpoint layout recognised.*notes.txt"):
         ostate.load(tmp_path / "d")
 
 

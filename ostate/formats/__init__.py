@@ -1,8 +1,11 @@
 """Checkpoint readers: turn what is on disk into a :class:`~ostate.state.Checkpoint`.
 
-``load(path)`` opens a ``torch.save`` file (``.pt``, ``.pth``, ``.bin``, ``.ckpt``)
-safely and memory-mapped, finds every optimizer state dict in it, and names the
-parameters from the checkpoint's own evidence.
+``load(path)`` takes a file or a directory, recognises its layout from its contents
+(:mod:`ostate.formats.registry`: a ``torch.save`` file, a Hugging Face Trainer
+``checkpoint-N/``, an accelerate ``save_state`` folder, a torch.distributed.checkpoint
+folder, optimizer state in safetensors), finds every optimizer in it and names the
+parameters from the checkpoint's own evidence. Tensors stay on disk until a statistic
+reads them.
 """
 
 from __future__ import annotations
@@ -12,25 +15,33 @@ from typing import Any, Mapping
 
 import torch
 
-from ostate.errors import OstateError
-from ostate.formats import discover
-from ostate.formats.naming import ModelEntry
-from ostate.formats.torch_optim import read_optimizer
-from ostate.formats.torchfile import check_readable_file, load_torch_file
-from ostate.state import Checkpoint, TensorRef
+from ostate.formats import registry
+from ostate.formats.objects import from_object, model_entries
+from ostate.state import Checkpoint
 
-__all__ = ["load", "from_state_dict"]
+__all__ = ["load", "from_state_dict", "from_object", "model_entries"]
 
 
-def load(path: str | os.PathLike, *, trust_pickle: bool = False, optimizer: str | None = None) -> Checkpoint:
-    """Read the optimizer state (and what else is there) from a checkpoint.
+def load(
+    path: str | os.PathLike,
+    *,
+    trust_pickle: bool = False,
+    optimizer: str | None = None,
+    format_hint: str | None = None,
+) -> Checkpoint:
+    """Read the optimizer state (and what else is there) from a checkpoint file or directory.
 
     Args:
-        path: a ``torch.save`` file: a bare optimizer state dict, a training
-            checkpoint holding one or more, or a Lightning ``.ckpt``.
+        path: a ``torch.save`` file (a bare optimizer state dict, a training
+            checkpoint holding one or more, a Lightning ``.ckpt``), a Hugging Face
+            Trainer ``checkpoint-N/`` directory, an accelerate ``save_state``
+            directory, a torch.distributed.checkpoint directory, or a
+            ``.safetensors`` file of optimizer state (see docs/formats.md).
         trust_pickle: allow pickled Python objects beyond tensors and plain
             containers. Off by default: a hostile file could run code when unpickled.
         optimizer: the optimizer family (``adamw``, ``sgd``, ...) instead of detecting it.
+        format_hint: the layout's reader (``hf-trainer``, ``accelerate``, ``dcp``,
+            ``safetensors``, ``torch``) instead of recognising it.
 
     Example:
         >>> import ostate, torch, tempfile, os
@@ -41,19 +52,12 @@ def load(path: str | os.PathLike, *, trust_pickle: bool = False, optimizer: str 
         >>> torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, path)
         >>> ckpt = ostate.load(path)
         >>> o = ckpt.optimizers[0]
-        >>> o.location, o.kind, [p.name for p in o.params]
-        ('optimizer', 'adamw', ['weight', 'bias'])
+        >>> ckpt.format, o.location, o.kind, [p.name for p in o.params]
+        ('torch', 'optimizer', 'adamw', ['weight', 'bias'])
     """
     path = os.fspath(path)
-    if os.path.isdir(path):
-        raise OstateError(
-            "is a directory; ostate reads checkpoint files (.pt, .pth, .bin, .ckpt)",
-            where=path,
-            hint=f"found: {_listing(path)}",
-        )
-    check_readable_file(path)
-    obj = load_torch_file(path, trust_pickle=trust_pickle)
-    return from_object(obj, path=path, optimizer=optimizer)
+    reader = registry.choose(path, format_hint)
+    return reader.read(path, trust_pickle=trust_pickle, optimizer=optimizer)
 
 
 def from_state_dict(
@@ -79,67 +83,3 @@ def from_state_dict(
     if model is not None:
         return from_object(obj, path="<memory>", optimizer=optimizer, model=("model", dict(model)))
     return from_object(obj, path="<memory>", optimizer=optimizer)
-
-
-def from_object(
-    obj: Any,
-    *,
-    path: str,
-    optimizer: str | None = None,
-    model: tuple[str, Mapping[str, torch.Tensor]] | None = None,
-    format: str | None = None,
-) -> Checkpoint:
-    """Build a :class:`Checkpoint` from a loaded object (the shared step of every torch-based reader)."""
-    found = discover.find_optimizers(obj)
-    if not found:
-        raise OstateError(
-            "no optimizer state found",
-            where=path,
-            hint=f"{discover.top_level_summary(obj)}; an optimizer state dict has 'state' and 'param_groups'",
-        )
-    if model is None:
-        model = discover.find_model_state_dict(obj)
-    entries = (model[0], model_entries(model[1])) if model is not None else None
-    optimizers = [read_optimizer(sd, location, model=entries, kind=optimizer) for location, sd in found]
-    weights = None
-    if model is not None:
-        weights = {k: TensorRef.of(v) for k, v in model[1].items() if isinstance(v, torch.Tensor) and v.is_floating_point()}
-    if format is None:
-        format = "lightning" if isinstance(obj, Mapping) and "pytorch-lightning_version" in obj else "torch"
-    return Checkpoint(
-        path=path,
-        format=format,
-        optimizers=optimizers,
-        weights=weights,
-        weights_location=model[0] if model is not None else None,
-        schedulers=[dict(s, _location=loc) for loc, s in discover.find_schedulers(obj)],
-        metadata=discover.scalar_metadata(obj),
-    )
-
-
-def model_entries(state_dict: Mapping[str, Any]) -> list[ModelEntry]:
-    """Naming records for a model state dict, with tied tensors marked as aliases."""
-    seen: dict[tuple, str] = {}
-    out = []
-    for name, t in state_dict.items():
-        if not isinstance(t, torch.Tensor):
-            continue
-        alias = None
-        if t.numel() > 0:
-            key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
-            alias = seen.get(key)
-            if alias is None:
-                seen[key] = name
-        out.append(ModelEntry(name, tuple(t.shape), t.is_floating_point(), alias))
-    return out
-
-
-def _listing(path: str, limit: int = 12) -> str:
-    try:
-        names = sorted(os.listdir(path))
-    except OSError as e:
-        return f"(cannot list: {e.strerror})"
-    if not names:
-        return "(empty)"
-    more = f", ... ({len(names)} entries)" if len(names) > limit else ""
-    return ", ".join(names[:limit]) + more

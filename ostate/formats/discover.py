@@ -13,6 +13,8 @@ from typing import Any, Iterator, Mapping
 
 import torch
 
+from ostate.state import TensorRef
+
 ROOT = "(root)"
 MAX_DEPTH = 8
 # Keys that usually hold the model's weights, most likely first.
@@ -36,7 +38,7 @@ def is_scheduler_state_dict(obj: Any) -> bool:
 
 
 def is_tensor_dict(obj: Any) -> bool:
-    """A mapping of names to tensors with at least one floating-point tensor (a model state dict)."""
+    """A mapping of names to tensors (or lazy :class:`TensorRef`) with at least one floating-point one."""
     if not isinstance(obj, Mapping) or not obj:
         return False
     tensors = 0
@@ -47,6 +49,9 @@ def is_tensor_dict(obj: Any) -> bool:
         if isinstance(value, torch.Tensor):
             tensors += 1
             floating = floating or value.is_floating_point()
+        elif isinstance(value, TensorRef):  # a lazily read tensor (directory formats)
+            tensors += 1
+            floating = floating or value.dtype.is_floating_point
         elif not key.endswith("_extra_state"):
             return False
     return tensors > 0 and floating

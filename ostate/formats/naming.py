@@ -11,6 +11,7 @@ why.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -105,6 +106,45 @@ def match_model_order(
         return unnamed
     chosen = [candidates[k] for k in alignment]
     return Naming([e.name for e in chosen], "model-order", [e.shape for e in chosen])
+
+
+def match_shapes(
+    param_shapes: Sequence[tuple[int, ...] | None], entries: Sequence[ModelEntry], where: str
+) -> Naming:
+    """Name parameters by shape alone, for model files that keep no order (safetensors sorts its keys).
+
+    Every optimizer shape must be available among the model's floating-point entries
+    (as many times as the optimizer uses it); then a parameter is named only when its
+    shape occurs exactly once in the optimizer and exactly once in the model, so no
+    other entry could be it. The rest stay unnamed.
+
+    Example:
+        >>> entries = [ModelEntry("b", (3,)), ModelEntry("w", (3, 4)), ModelEntry("v", (3, 4))]
+        >>> match_shapes([(3,), (3, 4)], entries, "model.safetensors").names
+        ['b', None]
+    """
+    candidates = [e for e in entries if e.floating and e.alias_of is None]
+    n = len(param_shapes)
+    unnamed = Naming([None] * n, "none", list(param_shapes))
+    need = Counter(tuple(s) for s in param_shapes if s is not None)
+    have = Counter(e.shape for e in candidates)
+    missing = [s for s, count in need.items() if have[s] < count]
+    if missing:
+        unnamed.warnings.append(
+            f"the optimizer has parameters of shape {_fmt(missing[0])} that the model at '{where}' does not have "
+            f"(as many times); parameters were not named"
+        )
+        return unnamed
+    only = {e.shape: e.name for e in candidates if have[e.shape] == 1}
+    names = [only.get(tuple(s)) if s is not None and need[tuple(s)] == 1 else None for s in param_shapes]
+    naming = Naming(names, "shape-match", list(param_shapes))
+    left = sum(name is None for name in names)
+    if left:
+        naming.warnings.append(
+            f"{left} of {n} parameters share their shape with other entries of '{where}', which keeps no "
+            "parameter order, and were left unnamed"
+        )
+    return naming
 
 
 def _align(shapes: Sequence[tuple[int, ...] | None], entries: Sequence[ModelEntry]) -> tuple[list[int], int]:

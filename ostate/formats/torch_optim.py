@@ -172,6 +172,14 @@ def _name_params(params: list[ParamState], model, warnings: list[str]) -> None:
         sizes = [sum(1 for p in params if p.group == g) for g in range(max(p.group for p in params) + 1)]
         naming = match_model_order([p.shape for p in params], entries, location, sizes)
         warnings.extend(naming.warnings)
+    apply_naming(params, naming)
+
+
+def apply_naming(params: Sequence[ParamState], naming: Naming) -> None:
+    """Give each parameter its name from ``naming`` (``param.<index>`` and source ``none`` where it has none).
+
+    A parameter without state gets its shape from the matched model entry.
+    """
     for p, name, shape in zip(params, naming.names, naming.shapes or [None] * len(params)):
         if name is not None:
             p.name, p.name_source = name, naming.source

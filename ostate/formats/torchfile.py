@@ -15,7 +15,7 @@ import pickletools
 import re
 import warnings
 import zipfile
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -78,36 +78,64 @@ def load_torch_file(path: str, *, trust_pickle: bool = False) -> Any:
     raise OstateError(what, where=path)
 
 
-def _load(path: str, *, trust_pickle: bool, mmap: bool) -> Any:
-    if trust_pickle:
+def load_torch_stream(stream: BinaryIO, *, where: str, trust_pickle: bool = False, warn: bool = True) -> Any:
+    """The object a ``torch.save`` byte stream holds (for example a byte range of a larger file).
+
+    Same safety rules and errors as :func:`load_torch_file`; nothing is memory-mapped.
+    ``warn=False`` skips the ``trust_pickle`` warning, for callers that gave it once
+    for a whole directory of blobs.
+
+    Example:
+        >>> import io
+        >>> buffer = io.BytesIO(); torch.save({"lr": 0.1}, buffer); _ = buffer.seek(0)
+        >>> load_torch_stream(buffer, where="<buffer>")
+        {'lr': 0.1}
+    """
+    return _load(stream, where=where, trust_pickle=trust_pickle, mmap=False, warn=warn)
+
+
+def _load(source: str | BinaryIO, *, trust_pickle: bool, mmap: bool, where: str | None = None,
+          warn: bool = True) -> Any:
+    where = where or str(source)
+    if trust_pickle and warn:
         warnings.warn(
-            f"{path}: loading with --trust-pickle: any code pickled in this file runs now",
+            f"{where}: loading with --trust-pickle: any code pickled in this file runs now",
             stacklevel=3,
         )
     try:
-        return torch.load(path, map_location="cpu", weights_only=not trust_pickle, mmap=mmap)
+        return torch.load(source, map_location="cpu", weights_only=not trust_pickle, mmap=mmap)
     except pickle.UnpicklingError as e:
         text = str(e)
-        blockers = unsafe_globals(path) if not trust_pickle and "Weights only load failed" in text else []
+        blockers = _blockers(source) if not trust_pickle and "Weights only load failed" in text else []
         if blockers or "Unsupported global" in text:
             listed = ", ".join(blockers) if blockers else _unsupported_global(text)
             raise OstateError(
                 f"needs pickled Python objects to load ({listed}); ostate loads only tensors and plain containers by default",
-                where=path,
+                where=where,
                 hint=TRUST_PICKLE_HINT,
             ) from None
         raise OstateError(
             f"cannot read as a torch checkpoint: {_unpickler_reason(text)}",
-            where=path,
+            where=where,
             hint="the file may be truncated or corrupted",
         ) from None
     except (RuntimeError, EOFError, KeyError, ValueError, IndexError, TypeError, AttributeError, OverflowError,
             zipfile.BadZipFile, UnicodeDecodeError, MemoryError, OSError) as e:
         raise OstateError(
             f"cannot read as a torch checkpoint: {_first_line(e) or type(e).__name__}",
-            where=path,
+            where=where,
             hint="the file may be truncated or corrupted",
         ) from None
+
+
+def _blockers(source: str | BinaryIO) -> list[str]:
+    if isinstance(source, str):
+        return unsafe_globals(source)
+    try:
+        source.seek(0)
+        return list(torch.serialization.get_unsafe_globals_in_checkpoint(source))
+    except Exception:  # a damaged stream: nothing more to say than the load error
+        return []
 
 
 def _unsupported_global(text: str) -> str:

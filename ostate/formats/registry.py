@@ -1,0 +1,112 @@
+"""Every checkpoint layout ostate reads, and how a path is matched to one.
+
+To add a layout, write a module with a ``READER`` (:class:`~ostate.formats.reader.Reader`)
+and list it in :data:`READERS`; ``ostate.load``, ``--format-hint`` and the error for an
+unrecognised directory pick it up from here.
+"""
+
+from __future__ import annotations
+
+import os
+
+from ostate.errors import OstateError
+from ostate.formats import accelerate, dcp, hf_trainer, safetensors_optim, torch_save
+from ostate.formats.reader import Reader
+
+# Most specific first: a tie in score goes to the earlier reader.
+READERS: tuple[Reader, ...] = (
+    hf_trainer.READER,
+    accelerate.READER,
+    dcp.READER,
+    safetensors_optim.READER,
+    torch_save.READER,
+)
+
+# Files that mark a DeepSpeed checkpoint (deepspeed/runtime/engine.py: the `latest` tag file,
+# global_step<N>/ tag folders, *_optim_states.pt), for a clear message until a reader exists.
+_DEEPSPEED_MARKS = ("latest", "zero_to_fp32.py")
+_CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
+
+
+def reader_names() -> list[str]:
+    """The names ``--format-hint`` accepts.
+
+    Example:
+        >>> reader_names()
+        ['hf-trainer', 'accelerate', 'dcp', 'safetensors', 'torch']
+    """
+    return [r.name for r in READERS]
+
+
+def get_reader(name: str) -> Reader:
+    for reader in READERS:
+        if reader.name == name:
+            return reader
+    raise OstateError(f"unknown format '{name}'", hint=f"choose one of: {', '.join(reader_names())}")
+
+
+def choose(path: str, format_hint: str | None = None) -> Reader:
+    """The reader for ``path``: the one named by ``format_hint``, else the best-scoring one."""
+    if format_hint is not None:
+        return get_reader(format_hint)
+    if not os.path.lexists(path):
+        raise OstateError("no such file or directory", where=path)
+    if not os.path.exists(path):
+        raise OstateError("broken symbolic link", where=path)
+    scored = [(_score(reader, path), -i, reader) for i, reader in enumerate(READERS)]
+    score, _, best = max(scored, key=lambda s: s[:2])
+    if score > 0:
+        return best
+    raise unrecognised(path)
+
+
+def unrecognised(path: str) -> OstateError:
+    """The error for a directory in no known layout: what it holds, and where to look instead."""
+    if not os.access(path, os.R_OK | os.X_OK):
+        return OstateError("permission denied", where=path, hint="check the directory's permissions")
+    names = _names(path)
+    hints = [f"found: {listing(names)}"]
+    inner = [n for n in names if os.path.isdir(os.path.join(path, n)) and _recognised(os.path.join(path, n))]
+    if inner:
+        hints.append(f"these subdirectories are checkpoints: {listing(inner, limit=6)}; pass one of them")
+    files = [n for n in names if n.endswith(_CHECKPOINT_SUFFIXES) and os.path.isfile(os.path.join(path, n))]
+    if files and not inner:
+        hints.append(f"to read one file, pass it: {listing(files, limit=6)}")
+    if _looks_like_deepspeed(names):
+        hints.append("this looks like a DeepSpeed checkpoint, which ostate does not read yet")
+    else:
+        hints.append(f"readers: {', '.join(reader_names())} (--format-hint NAME forces one; see docs/formats.md)")
+    return OstateError("no checkpoint layout recognised in this directory", where=path, hint="; ".join(hints))
+
+
+def listing(names: list[str], limit: int = 12) -> str:
+    """A short, sorted list of names for messages."""
+    if not names:
+        return "(empty)"
+    names = sorted(names)
+    more = f", ... ({len(names)} entries)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def _names(path: str) -> list[str]:
+    try:
+        return os.listdir(path)
+    except OSError:
+        return []
+
+
+def _score(reader: Reader, path: str) -> int:
+    try:
+        return reader.sniff(path)
+    except OSError:  # an unreadable directory: the error for it says so
+        return 0
+
+
+def _recognised(path: str) -> bool:
+    return any(_score(r, path) > 1 for r in READERS)
+
+
+def _looks_like_deepspeed(names: list[str]) -> bool:
+    if any(n in names for n in _DEEPSPEED_MARKS) or any(n.startswith("global_step") for n in names):
+        return True
+    return any(n.endswith("_optim_states.pt") or n.endswith("_model_states.pt") for n in names)

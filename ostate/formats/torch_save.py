@@ -1,0 +1,44 @@
+"""Reader for single ``torch.save`` files: ``.pt``, ``.pth``, ``.bin``, ``.ckpt`` (Lightning too).
+
+The file is opened safely and memory-mapped (:mod:`ostate.formats.torchfile`); every
+optimizer state dict in it is found by its structure (:mod:`ostate.formats.discover`).
+"""
+
+from __future__ import annotations
+
+import os
+
+from ostate.formats.objects import from_object
+from ostate.formats.reader import Reader
+from ostate.formats.torchfile import check_readable_file, load_torch_file
+from ostate.state import Checkpoint
+
+
+def sniff(path: str) -> int:
+    """Any regular file: the fallback reader, whose errors say what a file is when it is not a checkpoint."""
+    return 1 if os.path.isfile(path) else 0
+
+
+def read(path: str, *, trust_pickle: bool = False, optimizer: str | None = None) -> Checkpoint:
+    check_readable_file(path)
+    obj = load_torch_file(path, trust_pickle=trust_pickle)
+    checkpoint = from_object(obj, path=path, optimizer=optimizer)
+    unnamed = any(p.name_source == "none" for o in checkpoint.optimizers for p in o.params)
+    parent = os.path.dirname(os.path.abspath(path))
+    if unnamed and _directory_layout(parent):
+        checkpoint.warnings.append(
+            f"this file is part of a {_directory_layout(parent)} checkpoint directory; inspect the directory "
+            f"({parent}) to get parameter names from the model saved beside it"
+        )
+    return checkpoint
+
+
+def _directory_layout(directory: str) -> str | None:
+    from ostate.formats.registry import READERS  # the registry lists this module: import it late
+
+    scored = [(r.sniff(directory), r.name) for r in READERS if r.name != READER.name]
+    score, name = max(scored)
+    return name if score > 1 else None
+
+
+READER = Reader("torch", "a torch.save file (.pt, .pth, .bin, .ckpt; Lightning checkpoints too)", sniff, read)
