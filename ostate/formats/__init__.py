@@ -27,7 +27,8 @@ def load(path: str | os.PathLike, *, trust_pickle: bool = False, optimizer: str 
 
     Args:
         path: a ``torch.save`` file: a bare optimizer state dict, a training
-            checkpoint holding one or more, or a Lightning ``.ckpt``.
+            checkpoint holding one or more, or a Lightning ``.ckpt``; or a DeepSpeed
+            checkpoint folder (see :mod:`ostate.formats.deepspeed`).
         trust_pickle: allow pickled Python objects beyond tensors and plain
             containers. Off by default: a hostile file could run code when unpickled.
         optimizer: the optimizer family (``adamw``, ``sgd``, ...) instead of detecting it.
@@ -45,6 +46,10 @@ def load(path: str | os.PathLike, *, trust_pickle: bool = False, optimizer: str 
         ('optimizer', 'adamw', ['weight', 'bias'])
     """
     path = os.fspath(path)
+    from ostate.formats import deepspeed  # imported here: it builds on from_object below
+
+    if deepspeed.sniff(path):
+        return deepspeed.read(path, trust_pickle=trust_pickle, optimizer=optimizer)
     if os.path.isdir(path):
         raise OstateError(
             "is a directory; ostate reads checkpoint files (.pt, .pth, .bin, .ckpt)",
