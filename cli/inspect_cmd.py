@@ -32,7 +32,8 @@ def inspect(path, fmt, by, sort, ascending, top, optimizer_index, kind, columns,
     """Show the optimizer state in the checkpoint at PATH.
 
     PATH is a torch.save file (.pt, .pth, .bin, .ckpt) holding one or more optimizer
-    state dicts, for example a training checkpoint or a Lightning .ckpt.
+    state dicts, for example a training checkpoint or a Lightning .ckpt, or a
+    DeepSpeed checkpoint folder (the save folder, or one tag folder inside it).
     """
     checkpoint = ostate.load(path, trust_pickle=trust_pickle, optimizer=kind)
     report = build_report(

@@ -49,13 +49,13 @@ def train(rank: int, world_size: int, port: int, save_dir: str) -> None:
 
 
 def main() -> None:
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
     try:
         import deepspeed  # noqa: F401  (only to write the checkpoint)
     except ImportError:
         print("DeepSpeed is not installed: this example needs it to write a checkpoint (pip install deepspeed).")
         return
     save_dir = os.path.join(sys.argv[1] if len(sys.argv) > 1 else "ostate-deepspeed", "checkpoints")
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

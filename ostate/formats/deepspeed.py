@@ -81,12 +81,12 @@ def read(
     if is_universal(tag_dir):
         from ostate.formats.deepspeed_universal import read_universal
 
-        return read_universal(path, tag_dir, trust_pickle=trust_pickle, optimizer=optimizer)
+        return read_universal(tag_dir, trust_pickle=trust_pickle, optimizer=optimizer)
     files = tag_files(tag_dir)
     model_states = load_file(files.model_files[0], trust_pickle=trust_pickle)
     _check_model_states(model_states, files.model_files[0])
     if not files.optim_files:
-        return _read_stage_0(path, tag_dir, files, model_states, optimizer)
+        return _read_stage_0(tag_dir, files, model_states, optimizer)
     world = _world_size(model_states, files)
     shards = [_optimizer_state_dict(load_file(f, trust_pickle=trust_pickle), f) for f in files.optim_files]
     _check_partition_counts(shards, files, world)
@@ -94,12 +94,8 @@ def read(
     where = _pattern(files.optim_files)
     frozen: dict[str, TensorRef] = {}
     if stage == 3:
-        params, _ = stage_3_params(_param_shapes(model_states, files.model_files[0]), shards, where)
-        fragments = [load_file(f, trust_pickle=trust_pickle).get("frozen_param_fragments") or {}
-                     for f in files.model_files[1:]]
-        frozen_shapes = model_states.get("frozen_param_shapes") or {}
-        if frozen_shapes:
-            frozen = stage_3_fragments(frozen_shapes, [model_states.get("frozen_param_fragments") or {}, *fragments])
+        params = stage_3_params(_param_shapes(model_states, files.model_files[0]), shards, where)
+        frozen = stage_3_frozen(model_states, files, world, trust_pickle=trust_pickle)
         groups = hyperparameters(shards[0]["optimizer_state_dict"], None, model_states, where)
     else:
         params = stage_1_2_params(_param_shapes(model_states, files.model_files[0]), shards, where)
@@ -122,6 +118,25 @@ def read(
         extra=extra,
         metadata=metadata,
     )
+
+
+def stage_3_frozen(model_states: Mapping[str, Any], files: TagFiles, world: int, *,
+                   trust_pickle: bool = False) -> dict[str, TensorRef]:
+    """Frozen parameters of a stage 3 save, joined from every rank's model file (rank 0's is ``model_states``)."""
+    shapes = model_states.get("frozen_param_shapes") or {}
+    if not shapes:
+        return {}
+    if len(files.model_files) != world:
+        raise OstateError(
+            f"{len(files.model_files)} model state files for {world} ranks: the frozen parameters are split "
+            "across every rank's model file",
+            where=files.directory,
+            hint="copy every rank's zero_pp_rank_*_model_states.pt of this tag",
+        )
+    fragments = [model_states.get("frozen_param_fragments") or {}]
+    fragments += [load_file(f, trust_pickle=trust_pickle).get("frozen_param_fragments") or {}
+                  for f in files.model_files[1:]]
+    return stage_3_fragments(shapes, fragments)
 
 
 @dataclass
@@ -294,7 +309,7 @@ def _optimizer_class(shard: Mapping[str, Any], stage: int) -> str:
     return "DeepSpeedZeroOptimizer" if "zero_stage" in shard else "BF16_Optimizer"
 
 
-def _read_stage_0(path: str, tag_dir: str, files: TagFiles, model_states: Mapping[str, Any],
+def _read_stage_0(tag_dir: str, files: TagFiles, model_states: Mapping[str, Any],
                   optimizer: str | None) -> Checkpoint:
     """ZeRO disabled: the whole optimizer is a torch state dict inside the model file, named by model order."""
     from ostate.formats import from_object

@@ -33,6 +33,8 @@ UNIVERSAL_STATE = os.path.join("zero", "optimizer_state.pt")
 _OPTIM_FILE = re.compile(r"^(bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
 _MODEL_FILE = re.compile(r"^(?:zero_pp_rank_(\d+)_)?mp_rank_(\d+)_model_states\.pt$")
 _PIPELINE_FILE = re.compile(r"^layer_\d+-model_\d+-model_states\.pt$")
+# Mixture-of-experts saves (runtime/engine.py _get_optimizer_ckpt_name, _get_expert_ckpt_name).
+_EXPERT_FILE = re.compile(r"^expp_rank_\d+_mp_rank_\d+_optim_states\.pt$|(^|_)expert_\d+_mp_rank_\d+_model_states\.pt$")
 
 
 class ZeroStageEnum(int, enum.Enum):
@@ -171,6 +173,12 @@ def tag_files(tag_dir: str) -> TagFiles:
     if any(_PIPELINE_FILE.match(n) for n in names):
         raise OstateError(
             "pipeline-parallel DeepSpeed checkpoints (layer_*-model_states.pt) are not supported",
+            where=tag_dir,
+            hint="convert it with deepspeed.checkpoint.ds_to_universal and read the universal checkpoint",
+        )
+    if any(_EXPERT_FILE.search(n) for n in names):
+        raise OstateError(
+            "mixture-of-experts DeepSpeed checkpoints (expert files) are not supported",
             where=tag_dir,
             hint="convert it with deepspeed.checkpoint.ds_to_universal and read the universal checkpoint",
         )

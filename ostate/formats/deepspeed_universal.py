@@ -24,16 +24,16 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from ostate.errors import OstateError
-from ostate.formats.deepspeed import assemble, deepspeed_metadata, hyperparameters, zero_stage
+from ostate.formats.deepspeed import assemble, deepspeed_metadata, hyperparameters, stage_3_frozen, zero_stage
 from ostate.formats.deepspeed_files import UNIVERSAL_STATE, load_file, tag_files
-from ostate.formats.deepspeed_zero import FlatParam, stage_3_fragments, user_groups_of_subgroups
+from ostate.formats.deepspeed_zero import FlatParam, user_groups_of_subgroups
 from ostate.state import Checkpoint, TensorRef
 
 _WEIGHT_FILE = "fp32.pt"
 _STEP_FILE = "step.pt"
 
 
-def read_universal(path: str, tag_dir: str, *, trust_pickle: bool = False, optimizer: str | None = None) -> Checkpoint:
+def read_universal(tag_dir: str, *, trust_pickle: bool = False, optimizer: str | None = None) -> Checkpoint:
     """The :class:`~ostate.state.Checkpoint` of a universal checkpoint folder (see the module docstring)."""
     files = tag_files(tag_dir)
     model_states = load_file(files.model_files[0], trust_pickle=trust_pickle)
@@ -69,15 +69,12 @@ def read_universal(path: str, tag_dir: str, *, trust_pickle: bool = False, optim
             state = {key.removesuffix(".pt"): ref for key, ref in tensors.items()}
             params.append(FlatParam(name, group, shape, step if step is not None else group_step, state, fp32))
 
-    frozen_shapes = model_states.get("frozen_param_shapes") or {}
-    if stage == 3 and frozen_shapes:
-        fragments = [model_states.get("frozen_param_fragments") or {}]
-        fragments += [load_file(f, trust_pickle=trust_pickle).get("frozen_param_fragments") or {}
-                      for f in files.model_files[1:]]
-        frozen = stage_3_fragments(frozen_shapes, fragments)
+    if stage == 3:
+        world = int(settings.get("partition_count") or len(files.model_files))
+        frozen = stage_3_frozen(model_states, files, world, trust_pickle=trust_pickle)
     else:
         frozen = {}
-        for name, shape in frozen_shapes.items():
+        for name, shape in (model_states.get("frozen_param_shapes") or {}).items():
             found = _param_files(zero_dir, name, tuple(int(d) for d in shape), trust_pickle)
             frozen[name] = found.get(_WEIGHT_FILE)
 

@@ -142,8 +142,8 @@ def stage_3_params(
     param_shapes: Sequence[Mapping[str, Sequence[int]]],
     shards: Sequence[Mapping[str, Any]],
     where: str,
-) -> tuple[list[FlatParam], list[int]]:
-    """Parameters of a ZeRO stage 3 checkpoint in flat order, and each sub-group's user param group.
+) -> list[FlatParam]:
+    """Parameters of a ZeRO stage 3 checkpoint in flat order (sub-group by sub-group).
 
     ``shards`` are the ranks' ``optimizer_state_dict`` entries in rank order.
     """
@@ -155,7 +155,7 @@ def stage_3_params(
         flats = [s["fp32_flat_groups"][sg].reshape(-1) for s in shards]
         states = [st["state"].get(sg, {}) for st in inner]
         keys = [k for k, v in states[0].items() if isinstance(v, torch.Tensor) and v.dim() >= 1]
-        keys = [k for k in keys if all(k in st for st in states)]
+        flat_state = {k: [st[k].reshape(-1) for st in states] for k in keys if all(k in st for st in states)}
         offset = 0
         for name, shape in shapes.items():
             shape = tuple(int(d) for d in shape)
@@ -168,27 +168,36 @@ def stage_3_params(
                     where=where,
                     hint="the model and optimizer files may come from different saves or world sizes",
                 )
-            stop = offset + piece
-            state = {k: _stage3_ref([st[k].reshape(-1)[offset:stop] for st in states], shape) for k in keys}
-            fp32 = _stage3_ref([f[offset:stop] for f in flats], shape)
+            state = {k: _stage3_ref(ranks, offset, shape) for k, ranks in flat_state.items()}
+            fp32 = _stage3_ref(flats, offset, shape)
             out.append(FlatParam(name, group_of_sub[sg], shape, states[0].get("step"), state, fp32))
-            offset = stop
-    return out, group_of_sub
+            offset += piece
+    return out
 
 
 def stage_3_fragments(
     frozen_shapes: Mapping[str, Sequence[int]], fragments: Sequence[Mapping[str, torch.Tensor]]
 ) -> dict[str, TensorRef]:
     """Frozen parameters of a stage 3 checkpoint, joined from each rank's ``frozen_param_fragments``."""
-    out = {}
-    for name, shape in frozen_shapes.items():
-        pieces = [f[name].reshape(-1) for f in fragments]
-        out[name] = _stage3_ref(pieces, tuple(int(d) for d in shape))
-    return out
+    return {
+        name: _stage3_ref([f[name].reshape(-1) for f in fragments], 0, tuple(int(d) for d in shape))
+        for name, shape in frozen_shapes.items()
+    }
 
 
-def _stage3_ref(pieces: list[torch.Tensor], shape: tuple[int, ...]) -> TensorRef:
-    return RankPieces(pieces).ref(0, shape)
+def _stage3_ref(flats: list[torch.Tensor], offset: int, shape: tuple[int, ...]) -> TensorRef:
+    """A parameter whose ``ceil(numel/W)`` values start at ``offset`` in every rank's flat buffer.
+
+    The rank slices are taken only when read: a checkpoint of many ranks and
+    parameters costs nothing per (rank, parameter) pair until a parameter is asked for.
+    """
+    numel = math.prod(shape)
+    piece = math.ceil(numel / len(flats))
+
+    def read() -> torch.Tensor:
+        return RankPieces([f[offset : offset + piece] for f in flats]).read(0, numel).view(shape)
+
+    return TensorRef(shape, flats[0].dtype, read)
 
 
 def user_groups_of_subgroups(param_groups: Sequence[Mapping[str, Any]], count: int, where: str) -> list[int]:
