@@ -35,6 +35,8 @@ LR = (1e-2, 5e-3)  # group 0 (weights, decay), group 1 (biases, no decay)
 
 CASES = {
     "zero0": {"zero_optimization": {"stage": 0}},
+    # bf16 without ZeRO: DeepSpeed's FP16_UnfusedOptimizer keeps fp32 master copies beside the model.
+    "bf16_zero0": {"zero_optimization": {"stage": 0}, "bf16": {"enabled": True}},
     "zero1": {"zero_optimization": {"stage": 1}},
     "zero2": {"zero_optimization": {"stage": 2}},
     "zero3": {"zero_optimization": {"stage": 3}},
@@ -88,10 +90,8 @@ def ground_truth(engine) -> dict[str, dict[str, torch.Tensor]]:
     """Each trainable parameter's fp32 weight and Adam moments, as DeepSpeed gathers them (all ranks call this)."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
-    if engine.zero_optimization_stage() == 0 and not engine.bfloat16_enabled():
-        opt = engine.optimizer
-        return {n: {"fp32": p.detach().clone(), **{k: opt.state[p][k].clone() for k in ("exp_avg", "exp_avg_sq")}}
-                for n, p in engine.module.named_parameters() if p.requires_grad}
+    if engine.zero_optimization_stage() == 0:
+        return unpartitioned_truth(engine.optimizer, engine.module)
     if hasattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state"):
         # DeepSpeed 0.19 on CPU leaves ZeRO-1/2's links from parameters to optimizer state
         # fragments unset after a step; rebuild them so the gather below finds exp_avg.
@@ -104,6 +104,22 @@ def ground_truth(engine) -> dict[str, dict[str, torch.Tensor]]:
         out[name] = {"fp32": safe_get_full_fp32_param(p).detach().clone()}
         for key in ("exp_avg", "exp_avg_sq"):
             out[name][key] = safe_get_full_optimizer_state(p, key).detach().clone()
+    return out
+
+
+def unpartitioned_truth(opt, module: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
+    """Without ZeRO: the torch optimizer's own state, through the FP16_UnfusedOptimizer's masters when bf16."""
+    masters = {}
+    if hasattr(opt, "fp32_groups"):  # FP16_UnfusedOptimizer: model and master parameters side by side
+        for model_group, master_group in zip(opt.fp16_groups, opt.fp32_groups):
+            masters.update({id(p): m for p, m in zip(model_group, master_group)})
+        opt = opt.optimizer
+    out = {}
+    for name, p in module.named_parameters():
+        if p.requires_grad:
+            master = masters.get(id(p), p)
+            out[name] = {"fp32": master.detach().clone(),
+                         **{k: opt.state[master][k].clone() for k in ("exp_avg", "exp_avg_sq")}}
     return out
 
 

@@ -36,9 +36,18 @@ TRAINED = ["embed.weight", "head.weight", "embed.bias", "head.bias"]
 
 @pytest.fixture(scope="session")
 def deepspeed_runs(tmp_path_factory):
-    out = tmp_path_factory.mktemp("deepspeed")
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONWARNINGS": "ignore"}
-    _run([sys.executable, "-m", "tests.deepspeed_train", str(out)], env)
+    # Two processes on a shared machine (a free port taken meanwhile, a C++ op cache being
+    # rebuilt by another process) can fail to start; one retry in a fresh folder, then report both.
+    failures = []
+    for attempt in range(2):
+        out = tmp_path_factory.mktemp("deepspeed")
+        done = _run([sys.executable, "-m", "tests.deepspeed_train", str(out)], env, check=False)
+        if done.returncode == 0:
+            break
+        failures.append(done.stdout[-2000:] + done.stderr[-3000:])
+    else:
+        pytest.fail("tests/deepspeed_train.py failed twice:\n" + "\n---\n".join(failures))
     for case in UNIVERSAL_CASES:
         tag_dir = out / case / TAG
         _run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
@@ -46,9 +55,10 @@ def deepspeed_runs(tmp_path_factory):
     return out
 
 
-def _run(cmd, env):
+def _run(cmd, env, check=True):
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert not check or done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
 
 
 def truth(run_dir):
@@ -75,11 +85,19 @@ def test_partitioned_state_is_rebuilt_exactly_as_deepspeed_gathers_it(deepspeed_
     assert {p.name_source for p in ckpt.optimizers[0].params} == {"fqn"}
 
 
-def test_stage_0_state_is_named_by_model_order_and_equals_the_torch_optimizer(deepspeed_runs):
-    ckpt = ostate.load(deepspeed_runs / "zero0")
-    assert_matches_truth(ckpt, truth(deepspeed_runs / "zero0"))
+@pytest.mark.parametrize(("case", "optimizer_class", "step"), [
+    ("zero0", "torch", STEPS),
+    # FP16_UnfusedOptimizer's first step happens inside deepspeed.initialize, with zero gradients.
+    ("bf16_zero0", "FP16_UnfusedOptimizer", STEPS + 1),
+])
+def test_stage_0_state_is_named_by_model_order_and_equals_the_torch_optimizer(deepspeed_runs, case,
+                                                                              optimizer_class, step):
+    ckpt = ostate.load(deepspeed_runs / case)
+    assert_matches_truth(ckpt, truth(deepspeed_runs / case))
+    assert ckpt.metadata["optimizer_class"] == optimizer_class and ckpt.metadata["zero_stage"] == 0
     o = ckpt.optimizers[0]
     assert [(p.name, p.name_source) for p in o.params if p.has_state] == [(n, "model-order") for n in TRAINED]
+    assert {p.step for p in o.params if p.has_state} == {float(step)}
     assert o.param("frozen.weight").group == len(o.groups) - 1 and not o.param("frozen.weight").has_state
 
 
