@@ -183,7 +183,6 @@ def assemble(
     optimizer: str | None,
     extra: dict[str, Any],
     metadata: dict[str, Any],
-    frozen_shapes: Mapping[str, Sequence[int]] | None = None,
 ) -> Checkpoint:
     """Build the :class:`Checkpoint` of a ZeRO or universal checkpoint from its rebuilt parameters.
 
@@ -198,9 +197,11 @@ def assemble(
     param_groups = [dict(g, params=[p.name for p in params if p.group == i]) for i, g in enumerate(groups)]
     module = model_states.get("module") or {}
     shapes = {p.name: p.shape for p in params}
-    frozen_shapes = dict(frozen_shapes or model_states.get("frozen_param_shapes") or {})
+    frozen_shapes = model_states.get("frozen_param_shapes") or {}
     frozen_names = list(frozen_shapes) if frozen_shapes else _inferred_frozen(module, model_states, shapes)
-    shapes.update({n: tuple(int(d) for d in frozen_shapes.get(n, ())) or _shape_of(module.get(n)) for n in frozen_names})
+    for name in frozen_names:
+        shape = frozen_shapes.get(name)
+        shapes[name] = tuple(int(d) for d in shape) if shape is not None else _shape_of(module.get(name))
     entries = [replace(e, shape=shapes.get(e.name, e.shape)) for e in _model_entries(module)]
 
     kind = optimizer or configured_kind(model_states.get("ds_config"), groups)
