@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 
@@ -157,6 +158,16 @@ def test_universal_checkpoint_from_ds_to_universal_equals_the_ground_truth(deeps
     from ostate.formats import deepspeed
 
     assert deepspeed.read(run_dir, tag=f"{TAG}_universal").format == "deepspeed-universal"
+
+
+def test_a_folder_with_only_latest_universal_reads_the_universal_save(deepspeed_runs, tmp_path):
+    # ds_to_universal writes latest_universal beside its output folder, which may be a folder of its own.
+    source = deepspeed_runs / "zero3"
+    shutil.copytree(source / f"{TAG}_universal", tmp_path / f"{TAG}_universal")
+    shutil.copy(source / "latest_universal", tmp_path / "latest_universal")
+    ckpt = ostate.load(tmp_path)
+    assert ckpt.format == "deepspeed-universal" and ckpt.metadata["tag"] == f"{TAG}_universal"
+    assert_matches_truth(ckpt, truth(source))
 
 
 @pytest.mark.parametrize("case", ["zero2", "zero3", "bf16"])

@@ -19,7 +19,7 @@ import torch
 import ostate
 from ostate import OstateError
 from ostate.formats import deepspeed
-from ostate.formats.deepspeed_files import DEEPSPEED_GLOBALS
+from ostate.formats.deepspeed_files import DEEPSPEED_GLOBALS, tag_files
 from ostate.formats.deepspeed_zero import stage_1_2_params
 from tests.conftest import REPO, run_cli
 
@@ -210,3 +210,15 @@ def test_alignment_padding_between_parameters_is_skipped():
         assert p.shape == shapes[p.name]
         assert torch.equal(p.fp32.read(), values[p.name].view(p.shape))
         assert torch.equal(p.state["exp_avg"].read(), 2 * values[p.name].view(p.shape))
+
+
+def test_rank_files_are_ordered_by_rank_number_not_by_name(tmp_path):
+    # DeepSpeed does not zero-pad the data-parallel rank: zero_pp_rank_10 sorts before zero_pp_rank_2 by name.
+    for rank in range(12):
+        (tmp_path / f"bf16_zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").touch()
+    (tmp_path / "mp_rank_00_model_states.pt").touch()
+    files = tag_files(str(tmp_path))
+    assert [os.path.basename(f) for f in files.optim_files][:3] == [
+        "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt", "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt",
+        "bf16_zero_pp_rank_2_mp_rank_00_optim_states.pt"]
+    assert files.optim_files[-1].endswith("bf16_zero_pp_rank_11_mp_rank_00_optim_states.pt") and files.bf16

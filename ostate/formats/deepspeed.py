@@ -20,7 +20,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from ostate.errors import OstateError
-from ostate.formats import discover
+from ostate.formats import discover, from_object, model_entries  # the package imports this module lazily
 from ostate.formats.deepspeed_files import (
     LossScaler,
     DynamicLossScaler,
@@ -104,7 +104,7 @@ def read(
                                   model_states, where)
     extra = {k: _plain(shards[0][k]) for k in _EXTRA_KEYS if k in shards[0]}
     extra.update(_loss_scale(shards[0]))
-    metadata = deepspeed_metadata(model_states, tag_dir, stage=stage, optimizer_class=_optimizer_class(shards[0], stage))
+    metadata = deepspeed_metadata(model_states, tag_dir, stage=stage, optimizer_class=optimizer_class(shards[0], stage))
     return assemble(
         path=tag_dir,
         format="deepspeed",
@@ -202,7 +202,7 @@ def assemble(
     for name in frozen_names:
         shape = frozen_shapes.get(name)
         shapes[name] = tuple(int(d) for d in shape) if shape is not None else _shape_of(module.get(name))
-    entries = [replace(e, shape=shapes.get(e.name, e.shape)) for e in _model_entries(module)]
+    entries = [replace(e, shape=shapes.get(e.name, e.shape)) for e in model_entries(module)]
 
     kind = optimizer or configured_kind(model_states.get("ds_config"), groups)
     opt = read_optimizer({"state": state, "param_groups": param_groups}, location, model=("module", entries), kind=kind)
@@ -304,7 +304,8 @@ def deepspeed_metadata(
     return {k: v for k, v in metadata.items() if v is not None}
 
 
-def _optimizer_class(shard: Mapping[str, Any], stage: int) -> str:
+def optimizer_class(shard: Mapping[str, Any], stage: int) -> str:
+    """The DeepSpeed optimizer that wrote a ZeRO optimizer state (``zero_stage`` is absent from BF16_Optimizer's)."""
     if stage == 3:
         return "DeepSpeedZeroOptimizer_Stage3"
     return "DeepSpeedZeroOptimizer" if "zero_stage" in shard else "BF16_Optimizer"
@@ -313,17 +314,15 @@ def _optimizer_class(shard: Mapping[str, Any], stage: int) -> str:
 def _read_stage_0(tag_dir: str, files: TagFiles, model_states: Mapping[str, Any],
                   optimizer: str | None) -> Checkpoint:
     """ZeRO disabled: the whole optimizer is a torch state dict inside the model file, named by model order."""
-    from ostate.formats import from_object
-
     module = model_states.get("module") or {}
     ckpt = from_object(model_states, path=files.model_files[0], optimizer=optimizer, model=("module", module),
                        format="deepspeed")
     ckpt.path = tag_dir
     wrapper = model_states.get("optimizer")
-    optimizer_class = "torch"
+    wrapper_class = "torch"
     if isinstance(wrapper, Mapping) and "fp32_groups" in wrapper:
         # FP16_UnfusedOptimizer (bf16/fp16 without ZeRO): fp32 masters in the optimizer's group order.
-        optimizer_class = "FP16_UnfusedOptimizer"
+        wrapper_class = "FP16_UnfusedOptimizer"
         masters = [t for group in wrapper["fp32_groups"] for t in group]
         params = ckpt.optimizers[0].params
         if len(masters) == len(params) and all(p.name_source != "none" for p in params):
@@ -334,7 +333,7 @@ def _read_stage_0(tag_dir: str, files: TagFiles, model_states: Mapping[str, Any]
         named = {p.name: p.shape for p in opt.params}
         frozen = _inferred_frozen(module, model_states, named)
         _add_frozen(opt, frozen, {n: _shape_of(module.get(n)) for n in frozen})
-    ckpt.metadata = deepspeed_metadata(model_states, tag_dir, stage=0, optimizer_class=optimizer_class)
+    ckpt.metadata = deepspeed_metadata(model_states, tag_dir, stage=0, optimizer_class=wrapper_class)
     return ckpt
 
 
@@ -415,12 +414,6 @@ def _plain(value: Any) -> Any:
 
 def _shape_of(t: Any) -> tuple[int, ...] | None:
     return tuple(t.shape) if isinstance(t, torch.Tensor) else None
-
-
-def _model_entries(module: Mapping[str, Any]):
-    from ostate.formats import model_entries
-
-    return model_entries(module)
 
 
 def _pattern(files: Sequence[str]) -> str:

@@ -29,6 +29,7 @@ from ostate.formats.torchfile import TRUST_PICKLE_HINT, AllowedGlobal, load_torc
 LATEST = "latest"
 LATEST_UNIVERSAL = "latest_universal"
 UNIVERSAL_STATE = os.path.join("zero", "optimizer_state.pt")
+_MAX_TAG_BYTES = 1024
 
 _OPTIM_FILE = re.compile(r"^(bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
 _MODEL_FILE = re.compile(r"^(?:zero_pp_rank_(\d+)_)?mp_rank_(\d+)_model_states\.pt$")
@@ -113,8 +114,11 @@ def looks_like_run_dir(path: str) -> bool:
         >>> looks_like_run_dir(tempfile.mkdtemp())
         False
     """
-    if any(os.path.isfile(os.path.join(path, n)) for n in (LATEST, LATEST_UNIVERSAL)):
-        return True
+    for marker in (LATEST, LATEST_UNIVERSAL):
+        marker_path = os.path.join(path, marker)
+        # DeepSpeed's marker holds one short tag name; a bigger file of that name is something else.
+        if os.path.isfile(marker_path) and os.path.getsize(marker_path) <= _MAX_TAG_BYTES:
+            return True
     return bool(tag_dirs(path))
 
 

@@ -19,12 +19,19 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import torch
 
 from ostate.errors import OstateError
-from ostate.formats.deepspeed import assemble, deepspeed_metadata, hyperparameters, stage_3_frozen, zero_stage
+from ostate.formats.deepspeed import (
+    assemble,
+    deepspeed_metadata,
+    hyperparameters,
+    optimizer_class,
+    stage_3_frozen,
+    zero_stage,
+)
 from ostate.formats.deepspeed_files import UNIVERSAL_STATE, load_file, tag_files
 from ostate.formats.deepspeed_zero import FlatParam, user_groups_of_subgroups
 from ostate.state import Checkpoint, TensorRef
@@ -78,8 +85,6 @@ def read_universal(tag_dir: str, *, trust_pickle: bool = False, optimizer: str |
             found = _param_files(zero_dir, name, tuple(int(d) for d in shape), trust_pickle)
             frozen[name] = found.get(_WEIGHT_FILE)
 
-    optimizer_class = ("DeepSpeedZeroOptimizer_Stage3" if stage == 3 else
-                       "DeepSpeedZeroOptimizer" if "zero_stage" in settings else "BF16_Optimizer")
     extra = {k: settings[k] for k in ("zero_stage", "partition_count", "clip_grad", "ds_version") if k in settings}
     extra["zero_stage"] = stage
     return assemble(
@@ -93,7 +98,7 @@ def read_universal(tag_dir: str, *, trust_pickle: bool = False, optimizer: str |
         model_states=model_states,
         optimizer=optimizer,
         extra={k: (int(v) if isinstance(v, int) else v) for k, v in extra.items()},
-        metadata=deepspeed_metadata(model_states, tag_dir, stage=stage, optimizer_class=optimizer_class,
+        metadata=deepspeed_metadata(model_states, tag_dir, stage=stage, optimizer_class=optimizer_class(settings, stage),
                                     universal=True),
     )
 
