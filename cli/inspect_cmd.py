@@ -34,7 +34,8 @@ def inspect(path, fmt, by, sort, ascending, top, optimizer_index, kind, columns,
 
     PATH is a file or a directory: a torch.save file (.pt, .pth, .bin, .ckpt; Lightning
     too), a Hugging Face Trainer checkpoint-N/ directory, an accelerate save_state
-    directory, a torch.distributed.checkpoint directory (torchtitan too), or optimizer
+    directory, a torch.distributed.checkpoint directory (torchtitan too), a DeepSpeed
+    checkpoint folder (the save folder, or one tag folder inside it), or optimizer
     state in .safetensors. The layout is recognised from the contents.
     """
     checkpoint = ostate.load(path, trust_pickle=trust_pickle, optimizer=kind, format_hint=format_hint)

@@ -111,7 +111,8 @@ class OptimizerState:
     ``kind`` is the detected family (``adamw``, ``sgd``, ...; ``unknown`` when nothing
     fits) and ``kind_source`` says how it was decided: ``detected`` from state and
     group keys, ``assumed`` when the keys fit more than one family and the most common
-    reading was taken, or ``user`` when given with ``--optimizer``. ``groups`` are the
+    reading was taken, ``user`` when given with ``--optimizer``, or ``ds_config``
+    when a DeepSpeed config named it because the groups could not tell. ``groups`` are the
     param groups' hyperparameters (without ``params``); ``location`` is where the
     state sits inside the checkpoint (``optimizer``, ``optimizer_states[0]``).
     """

@@ -35,8 +35,9 @@ def load(
         path: a ``torch.save`` file (a bare optimizer state dict, a training
             checkpoint holding one or more, a Lightning ``.ckpt``), a Hugging Face
             Trainer ``checkpoint-N/`` directory, an accelerate ``save_state``
-            directory, a torch.distributed.checkpoint directory, or a
-            ``.safetensors`` file of optimizer state (see docs/formats.md).
+            directory, a torch.distributed.checkpoint directory, a DeepSpeed
+            checkpoint folder, or a ``.safetensors`` file of optimizer state
+            (see docs/formats.md).
         trust_pickle: allow pickled Python objects beyond tensors and plain
             containers. Off by default: a hostile file could run code when unpickled.
         optimizer: the optimizer family (``adamw``, ``sgd``, ...) instead of detecting it.

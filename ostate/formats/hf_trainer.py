@@ -56,8 +56,7 @@ def read(path: str, *, trust_pickle: bool = False, optimizer: str | None = None)
     if not sources:
         raise OstateError(
             "a Trainer checkpoint without optimizer state", where=path,
-            hint="no optimizer.pt: saved with save_only_model=True, or by DeepSpeed (global_step<N>/), "
-                 f"which ostate does not read yet; found: {', '.join(sorted(os.listdir(path))) or '(empty)'}",
+            hint="no optimizer.pt: saved with save_only_model=True; found: {', '.join(sorted(os.listdir(path))) or '(empty)'}",
         )
     metadata, warnings = trainer_metadata(path)
     weights = find_weights(path, trust_pickle=trust_pickle)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 
 from ostate.errors import OstateError
-from ostate.formats import accelerate, dcp, hf_trainer, safetensors_optim, torch_save
+from ostate.formats import accelerate, dcp, deepspeed, hf_trainer, safetensors_optim, torch_save
 from ostate.formats.reader import Reader
 
 # Most specific first: a tie in score goes to the earlier reader.
@@ -18,13 +18,11 @@ READERS: tuple[Reader, ...] = (
     hf_trainer.READER,
     accelerate.READER,
     dcp.READER,
+    deepspeed.READER,
     safetensors_optim.READER,
     torch_save.READER,
 )
 
-# Files that mark a DeepSpeed checkpoint (deepspeed/runtime/engine.py: the `latest` tag file,
-# global_step<N>/ tag folders, *_optim_states.pt), for a clear message until a reader exists.
-_DEEPSPEED_MARKS = ("latest", "zero_to_fp32.py")
 _CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
 
 
@@ -33,7 +31,7 @@ def reader_names() -> list[str]:
 
     Example:
         >>> reader_names()
-        ['hf-trainer', 'accelerate', 'dcp', 'safetensors', 'torch']
+        ['hf-trainer', 'accelerate', 'dcp', 'deepspeed', 'safetensors', 'torch']
     """
     return [r.name for r in READERS]
 
@@ -72,10 +70,7 @@ def unrecognised(path: str) -> OstateError:
     files = [n for n in names if n.endswith(_CHECKPOINT_SUFFIXES) and os.path.isfile(os.path.join(path, n))]
     if files and not inner:
         hints.append(f"to read one file, pass it: {listing(files, limit=6)}")
-    if _looks_like_deepspeed(names):
-        hints.append("this looks like a DeepSpeed checkpoint, which ostate does not read yet")
-    else:
-        hints.append(f"readers: {', '.join(reader_names())} (--format-hint NAME forces one; see docs/formats.md)")
+    hints.append(f"readers: {', '.join(reader_names())} (--format-hint NAME forces one; see docs/formats.md)")
     return OstateError("no checkpoint layout recognised in this directory", where=path, hint="; ".join(hints))
 
 
@@ -105,8 +100,3 @@ def _score(reader: Reader, path: str) -> int:
 def _recognised(path: str) -> bool:
     return any(_score(r, path) > 1 for r in READERS)
 
-
-def _looks_like_deepspeed(names: list[str]) -> bool:
-    if any(n in names for n in _DEEPSPEED_MARKS) or any(n.startswith("global_step") for n in names):
-        return True
-    return any(n.endswith("_optim_states.pt") or n.endswith("_model_states.pt") for n in names)

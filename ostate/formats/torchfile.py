@@ -15,7 +15,7 @@ import pickletools
 import re
 import warnings
 import zipfile
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Callable, Sequence
 
 import torch
 
@@ -55,8 +55,16 @@ def sniff(path: str) -> str:
     return "unknown"
 
 
-def load_torch_file(path: str, *, trust_pickle: bool = False) -> Any:
+# A class allowed to unpickle, under the qualified name the file uses for it.
+AllowedGlobal = tuple[Callable[..., Any], str]
+
+
+def load_torch_file(path: str, *, trust_pickle: bool = False, allowed_globals: Sequence[AllowedGlobal] = ()) -> Any:
     """The object a ``torch.save`` file holds, with tensors memory-mapped where possible.
+
+    ``allowed_globals`` admits a few named classes beyond torch's allow list (a format
+    reader's own stand-ins for the classes a library pickles into its files); every
+    other pickled global is still refused unless ``trust_pickle``.
 
     Example:
         >>> import tempfile, os
@@ -67,10 +75,8 @@ def load_torch_file(path: str, *, trust_pickle: bool = False) -> Any:
     """
     check_readable_file(path)
     kind = sniff(path)
-    if kind == "zip":
-        return _load(path, trust_pickle=trust_pickle, mmap=True)
-    if kind == "legacy":
-        return _load(path, trust_pickle=trust_pickle, mmap=False)
+    if kind in ("zip", "legacy"):
+        return _load(path, trust_pickle=trust_pickle, mmap=kind == "zip", allowed_globals=allowed_globals)
     what = {
         "safetensors": "a safetensors file, not a torch.save checkpoint",
         "json": "a JSON file, not a torch.save checkpoint",
@@ -95,18 +101,21 @@ def load_torch_stream(stream: BinaryIO, *, where: str, trust_pickle: bool = Fals
 
 
 def _load(source: str | BinaryIO, *, trust_pickle: bool, mmap: bool, where: str | None = None,
-          warn: bool = True) -> Any:
+          warn: bool = True, allowed_globals: Sequence[AllowedGlobal] = ()) -> Any:
     where = where or str(source)
     if trust_pickle and warn:
         warnings.warn(
             f"{where}: loading with --trust-pickle: any code pickled in this file runs now",
             stacklevel=3,
         )
+    allowed = {name for _obj, name in allowed_globals}
     try:
-        return torch.load(source, map_location="cpu", weights_only=not trust_pickle, mmap=mmap)
+        with torch.serialization.safe_globals(list(allowed_globals)):
+            return torch.load(source, map_location="cpu", weights_only=not trust_pickle, mmap=mmap)
     except pickle.UnpicklingError as e:
         text = str(e)
         blockers = _blockers(source) if not trust_pickle and "Weights only load failed" in text else []
+        blockers = [name for name in blockers if name not in allowed]
         if blockers or "Unsupported global" in text:
             listed = ", ".join(blockers) if blockers else _unsupported_global(text)
             raise OstateError(
