@@ -20,7 +20,8 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from ostate.errors import OstateError
-from ostate.formats import discover, from_object, model_entries  # the package imports this module lazily
+from ostate.formats import discover
+from ostate.formats.objects import from_object, model_entries
 from ostate.formats.deepspeed_files import (
     LossScaler,
     DynamicLossScaler,
