@@ -222,3 +222,23 @@ def test_rank_files_are_ordered_by_rank_number_not_by_name(tmp_path):
         "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt", "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt",
         "bf16_zero_pp_rank_2_mp_rank_00_optim_states.pt"]
     assert files.optim_files[-1].endswith("bf16_zero_pp_rank_11_mp_rank_00_optim_states.pt") and files.bf16
+
+
+def test_a_trainer_checkpoint_saved_under_deepspeed_shows_the_trainers_step_and_schedule(tmp_path):
+    # transformers' Trainer with DeepSpeed writes checkpoint-N/ with trainer_state.json and scheduler.pt
+    # beside DeepSpeed's `latest` and global_step<N>/ (trainer.py::_save_checkpoint; no optimizer.pt).
+    import json
+
+    folder = copy_of(ZERO2, tmp_path)
+    (folder / "trainer_state.json").write_text(json.dumps(
+        {"global_step": 3, "epoch": 1.5, "log_history": [{"learning_rate": 2e-4, "step": 3}]}))
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    opt.step(), sched.step()
+    torch.save(sched.state_dict(), folder / "scheduler.pt")
+    ckpt = ostate.load(folder)
+    assert ckpt.format == "deepspeed"
+    assert ckpt.metadata["epoch"] == 1.5 and ckpt.metadata["logged_lr"] == 2e-4
+    assert ckpt.schedulers and ckpt.schedulers[0]["_last_lr"] == [5e-4]
+    assert {p.name_source for p in ckpt.optimizers[0].params} == {"fqn"}

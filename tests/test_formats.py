@@ -48,7 +48,7 @@ def test_format_hint_forces_a_reader_and_its_error_is_specific(pt_file):
         ostate.load(pt_file.parent, format_hint="torch")
     with pytest.raises(OstateError, match="not a directory"):
         ostate.load(pt_file, format_hint="dcp")
-    with pytest.raises(OstateError, match="unknown format 'nope'.*hf-trainer, accelerate, dcp, safetensors, torch"):
+    with pytest.raises(OstateError, match="unknown format 'nope'.*hf-trainer, accelerate, dcp, deepspeed, safetensors, torch"):
         ostate.load(pt_file, format_hint="nope")
 
 
@@ -71,17 +71,19 @@ def test_a_run_folder_points_to_its_checkpoint_subdirectories(gpt2_run):
         ostate.load(gpt2_run.output_dir)
 
 
-def test_a_deepspeed_folder_is_named_as_such(tmp_path):
+def test_a_deepspeed_folder_goes_to_the_deepspeed_reader(tmp_path):
     # deepspeed/runtime/engine.py save_checkpoint: a `latest` file naming the tag folder global_step<N>/.
     (tmp_path / "latest").write_text("global_step10")
     (tmp_path / "global_step10").mkdir()
     (tmp_path / "global_step10" / "mp_rank_00_model_states.pt").write_bytes(b"")
-    with pytest.raises(OstateError, match="looks like a DeepSpeed checkpoint"):
+    assert registry.choose(str(tmp_path)).name == "deepspeed"
+    assert registry.choose(str(tmp_path / "global_step10")).name == "deepspeed"
+    with pytest.raises(OstateError, match="mp_rank_00_model_states.pt: file is empty"):
         ostate.load(tmp_path)
 
 
 def test_every_reader_is_listed_with_a_summary():
-    assert registry.reader_names() == ["hf-trainer", "accelerate", "dcp", "safetensors", "torch"]
+    assert registry.reader_names() == ["hf-trainer", "accelerate", "dcp", "deepspeed", "safetensors", "torch"]
     assert all(r.summary and callable(r.sniff) and callable(r.read) for r in registry.READERS)
 
 
