@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 import ostate
+from ostate_cli.ablate_cmd import ablate
 from ostate_cli.demo_cmd import demo
 from ostate_cli.inspect_cmd import inspect
 
@@ -15,12 +16,14 @@ def main() -> None:
     """What is in your optimizer state, and should you keep it when you fine-tune?
 
     Run `ostate demo` to make a small checkpoint and inspect it, or
-    `ostate inspect PATH` on your own.
+    `ostate inspect PATH` on your own; `ostate ablate` measures which handling
+    of the optimizer state works best for fine-tuning.
     """
 
 
 main.add_command(inspect)
 main.add_command(demo)
+main.add_command(ablate)
 
 if __name__ == "__main__":
     main()

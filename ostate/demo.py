@@ -14,10 +14,11 @@ import contextlib
 import io
 import math
 import os
-import tempfile
 
 import torch
 from torch import nn
+
+from ostate.atomic import atomic_path
 
 
 def zen_of_python() -> str:
@@ -100,14 +101,5 @@ def make_demo_checkpoint(path: str | os.PathLike, *, steps: int = 300, seed: int
 
 def save_atomically(obj: object, path: str) -> None:
     """``torch.save`` to a temporary file beside ``path``, then rename it into place."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".ostate-", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
