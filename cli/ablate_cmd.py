@@ -126,7 +126,7 @@ def ablate(spec_file, task_name, strategies, seeds, steps, eval_every, lrs, warm
     if out is not None:
         spec.out = out
     if no_plots:
-        spec.out = None
+        spec.plots = False
     spec.progress = progress
     if spec.address and spec.executor != "ray":
         raise click.UsageError("--address needs --executor ray")

@@ -59,7 +59,8 @@ class Spec:
 
     ``store`` is the SQLite results store (reruns skip its finished trials); ``out``
     a directory for the summary tables and plots (none written when ``None``);
-    ``executor`` ``local`` (a process pool of ``workers``, default one per core) or
+    ``plots`` whether to draw figures there as well; ``executor`` ``local`` (a process pool of
+    ``workers``, default one per core) or
     ``ray`` (``address`` to join a cluster); ``threads`` torch threads per trial
     (default: cores / workers locally, 1 on Ray); ``target_loss`` for steps-to-target
     (default: the baseline's mean final eval loss).
@@ -76,6 +77,7 @@ class Spec:
     cache_dir: str | None = None
     target_loss: float | None = None
     baseline: str = "reload"
+    plots: bool = True
     plot_format: str = "png"
     progress: bool = True
 
@@ -115,10 +117,10 @@ def run(spec: Spec) -> Results:
     """
     if spec.executor not in EXECUTORS:
         raise OstateError(f"unknown executor '{spec.executor}'", hint=f"choose one of: {', '.join(EXECUTORS)}")
+    configs = spec.sweep.configs()  # bad settings fail here, before any pretraining
     task = spec.task
     source_path = resolve_source(task, spec.cache_dir)
     source = load_source(source_path)
-    configs = spec.sweep.configs()
     check_strategies(task, source, [c.strategy for c in configs])
     workers = spec.workers or (os.cpu_count() or 1)
     threads = spec.threads or (default_threads(workers) if spec.executor == "local" else 1)
@@ -152,7 +154,7 @@ def run(spec: Spec) -> Results:
         summary = summarize(trials, records, baseline=spec.baseline, target=spec.target_loss,
                             order=[str(Strategy.parse(s)) for s in spec.sweep.strategies])
         if spec.out is not None:
-            files = write_outputs(summary, spec.out, fmt=spec.plot_format, title=task.name)
+            files = write_outputs(summary, spec.out, fmt=spec.plot_format if spec.plots else None, title=task.name)
     ran = len(todo) - len(failed)
     return Results(os.fspath(spec.store), source_path, ran, len(configs) - len(todo), failed, summary, files)
 
@@ -172,8 +174,10 @@ def check_strategies(task: Task, source: Source, strategies: Sequence[str]) -> N
             raise OstateError(f"strategy '{strategy}': {e}", where=source.path) from None
 
 
-def write_outputs(summary: Summary, directory: str | os.PathLike, *, fmt: str = "png", title: str = "") -> list[str]:
-    """The summary tables (``strategies.csv``, ``paired.csv``, ``trials.csv``) and the plots."""
+def write_outputs(summary: Summary, directory: str | os.PathLike, *, fmt: str | None = "png",
+                  title: str = "") -> list[str]:
+    """The summary tables (``strategies.csv``, ``paired.csv``, ``trials.csv``) and, unless ``fmt``
+    is ``None``, the plots."""
     from ostate.atomic import atomic_path
     from ostate.harness.plots import write_plots
 
@@ -184,4 +188,4 @@ def write_outputs(summary: Summary, directory: str | os.PathLike, *, fmt: str = 
         with atomic_path(path) as tmp:
             frame.to_csv(tmp, index=False)
         files.append(path)
-    return files + write_plots(summary, directory, fmt=fmt, title=title)
+    return files + (write_plots(summary, directory, fmt=fmt, title=title) if fmt else [])

@@ -59,7 +59,7 @@ def optimizer_like_source(source: Source) -> OptimizerFactory:
     """A factory for an optimizer of the source's class with the source's param groups.
 
     Each parameter joins the group its name was in; parameters the source did not have
-    get a group of their own (with group 0's hyperparameters), so that a strategy can
+    (or had in another shape) get a group of their own (with group 0's hyperparameters), so that a strategy can
     treat them apart (keep-v's bias correction is per group). Every group starts at the
     trial's peak ``lr``.
     """
@@ -75,12 +75,14 @@ def optimizer_like_source(source: Source) -> OptimizerFactory:
 
     def make(model: nn.Module, lr: float) -> torch.optim.Optimizer:
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        old = {n for n, p in named if n in group_of and n in source.weights
+               and tuple(source.weights[n].shape) == tuple(p.shape)}
         groups = []
         for g, saved in enumerate(saved_groups):
-            members = [(n, p) for n, p in named if group_of.get(n) == g]
+            members = [(n, p) for n, p in named if n in old and group_of[n] == g]
             if members:
                 groups.append({**_hyperparameters(saved), "params": members})
-        new = [(n, p) for n, p in named if n not in group_of]
+        new = [(n, p) for n, p in named if n not in old]
         if new:
             groups.append({**_hyperparameters(saved_groups[0]), "params": new})
         return cls(groups, lr=lr)
