@@ -217,6 +217,13 @@ def test_the_ray_executor_in_local_mode_gives_the_same_numbers_as_the_local_pool
     pd.testing.assert_frame_equal(a, b)
 
 
+def test_a_task_of_lambdas_on_the_process_pool_is_refused_with_what_to_do(adamw_source, tmp_path):
+    task = tiny_task(adamw_source, evaluate=lambda model: 0.0)
+    with pytest.raises(OstateError, match="cannot be sent to worker processes.*module level"):
+        run(Spec(task, Sweep(strategies=["reload"], seeds=[0, 1], steps=1), store=tmp_path / "r.sqlite", out=None,
+                 workers=2, progress=False))
+
+
 def test_export_writes_every_record_with_its_settings_as_csv_and_parquet(adamw_source, tmp_path):
     spec = Spec(tiny_task(adamw_source), Sweep(strategies=["reload"], seeds=[0], steps=2, eval_every=2),
                 store=tmp_path / "r.sqlite", out=None, workers=1, progress=False)

@@ -13,6 +13,7 @@ import concurrent.futures
 import hashlib
 import multiprocessing
 import os
+import pickle
 import tempfile
 import traceback
 from dataclasses import dataclass
@@ -67,6 +68,12 @@ def run_local(jobs: Sequence[Job], *, workers: int) -> Iterator[Outcome]:
         for job in jobs:
             yield run_job(job)
         return
+    try:
+        pickle.dumps(jobs[0].task)
+    except (pickle.PicklingError, AttributeError, TypeError) as e:
+        raise OstateError(f"the task cannot be sent to worker processes ({e})",
+                          hint="define its functions at module level (no lambdas or closures), or run with "
+                               "workers=1 (--workers 1) or the Ray executor") from None
     context = multiprocessing.get_context("spawn")
     pool = concurrent.futures.ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=context)
     try:

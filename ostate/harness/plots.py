@@ -131,7 +131,9 @@ def _line_panels(summary: Summary, curves: pd.DataFrame, path, *, ylabel: str, t
 
 def plot_final(summary: Summary, path: str | os.PathLike, *, title: str = "") -> str:
     """Per cell: the final eval loss (mean, 95% CI) and, as bars from zero, the paired
-    difference of each strategy from the baseline (95% CI; below zero is better)."""
+    difference of each strategy from the baseline (95% CI; below zero is better). When one
+    difference is more than 20 times the median one, that axis is symlog (linear up to the
+    median difference) so the small differences stay visible."""
     table = summary.strategies
     if table.empty:
         raise OstateError("nothing to plot: no finished trials")
@@ -166,7 +168,13 @@ def plot_final(summary: Summary, path: str | os.PathLike, *, title: str = "") ->
                        xerr=err if row["pairs"] > 1 else None, capsize=3)
         right.axvline(0, color="black", linewidth=0.8)
         right.set_yticks(ys, names)
-        right.set_xlabel(f"final eval loss minus {summary.baseline} (paired, 95% CI)")
+        sizes = sorted(abs(v) for v in (paired["diff_mean"] if not paired.empty else []) if v and math.isfinite(v))
+        scale = ""
+        if len(sizes) > 1 and sizes[-1] > 20 * sizes[len(sizes) // 2]:
+            # One strategy far off would flatten the rest: linear near zero, logarithmic beyond.
+            right.set_xscale("symlog", linthresh=sizes[len(sizes) // 2])
+            scale = "; symlog scale"
+        right.set_xlabel(f"final eval loss minus {summary.baseline} (paired, 95% CI{scale})")
         right.grid(axis="x", alpha=0.3)
     fig.suptitle(title or "Final eval loss", fontsize=11)
     return save_figure(fig, path)
