@@ -93,7 +93,9 @@ def ablate(spec_file, task_name, strategies, seeds, steps, eval_every, lrs, warm
     under the eval curve and steps to a target loss with 95% confidence intervals over
     seeds, and paired differences from reload. Either a built-in task:
 
-        ostate ablate --task code-to-prose --strategies fresh,reload,reset-v,keep-v --seeds 0,1,2 --steps 200
+    \b
+        ostate ablate --task code-to-prose --seeds 0,1,2 \\
+            --strategies fresh,reload,reset-v,keep-v
 
     or one's own, described in SPEC.toml (see docs/harness.md).
     """
