@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 import ostate
+from ostate_cli.ablate_cmd import ablate
 from ostate_cli.convert_cmd import convert
 from ostate_cli.demo_cmd import demo
 from ostate_cli.inspect_cmd import inspect
@@ -17,13 +18,16 @@ def main() -> None:
 
     Run `ostate demo` to make a small checkpoint and inspect it, or
     `ostate inspect PATH` on your own (a file or a checkpoint directory);
-    `ostate convert IN OUT` writes its optimizer state as safetensors or .pt.
+    `ostate convert IN OUT` writes its optimizer state as safetensors or .pt;
+    `ostate ablate` measures which handling of the optimizer state works best
+    for fine-tuning.
     """
 
 
 main.add_command(inspect)
 main.add_command(demo)
 main.add_command(convert)
+main.add_command(ablate)
 
 if __name__ == "__main__":
     main()

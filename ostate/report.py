@@ -306,10 +306,23 @@ def _cells(o: OptimizerReport) -> tuple[list[str], list[list[str]]]:
 
 def _text_table(o: OptimizerReport) -> str:
     head, rows = _cells(o)
+    return text_table(head, rows, left={"name", "name_source", "layer", "shape", "dtype"})
+
+
+def text_table(head: list[str], rows: list[list[str]], *, left: set[str] = frozenset()) -> str:
+    """Aligned plain-text columns: the ``left`` ones left-aligned, the others right-aligned.
+
+    Example:
+        >>> print(text_table(["name", "n"], [["a", "10"], ["bb", "2"]], left={"name"}))
+        name   n
+        ----  --
+        a     10
+        bb     2
+    """
     if not rows:
         return "(no rows)"
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
-    text_cols = {i for i, h in enumerate(head) if h in ("name", "name_source", "layer", "shape", "dtype")}
+    text_cols = {i for i, h in enumerate(head) if h in left}
 
     def line(cells: list[str]) -> str:
         return "  ".join(c.ljust(w) if i in text_cols else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))

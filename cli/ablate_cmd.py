@@ -1,0 +1,162 @@
+"""``ostate ablate``: fine-tune from a source checkpoint under each optimizer-state strategy, with error bars."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+
+from ostate.errors import OstateError
+from ostate.harness import TASKS, Spec, Sweep, builtin_task, load_spec, run
+from ostate.harness.executors import EXECUTORS
+from ostate.harness.plots import FORMATS
+from ostate.harness.store import ResultsStore
+from ostate.harness.text import render_summary
+from ostate.harness.trial import SCHEDULES
+from ostate_cli.common import EXIT_INTERRUPTED, handle_errors, progress_enabled, warn
+
+
+def split_list(text: str) -> list[str]:
+    """Split on commas outside brackets, so a strategy's regex may hold ``{1,3}`` or ``(a|b)``.
+
+    Example:
+        >>> split_list("fresh,reload:^(?!head\\\\.),reset-v:x{1,3}")
+        ['fresh', 'reload:^(?!head\\\\.)', 'reset-v:x{1,3}']
+    """
+    parts, depth, current = [], 0, []
+    for char in text:
+        if char in "([{":
+            depth += 1
+        elif char in ")]}":
+            depth = max(0, depth - 1)
+        if char == "," and depth == 0:
+            parts.append("".join(current).strip())
+            current = []
+        else:
+            current.append(char)
+    parts.append("".join(current).strip())
+    return [p for p in parts if p]
+
+
+def _numbers(text: str | None, kind: type, option: str) -> list | None:
+    if text is None:
+        return None
+    try:
+        return [kind(v) for v in split_list(text)]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated {kind.__name__} values, got '{text}'",
+                                 param_hint=option) from None
+
+
+@click.command()
+@click.argument("spec_file", required=False, type=click.Path(dir_okay=False, path_type=str), metavar="[SPEC.toml]")
+@click.option("--task", "task_name", type=click.Choice(TASKS), help="A built-in task (instead of SPEC.toml).")
+@click.option("--strategies", metavar="A,B,...",
+              help="Strategies to compare: fresh, reload, reset-m, reset-v, reset-step, keep-v, or NAME:REGEX "
+                   "(default: all six).")
+@click.option("--seeds", metavar="0,1,2", help="Seeds (default 0,1,2).")
+@click.option("--steps", type=click.IntRange(min=1), help="Fine-tuning steps per trial (default 200).")
+@click.option("--eval-every", type=click.IntRange(min=1), help="Evaluate every K steps (default 20).")
+@click.option("--lr", "lrs", metavar="LR,...", help="Peak learning rates (default: the task's).")
+@click.option("--warmup", "warmups", metavar="N,...", help="Linear warmup lengths in steps (default 0).")
+@click.option("--batch-size", "batch_sizes", metavar="N,...", help="Batch sizes (default: the task's).")
+@click.option("--schedule", type=click.Choice(SCHEDULES), help="After warmup: constant, or cosine to 10% (default).")
+@click.option("--target-loss", type=float, help="Loss for steps-to-target (default: the baseline's mean final loss).")
+@click.option("--baseline", default=None, metavar="STRATEGY", help="Strategy the others are compared with (reload).")
+@click.option("--workers", type=click.IntRange(min=1), help="Trials at once (default: one per core).")
+@click.option("--threads", type=click.IntRange(min=1),
+              help="Torch threads per trial (default: cores / workers; 1 on Ray). Same value, same numbers.")
+@click.option("--executor", type=click.Choice(EXECUTORS), help="local process pool (default) or ray.")
+@click.option("--address", metavar="ADDR", help="With --executor ray: join this cluster (e.g. auto).")
+@click.option("--store", type=click.Path(dir_okay=False, path_type=str),
+              help="SQLite results store (default OUT/results.sqlite); reruns skip finished trials.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=str),
+              help="Directory for summary tables and plots (default ablation-TASK).")
+@click.option("--source", type=click.Path(dir_okay=False, path_type=str),
+              help="The source checkpoint for a built-in task (default: pretrain one and cache it).")
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=str),
+              help="Where pretrained sources are cached (default ~/.cache/ostate, or $OSTATE_CACHE_DIR).")
+@click.option("--pretrain-steps", type=click.IntRange(min=1), help="Pretraining steps of a built-in task's source.")
+@click.option("--export", type=click.Path(dir_okay=False, path_type=str),
+              help="Also write every record with its trial's settings to a .csv or .parquet file.")
+@click.option("--plot-format", type=click.Choice(FORMATS), help="Figure format (default png).")
+@click.option("--no-plots", is_flag=True, help="Write the summary tables only.")
+@handle_errors
+def ablate(spec_file, task_name, strategies, seeds, steps, eval_every, lrs, warmups, batch_sizes, schedule,
+           target_loss, baseline, workers, threads, executor, address, store, out, source, cache_dir,
+           pretrain_steps, export, plot_format, no_plots):
+    """Compare what to do with a checkpoint's optimizer state when fine-tuning.
+
+    Each trial loads the source checkpoint, applies one strategy to its optimizer state,
+    fine-tunes and evaluates; the summary gives each strategy's final eval loss, area
+    under the eval curve and steps to a target loss with 95% confidence intervals over
+    seeds, and paired differences from reload. Either a built-in task:
+
+    \b
+        ostate ablate --task code-to-prose --seeds 0,1,2 \\
+            --strategies fresh,reload,reset-v,keep-v
+
+    or one's own, described in SPEC.toml (see docs/harness.md).
+    """
+    if bool(spec_file) == bool(task_name):
+        raise click.UsageError("give either SPEC.toml or --task NAME")
+    progress = progress_enabled()
+    if spec_file:
+        spec = load_spec(spec_file)
+        if pretrain_steps is not None or source is not None:
+            raise click.UsageError("--source and --pretrain-steps apply to --task; set them in SPEC.toml instead")
+    else:
+        task = builtin_task(task_name, pretrain_steps=pretrain_steps, progress=progress)
+        if source is not None:
+            task.source = source
+        defaults = task.defaults
+        out_dir = out or f"ablation-{task_name}"
+        spec = Spec(task=task, sweep=Sweep(lr=[defaults["lr"]], batch_size=[defaults["batch_size"]],
+                                           steps=defaults["steps"], eval_every=defaults["eval_every"]),
+                    store=os.path.join(out_dir, "results.sqlite"), out=out_dir)
+    _override(spec, strategies=split_list(strategies) if strategies else None, seeds=_numbers(seeds, int, "--seeds"),
+              lr=_numbers(lrs, float, "--lr"), warmup=_numbers(warmups, int, "--warmup"),
+              batch_size=_numbers(batch_sizes, int, "--batch-size"), steps=steps, eval_every=eval_every,
+              schedule=schedule)
+    for key, value in dict(target_loss=target_loss, baseline=baseline, workers=workers, threads=threads,
+                           executor=executor, address=address, cache_dir=cache_dir, plot_format=plot_format).items():
+        if value is not None:
+            setattr(spec, key, value)
+    if store is not None:
+        spec.store = store
+    if out is not None:
+        spec.out = out
+    if no_plots:
+        spec.plots = False
+    spec.progress = progress
+    if spec.address and spec.executor != "ray":
+        raise click.UsageError("--address needs --executor ray")
+
+    try:
+        results = run(spec)
+    except KeyboardInterrupt:
+        click.echo(f"ostate: interrupted; every finished trial is saved in {spec.store} "
+                   "(rerun the same command to continue)", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+
+    click.echo(f"{spec.task.name}: {results.ran} trials ran, {results.skipped} were already in {results.store}; "
+               f"source {results.source}", err=True)
+    for config, error in results.failed:
+        warn(f"trial {config.strategy} seed {config.seed} lr {config.lr:g} failed: {error}")
+    if results.summary is not None:
+        click.echo(render_summary(results.summary), nl=False)
+    if export:
+        with ResultsStore(spec.store) as opened:
+            opened.export(export)
+        results.files.append(export)
+    for path in results.files:
+        click.echo(f"wrote {path}", err=True)
+    if results.failed:
+        raise OstateError(f"{len(results.failed)} trial(s) failed (see the warnings above); rerun to retry them")
+
+
+def _override(spec: Spec, **values) -> None:
+    for key, value in values.items():
+        if value is not None:
+            setattr(spec.sweep, key, value)

@@ -1,0 +1,151 @@
+"""Where trials run: in this process, on a local process pool (the default), or on Ray.
+
+Every executor runs the same :func:`run_job` and sets the same number of torch
+threads per trial, so a trial gives the same numbers whichever runs it (torch's CPU
+kernels can round differently with another thread count, hence ``threads`` is fixed
+per trial rather than left to each worker). Results come back as trials finish; the
+caller stores each one at once.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import multiprocessing
+import os
+import pickle
+import tempfile
+import traceback
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+from ostate.errors import OstateError
+from ostate.harness.task import Task
+from ostate.harness.trial import TrialConfig, TrialResult, run_trial
+
+EXECUTORS = ("local", "ray")
+
+
+@dataclass(frozen=True)
+class Job:
+    """One trial to run: the task, the source checkpoint's path, the settings and torch's thread count."""
+
+    task: Task
+    source: str
+    config: TrialConfig
+    threads: int
+
+
+@dataclass
+class Outcome:
+    """A finished job: its result, or the error that stopped it."""
+
+    job: Job
+    result: TrialResult | None = None
+    error: str | None = None
+
+
+def run_job(job: Job) -> Outcome:
+    """Run one trial; an exception becomes the outcome's error (so one bad trial stops no other)."""
+    try:
+        return Outcome(job, result=run_trial(job.task, job.source, job.config, threads=job.threads))
+    except OstateError as e:
+        return Outcome(job, error=str(e))
+    except Exception as e:  # report the trial's own failure with where it happened
+        where = traceback.extract_tb(e.__traceback__)[-1]
+        return Outcome(job, error=f"{type(e).__name__}: {e} (at {os.path.basename(where.filename)}:{where.lineno})")
+
+
+def default_threads(workers: int) -> int:
+    """Torch threads per trial when not given: the cores shared out among the workers."""
+    return max(1, (os.cpu_count() or 1) // max(1, workers))
+
+
+def run_local(jobs: Sequence[Job], *, workers: int) -> Iterator[Outcome]:
+    """Run jobs on ``workers`` processes (``spawn``ed: no threads inherited mid-flight), or in
+    this process when ``workers`` is 1. Outcomes come in the order trials finish."""
+    if workers <= 1 or len(jobs) <= 1:
+        for job in jobs:
+            yield run_job(job)
+        return
+    try:
+        pickle.dumps(jobs[0].task)
+    except (pickle.PicklingError, AttributeError, TypeError) as e:
+        raise OstateError(f"the task cannot be sent to worker processes ({e})",
+                          hint="define its functions at module level (no lambdas or closures), or run with "
+                               "workers=1 (--workers 1) or the Ray executor") from None
+    context = multiprocessing.get_context("spawn")
+    pool = concurrent.futures.ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=context)
+    try:
+        futures = [pool.submit(run_job, job) for job in jobs]
+        for future in concurrent.futures.as_completed(futures):
+            yield future.result()
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
+
+
+def run_ray(jobs: Sequence[Job], *, address: str | None = None, num_cpus: int | None = None) -> Iterator[Outcome]:
+    """Run jobs as Ray tasks, each reserving ``threads`` CPUs.
+
+    ``address`` joins an existing cluster (``auto``, or ``ray://host:10001``); without it
+    a local Ray is started with ``num_cpus`` CPUs (and stopped after). The source
+    checkpoint travels through Ray's object store, so workers need not share a disk;
+    they need ostate (and a user task's module) installed.
+    """
+    try:
+        import ray
+    except ImportError:
+        raise OstateError("the Ray executor needs Ray", hint="pip install 'ostate[ray]'") from None
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=address, num_cpus=None if address else num_cpus, include_dashboard=False,
+                 log_to_driver=False, configure_logging=False)
+    pending: dict[Any, Job] = {}
+    try:
+        sources = {path: ray.put(_read(path)) for path in {job.source for job in jobs}}
+        remote = ray.remote(_run_on_ray)
+        pending = {remote.options(num_cpus=job.threads).remote(job, sources[job.source]): job for job in jobs}
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            for ref in done:
+                job = pending.pop(ref)
+                try:
+                    yield ray.get(ref)
+                except Exception as e:  # the worker itself died
+                    yield Outcome(job, error=f"Ray task failed: {type(e).__name__}: {e}")
+    except BaseException:
+        for ref in pending:
+            ray.cancel(ref, force=True)
+        raise
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _run_on_ray(job: Job, source_bytes: bytes) -> Outcome:
+    """On a Ray worker: write the source checkpoint to a local file named by its content
+    (once per node; the path on the driver may not exist here, or hold another file), then run."""
+    from ostate.outputs import atomic_path
+
+    digest = hashlib.sha256(source_bytes).hexdigest()[:16]
+    path = os.path.join(tempfile.gettempdir(), f"ostate-source-{digest}.pt")
+    if not os.path.exists(path):
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            f.write(source_bytes)
+    return run_job(Job(job.task, path, job.config, job.threads))
+
+
+def execute(jobs: Sequence[Job], *, executor: str = "local", workers: int = 1, address: str | None = None) -> Iterator[Any]:
+    """Outcomes of ``jobs`` on the named executor, as they finish."""
+    if executor == "local":
+        return run_local(jobs, workers=workers)
+    if executor == "ray":
+        return run_ray(jobs, address=address, num_cpus=workers)
+    raise OstateError(f"unknown executor '{executor}'", hint=f"choose one of: {', '.join(EXECUTORS)}")

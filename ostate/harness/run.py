@@ -1,0 +1,191 @@
+"""An ablation from start to end: source -> trials (skipping finished ones) -> store -> summary and plots."""
+
+from __future__ import annotations
+
+import itertools
+import os
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from tqdm.auto import tqdm
+
+from ostate.errors import OstateError
+from ostate.harness.executors import EXECUTORS, Job, default_threads, execute
+from ostate.harness.source import Source, load_source
+from ostate.harness.store import ResultsStore
+from ostate.harness.summary import Summary, summarize
+from ostate.harness.task import Task, resolve_source
+from ostate.harness.transfer import load_weights, optimizer_like_source, transfer_state
+from ostate.harness.trial import TrialConfig
+from ostate.strategies import STRATEGIES, Strategy, apply_strategy, optimizer_kind
+
+DEFAULT_STRATEGIES = STRATEGIES
+
+
+@dataclass
+class Sweep:
+    """The grid of trials: every strategy x seed x lr x warmup x batch size, each run for
+    ``steps`` steps with evaluation every ``eval_every`` steps."""
+
+    strategies: Sequence[str] = DEFAULT_STRATEGIES
+    seeds: Sequence[int] = (0, 1, 2)
+    lr: Sequence[float] = (1e-3,)
+    warmup: Sequence[int] = (0,)
+    batch_size: Sequence[int] = (32,)
+    steps: int = 200
+    eval_every: int = 20
+    schedule: str = "cosine"
+
+    def configs(self) -> list[TrialConfig]:
+        """Every trial of the grid, strategies outermost.
+
+        Example:
+            >>> len(Sweep(strategies=["reload", "fresh"], seeds=[0, 1], lr=[1e-3, 3e-3]).configs())
+            8
+        """
+        strategies = [str(Strategy.parse(s)) for s in self.strategies]
+        if len(set(strategies)) != len(strategies):
+            raise OstateError(f"a strategy is listed twice: {', '.join(strategies)}")
+        return [
+            TrialConfig(strategy=s, seed=int(seed), lr=float(lr), warmup=int(w), batch_size=int(b), steps=self.steps,
+                        eval_every=self.eval_every, schedule=self.schedule)
+            for s, lr, w, b, seed in itertools.product(strategies, self.lr, self.warmup, self.batch_size, self.seeds)
+        ]
+
+
+@dataclass
+class Spec:
+    """A whole ablation: the task, the sweep and where and how to run it.
+
+    ``store`` is the SQLite results store (reruns skip its finished trials); ``out``
+    a directory for the summary tables and plots (none written when ``None``);
+    ``plots`` whether to draw figures there as well; ``executor`` ``local`` (a process pool of
+    ``workers``, default one per core) or
+    ``ray`` (``address`` to join a cluster); ``threads`` torch threads per trial
+    (default: cores / workers locally, 1 on Ray); ``target_loss`` for steps-to-target
+    (default: the baseline's mean final eval loss).
+    """
+
+    task: Task
+    sweep: Sweep = field(default_factory=Sweep)
+    store: str | os.PathLike = "ablation/results.sqlite"
+    out: str | os.PathLike | None = "ablation"
+    executor: str = "local"
+    workers: int | None = None
+    threads: int | None = None
+    address: str | None = None
+    cache_dir: str | None = None
+    target_loss: float | None = None
+    baseline: str = "reload"
+    plots: bool = True
+    plot_format: str = "png"
+    progress: bool = True
+
+
+@dataclass
+class Results:
+    """What :func:`run` did: how many trials ran or were skipped, which failed, the summary and files."""
+
+    store: str
+    source: str
+    ran: int
+    skipped: int
+    failed: list[tuple[TrialConfig, str]]
+    summary: Summary | None
+    files: list[str] = field(default_factory=list)
+
+
+def run(spec: Spec) -> Results:
+    """Run an ablation: every trial of ``spec.sweep`` not yet in the store, then the summary and plots.
+
+    Example (a source checkpoint made on the spot; one's own task from plain callables):
+        >>> import os, tempfile, torch
+        >>> d = tempfile.mkdtemp(); source = os.path.join(d, "source.pt")
+        >>> x = torch.randn(64, 4); y = x.sum(1, keepdim=True)
+        >>> def mse(m, batch): return (m(batch[0]) - batch[1]).square().mean()
+        >>> m = torch.nn.Linear(4, 1); opt = torch.optim.AdamW(m.named_parameters(), lr=1e-2)
+        >>> for _ in range(5): opt.zero_grad(); mse(m, (x, y)).backward(); opt.step()
+        >>> torch.save({"model": m.state_dict(), "optimizer": opt.state_dict()}, source)
+        >>> task = Task("linear", model=lambda: torch.nn.Linear(4, 1), train_batches=lambda n, g: [(x[:n], y[:n])],
+        ...             loss=mse, evaluate=lambda m: float(mse(m, (x, y))), source=source)
+        >>> spec = Spec(task, Sweep(strategies=["reload", "fresh"], seeds=[0, 1], steps=3, eval_every=3),
+        ...             store=os.path.join(d, "r.sqlite"), out=None, workers=1, progress=False)
+        >>> r = run(spec); (r.ran, r.skipped), list(r.summary.strategies["strategy"])
+        ((4, 0), ['reload', 'fresh'])
+        >>> run(spec).ran  # finished trials are skipped
+        0
+    """
+    if spec.executor not in EXECUTORS:
+        raise OstateError(f"unknown executor '{spec.executor}'", hint=f"choose one of: {', '.join(EXECUTORS)}")
+    configs = spec.sweep.configs()  # bad settings fail here, before any pretraining
+    task = spec.task
+    source_path = resolve_source(task, spec.cache_dir)
+    source = load_source(source_path)
+    check_strategies(task, source, [c.strategy for c in configs])
+    workers = spec.workers or (os.cpu_count() or 1)
+    threads = spec.threads or (default_threads(workers) if spec.executor == "local" else 1)
+
+    ids = {c: c.trial_id(task.name, source.fingerprint) for c in configs}
+    failed: list[tuple[TrialConfig, str]] = []
+    with ResultsStore(spec.store) as store:
+        done = store.done_ids()
+        todo = [c for c in configs if ids[c] not in done]
+        jobs = [Job(task, source_path, c, threads) for c in todo]
+        bar = tqdm(total=len(jobs), desc=f"{task.name} trials", unit="trial", disable=not spec.progress or not jobs)
+        with bar:
+            for outcome in execute(jobs, executor=spec.executor, workers=workers, address=spec.address):
+                config = outcome.job.config
+                if outcome.result is not None:
+                    store.save(outcome.result, source=source.fingerprint)
+                else:
+                    store.save_failure(ids[config], task.name, config, source=source.fingerprint,
+                                       error=outcome.error or "unknown error")
+                    failed.append((config, outcome.error or "unknown error"))
+                bar.update(1)
+                bar.set_postfix_str(f"{config.strategy} seed {config.seed}", refresh=False)
+        wanted = set(ids.values())
+        trials = store.trials()
+        trials = trials[trials["trial_id"].isin(wanted)]
+        records = store.records()
+        records = records[records["trial_id"].isin(wanted)]
+    summary = None
+    files: list[str] = []
+    if not trials.empty:
+        summary = summarize(trials, records, baseline=spec.baseline, target=spec.target_loss,
+                            order=[str(Strategy.parse(s)) for s in spec.sweep.strategies])
+        if spec.out is not None:
+            files = write_outputs(summary, spec.out, fmt=spec.plot_format if spec.plots else None, title=task.name)
+    ran = len(todo) - len(failed)
+    return Results(os.fspath(spec.store), source_path, ran, len(configs) - len(todo), failed, summary, files)
+
+
+def check_strategies(task: Task, source: Source, strategies: Sequence[str]) -> None:
+    """Apply each strategy once to the source state, before any trial runs, so that a strategy
+    that cannot apply (``reset-v`` on SGD, a regex that matches nothing) stops the ablation
+    with one clear error instead of failing in every trial."""
+    model = task.model()
+    load_weights(model, source)
+    optimizer = (task.optimizer or optimizer_like_source(source))(model, 1e-3)
+    transfer = transfer_state(source, optimizer, model)
+    for strategy in dict.fromkeys(strategies):
+        try:
+            apply_strategy(transfer.state_dict, strategy, names=transfer.names, kind=optimizer_kind(optimizer))
+        except OstateError as e:
+            raise OstateError(f"strategy '{strategy}': {e}", where=source.path) from None
+
+
+def write_outputs(summary: Summary, directory: str | os.PathLike, *, fmt: str | None = "png",
+                  title: str = "") -> list[str]:
+    """The summary tables (``strategies.csv``, ``paired.csv``, ``trials.csv``) and, unless ``fmt``
+    is ``None``, the plots."""
+    from ostate.outputs import atomic_path
+    from ostate.harness.plots import write_plots
+
+    directory = os.fspath(directory)
+    files = []
+    for name, frame in (("strategies", summary.strategies), ("paired", summary.paired), ("trials", summary.trials)):
+        path = os.path.join(directory, f"{name}.csv")
+        with atomic_path(path) as tmp:
+            frame.to_csv(tmp, index=False)
+        files.append(path)
+    return files + (write_plots(summary, directory, fmt=fmt, title=title) if fmt else [])

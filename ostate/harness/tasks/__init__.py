@@ -1,0 +1,55 @@
+"""The built-in transfer tasks: real data present on every machine, tiny models, minutes on a CPU.
+
+- ``code-to-prose``: a character-level transformer pretrained on the Python standard
+  library's source code, fine-tuned on the English prose of the interpreter's help topics;
+- ``sans-to-serif``: a CNN that recognises digits and capital letters, pretrained on
+  sans-serif fonts, fine-tuned on serif fonts (the fonts that ship with matplotlib).
+
+When no source checkpoint is given, the source model is pretrained once (about a
+minute) and cached (see :func:`ostate.harness.task.resolve_source`).
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+import torch
+
+from ostate.errors import OstateError
+from ostate.harness.task import Task
+from ostate.harness.tasks import code_to_prose, sans_to_serif
+
+TASKS = ("code-to-prose", "sans-to-serif")
+PRETRAIN_STEPS = {"code-to-prose": 1500, "sans-to-serif": 600}
+
+
+def builtin_task(name: str, *, pretrain_steps: int | None = None, progress: bool = True) -> Task:
+    """A built-in task by name; ``pretrain_steps`` sets how long its source model trains.
+
+    Example:
+        >>> builtin_task("sans-to-serif").defaults["lr"]
+        0.001
+    """
+    if name not in TASKS:
+        raise OstateError(f"unknown task '{name}'", hint=f"built-in tasks: {', '.join(TASKS)}")
+    steps = PRETRAIN_STEPS[name] if pretrain_steps is None else pretrain_steps
+    versions = f"py{sys.version_info[0]}.{sys.version_info[1]}-torch{torch.__version__.split('+')[0]}-s{steps}"
+    if name == "code-to-prose":
+        module = code_to_prose
+        parts = dict(model=code_to_prose.TinyGPT, train_batches=code_to_prose.prose_batches,
+                     loss=code_to_prose.next_char_loss, evaluate=code_to_prose.evaluate_prose,
+                     description="character transformer: stdlib source code -> English help text",
+                     defaults={"lr": 1e-3, "batch_size": 32, "steps": 200, "eval_every": 20})
+    else:
+        module = sans_to_serif
+        parts = dict(model=sans_to_serif.GlyphCNN, train_batches=sans_to_serif.target_batches,
+                     loss=sans_to_serif.classification_loss, evaluate=sans_to_serif.evaluate_target,
+                     description="glyph CNN: sans-serif fonts -> serif fonts (36 classes)",
+                     defaults={"lr": 1e-3, "batch_size": 32, "steps": 200, "eval_every": 20})
+    return Task(
+        name=name,
+        pretrain=functools.partial(module.pretrain_source, steps=steps, progress=progress),
+        fingerprint=f"{versions}-{module.data_fingerprint()}",
+        **parts,
+    )

@@ -1,0 +1,312 @@
+"""Strategies on real torch optimizer state: which keys change, and what the next steps do.
+
+torch is the oracle: a strategy's result is loaded into the real optimizer and stepped.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from ostate.errors import OstateError
+from ostate.strategies import (
+    LAYOUTS, STRATEGIES, V_AGE_KEY, Strategy, apply_strategy, attach, optimizer_kind, plan, v_age_factor,
+)
+
+OPTIMIZERS = {
+    "adam": lambda p: torch.optim.Adam(p, lr=1e-2),
+    "adamw": lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1),
+    "amsgrad": lambda p: torch.optim.Adam(p, lr=1e-2, amsgrad=True),
+    "nadam": lambda p: torch.optim.NAdam(p, lr=1e-2),
+    "radam": lambda p: torch.optim.RAdam(p, lr=1e-2),
+    "adamax": lambda p: torch.optim.Adamax(p, lr=1e-2),
+    "sgd": lambda p: torch.optim.SGD(p, lr=1e-2, momentum=0.9, dampening=0.1),
+    "rmsprop": lambda p: torch.optim.RMSprop(p, lr=1e-3, momentum=0.9, centered=True),
+    "adagrad": lambda p: torch.optim.Adagrad(p, lr=1e-2, lr_decay=1e-3, initial_accumulator_value=0.1),
+    "adadelta": lambda p: torch.optim.Adadelta(p),
+}
+
+
+def model_and_optimizer(name: str, steps: int = 20, seed: int = 0, dtype: torch.dtype = torch.float32):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).to(dtype)
+    opt = OPTIMIZERS[name](model.parameters())
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x = torch.randn(16, 4, generator=g).to(dtype)
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+    return model, opt
+
+
+def fixed_grads(model: nn.Module, seed: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(p.shape, generator=g).to(p.dtype) for p in model.parameters()]
+
+
+def step_with(model: nn.Module, opt: torch.optim.Optimizer, grads: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Step with given gradients; returns the change of every parameter."""
+    before = [p.detach().clone() for p in model.parameters()]
+    for p, g in zip(model.parameters(), grads):
+        p.grad = g.clone()
+    opt.step()
+    return [p.detach() - b for p, b in zip(model.parameters(), before)]
+
+
+def kind_of(name: str) -> str:
+    return "adam" if name == "amsgrad" else name
+
+
+def applicable(name: str) -> list[str]:
+    """The strategies that apply to each configured optimizer (the others must be refused)."""
+    return {
+        "adam": list(STRATEGIES), "adamw": list(STRATEGIES), "amsgrad": list(STRATEGIES), "nadam": list(STRATEGIES),
+        "radam": ["fresh", "reload", "reset-m", "reset-v", "reset-step"],
+        "adamax": list(STRATEGIES),
+        "sgd": ["fresh", "reload", "reset-m"],
+        "rmsprop": ["fresh", "reload", "reset-m", "reset-v", "keep-v"],
+        "adagrad": ["fresh", "reload", "reset-v", "reset-step"],
+        "adadelta": ["fresh", "reload", "reset-v"],
+    }[name]
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_every_strategy_loads_into_the_real_optimizer_or_is_refused_with_a_reason(name, strategy):
+    model, opt = model_and_optimizer(name)
+    saved = opt.state_dict()
+    before = copy.deepcopy(saved)
+    if strategy not in applicable(name):
+        with pytest.raises(OstateError, match="does not apply"):
+            apply_strategy(saved, strategy, kind=optimizer_kind(opt))
+        return
+    new = apply_strategy(saved, strategy, kind=optimizer_kind(opt))
+    # The input is never modified.
+    for index, state in before["state"].items():
+        for key, value in state.items():
+            assert torch.equal(torch.as_tensor(saved["state"][index][key]), torch.as_tensor(value))
+    opt.load_state_dict(new)
+    detach = attach(opt)
+    delta = step_with(model, opt, fixed_grads(model, 1))
+    detach()
+    assert all(torch.isfinite(d).all() for d in delta)
+    assert any(d.abs().sum() > 0 for d in delta)
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_fresh_steps_exactly_like_a_new_optimizer(name):
+    model, opt = model_and_optimizer(name)
+    twin = copy.deepcopy(model)
+    new_opt = OPTIMIZERS[name](twin.parameters())
+    opt.load_state_dict(apply_strategy(opt.state_dict(), "fresh", kind=optimizer_kind(opt)))
+    grads = fixed_grads(model, 2)
+    for _ in range(3):
+        a, b = step_with(model, opt, grads), step_with(twin, new_opt, grads)
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_reload_steps_exactly_like_the_saved_optimizer(name):
+    model, opt = model_and_optimizer(name)
+    twin = copy.deepcopy(model)
+    twin_opt = OPTIMIZERS[name](twin.parameters())
+    # Kept tensors are shared with the input, as torch's own load_state_dict shares them: copy
+    # before stepping two optimizers from one state.
+    twin_opt.load_state_dict(copy.deepcopy(apply_strategy(opt.state_dict(), "reload", kind=optimizer_kind(opt))))
+    grads = fixed_grads(model, 3)
+    a, b = step_with(model, opt, grads), step_with(twin, twin_opt, grads)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("strategy, reset, kept", [
+    ("reset-m", {"exp_avg"}, {"exp_avg_sq", "max_exp_avg_sq", "step"}),
+    ("reset-v", {"exp_avg_sq", "max_exp_avg_sq"}, {"exp_avg", "step"}),
+    ("reset-step", {"step"}, {"exp_avg", "exp_avg_sq", "max_exp_avg_sq"}),
+    ("keep-v", {"exp_avg", "step"}, {"exp_avg_sq", "max_exp_avg_sq"}),
+])
+def test_partial_resets_of_amsgrad_zero_exactly_their_keys_and_share_the_rest(strategy, reset, kept):
+    _, opt = model_and_optimizer("amsgrad")
+    saved = opt.state_dict()
+    new = apply_strategy(saved, strategy)
+    for index, state in new["state"].items():
+        assert set(state) == set(saved["state"][index])
+        for key in reset:
+            assert not torch.as_tensor(state[key]).any(), key
+        for key in kept:
+            assert state[key] is saved["state"][index][key], key  # shared, not copied
+
+
+def test_nadam_reset_step_restarts_mu_product_with_step():
+    _, opt = model_and_optimizer("nadam")
+    assert float(opt.state_dict()["state"][0]["mu_product"]) < 0.5
+    new = apply_strategy(opt.state_dict(), "reset-step", kind="nadam")
+    assert float(new["state"][0]["step"]) == 0 and float(new["state"][0]["mu_product"]) == 1.0
+
+
+def test_nadam_first_step_after_reset_step_matches_the_closed_form():
+    model, opt = model_and_optimizer("nadam", dtype=torch.float64)
+    saved = copy.deepcopy(opt.state_dict())
+    opt.load_state_dict(copy.deepcopy(apply_strategy(saved, "reset-step", kind="nadam")))
+    grads = fixed_grads(model, 4)
+    delta = step_with(model, opt, grads)
+    group = opt.param_groups[0]
+    (beta1, beta2), lr, eps, psi = group["betas"], group["lr"], group["eps"], group["momentum_decay"]
+    mu1 = beta1 * (1 - 0.5 * 0.96 ** (1 * psi))
+    mu2 = beta1 * (1 - 0.5 * 0.96 ** (2 * psi))
+    for index, (g, d) in enumerate(zip(grads, delta)):
+        m = saved["state"][index]["exp_avg"].lerp(g, 1 - beta1)
+        v = saved["state"][index]["exp_avg_sq"] * beta2 + (1 - beta2) * g * g
+        denom = (v / (1 - beta2)).sqrt() + eps
+        expected = -lr * (1 - mu1) / (1 - mu1) * g / denom - lr * mu2 / (1 - mu1 * mu2) * m / denom
+        torch.testing.assert_close(d, expected, rtol=1e-9, atol=1e-12)
+
+
+def test_sgd_reset_m_removes_the_buffer_so_the_first_step_uses_the_raw_gradient():
+    model, opt = model_and_optimizer("sgd", dtype=torch.float64)
+    new = apply_strategy(opt.state_dict(), "reset-m")
+    assert all("momentum_buffer" not in s for s in new["state"].values())
+    opt.load_state_dict(new)
+    grads = fixed_grads(model, 5)
+    delta = step_with(model, opt, grads)
+    # torch's first SGD step sets buf = g (no dampening): the change is exactly -lr * g.
+    for d, g in zip(delta, grads):
+        torch.testing.assert_close(d, -1e-2 * g, rtol=1e-9, atol=1e-12)
+
+
+def test_adagrad_fresh_starts_from_the_initial_accumulator_value():
+    _, opt = model_and_optimizer("adagrad")
+    new = apply_strategy(opt.state_dict(), "fresh", kind="adagrad")
+    assert all(torch.all(s["sum"] == 0.1) and float(s["step"]) == 0 for s in new["state"].values())
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw", "amsgrad", "nadam"])
+def test_keep_v_is_a_fresh_first_moment_over_a_second_moment_that_keeps_its_age(name):
+    """The oracle: two real optimizers fed the same gradients, one fresh (F) and one reloaded (R).
+
+    keep-v's update must be F's numerator over R's bias-corrected second moment:
+    adam part of K = adam part of F * (sqrt(v_F / bc2(s)) + eps) / (sqrt(v_R / bc2(T + s)) + eps),
+    with decoupled weight decay acting on K's own weights.
+    """
+    model, opt = model_and_optimizer(name, steps=30, dtype=torch.float64)
+    saved = opt.state_dict()
+    T = float(saved["state"][0]["step"])
+    fresh_model, reload_model, keep_model = (copy.deepcopy(model) for _ in range(3))
+    fresh, reloaded, kept = (OPTIMIZERS[name](m.parameters()) for m in (fresh_model, reload_model, keep_model))
+    reloaded.load_state_dict(copy.deepcopy(saved))
+    kept.load_state_dict(copy.deepcopy(apply_strategy(saved, "keep-v", kind=optimizer_kind(opt))))
+    assert kept.param_groups[0][V_AGE_KEY] == T
+    attach(kept)
+    group = kept.param_groups[0]
+    lr, eps, wd, beta2 = group["lr"], group["eps"], group["weight_decay"], group["betas"][1]
+    decoupled = group.get("decoupled_weight_decay", False)
+    second = "max_exp_avg_sq" if group.get("amsgrad") else "exp_avg_sq"
+    for s in range(1, 6):
+        grads = fixed_grads(model, 10 + s)
+        theta_f = [p.detach().clone() for p in fresh_model.parameters()]
+        theta_k = [p.detach().clone() for p in keep_model.parameters()]
+        d_f = step_with(fresh_model, fresh, grads)
+        step_with(reload_model, reloaded, grads)
+        d_k = step_with(keep_model, kept, grads)
+        for i, p in enumerate(keep_model.parameters()):
+            v_f = fresh.state[list(fresh_model.parameters())[i]][second]
+            v_r = reloaded.state[list(reload_model.parameters())[i]][second]
+            adam_f = d_f[i] + (lr * wd * theta_f[i] if decoupled else 0)
+            ratio = ((v_f / (1 - beta2**s)).sqrt() + eps) / ((v_r / (1 - beta2 ** (T + s))).sqrt() + eps)
+            expected = adam_f * ratio - (lr * wd * theta_k[i] if decoupled else 0)
+            # NAdam: a fresh optimizer keeps mu_product in float32, a loaded one in the weights' dtype.
+            rtol = 1e-6 if name == "nadam" else 1e-9
+            torch.testing.assert_close(d_k[i], expected, rtol=rtol, atol=1e-13)
+    # The hooks restore the hyperparameters after each step.
+    assert group["lr"] == lr and group["eps"] == eps and group["weight_decay"] == wd
+
+
+def test_keep_v_without_the_hook_would_make_the_first_step_far_too_small():
+    model, opt = model_and_optimizer("adam", steps=200)
+    saved = opt.state_dict()
+    plain, hooked = copy.deepcopy(model), copy.deepcopy(model)
+    plain_opt, hooked_opt = torch.optim.Adam(plain.parameters(), lr=1e-2), torch.optim.Adam(hooked.parameters(), lr=1e-2)
+    new = apply_strategy(saved, "keep-v")
+    plain_opt.load_state_dict(copy.deepcopy(new))
+    hooked_opt.load_state_dict(copy.deepcopy(new))
+    attach(hooked_opt)
+    grads = fixed_grads(model, 6)
+    small = torch.cat([d.flatten() for d in step_with(plain, plain_opt, grads)]).norm()
+    right = torch.cat([d.flatten() for d in step_with(hooked, hooked_opt, grads)]).norm()
+    # 1 / sqrt(1 - 0.999) = 31.6 at s = 1 once v is mature (v_age 200: sqrt(1 - 0.999**201) = 0.426).
+    assert right / small == pytest.approx(v_age_factor(hooked_opt.param_groups[0], 1), rel=0.05)
+    assert right / small > 10
+
+
+def test_keep_v_refuses_a_group_that_mixes_kept_and_reloaded_parameters():
+    _, opt = model_and_optimizer("adam")
+    with pytest.raises(OstateError, match="per param group"):
+        apply_strategy(opt.state_dict(), "keep-v:^0\\.", names=["0.weight", "0.bias", "2.weight", "2.bias"])
+
+
+def test_keep_v_of_whole_groups_selected_by_regex_is_accepted():
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    opt = torch.optim.AdamW([{"params": model[0].parameters()}, {"params": model[2].parameters(), "lr": 1e-3}])
+    model(torch.randn(4, 4)).sum().backward()
+    opt.step()
+    new = apply_strategy(opt.state_dict(), "keep-v:^0\\.", names=["0.weight", "0.bias", "2.weight", "2.bias"])
+    assert new["param_groups"][0][V_AGE_KEY] == 1.0 and V_AGE_KEY not in new["param_groups"][1]
+    assert float(new["state"][2]["step"]) == 1.0  # the other group is reloaded
+
+
+def test_a_reset_of_v_drops_an_age_recorded_by_an_earlier_keep_v():
+    _, opt = model_and_optimizer("adam")
+    kept = apply_strategy(opt.state_dict(), "keep-v")
+    assert V_AGE_KEY not in apply_strategy(kept, "reset-v")["param_groups"][0]
+    assert apply_strategy(kept, "reload")["param_groups"][0][V_AGE_KEY] == 20.0
+
+
+def test_reload_with_a_regex_reloads_only_the_matching_parameters_and_starts_the_rest_fresh():
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    opt = torch.optim.AdamW(model.named_parameters())  # torch >= 2.6 saves param_names
+    model(torch.randn(4, 4)).sum().backward()
+    opt.step()
+    saved = opt.state_dict()
+    assert saved["param_groups"][0]["param_names"] == ["0.weight", "0.bias", "2.weight", "2.bias"]
+    new = apply_strategy(saved, r"reload:^(?!2\.)")
+    assert sorted(new["state"]) == [0, 1]
+    assert plan(saved, "fresh:^2\\.") == plan(saved, r"reload:^(?!2\.)") == {0: "reload", 1: "reload", 2: "fresh",
+                                                                             3: "fresh"}
+
+
+def test_a_regex_that_matches_nothing_is_an_error_that_lists_the_names():
+    _, opt = model_and_optimizer("adam")
+    with pytest.raises(OstateError, match="matches no parameter name.*0.weight"):
+        apply_strategy(opt.state_dict(), "reset-v:head", names=["0.weight", "0.bias", "2.weight", "2.bias"])
+
+
+def test_a_regex_needs_names_when_the_state_dict_has_none():
+    _, opt = model_and_optimizer("adam")
+    with pytest.raises(OstateError, match="does not name its parameters"):
+        apply_strategy(opt.state_dict(), "reset-v:bias")
+
+
+def test_unknown_kinds_allow_only_fresh_and_reload():
+    model = nn.Linear(2, 2)
+    opt = torch.optim.Rprop(model.parameters())
+    model(torch.ones(1, 2)).sum().backward()
+    opt.step()
+    assert apply_strategy(opt.state_dict(), "fresh", kind="rprop")["state"] == {}
+    with pytest.raises(OstateError, match="no known state layout"):
+        apply_strategy(opt.state_dict(), "reset-v", kind="rprop")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("reset", "unknown strategy"), ("reload:", "empty parameter regex"), ("reload:(", "does not compile"),
+])
+def test_bad_strategy_text_is_refused_with_the_choices(text, message):
+    with pytest.raises(OstateError, match=message):
+        Strategy.parse(text)
+
+
+def test_the_layouts_cover_the_families_the_harness_promises():
+    assert {"adam", "adamw", "nadam", "radam", "sgd", "rmsprop", "adagrad"} <= set(LAYOUTS)
+    assert {kind_of(n) for n in OPTIMIZERS} <= set(LAYOUTS)
