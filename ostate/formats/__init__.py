@@ -7,6 +7,7 @@ parameters from the checkpoint's own evidence.
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any, Mapping
 
@@ -15,9 +16,9 @@ import torch
 from ostate.errors import OstateError
 from ostate.formats import discover
 from ostate.formats.naming import ModelEntry
-from ostate.formats.torch_optim import read_optimizer
-from ostate.formats.torchfile import check_readable_file, load_torch_file
-from ostate.state import Checkpoint, TensorRef
+from ostate.formats.torch_optim import read_optimizer, tensor_ref
+from ostate.formats.torchfile import check_readable_file, load_torch_file, sniff
+from ostate.state import Checkpoint
 
 __all__ = ["load", "from_state_dict"]
 
@@ -53,7 +54,21 @@ def load(path: str | os.PathLike, *, trust_pickle: bool = False, optimizer: str 
         )
     check_readable_file(path)
     obj = load_torch_file(path, trust_pickle=trust_pickle)
-    return from_object(obj, path=path, optimizer=optimizer)
+    checkpoint = from_object(obj, path=path, optimizer=optimizer, mapped=sniff(path) == "zip")
+    if checkpoint.config is None:
+        checkpoint.config = sibling_config(path)
+    return checkpoint
+
+
+def sibling_config(path: str) -> dict[str, Any] | None:
+    """The model's ``config.json`` in the checkpoint's folder (Hugging Face layout), if it reads as a dict."""
+    candidate = os.path.join(os.path.dirname(os.path.abspath(path)), "config.json")
+    try:
+        with open(candidate, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return config if isinstance(config, dict) else None
 
 
 def from_state_dict(
@@ -88,8 +103,13 @@ def from_object(
     optimizer: str | None = None,
     model: tuple[str, Mapping[str, torch.Tensor]] | None = None,
     format: str | None = None,
+    mapped: bool = False,
 ) -> Checkpoint:
-    """Build a :class:`Checkpoint` from a loaded object (the shared step of every torch-based reader)."""
+    """Build a :class:`Checkpoint` from a loaded object (the shared step of every torch-based reader).
+
+    ``mapped`` says the object's tensors live in a memory-mapped file, so the analysis
+    can give their pages back after reading them (:mod:`ostate.formats.pages`).
+    """
     found = discover.find_optimizers(obj)
     if not found:
         raise OstateError(
@@ -100,10 +120,11 @@ def from_object(
     if model is None:
         model = discover.find_model_state_dict(obj)
     entries = (model[0], model_entries(model[1])) if model is not None else None
-    optimizers = [read_optimizer(sd, location, model=entries, kind=optimizer) for location, sd in found]
+    optimizers = [read_optimizer(sd, location, model=entries, kind=optimizer, mapped=mapped) for location, sd in found]
     weights = None
     if model is not None:
-        weights = {k: TensorRef.of(v) for k, v in model[1].items() if isinstance(v, torch.Tensor) and v.is_floating_point()}
+        weights = {k: tensor_ref(v, mapped) for k, v in model[1].items()
+                   if isinstance(v, torch.Tensor) and v.is_floating_point()}
     if format is None:
         format = "lightning" if isinstance(obj, Mapping) and "pytorch-lightning_version" in obj else "torch"
     return Checkpoint(
@@ -114,6 +135,7 @@ def from_object(
         weights_location=model[0] if model is not None else None,
         schedulers=[dict(s, _location=loc) for loc, s in discover.find_schedulers(obj)],
         metadata=discover.scalar_metadata(obj),
+        config=discover.find_model_config(obj),
     )
 
 
