@@ -125,12 +125,15 @@ class BlockwiseError:
     def _add_blocks(self, blocks: torch.Tensor) -> None:
         # A non-negative moment needs no abs() (and a negative value in it would be an error anyway).
         absmax = blocks.abs().amax(1) if self.signed else blocks.amax(1)
-        scale = torch.where(absmax == 0, torch.ones_like(absmax), absmax)
-        y = blocks / scale[:, None]
-        ids = bucket_ids(y).view(-1)
+        scale = absmax.masked_fill(absmax == 0, 1.0)
+        y = torch.div(blocks, scale[:, None]).view(-1)
+        ids = bucket_ids(y)
         near_lo, near_hi = self._tables
-        lo_err = torch.sub(y.view(-1), near_lo.index_select(0, ids)).square_()
-        hi_err = torch.sub(y.view(-1), near_hi.index_select(0, ids)).square_()
+        lo_err = near_lo.index_select(0, ids)
+        hi_err = near_hi.index_select(0, ids)
+        del ids
+        lo_err = torch.sub(y, lo_err, out=lo_err).square_()
+        hi_err = torch.sub(y, hi_err, out=hi_err).square_()
         per_block = torch.minimum(lo_err, hi_err, out=lo_err).view(blocks.shape).sum(1)
         self.error_sq += float(torch.dot(per_block.double(), absmax.double().square()))
         self.norm_sq += float(blocks.square().sum())

@@ -91,7 +91,7 @@ class Sketch:
     # the dense counts of values added since the last compact().
     _buckets: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64), repr=False)
     _counts: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64), repr=False)
-    _dense: np.ndarray | None = field(default=None, repr=False, compare=False)
+    _dense: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     @property
     def buckets(self) -> np.ndarray:
@@ -134,14 +134,15 @@ class Sketch:
         if n == 0:
             return
         ids = bucket_ids(chunk)
-        counts = torch.bincount(ids, minlength=_NBUCKETS).numpy()
+        counts_tensor = torch.bincount(ids, minlength=_NBUCKETS)
+        counts = counts_tensor.numpy()  # the same memory: edits below change both
         del ids
         values = chunk.float() if chunk.dtype == torch.bfloat16 else chunk
         total = float(values.sum())
         sumsq = float(values.square().sum())
         if not (math.isfinite(total) and math.isfinite(sumsq)):
             # NaN or inf among the values, or a float32 overflow of the sums: the slow path.
-            self._add_nonfinite_chunk(values, counts)
+            self._add_nonfinite_chunk(values, counts_tensor)
             return
         lo, hi = torch.aminmax(values)
         if counts[0] or counts[_SIGN]:  # exact zeros (or the tiniest subnormals) are present
@@ -151,7 +152,7 @@ class Sketch:
         self.sumsq += sumsq
         self.min = min(self.min, float(lo))
         self.max = max(self.max, float(hi))
-        self._accumulate(counts)
+        self._accumulate(counts_tensor)
 
     def _count_zeros(self, finite: torch.Tensor, counts: np.ndarray) -> None:
         """Move exact zeros (+0.0 and -0.0) out of the two smallest buckets into ``zeros``."""
@@ -163,7 +164,8 @@ class Sketch:
         counts[0] -= zeros - negative
         self.zeros += zeros
 
-    def _add_nonfinite_chunk(self, values: torch.Tensor, counts: np.ndarray) -> None:
+    def _add_nonfinite_chunk(self, values: torch.Tensor, counts_tensor: torch.Tensor) -> None:
+        counts = counts_tensor.numpy()
         nan = int(torch.isnan(values).sum())
         posinf = int((values == math.inf).sum())
         neginf = int((values == -math.inf).sum())
@@ -182,18 +184,18 @@ class Sketch:
         self.sumsq += float(wide.square().sum())
         self.min = min(self.min, float(lo))
         self.max = max(self.max, float(hi))
-        self._accumulate(counts)
+        self._accumulate(counts_tensor)
 
-    def _accumulate(self, counts: np.ndarray) -> None:
+    def _accumulate(self, counts: torch.Tensor) -> None:
         if self._dense is None:
-            self._dense = counts.astype(np.int64, copy=True)
+            self._dense = counts  # bincount's fresh tensor: ours to keep
         else:
-            self._dense += counts
+            self._dense.add_(counts)
 
     def compact(self) -> "Sketch":
         """Fold the dense histogram being filled into the sparse one (in place); returns self."""
         if self._dense is not None:
-            dense, self._dense = self._dense, None
+            dense, self._dense = self._dense.numpy(), None
             nz = np.flatnonzero(dense)
             self._merge_buckets(nz.astype(np.int64), dense[nz].astype(np.int64))
         return self
