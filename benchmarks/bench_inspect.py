@@ -214,6 +214,7 @@ def _tensors(obj):
 class Run:
     wall_s: float
     peak_rss_bytes: int
+    cpu_s: float  # user + system time of the process: less sensitive than wall time to a busy machine
 
 
 def measure(argv: list[str], *, stdout=subprocess.DEVNULL, env: dict | None = None) -> Run:
@@ -226,12 +227,13 @@ def measure(argv: list[str], *, stdout=subprocess.DEVNULL, env: dict | None = No
     process.returncode = os.waitstatus_to_exitcode(status)
     if process.returncode != 0:
         raise SystemExit(f"{' '.join(argv)} failed ({process.returncode}):\n{stderr[-2000:]}")
-    return Run(wall, usage.ru_maxrss * 1024)  # ru_maxrss is in KiB on Linux
+    return Run(wall, usage.ru_maxrss * 1024, usage.ru_utime + usage.ru_stime)  # ru_maxrss is in KiB on Linux
 
 
 def median_run(argv: list[str], repeat: int) -> Run:
     runs = [measure(argv) for _ in range(repeat)]
-    return Run(statistics.median(r.wall_s for r in runs), max(r.peak_rss_bytes for r in runs))
+    return Run(statistics.median(r.wall_s for r in runs), max(r.peak_rss_bytes for r in runs),
+               statistics.median(r.cpu_s for r in runs))
 
 
 def gb(n: float) -> str:
@@ -279,13 +281,16 @@ def report(path: Path, size: int, args: argparse.Namespace, results: dict[str, R
     base = results["floor: mmap + torch.sum of every tensor"].wall_s
     ours = results["ostate inspect --format json"]
     print(f"checkpoint: {path} ({gb(size)}; {args.layers} x Linear({args.width}, {args.width}), AdamW after one step)")
-    print(f"machine: {os.cpu_count()} cores, {gb(os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES'))} memory; "
-          f"median of {args.repeat} warm-cache runs (straightforward: 1 run)")
+    print(f"machine: {os.cpu_count()} cores, {gb(os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES'))} memory, "
+          f"load average {os.getloadavg()[0]:.1f} at the end; median of {args.repeat} warm-cache runs "
+          "(straightforward: 1 run)")
     print()
-    print(f"| {'measurement':<46} | {'wall s':>7} | {'peak RSS':>9} | {'x floor':>7} |")
-    print(f"|{'-' * 48}|{'-' * 9}|{'-' * 11}|{'-' * 9}|")
+    cpu_base = results["floor: mmap + torch.sum of every tensor"].cpu_s
+    print(f"| {'measurement':<46} | {'wall s':>7} | {'x floor':>7} | {'CPU s':>7} | {'x floor':>7} | {'peak RSS':>9} |")
+    print(f"|{'-' * 48}|{'-' * 9}|{'-' * 9}|{'-' * 9}|{'-' * 9}|{'-' * 11}|")
     for label, run in results.items():
-        print(f"| {label:<46} | {run.wall_s:7.2f} | {gb(run.peak_rss_bytes):>9} | {run.wall_s / base:7.2f} |")
+        print(f"| {label:<46} | {run.wall_s:7.2f} | {run.wall_s / base:7.2f} | {run.cpu_s:7.2f} | "
+              f"{run.cpu_s / cpu_base:7.2f} | {gb(run.peak_rss_bytes):>9} |")
     print()
     print(f"ostate / floor: {ours.wall_s / base:.2f}x (target <= 3x); peak RSS {gb(ours.peak_rss_bytes)} "
           "(target < 1.5 GB)")

@@ -196,3 +196,20 @@ def test_a_sketch_being_filled_reads_the_same_as_a_compacted_one():
     other.add(x)
     np.testing.assert_array_equal(filling.counts, other.counts)
     assert filling.merge(Sketch()).count == 5000
+
+
+def test_tiny_values_keep_an_exact_rms_where_float32_squares_would_underflow():
+    x = torch.full((1000,), 3e-25) * torch.linspace(1, 2, 1000)  # squares ~1e-49: zero in float32
+    s = Sketch()
+    s.add(x)
+    assert s.rms == pytest.approx(float(x.double().square().mean().sqrt()), rel=1e-6)
+
+
+def test_a_sketch_without_histogram_keeps_sums_and_extremes_but_no_quantiles():
+    s = Sketch(with_histogram=False)
+    s.add(torch.tensor([1.0, -2.0, 3.0]))
+    assert (s.count, s.min, s.max, s.total) == (3, -2.0, 3.0, 2.0)
+    assert math.isnan(s.quantile(0.5))
+    merged = Sketch.merged([s, Sketch()])
+    assert not merged.with_histogram and merged.count == 3
+    assert not Sketch.from_dict(s.to_dict()).with_histogram

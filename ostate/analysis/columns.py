@@ -18,12 +18,16 @@ STATS = ("mean", "rms", "min", "max", *QUANTILES)
 
 
 def sketch_columns(quantity: str, sketch: Sketch) -> dict[str, float]:
-    """``{quantity}_{stat}`` for every statistic in :data:`STATS` (and ``_nonfinite`` when any)."""
-    quantiles = sketch.quantiles(QUANTILES.values())
+    """``{quantity}_{stat}`` for every statistic in :data:`STATS` (and ``_nonfinite`` when any).
+
+    A sketch without a histogram (the weights) gives mean, rms, min and max only.
+    """
     out = {f"{quantity}_mean": sketch.mean, f"{quantity}_rms": sketch.rms,
            f"{quantity}_min": sketch.min if sketch.count else math.nan,
            f"{quantity}_max": sketch.max if sketch.count else math.nan}
-    out.update({f"{quantity}_{name}": value for name, value in zip(QUANTILES, quantiles)})
+    if sketch.with_histogram:
+        quantiles = sketch.quantiles(QUANTILES.values())
+        out.update({f"{quantity}_{name}": value for name, value in zip(QUANTILES, quantiles)})
     if sketch.nonfinite:
         out[f"{quantity}_nonfinite"] = sketch.nonfinite
     return out

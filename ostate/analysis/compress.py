@@ -57,6 +57,9 @@ class SharedSecondMoment:
     first: np.ndarray = field(init=False, repr=False)
     second: np.ndarray = field(init=False, repr=False)
     reference: np.ndarray = field(init=False, repr=False)
+    # A power of two the numerator is multiplied by before squaring (float32 squares of tiny
+    # moments would underflow); it cancels in every ratio.
+    numerator_scale: float | None = None
 
     def __post_init__(self) -> None:
         self.second_moment = np.zeros(self.rows)
@@ -74,6 +77,10 @@ class SharedSecondMoment:
     def add(self, start: int, chunk: Preconditioned) -> None:
         """Add the chunk of the flattened tensor that begins at element ``start``."""
         self.eps = chunk.eps
+        if self.numerator_scale is None:
+            largest = float(chunk.numerator.abs().max()) if chunk.numerator.numel() else 0.0
+            if largest > 0 and math.isfinite(largest):
+                self.numerator_scale = math.ldexp(1.0, -math.frexp(largest)[1])
         length = chunk.second_moment.numel()
         offset = 0
         while offset < length:  # a partial first row, whole rows, a partial last row
@@ -85,28 +92,30 @@ class SharedSecondMoment:
                 count = max((length - offset) // self.row_length, 1)
                 take = min(count * self.row_length, length - offset)
             piece = slice(offset, offset + take)
-            self._add_rows(row, count, chunk.numerator[piece], chunk.second_moment[piece],
-                           chunk.inverse_denominator[piece])
+            self._add_rows(row, count, chunk, piece)
             offset += take
 
-    def _add_rows(self, row: int, count: int, numerator: torch.Tensor, second_moment: torch.Tensor,
-                  inverse_denominator: torch.Tensor) -> None:
+    def _add_rows(self, row: int, count: int, chunk: Preconditioned, piece: slice) -> None:
+        # Sums are kept in true units: s_hat = s * s_scale, a = i * i_scale (i: the family's tensor).
+        s_scale, i_scale = chunk.second_moment_scale, chunk.inverse_denominator_scale
         rows = slice(row, row + count)
-        s = second_moment.reshape(count, -1)
-        moment_sums = s.sum(1).double().numpy()
+        moment_sums = chunk.second_moment[piece].reshape(count, -1).sum(1).double().numpy() * s_scale
         self.second_moment[rows] += moment_sums
         reference = self.reference[rows]
         unset = np.isnan(reference)
         if unset.any():
-            mean = moment_sums[unset] / s.shape[1]
+            mean = moment_sums[unset] / (piece.stop - piece.start) * count
             reference[unset] = 1.0 / (np.sqrt(np.maximum(mean, 0.0)) + self.eps)
             self.reference[rows] = reference
-        n2 = numerator.reshape(count, -1).float().square()
-        deviation = inverse_denominator.reshape(count, -1) - torch.from_numpy(reference).float()[:, None]
+        numerator = chunk.numerator[piece].reshape(count, -1).float()
+        n2 = numerator.mul(self.numerator_scale or 1.0).square_()
+        # a - a0 = i_scale * (i - a0 / i_scale): one pass, rescaled in the sums below.
+        deviation = chunk.inverse_denominator[piece].reshape(count, -1) - torch.from_numpy(
+            reference / i_scale).float()[:, None]
         weighted = n2 * deviation
         self.squares[rows] += n2.sum(1).double().numpy()
-        self.first[rows] += weighted.sum(1).double().numpy()
-        self.second[rows] += weighted.mul_(deviation).sum(1).double().numpy()
+        self.first[rows] += weighted.sum(1).double().numpy() * i_scale
+        self.second[rows] += weighted.mul_(deviation).sum(1).double().numpy() * (i_scale * i_scale)
 
     # ------------------------------------------------------------------ results
     def _block_error(self, block_rows: int) -> float:

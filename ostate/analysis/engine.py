@@ -111,6 +111,8 @@ def summarize(
         heads: how to split attention projections into heads; by default what the
             checkpoint's model config says, if anything.
         workers: threads working on different parameters (default :func:`default_workers`).
+            While this runs torch uses one intra-op thread per worker (the setting is
+            restored afterwards), which makes the results identical for any ``workers``.
         progress: show a progress bar on stderr when the work takes more than a second.
     """
     if isinstance(target, Checkpoint):

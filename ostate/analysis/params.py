@@ -175,12 +175,13 @@ def _stream(
                     sketch.add_constant(float(values), length)
                 else:
                     sketch.add(values)
-            if weights is not None:
-                sketches.setdefault("weight", Sketch()).add(weights[start : start + step])
+            if weights is not None:  # only the weights' RMS is needed: no histogram
+                sketches.setdefault("weight", Sketch(with_histogram=False)).add(weights[start : start + step])
             nonfinite += _nonfinite_coordinates(chunk.values())
             if shared is not None:
                 pre = family.preconditioned(chunk, group, param, quantities)
-                eps_dominated += int(torch.count_nonzero(pre.second_moment <= pre.eps * pre.eps))
+                # sqrt(s_hat) <= eps, with s_hat = second_moment * scale
+                eps_dominated += int(torch.count_nonzero(pre.second_moment <= pre.eps**2 / pre.second_moment_scale))
                 shared.add(start, pre)
             for key, accumulator in quantized.items():
                 accumulator.add(chunk[key])

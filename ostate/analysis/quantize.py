@@ -127,7 +127,11 @@ class BlockwiseError:
         absmax = blocks.abs().amax(1) if self.signed else blocks.amax(1)
         scale = absmax.masked_fill(absmax == 0, 1.0)
         y = torch.div(blocks, scale[:, None]).view(-1)
-        ids = bucket_ids(y)
+        # Bucket ids; a finite y >= 0 (unsigned map) has no sign bit to mask (one pass fewer).
+        if self.signed or not bool(torch.isfinite(absmax).all()):
+            ids = bucket_ids(y)
+        else:
+            ids = torch.bitwise_right_shift(y.view(torch.int32), 16)
         near_lo, near_hi = self._tables
         lo_err = near_lo.index_select(0, ids)
         hi_err = near_hi.index_select(0, ids)
@@ -135,8 +139,11 @@ class BlockwiseError:
         lo_err = torch.sub(y, lo_err, out=lo_err).square_()
         hi_err = torch.sub(y, hi_err, out=hi_err).square_()
         per_block = torch.minimum(lo_err, hi_err, out=lo_err).view(blocks.shape).sum(1)
-        self.error_sq += float(torch.dot(per_block.double(), absmax.double().square()))
-        self.norm_sq += float(blocks.square().sum())
+        # Both sums in units of each block's maximum: no float32 underflow for tiny moments.
+        norms = y.square().view(blocks.shape).sum(1)
+        weights = absmax.double().square()
+        self.error_sq += float(torch.dot(per_block.double(), weights))
+        self.norm_sq += float(torch.dot(norms.double(), weights))
 
     def merge(self, other: "BlockwiseError") -> "BlockwiseError":
         self.error_sq += other.error_sq

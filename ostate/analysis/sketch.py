@@ -43,6 +43,11 @@ _NEGATIVE_ZERO_BITS = -(1 << 31)  # the int32 bit pattern of -0.0
 # Largest piece :meth:`Sketch.add` handles at once (float32 sums of this many values stay exact
 # to float32 rounding; the piece also bounds the temporary memory of one call).
 CHUNK = 1 << 22
+# Below this magnitude float32 squares lose precision (they reach the subnormal range).
+_TINY = 2.0**-40
+
+
+_SCALARS = ("count", "zeros", "nan", "posinf", "neginf", "total", "sumsq", "min", "max", "with_histogram")
 
 
 def _bucket_bounds(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -92,6 +97,8 @@ class Sketch:
     _buckets: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64), repr=False)
     _counts: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64), repr=False)
     _dense: torch.Tensor | None = field(default=None, repr=False, compare=False)
+    # False: count, sums and extremes only (no histogram, no quantiles, zeros not counted apart).
+    with_histogram: bool = True
 
     @property
     def buckets(self) -> np.ndarray:
@@ -133,10 +140,7 @@ class Sketch:
         n = chunk.numel()
         if n == 0:
             return
-        ids = bucket_ids(chunk)
-        counts_tensor = torch.bincount(ids, minlength=_NBUCKETS)
-        counts = counts_tensor.numpy()  # the same memory: edits below change both
-        del ids
+        counts_tensor = torch.bincount(bucket_ids(chunk), minlength=_NBUCKETS) if self.with_histogram else None
         values = chunk.float() if chunk.dtype == torch.bfloat16 else chunk
         total = float(values.sum())
         sumsq = float(values.square().sum())
@@ -144,15 +148,21 @@ class Sketch:
             # NaN or inf among the values, or a float32 overflow of the sums: the slow path.
             self._add_nonfinite_chunk(values, counts_tensor)
             return
-        lo, hi = torch.aminmax(values)
-        if counts[0] or counts[_SIGN]:  # exact zeros (or the tiniest subnormals) are present
-            self._count_zeros(values, counts)
+        lo, hi = (float(v) for v in torch.aminmax(values))
+        largest = max(-lo, hi)
+        if 0 < largest < _TINY:  # the squares would lose precision in float32: scale by a power of two
+            exponent = math.frexp(largest)[1]
+            sumsq = math.ldexp(float(torch.ldexp(values, torch.tensor(-exponent)).square().sum()), 2 * exponent)
+        if counts_tensor is not None:
+            counts = counts_tensor.numpy()  # the same memory: edits change both
+            if counts[0] or counts[_SIGN]:  # exact zeros (or the tiniest subnormals) are present
+                self._count_zeros(values, counts)
+            self._accumulate(counts_tensor)
         self.count += n
         self.total += total
         self.sumsq += sumsq
-        self.min = min(self.min, float(lo))
-        self.max = max(self.max, float(hi))
-        self._accumulate(counts_tensor)
+        self.min = min(self.min, lo)
+        self.max = max(self.max, hi)
 
     def _count_zeros(self, finite: torch.Tensor, counts: np.ndarray) -> None:
         """Move exact zeros (+0.0 and -0.0) out of the two smallest buckets into ``zeros``."""
@@ -164,19 +174,21 @@ class Sketch:
         counts[0] -= zeros - negative
         self.zeros += zeros
 
-    def _add_nonfinite_chunk(self, values: torch.Tensor, counts_tensor: torch.Tensor) -> None:
-        counts = counts_tensor.numpy()
+    def _add_nonfinite_chunk(self, values: torch.Tensor, counts_tensor: torch.Tensor | None) -> None:
         nan = int(torch.isnan(values).sum())
         posinf = int((values == math.inf).sum())
         neginf = int((values == -math.inf).sum())
         self.nan, self.posinf, self.neginf = self.nan + nan, self.posinf + posinf, self.neginf + neginf
-        counts[_NONFINITE_MAG:_SIGN] = 0
-        counts[_SIGN + _NONFINITE_MAG :] = 0
         finite = values[torch.isfinite(values)] if nan + posinf + neginf else values
+        if counts_tensor is not None:
+            counts = counts_tensor.numpy()
+            counts[_NONFINITE_MAG:_SIGN] = 0
+            counts[_SIGN + _NONFINITE_MAG :] = 0
+            if finite.numel() and (counts[0] or counts[_SIGN]):
+                self._count_zeros(finite, counts)
+            self._accumulate(counts_tensor)
         if finite.numel() == 0:
             return
-        if counts[0] or counts[_SIGN]:
-            self._count_zeros(finite, counts)
         wide = finite.double()  # float32 sums may overflow here; float64 ones do not
         lo, hi = torch.aminmax(finite)
         self.count += finite.numel()
@@ -184,7 +196,6 @@ class Sketch:
         self.sumsq += float(wide.square().sum())
         self.min = min(self.min, float(lo))
         self.max = max(self.max, float(hi))
-        self._accumulate(counts_tensor)
 
     def _accumulate(self, counts: torch.Tensor) -> None:
         if self._dense is None:
@@ -226,6 +237,7 @@ class Sketch:
         self.sumsq += other.sumsq
         self.min = min(self.min, other.min)
         self.max = max(self.max, other.max)
+        self.with_histogram = self.with_histogram and other.with_histogram
         self._merge_buckets(other._buckets, other._counts)
         return self
 
@@ -236,6 +248,7 @@ class Sketch:
         dense = np.zeros(_NBUCKETS, np.int64)
         for s in sketches:
             s.compact()
+            out.with_histogram = out.with_histogram and s.with_histogram
             out.count += s.count
             out.zeros += s.zeros
             out.nan += s.nan
@@ -279,10 +292,10 @@ class Sketch:
         """The values at ranks ``floor(q * (count - 1))`` of the finite values, for each q.
 
         Exact for q=0 (min) and q=1 (max); otherwise within ``RELATIVE_ERROR`` of the
-        true order statistic for normal numbers.
+        true order statistic for normal numbers. NaN for a sketch without a histogram.
         """
         qs = list(qs)
-        if self.count == 0:
+        if self.count == 0 or not self.with_histogram:
             return [math.nan] * len(qs)
         values, counts = self._sorted_values()
         cumulative = np.cumsum(counts)
@@ -319,14 +332,14 @@ class Sketch:
     def to_dict(self) -> dict:
         """A JSON-ready form; :meth:`from_dict` reads it back."""
         self.compact()
-        d = {k: getattr(self, k) for k in ("count", "zeros", "nan", "posinf", "neginf", "total", "sumsq", "min", "max")}
+        d = {k: getattr(self, k) for k in _SCALARS}
         d["buckets"] = self.buckets.tolist()
         d["counts"] = self.counts.tolist()
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "Sketch":
-        s = cls(**{k: d[k] for k in ("count", "zeros", "nan", "posinf", "neginf", "total", "sumsq", "min", "max")})
+        s = cls(**{k: d[k] for k in _SCALARS if k in d})
         s._buckets = np.asarray(d["buckets"], np.int64)
         s._counts = np.asarray(d["counts"], np.int64)
         return s

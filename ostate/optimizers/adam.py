@@ -162,12 +162,16 @@ def preconditioned(chunk: Mapping[str, torch.Tensor], group: Group, param: Param
     r"""The saved state's update :math:`\hat m / (\sqrt{\hat v} + \epsilon)` (numerator up to :math:`1/(1-\beta_1^t)`)."""
     bias_correction2 = 1 - group["betas"][1] ** step_of(param)
     v = chunk[second_moment_key(group)].float()
+    lr = group["lr"]
+    inverse = q["eff_lr"] if lr else adam_effective_lr(v, lr=1.0, beta2=group["betas"][1], eps=group["eps"],
+                                                       step=step_of(param))
     return Preconditioned(
         numerator=chunk["exp_avg"],
-        second_moment=v * (1.0 / bias_correction2),
-        inverse_denominator=q["eff_lr"] * (1.0 / group["lr"]) if group["lr"] else
-        adam_effective_lr(v, lr=1.0, beta2=group["betas"][1], eps=group["eps"], step=step_of(param)),
+        second_moment=v,
+        inverse_denominator=inverse,  # eff_lr = lr / (sqrt(v_hat) + eps)
         eps=float(group["eps"]),
+        second_moment_scale=1.0 / bias_correction2,
+        inverse_denominator_scale=1.0 / lr if lr else 1.0,
     )
 
 

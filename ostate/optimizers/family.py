@@ -91,15 +91,20 @@ class Preconditioned:
     r"""One chunk of an adaptive update :math:`u = n / (\sqrt{\hat s} + \epsilon)`, elementwise.
 
     ``numerator`` is :math:`n` up to a positive constant factor (Adam: :math:`m`);
-    ``second_moment`` is :math:`\hat s` (Adam: the bias-corrected :math:`\hat v`, whose
-    block mean an Adam-mini-style optimizer would keep); ``inverse_denominator`` is
-    :math:`1/(\sqrt{\hat s} + \epsilon)`; ``eps`` is :math:`\epsilon`.
+    ``second_moment * second_moment_scale`` is :math:`\hat s` (Adam: the bias-corrected
+    :math:`\hat v`, whose block mean an Adam-mini-style optimizer would keep);
+    ``inverse_denominator * inverse_denominator_scale`` is
+    :math:`1/(\sqrt{\hat s} + \epsilon)`; ``eps`` is :math:`\epsilon`. The scales let a
+    family hand over tensors it already has (Adam: :math:`v` and the effective lr)
+    without another pass over them.
     """
 
     numerator: torch.Tensor
     second_moment: torch.Tensor
     inverse_denominator: torch.Tensor
     eps: float
+    second_moment_scale: float = 1.0
+    inverse_denominator_scale: float = 1.0
 
 
 _FAMILIES: dict[str, Family] = {}
