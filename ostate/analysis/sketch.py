@@ -43,8 +43,8 @@ _NEGATIVE_ZERO_BITS = -(1 << 31)  # the int32 bit pattern of -0.0
 # Largest piece :meth:`Sketch.add` handles at once (float32 sums of this many values stay exact
 # to float32 rounding; the piece also bounds the temporary memory of one call).
 CHUNK = 1 << 22
-# Below this magnitude float32 squares lose precision (they reach the subnormal range).
-_TINY = 2.0**-40
+# Outside [_TINY, _HUGE] float32 squares lose precision (subnormal) or their sum may overflow.
+_TINY, _HUGE = 2.0**-40, 2.0**40
 
 
 _SCALARS = ("count", "zeros", "nan", "posinf", "neginf", "total", "sumsq", "min", "max", "with_histogram")
@@ -143,16 +143,16 @@ class Sketch:
         counts_tensor = torch.bincount(bucket_ids(chunk), minlength=_NBUCKETS) if self.with_histogram else None
         values = chunk.float() if chunk.dtype == torch.bfloat16 else chunk
         total = float(values.sum())
-        sumsq = float(values.square().sum())
-        if not (math.isfinite(total) and math.isfinite(sumsq)):
-            # NaN or inf among the values, or a float32 overflow of the sums: the slow path.
+        if not math.isfinite(total):  # NaN or inf among the values (or a float32 overflow): the slow path
             self._add_nonfinite_chunk(values, counts_tensor)
             return
         lo, hi = (float(v) for v in torch.aminmax(values))
         largest = max(-lo, hi)
-        if 0 < largest < _TINY:  # the squares would lose precision in float32: scale by a power of two
+        if _TINY <= largest <= _HUGE or largest == 0:
+            sumsq = float(values.square().sum())
+        else:  # float32 squares would underflow or overflow: scale by a power of two first (exact)
             exponent = math.frexp(largest)[1]
-            sumsq = math.ldexp(float(torch.ldexp(values, torch.tensor(-exponent)).square().sum()), 2 * exponent)
+            sumsq = math.ldexp(float(values.mul(math.ldexp(1.0, -exponent)).square_().sum()), 2 * exponent)
         if counts_tensor is not None:
             counts = counts_tensor.numpy()  # the same memory: edits change both
             if counts[0] or counts[_SIGN]:  # exact zeros (or the tiniest subnormals) are present
