@@ -91,6 +91,8 @@ def write_checkpoint_streamed(path: Path, layers: int, width: int, seed: int = 0
         torch.save(layout, tmp)
     with torch.serialization.set_default_mmap_options(mmap.MAP_SHARED):
         target = torch.load(tmp, mmap=True, weights_only=True)
+    for entry in target["optimizer"]["state"].values():
+        entry["step"].fill_(1.0)  # skip_data left every tensor's bytes empty, these too
     torch.manual_seed(seed)
     for i in range(layers):
         layer = nn.Linear(width, width)

@@ -248,3 +248,12 @@ def test_cli_workers_and_kind_view(tmp_path):
     assert "param_kind" in text and "embedding" in text and "update_to_weight_rms" in text
     bad = run_cli("inspect", str(path), "--workers", "0")
     assert bad.returncode == 2
+
+
+def test_a_state_saved_at_step_zero_gives_empty_figures_not_a_crash(tmp_path):
+    model, opt = train_attention()
+    for state in opt.state.values():
+        state["step"].zero_()
+    table = ostate.analyze(ostate.load(saved(tmp_path, model, opt))).set_index("name")
+    assert len(table) == len(list(model.parameters()))
+    assert math.isnan(table.loc["q_proj.weight", "snr_p50"]) and table["exp_avg_abs_mean"].notna().all()

@@ -29,6 +29,7 @@ and :math:`\epsilon` added to :math:`\sqrt{\hat v}` (outside the square root).
 
 from __future__ import annotations
 
+import math
 from typing import Mapping
 
 import torch
@@ -106,7 +107,7 @@ def adam_snr(exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, *, beta1: float, b
 
 def _snr_from_root(exp_avg_abs: torch.Tensor, root: torch.Tensor, *, beta1: float, beta2: float,
                    step: float) -> torch.Tensor:
-    scale = (1 - beta2**step) ** 0.5 / (1 - beta1**step)
+    scale = _divide((1 - beta2**step) ** 0.5, 1 - beta1**step)
     snr = torch.div(exp_avg_abs, root).mul_(scale)
     if not bool(root.all()):  # coordinates that never had a gradient: 0, not 0/0
         snr.masked_fill_(root == 0, 0.0)
@@ -133,6 +134,11 @@ def _momentum_update_from_root(exp_avg: torch.Tensor, next_root: torch.Tensor, *
     t = step + 1
     denom = torch.mul(next_root, root_scale / (1 - beta2**t) ** 0.5).add_(eps)
     return torch.div(exp_avg, denom, out=denom).mul_(-lr * beta1 / (1 - beta1**t))
+
+
+def _divide(a: float, b: float) -> float:
+    # A state saved at step 0 (never stepped, or a reset counter) has no bias correction: NaN, not a crash.
+    return a / b if b else math.nan
 
 
 def quantities(chunk: Mapping[str, torch.Tensor], group: Group, param: ParamState) -> dict:
@@ -170,7 +176,7 @@ def preconditioned(chunk: Mapping[str, torch.Tensor], group: Group, param: Param
         second_moment=v,
         inverse_denominator=inverse,  # eff_lr = lr / (sqrt(v_hat) + eps)
         eps=float(group["eps"]),
-        second_moment_scale=1.0 / bias_correction2,
+        second_moment_scale=_divide(1.0, bias_correction2),
         inverse_denominator_scale=1.0 / lr if lr else 1.0,
     )
 
