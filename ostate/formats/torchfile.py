@@ -15,6 +15,7 @@ import pickletools
 import re
 import warnings
 import zipfile
+from mmap import MAP_SHARED
 from typing import Any
 
 import torch
@@ -85,7 +86,16 @@ def _load(path: str, *, trust_pickle: bool, mmap: bool) -> Any:
             stacklevel=3,
         )
     try:
-        return torch.load(path, map_location="cpu", weights_only=not trust_pickle, mmap=mmap)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=not trust_pickle, mmap=mmap)
+        except RuntimeError as e:
+            if not (mmap and _refused_for_lack_of_memory(e)):
+                raise
+            # A private (copy-on-write) mapping is charged against memory + swap in full, so
+            # Linux refuses one larger than that; a shared mapping of the file is not charged.
+            # ostate only reads it (and never writes to an input).
+            with torch.serialization.set_default_mmap_options(MAP_SHARED):
+                return torch.load(path, map_location="cpu", weights_only=not trust_pickle, mmap=True)
     except pickle.UnpicklingError as e:
         text = str(e)
         blockers = unsafe_globals(path) if not trust_pickle and "Weights only load failed" in text else []
@@ -108,6 +118,11 @@ def _load(path: str, *, trust_pickle: bool, mmap: bool) -> Any:
             where=path,
             hint="the file may be truncated or corrupted",
         ) from None
+
+
+def _refused_for_lack_of_memory(e: RuntimeError) -> bool:
+    text = str(e)
+    return "unable to mmap" in text and "Cannot allocate memory" in text
 
 
 def _unsupported_global(text: str) -> str:
