@@ -20,6 +20,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from ostate.analysis.allocator import reuse_freed_memory
 from ostate.analysis.heads import HeadLayout, is_attention_projection, layout_from_config
 from ostate.analysis.params import ParamSummary, summarize_param
 from ostate.analysis.views import VIEWS, ViewRow, view_rows
@@ -112,7 +113,8 @@ def summarize(
             checkpoint's model config says, if anything.
         workers: threads working on different parameters (default :func:`default_workers`).
             While this runs torch uses one intra-op thread per worker (the setting is
-            restored afterwards), which makes the results identical for any ``workers``.
+            restored afterwards), which makes the results identical for any ``workers``,
+            and glibc keeps freed memory for reuse (:mod:`ostate.analysis.allocator`).
         progress: show a progress bar on stderr when the work takes more than a second.
     """
     if isinstance(target, Checkpoint):
@@ -129,7 +131,7 @@ def summarize(
     bar = tqdm(total=total, unit="coord", unit_scale=True, desc="analysing", disable=not progress, delay=1.0,
                leave=False)
     results = []
-    with bar, _intra_op_threads(1):
+    with bar, _intra_op_threads(1), reuse_freed_memory():
         for optimizer in optimizers:
             results.append(OptimizerAnalysis(optimizer, list(summaries(optimizer, weights=refs, heads=heads,
                                                                        workers=workers, bar=bar))))
