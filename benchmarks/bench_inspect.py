@@ -256,7 +256,10 @@ def run_benchmark(args: argparse.Namespace) -> None:
     if not path.exists():
         check_disk(directory, size)
         print(f"writing {path} ({gb(size)}) ...", file=sys.stderr)
-        write_checkpoint(path, args.layers, args.width)
+        # In a process of its own: on Linux a child's peak RSS starts from its parent's at
+        # fork, so this process must stay small for the measurements below to be right.
+        subprocess.run([sys.executable, __file__, "--write", str(path), "--layers", str(args.layers),
+                        "--width", str(args.width)], check=True)
     python = sys.executable
     commands = {
         "floor: mmap + torch.sum of every tensor": [python, __file__, "--floor", str(path)],
@@ -312,7 +315,8 @@ def run_larger_than_memory(args: argparse.Namespace) -> None:
     print(f"writing {path} ({gb(size)}; this machine has {gb(memory)} of memory) ...", file=sys.stderr)
     try:
         started = time.perf_counter()
-        write_checkpoint_streamed(path, layers, args.width)
+        subprocess.run([sys.executable, __file__, "--write-streamed", str(path), "--layers", str(layers),
+                        "--width", str(args.width)], check=True)  # keeps this process small (see above)
         print(f"written in {time.perf_counter() - started:.0f} s", file=sys.stderr)
         argv = [sys.executable, "-m", "ostate_cli.main", "inspect", str(path), "--format", "json", "--by", "model"]
         with open(directory / "large-inspect.json", "w") as out:
@@ -342,10 +346,16 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the checkpoint (reused by the next run)")
     parser.add_argument("--larger-than-memory", type=float, metavar="GB",
                         help="instead: inspect a checkpoint of about this many GB")
+    parser.add_argument("--write", metavar="PATH", help=argparse.SUPPRESS)
+    parser.add_argument("--write-streamed", metavar="PATH", help=argparse.SUPPRESS)
     parser.add_argument("--floor", metavar="PATH", help=argparse.SUPPRESS)
     parser.add_argument("--straightforward", metavar="PATH", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.floor:
+    if args.write:
+        write_checkpoint(Path(args.write), args.layers, args.width)
+    elif args.write_streamed:
+        write_checkpoint_streamed(Path(args.write_streamed), args.layers, args.width)
+    elif args.floor:
         floor(args.floor)
     elif args.straightforward:
         straightforward(args.straightforward)

@@ -30,7 +30,7 @@ from ostate.state import OptimizerState, ParamState, TensorRef
 # that one chunk's temporaries stay in the CPU caches (measured: docs/performance.md).
 CHUNK = 1 << 18
 # Pages of the memory-mapped file are given back every this many elements of a tensor.
-RELEASE_EVERY = 1 << 24
+RELEASE_EVERY = 1 << 22
 assert CHUNK % BLOCK == 0 and RELEASE_EVERY % CHUNK == 0
 
 
