@@ -80,7 +80,9 @@ class Sketch:
     combine with :meth:`merge`, read it with :attr:`mean`, :attr:`rms`,
     :meth:`quantile` and :meth:`histogram`. While it is being filled the histogram is
     kept dense (65,536 counts, 512 KiB); :meth:`compact` (called by every reader)
-    turns it into the sparse form that is kept and merged.
+    turns it into the sparse form that is kept and merged. ``with_histogram=False``
+    keeps counts, sums and extremes only (no quantiles; zeros are not counted apart),
+    for values of which only the mean and RMS are wanted.
     """
 
     count: int = 0
