@@ -314,7 +314,7 @@ def _text_table(o: OptimizerReport) -> str:
     if not rows:
         return "(no rows)"
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
-    text_cols = {i for i, h in enumerate(head) if h in ("name", "name_source", "layer", "shape", "dtype")}
+    text_cols = {i for i, h in enumerate(head) if h in ("name", "name_source", "layer", "param_kind", "shape", "dtype")}
 
     def line(cells: list[str]) -> str:
         return "  ".join(c.ljust(w) if i in text_cols else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
