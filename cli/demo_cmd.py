@@ -7,6 +7,7 @@ import os
 import click
 
 import ostate
+from ostate.analysis import VIEWS
 from ostate.demo import make_demo_checkpoint
 from ostate.report import inspect as build_report, render
 from ostate_cli.common import handle_errors
@@ -16,7 +17,7 @@ from ostate_cli.common import handle_errors
 @click.option("--dir", "directory", default="ostate-demo", show_default=True, type=click.Path(file_okay=False),
               help="Where to write the demo checkpoint.")
 @click.option("--steps", default=300, show_default=True, type=click.IntRange(min=1), help="Training steps.")
-@click.option("--by", type=click.Choice(["param", "group", "layer", "model"]), default="param", show_default=True)
+@click.option("--by", type=click.Choice(VIEWS), default="param", show_default=True)
 @handle_errors
 def demo(directory, steps, by):
     """Train a tiny character model on the Zen of Python, save a checkpoint, and inspect it."""

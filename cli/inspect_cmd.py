@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 import ostate
-from ostate.analysis import VIEWS
+from ostate.analysis import VIEWS, HeadLayout, default_workers
 from ostate.optimizers import families
 from ostate.report import FORMATS, inspect as build_report, render
 from ostate_cli.common import format_hint_option, handle_errors, progress_enabled, warn
@@ -16,7 +16,8 @@ from ostate_cli.common import format_hint_option, handle_errors, progress_enable
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True,
               help="Output format.")
 @click.option("--by", type=click.Choice(VIEWS), default="param", show_default=True,
-              help="One row per parameter, param group, layer (module prefix of the name) or the whole model.")
+              help="One row per parameter, param group, layer (module prefix of the name), parameter kind "
+                   "(embedding, weight, norm, bias, other) or the whole model.")
 @click.option("--sort", metavar="COLUMN", help="Order rows by this column, largest first.")
 @click.option("--ascending", is_flag=True, help="With --sort: smallest first.")
 @click.option("--top", type=click.IntRange(min=1), metavar="N", help="Show only the first N rows.")
@@ -25,11 +26,19 @@ from ostate_cli.common import format_hint_option, handle_errors, progress_enable
 @click.option("--optimizer", "kind", type=click.Choice(sorted(families())), metavar="KIND",
               help=f"Treat the state as this optimizer family instead of detecting it: {', '.join(sorted(families()))}.")
 @click.option("--columns", metavar="A,B,...", help="Columns for table/markdown output ('all' for every column).")
+@click.option("--workers", type=click.IntRange(min=1), default=default_workers(), show_default=True, metavar="N",
+              help="Threads working on different parameters.")
+@click.option("--heads", type=click.IntRange(min=1), metavar="N",
+              help="Attention heads per layer, for vmean_head_relchange (head size = in_features / N); "
+                   "default: from the model config in or beside the checkpoint.")
+@click.option("--head-dim", type=click.IntRange(min=1), metavar="D",
+              help="Rows per attention head in q/k/v projection weights (overrides --heads and the config).")
 @click.option("--trust-pickle", is_flag=True,
               help="Allow pickled Python objects beyond tensors (runs code from the file: only for files you trust).")
 @format_hint_option
 @handle_errors
-def inspect(path, fmt, by, sort, ascending, top, optimizer_index, kind, columns, trust_pickle, format_hint):
+def inspect(path, fmt, by, sort, ascending, top, optimizer_index, kind, columns, workers, heads, head_dim,
+            trust_pickle, format_hint):
     """Show the optimizer state in the checkpoint at PATH.
 
     PATH is a file or a directory: a torch.save file (.pt, .pth, .bin, .ckpt; Lightning
@@ -48,6 +57,9 @@ def inspect(path, fmt, by, sort, ascending, top, optimizer_index, kind, columns,
         optimizer_index=optimizer_index,
         columns=[c.strip() for c in columns.split(",") if c.strip()] if columns else None,
         progress=progress_enabled(),
+        workers=workers,
+        heads=HeadLayout(head_dim=head_dim, source="--head-dim") if head_dim else (
+            HeadLayout(num_heads=heads, source="--heads") if heads else None),
     )
     if fmt in ("csv", "json"):  # machine formats: warnings go to stderr as well
         for w in report.warnings + [w for o in report.optimizers for w in o.description["warnings"]]:

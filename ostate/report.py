@@ -9,7 +9,8 @@ from typing import Any
 
 import pandas as pd
 
-from ostate.analysis import VIEWS, analyze, describe
+from ostate.analysis import HeadLayout, describe, summarize
+from ostate.analysis.engine import check_view
 from ostate.errors import OstateError
 from ostate.optimizers import get_family
 from ostate.state import Checkpoint
@@ -21,8 +22,11 @@ _KEY_COLUMNS = {
     "param": ("name", "name_source", "shape", "numel", "group", "step"),
     "group": ("group", "lr", "params", "numel", "step_min", "step_max"),
     "layer": ("layer", "params", "numel", "step_min", "step_max"),
+    "kind": ("param_kind", "params", "numel", "step_min", "step_max"),
     "model": ("params", "params_with_state", "numel", "step_min", "step_max"),
 }
+# Shown after the family's own columns whenever the table has them.
+_EXTRA_COLUMNS = ("update_to_weight_rms",)
 
 
 @dataclass
@@ -45,6 +49,7 @@ class Report:
     schedulers: list[dict[str, Any]]
     optimizers: list[OptimizerReport] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
 
 def inspect(
@@ -57,16 +62,18 @@ def inspect(
     optimizer_index: int | None = None,
     columns: list[str] | None = None,
     progress: bool = False,
+    workers: int | None = None,
+    heads: HeadLayout | None = None,
 ) -> Report:
     """Build the report for a loaded checkpoint.
 
     ``sort`` orders rows by a column (largest first unless ``ascending``), ``top``
     keeps the first N rows, ``optimizer_index`` picks one optimizer when the file
     holds several, ``columns`` replaces the default columns of the text renderings
-    (``["all"]`` shows every column).
+    (``["all"]`` shows every column). ``workers`` and ``heads`` go to
+    :func:`ostate.analysis.summarize`.
     """
-    if by not in VIEWS:
-        raise OstateError(f"unknown view '{by}'", hint=f"choose one of: {', '.join(VIEWS)}")
+    check_view(by)
     optimizers = checkpoint.optimizers
     if optimizer_index is not None:
         if not 0 <= optimizer_index < len(optimizers):
@@ -85,8 +92,12 @@ def inspect(
         schedulers=[_scheduler_summary(s) for s in checkpoint.schedulers],
         warnings=list(checkpoint.warnings),
     )
-    for optimizer in optimizers:
-        table = analyze(optimizer, by=by, progress=progress)
+    chosen = Checkpoint(checkpoint.path, checkpoint.format, optimizers, checkpoint.weights, checkpoint.weights_location,
+                        config=checkpoint.config)
+    analysis = summarize(chosen, heads=heads, workers=workers, progress=progress)
+    report.notes = analysis.notes
+    for optimizer, result in zip(optimizers, analysis.optimizers):
+        table = result.table(by)
         if sort is not None:
             if sort not in table.columns:
                 raise OstateError(
@@ -112,7 +123,7 @@ def _shown_columns(kind: str, by: str, table: pd.DataFrame, requested: list[str]
         return requested
     family = get_family(kind)
     stats = list(family.display) or [c for c in table.columns if c.endswith(("_mean", "_rms"))]
-    return [c for c in (*_KEY_COLUMNS[by], *stats) if c in table.columns]
+    return [c for c in (*_KEY_COLUMNS[by], *stats, *_EXTRA_COLUMNS) if c in table.columns]
 
 
 def _scheduler_summary(state: dict[str, Any]) -> dict[str, Any]:
@@ -144,6 +155,7 @@ def to_json(report: Report) -> dict[str, Any]:
         "weights": {"location": report.weights_location, "tensors": report.weights_count},
         "schedulers": report.schedulers,
         "warnings": report.warnings,
+        "notes": report.notes,
         "optimizers": [],
     }
     for o in report.optimizers:
@@ -241,6 +253,8 @@ def _header_lines(report: Report) -> list[str]:
         )
     for w in report.warnings:
         lines.append(f"warning: {w}")
+    for note in report.notes:
+        lines.append(f"note: {note}")
     return lines
 
 
@@ -306,7 +320,7 @@ def _cells(o: OptimizerReport) -> tuple[list[str], list[list[str]]]:
 
 def _text_table(o: OptimizerReport) -> str:
     head, rows = _cells(o)
-    return text_table(head, rows, left={"name", "name_source", "layer", "shape", "dtype"})
+    return text_table(head, rows, left={"name", "name_source", "layer", "param_kind", "shape", "dtype"})
 
 
 def text_table(head: list[str], rows: list[list[str]], *, left: set[str] = frozenset()) -> str:

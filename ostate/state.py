@@ -29,11 +29,15 @@ class TensorRef:
     shape: tuple[int, ...]
     dtype: torch.dtype
     _reader: Callable[[], torch.Tensor] = field(repr=False)
-    _release: Callable[[], None] | None = field(default=None, repr=False)
+    _release: Callable[[int, int | None], None] | None = field(default=None, repr=False)
 
     @classmethod
-    def of(cls, tensor: torch.Tensor, release: Callable[[], None] | None = None) -> "TensorRef":
-        """Wrap a tensor that is already addressable (in memory or memory-mapped)."""
+    def of(cls, tensor: torch.Tensor, release: Callable[[int, int | None], None] | None = None) -> "TensorRef":
+        """Wrap a tensor that is already addressable (in memory or memory-mapped).
+
+        ``release(start, stop)`` gives back the memory of elements ``start:stop`` of the
+        flattened tensor (``stop=None``: to the end); see :meth:`release`.
+        """
         return cls(tuple(tensor.shape), tensor.dtype, lambda: tensor, release)
 
     @property
@@ -51,10 +55,15 @@ class TensorRef:
         """The tensor's data (for memory-mapped files, pages are read as they are touched)."""
         return self._reader()
 
-    def release(self) -> None:
-        """Give back the memory that reading this tensor took, where the format allows."""
+    def release(self, start: int = 0, stop: int | None = None) -> None:
+        """Give back the memory that reading elements ``start:stop`` (flattened) took, where the format allows.
+
+        For a memory-mapped file the pages are dropped from this process and read
+        again from the file (or the page cache) if touched later; a change made in
+        place to those elements of the tensor is lost. ostate never writes to them.
+        """
         if self._release is not None:
-            self._release()
+            self._release(start, stop)
 
 
 @dataclass
@@ -144,7 +153,7 @@ class Checkpoint:
     """What :func:`ostate.load` returns: the optimizers in a checkpoint, and what else it holds.
 
     ``weights`` maps parameter names to the model's tensors when the checkpoint has
-    them (read lazily); ``schedulers`` are LR-scheduler state dicts; ``metadata``
+    them (read lazily); ``config`` is the model's configuration when one was found; ``schedulers`` are LR-scheduler state dicts; ``metadata``
     holds scalars such as ``epoch`` and ``global_step``; ``format`` names the layout
     that was recognised (``torch``, ``lightning``, ...).
     """
@@ -154,6 +163,9 @@ class Checkpoint:
     optimizers: list[OptimizerState]
     weights: Mapping[str, TensorRef] | None = None
     weights_location: str | None = None
+    # The model's configuration when the checkpoint carries one (a config dict inside it,
+    # or a config.json beside the file): used to find attention heads.
+    config: dict[str, Any] | None = None
     schedulers: list[dict[str, Any]] = field(default_factory=list)
     metadata: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)

@@ -253,3 +253,28 @@ def test_pickled_payload_helper_really_runs_when_unpickled(tmp_path):
     marker = tmp_path / "ran"
     pickle.loads(pickle.dumps(Payload(str(marker))))
     assert marker.exists()
+
+
+def test_a_file_too_large_for_a_private_mapping_is_mapped_shared(tmp_path, monkeypatch):
+    """Linux refuses a private mapping larger than memory + swap (torch: 'unable to mmap ... Cannot
+    allocate memory'); the loader then maps the file shared, which is not charged against memory."""
+    import mmap as mmap_module
+
+    from ostate.formats import torchfile
+
+    path = tmp_path / "big.pt"
+    torch.save({"state": {}, "param_groups": [{"params": [], "lr": 0.1}], "w": torch.ones(4)}, path)
+    real_load = torch.load
+    seen = []
+
+    def refusing_private_maps(*args, **kwargs):
+        seen.append(torch.serialization.get_default_mmap_options())
+        if kwargs.get("mmap") and torch.serialization.get_default_mmap_options() != mmap_module.MAP_SHARED:
+            raise RuntimeError(f"unable to mmap 30005353233 bytes from file <{path}>: Cannot allocate memory (12)")
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", refusing_private_maps)
+    loaded = torchfile.load_torch_file(str(path))
+    assert loaded["w"].tolist() == [1.0] * 4
+    assert seen[-1] == mmap_module.MAP_SHARED
+    assert torch.serialization.get_default_mmap_options() != mmap_module.MAP_SHARED  # restored

@@ -166,3 +166,50 @@ def test_fraction_at_most_counts_values_below_a_threshold():
     s = Sketch()
     s.add(torch.arange(1, 101, dtype=torch.float32))
     assert s.fraction_at_most(50.0) == pytest.approx(0.5, abs=0.011)
+
+
+def test_quantiles_match_torch_quantile_on_mixed_signs_zeros_subnormals_and_nonfinite():
+    torch.manual_seed(7)
+    x = torch.cat([
+        torch.randn(30_000) * 1e-3, -torch.rand(5_000) * 1e3, torch.zeros(4_000), -torch.zeros(500),
+        torch.full((300,), 3e-42), torch.full((200,), -7e-40), torch.tensor([float("nan")] * 20),
+        torch.tensor([float("inf")] * 3 + [float("-inf")] * 2),
+    ])[torch.randperm(40_025)]
+    s = Sketch()
+    for piece in x.split(4096):  # filled chunk by chunk, as the analysis does
+        s.add(piece)
+    finite = x[torch.isfinite(x)]
+    assert (s.count, s.zeros, s.nan, s.posinf, s.neginf) == (finite.numel(), 4_500, 20, 3, 2)
+    for q in (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99):
+        exact = float(torch.quantile(finite, q, interpolation="lower"))
+        assert abs(s.quantile(q) - exact) <= abs(exact) * RELATIVE_ERROR * (1 + 1e-6) + SUBNORMAL_ABS_ERROR, q
+
+
+def test_a_sketch_being_filled_reads_the_same_as_a_compacted_one():
+    torch.manual_seed(8)
+    x = torch.randn(5000)
+    filling = Sketch()
+    filling.add(x[:2500])
+    filling.add(x[2500:])
+    assert filling.quantile(0.3) == Sketch.from_dict(filling.to_dict()).quantile(0.3)
+    other = Sketch()
+    other.add(x)
+    np.testing.assert_array_equal(filling.counts, other.counts)
+    assert filling.merge(Sketch()).count == 5000
+
+
+def test_tiny_values_keep_an_exact_rms_where_float32_squares_would_underflow():
+    x = torch.full((1000,), 3e-25) * torch.linspace(1, 2, 1000)  # squares ~1e-49: zero in float32
+    s = Sketch()
+    s.add(x)
+    assert s.rms == pytest.approx(float(x.double().square().mean().sqrt()), rel=1e-6)
+
+
+def test_a_sketch_without_histogram_keeps_sums_and_extremes_but_no_quantiles():
+    s = Sketch(with_histogram=False)
+    s.add(torch.tensor([1.0, -2.0, 3.0]))
+    assert (s.count, s.min, s.max, s.total) == (3, -2.0, 3.0, 2.0)
+    assert math.isnan(s.quantile(0.5))
+    merged = Sketch.merged([s, Sketch()])
+    assert not merged.with_histogram and merged.count == 3
+    assert not Sketch.from_dict(s.to_dict()).with_histogram

@@ -1,39 +1,54 @@
-"""Statistics of optimizer state per parameter, param group, layer or whole model.
+"""Statistics of optimizer state per parameter, param group, layer, parameter kind or whole model.
 
-Every number comes from mergeable sketches (:mod:`ostate.analysis.sketch`): each
-parameter's sketches are computed once and merged upward for the coarser views.
+Every number comes from mergeable sketches and additive sums
+(:mod:`ostate.analysis.sketch`): each parameter's are computed once, streaming its
+tensors, and merged upward for the coarser views. :func:`summarize` does the pass
+and returns an :class:`Analysis` whose views (tables, or rows with their merged
+sketches for histograms and plots) cost no further reading; :func:`analyze` is the
+one-call table.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
-from typing import Any, Iterable
-
 import pandas as pd
-from tqdm.auto import tqdm
 
-from ostate.analysis.params import STATS, ParamSummary, sketch_columns, summarize_param
+from ostate.analysis.columns import STATS
+from ostate.analysis.engine import Analysis, OptimizerAnalysis, check_view, default_workers, summaries, summarize
+from ostate.analysis.heads import HeadLayout
+from ostate.analysis.params import ParamSummary
 from ostate.analysis.sketch import Sketch
 from ostate.analysis.summary import describe
-from ostate.errors import OstateError
-from ostate.optimizers import get_family
+from ostate.analysis.views import VIEWS, ViewRow
 from ostate.state import Checkpoint, OptimizerState
 
-VIEWS = ("param", "group", "layer", "model")
+__all__ = [
+    "Analysis", "HeadLayout", "OptimizerAnalysis", "ParamSummary", "STATS", "Sketch", "VIEWS", "ViewRow",
+    "analyze", "default_workers", "describe", "summaries", "summarize",
+]
 
-__all__ = ["analyze", "describe", "summaries", "Sketch", "STATS", "VIEWS"]
 
-
-def analyze(target: Checkpoint | OptimizerState, by: str = "param", *, progress: bool = False) -> pd.DataFrame:
-    """A table of optimizer-state statistics, one row per parameter, group, layer or model.
+def analyze(
+    target: Checkpoint | OptimizerState,
+    by: str = "param",
+    *,
+    progress: bool = False,
+    workers: int | None = None,
+    heads: HeadLayout | None = None,
+) -> pd.DataFrame:
+    """A table of optimizer-state statistics, one row per parameter, group, layer, kind or model.
 
     Args:
-        target: a loaded checkpoint (all its optimizers) or one optimizer.
-        by: ``param``, ``group``, ``layer`` (module prefix of the name) or ``model``.
+        target: a loaded checkpoint (all its optimizers, and its model's weights when
+            it has them) or one optimizer.
+        by: ``param``, ``group``, ``layer`` (module prefix of the name), ``kind``
+            (embedding, weight, norm, bias, other) or ``model``.
         progress: show a progress bar on stderr for long work.
+        workers: threads working on different parameters (default ``min(4, cores)``).
+        heads: how to find attention heads (default: the checkpoint's model config).
 
     Columns are described in docs/columns.md; quantity columns are named
     ``{quantity}_{stat}`` with stat in mean, rms, min, max, p1, p5, p25, p50, p75, p95, p99.
+    For several views of one checkpoint, call :func:`summarize` once and take its views.
 
     Example:
         >>> import ostate, torch
@@ -43,62 +58,5 @@ def analyze(target: Checkpoint | OptimizerState, by: str = "param", *, progress:
         >>> list(df["name"]), bool((df["eff_lr_p50"] > 0).all())
         (['weight', 'bias'], True)
     """
-    if by not in VIEWS:
-        raise OstateError(f"unknown view '{by}'", hint=f"choose one of: {', '.join(VIEWS)}")
-    optimizers = target.optimizers if isinstance(target, Checkpoint) else [target]
-    frames = [_table(o, summaries(o, progress=progress), by) for o in optimizers]
-    frames = [f for f in frames if not f.empty]
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-
-
-def summaries(optimizer: OptimizerState, *, progress: bool = False) -> Iterable[ParamSummary]:
-    """Each parameter's summary, streamed (one parameter's tensors in memory at a time)."""
-    family = get_family(optimizer.kind)
-    total = sum(p.numel or 0 for p in optimizer.params if p.has_state)
-    bar = tqdm(total=total, unit="coord", unit_scale=True, desc=optimizer.location, disable=not progress,
-               delay=1.0, leave=False)
-    with bar:
-        for param in optimizer.params:
-            yield summarize_param(optimizer, param, family)
-            if param.has_state:
-                bar.update(param.numel or 0)
-
-
-def _table(optimizer: OptimizerState, items: Iterable[ParamSummary], by: str) -> pd.DataFrame:
-    if by == "param":
-        return pd.DataFrame([s.row for s in items])
-    groups: dict[Any, list[ParamSummary]] = defaultdict(list)
-    for s in items:
-        key = {"group": s.row["group"], "layer": s.row["layer"], "model": "model"}[by]
-        groups[key].append(s)
-    keys = list(groups)
-    if by == "layer" and optimizer.model_order:
-        position = {name: i for i, name in enumerate(optimizer.model_order)}
-        first = {k: min(position.get(m.row["name"], len(position)) for m in groups[k]) for k in keys}
-        keys.sort(key=lambda k: first[k])
-    return pd.DataFrame([_aggregate_row(optimizer, by, key, groups[key]) for key in keys])
-
-
-def _aggregate_row(optimizer: OptimizerState, by: str, key: Any, members: list[ParamSummary]) -> dict[str, Any]:
-    steps = [m.row["step"] for m in members if m.row["step"] is not None]
-    row: dict[str, Any] = {"optimizer": optimizer.location, by: key}
-    if by == "group":
-        row["lr"] = optimizer.groups[key].get("lr")
-    row.update(
-        {
-            "params": len(members),
-            "params_with_state": sum(1 for m in members if m.row["has_state"]),
-            "numel": sum(m.row["numel"] or 0 for m in members),
-            "step_min": min(steps) if steps else None,
-            "step_max": max(steps) if steps else None,
-            "state_bytes": sum(m.row["state_bytes"] for m in members),
-        }
-    )
-    quantities: dict[str, list[Sketch]] = defaultdict(list)
-    for m in members:
-        for quantity, sketch in m.sketches.items():
-            quantities[quantity].append(sketch)
-    for quantity, sketches in quantities.items():
-        row.update(sketch_columns(quantity, Sketch.merged(sketches)))
-    return row
-
+    check_view(by)
+    return summarize(target, progress=progress, workers=workers, heads=heads).table(by)

@@ -1,31 +1,47 @@
 """Per-parameter statistics: stream a parameter's state through its family's math into sketches.
 
-For each parameter the state tensors that have the parameter's shape are read in
-flat chunks; the family turns each chunk into per-coordinate quantities (effective
+For each parameter the state tensors that have the parameter's shape (and the
+parameter's weights, when the checkpoint has them) are read in flat chunks at the
+same offsets; the family turns each chunk into per-coordinate quantities (effective
 learning rate, |m|, v, ...) and every quantity is summarised in a :class:`Sketch`.
-Only the sketches are kept, so memory stays at a few chunks whatever the tensor's size.
+Whole-tensor figures (trouble fractions, Adam-mini compressibility, 8-bit
+quantization error) are kept as additive sums. Only sketches and sums are kept, so
+memory stays at a few chunks whatever the tensor's size, and the pages of the
+memory-mapped file are given back as the stream moves on.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Mapping
 
-from ostate.analysis.sketch import CHUNK, Sketch
+import torch
+
+from ostate.analysis.compress import SharedSecondMoment
+from ostate.analysis.columns import derived_columns, sketch_columns
+from ostate.analysis.heads import HeadLayout
+from ostate.analysis.quantize import BLOCK, BlockwiseError
+from ostate.analysis.sketch import Sketch
 from ostate.optimizers import Family
 from ostate.optimizers.family import explain_missing_keys
-from ostate.state import OptimizerState, ParamState
+from ostate.state import OptimizerState, ParamState, TensorRef
 
-QUANTILES = {"p1": 0.01, "p5": 0.05, "p25": 0.25, "p50": 0.5, "p75": 0.75, "p95": 0.95, "p99": 0.99}
-STATS = ("mean", "rms", "min", "max", *QUANTILES)
+# Elements per chunk: a multiple of the 8-bit block, and small enough (1 MiB of float32)
+# that one chunk's temporaries stay in the CPU caches (measured: docs/performance.md).
+CHUNK = 1 << 18
+# Pages of the memory-mapped file are given back every this many elements of a tensor.
+RELEASE_EVERY = 1 << 22
+assert CHUNK % BLOCK == 0 and RELEASE_EVERY % CHUNK == 0
 
 
 @dataclass
 class ParamSummary:
-    """One parameter's table row and the sketches behind its statistics."""
+    """One parameter's table row, the sketches behind its statistics, and its additive sums."""
 
     row: dict[str, Any]
     sketches: dict[str, Sketch] = field(default_factory=dict)
+    sums: dict[str, float] = field(default_factory=dict)
 
 
 ROOT_LAYER = "(root)"
@@ -42,6 +58,9 @@ def layer_of(name: str, name_source: str = "param_names") -> str:
     return name.rsplit(".", 1)[0] if "." in name else ROOT_LAYER
 
 
+PARAM_KINDS = ("embedding", "weight", "norm", "bias", "other")
+
+
 def param_kind(name: str, shape: tuple[int, ...] | None) -> str:
     """``embedding``, ``norm``, ``bias``, ``weight`` or ``other``, from the name and the shape.
 
@@ -50,6 +69,12 @@ def param_kind(name: str, shape: tuple[int, ...] | None) -> str:
     is a normalisation layer; a name ending in ``bias`` is a bias; any other tensor of
     two or more dimensions is a weight; the rest (1-D scales, scalars, unnamed
     parameters of unknown shape) is ``other``.
+
+    Example:
+        >>> param_kind("model.embed_tokens.weight", (100, 8)), param_kind("h.0.ln_1.weight", (8,))
+        ('embedding', 'norm')
+        >>> param_kind("h.0.mlp.c_fc.bias", (32,)), param_kind("h.0.mlp.c_fc.weight", (8, 32))
+        ('bias', 'weight')
     """
     lowered = name.lower()
     parts = lowered.split(".")
@@ -63,18 +88,6 @@ def param_kind(name: str, shape: tuple[int, ...] | None) -> str:
     if shape is not None and len(shape) >= 2:
         return "weight"
     return "other"
-
-
-def sketch_columns(quantity: str, sketch: Sketch) -> dict[str, float]:
-    """``{quantity}_{stat}`` for every statistic in :data:`STATS`."""
-    quantiles = sketch.quantiles(QUANTILES.values())
-    out = {f"{quantity}_mean": sketch.mean, f"{quantity}_rms": sketch.rms,
-           f"{quantity}_min": sketch.min if sketch.count else float("nan"),
-           f"{quantity}_max": sketch.max if sketch.count else float("nan")}
-    out.update({f"{quantity}_{name}": value for name, value in zip(QUANTILES, quantiles)})
-    if sketch.nonfinite:
-        out[f"{quantity}_nonfinite"] = sketch.nonfinite
-    return out
 
 
 def base_row(optimizer: OptimizerState, param: ParamState) -> dict[str, Any]:
@@ -99,44 +112,113 @@ def base_row(optimizer: OptimizerState, param: ParamState) -> dict[str, Any]:
     }
 
 
-def summarize_param(optimizer: OptimizerState, param: ParamState, family: Family) -> ParamSummary:
-    """The row and sketches of one parameter."""
+def summarize_param(
+    optimizer: OptimizerState,
+    param: ParamState,
+    family: Family,
+    *,
+    weight: TensorRef | None = None,
+    heads: HeadLayout | None = None,
+) -> ParamSummary:
+    """The row, sketches and sums of one parameter.
+
+    ``weight`` is the parameter's tensor from the checkpoint's model (used only when
+    its shape is the parameter's); ``heads`` says how to split attention projections
+    into heads for ``vmean_head_relchange``.
+    """
     group = optimizer.groups[param.group]
     row = base_row(optimizer, param)
+    sketches: dict[str, Sketch] = {}
+    sums: dict[str, float] = {}
     with explain_missing_keys(param, family):
         if param.has_state:
             row.update(family.columns(param, group))
-        sketches = quantity_sketches(param, group, family)
+        if param.has_state and param.shape is not None:
+            shape = tuple(param.shape)
+            aligned = {k: ref for k, ref in param.tensors().items()
+                       if ref.shape == shape and ref.dtype.is_floating_point}
+            if weight is not None and (weight.shape != shape or not weight.dtype.is_floating_point):
+                weight = None
+            # An unchunked family reads state that is not shaped like the parameter (factored
+            # second moments) from ``param`` itself, so it is asked even when nothing is aligned.
+            if aligned or not family.chunked:
+                rows_per_head = heads.rows_per_head(param.name, shape) if heads is not None else None
+                _stream(param, group, family, aligned, weight, rows_per_head, sketches, sums)
     for quantity, sketch in sketches.items():
         row.update(sketch_columns(quantity, sketch))
-    return ParamSummary(row, sketches)
+    row.update(derived_columns(sketches, sums, family.second_moment))
+    return ParamSummary(row, sketches, sums)
 
 
-def quantity_sketches(param: ParamState, group: dict, family: Family) -> dict[str, Sketch]:
-    """Sketches of the family's per-coordinate quantities over the whole parameter."""
-    if not param.has_state or param.shape is None:
-        return {}
-    shape = tuple(param.shape)
-    aligned = {k: ref for k, ref in param.tensors().items() if ref.shape == shape}
-    # An unchunked family reads state that is not shaped like the parameter (factored
-    # second moments) from ``param`` itself, so it is asked even when nothing is aligned.
-    if not aligned and family.chunked:
-        return {}
-    sketches: dict[str, Sketch] = {}
-    flat = {k: ref.read().reshape(-1) for k, ref in aligned.items()}
+def _stream(
+    param: ParamState,
+    group: Mapping[str, Any],
+    family: Family,
+    aligned: dict[str, TensorRef],
+    weight: TensorRef | None,
+    rows_per_head: int | None,
+    sketches: dict[str, Sketch],
+    sums: dict[str, float],
+) -> None:
+    refs = list(aligned.values()) + ([weight] if weight is not None else [])
     numel = param.numel or 0
     step = CHUNK if family.chunked else max(numel, 1)
+    shared = SharedSecondMoment.for_shape(tuple(param.shape)) if family.preconditioned is not None else None
+    quantized = {key: BlockwiseError(signed) for key, signed in family.quantized_moments.items() if key in aligned}
+    nonfinite = eps_dominated = 0
+    released = 0
     try:
+        flat = {k: ref.read().reshape(-1) for k, ref in aligned.items()}
+        weights = weight.read().reshape(-1) if weight is not None else None
         for start in range(0, numel, step):
             chunk = {k: t[start : start + step] for k, t in flat.items()}
             length = min(step, numel - start)
-            for quantity, values in family.quantities(chunk, group, param).items():
+            quantities = family.quantities(chunk, group, param)
+            for quantity, values in quantities.items():
                 sketch = sketches.setdefault(quantity, Sketch())
                 if isinstance(values, (int, float)):
                     sketch.add_constant(float(values), length)
                 else:
                     sketch.add(values)
+            if weights is not None:  # only the weights' RMS is needed: no histogram
+                sketches.setdefault("weight", Sketch(with_histogram=False)).add(weights[start : start + step])
+            nonfinite += _nonfinite_coordinates(chunk.values())
+            if shared is not None:
+                pre = family.preconditioned(chunk, group, param, quantities)
+                # sqrt(s_hat) <= eps, with s_hat = second_moment * scale
+                eps_dominated += int(torch.count_nonzero(pre.second_moment <= pre.eps**2 / pre.second_moment_scale))
+                shared.add(start, pre)
+            for key, accumulator in quantized.items():
+                accumulator.add(chunk[key])
+            if start + length - released >= RELEASE_EVERY:
+                for ref in refs:
+                    ref.release(released, start + length)
+                released = start + length
     finally:
-        for ref in aligned.values():
+        for ref in refs:
             ref.release()
-    return sketches
+    for sketch in sketches.values():
+        sketch.compact()
+    sums["coords"] = numel
+    sums["nonfinite_coords"] = nonfinite
+    if shared is not None:
+        sums["eps_dominated"] = eps_dominated
+        sums["eps_coords"] = numel
+        sums.update(shared.sums(rows_per_head))
+    for key, accumulator in quantized.items():
+        sums[f"{key}_q8_err_sq"] = accumulator.error_sq
+        sums[f"{key}_q8_norm_sq"] = accumulator.norm_sq
+    if "weight" in sketches and "update" in sketches:
+        sums["ratio_update_sq"] = sketches["update"].sumsq
+        sums["ratio_weight_sq"] = sketches["weight"].sumsq
+
+
+def _nonfinite_coordinates(tensors) -> int:
+    """Coordinates at which any of ``tensors`` holds NaN or ±inf (a sum is checked first: cheap)."""
+    bad = None
+    for t in tensors:
+        if math.isfinite(float(t.sum())):
+            continue
+        mask = ~torch.isfinite(t)
+        bad = mask if bad is None else bad | mask
+    return int(bad.sum()) if bad is not None else 0

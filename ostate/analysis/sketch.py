@@ -6,15 +6,16 @@ be computed per tensor and then per group, layer, file, shard or worker without
 holding any raw data.
 
 The histogram buckets are the values of bfloat16: a float32 value ``x`` falls in the
-bucket named by the top 16 bits of its bit pattern (sign, 8 exponent bits, 7 mantissa
-bits). For normal numbers (``|x| >= 2**-126``, about 1.18e-38) a bucket spans
-``[a, a * (1 + 2**-7))``; reporting its midpoint makes every quantile exact to a
-relative error of at most ``RELATIVE_ERROR = 2**-8`` (0.39%). Subnormal float32 values
-sit in linear buckets of width ``2**-133`` (9.2e-41), so their quantiles are exact to
-an absolute error of ``2**-134``. bfloat16 tensors land in their own value's bucket;
-float64 tensors are rounded to float32 first. Exact zeros, NaNs and infinities are
-counted apart from the histogram; count, mean, RMS, min, max and the quantiles cover
-the finite values only.
+bucket whose id is the top 16 bits of its bit pattern (sign, 8 exponent bits, 7
+mantissa bits), i.e. the bit pattern of ``x`` truncated to bfloat16. For normal
+numbers (``|x| >= 2**-126``, about 1.18e-38) a bucket spans ``[a, a * (1 + 2**-7))``
+in magnitude; reporting its midpoint makes every quantile exact to a relative error of
+at most ``RELATIVE_ERROR = 2**-8`` (0.39%). Subnormal float32 values sit in linear
+buckets of width ``2**-133`` (9.2e-41), so their quantiles are exact to an absolute
+error of ``2**-134``. bfloat16 tensors land in their own value's bucket; float64
+tensors are rounded to float32 first. Exact zeros, NaNs and infinities are counted
+apart from the histogram; count, mean, RMS, min, max and the quantiles cover the
+finite values only.
 
 Example:
     >>> s = Sketch()
@@ -36,25 +37,39 @@ import torch
 
 RELATIVE_ERROR = 2.0**-8
 _NBUCKETS = 1 << 16
-_POS = 1 << 15  # raw bucket u >= _POS holds positive values with magnitude bits u - _POS
+_SIGN = 0x8000  # bucket ids with this bit hold negative values
 _NONFINITE_MAG = 0x7F80  # magnitude bits at or above this are inf or NaN
-# Values of float32 kept exactly by the chunked sums below.
+_NEGATIVE_ZERO_BITS = -(1 << 31)  # the int32 bit pattern of -0.0
+# Largest piece :meth:`Sketch.add` handles at once (float32 sums of this many values stay exact
+# to float32 rounding; the piece also bounds the temporary memory of one call).
 CHUNK = 1 << 22
+# Outside [_TINY, _HUGE] float32 squares lose precision (subnormal) or their sum may overflow.
+_TINY, _HUGE = 2.0**-40, 2.0**40
 
 
-def _bucket_bounds(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Lower and upper magnitude of raw buckets (as float64)."""
-    mag = np.where(raw >= _POS, raw - _POS, raw).astype(np.uint32)
+_SCALARS = ("count", "zeros", "nan", "posinf", "neginf", "total", "sumsq", "min", "max", "with_histogram")
+
+
+def _bucket_bounds(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Lower and upper magnitude of buckets (as float64)."""
+    mag = (np.asarray(ids, np.int64) & 0x7FFF).astype(np.uint32)
     lo = (mag << 16).view(np.float32).astype(np.float64)
     hi = ((mag + 1) << 16).view(np.float32).astype(np.float64)
     return lo, hi
 
 
-def bucket_values(raw: np.ndarray) -> np.ndarray:
-    """The value that stands for each raw bucket: the midpoint, signed."""
-    lo, hi = _bucket_bounds(raw)
+def bucket_values(ids: np.ndarray) -> np.ndarray:
+    """The value that stands for each bucket: the midpoint of its interval, signed."""
+    lo, hi = _bucket_bounds(ids)
     mid = (lo + hi) / 2.0
-    return np.where(raw >= _POS, mid, -mid)
+    return np.where(np.asarray(ids) & _SIGN, -mid, mid)
+
+
+def bucket_ids(values: torch.Tensor) -> torch.Tensor:
+    """The bucket id (0..65535, an int32 tensor) of every float32 or bfloat16 value."""
+    if values.dtype == torch.bfloat16:
+        return values.view(torch.int16).to(torch.int32).bitwise_and_(0xFFFF)
+    return torch.bitwise_right_shift(values.view(torch.int32), 16).bitwise_and_(0xFFFF)
 
 
 @dataclass
@@ -63,7 +78,11 @@ class Sketch:
 
     Fill it with :meth:`add` (a tensor of any float dtype) or :meth:`add_constant`,
     combine with :meth:`merge`, read it with :attr:`mean`, :attr:`rms`,
-    :meth:`quantile` and :meth:`histogram`.
+    :meth:`quantile` and :meth:`histogram`. While it is being filled the histogram is
+    kept dense (65,536 counts, 512 KiB); :meth:`compact` (called by every reader)
+    turns it into the sparse form that is kept and merged. ``with_histogram=False``
+    keeps counts, sums and extremes only (no quantiles; zeros are not counted apart),
+    for values of which only the mean and RMS are wanted.
     """
 
     count: int = 0
@@ -75,9 +94,23 @@ class Sketch:
     sumsq: float = 0.0
     min: float = math.inf
     max: float = -math.inf
-    # Sparse histogram of finite non-zero values: raw bucket ids (sorted) and their counts.
-    buckets: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
-    counts: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    # Sparse histogram of finite non-zero values (bucket ids, sorted, and their counts), and
+    # the dense counts of values added since the last compact().
+    _buckets: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64), repr=False)
+    _counts: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64), repr=False)
+    _dense: torch.Tensor | None = field(default=None, repr=False, compare=False)
+    # False: count, sums and extremes only (no histogram, no quantiles, zeros not counted apart).
+    with_histogram: bool = True
+
+    @property
+    def buckets(self) -> np.ndarray:
+        """Ids of the non-empty buckets, increasing (see :func:`bucket_values`)."""
+        return self.compact()._buckets
+
+    @property
+    def counts(self) -> np.ndarray:
+        """How many values each bucket in :attr:`buckets` holds."""
+        return self.compact()._counts
 
     # ---------------------------------------------------------------- filling
     def add(self, values: torch.Tensor) -> None:
@@ -94,12 +127,13 @@ class Sketch:
             return
         one = Sketch()
         one._add_chunk(torch.tensor([value], dtype=torch.float32))
+        one.compact()
         if one.count:
             one.count = n
             one.total = value * n
             one.sumsq = value * value * n
             one.zeros *= n
-            one.counts = one.counts * n
+            one._counts = one._counts * n
         else:
             one.nan, one.posinf, one.neginf = one.nan * n, one.posinf * n, one.neginf * n
         self.merge(one)
@@ -108,66 +142,94 @@ class Sketch:
         n = chunk.numel()
         if n == 0:
             return
-        if chunk.dtype == torch.bfloat16:
-            raw = chunk.view(torch.int16).to(torch.int32)
-            chunk = chunk.float()
-        else:
-            raw = chunk.view(torch.int32) >> 16
-        dense = torch.bincount(raw.add_(_POS), minlength=_NBUCKETS).numpy()
-        del raw
-
-        mags = np.concatenate([dense[_NONFINITE_MAG:_POS], dense[_POS + _NONFINITE_MAG :]])
-        nonfinite = int(mags.sum())
-        finite = chunk
-        if nonfinite:
-            nan = int(torch.isnan(chunk).sum())
-            posinf = int((chunk == math.inf).sum())
-            neginf = int((chunk == -math.inf).sum())
-            self.nan, self.posinf, self.neginf = self.nan + nan, self.posinf + posinf, self.neginf + neginf
-            dense[_NONFINITE_MAG:_POS] = 0
-            dense[_POS + _NONFINITE_MAG :] = 0
-            finite = chunk[torch.isfinite(chunk)]
-            if finite.numel() == 0:
-                return
-
-        if dense[0] or dense[_POS]:  # zeros (or subnormals) present: count exact zeros apart
-            is_zero = finite == 0
-            zeros = int(is_zero.sum())
-            if zeros:
-                neg_zeros = int((is_zero & torch.signbit(finite)).sum()) if dense[0] else 0
-                dense[0] -= neg_zeros
-                dense[_POS] -= zeros - neg_zeros
-                self.zeros += zeros
-
-        total = float(finite.sum())
-        sumsq = float(finite.square().sum())
-        lo, hi = torch.aminmax(finite)
-        if not math.isfinite(sumsq) or not math.isfinite(total):  # float32 overflow: redo in float64
-            wide = finite.double()
-            total, sumsq = float(wide.sum()), float(wide.square().sum())
-        self.count += finite.numel()
+        counts_tensor = torch.bincount(bucket_ids(chunk), minlength=_NBUCKETS) if self.with_histogram else None
+        values = chunk.float() if chunk.dtype == torch.bfloat16 else chunk
+        total = float(values.sum())
+        if not math.isfinite(total):  # NaN or inf among the values (or a float32 overflow): the slow path
+            self._add_nonfinite_chunk(values, counts_tensor)
+            return
+        lo, hi = (float(v) for v in torch.aminmax(values))
+        largest = max(-lo, hi)
+        if _TINY <= largest <= _HUGE or largest == 0:
+            sumsq = float(values.square().sum())
+        else:  # float32 squares would underflow or overflow: scale by a power of two first (exact)
+            exponent = math.frexp(largest)[1]
+            sumsq = math.ldexp(float(values.mul(math.ldexp(1.0, -exponent)).square_().sum()), 2 * exponent)
+        if counts_tensor is not None:
+            counts = counts_tensor.numpy()  # the same memory: edits change both
+            if counts[0] or counts[_SIGN]:  # exact zeros (or the tiniest subnormals) are present
+                self._count_zeros(values, counts)
+            self._accumulate(counts_tensor)
+        self.count += n
         self.total += total
         self.sumsq += sumsq
+        self.min = min(self.min, lo)
+        self.max = max(self.max, hi)
+
+    def _count_zeros(self, finite: torch.Tensor, counts: np.ndarray) -> None:
+        """Move exact zeros (+0.0 and -0.0) out of the two smallest buckets into ``zeros``."""
+        zeros = finite.numel() - int(torch.count_nonzero(finite))
+        if zeros == 0:
+            return
+        negative = int(torch.count_nonzero(finite.view(torch.int32) == _NEGATIVE_ZERO_BITS)) if counts[_SIGN] else 0
+        counts[_SIGN] -= negative
+        counts[0] -= zeros - negative
+        self.zeros += zeros
+
+    def _add_nonfinite_chunk(self, values: torch.Tensor, counts_tensor: torch.Tensor | None) -> None:
+        nan = int(torch.isnan(values).sum())
+        posinf = int((values == math.inf).sum())
+        neginf = int((values == -math.inf).sum())
+        self.nan, self.posinf, self.neginf = self.nan + nan, self.posinf + posinf, self.neginf + neginf
+        finite = values[torch.isfinite(values)] if nan + posinf + neginf else values
+        if counts_tensor is not None:
+            counts = counts_tensor.numpy()
+            counts[_NONFINITE_MAG:_SIGN] = 0
+            counts[_SIGN + _NONFINITE_MAG :] = 0
+            if finite.numel() and (counts[0] or counts[_SIGN]):
+                self._count_zeros(finite, counts)
+            self._accumulate(counts_tensor)
+        if finite.numel() == 0:
+            return
+        wide = finite.double()  # float32 sums may overflow here; float64 ones do not
+        lo, hi = torch.aminmax(finite)
+        self.count += finite.numel()
+        self.total += float(wide.sum())
+        self.sumsq += float(wide.square().sum())
         self.min = min(self.min, float(lo))
         self.max = max(self.max, float(hi))
-        nz = np.flatnonzero(dense)
-        self._merge_buckets(nz.astype(np.int64), dense[nz].astype(np.int64))
+
+    def _accumulate(self, counts: torch.Tensor) -> None:
+        if self._dense is None:
+            self._dense = counts  # bincount's fresh tensor: ours to keep
+        else:
+            self._dense.add_(counts)
+
+    def compact(self) -> "Sketch":
+        """Fold the dense histogram being filled into the sparse one (in place); returns self."""
+        if self._dense is not None:
+            dense, self._dense = self._dense.numpy(), None
+            nz = np.flatnonzero(dense)
+            self._merge_buckets(nz.astype(np.int64), dense[nz].astype(np.int64))
+        return self
 
     # ---------------------------------------------------------------- merging
     def _merge_buckets(self, buckets: np.ndarray, counts: np.ndarray) -> None:
         if len(buckets) == 0:
             return
-        if len(self.buckets) == 0:
-            self.buckets, self.counts = buckets, counts
+        if len(self._buckets) == 0:
+            self._buckets, self._counts = buckets, counts
             return
         dense = np.zeros(_NBUCKETS, np.int64)
-        dense[self.buckets] += self.counts
+        dense[self._buckets] += self._counts
         dense[buckets] += counts
         nz = np.flatnonzero(dense)
-        self.buckets, self.counts = nz.astype(np.int64), dense[nz]
+        self._buckets, self._counts = nz.astype(np.int64), dense[nz]
 
     def merge(self, other: "Sketch") -> "Sketch":
         """Add ``other`` into this sketch (in place) and return self."""
+        self.compact()
+        other.compact()
         self.count += other.count
         self.zeros += other.zeros
         self.nan += other.nan
@@ -177,7 +239,8 @@ class Sketch:
         self.sumsq += other.sumsq
         self.min = min(self.min, other.min)
         self.max = max(self.max, other.max)
-        self._merge_buckets(other.buckets, other.counts)
+        self.with_histogram = self.with_histogram and other.with_histogram
+        self._merge_buckets(other._buckets, other._counts)
         return self
 
     @classmethod
@@ -186,6 +249,8 @@ class Sketch:
         out = cls()
         dense = np.zeros(_NBUCKETS, np.int64)
         for s in sketches:
+            s.compact()
+            out.with_histogram = out.with_histogram and s.with_histogram
             out.count += s.count
             out.zeros += s.zeros
             out.nan += s.nan
@@ -195,15 +260,20 @@ class Sketch:
             out.sumsq += s.sumsq
             out.min = min(out.min, s.min)
             out.max = max(out.max, s.max)
-            dense[s.buckets] += s.counts
+            dense[s._buckets] += s._counts
         nz = np.flatnonzero(dense)
-        out.buckets, out.counts = nz.astype(np.int64), dense[nz]
+        out._buckets, out._counts = nz.astype(np.int64), dense[nz]
         return out
 
     # ---------------------------------------------------------------- reading
     @property
     def nonfinite(self) -> int:
         return self.nan + self.posinf + self.neginf
+
+    @property
+    def values_seen(self) -> int:
+        """Every value added: finite ones (``count``, zeros included) and non-finite ones."""
+        return self.count + self.nonfinite
 
     @property
     def mean(self) -> float:
@@ -214,6 +284,7 @@ class Sketch:
         return math.sqrt(self.sumsq / self.count) if self.count else math.nan
 
     def _sorted_values(self) -> tuple[np.ndarray, np.ndarray]:
+        self.compact()
         values = np.concatenate([bucket_values(self.buckets), [0.0]])
         counts = np.concatenate([self.counts, [self.zeros]])
         order = np.argsort(values, kind="stable")
@@ -223,10 +294,10 @@ class Sketch:
         """The values at ranks ``floor(q * (count - 1))`` of the finite values, for each q.
 
         Exact for q=0 (min) and q=1 (max); otherwise within ``RELATIVE_ERROR`` of the
-        true order statistic for normal numbers.
+        true order statistic for normal numbers. NaN for a sketch without a histogram.
         """
         qs = list(qs)
-        if self.count == 0:
+        if self.count == 0 or not self.with_histogram:
             return [math.nan] * len(qs)
         values, counts = self._sorted_values()
         cumulative = np.cumsum(counts)
@@ -262,14 +333,15 @@ class Sketch:
     # ---------------------------------------------------------------- exchange
     def to_dict(self) -> dict:
         """A JSON-ready form; :meth:`from_dict` reads it back."""
-        d = {k: getattr(self, k) for k in ("count", "zeros", "nan", "posinf", "neginf", "total", "sumsq", "min", "max")}
+        self.compact()
+        d = {k: getattr(self, k) for k in _SCALARS}
         d["buckets"] = self.buckets.tolist()
         d["counts"] = self.counts.tolist()
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "Sketch":
-        s = cls(**{k: d[k] for k in ("count", "zeros", "nan", "posinf", "neginf", "total", "sumsq", "min", "max")})
-        s.buckets = np.asarray(d["buckets"], np.int64)
-        s.counts = np.asarray(d["counts"], np.int64)
+        s = cls(**{k: d[k] for k in _SCALARS if k in d})
+        s._buckets = np.asarray(d["buckets"], np.int64)
+        s._counts = np.asarray(d["counts"], np.int64)
         return s

@@ -10,6 +10,7 @@ reads them.
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any, Mapping
 

@@ -132,3 +132,22 @@ def scalar_metadata(obj: Any) -> dict[str, Any]:
         elif isinstance(key, str) and isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
             out[key] = int(value)
     return out
+
+
+# Keys under which training scripts keep the model's configuration (Lightning: hyper_parameters).
+CONFIG_KEYS = ("config", "model_config", "model_args", "hyper_parameters", "hparams", "args")
+
+
+def find_model_config(obj: Any) -> dict[str, Any] | None:
+    """A model configuration stored in the checkpoint: the first mapping under a usual key
+    (:data:`CONFIG_KEYS`, at the top or one level down) holding plain numbers, as a dict of them."""
+    if not isinstance(obj, Mapping):
+        return None
+    candidates = [obj.get(k) for k in CONFIG_KEYS]
+    candidates += [c.get(k) for c in list(candidates) if isinstance(c, Mapping) for k in CONFIG_KEYS]
+    for candidate in candidates:
+        if isinstance(candidate, Mapping):
+            plain = {str(k): v for k, v in candidate.items() if isinstance(v, (int, float, str, bool))}
+            if any(isinstance(v, int) and not isinstance(v, bool) for v in plain.values()):
+                return plain
+    return None

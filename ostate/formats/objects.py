@@ -14,7 +14,7 @@ import torch
 from ostate.errors import OstateError
 from ostate.formats import discover
 from ostate.formats.naming import ModelEntry
-from ostate.formats.torch_optim import read_optimizer
+from ostate.formats.torch_optim import read_optimizer, tensor_ref
 from ostate.state import Checkpoint, TensorRef
 
 
@@ -25,11 +25,14 @@ def from_object(
     optimizer: str | None = None,
     model: tuple[str, Mapping[str, torch.Tensor | TensorRef]] | None = None,
     format: str | None = None,
+    mapped: bool = False,
 ) -> Checkpoint:
     """Build a :class:`Checkpoint` from a loaded object.
 
     ``model`` is ``(location, state_dict)`` of the model's weights when the caller
     knows them; otherwise a model state dict inside ``obj`` is used when there is one.
+    ``mapped`` says the object's tensors live in a memory-mapped file, so the analysis
+    can give their pages back after reading them (:mod:`ostate.formats.pages`).
 
     Example:
         >>> m = torch.nn.Linear(2, 1); opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
@@ -48,10 +51,10 @@ def from_object(
     if model is None:
         model = discover.find_model_state_dict(obj)
     entries = (model[0], model_entries(model[1])) if model is not None else None
-    optimizers = [read_optimizer(sd, location, model=entries, kind=optimizer) for location, sd in found]
+    optimizers = [read_optimizer(sd, location, model=entries, kind=optimizer, mapped=mapped) for location, sd in found]
     weights = None
     if model is not None:
-        weights = {k: _ref(v) for k, v in model[1].items() if _is_floating(v)}
+        weights = {k: _ref(v, mapped) for k, v in model[1].items() if _is_floating(v)}
     if format is None:
         format = "lightning" if isinstance(obj, Mapping) and "pytorch-lightning_version" in obj else "torch"
     return Checkpoint(
@@ -62,6 +65,7 @@ def from_object(
         weights_location=model[0] if model is not None else None,
         schedulers=[dict(s, _location=loc) for loc, s in discover.find_schedulers(obj)],
         metadata=discover.scalar_metadata(obj),
+        config=discover.find_model_config(obj),
     )
 
 
@@ -99,5 +103,5 @@ def _is_floating(value: Any) -> bool:
     return isinstance(value, torch.Tensor) and value.is_floating_point()
 
 
-def _ref(value: torch.Tensor | TensorRef) -> TensorRef:
-    return value if isinstance(value, TensorRef) else TensorRef.of(value)
+def _ref(value: torch.Tensor | TensorRef, mapped: bool) -> TensorRef:
+    return value if isinstance(value, TensorRef) else tensor_ref(value, mapped)

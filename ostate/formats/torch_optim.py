@@ -16,6 +16,7 @@ import torch
 
 from ostate.errors import OstateError
 from ostate.formats.naming import ModelEntry, Naming, match_model_order
+from ostate.formats.pages import page_releaser
 from ostate.optimizers import detect, families, get_family
 from ostate.state import OptimizerState, ParamState, TensorRef
 
@@ -29,12 +30,14 @@ def read_optimizer(
     *,
     model: tuple[str, Sequence[ModelEntry]] | None = None,
     kind: str | None = None,
+    mapped: bool = False,
 ) -> OptimizerState:
     """Build the record of one optimizer from its state dict.
 
     ``model`` is ``(location, entries)`` of a model state dict from the same
     checkpoint, used to name parameters when the optimizer does not carry names.
-    ``kind`` forces the optimizer family instead of detecting it.
+    ``kind`` forces the optimizer family instead of detecting it. ``mapped`` says the
+    tensors live in a memory-mapped file (their pages can be given back after reading).
     """
     raw_groups = list(sd["param_groups"])
     raw_state = sd["state"]
@@ -96,7 +99,7 @@ def read_optimizer(
     params: list[ParamState] = []
     for g, pid, name in order:
         entry = entries.get(_key(pid))
-        state = _state_values(entry) if isinstance(entry, Mapping) else {}
+        state = _state_values(entry, mapped) if isinstance(entry, Mapping) else {}
         params.append(
             ParamState(
                 index=pid,
@@ -134,8 +137,13 @@ def _flat_entry(entry: Mapping[str, Any]) -> dict[str, Any]:
     return flat
 
 
-def _state_values(entry: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: TensorRef.of(v) if isinstance(v, torch.Tensor) else v for k, v in _flat_entry(entry).items()}
+def _state_values(entry: Mapping[str, Any], mapped: bool) -> dict[str, Any]:
+    return {k: tensor_ref(v, mapped) if isinstance(v, torch.Tensor) else v for k, v in _flat_entry(entry).items()}
+
+
+def tensor_ref(tensor: torch.Tensor, mapped: bool) -> TensorRef:
+    """A reference to a loaded tensor; one from a memory-mapped file can give its pages back."""
+    return TensorRef.of(tensor, page_releaser(tensor) if mapped else None)
 
 
 def _step(value: Any) -> float | None:

@@ -15,6 +15,7 @@ import pickletools
 import re
 import warnings
 import zipfile
+from mmap import MAP_SHARED
 from typing import Any, BinaryIO, Callable, Sequence
 
 import torch
@@ -111,7 +112,16 @@ def _load(source: str | BinaryIO, *, trust_pickle: bool, mmap: bool, where: str 
     allowed = {name for _obj, name in allowed_globals}
     try:
         with torch.serialization.safe_globals(list(allowed_globals)):
-            return torch.load(source, map_location="cpu", weights_only=not trust_pickle, mmap=mmap)
+            try:
+                return torch.load(source, map_location="cpu", weights_only=not trust_pickle, mmap=mmap)
+            except RuntimeError as e:
+                if not (mmap and _refused_for_lack_of_memory(e)):
+                    raise
+                # A private (copy-on-write) mapping is charged against memory + swap in full, so
+                # Linux refuses one larger than that; a shared mapping of the file is not charged.
+                # ostate only reads it (and never writes to an input).
+                with torch.serialization.set_default_mmap_options(MAP_SHARED):
+                    return torch.load(source, map_location="cpu", weights_only=not trust_pickle, mmap=True)
     except pickle.UnpicklingError as e:
         text = str(e)
         blockers = _blockers(source) if not trust_pickle and "Weights only load failed" in text else []
@@ -145,6 +155,11 @@ def _blockers(source: str | BinaryIO) -> list[str]:
         return list(torch.serialization.get_unsafe_globals_in_checkpoint(source))
     except Exception:  # a damaged stream: nothing more to say than the load error
         return []
+
+
+def _refused_for_lack_of_memory(e: RuntimeError) -> bool:
+    text = str(e)
+    return "unable to mmap" in text and "Cannot allocate memory" in text
 
 
 def _unsupported_global(text: str) -> str:

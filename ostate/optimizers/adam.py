@@ -29,11 +29,12 @@ and :math:`\epsilon` added to :math:`\sqrt{\hat v}` (outside the square root).
 
 from __future__ import annotations
 
+import math
 from typing import Mapping
 
 import torch
 
-from ostate.optimizers.family import Family, Group, group_has, register, step_of
+from ostate.optimizers.family import Family, Group, Preconditioned, group_has, register, step_of
 from ostate.state import ParamState
 
 _STATE_KEYS = frozenset({"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"})
@@ -47,8 +48,13 @@ def second_moment_key(group: Group) -> str:
 def adam_effective_lr(exp_avg_sq: torch.Tensor, *, lr: float, beta2: float, eps: float, step: float) -> torch.Tensor:
     r""":math:`\gamma / (\sqrt{v}/\sqrt{1-\beta_2^t} + \epsilon)`, elementwise, in float32 (or float64 if given)."""
     v = exp_avg_sq if exp_avg_sq.dtype == torch.float64 else exp_avg_sq.float()
+    return _effective_lr_from_root(v.sqrt(), lr=lr, beta2=beta2, eps=eps, step=step)
+
+
+def _effective_lr_from_root(root: torch.Tensor, *, lr: float, beta2: float, eps: float, step: float) -> torch.Tensor:
+    # gamma / (r / c + eps) = gamma c / (r + eps c), with c = sqrt(1 - beta2^t): two fewer passes.
     bias_correction2_sqrt = (1 - beta2**step) ** 0.5
-    return lr / (v.sqrt() / bias_correction2_sqrt + eps)
+    return torch.add(root, eps * bias_correction2_sqrt).reciprocal_().mul_(lr * bias_correction2_sqrt)
 
 
 def effective_lr(param: ParamState, group: Group) -> torch.Tensor:
@@ -96,10 +102,16 @@ def adam_update(
 
 def adam_snr(exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, *, beta1: float, beta2: float, step: float) -> torch.Tensor:
     r""":math:`|\hat m| / \sqrt{\hat v}` elementwise (0 where :math:`v = 0`), without :math:`\epsilon`."""
-    m, v = exp_avg.float(), exp_avg_sq.float()
-    scale = (1 - beta2**step) ** 0.5 / (1 - beta1**step)
-    snr = m.abs().mul_(scale).div_(v.sqrt())
-    return snr.masked_fill_(v == 0, 0.0)
+    return _snr_from_root(exp_avg.float().abs(), exp_avg_sq.float().sqrt(), beta1=beta1, beta2=beta2, step=step)
+
+
+def _snr_from_root(exp_avg_abs: torch.Tensor, root: torch.Tensor, *, beta1: float, beta2: float,
+                   step: float) -> torch.Tensor:
+    scale = _divide((1 - beta2**step) ** 0.5, 1 - beta1**step)
+    snr = torch.div(exp_avg_abs, root).mul_(scale)
+    if not bool(root.all()):  # coordinates that never had a gradient: 0, not 0/0
+        snr.masked_fill_(root == 0, 0.0)
+    return snr
 
 
 def adam_momentum_update(
@@ -112,31 +124,61 @@ def adam_momentum_update(
     ``exp_avg_sq`` here is the *next* second moment (:math:`\beta_2 v`, or
     ``max_exp_avg_sq`` under AMSGrad, which a zero gradient leaves unchanged).
     """
-    m, v = exp_avg.float(), exp_avg_sq.float()
+    return _momentum_update_from_root(exp_avg.float(), exp_avg_sq.float().sqrt(), lr=lr, beta1=beta1,
+                                      beta2=beta2, eps=eps, step=step)
+
+
+def _momentum_update_from_root(exp_avg: torch.Tensor, next_root: torch.Tensor, *, lr: float, beta1: float,
+                               beta2: float, eps: float, step: float, root_scale: float = 1.0) -> torch.Tensor:
+    # next_root * root_scale is the square root of the next second moment.
     t = step + 1
-    denom = v.sqrt().div_((1 - beta2**t) ** 0.5).add_(eps)
-    return (m * beta1).div_(denom).mul_(-lr / (1 - beta1**t))
+    denom = torch.mul(next_root, root_scale / (1 - beta2**t) ** 0.5).add_(eps)
+    return torch.div(exp_avg, denom, out=denom).mul_(-lr * beta1 / (1 - beta1**t))
+
+
+def _divide(a: float, b: float) -> float:
+    # A state saved at step 0 (never stepped, or a reset counter) has no bias correction: NaN, not a crash.
+    return a / b if b else math.nan
 
 
 def quantities(chunk: Mapping[str, torch.Tensor], group: Group, param: ParamState) -> dict:
     beta1, beta2 = group["betas"]
+    lr, eps = group["lr"], group["eps"]
     step = step_of(param)
-    # With a zero gradient v becomes beta2 * v; AMSGrad keeps max(v_max, beta2 * v) = v_max.
-    next_v = chunk["max_exp_avg_sq"] if group.get("amsgrad", False) else chunk["exp_avg_sq"] * beta2
+    amsgrad = bool(group.get("amsgrad", False))
+    m, v = chunk["exp_avg"].float(), chunk["exp_avg_sq"].float()
+    root = v.sqrt()  # shared by the effective lr, the SNR and the update
+    denominator_root = chunk["max_exp_avg_sq"].float().sqrt() if amsgrad else root
+    exp_avg_abs = m.abs()
     q = {
-        "eff_lr": adam_effective_lr(
-            chunk[second_moment_key(group)], lr=group["lr"], beta2=beta2, eps=group["eps"], step=step,
-        ),
-        "exp_avg_abs": chunk["exp_avg"].abs(),
-        "exp_avg_sq": chunk["exp_avg_sq"],
-        "snr": adam_snr(chunk["exp_avg"], chunk["exp_avg_sq"], beta1=beta1, beta2=beta2, step=step),
-        "update": adam_momentum_update(
-            chunk["exp_avg"], next_v, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], step=step
-        ),
+        "eff_lr": _effective_lr_from_root(denominator_root, lr=lr, beta2=beta2, eps=eps, step=step),
+        "exp_avg_abs": exp_avg_abs,
+        "exp_avg_sq": v,
+        "snr": _snr_from_root(exp_avg_abs, root, beta1=beta1, beta2=beta2, step=step),
+        # With a zero gradient v becomes beta2 * v; AMSGrad keeps max(v_max, beta2 * v) = v_max.
+        "update": _momentum_update_from_root(m, denominator_root, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                                             step=step, root_scale=1.0 if amsgrad else beta2**0.5),
     }
     if "max_exp_avg_sq" in chunk:
         q["max_exp_avg_sq"] = chunk["max_exp_avg_sq"]
     return q
+
+
+def preconditioned(chunk: Mapping[str, torch.Tensor], group: Group, param: ParamState, q: dict) -> Preconditioned:
+    r"""The saved state's update :math:`\hat m / (\sqrt{\hat v} + \epsilon)` (numerator up to :math:`1/(1-\beta_1^t)`)."""
+    bias_correction2 = 1 - group["betas"][1] ** step_of(param)
+    v = chunk[second_moment_key(group)].float()
+    lr = group["lr"]
+    inverse = q["eff_lr"] if lr else adam_effective_lr(v, lr=1.0, beta2=group["betas"][1], eps=group["eps"],
+                                                       step=step_of(param))
+    return Preconditioned(
+        numerator=chunk["exp_avg"],
+        second_moment=v,
+        inverse_denominator=inverse,  # eff_lr = lr / (sqrt(v_hat) + eps)
+        eps=float(group["eps"]),
+        second_moment_scale=_divide(1.0, bias_correction2),
+        inverse_denominator_scale=1.0 / lr if lr else 1.0,
+    )
 
 
 def columns(param: ParamState, group: Group) -> dict:
@@ -161,6 +203,8 @@ def _match(decoupled: bool):
 
 
 _DISPLAY = ("exp_avg_abs_mean", "exp_avg_sq_mean", "eff_lr_min", "eff_lr_p50", "eff_lr_max")
+# bitsandbytes' 8-bit Adam keeps m with the signed and v with the unsigned dynamic map.
+_QUANTIZED = {"exp_avg": True, "exp_avg_sq": False}
 _HYPER = ("lr", "initial_lr", "betas", "eps", "weight_decay", "amsgrad", "maximize")
 
 ADAM = register(
@@ -176,6 +220,8 @@ ADAM = register(
         hyperparameters=_HYPER,
         first_moment="exp_avg_abs",
         second_moment="exp_avg_sq",
+        preconditioned=preconditioned,
+        quantized_moments=_QUANTIZED,
     )
 )
 
@@ -193,6 +239,8 @@ ADAMW = register(
         hyperparameters=_HYPER,
         first_moment="exp_avg_abs",
         second_moment="exp_avg_sq",
+        preconditioned=preconditioned,
+        quantized_moments=_QUANTIZED,
         preferred=True,
         notes=("AdamW: weight decay is decoupled (theta <- theta * (1 - lr * weight_decay) before the Adam step).",),
     )

@@ -51,6 +51,17 @@ class Family:
     ``chunked=False`` makes the analysis pass the whole (flattened) state tensors in one
     call, for families whose math is not elementwise (factored second moments,
     per-matrix orthogonalisation).
+
+    Optional, for the statistics that only some families have (docs/columns.md):
+
+    - ``preconditioned(chunk, group, param, quantities)`` describes an adaptive family's
+      update as :math:`n / (\sqrt{\hat s} + \epsilon)` elementwise (a
+      :class:`Preconditioned`; ``quantities`` is what
+      ``quantities()`` returned for the same chunk, to reuse). It gives the
+      ``eps_dominated_frac`` and the Adam-mini ``vmean_*_relchange`` columns.
+    - ``quantized_moments`` maps the state keys an 8-bit optimizer (bitsandbytes) would
+      store quantized to whether their values are signed (signed map) or not (unsigned
+      map); each gets a ``{key}_q8_relerr`` column.
     """
 
     name: str
@@ -72,6 +83,29 @@ class Family:
     first_moment: str | None = None
     second_moment: str | None = None
     chunked: bool = True
+    preconditioned: Callable[[Mapping[str, torch.Tensor], Group, ParamState, Quantities], "Preconditioned"] | None = None
+    quantized_moments: Mapping[str, bool] = field(default_factory=dict)
+
+
+@dataclass
+class Preconditioned:
+    r"""One chunk of an adaptive update :math:`u = n / (\sqrt{\hat s} + \epsilon)`, elementwise.
+
+    ``numerator`` is :math:`n` up to a positive constant factor (Adam: :math:`m`);
+    ``second_moment * second_moment_scale`` is :math:`\hat s` (Adam: the bias-corrected
+    :math:`\hat v`, whose block mean an Adam-mini-style optimizer would keep);
+    ``inverse_denominator * inverse_denominator_scale`` is
+    :math:`1/(\sqrt{\hat s} + \epsilon)`; ``eps`` is :math:`\epsilon`. The scales let a
+    family hand over tensors it already has (Adam: :math:`v` and the effective lr)
+    without another pass over them.
+    """
+
+    numerator: torch.Tensor
+    second_moment: torch.Tensor
+    inverse_denominator: torch.Tensor
+    eps: float
+    second_moment_scale: float = 1.0
+    inverse_denominator_scale: float = 1.0
 
 
 _FAMILIES: dict[str, Family] = {}

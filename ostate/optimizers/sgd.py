@@ -105,5 +105,6 @@ SGD = register(
         display=("momentum_buffer_abs_mean", "momentum_buffer_abs_max", "eff_lr_p50", "steady_state_lr"),
         hyperparameters=("lr", "initial_lr", "momentum", "dampening", "nesterov", "weight_decay", "maximize"),
         first_moment="momentum_buffer_abs",
+        quantized_moments={"momentum_buffer": True},
     )
 )

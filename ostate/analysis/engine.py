@@ -1,0 +1,192 @@
+"""Run the per-parameter analysis over a checkpoint: a thread pool across parameters, in order.
+
+Parameters are independent, so they are summarised by ``workers`` threads (torch
+releases the GIL inside its kernels); results come back in the optimizer's order and
+each parameter's numbers do not depend on which thread computed them, so the merged
+rows are identical for any number of workers. Inside the pool torch runs one
+intra-op thread per worker: the work is already parallel, and a fixed thread count
+keeps every float reduction in the same order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Iterator, Mapping
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from ostate.analysis.allocator import reuse_freed_memory
+from ostate.analysis.heads import HeadLayout, is_attention_projection, layout_from_config
+from ostate.analysis.params import ParamSummary, summarize_param
+from ostate.analysis.views import VIEWS, ViewRow, view_rows
+from ostate.errors import OstateError
+from ostate.optimizers import get_family
+from ostate.state import Checkpoint, OptimizerState, TensorRef
+
+Weights = Mapping[str, "TensorRef | torch.Tensor"]
+
+
+def default_workers() -> int:
+    """``min(4, CPU cores available to this process)``."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(4, cores))
+
+
+@dataclass
+class OptimizerAnalysis:
+    """One optimizer's parameter summaries, and its views."""
+
+    optimizer: OptimizerState
+    summaries: list[ParamSummary]
+
+    def rows(self, by: str = "param") -> list[ViewRow]:
+        """The rows of view ``by`` with their merged sketches (see :class:`ViewRow`)."""
+        check_view(by)
+        return view_rows(self.optimizer, self.summaries, by, get_family(self.optimizer.kind).second_moment)
+
+    def table(self, by: str = "param") -> pd.DataFrame:
+        return pd.DataFrame([r.row for r in self.rows(by)])
+
+
+@dataclass
+class Analysis:
+    """The result of :func:`summarize`: per optimizer, every parameter's sketches and sums.
+
+    Views are cheap to build from it (sketches merge), so compute it once and ask for
+    as many views as needed.
+
+    Example:
+        >>> import ostate, torch
+        >>> m = torch.nn.Linear(4, 2); opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
+        >>> m(torch.randn(8, 4)).sum().backward(); opt.step()
+        >>> analysis = summarize(ostate.from_state_dict(opt.state_dict(), model=m))
+        >>> [r.key for r in analysis.rows("kind")]
+        ['weight', 'bias']
+        >>> values, counts = analysis.rows("model")[0].sketches["eff_lr"].histogram()
+        >>> int(counts.sum())
+        10
+    """
+
+    optimizers: list[OptimizerAnalysis]
+    notes: list[str] = field(default_factory=list)
+
+    def rows(self, by: str = "param") -> list[ViewRow]:
+        """Every optimizer's rows of view ``by``, one optimizer after the other."""
+        return [row for o in self.optimizers for row in o.rows(by)]
+
+    def table(self, by: str = "param") -> pd.DataFrame:
+        """The table of view ``by`` (one row per :class:`ViewRow`)."""
+        frames = [o.table(by) for o in self.optimizers]
+        frames = [f for f in frames if not f.empty]
+        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def check_view(by: str) -> None:
+    if by not in VIEWS:
+        raise OstateError(f"unknown view '{by}'", hint=f"choose one of: {', '.join(VIEWS)}")
+
+
+def summarize(
+    target: Checkpoint | OptimizerState,
+    *,
+    weights: Weights | None = None,
+    heads: HeadLayout | None = None,
+    workers: int | None = None,
+    progress: bool = False,
+) -> Analysis:
+    """Summarise every parameter of every optimizer in ``target``, reading each tensor once.
+
+    Args:
+        target: a loaded checkpoint (all its optimizers) or one optimizer.
+        weights: the model's tensors by parameter name; by default the checkpoint's own
+            (``Checkpoint.weights``). A parameter whose weight has its shape gets the
+            ``weight_*`` and ``update_to_weight_rms`` columns.
+        heads: how to split attention projections into heads; by default what the
+            checkpoint's model config says, if anything.
+        workers: threads working on different parameters (default :func:`default_workers`).
+            While this runs torch uses one intra-op thread per worker (the setting is
+            restored afterwards), which makes the results identical for any ``workers``,
+            and glibc keeps freed memory for reuse (:mod:`ostate.analysis.allocator`).
+        progress: show a progress bar on stderr when the work takes more than a second.
+    """
+    if isinstance(target, Checkpoint):
+        optimizers = target.optimizers
+        weights = target.weights if weights is None else weights
+        heads = layout_from_config(target.config) if heads is None else heads
+    else:
+        optimizers = [target]
+    refs = {name: w if isinstance(w, TensorRef) else TensorRef.of(w) for name, w in (weights or {}).items()}
+    workers = default_workers() if workers is None else workers
+    if workers < 1:
+        raise OstateError(f"workers must be at least 1, got {workers}")
+    total = sum(p.numel or 0 for o in optimizers for p in o.params if p.has_state)
+    bar = tqdm(total=total, unit="coord", unit_scale=True, desc="analysing", disable=not progress, delay=1.0,
+               leave=False)
+    results = []
+    with bar, _intra_op_threads(1), reuse_freed_memory():
+        for optimizer in optimizers:
+            results.append(OptimizerAnalysis(optimizer, list(summaries(optimizer, weights=refs, heads=heads,
+                                                                       workers=workers, bar=bar))))
+    return Analysis(results, _notes(optimizers, heads))
+
+
+def summaries(
+    optimizer: OptimizerState,
+    *,
+    weights: Mapping[str, TensorRef] | None = None,
+    heads: HeadLayout | None = None,
+    workers: int = 1,
+    bar: tqdm | None = None,
+) -> Iterator[ParamSummary]:
+    """Each parameter's summary in the optimizer's order, computed by ``workers`` threads."""
+    family = get_family(optimizer.kind)
+    weights = weights or {}
+
+    def one(param) -> ParamSummary:
+        summary = summarize_param(optimizer, param, family, weight=weights.get(param.name), heads=heads)
+        if bar is not None and param.has_state:
+            bar.update(param.numel or 0)
+        return summary
+
+    if workers == 1:
+        yield from map(one, optimizer.params)
+        return
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ostate") as pool:
+        futures: list[Future] = [pool.submit(one, p) for p in optimizer.params]
+        try:
+            for future in futures:
+                yield future.result()
+        finally:
+            for future in futures:
+                future.cancel()
+
+
+@contextlib.contextmanager
+def _intra_op_threads(n: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _notes(optimizers: list[OptimizerState], heads: HeadLayout | None) -> list[str]:
+    projections = [p.name for o in optimizers for p in o.params if p.has_state and is_attention_projection(p.name)]
+    if not projections:
+        return []
+    if heads is None:
+        return [
+            f"vmean_head_relchange needs the attention head size ({len(projections)} attention projections found, "
+            "e.g. " + projections[0] + "): pass --heads N or --head-dim D, or keep the model's config.json "
+            "beside the checkpoint"
+        ]
+    return [f"attention heads: {heads.describe()}"]
