@@ -10,7 +10,10 @@ as it inspects. The kinds (one module each, found by :mod:`ostate.plots.registry
 
 Each function takes one or more paths, checkpoints, optimizers or analyses (several
 are overlaid) and returns a :class:`matplotlib.figure.Figure` built without pyplot (no
-display needed); :func:`save_figure` writes it as PNG, SVG or PDF, atomically.
+display needed); :func:`save_figure` writes it as PNG, SVG or PDF, atomically. The
+artists that carry numbers have a ``gid`` naming what they are and whose
+(``"median|checkpoint-500"``, ``"histogram|checkpoint-500"``, ``"joint|checkpoint-500"``,
+``"noise"``, ...), so a program can read the plotted values back from the Figure.
 
 Example:
     >>> import ostate, torch, tempfile, os

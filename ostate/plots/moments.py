@@ -133,7 +133,8 @@ def draw(series: list[Series], *, by: str | None = None, title: str | None = Non
                     _contours(ax, x_edges, y_edges, counts, series_style(index), s.label)
                 else:
                     mesh = ax.pcolormesh(x_edges, y_edges, np.ma.masked_equal(counts.T, 0), cmap=SEQUENTIAL_COLORMAP,
-                                         norm=LogNorm(vmin=1, vmax=max(1, int(counts.max()))), gid="joint")
+                                         norm=LogNorm(vmin=1, vmax=max(1, int(counts.max()))),
+                                         gid=f"joint|{s.label}")
                     fig.colorbar(mesh, ax=ax, label="coordinates per cell", pad=0.01)
             left_out = _left_out(joint)
             if left_out:
@@ -232,7 +233,7 @@ def _contours(ax, x_edges: np.ndarray, y_edges: np.ndarray, counts: np.ndarray, 
     colour, dash = style
     contour = ax.contour(x_centres, y_centres, padded.T, levels=[lv * 0.999 for lv in levels], colors=colour,
                          linestyles=dash, linewidths=[1.0, 1.8][-len(levels):])
-    contour.set_gid(f"contours:{label}")
+    contour.set_gid(f"contours|{label}")
 
 
 def _padded_centres(edges: np.ndarray) -> np.ndarray:

@@ -193,8 +193,8 @@ def short_labels(paths: Sequence[str]) -> list[str]:
         (['ckpt.pt'], ['a.pt', 'a.pt (2)'])
     """
     parts = [[p for p in os.path.normpath(path).split(os.sep) if p] or [path] for path in paths]
-    if len(parts) == 1:
-        return [parts[0][-1]]
+    if len(parts) <= 1:
+        return [p[-1] for p in parts]
     shortest = min(len(p) for p in parts)
     prefix = 0
     while prefix < shortest - 1 and len({p[prefix] for p in parts}) == 1:
