@@ -100,9 +100,9 @@ def draw(series: list[Series], *, by: str | None = None, title: str | None = Non
             ax.plot(xs, median, color=colour, linestyle=dash if overlay else "-", marker="o", markersize=3.5,
                     linewidth=1.5, label=name if name not in named else "_", gid=f"median|{s.label}|{split}")
             named.add(name)
-        for group, lr in group_lrs(s, s.rows("model")[0]):
+        for groups, lr in group_lrs(s, s.rows("model")[0]):
             ax.axhline(lr, color=series_colour if overlay else "#555555", linestyle=":", linewidth=1.0,
-                       label=f"{s.label + ': ' if overlay else ''}lr of group {group}: {lr:.3g}", gid=f"lr|{s.label}")
+                       label=f"{s.label + ': ' if overlay else ''}lr of {groups}: {lr:.3g}", gid=f"lr|{s.label}")
     ax.set_yscale("log")
     ax.set_xlim(-0.5, len(layers) - 0.5)
     step = max(1, math.ceil(len(layers) / MAX_TICK_LABELS))

@@ -73,7 +73,7 @@ def draw(series: list[Series], *, by: str | None = None, per_decade: int | None 
     parts = [Positive.of(s) for s in sketches]
     edges = log_edges([v for p in parts if len(p.values) for v in (p.values.min(), p.values.max())],
                       per_decade=per_decade)
-    fig, axes = panel_grid(len(shown), sharex=True)
+    fig, axes = panel_grid(len(shown), sharex=True, height=3.8)
     overlay = len(series) > 1
     for ax, panel in zip(axes, shown):
         notes = []
@@ -92,9 +92,9 @@ def draw(series: list[Series], *, by: str | None = None, per_decade: int | None 
             median = row.row[f"{QUANTITY}_p50"]
             ax.axvline(median, color=colour if overlay else "#000000", linestyle="--", linewidth=1.3,
                        label=f"median {median:.3g}", gid=f"median|{s.label}")
-            for group, lr in group_lrs(s, row):
+            for groups, lr in group_lrs(s, row):
                 ax.axvline(lr, color=colour if overlay else "#555555", linestyle=":", linewidth=1.3,
-                           label=f"lr of group {group}: {lr:.3g}", gid=f"lr|{s.label}")
+                           label=f"lr of {groups}: {lr:.3g}", gid=f"lr|{s.label}")
             if positive.left_out():
                 notes.append(f"{s.label}: {positive.left_out()}" if overlay else positive.left_out())
         ax.set_xscale("log")
@@ -106,7 +106,9 @@ def draw(series: list[Series], *, by: str | None = None, per_decade: int | None 
                     for colour, dash in map(series_style, range(len(series)))]
             handles = keys + handles
             names = [s.label for s in series] + names
-        ax.legend(handles, names, fontsize=7, frameon=False, loc="upper left")
+        ax.legend(handles, names, fontsize=7, loc="upper left", framealpha=0.85, edgecolor="none")
+        # Head room for the legend above the tallest bar (about a tenth of the height per entry).
+        ax.set_ylim(0, ax.get_ylim()[1] * (1.15 + 0.1 * len(names)))
         if notes:
             ax.text(0.99, 0.98, "\n".join(notes), transform=ax.transAxes, ha="right", va="top", fontsize=7,
                     color="#444444")

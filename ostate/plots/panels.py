@@ -63,13 +63,15 @@ def groups_of(s: Series, row: ViewRow) -> list[int]:
     return sorted({group_of[name] for name in row.members if name in group_of})
 
 
-def group_lrs(s: Series, row: ViewRow) -> list[tuple[int, float]]:
-    """``(group, lr)`` for each distinct saved ``lr`` among the groups in ``row`` (the first group that
-    has it); groups whose lr is not a positive number (Adafactor's relative step: ``None``) are skipped."""
-    out: list[tuple[int, float]] = []
+def group_lrs(s: Series, row: ViewRow) -> list[tuple[str, float]]:
+    """Each distinct saved ``lr`` among the groups in ``row``, with the groups that have it in words
+    (``"group 0"``, ``"groups 0, 1"``); groups whose lr is not a positive number (Adafactor's
+    relative step: ``None``) are skipped."""
+    by_lr: dict[float, list[int]] = {}
     for g in groups_of(s, row):
         lr = s.analysis.optimizer.groups[g].get("lr")
         lr = lr.item() if hasattr(lr, "item") else lr  # torch allows a tensor lr
-        if isinstance(lr, (int, float)) and not isinstance(lr, bool) and lr > 0 and all(lr != seen for _, seen in out):
-            out.append((g, float(lr)))
-    return out
+        if isinstance(lr, (int, float)) and not isinstance(lr, bool) and lr > 0:
+            by_lr.setdefault(float(lr), []).append(g)
+    return [(("groups " if len(groups) > 1 else "group ") + ", ".join(map(str, groups)), lr)
+            for lr, groups in by_lr.items()]
