@@ -133,7 +133,8 @@ def test_layer_profile_by_kind_has_one_line_per_kind_with_that_kinds_quantiles(d
     ax = fig.axes[0]
     layers = [t.get_text() for t in ax.get_xticklabels()]
     params = summarize(ostate.load(path)).rows("param")
-    lines = {line.get_gid().split("|")[-1]: line for line in ax.get_lines() if (line.get_gid() or "").startswith("median|")}
+    lines = {line.get_gid().split("|")[-1]: line for line in ax.get_lines()
+             if (line.get_gid() or "").startswith("median|")}
     assert set(lines) == {row.row["param_kind"] for row in params}
     for kind, line in lines.items():
         for x, y in zip(line.get_xdata().astype(int), line.get_ydata()):
@@ -273,6 +274,13 @@ def test_labels_are_the_paths_shortened_or_given(demo_run, tmp_path):
     analyses = [summarize(ostate.load(p)) for p in demo_run]
     assert [s.label for s in as_series(analyses)] == ["checkpoint 1", "checkpoint 2"]
     assert [s.label for s in as_series(analyses, labels=["early", "late"])] == ["early", "late"]
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    (in_memory,) = as_series(ostate.from_state_dict(opt.state_dict(), model=model))
+    assert in_memory.label == "" and in_memory.describe() == "AdamW, step 1"  # no file, no path in the title
 
 
 # ------------------------------------------------------------------------------ every kind, every format

@@ -100,7 +100,7 @@ def draw(series: list[Series], *, by: str | None = None, title: str | None = Non
             ax.plot(xs, median, color=colour, linestyle=dash if overlay else "-", marker="o", markersize=3.5,
                     linewidth=1.5, label=name if name not in named else "_", gid=f"median|{s.label}|{split}")
             named.add(name)
-        for groups, lr in group_lrs(s, s.rows("model")[0]):
+        for groups, lr in group_lrs(s, s.rows("model")[0]) if s.rows("model") else []:
             ax.axhline(lr, color=series_colour if overlay else "#555555", linestyle=":", linewidth=1.0,
                        label=f"{s.label + ': ' if overlay else ''}lr of {groups}: {lr:.3g}", gid=f"lr|{s.label}")
     ax.set_yscale("log")

@@ -52,7 +52,7 @@ def panels(series: list[Series], by: str, *, whole_model: bool = True) -> tuple[
         keys.update(dict.fromkeys(rows))
     out = []
     if whole_model and by != "model":
-        out.append(Panel("model", "model", [s.rows("model")[0] for s in series]))
+        out.append(Panel("model", "model", [next(iter(s.rows("model")), None) for s in series]))
     out += [Panel(by, key, [rows.get(key) for rows in by_series]) for key in keys]
     return out[:MAX_PANELS], len(out)
 

@@ -14,6 +14,7 @@ from typing import Sequence, Union
 
 from ostate.analysis import Analysis, OptimizerAnalysis, ViewRow, summarize
 from ostate.errors import OstateError
+from ostate.formats import IN_MEMORY, load
 from ostate.formats.convert import pick_optimizer
 from ostate.optimizers import Family, families, get_family
 from ostate.state import Checkpoint, OptimizerState
@@ -44,11 +45,6 @@ class Series:
         """The largest step count of its parameters (``None`` when the state keeps none)."""
         steps = [s.row["step"] for s in self.analysis.summaries if s.row["step"] is not None]
         return max(steps) if steps else None
-
-    @property
-    def has_joint(self) -> bool:
-        """Whether it was summarised with the joint histogram of its moments."""
-        return any(s.joints for s in self.analysis.summaries)
 
     def describe(self) -> str:
         """``label (AdamW, step 300)``, for titles.
@@ -119,17 +115,15 @@ def _path_of(item: PlotInput) -> str | None:
     if isinstance(item, (str, os.PathLike)):
         return os.fspath(item)
     if isinstance(item, Checkpoint):
-        return item.path
+        return item.path if item.path != IN_MEMORY else None
     return None
 
 
-def _analysed(item: PlotInput, *, where: str | None, optimizer_index: int | None, joint: bool, workers: int | None, progress: bool,
-              trust_pickle: bool, format_hint: str | None, optimizer: str | None) -> OptimizerAnalysis:
+def _analysed(item: PlotInput, *, where: str | None, optimizer_index: int | None, joint: bool, workers: int | None,
+              progress: bool, trust_pickle: bool, format_hint: str | None, optimizer: str | None) -> OptimizerAnalysis:
     if isinstance(item, Series):
         item = item.analysis
     if isinstance(item, (str, os.PathLike)):
-        from ostate.formats import load
-
         item = load(item, trust_pickle=trust_pickle, optimizer=optimizer, format_hint=format_hint)
     if isinstance(item, Checkpoint):
         item = pick_optimizer(item, optimizer_index)
@@ -142,7 +136,8 @@ def _analysed(item: PlotInput, *, where: str | None, optimizer_index: int | None
         item = summarize(item, weights={}, joint=joint, workers=workers, progress=progress).optimizers[0]
     if not isinstance(item, OptimizerAnalysis):
         raise OstateError(f"cannot plot a {type(item).__name__}",
-                          hint="give a path, a checkpoint from ostate.load, an optimizer, or an analysis from summarize")
+                          hint="give a path, a checkpoint from ostate.load, an optimizer, or an analysis from "
+                               "summarize")
     if joint:
         require_moments(item.optimizer.kind, where)
         if not any(s.joints for s in item.summaries) and any(s.row["has_state"] for s in item.summaries):
