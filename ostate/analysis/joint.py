@@ -44,14 +44,14 @@ _NONFINITE_ID = 255 * BINS_PER_OCTAVE
 
 
 def axis_ids(values: torch.Tensor) -> torch.Tensor:
-    """The bin id (0..1023, int64) of every value's magnitude; ids below 4 are zero or subnormal.
+    """The bin id (0..1023, int32) of every value's magnitude; ids below 4 are zero or subnormal.
 
     Example:
         >>> axis_ids(torch.tensor([1.0, 1.3, 2.0, 0.0])).tolist()
         [508, 509, 512, 0]
     """
     bits = values.float().view(torch.int32)
-    return torch.bitwise_right_shift(bits, _SHIFT).bitwise_and_(AXIS_BINS - 1).long()
+    return torch.bitwise_right_shift(bits, _SHIFT).bitwise_and_(AXIS_BINS - 1)
 
 
 def bin_edges(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -93,8 +93,9 @@ class JointHistogram:
         x0, x1 = (int(v) for v in torch.aminmax(xs))
         y0, y1 = (int(v) for v in torch.aminmax(ys))
         height = y1 - y0 + 1
-        # Count over the chunk's bounding box of bins only, then add that box into place.
-        local = xs.sub_(x0).mul_(height).add_(ys.sub_(y0))
+        # Count over the chunk's bounding box of bins only, then add that box into place
+        # (int32 arithmetic: the cell index stays below 2**20).
+        local = torch.add(ys, xs, alpha=height).sub_(x0 * height + y0)
         counts = torch.bincount(local, minlength=(x1 - x0 + 1) * height).view(x1 - x0 + 1, height)
         if self._dense is None:
             self._dense = torch.zeros(AXIS_BINS, AXIS_BINS, dtype=torch.int64)
