@@ -9,6 +9,7 @@ from ostate_cli.ablate_cmd import ablate
 from ostate_cli.convert_cmd import convert
 from ostate_cli.demo_cmd import demo
 from ostate_cli.inspect_cmd import inspect
+from ostate_cli.plot_cmd import plot
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -18,8 +19,9 @@ def main() -> None:
 
     Run `ostate demo` to make a small checkpoint and inspect it, or
     `ostate inspect PATH` on your own (a file or a checkpoint directory);
-    `ostate convert IN OUT` writes its optimizer state as safetensors or .pt;
-    `ostate ablate` measures which handling of the optimizer state works best
+    `ostate plot PATH -o OUT.png` draws it (effective-lr histograms, layer
+    profiles, moments); `ostate convert IN OUT` writes its optimizer state as
+    safetensors or .pt; `ostate ablate` measures which handling of the optimizer state works best
     for fine-tuning.
     """
 
@@ -28,6 +30,7 @@ main.add_command(inspect)
 main.add_command(demo)
 main.add_command(convert)
 main.add_command(ablate)
+main.add_command(plot)
 
 if __name__ == "__main__":
     main()

@@ -10,7 +10,9 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Iterator, Sequence
+
+from ostate.errors import OstateError
 
 
 @contextlib.contextmanager
@@ -63,3 +65,33 @@ def atomic_file(path: str | os.PathLike) -> Iterator[BinaryIO]:
             yield f
             f.flush()
             os.fsync(f.fileno())
+
+
+def check_output(out: str | os.PathLike, inputs: Sequence[str | os.PathLike], *, overwrite: bool) -> None:
+    """Refuse an output path that would write over or into an input, or that cannot be one file.
+
+    Refused: ``out`` is one of ``inputs`` or inside an input directory (ostate never
+    writes to its inputs), ``out`` is a directory, ``out`` exists and ``overwrite`` is
+    false, or ``out``'s directory does not exist.
+
+    Example:
+        >>> import os, tempfile
+        >>> d = tempfile.mkdtemp(); src = os.path.join(d, "ckpt.pt"); _ = open(src, "w").write("x")
+        >>> check_output(os.path.join(d, "plot.png"), [src], overwrite=False)
+        >>> check_output(src, [src], overwrite=True)
+        Traceback (most recent call last):
+        ...
+        ostate.errors.OstateError: ...: the output would be written over or into the input (...)
+    """
+    out_real = os.path.realpath(out)
+    for source in inputs:
+        source_real = os.path.realpath(source)
+        if out_real == source_real or (os.path.isdir(source_real) and out_real.startswith(source_real + os.sep)):
+            raise OstateError("the output would be written over or into the input", where=os.fspath(out),
+                              hint="ostate never writes to its inputs; choose another output path")
+    if os.path.isdir(out_real):
+        raise OstateError("is a directory; the output is one file", where=os.fspath(out))
+    if os.path.exists(out_real) and not overwrite:
+        raise OstateError("already exists", where=os.fspath(out), hint="pass --overwrite to replace it")
+    if not os.path.isdir(os.path.dirname(out_real)):
+        raise OstateError("the output's directory does not exist", where=os.fspath(out))

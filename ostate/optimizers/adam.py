@@ -34,7 +34,7 @@ from typing import Mapping
 
 import torch
 
-from ostate.optimizers.family import Family, Group, Preconditioned, group_has, register, step_of
+from ostate.optimizers.family import Family, Group, Moments, Preconditioned, group_has, register, step_of
 from ostate.state import ParamState
 
 _STATE_KEYS = frozenset({"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"})
@@ -181,6 +181,81 @@ def preconditioned(chunk: Mapping[str, torch.Tensor], group: Group, param: Param
     )
 
 
+def pure_noise_snr(beta1: float, step: float = math.inf) -> float:
+    r"""The ratio :math:`|\hat m| / \sqrt{\hat v}` at its root mean square under pure gradient noise.
+
+    With gradients drawn independently with mean zero and variance :math:`\sigma^2`,
+    :math:`E[m_t^2] = (1-\beta_1)^2 \frac{1-\beta_1^{2t}}{1-\beta_1^2}\sigma^2` and
+    :math:`E[v_t] = (1-\beta_2^t)\sigma^2`, so after bias correction
+
+    .. math::
+        \sqrt{\frac{E[\hat m^2]}{E[\hat v]}} = \sqrt{\frac{1-\beta_1}{1+\beta_1} \cdot
+            \frac{1+\beta_1^t}{1-\beta_1^t}} \;\to\; \sqrt{\frac{1-\beta_1}{1+\beta_1}}
+            \quad (t \to \infty)
+
+    (0.229 for :math:`\beta_1 = 0.9`; 1 at :math:`t = 1`, where :math:`\hat m^2 = \hat v = g^2`).
+    A coordinate well above this line has a gradient with a consistent sign.
+
+    Example:
+        >>> round(pure_noise_snr(0.9), 4), pure_noise_snr(0.9, 1)
+        (0.2294, 1.0)
+    """
+    ratio = (1 - beta1) / (1 + beta1)
+    if math.isfinite(step):
+        ratio *= (1 + beta1**step) / (1 - beta1**step)
+    return math.sqrt(ratio)
+
+
+def max_snr(beta1: float, beta2: float, step: float = math.inf) -> float:
+    r"""The largest :math:`|\hat m| / \sqrt{\hat v}` any gradient sequence can give after :math:`t` steps.
+
+    By Cauchy-Schwarz, with :math:`\rho = \beta_1^2/\beta_2`,
+    :math:`m_t^2 = (1-\beta_1)^2 (\sum_j \beta_1^j g_{t-j})^2 \le (1-\beta_1)^2
+    \sum_{j<t} \rho^j \sum_j \beta_2^j g_{t-j}^2`, so
+
+    .. math::
+        \frac{|\hat m|}{\sqrt{\hat v}} \le \sqrt{\frac{(1-\beta_1)^2}{1-\beta_2}
+            \sum_{j=0}^{t-1}\rho^j \cdot \frac{1-\beta_2^t}{(1-\beta_1^t)^2}}
+            \;\to\; \sqrt{\frac{(1-\beta_1)^2}{(1-\beta_2)(1-\beta_1^2/\beta_2)}} \quad (t\to\infty)
+
+    (7.27 for (0.9, 0.999), 1.165 for (0.9, 0.95), 1 when :math:`\beta_1 = \beta_2`;
+    infinite for :math:`t \to \infty` when :math:`\beta_1^2 \ge \beta_2`). The bound is
+    attained by :math:`g_k \propto (\beta_1/\beta_2)^{t-k}`, a gradient that grows
+    steadily; it is 1 at :math:`t = 1`.
+
+    Example:
+        >>> round(max_snr(0.9, 0.999), 2), round(max_snr(0.9, 0.95), 3), max_snr(0.9, 0.9)
+        (7.27, 1.165, 1.0)
+        >>> round(max_snr(0.9, 0.999, 1), 12)
+        1.0
+    """
+    rho = beta1**2 / beta2
+    if math.isfinite(step):
+        geometric = step if rho == 1 else (1 - rho**step) / (1 - rho)
+        return math.sqrt((1 - beta1) ** 2 / (1 - beta2) * geometric * (1 - beta2**step) / (1 - beta1**step) ** 2)
+    if rho >= 1:
+        return math.inf
+    return math.sqrt((1 - beta1) ** 2 / ((1 - beta2) * (1 - rho)))
+
+
+def moment_estimates(chunk: Mapping[str, torch.Tensor], group: Group, param: ParamState,
+                     q: Mapping) -> tuple[torch.Tensor, torch.Tensor]:
+    r""":math:`|\hat m| = |m|/(1-\beta_1^t)` and :math:`\sqrt{\hat v} = \sqrt{v/(1-\beta_2^t)}`, from the
+    ``exp_avg_abs`` and ``exp_avg_sq`` quantities (the EMA :math:`v`, also under AMSGrad)."""
+    beta1, beta2 = group["betas"][:2]
+    step = step_of(param)
+    first = torch.mul(q["exp_avg_abs"].float(), _divide(1.0, 1 - beta1**step))
+    second = torch.sqrt(q["exp_avg_sq"].float()).mul_(_divide(1.0, (1 - beta2**step) ** 0.5))
+    return first, second
+
+
+ADAM_MOMENTS = Moments(
+    estimates=moment_estimates,
+    betas=lambda group: (float(group["betas"][0]), float(group["betas"][1])),
+    eps_root=lambda group, step: float(group["eps"]),  # eps is added to sqrt(v_hat)
+)
+
+
 def columns(param: ParamState, group: Group) -> dict:
     if param.step is None:
         return {}
@@ -222,6 +297,7 @@ ADAM = register(
         second_moment="exp_avg_sq",
         preconditioned=preconditioned,
         quantized_moments=_QUANTIZED,
+        moments=ADAM_MOMENTS,
     )
 )
 
@@ -241,6 +317,7 @@ ADAMW = register(
         second_moment="exp_avg_sq",
         preconditioned=preconditioned,
         quantized_moments=_QUANTIZED,
+        moments=ADAM_MOMENTS,
         preferred=True,
         notes=("AdamW: weight decay is decoupled (theta <- theta * (1 - lr * weight_decay) before the Adam step).",),
     )

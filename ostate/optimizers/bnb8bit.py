@@ -56,7 +56,7 @@ from typing import Callable, Mapping
 import torch
 
 from ostate.errors import OstateError
-from ostate.optimizers.adam import adam_effective_lr, adam_momentum_update, adam_snr
+from ostate.optimizers.adam import ADAM_MOMENTS, adam_effective_lr, adam_momentum_update, adam_snr
 from ostate.optimizers.family import Family, Group, register, step_of
 from ostate.state import ParamState
 
@@ -335,7 +335,8 @@ BNB_ADAM = register(Family(
     display=(*_QUANT_DISPLAY, "state2_zero_fraction", "exp_avg_abs_mean", "exp_avg_sq_mean", "eff_lr_min",
              "eff_lr_p50", "eff_lr_max"),
     hyperparameters=_HYPER, param_shape=param_shape, first_moment="exp_avg_abs", second_moment="exp_avg_sq",
-    chunked=False, notes=(*_NOTE, "bitsandbytes Adam: weight decay is decoupled (AdamW-style) for Adam8bit too."),
+    moments=ADAM_MOMENTS, chunked=False,
+    notes=(*_NOTE, "bitsandbytes Adam: weight decay is decoupled (AdamW-style) for Adam8bit too."),
 ))
 BNB_LION = register(Family(
     name="bnb_lion", label="bitsandbytes Lion", match=_one_state("lion"), quantities=_lion_quantities,

@@ -62,6 +62,10 @@ class Family:
     - ``quantized_moments`` maps the state keys an 8-bit optimizer (bitsandbytes) would
       store quantized to whether their values are signed (signed map) or not (unsigned
       map); each gets a ``{key}_q8_relerr`` column.
+    - ``moments`` says how an Adam-style family's state gives the bias-corrected moments
+      :math:`\hat m` and :math:`\hat v` (a :class:`Moments`): the analysis then counts
+      :math:`(\sqrt{\hat v}, |\hat m|)` per coordinate in a joint histogram when asked
+      (``summarize(..., joint=True)``), for the moments plot.
     """
 
     name: str
@@ -85,6 +89,28 @@ class Family:
     chunked: bool = True
     preconditioned: Callable[[Mapping[str, torch.Tensor], Group, ParamState, Quantities], "Preconditioned"] | None = None
     quantized_moments: Mapping[str, bool] = field(default_factory=dict)
+    moments: "Moments | None" = None
+
+
+@dataclass(frozen=True)
+class Moments:
+    r"""Where an Adam-style family keeps exponential moving averages of :math:`g` and :math:`g^2`.
+
+    - ``estimates(chunk, group, param, quantities)`` gives :math:`|\hat m|` and
+      :math:`\sqrt{\hat v}` per coordinate of one chunk (float32 tensors; ``quantities``
+      is what the family's ``quantities()`` returned for the same chunk, to reuse), with
+      :math:`\hat m = m/(1-\beta_1^t)` and :math:`\hat v = v/(1-\beta_2^t)`.
+    - ``betas(group)`` gives :math:`(\beta_1, \beta_2)` of the two averages.
+    - ``eps_root(group, step)`` gives the value of :math:`\sqrt{\hat v}` at which the
+      update's :math:`\epsilon` equals the other term of its denominator (Adam: :math:`\epsilon`;
+      RAdam, which adds :math:`\epsilon` to the uncorrected :math:`\sqrt v`:
+      :math:`\epsilon/\sqrt{1-\beta_2^t}`).
+    """
+
+    estimates: Callable[[Mapping[str, torch.Tensor], Group, ParamState, Quantities],
+                        tuple[torch.Tensor, torch.Tensor]]
+    betas: Callable[[Group], tuple[float, float]]
+    eps_root: Callable[[Group, float], float]
 
 
 @dataclass

@@ -39,7 +39,7 @@ from typing import Mapping
 
 import torch
 
-from ostate.optimizers.adam import adam_effective_lr, adam_snr
+from ostate.optimizers.adam import ADAM_MOMENTS, adam_effective_lr, adam_snr
 from ostate.optimizers.family import Family, Group, group_has, register, scalar_of, step_of
 from ostate.state import ParamState
 
@@ -165,6 +165,7 @@ NADAM = register(
                          "decoupled_weight_decay", "maximize"),
         first_moment="exp_avg_abs",
         second_moment="exp_avg_sq",
+        moments=ADAM_MOMENTS,  # the same averages as Adam; eps is added to sqrt(v_hat)
         notes=("NAdam: step and mu_product must be reset together; mu_product_consistent says whether they agree.",),
     )
 )
