@@ -38,7 +38,7 @@ from typing import Mapping
 import torch
 
 from ostate.optimizers.adam import adam_snr
-from ostate.optimizers.family import Family, Group, group_has, register, step_of
+from ostate.optimizers.family import Family, Group, Preconditioned, group_has, plain_preconditioned, register, step_of
 from ostate.state import ParamState
 
 _STATE_KEYS = frozenset({"step", "exp_avg", "exp_avg_sq"})
@@ -132,6 +132,12 @@ def quantities(chunk: Mapping[str, torch.Tensor], group: Group, param: ParamStat
     }
 
 
+def preconditioned(chunk: Mapping[str, torch.Tensor], group: Group, param: ParamState, q: dict) -> Preconditioned:
+    r"""The rectified update :math:`\hat m\,r\sqrt{1-\beta_2^t}/(\sqrt{v}+\epsilon)`: :math:`\epsilon` on the
+    *uncorrected* :math:`\sqrt v` (before rectification switches on, :math:`v` and :math:`\epsilon` are unused)."""
+    return plain_preconditioned(chunk["exp_avg"], chunk["exp_avg_sq"], group["eps"])
+
+
 def columns(param: ParamState, group: Group) -> dict:
     if param.step is None:
         return {}
@@ -173,6 +179,7 @@ RADAM = register(
         hyperparameters=("lr", "initial_lr", "betas", "eps", "weight_decay", "decoupled_weight_decay", "maximize"),
         first_moment="exp_avg_abs",
         second_moment="exp_avg_sq",
+        preconditioned=preconditioned,
         notes=("RAdam: rho, rectified and rect_factor are those of the next step (t+1); while not rectified "
                "the step is lr times the bias-corrected momentum, with no adaptivity.",),
     )
