@@ -9,6 +9,7 @@ from ostate_cli.ablate_cmd import ablate
 from ostate_cli.convert_cmd import convert
 from ostate_cli.demo_cmd import demo
 from ostate_cli.inspect_cmd import inspect
+from ostate_cli.reset_cmd import reset
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -28,6 +29,7 @@ main.add_command(inspect)
 main.add_command(demo)
 main.add_command(convert)
 main.add_command(ablate)
+main.add_command(reset)
 
 if __name__ == "__main__":
     main()
