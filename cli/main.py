@@ -8,6 +8,7 @@ import ostate
 from ostate_cli.ablate_cmd import ablate
 from ostate_cli.convert_cmd import convert
 from ostate_cli.demo_cmd import demo
+from ostate_cli.doctor_cmd import doctor
 from ostate_cli.inspect_cmd import inspect
 from ostate_cli.reset_cmd import reset
 
@@ -30,6 +31,7 @@ main.add_command(demo)
 main.add_command(convert)
 main.add_command(ablate)
 main.add_command(reset)
+main.add_command(doctor)
 
 if __name__ == "__main__":
     main()

@@ -161,7 +161,23 @@ def quantities(chunk: Mapping[str, torch.Tensor], group: Group, param: ParamStat
     }
     if "max_exp_avg_sq" in chunk:
         q["max_exp_avg_sq"] = chunk["max_exp_avg_sq"]
+    if amsgrad:
+        q["amsgrad_ratio"] = amsgrad_ratio(denominator_root, root)
     return q
+
+
+def amsgrad_ratio(max_root: torch.Tensor, root: torch.Tensor) -> torch.Tensor:
+    r""":math:`\sqrt{v^{max}/v}` elementwise: how many times smaller AMSGrad's step is than Adam's would be
+    (1 where both are 0; :math:`+\infty` where only :math:`v` is).
+
+    Example:
+        >>> amsgrad_ratio(torch.tensor([2.0, 0.0, 3.0]), torch.tensor([1.0, 0.0, 0.0])).tolist()
+        [2.0, 1.0, inf]
+    """
+    ratio = torch.div(max_root, root)
+    if not bool(root.all()):
+        ratio.masked_fill_((root == 0) & (max_root == 0), 1.0)
+    return ratio
 
 
 def preconditioned(chunk: Mapping[str, torch.Tensor], group: Group, param: ParamState, q: dict) -> Preconditioned:
