@@ -6,6 +6,7 @@ import click
 
 import ostate
 from ostate_cli.ablate_cmd import ablate
+from ostate_cli.compare_cmd import compare
 from ostate_cli.convert_cmd import convert
 from ostate_cli.demo_cmd import demo
 from ostate_cli.doctor_cmd import doctor
@@ -21,6 +22,9 @@ def main() -> None:
     Run `ostate demo` to make a small checkpoint and inspect it, or
     `ostate inspect PATH` on your own (a file or a checkpoint directory);
     `ostate convert IN OUT` writes its optimizer state as safetensors or .pt;
+    `ostate compare A B` shows how the state moved between checkpoints;
+    `ostate doctor PATH` lists what is wrong with it (exit code for CI);
+    `ostate reset PATH --strategy S -o OUT` writes it with a strategy applied;
     `ostate ablate` measures which handling of the optimizer state works best
     for fine-tuning.
     """
@@ -32,6 +36,7 @@ main.add_command(convert)
 main.add_command(ablate)
 main.add_command(reset)
 main.add_command(doctor)
+main.add_command(compare)
 
 if __name__ == "__main__":
     main()
