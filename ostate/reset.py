@@ -25,7 +25,11 @@ safetensors       ostate's optimizer-state safetensors file
 ================  ==============================================================
 
 Outputs are written atomically (a file renamed into place, or a directory filled under
-a temporary name and renamed), never over or into the input. ``keep-v`` records the age
+a temporary name and renamed), never over or into the input. A ``fresh`` parameter's
+state is written as the values a new optimizer starts from (zeros, ``step`` 0), which
+torch steps exactly as it steps a missing entry, and which loaders that fill every
+entry of a live optimizer (DCP, DeepSpeed) need; SGD's momentum buffer, whose fresh
+form is its absence, is removed. ``keep-v`` records the age
 of the kept second moment in each param group (``ostate_v_age``): the optimizer that
 loads the result needs :func:`ostate.strategies.attach` to honour it (docs/reset.md).
 """
@@ -165,12 +169,15 @@ def reset(
 
 
 def reset_state_dict(state_dict: Mapping[str, Any], optimizer: OptimizerState, strategy: Strategy, *,
-                     explicit_fresh: bool = False) -> tuple[dict[str, Any], OptimizerReset]:
+                     explicit_fresh: bool = True) -> tuple[dict[str, Any], OptimizerReset]:
     """``state_dict`` (the saved form of ``optimizer``) with ``strategy`` applied, and the record of it.
 
     Parameter names come from ``optimizer`` (however ostate found them); an optimizer
     none of whose names the strategy's regex matches gets the strategy's rule for the
-    other parameters throughout (``reload``; ``fresh`` for ``reload:REGEX``).
+    other parameters throughout (``reload``; ``fresh`` for ``reload:REGEX``). A fresh
+    parameter's state is written as the values a new optimizer starts from (torch steps
+    it exactly as a missing entry, and loaders that need every entry, and ostate's own
+    naming by shape, still find it); see :func:`~ostate.strategies.apply_strategy`.
     """
     names = {p.index: p.name for p in optimizer.params}
     applied = _for_optimizer(strategy, optimizer)
@@ -189,18 +196,17 @@ class _Transform:
     """The transform a format writer calls for each optimizer state dict it finds, by location."""
 
     def __init__(self, optimizers: list[OptimizerState], strategy: Strategy, result: ResetResult, *,
-                 prefix: Any = None, explicit_fresh: bool = False):
+                 prefix: Any = None):
         self.by_location = {o.location: o for o in optimizers}
         self.strategy = strategy
         self.result = result
         self.prefix = prefix  # the location an inner location has in the checkpoint (a file in a directory)
-        self.explicit_fresh = explicit_fresh
 
     def __call__(self, location: str, state_dict: Mapping[str, Any]) -> dict[str, Any] | None:
         optimizer = self.by_location.get(self.prefix(location) if self.prefix else location)
         if optimizer is None:
             return None
-        new, record = reset_state_dict(state_dict, optimizer, self.strategy, explicit_fresh=self.explicit_fresh)
+        new, record = reset_state_dict(state_dict, optimizer, self.strategy)
         self.result.optimizers.append(record)
         return new
 
@@ -238,8 +244,7 @@ def _reset_optimizer_files(source: str, target: str, chosen: list[OptimizerState
     shutil.copytree(source, target, symlinks=True, dirs_exist_ok=True,
                     ignore=lambda folder, entries: [e for e in entries if folder == source and e in names])
     for src in rewritten:
-        transform = _Transform(chosen, strategy, result, prefix=lambda inner, s=src: accelerate.located(s, inner),
-                               explicit_fresh=src.is_dcp)
+        transform = _Transform(chosen, strategy, result, prefix=lambda inner, s=src: accelerate.located(s, inner))
         if src.is_dcp:
             rewrite_dcp(src.path, os.path.join(target, src.name), transform, trust_pickle=trust_pickle)
         else:
@@ -248,8 +253,7 @@ def _reset_optimizer_files(source: str, target: str, chosen: list[OptimizerState
 
 def _reset_dcp(source: str, target: str, chosen: list[OptimizerState], strategy: Strategy, result: ResetResult,
                trust_pickle: bool) -> None:
-    # DCP's load fills the entries the live optimizer has, so a fresh state is written as values, not left out.
-    rewrite_dcp(source, target, _Transform(chosen, strategy, result, explicit_fresh=True), trust_pickle=trust_pickle)
+    rewrite_dcp(source, target, _Transform(chosen, strategy, result), trust_pickle=trust_pickle)
 
 
 def _reset_deepspeed(checkpoint: Checkpoint, source: str, target: str, optimizer: OptimizerState,
@@ -261,7 +265,7 @@ def _reset_deepspeed(checkpoint: Checkpoint, source: str, target: str, optimizer
     files = tag_files(tag_dir)
     if not is_universal(tag_dir) and not files.optim_files:  # ZeRO disabled: the optimizer is in the model file
         model_file = files.model_files[0]
-        transform = _Transform([optimizer], strategy, result, explicit_fresh=True)
+        transform = _Transform([optimizer], strategy, result)
         rewrite_torch_file(model_file, os.path.join(target_tag, os.path.basename(model_file)), transform,
                            trust_pickle=trust_pickle, allowed_globals=DEEPSPEED_GLOBALS, pickle_module=DEEPSPEED_PICKLE)
         return
