@@ -191,6 +191,16 @@ def compare_optimizers(
     """Compare two optimizers' state parameter by parameter (matched by name), one parameter at a time.
 
     ``a_label`` and ``b_label`` name the two sides in the result (default: the optimizers' locations).
+
+    Example:
+        >>> import ostate, torch, copy
+        >>> m = torch.nn.Linear(3, 1); opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+        >>> m(torch.ones(2, 3)).sum().backward(); opt.step(); before = copy.deepcopy(opt.state_dict())
+        >>> opt.step()  # the same gradient again: the buffer grows, its direction stays
+        >>> a, b = (ostate.from_state_dict(sd, model=m).optimizers[0] for sd in (before, opt.state_dict()))
+        >>> row = compare_optimizers(a, b, workers=1).params[0].row
+        >>> round(row["m_cosine"], 6), row["unchanged_frac"]
+        (1.0, 0.0)
     """
     label_a, label_b = a_label or a.location, b_label or b.location
     family_a, family_b = get_family(a.kind), get_family(b.kind)

@@ -26,6 +26,16 @@ def render(comparison: Comparison, fmt: str = "table", *, top: int = 10, columns
 
     ``columns`` replaces the text renderings' columns (``["all"]``: every one); ``sort``
     orders the parameter rows by a column; ``top`` is the number of largest movers shown.
+
+    Example:
+        >>> import ostate, torch, copy
+        >>> from ostate.compare import compare_optimizers
+        >>> m = torch.nn.Linear(3, 1); opt = torch.optim.AdamW(m.parameters())
+        >>> m(torch.ones(2, 3)).sum().backward(); opt.step(); before = copy.deepcopy(opt.state_dict()); opt.step()
+        >>> a, b = (ostate.from_state_dict(sd, model=m).optimizers[0] for sd in (before, opt.state_dict()))
+        >>> text = render(Comparison(["a", "b"], "consecutive", [compare_optimizers(a, b, a_label="a", b_label="b")]))
+        >>> text.splitlines()[:3]
+        ["A: a ('(root)')", "B: b ('(root)')", 'optimizer: adamw']
     """
     if fmt == "json":
         return json.dumps(to_json(comparison, top=top), indent=2, allow_nan=False) + "\n"

@@ -114,6 +114,14 @@ def refuse_to_touch_input(source: str | os.PathLike, out: str | os.PathLike, *, 
     contains ``source`` (replacing it would delete the input); an existing ``out`` unless
     ``overwrite``; an ``out`` of the other kind (a file where a directory is written, or
     the reverse); a missing parent directory for a file.
+
+    Example:
+        >>> import tempfile, os
+        >>> d = tempfile.mkdtemp()
+        >>> refuse_to_touch_input(d, os.path.join(d, "inside"), overwrite=True, out_is_directory=True)
+        Traceback (most recent call last):
+        ...
+        ostate.errors.OstateError: ...: the output would be written over or into the input (...)
     """
     from ostate.errors import OstateError
 

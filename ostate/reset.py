@@ -178,6 +178,15 @@ def reset_state_dict(state_dict: Mapping[str, Any], optimizer: OptimizerState, s
     parameter's state is written as the values a new optimizer starts from (torch steps
     it exactly as a missing entry, and loaders that need every entry, and ostate's own
     naming by shape, still find it); see :func:`~ostate.strategies.apply_strategy`.
+
+    Example:
+        >>> import ostate, torch
+        >>> m = torch.nn.Linear(2, 2); opt = torch.optim.Adam(m.parameters())
+        >>> m(torch.ones(1, 2)).sum().backward(); opt.step()
+        >>> optimizer = ostate.from_state_dict(opt.state_dict(), model=m).optimizers[0]
+        >>> new, record = reset_state_dict(opt.state_dict(), optimizer, Strategy("reset-m", "bias"))
+        >>> record.actions, float(new["state"][1]["exp_avg"].abs().sum())
+        ({'weight': 'reload', 'bias': 'reset-m'}, 0.0)
     """
     names = {p.index: p.name for p in optimizer.params}
     applied = _for_optimizer(strategy, optimizer)
@@ -303,8 +312,6 @@ def _chosen(checkpoint: Checkpoint, index: int | None) -> list[OptimizerState]:
     if not 0 <= index < len(checkpoint.optimizers):
         found = ", ".join(f"{i}: {o.location}" for i, o in enumerate(checkpoint.optimizers))
         raise OstateError(f"no optimizer with index {index}", where=checkpoint.path, hint=f"found {found}")
-    if checkpoint.format.startswith("deepspeed") and len(checkpoint.optimizers) > 1:
-        raise OstateError("a DeepSpeed checkpoint holds one optimizer", where=checkpoint.path)
     return [checkpoint.optimizers[index]]
 
 

@@ -9,7 +9,6 @@ ostate.strategies; torch steps both.
 from __future__ import annotations
 
 import copy
-import os
 
 import pytest
 import torch

@@ -19,8 +19,6 @@ import os
 import shutil
 from typing import Any, Callable, Mapping
 
-import torch
-
 from ostate.formats.dcp import (
     METADATA_FILE,
     Storage,
@@ -46,7 +44,7 @@ def rewrite_dcp(source: str, target: str, transform: Transform, *, trust_pickle:
     ``transform`` nested (FQN-keyed) and flattened again afterwards.
 
     Example:
-        >>> import tempfile, os, torch.distributed.checkpoint as dcp
+        >>> import tempfile, os, torch, torch.distributed.checkpoint as dcp
         >>> m = torch.nn.Linear(2, 1); opt = torch.optim.AdamW(m.parameters())
         >>> m(torch.ones(1, 2)).sum().backward(); opt.step()
         >>> from torch.distributed.checkpoint.state_dict import get_state_dict
