@@ -287,7 +287,8 @@ def test_labels_are_the_paths_shortened_or_given(demo_run, tmp_path):
 @pytest.mark.parametrize("fmt,magic", [("png", b"\x89PNG"), ("svg", b"<svg"), ("pdf", b"%PDF")])
 def test_every_kind_renders_to_every_format(fmt, magic, demo_run, tmp_path):
     for kind in plot_kinds():
-        out = save_figure(plot(kind, demo_run[0]), tmp_path / f"{kind}.{fmt}")
+        inputs = demo_run if kind == "compare" else demo_run[0]  # compare needs two checkpoints
+        out = save_figure(plot(kind, inputs), tmp_path / f"{kind}.{fmt}")
         head = open(out, "rb").read(4096)
         assert magic in head, (kind, fmt)
 

@@ -136,7 +136,7 @@ def summarize(
     bar = tqdm(total=total, unit="coord", unit_scale=True, desc="analysing", disable=not progress, delay=1.0,
                leave=False)
     results = []
-    with bar, _intra_op_threads(1), reuse_freed_memory():
+    with bar, intra_op_threads(1), reuse_freed_memory():
         for optimizer in optimizers:
             results.append(OptimizerAnalysis(optimizer, list(summaries(optimizer, weights=refs, heads=heads,
                                                                        workers=workers, bar=bar, joint=joint))))
@@ -177,7 +177,9 @@ def summaries(
 
 
 @contextlib.contextmanager
-def _intra_op_threads(n: int):
+def intra_op_threads(n: int) -> Iterator[None]:
+    """torch's intra-op thread count set to ``n`` inside the block (restored after): the analysis runs
+    its own threads across parameters, and a fixed count keeps float reductions in one order."""
     before = torch.get_num_threads()
     torch.set_num_threads(n)
     try:

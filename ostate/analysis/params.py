@@ -178,6 +178,7 @@ def _stream(
     quantized = {key: BlockwiseError(signed) for key, signed in family.quantized_moments.items() if key in aligned}
     nonfinite = eps_dominated = 0
     released = 0
+    compressible = False
     try:
         flat = {k: ref.read().reshape(-1) for k, ref in aligned.items()}
         weights = weight.read().reshape(-1) if weight is not None else None
@@ -201,7 +202,9 @@ def _stream(
                 pre = family.preconditioned(chunk, group, param, quantities)
                 # sqrt(s_hat) <= eps, with s_hat = second_moment * scale
                 eps_dominated += int(torch.count_nonzero(pre.second_moment <= pre.eps**2 / pre.second_moment_scale))
-                shared.add(start, pre)
+                if pre.numerator is not None:  # a gradient numerator (Adagrad, RMSprop) is not in the state
+                    shared.add(start, pre)
+                    compressible = True
             for key, accumulator in quantized.items():
                 accumulator.add(chunk[key])
             if start + length - released >= RELEASE_EVERY:
@@ -220,7 +223,8 @@ def _stream(
     if shared is not None:
         sums["eps_dominated"] = eps_dominated
         sums["eps_coords"] = numel
-        sums.update(shared.sums(rows_per_head))
+        if compressible:
+            sums.update(shared.sums(rows_per_head))
     for key, accumulator in quantized.items():
         sums[f"{key}_q8_err_sq"] = accumulator.error_sq
         sums[f"{key}_q8_norm_sq"] = accumulator.norm_sq

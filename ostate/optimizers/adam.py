@@ -161,22 +161,49 @@ def quantities(chunk: Mapping[str, torch.Tensor], group: Group, param: ParamStat
     }
     if "max_exp_avg_sq" in chunk:
         q["max_exp_avg_sq"] = chunk["max_exp_avg_sq"]
+    if amsgrad:
+        q["amsgrad_ratio"] = amsgrad_ratio(denominator_root, root)
     return q
+
+
+def amsgrad_ratio(max_root: torch.Tensor, root: torch.Tensor) -> torch.Tensor:
+    r""":math:`\sqrt{v^{max}/v}` elementwise: how many times smaller AMSGrad's step is than Adam's would be
+    (1 where both are 0; :math:`+\infty` where only :math:`v` is).
+
+    Example:
+        >>> amsgrad_ratio(torch.tensor([2.0, 0.0, 3.0]), torch.tensor([1.0, 0.0, 0.0])).tolist()
+        [2.0, 1.0, inf]
+    """
+    ratio = torch.div(max_root, root)
+    if not bool(root.all()):
+        ratio.masked_fill_((root == 0) & (max_root == 0), 1.0)
+    return ratio
 
 
 def preconditioned(chunk: Mapping[str, torch.Tensor], group: Group, param: ParamState, q: dict) -> Preconditioned:
     r"""The saved state's update :math:`\hat m / (\sqrt{\hat v} + \epsilon)` (numerator up to :math:`1/(1-\beta_1^t)`)."""
-    bias_correction2 = 1 - group["betas"][1] ** step_of(param)
-    v = chunk[second_moment_key(group)].float()
+    return bias_corrected_preconditioned(chunk["exp_avg"], chunk[second_moment_key(group)], group, step_of(param),
+                                         q["eff_lr"])
+
+
+def bias_corrected_preconditioned(numerator: torch.Tensor, exp_avg_sq: torch.Tensor, group: Group, step: float,
+                                  eff_lr: torch.Tensor) -> Preconditioned:
+    r""":math:`n / (\sqrt{v/(1-\beta_2^t)} + \epsilon)`, reusing ``eff_lr`` :math:`= \gamma/(\ldots)` as the
+    inverse denominator (recomputed with :math:`\gamma = 1` when the group's lr is 0).
+
+    Shared by every family whose :math:`\epsilon` is added to the bias-corrected
+    :math:`\sqrt{\hat v}` (Adam, AdamW, AMSGrad, NAdam, bitsandbytes Adam).
+    """
+    beta2 = group["betas"][1]
+    v = exp_avg_sq.float()
     lr = group["lr"]
-    inverse = q["eff_lr"] if lr else adam_effective_lr(v, lr=1.0, beta2=group["betas"][1], eps=group["eps"],
-                                                       step=step_of(param))
+    inverse = eff_lr if lr else adam_effective_lr(v, lr=1.0, beta2=beta2, eps=group["eps"], step=step)
     return Preconditioned(
-        numerator=chunk["exp_avg"],
+        numerator=numerator,
         second_moment=v,
         inverse_denominator=inverse,  # eff_lr = lr / (sqrt(v_hat) + eps)
         eps=float(group["eps"]),
-        second_moment_scale=_divide(1.0, bias_correction2),
+        second_moment_scale=_divide(1.0, 1 - beta2**step),
         inverse_denominator_scale=1.0 / lr if lr else 1.0,
     )
 

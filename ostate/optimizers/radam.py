@@ -38,7 +38,7 @@ from typing import Mapping
 import torch
 
 from ostate.optimizers.adam import adam_snr, moment_estimates
-from ostate.optimizers.family import Family, Group, Moments, group_has, register, step_of
+from ostate.optimizers.family import Family, Group, Moments, Preconditioned, group_has, plain_preconditioned, register, step_of
 from ostate.state import ParamState
 
 _STATE_KEYS = frozenset({"step", "exp_avg", "exp_avg_sq"})
@@ -132,6 +132,12 @@ def quantities(chunk: Mapping[str, torch.Tensor], group: Group, param: ParamStat
     }
 
 
+def preconditioned(chunk: Mapping[str, torch.Tensor], group: Group, param: ParamState, q: dict) -> Preconditioned:
+    r"""The rectified update :math:`\hat m\,r\sqrt{1-\beta_2^t}/(\sqrt{v}+\epsilon)`: :math:`\epsilon` on the
+    *uncorrected* :math:`\sqrt v` (before rectification switches on, :math:`v` and :math:`\epsilon` are unused)."""
+    return plain_preconditioned(chunk["exp_avg"], chunk["exp_avg_sq"], group["eps"])
+
+
 def columns(param: ParamState, group: Group) -> dict:
     if param.step is None:
         return {}
@@ -181,6 +187,7 @@ RADAM = register(
         second_moment="exp_avg_sq",
         moments=Moments(estimates=moment_estimates, betas=lambda group: tuple(map(float, group["betas"][:2])),
                         eps_root=eps_root),
+        preconditioned=preconditioned,
         notes=("RAdam: rho, rectified and rect_factor are those of the next step (t+1); while not rectified "
                "the step is lr times the bias-corrected momentum, with no adaptivity.",),
     )

@@ -6,7 +6,9 @@ as it inspects. The kinds (one module each, found by :mod:`ostate.plots.registry
 
 - ``lr-histogram`` (:func:`plot_lr_histogram`): effective-learning-rate histograms;
 - ``layer-profile`` (:func:`plot_layer_profile`): the effective learning rate layer by layer;
-- ``moments`` (:func:`plot_moments`): |m̂| against √v̂ with reference lines (Adam family).
+- ``moments`` (:func:`plot_moments`): |m̂| against √v̂ with reference lines (Adam family);
+- ``compare`` (:func:`ostate.plots.compare.compare_figure`): how each parameter's state
+  moved between checkpoints (``--by consecutive`` or ``first``, as ``ostate compare --against``).
 
 Each function takes one or more paths, checkpoints, optimizers or analyses (several
 are overlaid) and returns a :class:`matplotlib.figure.Figure` built without pyplot (no
@@ -65,6 +67,9 @@ def plot(
     """
     chosen = get_kind(kind)
     by = check_view(chosen, by)  # before any reading: a wrong option fails at once
+    if chosen.from_inputs is not None:
+        return chosen.from_inputs(inputs, by=by, optimizer_index=optimizer_index, workers=workers, progress=progress,
+                                  trust_pickle=trust_pickle, format_hint=format_hint, optimizer=optimizer)
     series = as_series(inputs, labels=labels, optimizer_index=optimizer_index, joint=chosen.joint, workers=workers,
                        progress=progress, trust_pickle=trust_pickle, format_hint=format_hint, optimizer=optimizer)
     return chosen.draw(series, by=by)

@@ -27,13 +27,17 @@ class PlotKind:
     ``by`` accepts (how the figure splits the coordinates into panels or lines), the
     first being the default; ``joint`` says whether the series must be summarised with
     the joint histogram of the moments; ``summary`` is one line for ``--help``.
+    A kind drawn from something other than one summary per checkpoint (``compare``:
+    pairs of checkpoints, streamed side by side) gives ``from_inputs(inputs, by=...,
+    **reading_options)`` instead of ``draw``.
     """
 
     name: str
     summary: str
-    draw: Callable[..., Figure]
     views: tuple[str, ...]
+    draw: Callable[..., Figure] | None = None
     joint: bool = False
+    from_inputs: Callable[..., Figure] | None = None
 
 
 @lru_cache(maxsize=1)
@@ -41,8 +45,8 @@ def plot_kinds() -> dict[str, PlotKind]:
     """Every plot kind by name, in the order of their modules' names.
 
     Example:
-        >>> sorted(plot_kinds())[:2]
-        ['layer-profile', 'lr-histogram']
+        >>> sorted(plot_kinds())
+        ['compare', 'layer-profile', 'lr-histogram', 'moments']
     """
     import ostate.plots as package
 
