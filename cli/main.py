@@ -2,20 +2,40 @@
 
 from __future__ import annotations
 
+import importlib
+
 import click
 
 import ostate
-from ostate_cli.ablate_cmd import ablate
-from ostate_cli.compare_cmd import compare
-from ostate_cli.convert_cmd import convert
-from ostate_cli.demo_cmd import demo
-from ostate_cli.doctor_cmd import doctor
-from ostate_cli.inspect_cmd import inspect
-from ostate_cli.plot_cmd import plot
-from ostate_cli.reset_cmd import reset
+
+# Every command: its name and the module that defines it (as the function of the same
+# name). Modules are imported only when their command runs (or for `ostate --help`), so
+# `ostate inspect` does not pay for matplotlib or the harness.
+COMMANDS = {
+    "inspect": "ostate_cli.inspect_cmd",
+    "demo": "ostate_cli.demo_cmd",
+    "convert": "ostate_cli.convert_cmd",
+    "plot": "ostate_cli.plot_cmd",
+    "compare": "ostate_cli.compare_cmd",
+    "doctor": "ostate_cli.doctor_cmd",
+    "reset": "ostate_cli.reset_cmd",
+    "ablate": "ostate_cli.ablate_cmd",
+}
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class LazyGroup(click.Group):
+    """A click group that imports a command's module the first time the command is asked for."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*COMMANDS, *super().list_commands(ctx)})
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in COMMANDS and name not in self.commands:
+            self.add_command(getattr(importlib.import_module(COMMANDS[name]), name), name)
+        return super().get_command(ctx, name)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(ostate.__version__, prog_name="ostate")
 def main() -> None:
     """What is in your optimizer state, and should you keep it when you fine-tune?
@@ -31,15 +51,6 @@ def main() -> None:
     for fine-tuning.
     """
 
-
-main.add_command(inspect)
-main.add_command(demo)
-main.add_command(convert)
-main.add_command(ablate)
-main.add_command(plot)
-main.add_command(reset)
-main.add_command(doctor)
-main.add_command(compare)
 
 if __name__ == "__main__":
     main()
