@@ -124,12 +124,14 @@ class SharedSecondMoment:
         mean = self.second_moment.reshape(blocks, block_rows).sum(1) / (block_rows * self.row_length)
         shared = 1.0 / (np.sqrt(np.maximum(mean, 0.0)) + self.eps)
         shift = np.repeat(shared, block_rows) - self.reference
-        return float(np.sum(self.second - 2.0 * shift * self.first + shift * shift * self.squares))
+        with np.errstate(invalid="ignore", over="ignore"):  # non-finite state gives NaN, reported as such
+            return float(np.sum(self.second - 2.0 * shift * self.first + shift * shift * self.squares))
 
     def update_norm_sq(self) -> float:
         """:math:`\\sum_i n_i^2 a_i^2`."""
         r = self.reference
-        return float(np.sum(self.second + 2.0 * r * self.first + r * r * self.squares))
+        with np.errstate(invalid="ignore", over="ignore"):
+            return float(np.sum(self.second + 2.0 * r * self.first + r * r * self.squares))
 
     def sums(self, rows_per_head: int | None) -> dict[str, float]:
         """The additive sums behind the ``vmean_*_relchange`` columns (merge by adding)."""
