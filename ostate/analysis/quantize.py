@@ -86,6 +86,11 @@ def _candidate_tables(code: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tens
     return values[lo_index].float(), values[hi_index].float()
 
 
+@lru_cache(maxsize=None)
+def _dynamic_tables(signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return _candidate_tables(tuple(dynamic_map(signed).tolist()))
+
+
 @dataclass
 class BlockwiseError:
     """Accumulates the squared error of the 8-bit round trip of one tensor, chunk by chunk.
@@ -108,8 +113,10 @@ class BlockwiseError:
     _tables: tuple[torch.Tensor, torch.Tensor] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        code = self.code if self.code is not None else dynamic_map(self.signed)
-        self._tables = _candidate_tables(tuple(float(c) for c in code))
+        if self.code is None:  # one accumulator per moment of every parameter: the tables are shared
+            self._tables = _dynamic_tables(self.signed)
+        else:
+            self._tables = _candidate_tables(tuple(self.code.tolist()))
 
     def add(self, chunk: torch.Tensor) -> None:
         """Add one chunk of the flattened tensor (float32 or bfloat16)."""
