@@ -10,7 +10,9 @@ benchmarks/bench_inspect.py does):
 
 - ``ostate inspect CKPT --format json`` (every parameter's row);
 - ``ostate inspect CKPT --by model`` (the table a person reads first);
-- the floor: ``torch.load(mmap=True)`` and one ``torch.sum`` of every tensor.
+- the floor: ``torch.load(mmap=True)`` and one ``torch.sum`` of every tensor;
+- ``ostate.load`` and ``ostate.analyze`` timed apart, in one process of their own
+  (``--phases``: the split between reading and statistics).
 
 Usage:
     python benchmarks/bench_many_params.py [--params 100000] [--numel 4] [--repeat 3] [--dir /tmp/ostate-bench]
@@ -53,6 +55,23 @@ def floor(path: str) -> None:
     print(sum(float(t.sum()) for t in bench_inspect._tensors(sd) if t.is_floating_point()))
 
 
+def phases(path: str) -> None:
+    """Time ``ostate.load`` and ``ostate.analyze`` apart; print them with this process's peak RSS."""
+    import resource
+    import time
+
+    import ostate
+
+    start = time.perf_counter()
+    checkpoint = ostate.load(path)
+    loaded = time.perf_counter()
+    table = ostate.analyze(checkpoint)
+    analyzed = time.perf_counter()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(f"load {loaded - start:.2f} s, analyze {analyzed - loaded:.2f} s ({len(table)} rows), "
+          f"peak RSS {bench_inspect.gb(peak)}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dir", default="/tmp/ostate-bench")
@@ -62,6 +81,8 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the checkpoint (reused by the next run)")
     parser.add_argument("--write", metavar="PATH", help=argparse.SUPPRESS)
     parser.add_argument("--floor", metavar="PATH", help=argparse.SUPPRESS)
+    parser.add_argument("--phases", action="store_true",
+                        help="also time ostate.load and ostate.analyze apart, in one process of their own")
     args = parser.parse_args()
     if args.write:
         write_checkpoint(Path(args.write), args.params, args.numel)
@@ -97,6 +118,11 @@ def main() -> None:
             cpu = statistics.median(r.cpu_s for r in runs)
             peak = max(r.peak_rss_bytes for r in runs)
             print(f"| {label:<40} | {wall:7.2f} | {cpu:7.2f} | {bench_inspect.gb(peak):>9} |", flush=True)
+        if args.phases:
+            bench_inspect.warm(path)
+            print()
+            subprocess.run([python, "-c", f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+                            f"import bench_many_params as b; b.phases({str(path)!r})"], check=True)
         print(f"\nload average at the end: {os.getloadavg()[0]:.1f}")
     finally:
         if not args.keep:

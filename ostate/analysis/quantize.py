@@ -135,10 +135,13 @@ class BlockwiseError:
         scale = absmax.masked_fill(absmax == 0, 1.0)
         y = torch.div(blocks, scale[:, None]).view(-1)
         # Bucket ids; a finite y >= 0 (unsigned map) has no sign bit to mask (one pass fewer).
+        # A damaged file can hold negative "non-negative" moments: their ids come out negative.
         if self.signed or not bool(torch.isfinite(absmax).all()):
             ids = bucket_ids(y)
         else:
             ids = torch.bitwise_right_shift(y.view(torch.int32), 16)
+            if int(ids.min()) < 0:
+                ids = bucket_ids(y)
         near_lo, near_hi = self._tables
         lo_err = near_lo.index_select(0, ids)
         hi_err = near_hi.index_select(0, ids)

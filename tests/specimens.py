@@ -1,0 +1,134 @@
+"""Small real checkpoints of every layout ostate reads, and a judge of what reading one did.
+
+Shared by the hostile-input tests, the fuzz test and ``benchmarks/fuzz_readers.py``:
+each specimen is written by the real library (torch.save, safetensors through
+``ostate.convert``, torch.distributed.checkpoint, transformers.Trainer,
+accelerate), except DeepSpeed, whose checkpoints come from tests/fixtures/deepspeed
+(written by a real DeepSpeed run, see tests/deepspeed_train.py).
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from tests.conftest import REPO, Net, train
+
+FIXTURES = REPO / "tests" / "fixtures" / "deepspeed"
+
+
+@dataclass(frozen=True)
+class Specimen:
+    """One checkpoint: its ``path`` (file or directory) and the ``files`` in it a mutation may touch."""
+
+    format: str
+    path: Path
+    files: tuple[Path, ...]
+
+
+def _trained() -> tuple[Net, torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    model = Net()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+    train(model, opt, steps=2)
+    return model, opt
+
+
+def torch_zip(directory: Path) -> Specimen:
+    model, opt = _trained()
+    path = directory / "ckpt.pt"
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": 1}, path)
+    return Specimen("torch-zip", path, (path,))
+
+
+def torch_legacy(directory: Path) -> Specimen:
+    model, opt = _trained()
+    path = directory / "legacy.pt"
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, path,
+               _use_new_zipfile_serialization=False)
+    return Specimen("torch-legacy", path, (path,))
+
+
+def safetensors_optimizer(directory: Path) -> Specimen:
+    import ostate
+
+    scratch = directory / "for-safetensors"
+    scratch.mkdir()
+    path = directory / "optimizer.safetensors"
+    ostate.convert(torch_zip(scratch).path, path)
+    shutil.rmtree(scratch)
+    return Specimen("safetensors", path, (path,))
+
+
+def dcp(directory: Path) -> Specimen:
+    import torch.distributed.checkpoint as dist_checkpoint
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    model, opt = _trained()
+    path = directory / "dcp"
+    dist_checkpoint.save({"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, opt)},
+                         checkpoint_id=str(path), no_dist=True)
+    return Specimen("dcp", path, _files(path))
+
+
+def hf_trainer(directory: Path) -> Specimen:
+    from tests.builders import tiny_gpt2, train_with_trainer
+
+    run = train_with_trainer(directory / "trainer", tiny_gpt2(), steps=2, save_steps=2)
+    return Specimen("hf-trainer", run.checkpoint, _files(run.checkpoint))
+
+
+def accelerate(directory: Path) -> Specimen:
+    from tests.builders import save_with_accelerate
+
+    run = save_with_accelerate(directory / "accelerate")
+    return Specimen("accelerate", run.directory, _files(run.directory))
+
+
+def deepspeed(directory: Path) -> Specimen:
+    path = directory / "deepspeed"
+    shutil.copytree(FIXTURES / "fusedadam", path)
+    (path / "ground_truth.pt").unlink()
+    return Specimen("deepspeed", path, _files(path))
+
+
+BUILDERS: dict[str, Callable[[Path], Specimen]] = {
+    "torch-zip": torch_zip,
+    "torch-legacy": torch_legacy,
+    "safetensors": safetensors_optimizer,
+    "dcp": dcp,
+    "hf-trainer": hf_trainer,
+    "accelerate": accelerate,
+    "deepspeed": deepspeed,
+}
+
+
+def build(name: str, directory: Path) -> Specimen:
+    directory.mkdir(parents=True, exist_ok=True)
+    return BUILDERS[name](directory)
+
+
+def _files(directory: Path) -> tuple[Path, ...]:
+    return tuple(sorted(p for p in directory.rglob("*") if p.is_file()))
+
+
+def inspect_outcome(path: Path) -> str:
+    """Read and analyse ``path`` in this process: ``ok``, or ``error`` for a one-line OstateError.
+
+    Anything else (another exception, a multi-line message) propagates: it is a bug.
+    """
+    import ostate
+
+    try:
+        checkpoint = ostate.load(path)
+        for optimizer in checkpoint.optimizers:
+            ostate.analyze(optimizer)
+    except ostate.OstateError as e:
+        message = str(e)
+        assert message and "\n" not in message and "Traceback" not in message, message
+        return "error"
+    return "ok"
