@@ -132,3 +132,48 @@ def inspect_outcome(path: Path) -> str:
         assert message and "\n" not in message and "Traceback" not in message, message
         return "error"
     return "ok"
+
+
+MUTATIONS = ("truncate", "flip", "splice", "zero", "overwrite")
+
+
+def mutate(data: bytes, kind: str, a: int, b: int, c: int) -> bytes:
+    """One byte-level mutation of ``data``; ``a``, ``b``, ``c`` are any non-negative numbers (positions, mod size).
+
+    Example:
+        >>> mutate(b"abcdef", "truncate", 3, 0, 0), mutate(b"abcdef", "zero", 1, 3, 0)
+        (b'abc', b'a\\x00\\x00def')
+    """
+    if not data:
+        return data
+    n = len(data)
+    i, j = sorted((a % (n + 1), b % (n + 1)))
+    if kind == "truncate":
+        return data[: a % n]
+    if kind == "flip":
+        out = bytearray(data)
+        out[a % n] ^= 1 << (b % 8)
+        out[c % n] ^= 1 << (a % 8)
+        return bytes(out)
+    if kind == "zero":
+        return data[:i] + bytes(j - i) + data[j:]
+    if kind == "overwrite":  # a field set to an extreme value
+        out = bytearray(data)
+        out[a % n: a % n + 8] = (b"\xff" * 8 if b % 2 else b"\x7f" + b"\xff" * 7)[: n - a % n]
+        return bytes(out)
+    k = c % (n + 1)  # splice: a slice of the file copied elsewhere
+    return data[:k] + data[i:j] + data[k:]
+
+
+def mutated_copy(spec: Specimen, target: Path, file_index: int, kind: str, a: int, b: int, c: int) -> Path:
+    """A copy of ``spec`` under ``target`` with one of its files mutated; returns the copy's path."""
+    copy = target / spec.path.name
+    if spec.path.is_dir():
+        shutil.copytree(spec.path, copy, symlinks=True)
+    else:
+        shutil.copy(spec.path, copy)
+    victim = spec.files[file_index % len(spec.files)]
+    relative = victim.relative_to(spec.path) if spec.path.is_dir() else None
+    path = copy / relative if relative is not None else copy
+    path.write_bytes(mutate(path.read_bytes(), kind, a, b, c))
+    return copy
