@@ -9,7 +9,8 @@ resident memory, from ``wait4``'s rusage):
 - the floor: memory-map the file and read every tensor once (``torch.sum``);
 - the straightforward way: ``torch.load`` everything and compute the same per-tensor
   statistics with plain torch ops (sorting for quantiles, ``torch.bucketize`` for the
-  8-bit codes).
+  8-bit codes);
+- with ``--plots``, also ``ostate plot CKPT -o plot.png --kind K`` for every plot kind.
 
 ``--larger-than-memory GB`` instead writes a checkpoint of about that size (more than
 this machine's memory), runs ``ostate inspect`` on it and reports its peak memory.
@@ -21,7 +22,7 @@ map of it.
 Every checkpoint written is deleted at the end unless ``--keep`` is given.
 
 Usage:
-    python benchmarks/bench_inspect.py [--dir /tmp/ostate-bench] [--layers 24] [--width 4096] [--repeat 3]
+    python benchmarks/bench_inspect.py [--dir /tmp/ostate-bench] [--layers 24] [--width 4096] [--repeat 3] [--plots]
     python benchmarks/bench_inspect.py --larger-than-memory 30 [--dir /tmp/ostate-bench]
 """
 
@@ -41,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+PLOT_KINDS = ("lr-histogram", "layer-profile", "moments")
 
 
 # ---------------------------------------------------------------------------- checkpoints
@@ -267,6 +269,11 @@ def run_benchmark(args: argparse.Namespace) -> None:
         + (["--workers", str(args.workers)] if args.workers else []),
         "straightforward: torch.load + plain torch ops": [python, __file__, "--straightforward", str(path)],
     }
+    figures = [directory / f"plot-{kind}.png" for kind in PLOT_KINDS] if args.plots else []
+    for kind, figure in zip(PLOT_KINDS, figures):
+        commands[f"ostate plot --kind {kind}"] = [python, "-m", "ostate_cli.main", "plot", str(path), "-o",
+                                                  str(figure), "--kind", kind] + (
+            ["--workers", str(args.workers)] if args.workers else [])
     try:
         results = {}
         for label, argv in commands.items():
@@ -280,6 +287,8 @@ def run_benchmark(args: argparse.Namespace) -> None:
     finally:
         if not args.keep:
             path.unlink(missing_ok=True)
+            for figure in figures:
+                figure.unlink(missing_ok=True)
 
 
 def report(path: Path, size: int, args: argparse.Namespace, results: dict[str, Run]) -> None:
@@ -344,6 +353,7 @@ def main() -> None:
     parser.add_argument("--skip-straightforward", action="store_true")
     parser.add_argument("--workers", type=int, help="pass --workers N to ostate inspect")
     parser.add_argument("--keep", action="store_true", help="keep the checkpoint (reused by the next run)")
+    parser.add_argument("--plots", action="store_true", help="also time `ostate plot` of each kind on the checkpoint")
     parser.add_argument("--larger-than-memory", type=float, metavar="GB",
                         help="instead: inspect a checkpoint of about this many GB")
     parser.add_argument("--write", metavar="PATH", help=argparse.SUPPRESS)

@@ -25,4 +25,5 @@ def demo(directory, steps, by):
     click.echo(f"training a small model for {steps} steps and saving {path} ...", err=True)
     make_demo_checkpoint(path, steps=steps)
     click.echo(render(build_report(ostate.load(path), by=by)), nl=False)
-    click.echo(f"\nnext: ostate inspect {path} --by layer   (or --format json, --sort eff_lr_p50 --top 5)", err=True)
+    click.echo(f"\nnext: ostate inspect {path} --by layer   (or --format json, --sort eff_lr_p50 --top 5)\n"
+               f"      ostate plot {path} -o lr.png     (or --kind layer-profile, --kind moments)", err=True)

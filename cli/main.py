@@ -2,32 +2,55 @@
 
 from __future__ import annotations
 
+import importlib
+
 import click
 
 import ostate
-from ostate_cli.ablate_cmd import ablate
-from ostate_cli.convert_cmd import convert
-from ostate_cli.demo_cmd import demo
-from ostate_cli.inspect_cmd import inspect
+
+# Every command: its name and the module that defines it (as the function of the same
+# name). Modules are imported only when their command runs (or for `ostate --help`), so
+# `ostate inspect` does not pay for matplotlib or the harness.
+COMMANDS = {
+    "inspect": "ostate_cli.inspect_cmd",
+    "demo": "ostate_cli.demo_cmd",
+    "convert": "ostate_cli.convert_cmd",
+    "plot": "ostate_cli.plot_cmd",
+    "compare": "ostate_cli.compare_cmd",
+    "doctor": "ostate_cli.doctor_cmd",
+    "reset": "ostate_cli.reset_cmd",
+    "ablate": "ostate_cli.ablate_cmd",
+}
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class LazyGroup(click.Group):
+    """A click group that imports a command's module the first time the command is asked for."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*COMMANDS, *super().list_commands(ctx)})
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in COMMANDS and name not in self.commands:
+            self.add_command(getattr(importlib.import_module(COMMANDS[name]), name), name)
+        return super().get_command(ctx, name)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(ostate.__version__, prog_name="ostate")
 def main() -> None:
     """What is in your optimizer state, and should you keep it when you fine-tune?
 
     Run `ostate demo` to make a small checkpoint and inspect it, or
     `ostate inspect PATH` on your own (a file or a checkpoint directory);
-    `ostate convert IN OUT` writes its optimizer state as safetensors or .pt;
-    `ostate ablate` measures which handling of the optimizer state works best
+    `ostate plot PATH -o OUT.png` draws it (effective-lr histograms, layer
+    profiles, moments); `ostate convert IN OUT` writes its optimizer state as
+    safetensors or .pt; `ostate compare A B` shows how the state moved between
+    checkpoints; `ostate doctor PATH` lists what is wrong with it (exit code for
+    CI); `ostate reset PATH --strategy S -o OUT` writes it with a strategy
+    applied; `ostate ablate` measures which handling of the optimizer state works best
     for fine-tuning.
     """
 
-
-main.add_command(inspect)
-main.add_command(demo)
-main.add_command(convert)
-main.add_command(ablate)
 
 if __name__ == "__main__":
     main()

@@ -55,7 +55,11 @@ def main() -> None:
     except ImportError:
         print("DeepSpeed is not installed: this example needs it to write a checkpoint (pip install deepspeed).")
         return
-    save_dir = os.path.join(sys.argv[1] if len(sys.argv) > 1 else "ostate-deepspeed", "checkpoints")
+    workdir = sys.argv[1] if len(sys.argv) > 1 else "ostate-deepspeed"
+    save_dir = os.path.join(workdir, "checkpoints")
+    # DeepSpeed builds a small C++ op on first use on CPU; a private build folder keeps a lock
+    # left by some earlier, killed build in ~/.cache/torch_extensions from blocking this run.
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.abspath(os.path.join(workdir, "torch_extensions")))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

@@ -5,6 +5,7 @@ predict the next character of the Zen of Python (the text of ``import this``) fo
 few hundred steps with AdamW, a decay / no-decay param-group split like Hugging Face's
 Trainer, and a warmup-then-cosine LR schedule (down to a tenth of the peak). The result is saved the way training
 scripts usually save: ``{'model', 'optimizer', 'lr_scheduler', 'epoch', 'global_step'}``.
+:func:`make_demo_run` saves several such checkpoints along one run.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import contextlib
 import io
 import math
 import os
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -58,6 +60,34 @@ def make_demo_checkpoint(path: str | os.PathLike, *, steps: int = 300, seed: int
         >>> ostate.load(p).optimizers[0].kind
         'adamw'
     """
+    path = os.fspath(path)
+    for _step, checkpoint in _train(steps, seed, save_at={steps}):
+        save_atomically(checkpoint, path)
+    return path
+
+
+def make_demo_run(directory: str | os.PathLike, *, steps: int = 300, save_every: int = 100, seed: int = 0) -> list[str]:
+    """Train the demo model once for ``steps`` steps, saving ``checkpoint-<step>.pt`` every ``save_every`` steps.
+
+    The checkpoints are snapshots of one run (one schedule over ``steps`` steps), as a
+    training script that saves periodically writes them. Returns their paths in step order.
+
+    Example:
+        >>> import tempfile, os
+        >>> [os.path.basename(p) for p in make_demo_run(tempfile.mkdtemp(), steps=4, save_every=2)]
+        ['checkpoint-2.pt', 'checkpoint-4.pt']
+    """
+    directory = os.fspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    paths = []
+    for step, checkpoint in _train(steps, seed, save_at=set(range(save_every, steps + 1, save_every))):
+        paths.append(os.path.join(directory, f"checkpoint-{step}.pt"))
+        save_atomically(checkpoint, paths[-1])
+    return paths
+
+
+def _train(steps: int, seed: int, save_at: set[int]) -> Iterator[tuple[int, dict]]:
+    """Train the demo model; after each step in ``save_at`` yield the step and the checkpoint to save."""
     torch.manual_seed(seed)
     text = zen_of_python()
     chars = sorted(set(text))
@@ -79,24 +109,22 @@ def make_demo_checkpoint(path: str | os.PathLike, *, steps: int = 300, seed: int
         lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * min(s, steps) / steps))),
     )
     generator = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
+    for step in range(1, steps + 1):
         batch = windows[torch.randint(len(windows), (64,), generator=generator)]
         loss = nn.functional.cross_entropy(model(batch[:, :-1]), batch[:, -1])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         schedule.step()
-    checkpoint = {
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "lr_scheduler": schedule.state_dict(),
-        "epoch": steps * 64 // len(windows),
-        "global_step": steps,
-        "vocab": "".join(chars),
-    }
-    path = os.fspath(path)
-    save_atomically(checkpoint, path)
-    return path
+        if step in save_at:
+            yield step, {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "lr_scheduler": schedule.state_dict(),
+                "epoch": step * 64 // len(windows),
+                "global_step": step,
+                "vocab": "".join(chars),
+            }
 
 
 def save_atomically(obj: object, path: str) -> None:

@@ -128,7 +128,7 @@ def _shown_columns(kind: str, by: str, table: pd.DataFrame, requested: list[str]
 
 def _scheduler_summary(state: dict[str, Any]) -> dict[str, Any]:
     keep = ("_location", "last_epoch", "_step_count", "_last_lr", "base_lrs")
-    return {k.lstrip("_") if k == "_location" else k: _jsonable(state[k]) for k in keep if k in state}
+    return {k.lstrip("_") if k == "_location" else k: jsonable(state[k]) for k in keep if k in state}
 
 
 # ---------------------------------------------------------------------- rendering
@@ -151,7 +151,7 @@ def to_json(report: Report) -> dict[str, Any]:
         "path": report.path,
         "format": report.format,
         "view": report.view,
-        "metadata": _jsonable(report.metadata),
+        "metadata": jsonable(report.metadata),
         "weights": {"location": report.weights_location, "tensors": report.weights_count},
         "schedulers": report.schedulers,
         "warnings": report.warnings,
@@ -171,22 +171,22 @@ def to_json(report: Report) -> dict[str, Any]:
                                  "state_bytes", "state_dtypes", "lr_note", "notes", "warnings")},
             "param_count": d["params"],
         }
-        rows = [_jsonable(r) for r in o.table.to_dict(orient="records")]
+        rows = [jsonable(r) for r in o.table.to_dict(orient="records")]
         entry["params" if report.view == "param" else "rows"] = rows
         out["optimizers"].append(entry)
     return out
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if isinstance(value, float):
         return None if math.isnan(value) or math.isinf(value) else value
     if hasattr(value, "item") and callable(value.item):
         try:
-            return _jsonable(value.item())
+            return jsonable(value.item())
         except (ValueError, RuntimeError):
             return repr(value)
     if value is None or isinstance(value, (bool, int, str)):
@@ -346,6 +346,18 @@ def text_table(head: list[str], rows: list[list[str]], *, left: set[str] = froze
 
 def _markdown_table(o: OptimizerReport) -> str:
     head, rows = _cells(o)
+    return markdown_table(head, rows)
+
+
+def markdown_table(head: list[str], rows: list[list[str]]) -> str:
+    """A Markdown (GitHub) table of text cells, ``|`` escaped.
+
+    Example:
+        >>> print(markdown_table(["name", "n"], [["a|b", "1"]]))
+        | name | n |
+        |---|---|
+        | a\\|b | 1 |
+    """
     out = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     out += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows]
     return "\n".join(out)

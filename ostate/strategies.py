@@ -289,12 +289,17 @@ def apply_strategy(
     *,
     names: Mapping[Any, str] | Sequence[str] | None = None,
     kind: str | None = None,
+    explicit_fresh: bool = False,
 ) -> dict[str, Any]:
     """A new optimizer state dict: ``state_dict`` with ``strategy`` applied (the module docstring
     defines each strategy). ``kind`` is the optimizer family (e.g. :func:`optimizer_kind` of
     the optimizer that will load the result); by default it is detected from the state.
     ``names`` names the parameters for a ``NAME:REGEX`` strategy when the state dict's
-    groups carry no ``param_names``.
+    groups carry no ``param_names``. ``explicit_fresh`` writes a ``fresh`` parameter's state
+    as the values a new optimizer initialises it with (zeros, ``step`` 0, NAdam's
+    ``mu_product`` 1) instead of removing it, for checkpoint formats whose loaders need
+    every entry (torch.distributed.checkpoint, DeepSpeed); torch steps both forms alike.
+    State whose fresh form is its absence (SGD's momentum buffer) is still removed.
 
     Example:
         >>> m = torch.nn.Linear(2, 2); opt = torch.optim.AdamW(m.parameters())
@@ -317,7 +322,7 @@ def apply_strategy(
     new_state: dict[Any, dict[str, Any]] = {}
     for index, saved in state_dict.get("state", {}).items():
         action = actions.get(index, "reload")
-        new = _transform(dict(saved), action, layout, group_of.get(index, {}))
+        new = _transform(dict(saved), action, layout, group_of.get(index, {}), explicit_fresh)
         if new or not (layout is None or layout.lazy_init):
             new_state[index] = new
     _update_v_age(groups, state_dict.get("state", {}), actions, keep_v_needs_age=bool(layout and layout.v_bias_corrected))
@@ -327,11 +332,12 @@ def apply_strategy(
     return out
 
 
-def _transform(state: dict[str, Any], action: str, layout: StateLayout | None, group: Mapping[str, Any]) -> dict:
+def _transform(state: dict[str, Any], action: str, layout: StateLayout | None, group: Mapping[str, Any],
+               explicit_fresh: bool = False) -> dict:
     if action in ("reload", "none"):
         return state
     if action == "fresh":
-        if layout is None or layout.lazy_init:
+        if layout is None or (layout.lazy_init and not explicit_fresh):
             return {}
         keys = list(state)
     else:

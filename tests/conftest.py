@@ -117,3 +117,11 @@ def dcp_sharded(tmp_path_factory):
     directory = tmp_path_factory.mktemp("dcp2")
     save_dcp_layouts(directory, world_size=2)
     return directory
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """Two checkpoints of one run of the demo model (AdamW, two param groups): steps 30 and 60."""
+    from ostate.demo import make_demo_run
+
+    return make_demo_run(tmp_path_factory.mktemp("demo-run"), steps=60, save_every=30)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import tempfile
 
 import torch
 from torch import nn
@@ -162,6 +163,8 @@ def main(argv: list[str]) -> None:
     fixtures = "--fixtures" in rest
     cases = [a for a in rest if a != "--fixtures"] or list(DEFAULT_CASES)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    # Private build folder for DeepSpeed's C++ ops: see tests/test_deepspeed.py.
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", tempfile.mkdtemp(prefix="ostate-torch-ext-"))
     torch.multiprocessing.spawn(worker, args=(WORLD_SIZE, free_port(), out, cases), nprocs=WORLD_SIZE, join=True)
     if fixtures:
         for case in cases:

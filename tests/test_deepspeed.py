@@ -37,7 +37,11 @@ TRAINED = ["embed.weight", "head.weight", "embed.bias", "head.bias"]
 
 @pytest.fixture(scope="session")
 def deepspeed_runs(tmp_path_factory):
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONWARNINGS": "ignore"}
+    # A private folder for the C++ ops DeepSpeed builds on first use (its shared-memory
+    # all-reduce on CPU): a build killed half-way elsewhere leaves a lock file in the shared
+    # ~/.cache/torch_extensions that would make every later build wait on it forever.
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONWARNINGS": "ignore",
+           "TORCH_EXTENSIONS_DIR": str(tmp_path_factory.mktemp("torch_extensions"))}
     # Two processes on a shared machine (a free port taken meanwhile, a C++ op cache being
     # rebuilt by another process) can fail to start; one retry in a fresh folder, then report both.
     failures = []
@@ -57,7 +61,12 @@ def deepspeed_runs(tmp_path_factory):
 
 
 def _run(cmd, env, check=True):
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    try:
+        done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    except subprocess.TimeoutExpired as e:
+        printed = (e.stdout or b"")[-3000:] + (e.stderr or b"")[-3000:]
+        pytest.fail(f"{' '.join(cmd)} ran past {e.timeout} s; it printed:\n"
+                    + printed.decode(errors="replace"))
     assert not check or done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done
 

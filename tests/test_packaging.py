@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 import tomllib
 
 from tests.conftest import REPO
@@ -32,3 +34,15 @@ def test_the_library_never_imports_click():
 
 def test_torch_is_pinned_for_installs_here():
     assert "torch==2.13.0" in (REPO / "constraints.txt").read_text()
+
+
+def test_a_command_imports_only_its_own_module_so_inspect_starts_without_matplotlib():
+    probe = ("import sys, click\n"
+             "from ostate_cli.main import COMMANDS, main\n"
+             "ctx = click.Context(main)\n"
+             "assert main.get_command(ctx, 'inspect').name == 'inspect'\n"
+             "print(sorted(m for m in ('matplotlib', 'ostate.harness', 'ostate.plots') if m in sys.modules))\n"
+             "print(all(main.get_command(ctx, name).name == name for name in COMMANDS))\n")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split("\n")[:2] == ["[]", "True"]

@@ -101,6 +101,7 @@ def summarize(
     heads: HeadLayout | None = None,
     workers: int | None = None,
     progress: bool = False,
+    joint: bool = False,
 ) -> Analysis:
     """Summarise every parameter of every optimizer in ``target``, reading each tensor once.
 
@@ -116,6 +117,10 @@ def summarize(
             restored afterwards), which makes the results identical for any ``workers``,
             and glibc keeps freed memory for reuse (:mod:`ostate.analysis.allocator`).
         progress: show a progress bar on stderr when the work takes more than a second.
+        joint: also count each coordinate's (sqrt(v̂), |m̂|) in a 2-D
+            histogram (``ViewRow.joints["moments"]``, :mod:`ostate.analysis.joint`), for the
+            families that declare their moments (Adam, AdamW, NAdam, RAdam, bitsandbytes
+            Adam). Off by default: it costs a few more passes over each chunk.
     """
     if isinstance(target, Checkpoint):
         optimizers = target.optimizers
@@ -131,10 +136,10 @@ def summarize(
     bar = tqdm(total=total, unit="coord", unit_scale=True, desc="analysing", disable=not progress, delay=1.0,
                leave=False)
     results = []
-    with bar, _intra_op_threads(1), reuse_freed_memory():
+    with bar, intra_op_threads(1), reuse_freed_memory():
         for optimizer in optimizers:
             results.append(OptimizerAnalysis(optimizer, list(summaries(optimizer, weights=refs, heads=heads,
-                                                                       workers=workers, bar=bar))))
+                                                                       workers=workers, bar=bar, joint=joint))))
     return Analysis(results, _notes(optimizers, heads))
 
 
@@ -145,13 +150,15 @@ def summaries(
     heads: HeadLayout | None = None,
     workers: int = 1,
     bar: tqdm | None = None,
+    joint: bool = False,
 ) -> Iterator[ParamSummary]:
-    """Each parameter's summary in the optimizer's order, computed by ``workers`` threads."""
+    """Each parameter's summary in the optimizer's order, computed by ``workers`` threads
+    (``joint``: with the joint histogram of its moments, see :func:`summarize`)."""
     family = get_family(optimizer.kind)
     weights = weights or {}
 
     def one(param) -> ParamSummary:
-        summary = summarize_param(optimizer, param, family, weight=weights.get(param.name), heads=heads)
+        summary = summarize_param(optimizer, param, family, weight=weights.get(param.name), heads=heads, joint=joint)
         if bar is not None and param.has_state:
             bar.update(param.numel or 0)
         return summary
@@ -201,7 +208,9 @@ def _batches(params: list) -> Iterator[list]:
 
 
 @contextlib.contextmanager
-def _intra_op_threads(n: int):
+def intra_op_threads(n: int) -> Iterator[None]:
+    """torch's intra-op thread count set to ``n`` inside the block (restored after): the analysis runs
+    its own threads across parameters, and a fixed count keeps float reductions in one order."""
     before = torch.get_num_threads()
     torch.set_num_threads(n)
     try:

@@ -7,7 +7,9 @@ learning rate, |m|, v, ...) and every quantity is summarised in a :class:`Sketch
 Whole-tensor figures (trouble fractions, Adam-mini compressibility, 8-bit
 quantization error) are kept as additive sums. Only sketches and sums are kept, so
 memory stays at a few chunks whatever the tensor's size, and the pages of the
-memory-mapped file are given back as the stream moves on.
+memory-mapped file are given back as the stream moves on. When asked (``joint=True``)
+an Adam-style family's (sqrt(v̂), |m̂|) pairs are also counted in a
+2-D histogram (:mod:`ostate.analysis.joint`), under the key ``moments``.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch
 from ostate.analysis.compress import SharedSecondMoment
 from ostate.analysis.columns import derived_columns, sketch_columns
 from ostate.analysis.heads import HeadLayout
+from ostate.analysis.joint import JointHistogram
 from ostate.analysis.quantize import BLOCK, BlockwiseError
 from ostate.analysis.sketch import Sketch
 from ostate.optimizers import Family
@@ -37,11 +40,13 @@ assert CHUNK % BLOCK == 0 and RELEASE_EVERY % CHUNK == 0
 
 @dataclass
 class ParamSummary:
-    """One parameter's table row, the sketches behind its statistics, and its additive sums."""
+    """One parameter's table row, the sketches behind its statistics, its additive sums, and
+    its joint histograms (``moments``: (sqrt(v̂), |m̂|), only when asked for)."""
 
     row: dict[str, Any]
     sketches: dict[str, Sketch] = field(default_factory=dict)
     sums: dict[str, float] = field(default_factory=dict)
+    joints: dict[str, JointHistogram] = field(default_factory=dict)
 
 
 ROOT_LAYER = "(root)"
@@ -119,17 +124,20 @@ def summarize_param(
     *,
     weight: TensorRef | None = None,
     heads: HeadLayout | None = None,
+    joint: bool = False,
 ) -> ParamSummary:
     """The row, sketches and sums of one parameter.
 
     ``weight`` is the parameter's tensor from the checkpoint's model (used only when
     its shape is the parameter's); ``heads`` says how to split attention projections
-    into heads for ``vmean_head_relchange``.
+    into heads for ``vmean_head_relchange``; ``joint`` also counts the family's moment
+    pairs in a joint histogram (families that declare ``moments`` only).
     """
     group = optimizer.groups[param.group]
     row = base_row(optimizer, param)
     sketches: dict[str, Sketch] = {}
     sums: dict[str, float] = {}
+    joints: dict[str, JointHistogram] = {}
     with explain_missing_keys(param, family):
         if param.has_state:
             row.update(family.columns(param, group))
@@ -143,11 +151,13 @@ def summarize_param(
             # second moments) from ``param`` itself, so it is asked even when nothing is aligned.
             if aligned or not family.chunked:
                 rows_per_head = heads.rows_per_head(param.name, shape) if heads is not None else None
-                _stream(param, group, family, aligned, weight, rows_per_head, sketches, sums)
+                if joint and family.moments is not None:
+                    joints["moments"] = JointHistogram()
+                _stream(param, group, family, aligned, weight, rows_per_head, sketches, sums, joints.get("moments"))
     for quantity, sketch in sketches.items():
         row.update(sketch_columns(quantity, sketch))
     row.update(derived_columns(sketches, sums, family.second_moment))
-    return ParamSummary(row, sketches, sums)
+    return ParamSummary(row, sketches, sums, joints)
 
 
 def _stream(
@@ -159,6 +169,7 @@ def _stream(
     rows_per_head: int | None,
     sketches: dict[str, Sketch],
     sums: dict[str, float],
+    moments: JointHistogram | None,
 ) -> None:
     refs = list(aligned.values()) + ([weight] if weight is not None else [])
     numel = param.numel or 0
@@ -167,6 +178,7 @@ def _stream(
     quantized = {key: BlockwiseError(signed) for key, signed in family.quantized_moments.items() if key in aligned}
     nonfinite = eps_dominated = 0
     released = 0
+    compressible = False
     try:
         flat = {k: ref.read().reshape(-1) for k, ref in aligned.items()}
         weights = weight.read().reshape(-1) if weight is not None else None
@@ -183,11 +195,16 @@ def _stream(
             if weights is not None:  # only the weights' RMS is needed: no histogram
                 sketches.setdefault("weight", Sketch(with_histogram=False)).add(weights[start : start + step])
             nonfinite += _nonfinite_coordinates(chunk.values())
+            if moments is not None:
+                first, second_root = family.moments.estimates(chunk, group, param, quantities)
+                moments.add(second_root, first)
             if shared is not None:
                 pre = family.preconditioned(chunk, group, param, quantities)
                 # sqrt(s_hat) <= eps, with s_hat = second_moment * scale
                 eps_dominated += int(torch.count_nonzero(pre.second_moment <= pre.eps**2 / pre.second_moment_scale))
-                shared.add(start, pre)
+                if pre.numerator is not None:  # a gradient numerator (Adagrad, RMSprop) is not in the state
+                    shared.add(start, pre)
+                    compressible = True
             for key, accumulator in quantized.items():
                 accumulator.add(chunk[key])
             if start + length - released >= RELEASE_EVERY:
@@ -199,12 +216,15 @@ def _stream(
             ref.release()
     for sketch in sketches.values():
         sketch.compact()
+    if moments is not None:
+        moments.compact()
     sums["coords"] = numel
     sums["nonfinite_coords"] = nonfinite
     if shared is not None:
         sums["eps_dominated"] = eps_dominated
         sums["eps_coords"] = numel
-        sums.update(shared.sums(rows_per_head))
+        if compressible:
+            sums.update(shared.sums(rows_per_head))
     for key, accumulator in quantized.items():
         sums[f"{key}_q8_err_sq"] = accumulator.error_sq
         sums[f"{key}_q8_norm_sq"] = accumulator.norm_sq

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ostate.analysis.columns import derived_columns, merge_sums, sketch_columns
+from ostate.analysis.joint import JointHistogram
 from ostate.analysis.params import PARAM_KINDS, ParamSummary
 from ostate.analysis.sketch import Sketch
 from ostate.state import OptimizerState
@@ -28,7 +29,8 @@ class ViewRow:
 
     ``sketches`` maps each quantity (``eff_lr``, ``exp_avg_sq``, ``update``, ``weight``,
     ...) to the sketch of every coordinate in the row; ``members`` are the names of
-    the parameters merged into it.
+    the parameters merged into it; ``joints`` holds the merged joint histograms
+    (``moments``) when the analysis was asked for them (``summarize(..., joint=True)``).
     """
 
     key: Any
@@ -36,13 +38,14 @@ class ViewRow:
     sketches: dict[str, Sketch] = field(default_factory=dict)
     sums: dict[str, float] = field(default_factory=dict)
     members: list[str] = field(default_factory=list)
+    joints: dict[str, JointHistogram] = field(default_factory=dict)
 
 
 def view_rows(optimizer: OptimizerState, summaries: list[ParamSummary], by: str,
               second_moment: str | None) -> list[ViewRow]:
     """The rows of view ``by`` for one optimizer's parameter summaries, in table order."""
     if by == "param":
-        return [ViewRow(s.row["name"], s.row, s.sketches, s.sums, [s.row["name"]]) for s in summaries]
+        return [ViewRow(s.row["name"], s.row, s.sketches, s.sums, [s.row["name"]], s.joints) for s in summaries]
     groups: dict[Any, list[ParamSummary]] = defaultdict(list)
     for s in summaries:
         groups[s.row[KEY_COLUMN[by]] if KEY_COLUMN[by] else "model"].append(s)
@@ -84,4 +87,6 @@ def _merged_row(optimizer: OptimizerState, by: str, key: Any, members: list[Para
         row.update(sketch_columns(quantity, sketch))
     sums = merge_sums([m.sums for m in members])
     row.update(derived_columns(sketches, sums, second_moment))
-    return ViewRow(key, row, sketches, sums, [m.row["name"] for m in members])
+    joints = {name: JointHistogram.merged(m.joints[name] for m in members if name in m.joints)
+              for name in dict.fromkeys(name for m in members for name in m.joints)}
+    return ViewRow(key, row, sketches, sums, [m.row["name"] for m in members], joints)

@@ -64,6 +64,10 @@ def load(
         return reader.read(path, trust_pickle=trust_pickle, optimizer=optimizer)
 
 
+# The path of a checkpoint made by from_state_dict, which has no file.
+IN_MEMORY = "<memory>"
+
+
 def from_state_dict(
     obj: Any, *, model: torch.nn.Module | Mapping[str, torch.Tensor] | None = None, optimizer: str | None = None
 ) -> Checkpoint:
@@ -83,7 +87,7 @@ def from_state_dict(
     """
     if isinstance(model, torch.nn.Module):
         weights = {name: p.detach() for name, p in model.named_parameters()}
-        return from_object(obj, path="<memory>", optimizer=optimizer, model=("model", weights))
+        return from_object(obj, path=IN_MEMORY, optimizer=optimizer, model=("model", weights))
     if model is not None:
-        return from_object(obj, path="<memory>", optimizer=optimizer, model=("model", dict(model)))
-    return from_object(obj, path="<memory>", optimizer=optimizer)
+        return from_object(obj, path=IN_MEMORY, optimizer=optimizer, model=("model", dict(model)))
+    return from_object(obj, path=IN_MEMORY, optimizer=optimizer)

@@ -63,14 +63,26 @@ def read_source(source: OptimizerSource, *, trust_pickle: bool, optimizer: str |
     if source.is_dcp:
         inner = dcp.read(source.path, trust_pickle=trust_pickle, optimizer=optimizer)
         for o in inner.optimizers:
-            o.location = f"{source.name}/{o.location}"
+            o.location = located(source, o.location)
         return inner.optimizers
     obj = load_torch_file(source.path, trust_pickle=trust_pickle)
     found = discover.find_optimizers(obj)
     if not found:
         raise OstateError("no optimizer state found", where=source.path, hint=discover.top_level_summary(obj))
-    return [read_optimizer(sd, source.name if loc == discover.ROOT else f"{source.name}:{loc}", kind=optimizer)
-            for loc, sd in found]
+    return [read_optimizer(sd, located(source, loc), kind=optimizer) for loc, sd in found]
+
+
+def located(source: OptimizerSource, inner: str) -> str:
+    """The location of an optimizer found at ``inner`` inside a saved optimizer file or DCP directory.
+
+    Example:
+        >>> f = OptimizerSource(0, "ckpt/optimizer.pt", "optimizer.pt", False)
+        >>> located(f, discover.ROOT), located(OptimizerSource(0, "s/optimizer_0", "optimizer_0", True), "optimizer")
+        ('optimizer.pt', 'optimizer_0/optimizer')
+    """
+    if source.is_dcp:
+        return f"{source.name}/{inner}"
+    return source.name if inner == discover.ROOT else f"{source.name}:{inner}"
 
 
 def read_schedulers(directory: str, *, trust_pickle: bool = False) -> tuple[list[dict], list[str]]:

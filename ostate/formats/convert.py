@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from ostate.errors import OstateError
 from ostate.formats import safetensors_optim
-from ostate.outputs import atomic_file
+from ostate.outputs import atomic_file, check_output
 from ostate.state import Checkpoint, OptimizerState, TensorRef
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin")
@@ -58,7 +58,7 @@ def convert(
 
     source, out = os.fspath(source), os.fspath(out)
     writer = _writer_for(out)
-    _refuse_to_touch_input(source, out, overwrite)
+    check_output(out, [source], overwrite=overwrite)
     checkpoint = load(source, trust_pickle=trust_pickle, optimizer=optimizer, format_hint=format_hint)
     chosen = pick_optimizer(checkpoint, optimizer_index)
     writer(chosen, out, source=f"{source} ({checkpoint.format}), {chosen.location}", progress=progress)
@@ -135,16 +135,3 @@ def _writer_for(out: str):
         return write_torch
     raise OstateError("unknown output type", where=out,
                       hint=f"name it *{SAFETENSORS_SUFFIX} (safetensors) or *.pt (a torch optimizer state dict)")
-
-
-def _refuse_to_touch_input(source: str, out: str, overwrite: bool) -> None:
-    source_real, out_real = os.path.realpath(source), os.path.realpath(out)
-    if out_real == source_real or (os.path.isdir(source_real) and out_real.startswith(source_real + os.sep)):
-        raise OstateError("the output would be written over or into the input", where=out,
-                          hint="ostate never writes to its inputs; choose another output path")
-    if os.path.isdir(out_real):
-        raise OstateError("is a directory; the output is one file", where=out)
-    if os.path.exists(out_real) and not overwrite:
-        raise OstateError("already exists", where=out, hint="pass --overwrite to replace it")
-    if not os.path.isdir(os.path.dirname(out_real)):
-        raise OstateError("the output's directory does not exist", where=out)

@@ -69,15 +69,15 @@ def read(path: str, *, trust_pickle: bool = False, optimizer: str | None = None)
     storage = Storage(path, read_metadata(metadata_path, trust_pickle=trust_pickle), trust_pickle=trust_pickle)
     tree = storage.tree()
 
-    paths = list(_optimizer_paths(tree))
+    paths = list(optimizer_paths(tree))
     if not paths:
         raise OstateError("no optimizer state found", where=path,
                           hint=f"{discover.top_level_summary(tree)}; DCP entries: {len(storage.entries)}")
     for route in paths:
         storage.resolve(_get(tree, route), required=True)
     storage.resolve(tree, required=False)
-    flattened = {_location(route) for route in paths if _is_flat_optimizer(_get(tree, route))}
-    tree = _normalise(tree, set(paths))
+    flattened = {location_of(route) for route in paths if is_flat_optimizer(_get(tree, route))}
+    tree = normalise(tree, set(paths))
 
     checkpoint = from_object(tree, path=path, optimizer=optimizer, model=_model(tree), format="dcp")
     for o in checkpoint.optimizers:
@@ -322,6 +322,32 @@ def unflatten_optimizer(flat: Mapping[str, Any]) -> dict:
     return {"state": state, "param_groups": groups}
 
 
+def flatten_optimizer(nested: Mapping[str, Any]) -> dict[str, Any]:
+    """The flattened form of a nested, FQN-keyed optimizer state dict (the inverse of :func:`unflatten_optimizer`).
+
+    Every parameter gets ``param_groups.<fqn>.<hp>`` for each hyperparameter of its group
+    and ``state.<fqn>.<key>`` for each state entry, as
+    ``torch/distributed/checkpoint/state_dict.py::_flatten_optim_state_dict`` writes them.
+
+    Example:
+        >>> nested = {"state": {"a.b": {"step": 1}}, "param_groups": [{"lr": 0.1, "params": ["a.b", "c"]}]}
+        >>> flatten_optimizer(nested)
+        {'state.a.b.step': 1, 'param_groups.a.b.lr': 0.1, 'param_groups.c.lr': 0.1}
+        >>> unflatten_optimizer(flatten_optimizer(nested)) == nested
+        True
+    """
+    flat: dict[str, Any] = {}
+    for fqn, entry in nested["state"].items():
+        for key, value in entry.items():
+            flat[f"state.{fqn}.{key}"] = value
+    for group in nested["param_groups"]:
+        for fqn in group["params"]:
+            for key, value in group.items():
+                if key != "params":
+                    flat[f"param_groups.{fqn}.{key}"] = value
+    return flat
+
+
 def _same_hyperparameters(group: Mapping[str, Any], values: Mapping[str, Any]) -> bool:
     if set(group) - {"params"} != set(values):
         return False
@@ -343,7 +369,7 @@ def _unread(node: Any, parent: Any = None, key: Any = None) -> Iterable[tuple[An
             yield from _unread(v, node, k)
 
 
-def _optimizer_paths(node: Any, route: tuple = ()) -> Iterable[tuple]:
+def optimizer_paths(node: Any, route: tuple = ()) -> Iterable[tuple]:
     """The path of each optimizer in the tree, nested or flattened (before its bytes entries are read)."""
     if not isinstance(node, dict):
         return
@@ -351,28 +377,29 @@ def _optimizer_paths(node: Any, route: tuple = ()) -> Iterable[tuple]:
         yield route
         return
     for key, child in node.items():
-        yield from _optimizer_paths(child, route + (key,))
+        yield from optimizer_paths(child, route + (key,))
 
 
 def _is_optimizer_node(node: Any) -> bool:
-    if _is_flat_optimizer(node):
+    if is_flat_optimizer(node):
         return True
     return (isinstance(node, dict) and isinstance(node.get("param_groups"), (dict, list, Unread))
             and isinstance(node.get("state", {}), dict))
 
 
-def _is_flat_optimizer(node: Any) -> bool:
+def is_flat_optimizer(node: Any) -> bool:
     return (isinstance(node, dict) and any(isinstance(k, str) and k.startswith("param_groups.") for k in node)
             and all(isinstance(k, str) and k.startswith(("state.", "param_groups.")) for k in node))
 
 
-def _normalise(node: Any, optimizers: set[tuple], route: tuple = ()) -> Any:
-    """Lists back from DCP's integer path parts, and flattened optimizers nested again."""
+def normalise(node: Any, optimizers: set[tuple], route: tuple = (), *, unflatten: bool = True) -> Any:
+    """Lists back from DCP's integer path parts, and flattened optimizers nested again
+    (kept flat with ``unflatten=False``, as a writer that saves them back needs)."""
     if not isinstance(node, dict):
         return node
-    if route in optimizers and _is_flat_optimizer(node):
-        return unflatten_optimizer(node)
-    out = {k: _normalise(v, optimizers, route + (k,)) for k, v in node.items()}
+    if route in optimizers and is_flat_optimizer(node):
+        return unflatten_optimizer(node) if unflatten else node
+    out = {k: normalise(v, optimizers, route + (k,), unflatten=unflatten) for k, v in node.items()}
     # An optimizer's `state` keyed by integer index stays a dict.
     if route[-1:] != ("state",) and out and all(isinstance(k, int) for k in out) and set(out) == set(range(len(out))):
         return [out[i] for i in range(len(out))]
@@ -396,7 +423,7 @@ def _get(tree: dict, route: tuple) -> Any:
     return tree
 
 
-def _location(route: tuple) -> str:
+def location_of(route: tuple) -> str:
     location = discover.ROOT
     for part in route:
         location = discover.child_path(location, part)

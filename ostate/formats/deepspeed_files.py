@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import enum
 import os
+import pickle
 import re
+import types
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,6 +67,41 @@ DEEPSPEED_GLOBALS: tuple[AllowedGlobal, ...] = (
     (DynamicLossScaler, "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler"),
     (FragmentAddress, "deepspeed.utils.tensor_fragment.fragment_address"),
 )
+_DEEPSPEED_NAMES = {cls: name for cls, name in DEEPSPEED_GLOBALS}
+
+
+class _DeepSpeedPickler(pickle._Pickler):
+    """A pickler that writes the stand-in classes above under DeepSpeed's own names.
+
+    ``torch.save(obj, f, pickle_module=DEEPSPEED_PICKLE)`` then writes a file that
+    DeepSpeed unpickles into its own classes, exactly as it wrote them (pickle records a
+    class by its module and name; the stand-ins' state is the original objects' ``__dict__``).
+    """
+
+    def save_global(self, obj: Any, name: str | None = None) -> None:
+        qualified = _DEEPSPEED_NAMES.get(obj)
+        if qualified is None:
+            super().save_global(obj, name)
+            return
+        module, _, qualname = qualified.rpartition(".")
+        if self.proto >= 4:
+            self.save(module)
+            self.save(qualname)
+            self.write(pickle.STACK_GLOBAL)
+        else:
+            self.write(pickle.GLOBAL + f"{module}\n{qualname}\n".encode("utf-8"))
+        self.memoize(obj)
+
+
+def _pickle_module() -> types.ModuleType:
+    module = types.ModuleType("ostate_deepspeed_pickle")
+    module.Pickler = _DeepSpeedPickler  # type: ignore[attr-defined]
+    module.Unpickler = pickle.Unpickler  # type: ignore[attr-defined]
+    return module
+
+
+# For torch.save: writes the stand-ins back under DeepSpeed's class names (see _DeepSpeedPickler).
+DEEPSPEED_PICKLE = _pickle_module()
 
 
 def load_file(path: str, *, trust_pickle: bool = False) -> Any:

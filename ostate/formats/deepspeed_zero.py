@@ -102,6 +102,48 @@ def partitioned_state(base: Any, group: int) -> Mapping[str, Any]:
     return base["state"].get(group, {})
 
 
+@dataclass(frozen=True)
+class Slot:
+    """Where one parameter lies in its flat group's buffer.
+
+    Stages 1/2: ``offset`` and ``length`` (= numel) are in the buffer joined from the
+    ranks' pieces. Stage 3: every rank holds ``length`` (= ceil(numel/W)) values of the
+    parameter at ``offset`` of its own flat sub-group buffer.
+    """
+
+    name: str
+    flat_group: int  # the param group (stages 1/2) or the sub-group (stage 3)
+    shape: tuple[int, ...]
+    offset: int
+    length: int
+
+
+def stage_1_2_slots(param_shapes: Sequence[Mapping[str, Sequence[int]]], paddings: Any = None) -> list[Slot]:
+    """Each parameter's place in its group's joined buffer (``paddings``: ``param_alignment_paddings``)."""
+    slots = []
+    for g, shapes in enumerate(param_shapes):
+        offset = 0
+        for i, (name, shape) in enumerate(shapes.items()):
+            shape = tuple(int(d) for d in shape)
+            numel = math.prod(shape)
+            slots.append(Slot(name, g, shape, offset, numel))
+            offset += numel + (int(paddings[g][i]) if paddings else 0)
+    return slots
+
+
+def stage_3_slots(param_shapes: Sequence[Mapping[str, Sequence[int]]], world: int) -> list[Slot]:
+    """Each parameter's place in every rank's flat sub-group buffer."""
+    slots = []
+    for sg, shapes in enumerate(param_shapes):
+        offset = 0
+        for name, shape in shapes.items():
+            shape = tuple(int(d) for d in shape)
+            piece = math.ceil(math.prod(shape) / world)
+            slots.append(Slot(name, sg, shape, offset, piece))
+            offset += piece
+    return slots
+
+
 def stage_1_2_params(
     param_shapes: Sequence[Mapping[str, Sequence[int]]],
     shards: Sequence[Mapping[str, Any]],
@@ -111,30 +153,26 @@ def stage_1_2_params(
 
     ``shards`` are the ranks' ``optimizer_state_dict`` entries in rank order.
     """
-    paddings = shards[0].get("param_alignment_paddings")
     out: list[FlatParam] = []
-    for g, shapes in enumerate(param_shapes):
+    slots = stage_1_2_slots(param_shapes, shards[0].get("param_alignment_paddings"))
+    for g in range(len(param_shapes)):
         states = [partitioned_state(s["base_optimizer_state"], g) for s in shards]
         keys = [k for k, v in states[0].items() if isinstance(v, torch.Tensor) and v.dim() >= 1]
         joined = {k: RankPieces([st[k] for st in states]) for k in keys if all(k in st for st in states)}
         fp32 = RankPieces([s["single_partition_of_fp32_groups"][g] for s in shards])
         step = states[0].get("step")
-        offset = 0
-        for i, (name, shape) in enumerate(shapes.items()):
-            shape = tuple(int(d) for d in shape)
-            numel = math.prod(shape)
-            _check_fits(offset + numel, {"fp32": fp32, **joined}, name, g, where)
+        for slot in (s for s in slots if s.flat_group == g):
+            _check_fits(slot.offset + slot.length, {"fp32": fp32, **joined}, slot.name, g, where)
             out.append(
                 FlatParam(
-                    name,
+                    slot.name,
                     g,
-                    shape,
+                    slot.shape,
                     step,
-                    {k: j.ref(offset, shape) for k, j in joined.items()},
-                    fp32.ref(offset, shape),
+                    {k: j.ref(slot.offset, slot.shape) for k, j in joined.items()},
+                    fp32.ref(slot.offset, slot.shape),
                 )
             )
-            offset += numel + (int(paddings[g][i]) if paddings else 0)
     return out
 
 
@@ -151,27 +189,23 @@ def stage_3_params(
     inner = [s["optimizer_state_dict"] for s in shards]
     group_of_sub = user_groups_of_subgroups(inner[0]["param_groups"], len(param_shapes), where)
     out: list[FlatParam] = []
-    for sg, shapes in enumerate(param_shapes):
+    slots = stage_3_slots(param_shapes, world)
+    for sg in range(len(param_shapes)):
         flats = [s["fp32_flat_groups"][sg].reshape(-1) for s in shards]
         states = [st["state"].get(sg, {}) for st in inner]
         keys = [k for k, v in states[0].items() if isinstance(v, torch.Tensor) and v.dim() >= 1]
         flat_state = {k: [st[k].reshape(-1) for st in states] for k in keys if all(k in st for st in states)}
-        offset = 0
-        for name, shape in shapes.items():
-            shape = tuple(int(d) for d in shape)
-            numel = math.prod(shape)
-            piece = math.ceil(numel / world)
-            if any(offset + piece > f.numel() for f in flats):
+        for slot in (s for s in slots if s.flat_group == sg):
+            if any(slot.offset + slot.length > f.numel() for f in flats):
                 raise OstateError(
-                    f"param_shapes do not fit the ranks' fp32 partitions of sub-group {sg} at '{name}' "
-                    f"(needs {offset + piece} values per rank, a rank holds {min(f.numel() for f in flats)})",
+                    f"param_shapes do not fit the ranks' fp32 partitions of sub-group {sg} at '{slot.name}' "
+                    f"(needs {slot.offset + slot.length} values per rank, a rank holds {min(f.numel() for f in flats)})",
                     where=where,
                     hint="the model and optimizer files may come from different saves or world sizes",
                 )
-            state = {k: _stage3_ref(ranks, offset, shape) for k, ranks in flat_state.items()}
-            fp32 = _stage3_ref(flats, offset, shape)
-            out.append(FlatParam(name, group_of_sub[sg], shape, states[0].get("step"), state, fp32))
-            offset += piece
+            state = {k: _stage3_ref(ranks, slot.offset, slot.shape) for k, ranks in flat_state.items()}
+            fp32 = _stage3_ref(flats, slot.offset, slot.shape)
+            out.append(FlatParam(slot.name, group_of_sub[sg], slot.shape, states[0].get("step"), state, fp32))
     return out
 
 

@@ -9,6 +9,7 @@ part by its structure, not by its key, and reports where it sits as a path such 
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Iterator, Mapping
 
 import torch
@@ -69,25 +70,67 @@ def walk(obj: Any, path: str = ROOT, depth: int = 0) -> Iterator[tuple[str, Any]
 
     An optimizer state dict is yielded but not entered.
     """
+    for path, _route, node in walk_routes(obj, path, (), depth):
+        yield path, node
+
+
+def walk_routes(obj: Any, path: str = ROOT, route: tuple = (), depth: int = 0) -> Iterator[tuple[str, tuple, Any]]:
+    """:func:`walk`, with each node's route: the keys and list positions that lead to it from ``obj``.
+
+    Example:
+        >>> [(p, r) for p, r, _ in walk_routes({"a": [{"b": 1}]})]
+        [('(root)', ()), ('a', ('a',)), ('a[0]', ('a', 0))]
+    """
     if depth > MAX_DEPTH:
         return
     if isinstance(obj, Mapping):
-        yield path, obj
+        yield path, route, obj
         if is_optimizer_state_dict(obj) or is_tensor_dict(obj):
             return
         for key, value in obj.items():
             if isinstance(value, (Mapping, list, tuple)):
-                yield from walk(value, child_path(path, key), depth + 1)
+                yield from walk_routes(value, child_path(path, key), route + (key,), depth + 1)
     elif isinstance(obj, (list, tuple)):
-        yield path, obj
+        yield path, route, obj
         for i, value in enumerate(obj):
             if isinstance(value, (Mapping, list, tuple)):
-                yield from walk(value, child_path(path, i), depth + 1)
+                yield from walk_routes(value, child_path(path, i), route + (i,), depth + 1)
 
 
 def find_optimizers(obj: Any) -> list[tuple[str, Mapping]]:
     """``(location, optimizer_state_dict)`` for every optimizer state dict in ``obj``."""
     return [(path, o) for path, o in walk(obj) if is_optimizer_state_dict(o)]
+
+
+def find_optimizer_routes(obj: Any) -> list[tuple[str, tuple, Mapping]]:
+    """``(location, route, optimizer_state_dict)`` for every optimizer state dict in ``obj``, in
+    :func:`find_optimizers`' order; :func:`replaced` puts a new one at a route."""
+    return [(path, route, o) for path, route, o in walk_routes(obj) if is_optimizer_state_dict(o)]
+
+
+def replaced(obj: Any, route: tuple, value: Any) -> Any:
+    """A copy of ``obj`` with the entry at ``route`` replaced by ``value``.
+
+    Only the containers along the route are copied (shallowly, keeping their type);
+    everything else is shared with ``obj``, which is not modified.
+
+    Example:
+        >>> original = {"optimizer_states": [{"x": 1}], "epoch": 3}
+        >>> replaced(original, ("optimizer_states", 0), {"x": 2})
+        {'optimizer_states': [{'x': 2}], 'epoch': 3}
+        >>> original["optimizer_states"][0]
+        {'x': 1}
+    """
+    if not route:
+        return value
+    head, rest = route[0], route[1:]
+    if isinstance(obj, tuple):
+        items = list(obj)
+        items[head] = replaced(obj[head], rest, value)
+        return type(obj)(items) if type(obj) is tuple else type(obj)(*items)
+    out = copy.copy(obj)
+    out[head] = replaced(obj[head], rest, value)
+    return out
 
 
 def find_schedulers(obj: Any) -> list[tuple[str, Mapping]]:

@@ -67,6 +67,33 @@ def find_weights(directory: str, *, index: int = 0, trust_pickle: bool = False) 
     return None
 
 
+def read_model(path: str, *, trust_pickle: bool = False) -> Weights:
+    """A model's weights from a file or a checkpoint directory, lazily: a ``.safetensors`` file (its
+    header only), a ``torch.save`` file holding a model state dict, or a directory with
+    ``model.safetensors`` / ``pytorch_model.bin`` (sharded too).
+
+    Example:
+        >>> import tempfile, os
+        >>> p = os.path.join(tempfile.mkdtemp(), "model.pt")
+        >>> torch.save({"model": torch.nn.Linear(2, 1).state_dict(), "epoch": 1}, p)
+        >>> sorted(read_model(p).tensors)
+        ['bias', 'weight']
+    """
+    if not os.path.exists(path):
+        raise OstateError("no such file or directory", where=path)
+    if os.path.isdir(path):
+        found = find_weights(path, trust_pickle=trust_pickle)
+        if found is None:
+            raise OstateError("no model weights in this directory", where=path,
+                              hint="expected model.safetensors, pytorch_model.bin or a shard index")
+        if not found.tensors:
+            raise OstateError("; ".join(found.warnings) or "the model weights could not be read", where=path)
+        return found
+    if path.lower().endswith(".safetensors"):
+        return _safetensors([path], os.path.basename(path))
+    return _torch([path], os.path.basename(path), trust_pickle)
+
+
 def model_indices(directory: str) -> list[int]:
     """The model numbers present (accelerate saves ``model.safetensors``, ``model_1.safetensors``, ...)."""
     found = set()

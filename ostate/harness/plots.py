@@ -1,9 +1,9 @@
 """The ablation's figures: eval-loss curves with CI bands, final loss and paired differences, update RMS.
 
-Figures are drawn with matplotlib's object API on the Agg canvas (no display, no
-global pyplot state) in the Okabe-Ito colour-blind-safe palette (the baseline in
-black), one panel per cell of settings, and saved atomically as PNG, SVG or PDF
-(from the file name's extension).
+Figures share ostate's plot style (:mod:`ostate.plots.style`: the Agg canvas, no
+global pyplot state, the Okabe-Ito colour-blind-safe palette, atomic saving as PNG,
+SVG or PDF by extension); the baseline strategy is drawn in black, and there is one
+panel per cell of settings.
 """
 
 from __future__ import annotations
@@ -15,14 +15,10 @@ from typing import Sequence
 import pandas as pd
 from matplotlib.figure import Figure
 
-from ostate.outputs import atomic_path
 from ostate.errors import OstateError
 from ostate.harness.summary import CELL, Summary
+from ostate.plots.style import LINESTYLES, OKABE_ITO, panel_grid, save_figure
 
-# Okabe & Ito (2008), "Color Universal Design": distinguishable with every common colour-vision deficiency.
-OKABE_ITO = ("#E69F00", "#56B4E9", "#009E73", "#D55E00", "#0072B2", "#CC79A7", "#F0E442", "#999999")
-LINESTYLES = ("-", "--", "-.", ":")
-FORMATS = ("png", "svg", "pdf")
 MAX_PANELS = 12
 
 
@@ -43,17 +39,6 @@ def colours(strategies: Sequence[str], baseline: str) -> dict[str, tuple[str, st
     return out
 
 
-def save_figure(fig: Figure, path: str | os.PathLike) -> str:
-    """Save ``fig`` at ``path`` (format from the extension), atomically."""
-    path = os.fspath(path)
-    fmt = os.path.splitext(path)[1].lstrip(".").lower()
-    if fmt not in FORMATS:
-        raise OstateError("unsupported figure format", where=path, hint=f"use one of: {', '.join(FORMATS)}")
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format=fmt, dpi=130, bbox_inches="tight")
-    return path
-
-
 def _cells(frame: pd.DataFrame) -> list[tuple]:
     cells = sorted({tuple(row) for row in frame[list(CELL)].itertuples(index=False, name=None)})
     return cells[:MAX_PANELS]
@@ -62,16 +47,6 @@ def _cells(frame: pd.DataFrame) -> list[tuple]:
 def _cell_title(cell: tuple) -> str:
     lr, warmup, batch, schedule, steps = cell
     return f"lr={lr:g}, warmup={warmup}, batch={batch}, {schedule}"
-
-
-def _grid(n: int, width: float = 4.6, height: float = 3.4) -> tuple[Figure, list]:
-    columns = min(n, 3)
-    rows = math.ceil(n / columns)
-    fig = Figure(figsize=(width * columns, height * rows), layout="constrained")
-    axes = fig.subplots(rows, columns, squeeze=False).flatten().tolist()
-    for ax in axes[n:]:
-        ax.set_visible(False)
-    return fig, axes[:n]
 
 
 def _strategies(summary: Summary) -> list[str]:
@@ -104,7 +79,7 @@ def _line_panels(summary: Summary, curves: pd.DataFrame, path, *, ylabel: str, t
         raise OstateError("nothing to plot: no finished trials")
     style = colours(_strategies(summary), summary.baseline)
     cells = _cells(curves)
-    fig, axes = _grid(len(cells))
+    fig, axes = panel_grid(len(cells))
     for ax, cell in zip(axes, cells):
         mine = curves[(curves[list(CELL)] == pd.Series(cell, index=list(CELL))).all(axis=1)]
         start = mine[mine["step"] == mine["step"].min()]["mean"].max()

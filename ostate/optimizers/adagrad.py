@@ -28,7 +28,7 @@ from typing import Mapping
 
 import torch
 
-from ostate.optimizers.family import Family, Group, group_has, register, step_of
+from ostate.optimizers.family import Family, Group, Preconditioned, group_has, plain_preconditioned, register, step_of
 from ostate.optimizers.sparse_adam import sparse_like
 from ostate.state import ParamState
 
@@ -82,6 +82,11 @@ def quantities(chunk: Mapping[str, torch.Tensor], group: Group, param: ParamStat
     }
 
 
+def preconditioned(chunk: Mapping[str, torch.Tensor], group: Group, param: ParamState, q: dict) -> Preconditioned:
+    r""":math:`g / (\sqrt{s} + \epsilon)`: the numerator is the gradient, which the state does not hold."""
+    return plain_preconditioned(None, chunk["sum"], group["eps"])
+
+
 def columns(param: ParamState, group: Group) -> dict:
     if param.step is None:
         return {}
@@ -109,6 +114,9 @@ ADAGRAD = register(
         hyperparameters=("lr", "initial_lr", "lr_decay", "initial_accumulator_value", "eps", "weight_decay",
                          "maximize"),
         second_moment="sum",
+        preconditioned=preconditioned,
+        # bitsandbytes' Adagrad8bit keeps the accumulator with the signed dynamic map (Optimizer1State).
+        quantized_moments={"sum": True},
         notes=("Adagrad: decayed_lr is the next step's lr / (1 + step * lr_decay); a zero gradient moves nothing, "
                "so there is no update column.",),
     )

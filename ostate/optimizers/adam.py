@@ -34,7 +34,7 @@ from typing import Mapping
 
 import torch
 
-from ostate.optimizers.family import Family, Group, Preconditioned, group_has, register, step_of
+from ostate.optimizers.family import Family, Group, Moments, Preconditioned, group_has, register, step_of
 from ostate.state import ParamState
 
 _STATE_KEYS = frozenset({"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"})
@@ -161,24 +161,126 @@ def quantities(chunk: Mapping[str, torch.Tensor], group: Group, param: ParamStat
     }
     if "max_exp_avg_sq" in chunk:
         q["max_exp_avg_sq"] = chunk["max_exp_avg_sq"]
+    if amsgrad:
+        q["amsgrad_ratio"] = amsgrad_ratio(denominator_root, root)
     return q
+
+
+def amsgrad_ratio(max_root: torch.Tensor, root: torch.Tensor) -> torch.Tensor:
+    r""":math:`\sqrt{v^{max}/v}` elementwise: how many times smaller AMSGrad's step is than Adam's would be
+    (1 where both are 0; :math:`+\infty` where only :math:`v` is).
+
+    Example:
+        >>> amsgrad_ratio(torch.tensor([2.0, 0.0, 3.0]), torch.tensor([1.0, 0.0, 0.0])).tolist()
+        [2.0, 1.0, inf]
+    """
+    ratio = torch.div(max_root, root)
+    if not bool(root.all()):
+        ratio.masked_fill_((root == 0) & (max_root == 0), 1.0)
+    return ratio
 
 
 def preconditioned(chunk: Mapping[str, torch.Tensor], group: Group, param: ParamState, q: dict) -> Preconditioned:
     r"""The saved state's update :math:`\hat m / (\sqrt{\hat v} + \epsilon)` (numerator up to :math:`1/(1-\beta_1^t)`)."""
-    bias_correction2 = 1 - group["betas"][1] ** step_of(param)
-    v = chunk[second_moment_key(group)].float()
+    return bias_corrected_preconditioned(chunk["exp_avg"], chunk[second_moment_key(group)], group, step_of(param),
+                                         q["eff_lr"])
+
+
+def bias_corrected_preconditioned(numerator: torch.Tensor, exp_avg_sq: torch.Tensor, group: Group, step: float,
+                                  eff_lr: torch.Tensor) -> Preconditioned:
+    r""":math:`n / (\sqrt{v/(1-\beta_2^t)} + \epsilon)`, reusing ``eff_lr`` :math:`= \gamma/(\ldots)` as the
+    inverse denominator (recomputed with :math:`\gamma = 1` when the group's lr is 0).
+
+    Shared by every family whose :math:`\epsilon` is added to the bias-corrected
+    :math:`\sqrt{\hat v}` (Adam, AdamW, AMSGrad, NAdam, bitsandbytes Adam).
+    """
+    beta2 = group["betas"][1]
+    v = exp_avg_sq.float()
     lr = group["lr"]
-    inverse = q["eff_lr"] if lr else adam_effective_lr(v, lr=1.0, beta2=group["betas"][1], eps=group["eps"],
-                                                       step=step_of(param))
+    inverse = eff_lr if lr else adam_effective_lr(v, lr=1.0, beta2=beta2, eps=group["eps"], step=step)
     return Preconditioned(
-        numerator=chunk["exp_avg"],
+        numerator=numerator,
         second_moment=v,
         inverse_denominator=inverse,  # eff_lr = lr / (sqrt(v_hat) + eps)
         eps=float(group["eps"]),
-        second_moment_scale=_divide(1.0, bias_correction2),
+        second_moment_scale=_divide(1.0, 1 - beta2**step),
         inverse_denominator_scale=1.0 / lr if lr else 1.0,
     )
+
+
+def pure_noise_snr(beta1: float, step: float = math.inf) -> float:
+    r"""The ratio :math:`|\hat m| / \sqrt{\hat v}` at its root mean square under pure gradient noise.
+
+    With gradients drawn independently with mean zero and variance :math:`\sigma^2`,
+    :math:`E[m_t^2] = (1-\beta_1)^2 \frac{1-\beta_1^{2t}}{1-\beta_1^2}\sigma^2` and
+    :math:`E[v_t] = (1-\beta_2^t)\sigma^2`, so after bias correction
+
+    .. math::
+        \sqrt{\frac{E[\hat m^2]}{E[\hat v]}} = \sqrt{\frac{1-\beta_1}{1+\beta_1} \cdot
+            \frac{1+\beta_1^t}{1-\beta_1^t}} \;\to\; \sqrt{\frac{1-\beta_1}{1+\beta_1}}
+            \quad (t \to \infty)
+
+    (0.229 for :math:`\beta_1 = 0.9`; 1 at :math:`t = 1`, where :math:`\hat m^2 = \hat v = g^2`).
+    A coordinate well above this line has a gradient with a consistent sign.
+
+    Example:
+        >>> round(pure_noise_snr(0.9), 4), pure_noise_snr(0.9, 1)
+        (0.2294, 1.0)
+    """
+    ratio = (1 - beta1) / (1 + beta1)
+    if math.isfinite(step):
+        ratio *= (1 + beta1**step) / (1 - beta1**step)
+    return math.sqrt(ratio)
+
+
+def max_snr(beta1: float, beta2: float, step: float = math.inf) -> float:
+    r"""The largest :math:`|\hat m| / \sqrt{\hat v}` any gradient sequence can give after :math:`t` steps.
+
+    By Cauchy-Schwarz, with :math:`\rho = \beta_1^2/\beta_2`,
+    :math:`m_t^2 = (1-\beta_1)^2 (\sum_j \beta_1^j g_{t-j})^2 \le (1-\beta_1)^2
+    \sum_{j<t} \rho^j \sum_j \beta_2^j g_{t-j}^2`, so
+
+    .. math::
+        \frac{|\hat m|}{\sqrt{\hat v}} \le \sqrt{\frac{(1-\beta_1)^2}{1-\beta_2}
+            \sum_{j=0}^{t-1}\rho^j \cdot \frac{1-\beta_2^t}{(1-\beta_1^t)^2}}
+            \;\to\; \sqrt{\frac{(1-\beta_1)^2}{(1-\beta_2)(1-\beta_1^2/\beta_2)}} \quad (t\to\infty)
+
+    (7.27 for (0.9, 0.999), 1.165 for (0.9, 0.95), 1 when :math:`\beta_1 = \beta_2`;
+    infinite for :math:`t \to \infty` when :math:`\beta_1^2 \ge \beta_2`). The bound is
+    attained by :math:`g_k \propto (\beta_1/\beta_2)^{t-k}`, a gradient that grows
+    steadily; it is 1 at :math:`t = 1`.
+
+    Example:
+        >>> round(max_snr(0.9, 0.999), 2), round(max_snr(0.9, 0.95), 3), max_snr(0.9, 0.9)
+        (7.27, 1.165, 1.0)
+        >>> round(max_snr(0.9, 0.999, 1), 12)
+        1.0
+    """
+    rho = beta1**2 / beta2
+    if math.isfinite(step):
+        geometric = step if rho == 1 else (1 - rho**step) / (1 - rho)
+        return math.sqrt((1 - beta1) ** 2 / (1 - beta2) * geometric * (1 - beta2**step) / (1 - beta1**step) ** 2)
+    if rho >= 1:
+        return math.inf
+    return math.sqrt((1 - beta1) ** 2 / ((1 - beta2) * (1 - rho)))
+
+
+def moment_estimates(chunk: Mapping[str, torch.Tensor], group: Group, param: ParamState,
+                     q: Mapping) -> tuple[torch.Tensor, torch.Tensor]:
+    r""":math:`|\hat m| = |m|/(1-\beta_1^t)` and :math:`\sqrt{\hat v} = \sqrt{v/(1-\beta_2^t)}`, from the
+    ``exp_avg_abs`` and ``exp_avg_sq`` quantities (the EMA :math:`v`, also under AMSGrad)."""
+    beta1, beta2 = group["betas"][:2]
+    step = step_of(param)
+    first = torch.mul(q["exp_avg_abs"].float(), _divide(1.0, 1 - beta1**step))
+    second = torch.sqrt(q["exp_avg_sq"].float()).mul_(_divide(1.0, (1 - beta2**step) ** 0.5))
+    return first, second
+
+
+ADAM_MOMENTS = Moments(
+    estimates=moment_estimates,
+    betas=lambda group: (float(group["betas"][0]), float(group["betas"][1])),
+    eps_root=lambda group, step: float(group["eps"]),  # eps is added to sqrt(v_hat)
+)
 
 
 def columns(param: ParamState, group: Group) -> dict:
@@ -222,6 +324,7 @@ ADAM = register(
         second_moment="exp_avg_sq",
         preconditioned=preconditioned,
         quantized_moments=_QUANTIZED,
+        moments=ADAM_MOMENTS,
     )
 )
 
@@ -241,6 +344,7 @@ ADAMW = register(
         second_moment="exp_avg_sq",
         preconditioned=preconditioned,
         quantized_moments=_QUANTIZED,
+        moments=ADAM_MOMENTS,
         preferred=True,
         notes=("AdamW: weight decay is decoupled (theta <- theta * (1 - lr * weight_decay) before the Adam step).",),
     )

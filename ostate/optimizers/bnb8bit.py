@@ -56,8 +56,8 @@ from typing import Callable, Mapping
 import torch
 
 from ostate.errors import OstateError
-from ostate.optimizers.adam import adam_effective_lr, adam_momentum_update, adam_snr
-from ostate.optimizers.family import Family, Group, register, step_of
+from ostate.optimizers.adam import ADAM_MOMENTS, adam_effective_lr, adam_momentum_update, adam_snr, bias_corrected_preconditioned
+from ostate.optimizers.family import Family, Group, Preconditioned, plain_preconditioned, register, step_of
 from ostate.state import ParamState
 
 QUANT_KEYS = frozenset({"qmap1", "qmap2", "absmax1", "absmax2", "max1", "max2", "new_max1", "new_max2"})
@@ -257,6 +257,24 @@ def _rms_quantities(name: str) -> Callable:
     return quantities
 
 
+def _adam_preconditioned(chunk: Mapping[str, torch.Tensor], group: Group, param: ParamState,
+                         q: dict) -> Preconditioned:
+    # |m| serves as the numerator: it enters the compressibility sums squared.
+    return bias_corrected_preconditioned(q["exp_avg_abs"], q["exp_avg_sq"], group, step_of(param), q["eff_lr"])
+
+
+def _rms_preconditioned(name: str) -> Callable:
+    def preconditioned(chunk: Mapping[str, torch.Tensor], group: Group, param: ParamState, q: dict) -> Preconditioned:
+        return plain_preconditioned(None, q[name], group["eps"])  # the numerator is the gradient
+
+    return preconditioned
+
+
+def _signed_state1(chunk: Mapping[str, torch.Tensor], group: Group, param: ParamState) -> torch.Tensor:
+    """``state1`` dequantised, with its sign (the whole tensor: these families are not chunked)."""
+    return dequantized(param, 1).reshape(-1)
+
+
 def quantization_columns(param: ParamState, group: Group) -> dict:
     """How each state tensor is stored: bits, block size, and the spread of the block scales."""
     if "state1" not in param.state:
@@ -335,13 +353,15 @@ BNB_ADAM = register(Family(
     display=(*_QUANT_DISPLAY, "state2_zero_fraction", "exp_avg_abs_mean", "exp_avg_sq_mean", "eff_lr_min",
              "eff_lr_p50", "eff_lr_max"),
     hyperparameters=_HYPER, param_shape=param_shape, first_moment="exp_avg_abs", second_moment="exp_avg_sq",
-    chunked=False, notes=(*_NOTE, "bitsandbytes Adam: weight decay is decoupled (AdamW-style) for Adam8bit too."),
+    moments=ADAM_MOMENTS, chunked=False, preconditioned=_adam_preconditioned, signed_first_moment=_signed_state1,
+    notes=(*_NOTE, "bitsandbytes Adam: weight decay is decoupled (AdamW-style) for Adam8bit too."),
 ))
 BNB_LION = register(Family(
     name="bnb_lion", label="bitsandbytes Lion", match=_one_state("lion"), quantities=_lion_quantities,
     effective_lr=_constant_effective_lr, next_update=_mirrored(_lion_update), columns=quantization_columns,
     display=(*_QUANT_DISPLAY, "exp_avg_abs_mean", "exp_avg_abs_max", "eff_lr_p50"),
     hyperparameters=_HYPER, param_shape=param_shape, first_moment="exp_avg_abs", chunked=False, preferred=True,
+    signed_first_moment=_signed_state1,
     notes=_NOTE,
 ))
 BNB_MOMENTUM = register(Family(
@@ -350,18 +370,20 @@ BNB_MOMENTUM = register(Family(
     columns=quantization_columns,
     display=(*_QUANT_DISPLAY, "momentum_buffer_abs_mean", "momentum_buffer_abs_max", "eff_lr_p50"),
     hyperparameters=_HYPER, param_shape=param_shape, first_moment="momentum_buffer_abs", chunked=False,
-    notes=_NOTE,
+    signed_first_moment=_signed_state1, notes=_NOTE,
 ))
 BNB_RMSPROP = register(Family(
     name="bnb_rmsprop", label="bitsandbytes RMSprop", match=_one_state("rmsprop"),
     quantities=_rms_quantities("square_avg"), effective_lr=_rms_effective_lr, next_update=_mirrored(_rmsprop_update),
     columns=quantization_columns,
     display=(*_QUANT_DISPLAY, "square_avg_mean", "eff_lr_min", "eff_lr_p50", "eff_lr_max"),
-    hyperparameters=_HYPER, param_shape=param_shape, second_moment="square_avg", chunked=False, notes=_NOTE,
+    hyperparameters=_HYPER, param_shape=param_shape, second_moment="square_avg", chunked=False,
+    preconditioned=_rms_preconditioned("square_avg"), notes=_NOTE,
 ))
 BNB_ADAGRAD = register(Family(
     name="bnb_adagrad", label="bitsandbytes Adagrad", match=_one_state("adagrad"), quantities=_rms_quantities("sum"),
     effective_lr=_rms_effective_lr, next_update=_mirrored(_adagrad_update), columns=quantization_columns,
     display=(*_QUANT_DISPLAY, "sum_mean", "eff_lr_min", "eff_lr_p50", "eff_lr_max"),
-    hyperparameters=_HYPER, param_shape=param_shape, second_moment="sum", chunked=False, notes=_NOTE,
+    hyperparameters=_HYPER, param_shape=param_shape, second_moment="sum", chunked=False,
+    preconditioned=_rms_preconditioned("sum"), notes=_NOTE,
 ))

@@ -58,10 +58,18 @@ class Family:
       update as :math:`n / (\sqrt{\hat s} + \epsilon)` elementwise (a
       :class:`Preconditioned`; ``quantities`` is what
       ``quantities()`` returned for the same chunk, to reuse). It gives the
-      ``eps_dominated_frac`` and the Adam-mini ``vmean_*_relchange`` columns.
+      ``eps_dominated_frac`` column, and the Adam-mini ``vmean_*_relchange`` columns
+      when the numerator is a moment in the state (not the gradient).
+    - ``signed_first_moment(chunk, group, param)`` gives the first moment with its sign
+      for one chunk (``ostate compare``'s cosine); by default it is the state key that
+      ``first_moment`` names without ``_abs`` (``exp_avg_abs`` -> ``exp_avg``).
     - ``quantized_moments`` maps the state keys an 8-bit optimizer (bitsandbytes) would
       store quantized to whether their values are signed (signed map) or not (unsigned
       map); each gets a ``{key}_q8_relerr`` column.
+    - ``moments`` says how an Adam-style family's state gives the bias-corrected moments
+      :math:`\hat m` and :math:`\hat v` (a :class:`Moments`): the analysis then counts
+      :math:`(\sqrt{\hat v}, |\hat m|)` per coordinate in a joint histogram when asked
+      (``summarize(..., joint=True)``), for the moments plot.
     """
 
     name: str
@@ -85,13 +93,47 @@ class Family:
     chunked: bool = True
     preconditioned: Callable[[Mapping[str, torch.Tensor], Group, ParamState, Quantities], "Preconditioned"] | None = None
     quantized_moments: Mapping[str, bool] = field(default_factory=dict)
+    moments: "Moments | None" = None
+    signed_first_moment: Callable[[Mapping[str, torch.Tensor], Group, ParamState], torch.Tensor] | None = None
+
+    def first_moment_values(self, chunk: Mapping[str, torch.Tensor], group: Group,
+                            param: ParamState) -> torch.Tensor | None:
+        """The signed first moment of one chunk, or None when the family keeps none (or the state lacks it)."""
+        if self.signed_first_moment is not None:
+            return self.signed_first_moment(chunk, group, param)
+        if self.first_moment is None:
+            return None
+        return chunk.get(self.first_moment.removesuffix("_abs"))
+
+
+@dataclass(frozen=True)
+class Moments:
+    r"""Where an Adam-style family keeps exponential moving averages of :math:`g` and :math:`g^2`.
+
+    - ``estimates(chunk, group, param, quantities)`` gives :math:`|\hat m|` and
+      :math:`\sqrt{\hat v}` per coordinate of one chunk (float32 tensors; ``quantities``
+      is what the family's ``quantities()`` returned for the same chunk, to reuse), with
+      :math:`\hat m = m/(1-\beta_1^t)` and :math:`\hat v = v/(1-\beta_2^t)`.
+    - ``betas(group)`` gives :math:`(\beta_1, \beta_2)` of the two averages.
+    - ``eps_root(group, step)`` gives the value of :math:`\sqrt{\hat v}` at which the
+      update's :math:`\epsilon` equals the other term of its denominator (Adam: :math:`\epsilon`;
+      RAdam, which adds :math:`\epsilon` to the uncorrected :math:`\sqrt v`:
+      :math:`\epsilon/\sqrt{1-\beta_2^t}`).
+    """
+
+    estimates: Callable[[Mapping[str, torch.Tensor], Group, ParamState, Quantities],
+                        tuple[torch.Tensor, torch.Tensor]]
+    betas: Callable[[Group], tuple[float, float]]
+    eps_root: Callable[[Group, float], float]
 
 
 @dataclass
 class Preconditioned:
     r"""One chunk of an adaptive update :math:`u = n / (\sqrt{\hat s} + \epsilon)`, elementwise.
 
-    ``numerator`` is :math:`n` up to a positive constant factor (Adam: :math:`m`);
+    ``numerator`` is :math:`n` up to a positive constant factor (Adam: :math:`m`), or
+    None when :math:`n` is the gradient itself (Adagrad, RMSprop), which the state does
+    not hold;
     ``second_moment * second_moment_scale`` is :math:`\hat s` (Adam: the bias-corrected
     :math:`\hat v`, whose block mean an Adam-mini-style optimizer would keep);
     ``inverse_denominator * inverse_denominator_scale`` is
@@ -100,12 +142,30 @@ class Preconditioned:
     without another pass over them.
     """
 
-    numerator: torch.Tensor
+    numerator: torch.Tensor | None
     second_moment: torch.Tensor
     inverse_denominator: torch.Tensor
     eps: float
     second_moment_scale: float = 1.0
     inverse_denominator_scale: float = 1.0
+
+
+def plain_preconditioned(numerator: torch.Tensor | None, second_moment: torch.Tensor, eps: float,
+                         scale: float = 1.0) -> Preconditioned:
+    r"""An update :math:`n / (\sqrt{s \cdot scale} + \epsilon)` with its inverse denominator computed here.
+
+    For families whose :math:`\epsilon` is added to an uncorrected (``scale=1``) or
+    corrected square root of the second moment, and which have no effective lr to reuse.
+
+    Example:
+        >>> pre = plain_preconditioned(None, torch.tensor([0.0, 4.0]), eps=1.0)
+        >>> pre.inverse_denominator.tolist()
+        [1.0, 0.3333333432674408]
+    """
+    s = second_moment.float()
+    inverse = s.mul(scale).sqrt_().add_(eps).reciprocal_() if scale != 1.0 else s.sqrt().add_(eps).reciprocal_()
+    return Preconditioned(numerator=numerator, second_moment=s, inverse_denominator=inverse, eps=float(eps),
+                          second_moment_scale=scale)
 
 
 _FAMILIES: dict[str, Family] = {}

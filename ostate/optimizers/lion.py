@@ -81,6 +81,8 @@ LION = register(
         display=("exp_avg_abs_mean", "exp_avg_abs_max", "zero_momentum_fraction", "eff_lr_p50"),
         hyperparameters=("lr", "initial_lr", "betas", "weight_decay"),
         first_moment="exp_avg_abs",
+        # bitsandbytes' Lion8bit keeps the momentum with the signed dynamic map (Optimizer1State).
+        quantized_moments={"exp_avg": True},
         notes=("Lion: every coordinate moves by exactly lr (sign update). Lion(decoupled_weight_decay=True) is not "
                "recorded in the state dict; the next update assumes it was off.",),
     )

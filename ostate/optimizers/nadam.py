@@ -39,8 +39,8 @@ from typing import Mapping
 
 import torch
 
-from ostate.optimizers.adam import adam_effective_lr, adam_snr
-from ostate.optimizers.family import Family, Group, group_has, register, scalar_of, step_of
+from ostate.optimizers.adam import ADAM_MOMENTS, adam_effective_lr, adam_snr, bias_corrected_preconditioned
+from ostate.optimizers.family import Family, Group, Preconditioned, group_has, register, scalar_of, step_of
 from ostate.state import ParamState
 
 _STATE_KEYS = frozenset({"step", "exp_avg", "exp_avg_sq", "mu_product"})
@@ -122,6 +122,11 @@ def quantities(chunk: Mapping[str, torch.Tensor], group: Group, param: ParamStat
     }
 
 
+def preconditioned(chunk: Mapping[str, torch.Tensor], group: Group, param: ParamState, q: dict) -> Preconditioned:
+    r"""Both terms of the update share Adam's :math:`1/(\sqrt{\hat v}+\epsilon)`; the saved part's numerator is :math:`m`."""
+    return bias_corrected_preconditioned(chunk["exp_avg"], chunk["exp_avg_sq"], group, step_of(param), q["eff_lr"])
+
+
 def columns(param: ParamState, group: Group) -> dict:
     if param.step is None or "mu_product" not in param.state:
         return {}
@@ -165,6 +170,8 @@ NADAM = register(
                          "decoupled_weight_decay", "maximize"),
         first_moment="exp_avg_abs",
         second_moment="exp_avg_sq",
+        moments=ADAM_MOMENTS,  # the same averages as Adam; eps is added to sqrt(v_hat)
+        preconditioned=preconditioned,
         notes=("NAdam: step and mu_product must be reset together; mu_product_consistent says whether they agree.",),
     )
 )

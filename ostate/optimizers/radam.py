@@ -37,8 +37,8 @@ from typing import Mapping
 
 import torch
 
-from ostate.optimizers.adam import adam_snr
-from ostate.optimizers.family import Family, Group, group_has, register, step_of
+from ostate.optimizers.adam import adam_snr, moment_estimates
+from ostate.optimizers.family import Family, Group, Moments, Preconditioned, group_has, plain_preconditioned, register, step_of
 from ostate.state import ParamState
 
 _STATE_KEYS = frozenset({"step", "exp_avg", "exp_avg_sq"})
@@ -132,6 +132,12 @@ def quantities(chunk: Mapping[str, torch.Tensor], group: Group, param: ParamStat
     }
 
 
+def preconditioned(chunk: Mapping[str, torch.Tensor], group: Group, param: ParamState, q: dict) -> Preconditioned:
+    r"""The rectified update :math:`\hat m\,r\sqrt{1-\beta_2^t}/(\sqrt{v}+\epsilon)`: :math:`\epsilon` on the
+    *uncorrected* :math:`\sqrt v` (before rectification switches on, :math:`v` and :math:`\epsilon` are unused)."""
+    return plain_preconditioned(chunk["exp_avg"], chunk["exp_avg_sq"], group["eps"])
+
+
 def columns(param: ParamState, group: Group) -> dict:
     if param.step is None:
         return {}
@@ -144,6 +150,12 @@ def columns(param: ParamState, group: Group) -> dict:
         "bias_correction1": 1 - beta1**param.step,
         "bias_correction2": 1 - beta2**param.step,
     }
+
+
+def eps_root(group: Group, step: float) -> float:
+    r""":math:`\epsilon/\sqrt{1-\beta_2^t}`: RAdam adds :math:`\epsilon` to the uncorrected :math:`\sqrt v`."""
+    bias_correction2 = 1 - group["betas"][1] ** step
+    return float(group["eps"]) / bias_correction2**0.5 if bias_correction2 > 0 else float("nan")
 
 
 def match(state_keys: frozenset[str], group: Group) -> int:
@@ -173,6 +185,9 @@ RADAM = register(
         hyperparameters=("lr", "initial_lr", "betas", "eps", "weight_decay", "decoupled_weight_decay", "maximize"),
         first_moment="exp_avg_abs",
         second_moment="exp_avg_sq",
+        moments=Moments(estimates=moment_estimates, betas=lambda group: tuple(map(float, group["betas"][:2])),
+                        eps_root=eps_root),
+        preconditioned=preconditioned,
         notes=("RAdam: rho, rectified and rect_factor are those of the next step (t+1); while not rectified "
                "the step is lr times the bias-corrected momentum, with no adaptivity.",),
     )

@@ -34,7 +34,7 @@ from typing import Mapping
 
 import torch
 
-from ostate.optimizers.family import Family, Group, group_has, register
+from ostate.optimizers.family import Family, Group, Preconditioned, group_has, plain_preconditioned, register
 from ostate.state import ParamState
 
 _STATE_KEYS = frozenset({"step", "square_avg", "momentum_buffer", "grad_avg"})
@@ -96,6 +96,16 @@ def quantities(chunk: Mapping[str, torch.Tensor], group: Group, param: ParamStat
     return q
 
 
+def preconditioned(chunk: Mapping[str, torch.Tensor], group: Group, param: ParamState, q: dict) -> Preconditioned:
+    r""":math:`g / (\sqrt{v - \bar g^2} + \epsilon)` (centered) or :math:`g / (\sqrt{v} + \epsilon)`; the numerator
+    is the gradient, which the state does not hold."""
+    v = chunk["square_avg"].float()
+    grad_avg = _grad_avg(chunk, group)
+    if grad_avg is not None:
+        v = v.addcmul(grad_avg.float(), grad_avg.float(), value=-1)
+    return plain_preconditioned(None, v, group["eps"])
+
+
 def columns(param: ParamState, group: Group) -> dict:
     momentum = group.get("momentum", 0.0)
     return {"momentum_gain": 1 / (1 - momentum) if momentum < 1 else float("inf")}
@@ -124,5 +134,8 @@ RMSPROP = register(
         hyperparameters=("lr", "initial_lr", "alpha", "eps", "centered", "momentum", "weight_decay", "maximize"),
         first_moment="momentum_buffer_abs",
         second_moment="square_avg",
+        preconditioned=preconditioned,
+        # bitsandbytes' RMSprop8bit keeps square_avg with the signed dynamic map (Optimizer1State).
+        quantized_moments={"square_avg": True},
     )
 )

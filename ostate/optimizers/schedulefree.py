@@ -35,7 +35,7 @@ from typing import Mapping
 
 import torch
 
-from ostate.optimizers.family import Family, Group, group_has, register
+from ostate.optimizers.family import Family, Group, Preconditioned, group_has, plain_preconditioned, register
 from ostate.state import ParamState
 
 _STATE_KEYS = frozenset({"z", "exp_avg_sq"})
@@ -92,6 +92,12 @@ def quantities(chunk: Mapping[str, torch.Tensor], group: Group, param: ParamStat
     return {"eff_lr": schedulefree_effective_lr(chunk["exp_avg_sq"], group), "exp_avg_sq": chunk["exp_avg_sq"]}
 
 
+def preconditioned(chunk: Mapping[str, torch.Tensor], group: Group, param: ParamState, q: dict) -> Preconditioned:
+    r""":math:`g / (\sqrt{v/(1-\beta_2^k)} + \epsilon)`; the numerator is the gradient, which the state does not hold."""
+    k, beta2 = group["k"], group["betas"][1]
+    return plain_preconditioned(None, chunk["exp_avg_sq"], group["eps"], scale=1.0 / (1 - beta2**k) if k > 0 else 1.0)
+
+
 def columns(param: ParamState, group: Group) -> dict:
     return {
         "k": group["k"],
@@ -124,6 +130,7 @@ SCHEDULEFREE_ADAMW = register(
         hyperparameters=("lr", "betas", "eps", "weight_decay", "warmup_steps", "r", "weight_lr_power", "k",
                          "train_mode"),
         second_moment="exp_avg_sq",
+        preconditioned=preconditioned,
         notes=("Schedule-free AdamW: the step counter k lives in the param groups; eff_lr uses the next step's "
                "warmup-scheduled lr. The saved weights are x in eval mode and y in train mode.",),
     )

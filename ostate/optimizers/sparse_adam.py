@@ -33,7 +33,7 @@ import torch
 
 from ostate.errors import OstateError
 from ostate.optimizers.adam import adam_snr
-from ostate.optimizers.family import Family, Group, group_has, register, step_of
+from ostate.optimizers.family import Family, Group, Preconditioned, group_has, plain_preconditioned, register, step_of
 from ostate.state import ParamState
 
 _STATE_KEYS = frozenset({"step", "exp_avg", "exp_avg_sq"})
@@ -98,6 +98,11 @@ def quantities(chunk: Mapping[str, torch.Tensor], group: Group, param: ParamStat
     }
 
 
+def preconditioned(chunk: Mapping[str, torch.Tensor], group: Group, param: ParamState, q: dict) -> Preconditioned:
+    r""":math:`m / (\sqrt{v} + \epsilon)`: :math:`\epsilon` on the *uncorrected* :math:`\sqrt v`."""
+    return plain_preconditioned(chunk["exp_avg"], chunk["exp_avg_sq"], group["eps"])
+
+
 def columns(param: ParamState, group: Group) -> dict:
     if param.step is None:
         return {}
@@ -134,6 +139,7 @@ SPARSE_ADAM = register(
         hyperparameters=("lr", "initial_lr", "betas", "eps", "maximize"),
         first_moment="exp_avg_abs",
         second_moment="exp_avg_sq",
+        preconditioned=preconditioned,
         notes=("SparseAdam: step counts calls with a gradient, not how often each row was touched; "
                "a zero gradient moves nothing, so there is no update column.",),
     )

@@ -1,0 +1,56 @@
+"""``ostate doctor``: findings about a checkpoint's optimizer state, with an exit code for CI pipelines."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+import ostate
+from ostate.analysis import default_workers
+from ostate.doctor import FAIL_ON, diagnose, exit_code
+from ostate.doctor_output import FORMATS, render
+from ostate.formats.weights import read_model
+from ostate.optimizers import families
+from ostate_cli.common import format_hint_option, handle_errors, progress_enabled
+
+
+@click.command()
+@click.argument("path", type=click.Path(dir_okay=True, path_type=str))
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True,
+              help="Output format.")
+@click.option("--model", "model_path", type=click.Path(dir_okay=True, path_type=str), metavar="MODEL",
+              help="Check the optimizer against this model instead of the checkpoint's own weights: a "
+                   ".safetensors file, a torch.save file with a model state dict, or a directory with "
+                   "model.safetensors / pytorch_model.bin.")
+@click.option("--fail-on", type=click.Choice(FAIL_ON), default="warning", show_default=True,
+              help="The least severe finding that makes the exit code non-zero (3 for a warning, 4 for an error).")
+@click.option("--ignore", "ignored", metavar="CODE,...", help="Leave out findings with these codes.")
+@click.option("--optimizer", "kind", type=click.Choice(sorted(families())), metavar="KIND",
+              help="Treat the state as this optimizer family instead of detecting it.")
+@click.option("--workers", type=click.IntRange(min=1), default=default_workers(), show_default=True, metavar="N",
+              help="Threads working on different parameters.")
+@click.option("--trust-pickle", is_flag=True,
+              help="Allow pickled Python objects beyond tensors (runs code from the file: only for files you trust).")
+@format_hint_option
+@handle_errors
+def doctor(path, fmt, model_path, fail_on, ignored, kind, workers, trust_pickle, format_hint):
+    """Check the optimizer state in the checkpoint at PATH and say what to do about each finding.
+
+    Each finding has a severity (info, warning, error), a code, the parameters and
+    coordinates concerned, and advice; docs/doctor.md describes every check. The exit
+    code reflects the worst finding: 0 (none at or above --fail-on), 3 (a warning),
+    4 (an error); 2 means PATH could not be read.
+    """
+    checkpoint = ostate.load(path, trust_pickle=trust_pickle, optimizer=kind, format_hint=format_hint)
+    model = read_model(model_path, trust_pickle=trust_pickle) if model_path else None
+    diagnosis = diagnose(
+        checkpoint,
+        model=model.tensors if model is not None else None,
+        model_location=f"{model_path} ({model.location})" if model is not None else None,
+        ignore=[c.strip() for c in ignored.split(",") if c.strip()] if ignored else (),
+        workers=workers,
+        progress=progress_enabled(),
+    )
+    click.echo(render(diagnosis, fmt, fail_on=fail_on), nl=False)
+    sys.exit(exit_code(diagnosis, fail_on))

@@ -1,0 +1,118 @@
+r"""The figure of a comparison: how each parameter's optimizer state moved between checkpoints.
+
+Four panels over the parameters (in the later checkpoint's order): the median of
+:math:`\log_{10}(v_B/v_A)` with its 25-75% and 5-95% ranges, the cosine of the first
+moments, the change of the effective learning rate (:math:`\log_{10}(\eta_B/\eta_A)`, median
+and 5-95%), and the fraction of coordinates whose state did not change. One colour per
+pair of checkpoints, in the Okabe-Ito colour-blind-safe palette. Drawn on a bare
+:class:`matplotlib.figure.Figure` (no pyplot, no display), so it works headless.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from ostate.compare import Comparison, compare
+from ostate.errors import OstateError
+from ostate.plots.registry import PlotKind
+from ostate.plots.style import OKABE_ITO, save_figure
+
+# Above this many parameters the x axis shows positions instead of names.
+MAX_NAMED = 40
+
+
+def compare_figure(result: Comparison) -> Figure:
+    """A 2x2 figure of ``result``'s per-parameter movements (parameters present in both checkpoints).
+
+    Example:
+        >>> import ostate, torch, tempfile, os
+        >>> from ostate.compare import compare
+        >>> m = torch.nn.Linear(4, 2); opt = torch.optim.AdamW(m.parameters()); d = tempfile.mkdtemp()
+        >>> for step in range(2):
+        ...     m(torch.randn(8, 4)).square().sum().backward(); opt.step(); opt.zero_grad()
+        ...     torch.save({"model": m.state_dict(), "optimizer": opt.state_dict()}, os.path.join(d, f"{step}.pt"))
+        >>> fig = compare_figure(compare(os.path.join(d, "0.pt"), os.path.join(d, "1.pt")))
+        >>> [ax.get_ylabel() for ax in fig.axes][:2]
+        ['log10(v_B / v_A)', 'cosine(m_A, m_B)']
+    """
+    fig = Figure(figsize=(11, 7.5), layout="constrained")
+    axes = fig.subplots(2, 2, sharex=True).flatten()
+    names: list[str] = []
+    pairs = result.pairs
+    width = 0.6 / max(len(pairs), 1)
+    for k, pair in enumerate(pairs):
+        table = pair.table()
+        if table.empty:
+            continue
+        table = table[table["status"] == "both"]
+        if not names:
+            names = list(table["name"])
+        position = {name: i for i, name in enumerate(names)}
+        x = np.array([position.get(n, np.nan) for n in table["name"]], dtype=float) + (k - (len(pairs) - 1) / 2) * width
+        colour = OKABE_ITO[k % len(OKABE_ITO)]
+        label = f"{_short(pair.a)} → {_short(pair.b)}"
+        _ranged(axes[0], x, table["log10_v_ratio_p50"], table["log10_v_ratio_p25"], table["log10_v_ratio_p75"],
+                table["log10_v_ratio_p5"], table["log10_v_ratio_p95"], colour, label)
+        axes[1].plot(x, table["m_cosine"], "o", color=colour, markersize=4, label=label)
+        lr = {q: np.log10(1.0 + table[f"eff_lr_relchange_{q}"].astype(float)) for q in ("p5", "p50", "p95")}
+        _ranged(axes[2], x, lr["p50"], None, None, lr["p5"], lr["p95"], colour, label)
+        axes[3].plot(x, table["unchanged_frac"], "o", color=colour, markersize=4, label=label)
+    titles = [("second moment", "log10(v_B / v_A)"), ("first moment", "cosine(m_A, m_B)"),
+              ("effective learning rate", "log10(η_B / η_A)"), ("state not changed", "fraction of coordinates")]
+    for ax, (title, ylabel) in zip(axes, titles):
+        ax.set_title(title)
+        ax.set_ylabel(ylabel)
+        ax.grid(True, alpha=0.3)
+    for ax in (axes[0], axes[2]):
+        ax.axhline(0.0, color="#000000", linewidth=0.8)
+    axes[1].set_ylim(-1.05, 1.05)
+    axes[3].set_ylim(-0.05, 1.05)
+    for ax in axes[2:]:
+        if names and len(names) <= MAX_NAMED:
+            ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
+        else:
+            ax.set_xlabel("parameter (position in the later checkpoint)")
+    if len(pairs) > 1:
+        axes[0].legend(fontsize=8)
+    fig.suptitle("optimizer state, parameter by parameter" + (f" ({len(names)} parameters)" if names else ""))
+    return fig
+
+
+def save_compare_figure(result: Comparison, path: str | os.PathLike) -> str:
+    """Draw :func:`compare_figure` and save it atomically (PNG, SVG or PDF, from the extension)."""
+    return save_figure(compare_figure(result), path)
+
+
+def _from_inputs(inputs, *, by: str, optimizer_index: int | None = None, workers: int | None = None,
+                 progress: bool = False, trust_pickle: bool = False, format_hint: str | None = None,
+                 **_: object) -> Figure:
+    """``ostate plot --kind compare``: compare the checkpoints at the given paths, oldest first."""
+    paths = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
+    if not all(isinstance(p, (str, os.PathLike)) for p in paths):
+        raise OstateError("the compare plot reads checkpoints from their paths",
+                          hint="pass paths, or draw compare_figure(ostate.compare.compare(...)) yourself")
+    return compare_figure(compare(*paths, against=by, optimizer_index=optimizer_index, trust_pickle=trust_pickle,
+                                  format_hint=format_hint, workers=workers, progress=progress))
+
+
+KIND = PlotKind(name="compare", summary="how each parameter's state moved between checkpoints (ostate compare)",
+                views=("consecutive", "first"), from_inputs=_from_inputs)
+
+
+def _ranged(ax, x, middle, low, high, lowest, highest, colour, label) -> None:
+    middle = np.asarray(middle, dtype=float)
+    if lowest is not None:
+        ax.vlines(x, np.asarray(lowest, dtype=float), np.asarray(highest, dtype=float), color=colour, linewidth=0.8,
+                  alpha=0.6)
+    if low is not None:
+        ax.vlines(x, np.asarray(low, dtype=float), np.asarray(high, dtype=float), color=colour, linewidth=2.5)
+    ax.plot(x, middle, "o", color=colour, markersize=4, label=label)
+
+
+def _short(path: str) -> str:
+    name = os.path.basename(os.path.normpath(path))
+    return name if len(name) <= 30 else name[:27] + "..."
+
