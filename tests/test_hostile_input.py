@@ -450,7 +450,7 @@ def test_many_tiny_parameters_give_one_row_each(tmp_path):
 
 # ---------------------------------------------------------------- inputs are never changed
 @pytest.mark.parametrize("layout", list(specimens.BUILDERS))
-def test_inspect_and_convert_leave_every_input_byte_for_byte_unchanged(all_specimens, tmp_path, layout):
+def test_every_command_leaves_every_input_byte_for_byte_unchanged(all_specimens, tmp_path, layout):
     root = all_specimens[layout].path
     before = hashes(root)
     stamps = {p: os.stat(p).st_mtime_ns for p in before}
@@ -461,6 +461,12 @@ def test_inspect_and_convert_leave_every_input_byte_for_byte_unchanged(all_speci
     assert converted.returncode == 0, converted.stderr
     again = run_cli("convert", str(out), str(tmp_path / "back.pt"))
     assert again.returncode == 0, again.stderr
+    assert run_cli("doctor", str(root)).returncode in (0, 3, 4)  # 3, 4: findings (warnings, errors)
+    assert run_cli("compare", str(root), str(root), *pick).returncode == 0
+    reset_out = tmp_path / ("reset" + (root.suffix if root.is_file() else ""))
+    reset = run_cli("reset", str(root), "--strategy", "reset-v", "-o", str(reset_out), *pick)
+    assert reset.returncode == 0, reset.stderr
     assert hashes(root) == before
     assert {p: os.stat(p).st_mtime_ns for p in before} == stamps
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["back.pt", "out.safetensors"]  # no temporary files left
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["back.pt", "out.safetensors", reset_out.name])
+    assert not [p for p in tmp_path.rglob(".ostate-*")]  # no temporary files left
