@@ -470,3 +470,11 @@ def test_every_command_leaves_every_input_byte_for_byte_unchanged(all_specimens,
     assert {p: os.stat(p).st_mtime_ns for p in before} == stamps
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["back.pt", "out.safetensors", reset_out.name])
     assert not [p for p in tmp_path.rglob(".ostate-*")]  # no temporary files left
+
+
+def test_state_keys_that_are_not_strings_are_shown_not_fatal(tmp_path):
+    # Found by benchmarks/fuzz_readers.py: a flipped byte turned a key into a tuple, and sorting the keys failed.
+    state = {0: {"exp_avg": torch.ones(3), ("odd",): torch.ones(3), 7: torch.ones(3)}}
+    path = _saved(tmp_path, state, [torch.zeros(3)])
+    optimizer = ostate.load(path).optimizers[0]
+    assert optimizer.kind == "unknown" and "7" in optimizer.warnings[0]
