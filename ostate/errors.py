@@ -17,11 +17,16 @@ class OstateError(Exception):
     """
 
     def __init__(self, what: str, *, where: str | None = None, hint: str | None = None):
-        self.what = what
-        self.where = where
-        self.hint = hint
+        # One line, whatever the message quotes (a library's multi-line error, a damaged file's bytes).
+        self.what = _one_line(what)
+        self.where = where if where is None else _one_line(where)
+        self.hint = hint if hint is None else _one_line(hint)
         super().__init__(str(self))
 
     def __str__(self) -> str:
         text = f"{self.where}: {self.what}" if self.where else self.what
         return f"{text} ({self.hint})" if self.hint else text
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())

@@ -166,14 +166,45 @@ def summaries(
     if workers == 1:
         yield from map(one, optimizer.params)
         return
+
+    def batch(params: list) -> list[ParamSummary]:
+        return [one(p) for p in params]
+
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ostate") as pool:
-        futures: list[Future] = [pool.submit(one, p) for p in optimizer.params]
+        futures: list[Future] = [pool.submit(batch, b) for b in _batches(optimizer.params)]
         try:
             for future in futures:
-                yield future.result()
+                yield from future.result()
         finally:
             for future in futures:
                 future.cancel()
+
+
+# A task for the thread pool is one parameter, or consecutive small ones up to this many
+# coordinates together: a task per tiny parameter would cost more than its work.
+_BATCH_COORDS = 1 << 16
+
+
+def _batches(params: list) -> Iterator[list]:
+    """Consecutive runs of parameters, each run holding at most :data:`_BATCH_COORDS` coordinates (or one parameter).
+
+    Example:
+        >>> from ostate.state import ParamState
+        >>> ps = [ParamState(i, f"p{i}", "fqn", 0, shape, None) for i, shape in enumerate([(4,), (4,), (1 << 20,), (2,)])]
+        >>> [[p.index for p in b] for b in _batches(ps)]
+        [[0, 1], [2], [3]]
+    """
+    run: list = []
+    coords = 0
+    for p in params:
+        n = max(p.numel or 0, 1)
+        if run and coords + n > _BATCH_COORDS:
+            yield run
+            run, coords = [], 0
+        run.append(p)
+        coords += n
+    if run:
+        yield run
 
 
 @contextlib.contextmanager

@@ -86,6 +86,11 @@ def _candidate_tables(code: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tens
     return values[lo_index].float(), values[hi_index].float()
 
 
+@lru_cache(maxsize=None)
+def _dynamic_tables(signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return _candidate_tables(tuple(dynamic_map(signed).tolist()))
+
+
 @dataclass
 class BlockwiseError:
     """Accumulates the squared error of the 8-bit round trip of one tensor, chunk by chunk.
@@ -108,8 +113,10 @@ class BlockwiseError:
     _tables: tuple[torch.Tensor, torch.Tensor] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        code = self.code if self.code is not None else dynamic_map(self.signed)
-        self._tables = _candidate_tables(tuple(float(c) for c in code))
+        if self.code is None:  # one accumulator per moment of every parameter: the tables are shared
+            self._tables = _dynamic_tables(self.signed)
+        else:
+            self._tables = _candidate_tables(tuple(self.code.tolist()))
 
     def add(self, chunk: torch.Tensor) -> None:
         """Add one chunk of the flattened tensor (float32 or bfloat16)."""
@@ -128,10 +135,13 @@ class BlockwiseError:
         scale = absmax.masked_fill(absmax == 0, 1.0)
         y = torch.div(blocks, scale[:, None]).view(-1)
         # Bucket ids; a finite y >= 0 (unsigned map) has no sign bit to mask (one pass fewer).
+        # A damaged file can hold negative "non-negative" moments: their ids come out negative.
         if self.signed or not bool(torch.isfinite(absmax).all()):
             ids = bucket_ids(y)
         else:
             ids = torch.bitwise_right_shift(y.view(torch.int32), 16)
+            if int(ids.min()) < 0:
+                ids = bucket_ids(y)
         near_lo, near_hi = self._tables
         lo_err = near_lo.index_select(0, ids)
         hi_err = near_hi.index_select(0, ids)

@@ -142,11 +142,11 @@ class Sketch:
         n = chunk.numel()
         if n == 0:
             return
-        counts_tensor = torch.bincount(bucket_ids(chunk), minlength=_NBUCKETS) if self.with_histogram else None
+        histogram = _Histogram.of(chunk) if self.with_histogram else None
         values = chunk.float() if chunk.dtype == torch.bfloat16 else chunk
         total = float(values.sum())
         if not math.isfinite(total):  # NaN or inf among the values (or a float32 overflow): the slow path
-            self._add_nonfinite_chunk(values, counts_tensor)
+            self._add_nonfinite_chunk(values, histogram)
             return
         lo, hi = (float(v) for v in torch.aminmax(values))
         largest = max(-lo, hi)
@@ -155,40 +155,27 @@ class Sketch:
         else:  # float32 squares would underflow or overflow: scale by a power of two first (exact)
             exponent = math.frexp(largest)[1]
             sumsq = math.ldexp(float(values.mul(math.ldexp(1.0, -exponent)).square_().sum()), 2 * exponent)
-        if counts_tensor is not None:
-            counts = counts_tensor.numpy()  # the same memory: edits change both
-            if counts[0] or counts[_SIGN]:  # exact zeros (or the tiniest subnormals) are present
-                self._count_zeros(values, counts)
-            self._accumulate(counts_tensor)
+        if histogram is not None:
+            if histogram.has_zero_buckets():  # exact zeros (or the tiniest subnormals) are present
+                self.zeros += histogram.remove_zeros(values)
+            self._accumulate(histogram)
         self.count += n
         self.total += total
         self.sumsq += sumsq
         self.min = min(self.min, lo)
         self.max = max(self.max, hi)
 
-    def _count_zeros(self, finite: torch.Tensor, counts: np.ndarray) -> None:
-        """Move exact zeros (+0.0 and -0.0) out of the two smallest buckets into ``zeros``."""
-        zeros = finite.numel() - int(torch.count_nonzero(finite))
-        if zeros == 0:
-            return
-        negative = int(torch.count_nonzero(finite.view(torch.int32) == _NEGATIVE_ZERO_BITS)) if counts[_SIGN] else 0
-        counts[_SIGN] -= negative
-        counts[0] -= zeros - negative
-        self.zeros += zeros
-
-    def _add_nonfinite_chunk(self, values: torch.Tensor, counts_tensor: torch.Tensor | None) -> None:
+    def _add_nonfinite_chunk(self, values: torch.Tensor, histogram: "_Histogram | None") -> None:
         nan = int(torch.isnan(values).sum())
         posinf = int((values == math.inf).sum())
         neginf = int((values == -math.inf).sum())
         self.nan, self.posinf, self.neginf = self.nan + nan, self.posinf + posinf, self.neginf + neginf
         finite = values[torch.isfinite(values)] if nan + posinf + neginf else values
-        if counts_tensor is not None:
-            counts = counts_tensor.numpy()
-            counts[_NONFINITE_MAG:_SIGN] = 0
-            counts[_SIGN + _NONFINITE_MAG :] = 0
-            if finite.numel() and (counts[0] or counts[_SIGN]):
-                self._count_zeros(finite, counts)
-            self._accumulate(counts_tensor)
+        if histogram is not None:
+            histogram.remove_nonfinite()
+            if finite.numel() and histogram.has_zero_buckets():
+                self.zeros += histogram.remove_zeros(finite)
+            self._accumulate(histogram)
         if finite.numel() == 0:
             return
         wide = finite.double()  # float32 sums may overflow here; float64 ones do not
@@ -199,11 +186,13 @@ class Sketch:
         self.min = min(self.min, float(lo))
         self.max = max(self.max, float(hi))
 
-    def _accumulate(self, counts: torch.Tensor) -> None:
-        if self._dense is None:
-            self._dense = counts  # bincount's fresh tensor: ours to keep
+    def _accumulate(self, histogram: "_Histogram") -> None:
+        if histogram.dense is None:
+            self._merge_buckets(histogram.buckets, histogram.counts)
+        elif self._dense is None:
+            self._dense = histogram.dense  # bincount's fresh tensor: ours to keep
         else:
-            self._dense.add_(counts)
+            self._dense.add_(histogram.dense)
 
     def compact(self) -> "Sketch":
         """Fold the dense histogram being filled into the sparse one (in place); returns self."""
@@ -220,11 +209,7 @@ class Sketch:
         if len(self._buckets) == 0:
             self._buckets, self._counts = buckets, counts
             return
-        dense = np.zeros(_NBUCKETS, np.int64)
-        dense[self._buckets] += self._counts
-        dense[buckets] += counts
-        nz = np.flatnonzero(dense)
-        self._buckets, self._counts = nz.astype(np.int64), dense[nz]
+        self._buckets, self._counts = _add_sparse([(self._buckets, self._counts), (buckets, counts)])
 
     def merge(self, other: "Sketch") -> "Sketch":
         """Add ``other`` into this sketch (in place) and return self."""
@@ -247,7 +232,7 @@ class Sketch:
     def merged(cls, sketches: Iterable["Sketch"]) -> "Sketch":
         """One sketch holding everything in ``sketches``."""
         out = cls()
-        dense = np.zeros(_NBUCKETS, np.int64)
+        parts = []
         for s in sketches:
             s.compact()
             out.with_histogram = out.with_histogram and s.with_histogram
@@ -260,9 +245,8 @@ class Sketch:
             out.sumsq += s.sumsq
             out.min = min(out.min, s.min)
             out.max = max(out.max, s.max)
-            dense[s._buckets] += s._counts
-        nz = np.flatnonzero(dense)
-        out._buckets, out._counts = nz.astype(np.int64), dense[nz]
+            parts.append((s._buckets, s._counts))
+        out._buckets, out._counts = _add_sparse(parts)
         return out
 
     # ---------------------------------------------------------------- reading
@@ -284,11 +268,18 @@ class Sketch:
         return math.sqrt(self.sumsq / self.count) if self.count else math.nan
 
     def _sorted_values(self) -> tuple[np.ndarray, np.ndarray]:
+        """Bucket values (zero included) in increasing order, and their counts.
+
+        Ids below the sign bit are positive buckets in increasing order; the negative ones
+        increase in magnitude, so reversed they increase in value; zero sits between.
+        """
         self.compact()
-        values = np.concatenate([bucket_values(self.buckets), [0.0]])
-        counts = np.concatenate([self.counts, [self.zeros]])
-        order = np.argsort(values, kind="stable")
-        return values[order], counts[order]
+        buckets, counts = self._buckets, self._counts
+        split = int(np.searchsorted(buckets, _SIGN))
+        values = bucket_values(buckets)
+        values = np.concatenate([values[split:][::-1], [0.0], values[:split]])
+        counts = np.concatenate([counts[split:][::-1], [self.zeros], counts[:split]])
+        return values, counts
 
     def quantiles(self, qs: Iterable[float]) -> list[float]:
         """The values at ranks ``floor(q * (count - 1))`` of the finite values, for each q.
@@ -296,23 +287,14 @@ class Sketch:
         Exact for q=0 (min) and q=1 (max); otherwise within ``RELATIVE_ERROR`` of the
         true order statistic for normal numbers. NaN for a sketch without a histogram.
         """
-        qs = list(qs)
+        qs = np.asarray(list(qs), np.float64)
         if self.count == 0 or not self.with_histogram:
             return [math.nan] * len(qs)
         values, counts = self._sorted_values()
-        cumulative = np.cumsum(counts)
-        out = []
-        for q in qs:
-            if q <= 0:
-                out.append(self.min)
-                continue
-            if q >= 1:
-                out.append(self.max)
-                continue
-            rank = math.floor(q * (self.count - 1))
-            i = int(np.searchsorted(cumulative, rank, side="right"))
-            out.append(float(min(max(values[min(i, len(values) - 1)], self.min), self.max)))
-        return out
+        ranks = np.floor(qs * (self.count - 1))
+        at = np.minimum(np.searchsorted(np.cumsum(counts), ranks, side="right"), len(values) - 1)
+        found = np.clip(values[at], self.min, self.max)
+        return np.where(qs <= 0, self.min, np.where(qs >= 1, self.max, found)).tolist()
 
     def quantile(self, q: float) -> float:
         return self.quantiles([q])[0]
@@ -345,3 +327,100 @@ class Sketch:
         s._buckets = np.asarray(d["buckets"], np.int64)
         s._counts = np.asarray(d["counts"], np.int64)
         return s
+
+
+# Up to this many values a histogram is counted by sorting them (cost grows with the values);
+# beyond, in a dense array of every bucket (a fixed cost of 65,536 counts). Checkpoints of many
+# tiny tensors would otherwise pay the fixed cost once per tensor and quantity.
+_SPARSE_LIMIT = 4096
+
+
+@dataclass
+class _Histogram:
+    """The bucket counts of one chunk: dense (a bincount tensor) or sparse (sorted ids and counts)."""
+
+    dense: torch.Tensor | None
+    buckets: np.ndarray
+    counts: np.ndarray
+
+    @classmethod
+    def of(cls, chunk: torch.Tensor) -> "_Histogram":
+        ids = bucket_ids(chunk)
+        if chunk.numel() > _SPARSE_LIMIT:
+            return cls(torch.bincount(ids, minlength=_NBUCKETS), _EMPTY, _EMPTY)
+        ordered = np.sort(ids.numpy()).astype(np.int64)
+        first = np.empty(len(ordered), bool)  # where a run of equal ids starts (np.unique, with less overhead)
+        first[0] = True
+        np.not_equal(ordered[1:], ordered[:-1], out=first[1:])
+        starts = np.flatnonzero(first)
+        counts = np.empty(len(starts), np.int64)
+        np.subtract(starts[1:], starts[:-1], out=counts[:-1])
+        counts[-1] = len(ordered) - starts[-1]
+        return cls(None, ordered[starts], counts)
+
+    def _count(self, bucket: int) -> int:
+        if self.dense is not None:
+            return int(self.dense[bucket])
+        return int(self.counts[self.buckets == bucket].sum())
+
+    def _subtract(self, bucket: int, k: int) -> None:
+        if k == 0:
+            return
+        if self.dense is not None:
+            self.dense[bucket] -= k
+        else:
+            self.counts[int(np.searchsorted(self.buckets, bucket))] -= k
+
+    def has_zero_buckets(self) -> bool:
+        return bool(self._count(0) or self._count(_SIGN))
+
+    def remove_zeros(self, finite: torch.Tensor) -> int:
+        """Move exact zeros (+0.0 and -0.0) out of the two smallest buckets; returns how many there were.
+
+        ``finite`` is the chunk's finite values as float32.
+        """
+        zeros = finite.numel() - int(torch.count_nonzero(finite))
+        if zeros == 0:
+            return 0
+        negative = int(torch.count_nonzero(finite.view(torch.int32) == _NEGATIVE_ZERO_BITS)) if self._count(_SIGN) else 0
+        self._subtract(_SIGN, negative)
+        self._subtract(0, zeros - negative)
+        self._drop_empty()
+        return zeros
+
+    def remove_nonfinite(self) -> None:
+        """Drop the buckets of infinities and NaNs (they are counted apart)."""
+        if self.dense is not None:
+            self.dense[_NONFINITE_MAG:_SIGN] = 0
+            self.dense[_SIGN + _NONFINITE_MAG :] = 0
+        else:
+            keep = (self.buckets & 0x7FFF) < _NONFINITE_MAG
+            self.buckets, self.counts = self.buckets[keep], self.counts[keep]
+
+    def _drop_empty(self) -> None:
+        if self.dense is None:
+            keep = self.counts > 0
+            self.buckets, self.counts = self.buckets[keep], self.counts[keep]
+
+
+_EMPTY = np.zeros(0, np.int64)
+
+
+def _add_sparse(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """The bucket-wise sum of sparse histograms (sorted ids, counts): by sorting when they are small."""
+    parts = [(b, c) for b, c in parts if len(b)]
+    if not parts:
+        return _EMPTY, _EMPTY
+    if len(parts) == 1:
+        return parts[0]
+    total = sum(len(b) for b, _ in parts)
+    if total <= _SPARSE_LIMIT:
+        ids, where = np.unique(np.concatenate([b for b, _ in parts]), return_inverse=True)
+        counts = np.zeros(len(ids), np.int64)
+        np.add.at(counts, where, np.concatenate([c for _, c in parts]))
+        return ids, counts
+    dense = np.zeros(_NBUCKETS, np.int64)
+    for b, c in parts:
+        dense[b] += c
+    nz = np.flatnonzero(dense)
+    return nz.astype(np.int64), dense[nz]

@@ -17,6 +17,7 @@ from typing import Any, Mapping
 import torch
 
 from ostate.formats import registry
+from ostate.gcpause import gc_paused
 from ostate.formats.objects import from_object, model_entries
 from ostate.state import Checkpoint
 
@@ -59,7 +60,8 @@ def load(
     """
     path = os.fspath(path)
     reader = registry.choose(path, format_hint)
-    return reader.read(path, trust_pickle=trust_pickle, optimizer=optimizer)
+    with gc_paused():
+        return reader.read(path, trust_pickle=trust_pickle, optimizer=optimizer)
 
 
 # The path of a checkpoint made by from_state_dict, which has no file.

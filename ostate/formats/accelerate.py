@@ -136,6 +136,10 @@ def read(path: str, *, trust_pickle: bool = False, optimizer: str | None = None)
         raise OstateError("no optimizer file (optimizer.bin, optimizer_<i>.bin or an optimizer_<i>/ DCP folder)",
                           where=path, hint=f"found: {', '.join(sorted(os.listdir(path))) or '(empty)'}")
     warnings: list[str] = []
+    missing = sorted(set(range(max(s.index for s in sources) + 1)) - {s.index for s in sources})
+    if missing:  # accelerate numbers optimizers from 0 without gaps: one was lost or not copied
+        warnings.append(f"no file for optimizer {', '.join(map(str, missing))} (optimizer.bin, optimizer_<i>.bin); "
+                        "the checkpoint is incomplete: the optimizers found are shown")
     numbered = [(i, w) for i in model_indices(path) if (w := find_weights(path, index=i, trust_pickle=trust_pickle))]
     models = [w for _, w in numbered]
     for w in models:

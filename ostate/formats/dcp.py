@@ -24,6 +24,7 @@ puts the model's FQNs at the top level and its step under ``train_state``).
 from __future__ import annotations
 
 import io
+import math
 import os
 from collections import defaultdict
 from dataclasses import dataclass
@@ -100,6 +101,7 @@ class Storage:
         self.storage_data: Mapping[Any, Any] = metadata.storage_data or {}
         planner = metadata.planner_data
         self.routes: Mapping[str, Any] = planner if isinstance(planner, Mapping) else {}
+        self._file_sizes: dict[str, int] = {}
 
     def route(self, key: str) -> tuple:
         """The entry's path in the saved (nested) state dict; a key without planner data stays whole."""
@@ -145,6 +147,8 @@ class Storage:
         if covered != total or any(len(o) != len(shape) for o, _, _ in chunks):
             raise OstateError(f"the chunks of '{key}' cover {covered} of its {total} elements",
                               where=self.directory, hint="the checkpoint is incomplete (a rank's file missing?)")
+        for offsets, sizes, info in chunks:
+            self._check_range(key, info, math.prod(sizes) * dtype.itemsize)
 
         def read() -> torch.Tensor:
             return self._assemble(key, shape, dtype, chunks)
@@ -188,6 +192,23 @@ class Storage:
                 except OstateError:
                     if required:
                         raise
+
+    def _check_range(self, key: str, info: Any, nbytes: int) -> None:
+        """A chunk's byte range must lie in its file and hold its elements: checked before anything is allocated."""
+        path = os.path.join(self.directory, info.relative_path)
+        size = self._file_sizes.get(path)
+        if size is None:
+            try:
+                size = self._file_sizes[path] = os.path.getsize(path)
+            except OSError as e:
+                raise OstateError(f"cannot read: {e.strerror}", where=path,
+                                  hint="a .distcp file listed in .metadata is missing or unreadable") from None
+        if info.offset + info.length > size:
+            raise OstateError(f"the data of '{key}' lies beyond the end of the file ({size} bytes)", where=path,
+                              hint="the file may be truncated")
+        if info.length < nbytes:
+            raise OstateError(f"a chunk of '{key}' claims {nbytes} bytes, its file range holds {info.length}",
+                              where=path, hint="the metadata is corrupted")
 
     def _info(self, key: str, offsets: Any) -> Any:
         from torch.distributed.checkpoint.metadata import MetadataIndex

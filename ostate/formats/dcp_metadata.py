@@ -89,4 +89,57 @@ def read_metadata(path: str, *, trust_pickle: bool = False) -> Any:
                           hint="the file may be truncated or corrupted") from None
     if not isinstance(metadata, Metadata):
         raise OstateError(f"the DCP metadata holds a {type(metadata).__name__}, not a Metadata object", where=path)
+    problem = _malformed(metadata)
+    if problem:
+        raise OstateError(f"the DCP metadata is malformed: {problem}", where=path,
+                          hint="the file may be corrupted")
     return metadata
+
+
+def _malformed(metadata: Any) -> str | None:
+    """What is wrong with an unpickled ``Metadata``'s fields, if anything.
+
+    Unpickling sets dataclass fields to whatever the file holds; a damaged file can put
+    a string where a size belongs. Every field the reader uses is checked here, so that
+    the reader can trust the types.
+    """
+    from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, ChunkStorageMetadata,
+                                                       TensorProperties, TensorStorageMetadata)
+
+    entries = getattr(metadata, "state_dict_metadata", None)
+    if not isinstance(entries, dict):
+        return "state_dict_metadata is not a dict"
+    for key, item in entries.items():
+        if not isinstance(key, str):
+            return f"an entry's key is a {type(key).__name__}"
+        if isinstance(item, BytesStorageMetadata):
+            continue
+        if not isinstance(item, TensorStorageMetadata):
+            return f"entry '{key}' is a {type(item).__name__}"
+        properties = getattr(item, "properties", None)
+        if not isinstance(properties, TensorProperties) or not isinstance(getattr(properties, "dtype", None),
+                                                                           torch.dtype):
+            return f"entry '{key}' has no dtype"
+        chunks = getattr(item, "chunks", None)
+        if not _sizes(getattr(item, "size", None)) or not isinstance(chunks, list):
+            return f"entry '{key}' has no valid size or chunk list"
+        for chunk in chunks:
+            if not isinstance(chunk, ChunkStorageMetadata) or not (
+                    _sizes(getattr(chunk, "offsets", None)) and _sizes(getattr(chunk, "sizes", None))):
+                return f"a chunk of '{key}' has no valid offsets or sizes"
+    storage = getattr(metadata, "storage_data", None)
+    if storage is not None and not isinstance(storage, dict):
+        return "storage_data is not a dict"
+    for info in (storage or {}).values():
+        if not (isinstance(getattr(info, "relative_path", None), str) and _count(getattr(info, "offset", None))
+                and _count(getattr(info, "length", None))):
+            return "a storage record has no valid file, offset or length"
+    return None
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _sizes(value: Any) -> bool:
+    return isinstance(value, (tuple, list)) and all(_count(d) for d in value)

@@ -97,8 +97,11 @@ def read_header(path: str) -> Header:
     if not isinstance(header, dict):
         raise OstateError("safetensors header is not a JSON object", where=path)
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise OstateError("safetensors metadata is not a JSON object", where=path)
     data_size = size - 8 - length
     tensors: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
+    spans: list[tuple[int, int]] = []
     for name, info in header.items():
         try:
             dtype = DTYPES[info["dtype"]]
@@ -107,13 +110,25 @@ def read_header(path: str) -> Header:
         except (KeyError, TypeError, ValueError):
             raise OstateError(f"safetensors header entry '{name}' is malformed", where=path,
                               hint="dtype must be one of " + ", ".join(DTYPES)) from None
+        # The size a shape claims is checked against the file before anything is allocated.
         expected = dtype.itemsize
         for d in shape:
             expected *= d
-        if not 0 <= begin <= end <= data_size or end - begin != expected:
+        if min(shape, default=0) < 0 or not 0 <= begin <= end <= data_size or end - begin != expected:
             raise OstateError(f"tensor '{name}' lies outside the file or has the wrong size", where=path,
                               hint="the file may be truncated or corrupted")
         tensors[name] = (dtype, shape)
+        spans.append((begin, end))
+    # As safetensors itself requires: the tensors tile the data buffer, no gaps, no overlaps.
+    covered = 0
+    for begin, end in sorted(spans):
+        if begin != covered:
+            raise OstateError("safetensors tensors overlap or leave gaps in the data", where=path,
+                              hint="the file may be truncated or corrupted")
+        covered = end
+    if covered != data_size:
+        raise OstateError(f"safetensors data holds {data_size} bytes, its tensors {covered}", where=path,
+                          hint="the file may be truncated or corrupted")
     return Header(path, tensors, {str(k): str(v) for k, v in metadata.items()})
 
 
@@ -126,11 +141,17 @@ class SafetensorsFile:
         self._handle: Any = None
 
     def tensor(self, name: str) -> torch.Tensor:
-        if self._handle is None:
-            from safetensors import safe_open
+        try:
+            if self._handle is None:
+                from safetensors import safe_open
 
-            self._handle = safe_open(self.path, framework="pt", device="cpu")
-        return self._handle.get_tensor(name)
+                self._handle = safe_open(self.path, framework="pt", device="cpu")
+            return self._handle.get_tensor(name)
+        except OSError as e:
+            raise OstateError(f"cannot read tensor '{name}': {e.strerror or e}", where=self.path) from None
+        except Exception as e:  # safetensors' own error type: the file changed or is damaged
+            raise OstateError(f"cannot read tensor '{name}': {e}", where=self.path,
+                              hint="the file may be truncated or corrupted") from None
 
     def ref(self, name: str) -> TensorRef:
         """A :class:`TensorRef` for one tensor: shape and dtype from the header, data when read."""

@@ -92,7 +92,7 @@ def read_optimizer(
         elif kind_source == "unknown" and state_keys:
             known = ", ".join(sorted(families()))
             warnings.append(
-                f"unrecognised optimizer state (state keys: {', '.join(sorted(state_keys))}); showing plain "
+                f"unrecognised optimizer state (state keys: {', '.join(sorted(map(str, state_keys)))}); showing plain "
                 f"statistics of each state tensor (pass --optimizer KIND, one of: {known})"
             )
 

@@ -14,7 +14,6 @@ import pickle
 import pickletools
 import re
 import warnings
-import zipfile
 from mmap import MAP_SHARED
 from typing import Any, BinaryIO, Callable, Sequence
 
@@ -138,10 +137,12 @@ def _load(source: str | BinaryIO, *, trust_pickle: bool, mmap: bool, where: str 
             where=where,
             hint="the file may be truncated or corrupted",
         ) from None
-    except (RuntimeError, EOFError, KeyError, ValueError, IndexError, TypeError, AttributeError, OverflowError,
-            zipfile.BadZipFile, UnicodeDecodeError, MemoryError, OSError) as e:
+    except Exception as e:  # a damaged file fails anywhere in torch.load, with any exception type
+        reason = _first_line(e) or type(e).__name__
+        if "storage that is not resizable" in reason or "does not match expected size" in reason:
+            reason = "a tensor claims more data than the file holds for it"
         raise OstateError(
-            f"cannot read as a torch checkpoint: {_first_line(e) or type(e).__name__}",
+            f"cannot read as a torch checkpoint: {reason}",
             where=where,
             hint="the file may be truncated or corrupted",
         ) from None

@@ -1,0 +1,142 @@
+"""Fuzz ostate's readers for longer than CI does: mutated real checkpoints of every layout.
+
+The same search as tests/test_fuzz_readers.py (one mutated file per input: truncation,
+bit flips, a zeroed range, an overwritten field, a spliced slice; tests/specimens.py),
+with more inputs, each read and analysed in this process under an address-space limit
+and a per-input alarm. Every outcome is counted: ``ok`` (a result), ``error`` (a
+one-line OstateError), and the bugs: ``exception`` (anything else), ``hang`` (past
+the alarm), ``memory`` (MemoryError under the limit). The first few bugs are shown
+with the input that caused them, which is kept under ``--dir``.
+
+With ``--atheris`` (``pip install atheris``), atheris picks the mutations, guided by
+coverage of ostate's code, instead of a seeded random generator.
+
+Usage:
+    python benchmarks/fuzz_readers.py [--inputs 2000] [--seed 0] [--dir /tmp/ostate-fuzz] [--atheris]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import random
+import resource
+import shutil
+import signal
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from tests import specimens  # noqa: E402  (the checkpoints and mutations the fuzz test uses)
+
+_ALARM_S = 60
+_ADDRESS_SPACE = 6 << 30
+
+
+class _Hang(Exception):
+    pass
+
+
+def _alarm(*_args) -> None:
+    raise _Hang()
+
+
+def try_one(spec: specimens.Specimen, work: Path, file_index: int, kind: str, a: int, b: int, c: int) -> str:
+    """The outcome of one mutated input: ``ok``, ``error``, ``exception``, ``hang`` or ``memory``."""
+    target = Path(tempfile.mkdtemp(prefix="input-", dir=work))
+    copy = specimens.mutated_copy(spec, target, file_index, kind, a, b, c)
+    signal.alarm(_ALARM_S)
+    try:
+        outcome = specimens.inspect_outcome(copy)
+    except _Hang:
+        outcome = "hang"
+    except MemoryError:
+        outcome = "memory"
+    except Exception:
+        outcome = "exception"
+        print(f"\n{spec.format} {kind} file {file_index} ({a}, {b}, {c}) kept in {target}:", file=sys.stderr)
+        traceback.print_exc(limit=-4)
+    finally:
+        signal.alarm(0)
+    if outcome in ("ok", "error"):
+        shutil.rmtree(target)
+    return outcome
+
+
+def run_random(built: dict[str, specimens.Specimen], work: Path, inputs: int, seed: int) -> collections.Counter:
+    rng = random.Random(seed)
+    counts: collections.Counter = collections.Counter()
+    names = list(built)
+    for i in range(inputs):
+        name = names[i % len(names)]
+        kind = rng.choice(specimens.MUTATIONS)
+        args = [rng.randrange(1 << 20) for _ in range(3)]
+        counts[(name, try_one(built[name], work, rng.randrange(64), kind, *args))] += 1
+        if (i + 1) % 100 == 0:
+            print(f"{i + 1} inputs", file=sys.stderr, flush=True)
+    return counts
+
+
+def run_atheris(built: dict[str, specimens.Specimen], work: Path, inputs: int) -> collections.Counter:
+    import atheris
+
+    counts: collections.Counter = collections.Counter()
+    names = list(built)
+
+    def one_input(data: bytes) -> None:
+        provider = atheris.FuzzedDataProvider(data)
+        name = names[provider.ConsumeIntInRange(0, len(names) - 1)]
+        kind = specimens.MUTATIONS[provider.ConsumeIntInRange(0, len(specimens.MUTATIONS) - 1)]
+        args = [provider.ConsumeIntInRange(0, 1 << 20) for _ in range(4)]
+        counts[(name, try_one(built[name], work, args[0], kind, *args[1:]))] += 1
+
+    with atheris.instrument_imports(include=["ostate"]):
+        import ostate  # noqa: F401
+    atheris.Setup([sys.argv[0], f"-runs={inputs}", "-seed=1"], one_input)
+    try:
+        atheris.Fuzz()
+    except SystemExit:
+        pass
+    return counts
+
+
+def report(counts: collections.Counter, seconds: float, driver: str) -> None:
+    outcomes = ("ok", "error", "exception", "hang", "memory")
+    total = sum(counts.values())
+    print(f"{total} inputs in {seconds:.0f} s ({driver}); alarm {_ALARM_S} s, address space {_ADDRESS_SPACE >> 30} GiB")
+    print()
+    print("| layout | " + " | ".join(outcomes) + " |")
+    print("|---" * (len(outcomes) + 1) + "|")
+    for name in dict.fromkeys(n for n, _ in counts):
+        print(f"| {name} | " + " | ".join(str(counts[(name, o)]) for o in outcomes) + " |")
+    print("| all | " + " | ".join(str(sum(v for (n, o), v in counts.items() if o == k)) for k in outcomes) + " |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--inputs", type=int, default=2000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dir", default="/tmp/ostate-fuzz")
+    parser.add_argument("--atheris", action="store_true", help="let atheris choose the mutations (coverage-guided)")
+    args = parser.parse_args()
+    warnings.simplefilter("ignore")
+    resource.setrlimit(resource.RLIMIT_AS, (_ADDRESS_SPACE, _ADDRESS_SPACE))
+    signal.signal(signal.SIGALRM, _alarm)
+    work = Path(args.dir)
+    shutil.rmtree(work, ignore_errors=True)
+    built = {name: specimens.build(name, work / "specimens" / name) for name in specimens.BUILDERS}
+    start = time.perf_counter()
+    if args.atheris:
+        counts = run_atheris(built, work, args.inputs)
+    else:
+        counts = run_random(built, work, args.inputs, args.seed)
+    report(counts, time.perf_counter() - start, "atheris" if args.atheris else f"random, seed {args.seed}")
+
+
+if __name__ == "__main__":
+    main()
