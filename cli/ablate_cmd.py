@@ -50,7 +50,7 @@ def _numbers(text: str | None, kind: type, option: str) -> list | None:
 
 
 @click.command()
-@click.argument("spec_file", required=False, type=click.Path(dir_okay=False, path_type=str), metavar="[SPEC.toml]")
+@click.argument("spec_file", required=False, type=click.Path(readable=False, dir_okay=False, path_type=str), metavar="[SPEC.toml]")
 @click.option("--task", "task_name", type=click.Choice(TASKS), help="A built-in task (instead of SPEC.toml).")
 @click.option("--strategies", metavar="A,B,...",
               help="Strategies to compare: fresh, reload, reset-m, reset-v, reset-step, keep-v, or NAME:REGEX "
@@ -69,16 +69,16 @@ def _numbers(text: str | None, kind: type, option: str) -> list | None:
               help="Torch threads per trial (default: cores / workers; 1 on Ray). Same value, same numbers.")
 @click.option("--executor", type=click.Choice(EXECUTORS), help="local process pool (default) or ray.")
 @click.option("--address", metavar="ADDR", help="With --executor ray: join this cluster (e.g. auto).")
-@click.option("--store", type=click.Path(dir_okay=False, path_type=str),
+@click.option("--store", type=click.Path(readable=False, dir_okay=False, path_type=str),
               help="SQLite results store (default OUT/results.sqlite); reruns skip finished trials.")
-@click.option("--out", type=click.Path(file_okay=False, path_type=str),
+@click.option("--out", type=click.Path(readable=False, file_okay=False, path_type=str),
               help="Directory for summary tables and plots (default ablation-TASK).")
-@click.option("--source", type=click.Path(dir_okay=False, path_type=str),
+@click.option("--source", type=click.Path(readable=False, dir_okay=False, path_type=str),
               help="The source checkpoint for a built-in task (default: pretrain one and cache it).")
-@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=str),
+@click.option("--cache-dir", type=click.Path(readable=False, file_okay=False, path_type=str),
               help="Where pretrained sources are cached (default ~/.cache/ostate, or $OSTATE_CACHE_DIR).")
 @click.option("--pretrain-steps", type=click.IntRange(min=1), help="Pretraining steps of a built-in task's source.")
-@click.option("--export", type=click.Path(dir_okay=False, path_type=str),
+@click.option("--export", type=click.Path(readable=False, dir_okay=False, path_type=str),
               help="Also write every record with its trial's settings to a .csv or .parquet file.")
 @click.option("--plot-format", type=click.Choice(FORMATS), help="Figure format (default png).")
 @click.option("--no-plots", is_flag=True, help="Write the summary tables only.")

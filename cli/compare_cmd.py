@@ -11,7 +11,7 @@ from ostate_cli.common import format_hint_option, handle_errors, progress_enable
 
 
 @click.command()
-@click.argument("paths", nargs=-1, required=True, type=click.Path(dir_okay=True, path_type=str), metavar="A B [C ...]")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(readable=False, dir_okay=True, path_type=str), metavar="A B [C ...]")
 @click.option("--against", type=click.Choice(AGAINST), default="consecutive", show_default=True,
               help="With more than two checkpoints: compare consecutive pairs (A->B, B->C) or each with the first.")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True, help="Output format.")
@@ -22,7 +22,7 @@ from ostate_cli.common import format_hint_option, handle_errors, progress_enable
 @click.option("--columns", metavar="A,B,...", help="Columns for table/markdown output ('all' for every column).")
 @click.option("--optimizer-index", type=click.IntRange(min=0), metavar="K",
               help="Compare only the K-th optimizer (0-based) of checkpoints that hold several.")
-@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=str), metavar="OUT.png",
+@click.option("--plot", "plot_path", type=click.Path(readable=False, dir_okay=False, path_type=str), metavar="OUT.png",
               help="Also draw the comparison (PNG, SVG or PDF, from the extension).")
 @click.option("--workers", type=click.IntRange(min=1), default=default_workers(), show_default=True, metavar="N",
               help="Threads working on different parameters.")

@@ -9,8 +9,8 @@ from ostate_cli.common import format_hint_option, handle_errors, progress_enable
 
 
 @click.command()
-@click.argument("source", metavar="IN", type=click.Path(dir_okay=True, path_type=str))
-@click.argument("out", metavar="OUT", type=click.Path(dir_okay=False, path_type=str))
+@click.argument("source", metavar="IN", type=click.Path(readable=False, dir_okay=True, path_type=str))
+@click.argument("out", metavar="OUT", type=click.Path(readable=False, dir_okay=False, path_type=str))
 @click.option("--optimizer-index", type=click.IntRange(min=0), metavar="K",
               help="Which optimizer (0-based) when IN holds several.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (never IN).")

@@ -16,10 +16,10 @@ from ostate_cli.common import format_hint_option, handle_errors, progress_enable
 
 
 @click.command()
-@click.argument("path", type=click.Path(dir_okay=True, path_type=str))
+@click.argument("path", type=click.Path(readable=False, dir_okay=True, path_type=str))
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True,
               help="Output format.")
-@click.option("--model", "model_path", type=click.Path(dir_okay=True, path_type=str), metavar="MODEL",
+@click.option("--model", "model_path", type=click.Path(readable=False, dir_okay=True, path_type=str), metavar="MODEL",
               help="Check the optimizer against this model instead of the checkpoint's own weights: a "
                    ".safetensors file, a torch.save file with a model state dict, or a directory with "
                    "model.safetensors / pytorch_model.bin.")

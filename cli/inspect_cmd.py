@@ -12,7 +12,7 @@ from ostate_cli.common import format_hint_option, handle_errors, progress_enable
 
 
 @click.command()
-@click.argument("path", type=click.Path(dir_okay=True, path_type=str))
+@click.argument("path", type=click.Path(readable=False, dir_okay=True, path_type=str))
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True,
               help="Output format.")
 @click.option("--by", type=click.Choice(VIEWS), default="param", show_default=True,

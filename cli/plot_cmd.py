@@ -17,9 +17,9 @@ _VIEWS = sorted({view for kind in _KINDS.values() for view in kind.views})
 
 
 @click.command()
-@click.argument("paths", metavar="PATH...", nargs=-1, required=True, type=click.Path(dir_okay=True, path_type=str))
+@click.argument("paths", metavar="PATH...", nargs=-1, required=True, type=click.Path(readable=False, dir_okay=True, path_type=str))
 @click.option("-o", "--output", "out", required=True, metavar="OUT",
-              type=click.Path(dir_okay=False, path_type=str),
+              type=click.Path(readable=False, dir_okay=False, path_type=str),
               help="The figure to write: OUT.png, OUT.svg or OUT.pdf (the format follows the extension).")
 @click.option("--kind", type=click.Choice(list(_KINDS)), default="lr-histogram", show_default=True,
               help="What to draw: " + "; ".join(f"{name}: {kind.summary}" for name, kind in _KINDS.items()) + ".")

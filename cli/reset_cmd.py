@@ -11,14 +11,14 @@ from ostate_cli.common import format_hint_option, handle_errors
 
 
 @click.command()
-@click.argument("path", type=click.Path(dir_okay=True, path_type=str))
+@click.argument("path", type=click.Path(readable=False, dir_okay=True, path_type=str))
 @click.option("--strategy", "strategy", required=True, metavar="STRATEGY",
               help=f"What to do with the optimizer state: {', '.join(STRATEGIES)}; NAME:REGEX restricts it to "
                    "the parameters whose names match (see docs/strategies.md).")
 @click.option("--params", metavar="REGEX",
               help="Apply the strategy only to the parameters whose names match REGEX (re.search); the others are "
                    "reloaded (for --strategy reload: started fresh).")
-@click.option("-o", "--out", "out", required=True, type=click.Path(dir_okay=True, path_type=str),
+@click.option("-o", "--out", "out", required=True, type=click.Path(readable=False, dir_okay=True, path_type=str),
               help="Where to write the result: a file for a file, a directory for a checkpoint directory.")
 @click.option("--optimizer-index", type=click.IntRange(min=0), metavar="K",
               help="Only the K-th optimizer (0-based) of a checkpoint that holds several (default: all).")

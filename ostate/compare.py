@@ -47,7 +47,7 @@ from ostate.analysis.params import CHUNK, RELEASE_EVERY
 from ostate.analysis.sketch import Sketch
 from ostate.errors import OstateError
 from ostate.optimizers import Family, get_family
-from ostate.optimizers.family import explain_missing_keys
+from ostate.optimizers.family import explain_bad_state
 from ostate.state import Checkpoint, OptimizerState, ParamState, TensorRef
 
 AGAINST = ("consecutive", "first")
@@ -254,7 +254,7 @@ def _compare_param(name: str, pa: ParamState | None, pb: ParamState | None, a: O
     sums = {"dot": 0.0, "norm_a": 0.0, "norm_b": 0.0, "v_zero_a": 0, "v_zero_b": 0, "unchanged": 0,
             "coords": pa.numel or 0, "compared_keys": 0}
     group_a, group_b = a.groups[pa.group], b.groups[pb.group]
-    with explain_missing_keys(pa, family_a), explain_missing_keys(pb, family_b):
+    with explain_bad_state(pa, family_a, group_a), explain_bad_state(pb, family_b, group_b):
         _stream_pair(pa, pb, group_a, group_b, family_a, family_b, sketches, sums)
     row.update(_columns(sketches, sums))
     return ParamComparison(row, sketches, sums)

@@ -8,6 +8,7 @@ instead of eating the machine. Inputs are hashed before and after.
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import os
@@ -16,6 +17,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import tempfile
 from collections import OrderedDict
 from pathlib import Path
 
@@ -372,14 +374,42 @@ def test_a_fifo_where_a_file_should_be_does_not_hang(all_specimens, tmp_path):
     assert_clear_error(run_cli("inspect", str(fifo)))
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads every file whatever its permissions")
+def _as_unprivileged_user(*args: str) -> "subprocess.CompletedProcess[str]":
+    """Run the ostate CLI as the unprivileged user ``nobody`` when the tests run as root
+    (root reads every file whatever its permissions), else as ourselves."""
+    prefix = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] if os.geteuid() == 0 else []
+    return subprocess.run([*prefix, sys.executable, "-m", "ostate_cli.main", *args], capture_output=True, text=True,
+                          cwd="/", env={**os.environ, "PYTHONWARNINGS": "ignore", "HOME": "/tmp"}, timeout=300)
+
+
+@pytest.mark.slow
 def test_unreadable_files_and_directories_are_one_clear_error(all_specimens, tmp_path):
-    path = _copy(all_specimens["torch-zip"], tmp_path)
-    path.chmod(0)
-    assert_clear_error(run_cli("inspect", str(path)), "permission denied")
-    root = _copy(all_specimens["hf-trainer"], tmp_path)
-    (root / "optimizer.pt").chmod(0)
-    assert_clear_error(run_cli("inspect", str(root)))
+    if os.geteuid() == 0 and (shutil.which("setpriv") is None or subprocess.run(
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c", "import ostate"],
+            capture_output=True, timeout=300).returncode != 0):
+        pytest.skip("running as root, and the user nobody cannot run this Python (setpriv missing or no access)")
+    shared = Path(tempfile.mkdtemp(prefix="ostate-perm-"))  # pytest's tmp_path is private to its owner
+    try:
+        shared.chmod(0o755)
+        readable = _copy(all_specimens["torch-zip"], shared)
+        readable.chmod(0o644)
+        control = _as_unprivileged_user("inspect", str(readable), "--by", "model")
+        assert control.returncode == 0, control.stderr  # the setup lets the user read a readable file
+        locked = shared / "locked.pt"
+        shutil.copy(readable, locked)
+        locked.chmod(0)
+        assert_clear_error(_as_unprivileged_user("inspect", str(locked)), "ermission denied")
+        folder = _copy(all_specimens["hf-trainer"], shared)
+        for p in [folder, *folder.rglob("*")]:
+            p.chmod(0o755 if p.is_dir() else 0o644)
+        (folder / "optimizer.pt").chmod(0)
+        assert_clear_error(_as_unprivileged_user("inspect", str(folder)))
+        folder.chmod(0o300)  # a directory that cannot be listed
+        assert_clear_error(_as_unprivileged_user("inspect", str(folder)))
+    finally:
+        for p in [shared, *shared.rglob("*")]:
+            p.chmod(0o700)
+        shutil.rmtree(shared, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- unusual but valid state
@@ -478,3 +508,39 @@ def test_state_keys_that_are_not_strings_are_shown_not_fatal(tmp_path):
     path = _saved(tmp_path, state, [torch.zeros(3)])
     optimizer = ostate.load(path).optimizers[0]
     assert optimizer.kind == "unknown" and "7" in optimizer.warnings[0]
+
+
+# ---------------------------------------------------------------- found by the longer fuzz run
+@pytest.mark.parametrize("step,betas,fragment", [
+    (-5.0, (0.9, 0.999), "step -5.0 is not a step count"),
+    (float("inf"), (0.9, 0.999), "step inf is not a step count"),
+    (10**400, (0.9, 0.999), "is not a step count"),  # a Python int too large for a float
+    (3.0, (0.9, 1.5), "betas (0.9, 1.5) are not in [0, 1]"),
+])
+def test_a_step_or_betas_no_torch_optimizer_can_have_is_one_clear_error(tmp_path, step, betas, fragment):
+    # Before: OverflowError in beta ** step, or a complex number from sqrt(1 - beta2 ** step) (exit code 1).
+    path = tmp_path / "s.pt"
+    groups = [{"params": [0], "lr": 1e-3, "betas": betas, "eps": 1e-8, "weight_decay": 0.0, "amsgrad": False,
+               "maximize": False, "foreach": None, "capturable": False, "differentiable": False, "fused": None}]
+    state = {0: {"step": step, "exp_avg": torch.ones(3), "exp_avg_sq": torch.ones(3)}}
+    torch.save({"state": state, "param_groups": groups}, path)
+    before = sha256(path)
+    assert_clear_error(run_cli("inspect", str(path)), fragment)
+    assert_clear_error(run_cli("doctor", str(path)), fragment)
+    assert sha256(path) == before
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="DeepSpeed is not installed")
+def test_deepspeed_files_that_unpickle_but_lack_deepspeeds_layout_are_one_clear_error(tmp_path):
+    # Before: KeyError / TypeError from deep inside the reader (exit code 1). The fixture is
+    # ours, so it may be unpickled fully to damage it; ostate reads it back safely.
+    folder = tmp_path / "zero3"
+    shutil.copytree(REPO / "tests" / "fixtures" / "deepspeed" / "zero3_subgroups", folder)
+    optim = folder / "global_step3" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    saved = torch.load(optim, weights_only=False)
+    saved["optimizer_state_dict"]["optimizer_state_dict"] = ("not", "a dict")
+    torch.save(saved, optim)
+    assert_clear_error(run_cli("inspect", str(folder)), "do not have the layout DeepSpeed writes")
+    del saved["optimizer_state_dict"]["fp32_flat_groups"]
+    torch.save(saved, optim)
+    assert_clear_error(run_cli("inspect", str(folder)))

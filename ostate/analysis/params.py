@@ -27,7 +27,7 @@ from ostate.analysis.joint import JointHistogram
 from ostate.analysis.quantize import BLOCK, BlockwiseError
 from ostate.analysis.sketch import Sketch
 from ostate.optimizers import Family
-from ostate.optimizers.family import explain_missing_keys
+from ostate.optimizers.family import explain_bad_state
 from ostate.state import OptimizerState, ParamState, TensorRef
 
 # Elements per chunk: a multiple of the 8-bit block, and small enough (1 MiB of float32)
@@ -138,7 +138,7 @@ def summarize_param(
     sketches: dict[str, Sketch] = {}
     sums: dict[str, float] = {}
     joints: dict[str, JointHistogram] = {}
-    with explain_missing_keys(param, family):
+    with explain_bad_state(param, family, group):
         if param.has_state:
             row.update(family.columns(param, group))
         if param.has_state and param.shape is not None:

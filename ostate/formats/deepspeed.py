@@ -80,6 +80,17 @@ def read(
     """
     path = os.fspath(path)
     tag_dir = resolve_tag_dir(path, tag)
+    try:
+        return _read_tag(tag_dir, trust_pickle=trust_pickle, optimizer=optimizer)
+    except (KeyError, AttributeError, TypeError, IndexError, ValueError) as e:
+        # The files unpickled (safely) but do not hold what DeepSpeed writes: a damaged or
+        # hand-made file. The checks above name the common cases; this catches the rest.
+        raise OstateError(f"the files do not have the layout DeepSpeed writes ({type(e).__name__}: {e})",
+                          where=tag_dir, hint="a file may be damaged, or from a DeepSpeed version ostate does not "
+                          "know; rerun with --debug for where it failed") from e
+
+
+def _read_tag(tag_dir: str, *, trust_pickle: bool, optimizer: str | None) -> Checkpoint:
     if is_universal(tag_dir):
         from ostate.formats.deepspeed_universal import read_universal
 

@@ -9,6 +9,8 @@ names are the keys.
 
 from __future__ import annotations
 
+import math
+
 from collections import Counter
 from typing import Any, Mapping, Sequence
 
@@ -150,7 +152,10 @@ def _step(value: Any) -> float | None:
     if isinstance(value, TensorRef):
         return float(value.read().reshape(-1)[0]) if value.numel >= 1 else None
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an int beyond float range: no real step count; the analysis says so
+            return math.inf if value > 0 else -math.inf
     return None
 
 

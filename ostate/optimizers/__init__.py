@@ -38,7 +38,7 @@ from ostate.optimizers import (  # noqa: F401
     sgd,
     sparse_adam,
 )
-from ostate.optimizers.family import Family, Group, detect, explain_missing_keys, families, get_family
+from ostate.optimizers.family import Family, Group, detect, explain_bad_state, families, get_family
 from ostate.errors import OstateError
 from ostate.state import ParamState
 
@@ -72,7 +72,7 @@ def effective_lr(param: ParamState, group: Group, *, kind: str | None = None) ->
     family = family_for(param, group, kind)
     if family.effective_lr is None:
         raise OstateError(f"no effective learning rate is defined for optimizer kind '{family.name}'")
-    with explain_missing_keys(param, family):
+    with explain_bad_state(param, family, group):
         return family.effective_lr(param, group)
 
 
@@ -101,6 +101,6 @@ def next_update(
     family = family_for(param, group, kind)
     if family.next_update is None:
         raise OstateError(f"the next update of optimizer kind '{family.name}' cannot be computed from its state")
-    with explain_missing_keys(param, family):
+    with explain_bad_state(param, family, group):
         return family.next_update(param, group, grad, weight)
 

@@ -9,6 +9,8 @@ itself the more common reading, and the choice is reported as ``assumed``.
 
 from __future__ import annotations
 
+import math
+
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping
@@ -239,14 +241,19 @@ def scalar_of(param: ParamState, key: str) -> float:
 
 
 @contextmanager
-def explain_missing_keys(param: ParamState, family: Family) -> Iterator[None]:
-    """Turn a state or group key that ``family``'s math needs but does not find into one clear error.
+def explain_bad_state(param: ParamState, family: Family, group: Group | None = None) -> Iterator[None]:
+    """Turn state or hyperparameters that ``family``'s math cannot use into one clear error.
 
-    This happens when ``--optimizer`` names a family the state does not come from, or a
-    parameter never stepped.
+    A state or group key the math needs but does not find: ``--optimizer`` names a
+    family the state does not come from, or a parameter never stepped. A step count or
+    ``betas`` (checked when ``group`` is given) that no torch optimizer can have: a
+    negative or non-finite step, a beta outside [0, 1] (the file is damaged). Scalar
+    arithmetic that overflows on such values is reported the same way.
     """
     from ostate.errors import OstateError
 
+    if group is not None:
+        _check_ranges(param, group)
     try:
         yield
     except KeyError as e:
@@ -256,3 +263,29 @@ def explain_missing_keys(param: ParamState, family: Family) -> Iterator[None]:
             hint="it may never have stepped, or the state is another optimizer's (see --optimizer); "
             f"its state keys: {', '.join(sorted(param.state)) or 'none'}",
         ) from None
+    except (OverflowError, ZeroDivisionError) as e:
+        raise OstateError(f"'{param.name}': its state or hyperparameters are out of range ({e})",
+                          hint="the file may be damaged; `ostate doctor` lists what is wrong") from None
+
+
+def _check_ranges(param: ParamState, group: Group) -> None:
+    from ostate.errors import OstateError
+
+    if param.step is not None:
+        try:
+            step = float(param.step)
+        except (OverflowError, TypeError, ValueError):
+            step = math.nan
+        if not (math.isfinite(step) and step >= 0):
+            raise OstateError(f"'{param.name}': step {param.step} is not a step count (a finite number >= 0)",
+                              hint="the file is damaged or was not written by a torch optimizer")
+    betas = group.get("betas")
+    if isinstance(betas, (list, tuple)):
+        for beta in betas:
+            try:
+                ok = 0.0 <= float(beta) <= 1.0
+            except (OverflowError, TypeError, ValueError):
+                ok = False
+            if not ok:
+                raise OstateError(f"param group {param.group}: betas {tuple(betas)} are not in [0, 1]",
+                                  hint="the file is damaged or was not written by a torch optimizer")
