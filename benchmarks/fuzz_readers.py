@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import os
 import random
 import resource
 import shutil
@@ -32,6 +33,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+if "--atheris" in sys.argv:  # coverage instrumentation has to wrap the first import of ostate
+    import atheris
+
+    with atheris.instrument_imports(include=["ostate"]):
+        import ostate  # noqa: F401
 from tests import specimens  # noqa: E402  (the checkpoints and mutations the fuzz test uses)
 
 _ALARM_S = 60
@@ -82,9 +88,9 @@ def run_random(built: dict[str, specimens.Specimen], work: Path, inputs: int, se
     return counts
 
 
-def run_atheris(built: dict[str, specimens.Specimen], work: Path, inputs: int) -> collections.Counter:
-    import atheris
-
+def run_atheris(built: dict[str, specimens.Specimen], work: Path, inputs: int, start: float) -> None:
+    """Let atheris (libFuzzer) choose the inputs; report after ``inputs`` of them and end the process
+    (libFuzzer ends it from C when its own run count is reached, before Python could report)."""
     counts: collections.Counter = collections.Counter()
     names = list(built)
 
@@ -94,15 +100,16 @@ def run_atheris(built: dict[str, specimens.Specimen], work: Path, inputs: int) -
         kind = specimens.MUTATIONS[provider.ConsumeIntInRange(0, len(specimens.MUTATIONS) - 1)]
         args = [provider.ConsumeIntInRange(0, 1 << 20) for _ in range(4)]
         counts[(name, try_one(built[name], work, args[0], kind, *args[1:]))] += 1
+        done = sum(counts.values())
+        if done % 100 == 0:
+            print(f"{done} inputs", file=sys.stderr, flush=True)
+        if done >= inputs:
+            report(counts, time.perf_counter() - start, "atheris, coverage-guided")
+            sys.stdout.flush()
+            os._exit(0)
 
-    with atheris.instrument_imports(include=["ostate"]):
-        import ostate  # noqa: F401
-    atheris.Setup([sys.argv[0], f"-runs={inputs}", "-seed=1"], one_input)
-    try:
-        atheris.Fuzz()
-    except SystemExit:
-        pass
-    return counts
+    atheris.Setup([sys.argv[0], "-seed=1", "-rss_limit_mb=0", "-timeout=0"], one_input)
+    atheris.Fuzz()
 
 
 def report(counts: collections.Counter, seconds: float, driver: str) -> None:
@@ -132,7 +139,7 @@ def main() -> None:
     built = {name: specimens.build(name, work / "specimens" / name) for name in specimens.BUILDERS}
     start = time.perf_counter()
     if args.atheris:
-        counts = run_atheris(built, work, args.inputs)
+        run_atheris(built, work, args.inputs, start)  # reports and ends the process
     else:
         counts = run_random(built, work, args.inputs, args.seed)
     report(counts, time.perf_counter() - start, "atheris" if args.atheris else f"random, seed {args.seed}")
