@@ -7,6 +7,7 @@ import click
 from ostate.analysis import default_workers
 from ostate.compare import AGAINST, compare as compare_checkpoints
 from ostate.compare_output import FORMATS, render
+from ostate.outputs import check_output
 from ostate_cli.common import format_hint_option, handle_errors, progress_enabled
 
 
@@ -40,6 +41,11 @@ def compare(paths, against, fmt, top, sort, ascending, columns, optimizer_index,
     then the largest movers. Every checkpoint format `ostate inspect` reads works, and
     two checkpoints need not be in the same format. See docs/compare.md.
     """
+    if plot_path:  # before any reading: a bad figure path fails at once, and never over an input
+        from ostate.plots.style import figure_format
+
+        figure_format(plot_path)
+        check_output(plot_path, paths, overwrite=True)
     result = compare_checkpoints(*paths, against=against, optimizer_index=optimizer_index, trust_pickle=trust_pickle,
                                  format_hint=format_hint, workers=workers, progress=progress_enabled())
     click.echo(render(result, fmt, top=top, sort=sort, ascending=ascending,

@@ -53,7 +53,8 @@ after the change, the step is exactly
 :math:`-\gamma\,\hat m_s/(\sqrt{v_s/(1-\beta_2^{T+s})}+\epsilon)` with
 :math:`\hat m_s = m_s/(1-\beta_1^s)`: a fresh, bias-corrected first moment over a
 second moment that keeps its age. Decoupled weight decay :math:`\gamma\lambda` is
-unchanged. Because the change is per group, every parameter of a group that keep-v
+unchanged; L2 weight decay (Adam's and NAdam's default, added to the gradient) is not
+scaled at all. Because the change is per group, every parameter of a group that keep-v
 touches must share one age (the strategy is refused otherwise). Adamax's
 infinity norm has no bias correction, so keep-v needs no hook there; RAdam ignores
 :math:`v` for its first steps after a step reset (rectification), so keep-v is refused.
@@ -181,8 +182,11 @@ LAYOUTS: dict[str, StateLayout] = {
         reset={"exp_avg": _zeros, "exp_inf": _zeros, "step": _zeros},
     ),
     "sgd": StateLayout(first_moment=("momentum_buffer",), reset={"momentum_buffer": _drop}),
+    # Centred RMSprop divides by sqrt(square_avg - grad_avg^2): grad_avg is part of the
+    # variance estimate, not a first moment, and goes with square_avg (zeroing only
+    # square_avg would make the variance negative and the weights NaN).
     "rmsprop": StateLayout(
-        first_moment=("momentum_buffer", "grad_avg"), second_moment=("square_avg",), counter=("step",),
+        first_moment=("momentum_buffer",), second_moment=("square_avg", "grad_avg"), counter=("step",),
         reset={"momentum_buffer": _zeros, "grad_avg": _zeros, "square_avg": _zeros, "step": _zeros},
         step_in_update=lambda group: False,
     ),
@@ -440,7 +444,8 @@ def attach(optimizer: torch.optim.Optimizer) -> Callable[[], None]:
 
     Call it once after ``load_state_dict``; it reads the key at every step, so it also
     serves a state loaded later. Each step it scales the group's ``lr`` and ``eps`` by
-    :func:`v_age_factor` and ``weight_decay`` by its inverse, and restores them after.
+    :func:`v_age_factor` and a decoupled ``weight_decay`` (AdamW's) by its inverse, and
+    restores them after.
 
     Example:
         >>> p = torch.nn.Parameter(torch.ones(2)); opt = torch.optim.Adam([p])
@@ -459,7 +464,11 @@ def attach(optimizer: torch.optim.Optimizer) -> Callable[[], None]:
             saved[number] = _Saved(group["lr"], group["eps"], group.get("weight_decay", 0.0))
             group["lr"] = group["lr"] * c
             group["eps"] = group["eps"] * c
-            if "weight_decay" in group:
+            # Decoupled decay (AdamW; NAdam/Adam with decoupled_weight_decay) shrinks the weights
+            # by lr * weight_decay, so it gets 1/c back; L2 decay (Adam's default) is added to
+            # the gradient, which enters m and v unscaled, so it stays as it is.
+            if "weight_decay" in group and group.get("decoupled_weight_decay",
+                                                     isinstance(opt, torch.optim.AdamW)):
                 group["weight_decay"] = group["weight_decay"] / c
 
     def after(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:

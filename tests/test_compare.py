@@ -176,3 +176,33 @@ def test_ostate_plot_kind_compare_plots_the_comparison_tables_numbers(tmp_path):
     wrong = run_cli("plot", str(paths[0]), str(paths[1]), "--kind", "compare", "--by", "layer", "-o",
                     str(tmp_path / "x.png"))
     assert wrong.returncode == 2 and "consecutive, first" in wrong.stderr and not (tmp_path / "x.png").exists()
+
+
+def test_the_compare_figure_of_plain_sgd_says_what_it_cannot_draw(tmp_path):
+    # SGD without momentum keeps no moments: the figure used to fail on the missing columns.
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    paths = []
+    for step in range(2):
+        model(torch.randn(4, 3)).square().sum().backward()
+        opt.step()
+        opt.zero_grad()
+        paths.append(tmp_path / f"sgd{step}.pt")
+        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, paths[-1])
+    fig = compare_figure(compare(*paths))
+    notes = [t.get_text() for t in fig.axes[0].texts]
+    assert notes == ["nothing to draw: no second moment in both checkpoints"]
+    assert not fig.axes[1].texts  # momentum buffers are first moments: their cosine is drawn
+
+
+def test_compare_plot_never_writes_over_or_into_an_input(tmp_path):
+    _, paths, _ = run(tmp_path)
+    disguised = tmp_path / "a.png"
+    disguised.write_bytes(paths[0].read_bytes())
+    before = disguised.read_bytes()
+    out = run_cli("compare", str(disguised), str(paths[1]), "--plot", str(disguised))
+    assert out.returncode == 2 and "over or into the input" in out.stderr
+    assert disguised.read_bytes() == before
+    wrong = run_cli("compare", str(paths[0]), str(paths[1]), "--plot", str(tmp_path / "c.gif"))
+    assert wrong.returncode == 2 and not (tmp_path / "c.gif").exists()

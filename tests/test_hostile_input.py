@@ -511,23 +511,35 @@ def test_state_keys_that_are_not_strings_are_shown_not_fatal(tmp_path):
 
 
 # ---------------------------------------------------------------- found by the longer fuzz run
-@pytest.mark.parametrize("step,betas,fragment", [
-    (-5.0, (0.9, 0.999), "step -5.0 is not a step count"),
-    (float("inf"), (0.9, 0.999), "step inf is not a step count"),
-    (10**400, (0.9, 0.999), "is not a step count"),  # a Python int too large for a float
-    (3.0, (0.9, 1.5), "betas (0.9, 1.5) are not in [0, 1]"),
-])
-def test_a_step_or_betas_no_torch_optimizer_can_have_is_one_clear_error(tmp_path, step, betas, fragment):
-    # Before: OverflowError in beta ** step, or a complex number from sqrt(1 - beta2 ** step) (exit code 1).
+def _adam_state(tmp_path: Path, step, betas) -> Path:
     path = tmp_path / "s.pt"
     groups = [{"params": [0], "lr": 1e-3, "betas": betas, "eps": 1e-8, "weight_decay": 0.0, "amsgrad": False,
                "maximize": False, "foreach": None, "capturable": False, "differentiable": False, "fused": None}]
     state = {0: {"step": step, "exp_avg": torch.ones(3), "exp_avg_sq": torch.ones(3)}}
     torch.save({"state": state, "param_groups": groups}, path)
+    return path
+
+
+@pytest.mark.parametrize("step,betas,fragment", [
+    (-5.0, (0.9, 0.999), "step -5.0 is not a step count"),
+    (3.0, (0.9, 1.5), "betas (0.9, 1.5) are not in [0, 1]"),
+])
+def test_a_step_or_betas_no_torch_optimizer_can_have_is_one_clear_error(tmp_path, step, betas, fragment):
+    # Before: a complex number from sqrt(1 - beta2 ** step), "internal error" with exit code 1.
+    path = _adam_state(tmp_path, step, betas)
     before = sha256(path)
     assert_clear_error(run_cli("inspect", str(path)), fragment)
     assert_clear_error(run_cli("doctor", str(path)), fragment)
     assert sha256(path) == before
+
+
+@pytest.mark.parametrize("step", [float("inf"), float("nan"), 10**400], ids=["inf", "nan", "int-beyond-float"])
+def test_a_non_finite_step_is_read_and_doctor_reports_it(tmp_path, step):
+    # Before: an int too large for a float raised OverflowError while loading (exit code 1).
+    path = _adam_state(tmp_path, step, (0.9, 0.999))
+    assert run_cli("inspect", str(path)).returncode == 0
+    doctor = run_cli("doctor", str(path))
+    assert doctor.returncode == 4 and "nonfinite-state" in doctor.stdout, (doctor.stdout, doctor.stderr)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="DeepSpeed is not installed")

@@ -224,6 +224,40 @@ def test_keep_v_is_a_fresh_first_moment_over_a_second_moment_that_keeps_its_age(
     assert group["lr"] == lr and group["eps"] == eps and group["weight_decay"] == wd
 
 
+# L2 weight decay (added to the gradient): Adam's and NAdam's default form.
+L2_DECAY = {"adam": lambda p: torch.optim.Adam(p, lr=1e-2, weight_decay=0.1),
+            "nadam": lambda p: torch.optim.NAdam(p, lr=1e-2, weight_decay=0.1)}
+
+
+@pytest.mark.parametrize("name", sorted(L2_DECAY))
+def test_keep_v_leaves_l2_weight_decay_in_the_gradient_unscaled(name, monkeypatch):
+    """With L2 decay the gradient is g + wd * theta, which enters m and v as it is: the first
+    keep-v step is -lr * m_hat / (sqrt(v / (1 - beta2^(T+1))) + eps) of that gradient (Adam;
+    NAdam scales m_hat by its momentum schedule, so only its direction is checked exactly)."""
+    monkeypatch.setitem(OPTIMIZERS, name, L2_DECAY[name])
+    model, opt = model_and_optimizer(name, steps=30, dtype=torch.float64)
+    saved = opt.state_dict()
+    T = float(saved["state"][0]["step"])
+    kept = OPTIMIZERS[name](model.parameters())
+    kept.load_state_dict(apply_strategy(copy.deepcopy(saved), "keep-v", kind=optimizer_kind(opt)))
+    attach(kept)
+    group = kept.param_groups[0]
+    lr, eps, wd, (beta1, beta2) = group["lr"], group["eps"], group["weight_decay"], group["betas"]
+    theta = [p.detach().clone() for p in model.parameters()]
+    grads = fixed_grads(model, 11)
+    delta = step_with(model, kept, grads)
+    for i, (d, g) in enumerate(zip(delta, grads)):
+        g2 = g + wd * theta[i]
+        v = beta2 * saved["state"][i]["exp_avg_sq"] + (1 - beta2) * g2 * g2
+        direction = g2 / ((v / (1 - beta2 ** (T + 1))).sqrt() + eps)  # m_hat_1 = g2 for Adam
+        if name == "adam":
+            torch.testing.assert_close(d, -lr * direction, rtol=1e-9, atol=1e-15)
+        else:
+            scale = d.flatten()[0] / direction.flatten()[0]
+            torch.testing.assert_close(d, scale * direction, rtol=1e-9, atol=1e-15)
+    assert group["weight_decay"] == wd
+
+
 def test_keep_v_without_the_hook_would_make_the_first_step_far_too_small():
     model, opt = model_and_optimizer("adam", steps=200)
     saved = opt.state_dict()
@@ -310,3 +344,21 @@ def test_bad_strategy_text_is_refused_with_the_choices(text, message):
 def test_the_layouts_cover_the_families_the_harness_promises():
     assert {"adam", "adamw", "nadam", "radam", "sgd", "rmsprop", "adagrad"} <= set(LAYOUTS)
     assert {kind_of(n) for n in OPTIMIZERS} <= set(LAYOUTS)
+
+
+@pytest.mark.parametrize("strategy", ["reset-v", "reset-m", "keep-v"])
+def test_centred_rmsprop_keeps_its_variance_estimate_whole(strategy):
+    # Centred RMSprop divides by sqrt(square_avg - grad_avg^2): zeroing square_avg alone made
+    # the variance negative and the first step wrote NaN into the weights.
+    model, opt = model_and_optimizer("rmsprop", steps=20)
+    saved = opt.state_dict()
+    new = apply_strategy(copy.deepcopy(saved), strategy, kind="rmsprop")
+    for before, after in zip(saved["state"].values(), new["state"].values()):
+        v_reset = strategy == "reset-v"
+        for key in ("square_avg", "grad_avg"):
+            assert torch.equal(after[key], torch.zeros_like(before[key]) if v_reset else before[key]), key
+        assert torch.equal(after["momentum_buffer"], before["momentum_buffer"] if v_reset
+                           else torch.zeros_like(before["momentum_buffer"]))
+    opt.load_state_dict(new)
+    step_with(model, opt, fixed_grads(model, 3))
+    assert all(torch.isfinite(p).all() for p in model.parameters())

@@ -54,18 +54,22 @@ def compare_figure(result: Comparison) -> Figure:
         x = np.array([position.get(n, np.nan) for n in table["name"]], dtype=float) + (k - (len(pairs) - 1) / 2) * width
         colour = OKABE_ITO[k % len(OKABE_ITO)]
         label = f"{_short(pair.a)} → {_short(pair.b)}"
-        _ranged(axes[0], x, table["log10_v_ratio_p50"], table["log10_v_ratio_p25"], table["log10_v_ratio_p75"],
-                table["log10_v_ratio_p5"], table["log10_v_ratio_p95"], colour, label)
-        axes[1].plot(x, table["m_cosine"], "o", color=colour, markersize=4, label=label)
-        lr = {q: np.log10(1.0 + table[f"eff_lr_relchange_{q}"].astype(float)) for q in ("p5", "p50", "p95")}
+        v = {q: _column(table, f"log10_v_ratio_{q}") for q in ("p5", "p25", "p50", "p75", "p95")}
+        _ranged(axes[0], x, v["p50"], v["p25"], v["p75"], v["p5"], v["p95"], colour, label)
+        axes[1].plot(x, _column(table, "m_cosine"), "o", color=colour, markersize=4, label=label)
+        lr = {q: np.log10(1.0 + _column(table, f"eff_lr_relchange_{q}")) for q in ("p5", "p50", "p95")}
         _ranged(axes[2], x, lr["p50"], None, None, lr["p5"], lr["p95"], colour, label)
-        axes[3].plot(x, table["unchanged_frac"], "o", color=colour, markersize=4, label=label)
+        axes[3].plot(x, _column(table, "unchanged_frac"), "o", color=colour, markersize=4, label=label)
     titles = [("second moment", "log10(v_B / v_A)"), ("first moment", "cosine(m_A, m_B)"),
               ("effective learning rate", "log10(η_B / η_A)"), ("state not changed", "fraction of coordinates")]
     for ax, (title, ylabel) in zip(axes, titles):
         ax.set_title(title)
         ax.set_ylabel(ylabel)
         ax.grid(True, alpha=0.3)
+        if not any(np.isfinite(np.asarray(line.get_ydata(), dtype=float)).any() for line in ax.get_lines()):
+            # e.g. plain SGD keeps no second moment, or no parameter has state in both checkpoints
+            ax.text(0.5, 0.5, f"nothing to draw: no {title} in both checkpoints", transform=ax.transAxes,
+                    ha="center", va="center", color="#555555")
     for ax in (axes[0], axes[2]):
         ax.axhline(0.0, color="#000000", linewidth=0.8)
     axes[1].set_ylim(-1.05, 1.05)
@@ -100,6 +104,11 @@ def _from_inputs(inputs, *, by: str, optimizer_index: int | None = None, workers
 
 KIND = PlotKind(name="compare", summary="how each parameter's state moved between checkpoints (ostate compare)",
                 views=("consecutive", "first"), from_inputs=_from_inputs)
+
+
+def _column(table, name: str) -> np.ndarray:
+    """A column as floats, or NaN where the comparison has no such statistic (e.g. SGD: no v)."""
+    return table[name].to_numpy(dtype=float) if name in table else np.full(len(table), np.nan)
 
 
 def _ranged(ax, x, middle, low, high, lowest, highest, colour, label) -> None:
