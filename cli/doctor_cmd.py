@@ -8,7 +8,7 @@ import click
 
 import ostate
 from ostate.analysis import default_workers
-from ostate.doctor import FAIL_ON, diagnose, exit_code
+from ostate.doctor import FAIL_ON, check_codes, diagnose, exit_code
 from ostate.doctor_output import FORMATS, render
 from ostate.formats.weights import read_model
 from ostate.optimizers import families
@@ -42,13 +42,14 @@ def doctor(path, fmt, model_path, fail_on, ignored, kind, workers, trust_pickle,
     code reflects the worst finding: 0 (none at or above --fail-on), 3 (a warning),
     4 (an error); 2 means PATH could not be read.
     """
+    ignore = sorted(check_codes(c.strip() for c in ignored.split(",") if c.strip())) if ignored else []
     checkpoint = ostate.load(path, trust_pickle=trust_pickle, optimizer=kind, format_hint=format_hint)
     model = read_model(model_path, trust_pickle=trust_pickle) if model_path else None
     diagnosis = diagnose(
         checkpoint,
         model=model.tensors if model is not None else None,
         model_location=f"{model_path} ({model.location})" if model is not None else None,
-        ignore=[c.strip() for c in ignored.split(",") if c.strip()] if ignored else (),
+        ignore=ignore,
         workers=workers,
         progress=progress_enabled(),
     )

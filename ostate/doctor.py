@@ -34,6 +34,15 @@ from ostate.optimizers import get_family
 from ostate.state import Checkpoint, OptimizerState, ParamState, TensorRef
 
 SEVERITIES = ("info", "warning", "error")
+# Every finding's code, in the order of docs/doctor.md's table (for --ignore; tested against both).
+CODES = (
+    "nonfinite-state", "nonfinite-weights", "shape-mismatch", "state-without-param", "count-mismatch",
+    "lr-nonfinite", "lr-zero", "schedule-finished", "lr-decayed", "empty-state", "params-without-state",
+    "frozen-params", "second-moment-zero", "eps-dominated", "step-mismatch", "nadam-mu-product",
+    "weight-decay-on-norms-or-biases", "weight-decay-on-embeddings", "weight-decay-on-vectors", "amsgrad-stale-max",
+    "low-precision-moments", "state-dtype-differs", "unmatched-params", "unnamed-params",
+    "model-params-without-optimizer", "reader-warning",
+)
 # Exit codes: 0 nothing at or above --fail-on, 3 the worst is a warning, 4 an error. (2 is bad input, 1 a bug.)
 EXIT_OK, EXIT_WARNING, EXIT_ERROR = 0, 3, 4
 FAIL_ON = ("warning", "error", "never")
@@ -133,6 +142,24 @@ class Context:
                 yield result.optimizer, param, summary
 
 
+def check_codes(codes: Iterable[str]) -> set[str]:
+    """``codes`` as a set; a clear error naming any that is not a finding's code (a typo in a CI
+    configuration would otherwise silently ignore nothing).
+
+    Example:
+        >>> sorted(check_codes(["lr-zero", "eps-dominated"]))
+        ['eps-dominated', 'lr-zero']
+    """
+    from ostate.errors import OstateError
+
+    chosen = set(codes)
+    unknown = sorted(chosen - set(CODES))
+    if unknown:
+        raise OstateError(f"unknown finding code{'s' if len(unknown) > 1 else ''} to ignore: {', '.join(unknown)}",
+                          hint=f"the codes are: {', '.join(CODES)}")
+    return chosen
+
+
 def diagnose(
     checkpoint: Checkpoint,
     *,
@@ -157,11 +184,11 @@ def diagnose(
         >>> [(f.severity, f.code) for f in d.findings]
         [('warning', 'weight-decay-on-norms-or-biases')]
     """
+    skip = check_codes(ignore)
     weights = model if model is not None else checkpoint.weights
     location = model_location if model is not None else checkpoint.weights_location
     analysis = summarize(checkpoint, weights=weights, workers=workers, progress=progress)
     context = Context(checkpoint, analysis, weights, location, model is not None)
-    skip = set(ignore)
     findings = [f for check in CHECKS for f in check(context) if f.code not in skip]
     findings.sort(key=lambda f: -SEVERITIES.index(f.severity))  # stable: checks keep their order within a severity
     with_state = [p for o in checkpoint.optimizers for p in o.params if p.has_state]

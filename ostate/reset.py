@@ -58,7 +58,7 @@ from ostate.formats.deepspeed_write import rewrite_partitions, rewrite_universal
 from ostate.formats.torch_save_write import rewrite_torch_file
 from ostate.outputs import atomic_directory, check_output
 from ostate.state import Checkpoint, OptimizerState, ParamState, TensorRef
-from ostate.strategies import V_AGE_KEY, Strategy, apply_strategy, plan
+from ostate.strategies import V_AGE_KEY, Strategy, apply_strategy, layout_of, plan
 
 FILE_FORMATS = ("torch", "lightning", "safetensors")
 DIRECTORY_FORMATS = ("hf-trainer", "accelerate", "dcp", "deepspeed", "deepspeed-universal")
@@ -94,8 +94,18 @@ class ResetResult:
 
     @property
     def needs_attach(self) -> bool:
-        """True when a param group records an age of ``v``: load it with :func:`ostate.strategies.attach`."""
-        return any("keep-v" in o.actions.values() for o in self.optimizers)
+        """True when a param group records an age of ``v``: load it with :func:`ostate.strategies.attach`.
+
+        Only keep-v of a family whose ``v`` is bias-corrected records one (Adamax's infinity
+        norm and RMSprop's average have no bias correction: nothing to attach)."""
+        return any("keep-v" in o.actions.values() and _records_v_age(o.kind) for o in self.optimizers)
+
+
+def _records_v_age(kind: str) -> bool:
+    try:
+        return layout_of(kind).v_bias_corrected
+    except OstateError:  # a kind without a layout takes only fresh and reload
+        return False
 
 
 def reset(

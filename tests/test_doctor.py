@@ -13,7 +13,7 @@ from torch import nn
 import ostate
 from ostate.doctor import AMSGRAD_RATIO, EXIT_ERROR, EXIT_OK, EXIT_WARNING, diagnose, exit_code
 from ostate.formats.weights import read_model
-from tests.conftest import run_cli
+from tests.conftest import REPO, run_cli
 
 
 class Normed(nn.Module):
@@ -282,3 +282,19 @@ def test_fail_on_chooses_which_findings_fail_the_pipeline(tmp_path):
     assert "### WARNING `weight-decay-on-norms-or-biases`" in markdown.stdout
     missing = run_cli("doctor", str(tmp_path / "nope.pt"))
     assert missing.returncode == 2 and "no such file" in missing.stderr
+
+
+def test_every_code_is_documented_and_unknown_codes_to_ignore_are_refused(tmp_path):
+    import re
+
+    from ostate.doctor import CODES
+
+    source = (REPO / "ostate" / "doctor.py").read_text()
+    used = set(re.findall(r'"(?:error|warning|info)",\s*"([a-z0-9-]+)"', source)) - {"warning", "error"}
+    documented = re.findall(r"^\| `([a-z0-9-]+)` \| (?:error|warning|info)", (REPO / "docs" / "doctor.md").read_text(),
+                            re.M)
+    assert used == set(CODES) and tuple(documented) == CODES
+    path = tmp_path / "x.pt"
+    torch.save({"optimizer": torch.optim.AdamW(torch.nn.Linear(2, 2).parameters()).state_dict()}, path)
+    typo = run_cli("doctor", str(path), "--ignore", "secnd-moment-zero,lr-zero")
+    assert typo.returncode == 2 and "unknown finding code to ignore: secnd-moment-zero" in typo.stderr

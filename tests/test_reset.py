@@ -184,3 +184,22 @@ def test_a_strategy_that_does_not_apply_or_a_regex_that_matches_nothing_is_refus
     result = run_cli("reset", str(tmp_path / "bare.pt"), "--strategy", "reset-v", "-o", str(tmp_path / "c.pt"))
     assert result.returncode == 2 and "does not apply" in result.stderr
     assert not (tmp_path / "c.pt").exists()
+
+
+@pytest.mark.parametrize("make,needs", [
+    (lambda p: torch.optim.Adam(p, lr=1e-2), True),
+    (lambda p: torch.optim.Adamax(p, lr=1e-2), False),  # no bias correction of its infinity norm: no age
+    (lambda p: torch.optim.RMSprop(p, lr=1e-2, momentum=0.9), False),
+])
+def test_keep_v_asks_for_attach_only_where_it_records_an_age(tmp_path, make, needs):
+    model = torch.nn.Linear(3, 2)
+    opt = make(model.parameters())
+    for _ in range(3):
+        model(torch.randn(4, 3)).square().sum().backward()
+        opt.step()
+        opt.zero_grad()
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, tmp_path / "a.pt")
+    result = reset(tmp_path / "a.pt", tmp_path / "b.pt", "keep-v")
+    written = torch.load(tmp_path / "b.pt", weights_only=True)["optimizer"]["param_groups"]
+    assert result.needs_attach is needs and ("ostate_v_age" in written[0]) is needs
+    assert any("attach" in note for note in result.notes) is needs
