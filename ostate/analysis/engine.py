@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from ostate.analysis.allocator import reuse_freed_memory
 from ostate.analysis.heads import HeadLayout, is_attention_projection, layout_from_config
 from ostate.analysis.params import ParamSummary, summarize_param
+from ostate.analysis.tiny import batch_key, summarize_tiny
 from ostate.analysis.views import VIEWS, ViewRow, view_rows
 from ostate.errors import OstateError
 from ostate.optimizers import get_family
@@ -157,18 +158,29 @@ def summaries(
     family = get_family(optimizer.kind)
     weights = weights or {}
 
-    def one(param) -> ParamSummary:
-        summary = summarize_param(optimizer, param, family, weight=weights.get(param.name), heads=heads, joint=joint)
-        if bar is not None and param.has_state:
-            bar.update(param.numel or 0)
-        return summary
+    def batch(params: list) -> list[ParamSummary]:
+        # Tiny parameters that can share the family's math go together (ostate.analysis.tiny); the
+        # others one by one. Either way each parameter's numbers are the same.
+        out: dict[int, ParamSummary] = {}
+        together: dict = {}
+        for i, param in enumerate(params):
+            weight = weights.get(param.name)
+            key = batch_key(param, family, weight, heads, joint)
+            if key is None:
+                out[i] = summarize_param(optimizer, param, family, weight=weight, heads=heads, joint=joint)
+            else:
+                together.setdefault(key, []).append(i)
+        for members in together.values():
+            for i, summary in zip(members, summarize_tiny(optimizer, [params[i] for i in members], family, weights)):
+                out[i] = summary
+        if bar is not None:
+            bar.update(sum(p.numel or 0 for p in params if p.has_state))
+        return [out[i] for i in range(len(params))]
 
     if workers == 1:
-        yield from map(one, optimizer.params)
+        for params in _batches(optimizer.params):
+            yield from batch(params)
         return
-
-    def batch(params: list) -> list[ParamSummary]:
-        return [one(p) for p in params]
 
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ostate") as pool:
         futures: list[Future] = [pool.submit(batch, b) for b in _batches(optimizer.params)]
