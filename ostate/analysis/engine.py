@@ -26,6 +26,7 @@ from ostate.analysis.params import ParamSummary, summarize_param
 from ostate.analysis.tiny import batch_key, summarize_tiny
 from ostate.analysis.views import VIEWS, ViewRow, view_rows
 from ostate.errors import OstateError
+from ostate.gcpause import gc_paused
 from ostate.optimizers import get_family
 from ostate.state import Checkpoint, OptimizerState, TensorRef
 
@@ -137,7 +138,9 @@ def summarize(
     bar = tqdm(total=total, unit="coord", unit_scale=True, desc="analysing", disable=not progress, delay=1.0,
                leave=False)
     results = []
-    with bar, intra_op_threads(1), reuse_freed_memory():
+    # The cyclic collector would walk every loaded checkpoint object again and again while the
+    # summaries pile up (a third of the time for 10,000 tiny parameters); nothing here forms cycles.
+    with bar, intra_op_threads(1), reuse_freed_memory(), gc_paused():
         for optimizer in optimizers:
             results.append(OptimizerAnalysis(optimizer, list(summaries(optimizer, weights=refs, heads=heads,
                                                                        workers=workers, bar=bar, joint=joint))))

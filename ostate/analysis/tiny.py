@@ -43,7 +43,8 @@ def batch_key(param: ParamState, family: Family, weight: TensorRef | None, heads
 
     Only the step count and the group reach a family's elementwise math besides the state
     tensors, so a parameter is batched only when every other state entry is a tensor of
-    its own shape. Joint histograms and attention heads stay on the one-parameter path.
+    its own shape. Scalars, joint histograms and attention heads stay on the
+    one-parameter path.
 
     Example:
         >>> from ostate.optimizers import get_family
@@ -55,7 +56,8 @@ def batch_key(param: ParamState, family: Family, weight: TensorRef | None, heads
     if joint or not family.chunked or not param.has_state or param.shape is None:
         return None
     shape = tuple(param.shape)
-    if not 1 <= (param.numel or 0) <= TINY:
+    # A scalar parameter's 0-d state entries (NAdam's mu_product, ASGD's eta) would count as aligned.
+    if not shape or not 1 <= (param.numel or 0) <= TINY:
         return None
     if heads is not None and heads.rows_per_head(param.name, shape) is not None:
         return None
