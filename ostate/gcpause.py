@@ -5,7 +5,9 @@ all. The cyclic collector runs every few hundred new objects and, as they pile u
 walks all of them again and again: for a checkpoint of 400,000 small tensors that is
 more than half the loading time (measured: docs/performance.md). Nothing built while
 loading forms reference cycles that need collecting, so the collector waits until the
-block ends. Reference counting still frees everything else as usual.
+block ends. Reference counting still frees everything else as usual. The analysis
+(:func:`ostate.analysis.summarize`) pauses it too: its summaries pile up beside the
+checkpoint's objects in the same way.
 """
 
 from __future__ import annotations

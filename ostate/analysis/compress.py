@@ -147,6 +147,51 @@ class SharedSecondMoment:
         return out
 
 
+def shared_sums_of(count: int, shape: tuple[int, ...], chunk: Preconditioned) -> list[dict[str, float]]:
+    """:meth:`SharedSecondMoment.sums` (no heads) of ``count`` tensors of shape ``shape`` laid end to end
+    in ``chunk``, each as if it were the only tensor added: the same numbers, in one pass for all of them.
+
+    Example:
+        >>> from ostate.optimizers.family import plain_preconditioned
+        >>> v, m = torch.rand(3, 2, 4), torch.randn(3, 2, 4)
+        >>> pre = lambda i: plain_preconditioned(m[i].reshape(-1), v[i].reshape(-1), eps=1e-8)
+        >>> alone = SharedSecondMoment.for_shape((2, 4)); alone.add(0, pre(1))
+        >>> shared_sums_of(3, (2, 4), plain_preconditioned(m.reshape(-1), v.reshape(-1), eps=1e-8))[1] == alone.sums(None)
+        True
+    """
+    one = SharedSecondMoment.for_shape(shape)
+    rows, length, eps = one.rows, one.row_length, chunk.eps
+    s_scale, i_scale = chunk.second_moment_scale, chunk.inverse_denominator_scale
+    moment_sums = chunk.second_moment.reshape(count * rows, -1).sum(1).double().numpy() * s_scale
+    mean = moment_sums / (rows * length) * rows
+    reference = 1.0 / (np.sqrt(np.maximum(mean, 0.0)) + eps)
+    numerator = chunk.numerator.reshape(count, -1).float()
+    largest = numerator.abs().amax(1).double().numpy()
+    usable = (largest > 0) & np.isfinite(largest)
+    scale = np.where(usable, np.ldexp(1.0, -np.frexp(np.where(usable, largest, 1.0))[1]), 1.0)
+    n2 = numerator.mul(torch.from_numpy(scale).float()[:, None]).square_().reshape(count * rows, -1)
+    deviation = chunk.inverse_denominator.reshape(count * rows, -1) - torch.from_numpy(reference / i_scale).float()[:, None]
+    weighted = n2 * deviation
+    squares = n2.sum(1).double().numpy().reshape(count, rows)
+    first = (weighted.sum(1).double().numpy() * i_scale).reshape(count, rows)
+    second = (weighted.mul_(deviation).sum(1).double().numpy() * (i_scale * i_scale)).reshape(count, rows)
+    reference = reference.reshape(count, rows)
+    moment_sums = moment_sums.reshape(count, rows)
+
+    def block_error(block_rows: int) -> np.ndarray:
+        blocks = rows // block_rows
+        mean = moment_sums.reshape(count, blocks, block_rows).sum(2) / (block_rows * length)
+        shared = 1.0 / (np.sqrt(np.maximum(mean, 0.0)) + eps)
+        shift = np.repeat(shared, block_rows, axis=1) - reference
+        return np.sum(second - 2.0 * shift * first + shift * shift * squares, axis=1)
+
+    with np.errstate(invalid="ignore", over="ignore"):  # non-finite state gives NaN, reported as such
+        norm = np.sum(second + 2.0 * reference * first + reference * reference * squares, axis=1)
+        tensor, row = block_error(rows), block_error(1)
+    return [{"vmean_update_sq": a, "vmean_tensor_err_sq": b, "vmean_row_err_sq": c}
+            for a, b, c in zip(norm.tolist(), tensor.tolist(), row.tolist())]
+
+
 def relative_change(err_sq: float, norm_sq: float) -> float:
     """:math:`\\sqrt{err/norm}`; 0 when the update is zero everywhere."""
     if norm_sq == 0:

@@ -130,6 +130,27 @@ class BlockwiseError:
             self._add_blocks(x[full:].view(1, -1))
 
     def _add_blocks(self, blocks: torch.Tensor) -> None:
+        per_block, norms, weights = self._block_terms(blocks)
+        self.error_sq += float(torch.dot(per_block, weights))
+        self.norm_sq += float(torch.dot(norms, weights))
+
+    def row_sums(self, rows: torch.Tensor) -> tuple[list[float], list[float]]:
+        """``error_sq`` and ``norm_sq`` of each row of ``rows`` taken as a tensor of its own (rows at
+        most :data:`BLOCK` wide: one block each), as :meth:`add` would give them, for many tiny tensors at once.
+
+        Example:
+            >>> rows = torch.linspace(-1, 1, 12).view(3, 4)
+            >>> one = BlockwiseError(signed=True); one.add(rows[1])
+            >>> BlockwiseError(signed=True).row_sums(rows)[0][1] == one.error_sq
+            True
+        """
+        if rows.shape[1] > BLOCK:
+            raise ValueError(f"rows of at most {BLOCK} values, got {rows.shape[1]}")
+        per_block, norms, weights = self._block_terms(rows if rows.dtype == torch.float32 else rows.float())
+        return per_block.mul_(weights).tolist(), norms.mul_(weights).tolist()
+
+    def _block_terms(self, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per block: the squared error and squared norm in units of its maximum, and that maximum squared (float64)."""
         # A non-negative moment needs no abs() (and a negative value in it would be an error anyway).
         absmax = blocks.abs().amax(1) if self.signed else blocks.amax(1)
         scale = absmax.masked_fill(absmax == 0, 1.0)
@@ -151,9 +172,7 @@ class BlockwiseError:
         per_block = torch.minimum(lo_err, hi_err, out=lo_err).view(blocks.shape).sum(1)
         # Both sums in units of each block's maximum: no float32 underflow for tiny moments.
         norms = y.square().view(blocks.shape).sum(1)
-        weights = absmax.double().square()
-        self.error_sq += float(torch.dot(per_block.double(), weights))
-        self.norm_sq += float(torch.dot(norms.double(), weights))
+        return per_block.double(), norms.double(), absmax.double().square()
 
     def merge(self, other: "BlockwiseError") -> "BlockwiseError":
         self.error_sq += other.error_sq
