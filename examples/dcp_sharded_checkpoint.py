@@ -43,6 +43,9 @@ def train_and_save(rank: int, world_size: int, directory: str) -> None:
         optimizer.step()
     dcp.save({"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)},
              checkpoint_id=directory)
+    # Both ranks leave together: a rank tearing down gloo while its peer still finishes
+    # dcp.save's last collective aborts ("terminate called without an active exception").
+    dist.barrier()
     dist.destroy_process_group()
 
 

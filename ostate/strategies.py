@@ -398,8 +398,10 @@ def _update_v_age(groups: list[dict[str, Any]], state: Mapping[Any, Mapping[str,
             example = next(i for i in group["params"] if actions[i] != "keep-v")
             raise OstateError(
                 f"the bias correction of a kept v is per param group, but group {number} would mix "
-                f"{' and '.join(sorted(done))} (e.g. index {example}: {actions[example]})",
-                hint="choose a regex that selects whole param groups, or put new parameters in a group of their own",
+                f"{' and '.join(sorted(done))} (e.g. parameter index {example}: {actions[example]}"
+                + (", i.e. it has no state: frozen or never stepped" if actions[example] == "none" else "") + ")",
+                hint="choose a regex that selects whole param groups, or put new or frozen parameters in a group of "
+                     "their own",
             )
         action = done.pop()
         if action in ("fresh", "reset-v", "reset-step"):
