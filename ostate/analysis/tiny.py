@@ -29,7 +29,7 @@ from ostate.analysis.params import ParamSummary, base_row
 from ostate.analysis.quantize import BLOCK, BlockwiseError
 from ostate.analysis.sketch import Sketch
 from ostate.optimizers import Family
-from ostate.optimizers.family import explain_missing_keys
+from ostate.optimizers.family import explain_bad_state
 from ostate.state import OptimizerState, ParamState, TensorRef
 
 # Parameters up to this many elements are batched: one 8-bit block (so the block is the whole
@@ -97,7 +97,7 @@ def summarize_tiny(
     chunk = {key: rows.reshape(-1) for key, rows in zip(keys, stacked)}
     sketches: list[dict[str, Sketch]] = [{} for _ in params]
     sums: list[dict[str, float]] = [{} for _ in params]
-    with explain_missing_keys(first, family):
+    with explain_bad_state(first, family, group):  # one group and one step per batch
         quantities = family.quantities(chunk, group, first)
         for quantity, values in quantities.items():
             if isinstance(values, (int, float)):
@@ -138,7 +138,7 @@ def summarize_tiny(
     rows = []
     for param, own in zip(params, sketches):
         row = base_row(optimizer, param)
-        with explain_missing_keys(param, family):
+        with explain_bad_state(param, family):
             row.update(family.columns(param, group))
         rows.append(row)
     for quantity in sketches[0]:
