@@ -322,3 +322,15 @@ def test_plotting_needs_no_display_and_never_touches_pyplot(demo_run, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert sorted(os.listdir(tmp_path)) == ["layer-profile.png", "lr-histogram.png", "moments.png"]
 
+
+
+def test_a_layer_profile_with_nothing_to_draw_says_why():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randn(5, 3)).sum().backward()
+    opt.step()
+    for state in opt.state.values():
+        state["exp_avg_sq"].fill_(float("nan"))
+    fig = plot_layer_profile(ostate.from_state_dict(opt.state_dict(), model=model))
+    assert not [ln for ln in fig.axes[0].get_lines() if (ln.get_gid() or "").startswith("median|")]
+    assert any(t.get_text().startswith("not drawn: no layer") for t in fig.axes[0].texts)

@@ -103,6 +103,11 @@ def draw(series: list[Series], *, by: str | None = None, title: str | None = Non
         for groups, lr in group_lrs(s, s.rows("model")[0]) if s.rows("model") else []:
             ax.axhline(lr, color=series_colour if overlay else "#555555", linestyle=":", linewidth=1.0,
                        label=f"{s.label + ': ' if overlay else ''}lr of {groups}: {lr:.3g}", gid=f"lr|{s.label}")
+    if not any(line.get_gid() and line.get_gid().startswith("median|") for line in ax.get_lines()):
+        # every median is 0, negative or NaN (e.g. NaN state): say so rather than draw empty axes
+        ax.text(0.5, 0.75, "not drawn: no layer has a positive, finite median effective learning rate\n"
+                "(NaN or inf in the state, or an lr of 0; `ostate doctor` says which)", transform=ax.transAxes,
+                ha="center", va="center", color="#555555", fontsize=9)
     ax.set_yscale("log")
     ax.set_xlim(-0.5, len(layers) - 0.5)
     step = max(1, math.ceil(len(layers) / MAX_TICK_LABELS))
