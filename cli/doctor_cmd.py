@@ -10,7 +10,7 @@ import ostate
 from ostate.analysis import default_workers
 from ostate.doctor import FAIL_ON, check_codes, diagnose, exit_code
 from ostate.doctor_output import FORMATS, render
-from ostate.formats.weights import read_model
+from ostate.formats.weights import name_unnamed_by, read_model
 from ostate.optimizers import families
 from ostate_cli.common import format_hint_option, handle_errors, progress_enabled
 
@@ -45,6 +45,8 @@ def doctor(path, fmt, model_path, fail_on, ignored, kind, workers, trust_pickle,
     ignore = sorted(check_codes(c.strip() for c in ignored.split(",") if c.strip())) if ignored else []
     checkpoint = ostate.load(path, trust_pickle=trust_pickle, optimizer=kind, format_hint=format_hint)
     model = read_model(model_path, trust_pickle=trust_pickle) if model_path else None
+    if model is not None:  # a bare optimizer file gets its names from the model it is checked against
+        name_unnamed_by(checkpoint, model)
     diagnosis = diagnose(
         checkpoint,
         model=model.tensors if model is not None else None,

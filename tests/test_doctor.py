@@ -298,3 +298,18 @@ def test_every_code_is_documented_and_unknown_codes_to_ignore_are_refused(tmp_pa
     torch.save({"optimizer": torch.optim.AdamW(torch.nn.Linear(2, 2).parameters()).state_dict()}, path)
     typo = run_cli("doctor", str(path), "--ignore", "secnd-moment-zero,lr-zero")
     assert typo.returncode == 2 and "unknown finding code to ignore: secnd-moment-zero" in typo.stderr
+
+
+def test_a_bare_optimizer_file_is_named_by_the_model_given_with_model(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
+    opt = torch.optim.AdamW(model.parameters(), weight_decay=0.1)  # decays the biases too
+    model(torch.randn(2, 3)).square().sum().backward()
+    opt.step()
+    torch.save(opt.state_dict(), tmp_path / "optimizer.pt")  # no names, no model
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    alone = run_cli("doctor", str(tmp_path / "optimizer.pt"), "--format", "json")
+    named = run_cli("doctor", str(tmp_path / "optimizer.pt"), "--model", str(tmp_path / "model.pt"), "--format", "json")
+    codes = {f["code"]: f for f in json.loads(named.stdout)["findings"]}
+    assert "weight-decay-on-norms-or-biases" not in {f["code"] for f in json.loads(alone.stdout)["findings"]}
+    subjects = {e["subject"] for e in codes["weight-decay-on-norms-or-biases"]["evidence"]}
+    assert {"0.bias", "1.bias"} <= subjects  # "1.weight" has no norm in its name: kind "other"

@@ -27,7 +27,7 @@ from ostate.formats.objects import model_entries
 from ostate.formats.safetensors_file import SafetensorsFile, read_header
 from ostate.formats.torch_optim import apply_naming
 from ostate.formats.torchfile import load_torch_file
-from ostate.state import OptimizerState, TensorRef
+from ostate.state import Checkpoint, OptimizerState, TensorRef
 
 
 @dataclass
@@ -126,6 +126,13 @@ def name_by_weights(optimizer: OptimizerState, weights: Weights) -> Naming:
         apply_naming(optimizer.params, naming)
         optimizer.model_order = [e.name for e in weights.entries]
     return naming
+
+
+def name_unnamed_by(checkpoint: Checkpoint, weights: Weights) -> list[Naming]:
+    """Name, by ``weights``, each optimizer of ``checkpoint`` none of whose parameters has a name
+    (e.g. a bare optimizer file checked against the model it trains); returns what was tried."""
+    return [name_by_weights(o, weights) for o in checkpoint.optimizers
+            if o.params and all(p.name_source == "none" for p in o.params)]
 
 
 def _safetensors(paths: list[str], location: str) -> Weights:
