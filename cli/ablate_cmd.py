@@ -50,7 +50,8 @@ def _numbers(text: str | None, kind: type, option: str) -> list | None:
 
 
 @click.command()
-@click.argument("spec_file", required=False, type=click.Path(readable=False, dir_okay=False, path_type=str), metavar="[SPEC.toml]")
+@click.argument("spec_file", required=False,
+                type=click.Path(readable=False, dir_okay=False, path_type=str), metavar="[SPEC.toml]")
 @click.option("--task", "task_name", type=click.Choice(TASKS), help="A built-in task (instead of SPEC.toml).")
 @click.option("--strategies", metavar="A,B,...",
               help="Strategies to compare: fresh, reload, reset-m, reset-v, reset-step, keep-v, or NAME:REGEX "

@@ -23,6 +23,20 @@ def debug_option(fn: Callable) -> Callable:
     )(fn)
 
 
+def trust_pickle_option(fn: Callable) -> Callable:
+    """``--trust-pickle``: allow pickled objects beyond tensors (docs/security.md says exactly what)."""
+    return click.option("--trust-pickle", is_flag=True, help="Allow pickled Python objects beyond tensors (runs "
+                        "code from the file: only for files you trust).")(fn)
+
+
+def workers_option(fn: Callable) -> Callable:
+    """``--workers N``: threads of the analysis working on different parameters."""
+    from ostate.analysis import default_workers
+
+    return click.option("--workers", type=click.IntRange(min=1), default=default_workers(), show_default=True,
+                        metavar="N", help="Threads working on different parameters.")(fn)
+
+
 def format_hint_option(fn: Callable) -> Callable:
     """``--format-hint NAME``: read PATH with this reader instead of recognising its layout."""
     from ostate.formats.registry import reader_names

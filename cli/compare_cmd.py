@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import click
 
-from ostate.analysis import default_workers
 from ostate.compare import AGAINST, compare as compare_checkpoints
 from ostate.compare_output import FORMATS, render
 from ostate.outputs import check_output
-from ostate_cli.common import format_hint_option, handle_errors, progress_enabled
+from ostate_cli.common import (
+    format_hint_option, handle_errors, progress_enabled, trust_pickle_option, workers_option,
+)
 
 
 @click.command()
-@click.argument("paths", nargs=-1, required=True, type=click.Path(readable=False, dir_okay=True, path_type=str), metavar="A B [C ...]")
+@click.argument("paths", nargs=-1, required=True,
+                type=click.Path(readable=False, dir_okay=True, path_type=str), metavar="A B [C ...]")
 @click.option("--against", type=click.Choice(AGAINST), default="consecutive", show_default=True,
               help="With more than two checkpoints: compare consecutive pairs (A->B, B->C) or each with the first.")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True, help="Output format.")
@@ -25,10 +27,8 @@ from ostate_cli.common import format_hint_option, handle_errors, progress_enable
               help="Compare only the K-th optimizer (0-based) of checkpoints that hold several.")
 @click.option("--plot", "plot_path", type=click.Path(readable=False, dir_okay=False, path_type=str), metavar="OUT.png",
               help="Also draw the comparison (PNG, SVG or PDF, from the extension).")
-@click.option("--workers", type=click.IntRange(min=1), default=default_workers(), show_default=True, metavar="N",
-              help="Threads working on different parameters.")
-@click.option("--trust-pickle", is_flag=True,
-              help="Allow pickled Python objects beyond tensors (runs code from the file: only for files you trust).")
+@workers_option
+@trust_pickle_option
 @format_hint_option
 @handle_errors
 def compare(paths, against, fmt, top, sort, ascending, columns, optimizer_index, plot_path, workers, trust_pickle,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 import ostate
-from ostate_cli.common import format_hint_option, handle_errors, progress_enabled
+from ostate_cli.common import format_hint_option, handle_errors, progress_enabled, trust_pickle_option
 
 
 @click.command()
@@ -14,8 +14,7 @@ from ostate_cli.common import format_hint_option, handle_errors, progress_enable
 @click.option("--optimizer-index", type=click.IntRange(min=0), metavar="K",
               help="Which optimizer (0-based) when IN holds several.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (never IN).")
-@click.option("--trust-pickle", is_flag=True,
-              help="Allow pickled Python objects beyond tensors (runs code from the file: only for files you trust).")
+@trust_pickle_option
 @format_hint_option
 @handle_errors
 def convert(source, out, optimizer_index, overwrite, trust_pickle, format_hint):

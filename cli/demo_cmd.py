@@ -14,7 +14,8 @@ from ostate_cli.common import handle_errors
 
 
 @click.command()
-@click.option("--dir", "directory", default="ostate-demo", show_default=True, type=click.Path(readable=False, file_okay=False),
+@click.option("--dir", "directory", default="ostate-demo", show_default=True,
+              type=click.Path(readable=False, file_okay=False),
               help="Where to write the demo checkpoint.")
 @click.option("--steps", default=300, show_default=True, type=click.IntRange(min=1), help="Training steps.")
 @click.option("--by", type=click.Choice(VIEWS), default="param", show_default=True)

@@ -7,12 +7,13 @@ import sys
 import click
 
 import ostate
-from ostate.analysis import default_workers
 from ostate.doctor import FAIL_ON, check_codes, diagnose, exit_code
 from ostate.doctor_output import FORMATS, render
 from ostate.formats.weights import name_unnamed_by, read_model
 from ostate.optimizers import families
-from ostate_cli.common import format_hint_option, handle_errors, progress_enabled
+from ostate_cli.common import (
+    format_hint_option, handle_errors, progress_enabled, trust_pickle_option, workers_option,
+)
 
 
 @click.command()
@@ -28,10 +29,8 @@ from ostate_cli.common import format_hint_option, handle_errors, progress_enable
 @click.option("--ignore", "ignored", metavar="CODE,...", help="Leave out findings with these codes.")
 @click.option("--optimizer", "kind", type=click.Choice(sorted(families())), metavar="KIND",
               help="Treat the state as this optimizer family instead of detecting it.")
-@click.option("--workers", type=click.IntRange(min=1), default=default_workers(), show_default=True, metavar="N",
-              help="Threads working on different parameters.")
-@click.option("--trust-pickle", is_flag=True,
-              help="Allow pickled Python objects beyond tensors (runs code from the file: only for files you trust).")
+@workers_option
+@trust_pickle_option
 @format_hint_option
 @handle_errors
 def doctor(path, fmt, model_path, fail_on, ignored, kind, workers, trust_pickle, format_hint):

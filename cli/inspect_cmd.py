@@ -5,10 +5,12 @@ from __future__ import annotations
 import click
 
 import ostate
-from ostate.analysis import VIEWS, HeadLayout, default_workers
+from ostate.analysis import VIEWS, HeadLayout
 from ostate.optimizers import families
 from ostate.report import FORMATS, inspect as build_report, render
-from ostate_cli.common import format_hint_option, handle_errors, progress_enabled, warn
+from ostate_cli.common import (
+    format_hint_option, handle_errors, progress_enabled, trust_pickle_option, warn, workers_option,
+)
 
 
 @click.command()
@@ -26,15 +28,13 @@ from ostate_cli.common import format_hint_option, handle_errors, progress_enable
 @click.option("--optimizer", "kind", type=click.Choice(sorted(families())), metavar="KIND",
               help=f"Treat the state as this optimizer family instead of detecting it: {', '.join(sorted(families()))}.")
 @click.option("--columns", metavar="A,B,...", help="Columns for table/markdown output ('all' for every column).")
-@click.option("--workers", type=click.IntRange(min=1), default=default_workers(), show_default=True, metavar="N",
-              help="Threads working on different parameters.")
+@workers_option
 @click.option("--heads", type=click.IntRange(min=1), metavar="N",
               help="Attention heads per layer, for vmean_head_relchange (head size = in_features / N); "
                    "default: from the model config in or beside the checkpoint.")
 @click.option("--head-dim", type=click.IntRange(min=1), metavar="D",
               help="Rows per attention head in q/k/v projection weights (overrides --heads and the config).")
-@click.option("--trust-pickle", is_flag=True,
-              help="Allow pickled Python objects beyond tensors (runs code from the file: only for files you trust).")
+@trust_pickle_option
 @format_hint_option
 @handle_errors
 def inspect(path, fmt, by, sort, ascending, top, optimizer_index, kind, columns, workers, heads, head_dim,

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import click
 
-from ostate.analysis import default_workers
 from ostate.optimizers import families
 from ostate.outputs import check_output
 from ostate.plots import plot as draw_plot, plot_kinds, save_figure
 from ostate.plots.style import DEFAULT_DPI, figure_format
-from ostate_cli.common import format_hint_option, handle_errors, progress_enabled
+from ostate_cli.common import (
+    format_hint_option, handle_errors, progress_enabled, trust_pickle_option, workers_option,
+)
 
 # The default kind first in the help, then the others by name.
 _KINDS = dict(sorted(plot_kinds().items(), key=lambda item: (item[0] != "lr-histogram", item[0])))
@@ -17,7 +18,8 @@ _VIEWS = sorted({view for kind in _KINDS.values() for view in kind.views})
 
 
 @click.command()
-@click.argument("paths", metavar="PATH...", nargs=-1, required=True, type=click.Path(readable=False, dir_okay=True, path_type=str))
+@click.argument("paths", metavar="PATH...", nargs=-1, required=True,
+                type=click.Path(readable=False, dir_okay=True, path_type=str))
 @click.option("-o", "--output", "out", required=True, metavar="OUT",
               type=click.Path(readable=False, dir_okay=False, path_type=str),
               help="The figure to write: OUT.png, OUT.svg or OUT.pdf (the format follows the extension).")
@@ -31,12 +33,10 @@ _VIEWS = sorted({view for kind in _KINDS.values() for view in kind.views})
               help="Which optimizer (0-based) when a checkpoint holds several.")
 @click.option("--optimizer", "kind_name", type=click.Choice(sorted(families())), metavar="KIND",
               help="Treat the state as this optimizer family instead of detecting it (see `ostate inspect --help`).")
-@click.option("--workers", type=click.IntRange(min=1), default=default_workers(), show_default=True, metavar="N",
-              help="Threads working on different parameters.")
+@workers_option
 @click.option("--dpi", type=click.IntRange(min=20, max=1200), default=DEFAULT_DPI, show_default=True, metavar="N",
               help="Resolution of a PNG (SVG and PDF are vector graphics).")
-@click.option("--trust-pickle", is_flag=True,
-              help="Allow pickled Python objects beyond tensors (runs code from the file: only for files you trust).")
+@trust_pickle_option
 @format_hint_option
 @handle_errors
 def plot(paths, out, kind, by, optimizer_index, kind_name, workers, dpi, trust_pickle, format_hint):

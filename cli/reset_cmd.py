@@ -7,7 +7,7 @@ import click
 from ostate.optimizers import families
 from ostate.reset import reset as reset_checkpoint
 from ostate.strategies import STRATEGIES
-from ostate_cli.common import format_hint_option, handle_errors
+from ostate_cli.common import format_hint_option, handle_errors, trust_pickle_option
 
 
 @click.command()
@@ -25,8 +25,7 @@ from ostate_cli.common import format_hint_option, handle_errors
 @click.option("--optimizer", "kind", type=click.Choice(sorted(families())), metavar="KIND",
               help="Treat the state as this optimizer family instead of detecting it.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (never PATH).")
-@click.option("--trust-pickle", is_flag=True,
-              help="Allow pickled Python objects beyond tensors (runs code from the file: only for files you trust).")
+@trust_pickle_option
 @format_hint_option
 @handle_errors
 def reset(path, strategy, params, out, optimizer_index, kind, overwrite, trust_pickle, format_hint):
