@@ -12,58 +12,29 @@ The same task from the command line: examples/ablation/spec.toml (`ostate ablate
 from __future__ import annotations
 
 import os
-
-import torch
-from torch import nn
+import sys
 
 from ostate.harness import Spec, Sweep, Task, run
-from ostate.harness.pretrain import pretrain
 from ostate.harness.text import render_summary
 
 OUT = "ablation-example"
-_g = torch.Generator().manual_seed(0)
-SOURCE_MAP = torch.randn(16, 4, generator=_g)
-TARGET_MAP = SOURCE_MAP + 0.5 * torch.randn(16, 4, generator=_g)
-EVAL_X = torch.randn(512, 16, generator=_g)
 
-
-def make_model() -> nn.Module:
-    return nn.Sequential(nn.Linear(16, 64), nn.GELU(), nn.LayerNorm(64), nn.Linear(64, 4))
-
-
-def batches(mapping: torch.Tensor, batch_size: int, generator: torch.Generator):
-    while True:
-        x = torch.randn(batch_size, 16, generator=generator)
-        yield x, x @ mapping + 0.1 * torch.randn(batch_size, 4, generator=generator)
-
-
-def target_batches(batch_size: int, generator: torch.Generator):
-    return batches(TARGET_MAP, batch_size, generator)
-
-
-def mse(model: nn.Module, batch) -> torch.Tensor:
-    x, y = batch
-    return nn.functional.mse_loss(model(x), y)
-
-
-def evaluate(model: nn.Module) -> float:
-    return float(mse(model, (EVAL_X, EVAL_X @ TARGET_MAP)))
+# The task's parts are plain functions; this example uses the ones the TOML form names
+# (examples/ablation/mytask.py), so both forms run the same task.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "ablation"))
+import mytask  # noqa: E402
 
 
 def main() -> None:
     # 1. The source checkpoint: what a user already has (weights + optimizer state).
     source = os.path.join(OUT, "source.pt")
     if not os.path.exists(source):
-        torch.manual_seed(0)
-        model = make_model()
-        checkpoint = pretrain(model, batches(SOURCE_MAP, 64, torch.Generator().manual_seed(0)), mse, steps=200,
-                              lr=3e-3, progress=False)
         os.makedirs(OUT, exist_ok=True)
-        torch.save(checkpoint, source)
+        mytask.pretrain(source)
 
     # 2. The task (plain callables) and the sweep.
-    task = Task("linear-maps", model=make_model, train_batches=target_batches, loss=mse, evaluate=evaluate,
-                source=source)
+    task = Task("linear-maps", model=mytask.make_model, train_batches=mytask.train_batches, loss=mytask.loss,
+                evaluate=mytask.evaluate, source=source)
     sweep = Sweep(strategies=["fresh", "reload", "reset-m", "reset-v", "reset-step", "keep-v"], seeds=[0, 1, 2],
                   lr=[1e-3], steps=30, eval_every=5)
 
