@@ -13,29 +13,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 import ostate
 from ostate.optimizers import get_family
 from ostate.optimizers.bnb8bit import dequantize_blockwise, dequantized
 from tests.conftest import train
+from tests.families import Big
 from tests.oracle import actual_step, assert_matches, predicted_updates, saved_and_loaded, set_next_gradient
 
 bnb = pytest.importorskip("bitsandbytes")
 F = pytest.importorskip("bitsandbytes.functional")
-
-
-class Mixed(nn.Module):
-    """One matrix big enough for 8-bit state (70 x 64 = 4480 elements: 17.5 blocks of 256), the rest 32-bit."""
-
-    def __init__(self):
-        super().__init__()
-        self.inp = nn.Linear(4, 70)
-        self.big = nn.Linear(70, 64)
-        self.head = nn.Linear(64, 3)
-
-    def forward(self, x):
-        return self.head(torch.relu(self.big(torch.relu(self.inp(x)))))
 
 
 CASES = {
@@ -61,7 +48,7 @@ def _paged_optimizers_warn_on_cpu():
 
 def trained(name: str, steps: int):
     torch.manual_seed(0)
-    model = Mixed()
+    model = Big()  # one matrix big enough for 8-bit state (70 x 64 = 17.5 blocks of 256), the rest 32-bit
     opt = CASES[name][1](model.parameters())
     train(model, opt, steps=steps)
     return model, opt
