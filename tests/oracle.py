@@ -58,6 +58,29 @@ def actual_step(model: nn.Module, step: Callable[[], None]) -> list[torch.Tensor
     return [p.detach() - b for p, b in zip(model.parameters(), before)]
 
 
+def update_quantity_errors(tmp_path, make: Callable, *, steps: int) -> list[float]:
+    """Train a float64 Net with the optimizer ``make`` builds, save and load it, and compare the
+    family's ``update`` quantity (the next step's change with a zero gradient) with the real
+    optimizer's step on zero gradients: one relative error per parameter."""
+    from ostate.optimizers import get_family
+
+    torch.manual_seed(0)
+    model = Net().double()
+    opt = make(model.parameters())
+    train(model, opt, steps=steps)
+    loaded = saved_and_loaded(tmp_path, model, opt)
+    family = get_family(loaded.kind)
+    predicted = []
+    for p in loaded.params:
+        chunk = {k: ref.read().reshape(-1) for k, ref in p.tensors().items() if ref.shape == p.shape}
+        predicted.append(family.quantities(chunk, loaded.groups[p.group], p)["update"])
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    actual = actual_step(model, opt.step)
+    assert len(predicted) == len(actual)
+    return [relative_error(ours.double(), theirs.reshape(-1)) for ours, theirs in zip(predicted, actual)]
+
+
 def assert_matches(predicted: list[torch.Tensor], actual: list[torch.Tensor], tolerance: float = TOLERANCE) -> None:
     for i, (ours, theirs) in enumerate(zip(predicted, actual)):
         assert ours.shape == theirs.shape, f"parameter {i}: shape {tuple(ours.shape)} != {tuple(theirs.shape)}"
