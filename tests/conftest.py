@@ -42,6 +42,13 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, steps: int = 3, se
         optimizer.step()
 
 
+def saved(tmp_path, model: nn.Module, opt: torch.optim.Optimizer, name: str = "ckpt.pt", **extra):
+    """A training checkpoint at ``tmp_path / name``: the model's and optimizer's state dicts, and ``extra``."""
+    path = tmp_path / name
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), **extra}, path)
+    return path
+
+
 def sha256(path: str | os.PathLike) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 

@@ -53,7 +53,8 @@ class Big(nn.Module):
         return self.head(torch.relu(self.big(torch.relu(self.inp(x)))))
 
 
-def _lbfgs_train(model: nn.Module, opt: torch.optim.Optimizer, steps: int) -> None:
+def lbfgs_train(model: nn.Module, opt: torch.optim.Optimizer, steps: int) -> None:
+    """``steps`` LBFGS steps on a fixed batch (LBFGS steps with a closure)."""
     x = torch.randn(16, 4, generator=torch.Generator().manual_seed(0))
 
     def closure():
@@ -131,7 +132,7 @@ def trained(name: str, steps: int = 3) -> tuple[nn.Module, torch.optim.Optimizer
         warnings.simplefilter("ignore")  # bitsandbytes on CPU, torch's sparse tensor notice
         opt = make_opt(model.parameters())
         if name == "LBFGS":
-            _lbfgs_train(model, opt, steps)
+            lbfgs_train(model, opt, steps)
         else:
             train(model, opt, steps=steps)
     return model, opt

@@ -13,7 +13,7 @@ from torch import nn
 import ostate
 from ostate.doctor import AMSGRAD_RATIO, EXIT_ERROR, EXIT_OK, EXIT_WARNING, diagnose, exit_code
 from ostate.formats.weights import read_model
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, run_cli, saved
 
 
 class Normed(nn.Module):
@@ -54,12 +54,6 @@ def trained(model=None, opt=None, steps=5, scale=1.0, seed=0, **kwargs):
         model(x).square().mean().backward()
         opt.step()
     return model, opt
-
-
-def saved(tmp_path, model, opt, name="ckpt.pt", **extra):
-    path = tmp_path / name
-    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), **extra}, path)
-    return path
 
 
 def codes(diagnosis):

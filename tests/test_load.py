@@ -227,7 +227,6 @@ def test_safetensors_file_is_recognised_and_refused_clearly(tmp_path):
 
 
 def test_unknown_state_layout_is_shown_generically_and_suggests_optimizer(tmp_path):
-    p = nn.Parameter(torch.ones(3, 2))
     sd = {"state": {0: {"z": torch.randn(3, 2), "k": torch.tensor(4.0)}}, "param_groups": [{"params": [0], "lr": 0.1}]}
     path = tmp_path / "custom.pt"
     torch.save(sd, path)

@@ -17,6 +17,7 @@ import ostate
 from ostate.optimizers import get_family
 from ostate.optimizers.radam import rectification
 from tests.conftest import Net, train
+from tests.families import lbfgs_train
 from tests.oracle import (
     actual_step, assert_matches, check_next_update, predicted_updates, relative_error, saved_and_loaded,
     set_next_gradient, update_quantity_errors,
@@ -310,16 +311,7 @@ def test_lbfgs_is_summarised_without_crashing_and_says_what_cannot_be_computed(t
     torch.manual_seed(0)
     model = Net()
     opt = O.LBFGS(model.parameters(), lr=0.5, max_iter=4, history_size=3)
-    x = torch.randn(16, 4, generator=torch.Generator().manual_seed(0))
-
-    def closure():
-        opt.zero_grad()
-        loss = model(x).square().mean()
-        loss.backward()
-        return loss
-
-    for _ in range(3):
-        opt.step(closure)
+    lbfgs_train(model, opt, steps=3)
     loaded = saved_and_loaded(tmp_path, model, opt)
     assert (loaded.kind, loaded.kind_source) == ("lbfgs", "detected")
     first = loaded.params[0]

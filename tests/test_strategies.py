@@ -242,7 +242,7 @@ def test_keep_v_leaves_l2_weight_decay_in_the_gradient_unscaled(name, monkeypatc
     kept.load_state_dict(apply_strategy(copy.deepcopy(saved), "keep-v", kind=optimizer_kind(opt)))
     attach(kept)
     group = kept.param_groups[0]
-    lr, eps, wd, (beta1, beta2) = group["lr"], group["eps"], group["weight_decay"], group["betas"]
+    lr, eps, wd, (_, beta2) = group["lr"], group["eps"], group["weight_decay"], group["betas"]
     theta = [p.detach().clone() for p in model.parameters()]
     grads = fixed_grads(model, 11)
     delta = step_with(model, kept, grads)

@@ -15,7 +15,7 @@ import ostate.analysis.params as params_module
 from ostate.analysis import HeadLayout, summarize
 from ostate.analysis.compress import SharedSecondMoment
 from ostate.analysis.quantize import BlockwiseError
-from tests.conftest import Net, run_cli, train
+from tests.conftest import Net, run_cli, saved, train
 
 
 class TinyAttention(nn.Module):
@@ -52,12 +52,6 @@ def train_attention(steps: int = 3, seed: int = 0, **opt_kwargs):
         loss.backward()
         opt.step()
     return model, opt
-
-
-def saved(tmp_path, model, opt, name="ckpt.pt", **extra):
-    path = tmp_path / name
-    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), **extra}, path)
-    return path
 
 
 def test_kind_view_groups_parameters_by_their_kind_in_a_fixed_order(tmp_path):
