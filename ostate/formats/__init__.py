@@ -10,7 +10,6 @@ reads them.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Mapping
 
