@@ -17,7 +17,6 @@ import shutil
 import struct
 import subprocess
 import sys
-import tempfile
 from collections import OrderedDict
 from pathlib import Path
 
@@ -374,42 +373,40 @@ def test_a_fifo_where_a_file_should_be_does_not_hang(all_specimens, tmp_path):
     assert_clear_error(run_cli("inspect", str(fifo)))
 
 
-def _as_unprivileged_user(*args: str) -> "subprocess.CompletedProcess[str]":
-    """Run the ostate CLI as the unprivileged user ``nobody`` when the tests run as root
-    (root reads every file whatever its permissions), else as ourselves."""
-    prefix = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] if os.geteuid() == 0 else []
+# Root reads every file whatever its permissions; without these two capabilities it is
+# held to them like any user (and still owns, so can run, this checkout's Python).
+_WITHOUT_OVERRIDE = ["setpriv", "--bounding-set=-dac_override,-dac_read_search",
+                     "--inh-caps=-dac_override,-dac_read_search"]
+
+
+def _without_override(*args: str) -> "subprocess.CompletedProcess[str]":
+    """Run the ostate CLI held to file permissions (as root: without the capabilities that override them)."""
+    prefix = _WITHOUT_OVERRIDE if os.geteuid() == 0 else []
     return subprocess.run([*prefix, sys.executable, "-m", "ostate_cli.main", *args], capture_output=True, text=True,
-                          cwd="/", env={**os.environ, "PYTHONWARNINGS": "ignore", "HOME": "/tmp"}, timeout=300)
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"}, timeout=300)
 
 
 @pytest.mark.slow
 def test_unreadable_files_and_directories_are_one_clear_error(all_specimens, tmp_path):
-    if os.geteuid() == 0 and (shutil.which("setpriv") is None or subprocess.run(
-            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c", "import ostate"],
-            capture_output=True, timeout=300).returncode != 0):
-        pytest.skip("running as root, and the user nobody cannot run this Python (setpriv missing or no access)")
-    shared = Path(tempfile.mkdtemp(prefix="ostate-perm-"))  # pytest's tmp_path is private to its owner
+    if os.geteuid() == 0 and shutil.which("setpriv") is None:
+        pytest.skip("running as root without setpriv to drop the permission-override capabilities")
+    readable = _copy(all_specimens["torch-zip"], tmp_path)
+    control = _without_override("inspect", str(readable), "--by", "model")
+    assert control.returncode == 0, control.stderr  # the setup itself can read a readable file
+    locked = tmp_path / "locked.pt"
+    shutil.copy(readable, locked)
+    locked.chmod(0)
+    folder = _copy(all_specimens["hf-trainer"], tmp_path)
     try:
-        shared.chmod(0o755)
-        readable = _copy(all_specimens["torch-zip"], shared)
-        readable.chmod(0o644)
-        control = _as_unprivileged_user("inspect", str(readable), "--by", "model")
-        assert control.returncode == 0, control.stderr  # the setup lets the user read a readable file
-        locked = shared / "locked.pt"
-        shutil.copy(readable, locked)
-        locked.chmod(0)
-        assert_clear_error(_as_unprivileged_user("inspect", str(locked)), "ermission denied")
-        folder = _copy(all_specimens["hf-trainer"], shared)
-        for p in [folder, *folder.rglob("*")]:
-            p.chmod(0o755 if p.is_dir() else 0o644)
+        assert_clear_error(_without_override("inspect", str(locked)), "ermission denied")
         (folder / "optimizer.pt").chmod(0)
-        assert_clear_error(_as_unprivileged_user("inspect", str(folder)))
+        assert_clear_error(_without_override("inspect", str(folder)))
         folder.chmod(0o300)  # a directory that cannot be listed
-        assert_clear_error(_as_unprivileged_user("inspect", str(folder)))
+        assert_clear_error(_without_override("inspect", str(folder)))
     finally:
-        for p in [shared, *shared.rglob("*")]:
-            p.chmod(0o700)
-        shutil.rmtree(shared, ignore_errors=True)
+        folder.chmod(0o700)
+        for p in [locked, *folder.rglob("*")]:
+            p.chmod(0o600 if p.is_file() else 0o700)
 
 
 # ---------------------------------------------------------------- unusual but valid state
