@@ -31,6 +31,19 @@ class Net(nn.Module):
         return self.head(torch.relu(self.hidden(self.bn(self.norm(self.inp(x))))))
 
 
+@pytest.fixture(params=["compiled", "torch"])
+def arithmetic(request, monkeypatch):
+    """Run a test twice: with the compiled loops (ostate.analysis.kernels) and with the torch ops
+    ostate uses without them."""
+    from ostate.analysis import kernels
+
+    if request.param == "torch":
+        monkeypatch.setattr(kernels, "_LIB", None)
+    elif not kernels.available():
+        pytest.skip("ostate's compiled loops are not built in this install (no C compiler?)")
+    return request.param
+
+
 def train(model: nn.Module, optimizer: torch.optim.Optimizer, steps: int = 3, seed: int = 0) -> None:
     g = torch.Generator().manual_seed(seed)
     dtype = next(model.parameters()).dtype

@@ -9,6 +9,9 @@ import torch
 
 from ostate.analysis.quantize import BLOCK, BlockwiseError, dynamic_map
 
+# Every test here runs with the compiled loops and with the torch ops (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("arithmetic")
+
 
 def brute_force_relative_error(x: torch.Tensor, code: torch.Tensor) -> float:
     """Every value against all 256 codes, in float64: the definition, written the slow way."""

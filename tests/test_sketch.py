@@ -10,6 +10,9 @@ import torch
 
 from ostate.analysis.sketch import RELATIVE_ERROR, Sketch
 
+# Every test here runs with the compiled loops and with the torch ops (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("arithmetic")
+
 SUBNORMAL_ABS_ERROR = 2.0**-134
 QS = [0.0, 0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99, 1.0]
 

@@ -23,6 +23,9 @@ from ostate.analysis.sketch import Sketch, quantiles_of
 from ostate.analysis.tiny import TINY
 from ostate.analysis.views import VIEWS
 
+# Every test here runs with the compiled loops and with the torch ops (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("arithmetic")
+
 
 class Mixed(nn.Module):
     """Tiny vectors, tiny matrices, a scalar, and two tensors too large to batch."""

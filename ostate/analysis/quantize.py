@@ -14,7 +14,8 @@ The reported figure is the relative L2 error of that round trip over the tensor,
     \text{q8\_relerr} = \sqrt{\frac{\sum_b a_b^2 \sum_{i\in b} (y_i - c(y_i))^2}{\sum_i x_i^2}}
 
 computed in float32 per value (the division :math:`x_i/a_b` as bitsandbytes does it)
-and summed in float64. An all-zero block round-trips exactly. A block holding NaN or
+and summed in float64 (by the compiled loop of :mod:`ostate.analysis.kernels`; without
+it, torch sums each block in float32 and the blocks in float64). An all-zero block round-trips exactly. A block holding NaN or
 infinity makes the figure NaN.
 
 The nearest code is found without a search: every normalised value's bfloat16
@@ -32,6 +33,7 @@ from functools import lru_cache
 
 import torch
 
+from ostate.analysis import kernels
 from ostate.analysis.sketch import bucket_ids
 
 BLOCK = 256
@@ -130,6 +132,11 @@ class BlockwiseError:
             self._add_blocks(x[full:].view(1, -1))
 
     def _add_blocks(self, blocks: torch.Tensor) -> None:
+        if kernels.available():
+            error_sq, norm_sq = kernels.q8_blocks(blocks, self.signed, *self._tables, per_block=False)
+            self.error_sq += error_sq
+            self.norm_sq += norm_sq
+            return
         per_block, norms, weights = self._block_terms(blocks)
         self.error_sq += float(torch.dot(per_block, weights))
         self.norm_sq += float(torch.dot(norms, weights))
@@ -146,7 +153,11 @@ class BlockwiseError:
         """
         if rows.shape[1] > BLOCK:
             raise ValueError(f"rows of at most {BLOCK} values, got {rows.shape[1]}")
-        per_block, norms, weights = self._block_terms(rows if rows.dtype == torch.float32 else rows.float())
+        rows = rows if rows.dtype == torch.float32 else rows.float()
+        if kernels.available():
+            error_sq, norm_sq = kernels.q8_blocks(rows, self.signed, *self._tables, per_block=True)
+            return error_sq.tolist(), norm_sq.tolist()
+        per_block, norms, weights = self._block_terms(rows)
         return per_block.mul_(weights).tolist(), norms.mul_(weights).tolist()
 
     def _block_terms(self, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -35,6 +35,8 @@ from typing import Iterable
 import numpy as np
 import torch
 
+from ostate.analysis import kernels
+
 RELATIVE_ERROR = 2.0**-8
 _NBUCKETS = 1 << 16
 _SIGN = 0x8000  # bucket ids with this bit hold negative values
@@ -98,7 +100,7 @@ class Sketch:
     # the dense counts of values added since the last compact().
     _buckets: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64), repr=False)
     _counts: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64), repr=False)
-    _dense: torch.Tensor | None = field(default=None, repr=False, compare=False)
+    _dense: np.ndarray | None = field(default=None, repr=False, compare=False)
     # False: count, sums and extremes only (no histogram, no quantiles, zeros not counted apart).
     with_histogram: bool = True
 
@@ -118,15 +120,44 @@ class Sketch:
         flat = values.detach().reshape(-1)
         if flat.dtype != torch.float32 and flat.dtype != torch.bfloat16:
             flat = flat.to(torch.float32)
+        if kernels.available():
+            self._add_compiled(flat)
+            return
         for start in range(0, flat.numel(), CHUNK):
             self._add_chunk(flat[start : start + CHUNK])
+
+    def _add_compiled(self, flat: torch.Tensor) -> None:
+        """:meth:`add` by the compiled loop (:mod:`ostate.analysis.kernels`): float64 sums, one pass."""
+        if flat.numel() == 0:
+            return
+        sums = kernels.SketchSums.empty()
+        if not self.with_histogram:
+            kernels.sketch_add(flat, None, sums)
+        elif self._dense is not None or flat.numel() > _SPARSE_LIMIT:
+            if self._dense is None:
+                self._dense = np.zeros(_NBUCKETS, np.int64)
+            kernels.sketch_add(flat, self._dense, sums)
+        else:  # a few values: their buckets sorted, not 65,536 counts
+            kernels.sketch_add(flat, None, sums)
+            self._merge_buckets(*_sparse_counts(flat))
+        self._add_sums(sums)
+
+    def _add_sums(self, sums: "kernels.SketchSums") -> None:
+        self.count += sums.count
+        if self.with_histogram:
+            self.zeros += sums.zeros
+        self.nan, self.posinf, self.neginf = self.nan + sums.nan, self.posinf + sums.posinf, self.neginf + sums.neginf
+        self.total += sums.total
+        self.sumsq += sums.sumsq
+        self.min = min(self.min, sums.min)
+        self.max = max(self.max, sums.max)
 
     def add_constant(self, value: float, n: int) -> None:
         """Add ``n`` copies of ``value`` without building a tensor."""
         if n <= 0:
             return
         one = Sketch()
-        one._add_chunk(torch.tensor([value], dtype=torch.float32))
+        one.add(torch.tensor([value], dtype=torch.float32))
         one.compact()
         if one.count:
             one.count = n
@@ -152,9 +183,8 @@ class Sketch:
         largest = max(-lo, hi)
         if _TINY <= largest <= _HUGE or largest == 0:
             sumsq = float(values.square().sum())
-        else:  # float32 squares would underflow or overflow: scale by a power of two first (exact)
-            exponent = math.frexp(largest)[1]
-            sumsq = math.ldexp(float(values.mul(math.ldexp(1.0, -exponent)).square_().sum()), 2 * exponent)
+        else:  # float32 squares would underflow or overflow; float64 ones of float32 values do not
+            sumsq = float(values.double().square_().sum())
         if histogram is not None:
             if histogram.has_zero_buckets():  # exact zeros (or the tiniest subnormals) are present
                 self.zeros += histogram.remove_zeros(values)
@@ -190,14 +220,14 @@ class Sketch:
         if histogram.dense is None:
             self._merge_buckets(histogram.buckets, histogram.counts)
         elif self._dense is None:
-            self._dense = histogram.dense  # bincount's fresh tensor: ours to keep
+            self._dense = histogram.dense.numpy()  # bincount's fresh tensor: ours to keep
         else:
-            self._dense.add_(histogram.dense)
+            np.add(self._dense, histogram.dense.numpy(), out=self._dense)
 
     def compact(self) -> "Sketch":
         """Fold the dense histogram being filled into the sparse one (in place); returns self."""
         if self._dense is not None:
-            dense, self._dense = self._dense.numpy(), None
+            dense, self._dense = self._dense, None
             nz = np.flatnonzero(dense)
             self._merge_buckets(nz.astype(np.int64), dense[nz].astype(np.int64))
         return self
@@ -205,10 +235,11 @@ class Sketch:
     @classmethod
     def of_rows(cls, rows: torch.Tensor, *, with_histogram: bool = True) -> list["Sketch"]:
         """One compact sketch per row of the 2-D tensor ``rows``, equal to ``Sketch().add(row)`` for each
-        row (the same float32 sums, bit for bit), computed in a few passes over all rows at once.
+        row (the same sums, bit for bit), computed in a few passes over all rows at once.
 
         For checkpoints of very many tiny tensors, where a sketch per tensor would cost far
-        more in calls than in arithmetic. Rows holding NaN, infinities or values whose
+        more in calls than in arithmetic. Without the compiled loops
+        (:mod:`ostate.analysis.kernels`), rows holding NaN, infinities or values whose
         squares need rescaling take the one-row path.
 
         Example:
@@ -223,31 +254,41 @@ class Sketch:
         if n == 0:
             return sketches
         values = rows.float() if rows.dtype == torch.bfloat16 else rows
-        totals = values.sum(1)
-        lo, hi = torch.aminmax(values, dim=1)
-        largest = torch.maximum(-lo, hi)
-        plain = torch.isfinite(totals) & (((largest >= _TINY) & (largest <= _HUGE)) | (largest == 0))
-        sumsq = values.square().sum(1)
-        fast = plain.tolist()
-        totals_, sumsq_, lo_, hi_ = totals.tolist(), sumsq.tolist(), lo.tolist(), hi.tolist()
-        if with_histogram:
+        if kernels.available():  # every row's sums as its own add() gives them; non-finite values included
+            for s, sums in zip(sketches, kernels.row_sums(values)):
+                s._add_sums(sums)
+            fast = [True] * k
+            counted = torch.isfinite(values) & (values != 0)
+        else:
+            totals = values.sum(1)
+            lo, hi = torch.aminmax(values, dim=1)
+            largest = torch.maximum(-lo, hi)
+            plain = torch.isfinite(totals) & (((largest >= _TINY) & (largest <= _HUGE)) | (largest == 0))
+            sumsq = values.square().sum(1)
+            fast = plain.tolist()
+            totals_, sumsq_, lo_, hi_ = totals.tolist(), sumsq.tolist(), lo.tolist(), hi.tolist()
             nonzero = values != 0
             zeros = (n - nonzero.sum(1)).tolist()
+            counted = nonzero & plain[:, None]
+            for i, s in enumerate(sketches):
+                if fast[i]:
+                    s.count, s.total, s.sumsq, s.min, s.max = n, totals_[i], sumsq_[i], lo_[i], hi_[i]
+                    if with_histogram:
+                        s.zeros = zeros[i]
+        if with_histogram:
             keys = (torch.arange(k, dtype=torch.int64)[:, None] << 16) | bucket_ids(rows).to(torch.int64)
-            keys, counts = np.unique(keys[nonzero & plain[:, None]].numpy(), return_counts=True)
+            keys, counts = np.unique(keys[counted].numpy(), return_counts=True)
             ends = np.searchsorted(keys >> 16, np.arange(k), side="right").tolist()
             ids = keys & 0xFFFF
-        begin = 0
+            begin = 0
+            for i, s in enumerate(sketches):
+                if fast[i]:
+                    s._buckets, s._counts = ids[begin : ends[i]], counts[begin : ends[i]]
+                begin = ends[i]
         for i, s in enumerate(sketches):
             if not fast[i]:  # its values were left out of the keys above
                 s._add_chunk(rows[i])
                 s.compact()
-                continue
-            s.count, s.total, s.sumsq, s.min, s.max = n, totals_[i], sumsq_[i], lo_[i], hi_[i]
-            if with_histogram:
-                s.zeros = zeros[i]
-                s._buckets, s._counts = ids[begin : ends[i]], counts[begin : ends[i]]
-                begin = ends[i]
         return sketches
 
     # ---------------------------------------------------------------- merging
@@ -493,6 +534,15 @@ class _Histogram:
 
 
 _EMPTY = np.zeros(0, np.int64)
+
+
+def _sparse_counts(flat: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Bucket ids (sorted) and counts of the finite non-zero values of a float32 or bfloat16 tensor."""
+    bits = (flat.float() if flat.dtype == torch.bfloat16 else flat).view(torch.int32).numpy()
+    magnitude = bits & 0x7FFFFFFF
+    ids = (bits[(magnitude != 0) & (magnitude < 0x7F800000)] >> 16) & 0xFFFF
+    buckets, counts = np.unique(ids, return_counts=True)
+    return buckets.astype(np.int64), counts.astype(np.int64)
 
 
 def _add_sparse(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:

@@ -1,0 +1,19 @@
+"""Only the optional compiled loops live here; everything else is in pyproject.toml.
+
+``ostate/analysis/_kernels.c`` is built when a C compiler is present. When it cannot be
+built (``optional=True``) the install still succeeds and ostate computes the same
+statistics with torch ops (ostate.analysis.kernels).
+"""
+
+from setuptools import Extension, setup
+
+setup(
+    ext_modules=[
+        Extension(
+            "ostate.analysis._kernels",
+            sources=["ostate/analysis/_kernels.c"],
+            extra_compile_args=["-O3"] if not __import__("sys").platform.startswith("win") else ["/O2"],
+            optional=True,
+        )
+    ]
+)
