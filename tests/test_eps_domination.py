@@ -19,6 +19,9 @@ import ostate
 from tests.conftest import Net, train
 from tests.families import Big, Embedder
 
+# Every test here runs with the compiled loops and with the torch ops (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("arithmetic")
+
 EPS = 3e-3
 
 

@@ -17,6 +17,9 @@ from ostate.analysis.compress import SharedSecondMoment
 from ostate.analysis.quantize import BlockwiseError
 from tests.conftest import Net, run_cli, saved, train
 
+# Every test here runs with the compiled loops and with the torch ops (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("arithmetic")
+
 
 class TinyAttention(nn.Module):
     """Embedding, one attention block with q/k/v projections, a LayerNorm and a head."""

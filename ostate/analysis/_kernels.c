@@ -312,6 +312,99 @@ OSTATE_EXPORT int ostate_q8_blocks(const float *x, int64_t blocks, int64_t lengt
     return 0;
 }
 
+/* How many of v[0..n) are <= threshold (NaN is not). */
+OSTATE_CLONES
+OSTATE_EXPORT int64_t ostate_count_at_most(const float *v, int64_t n, float threshold) {
+    v8i hits = {0};
+    v8f limit;
+    for (int j = 0; j < 8; j++)
+        limit[j] = threshold;
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        v8f x;
+        memcpy(&x, v + i, sizeof x);
+        hits -= x <= limit;
+    }
+    int64_t count = 0;
+    for (int j = 0; j < 8; j++)
+        count += hits[j];
+    for (; i < n; i++)
+        count += v[i] <= threshold;
+    return count;
+}
+
+/* For one row: sums of n2 = (n * n_scale)^2, w = n2 * d and w * d with d = inv - ref,
+ * each term in float32, the sums in float64 (eight lanes). */
+OSTATE_CLONES
+static void weighted_row(const float *n, const float *inv, int64_t length, float n_scale, float ref, double out[3]) {
+    v4d a0 = {0, 0, 0, 0}, a1 = {0, 0, 0, 0}, b0 = {0, 0, 0, 0}, b1 = {0, 0, 0, 0}, c0 = {0, 0, 0, 0},
+        c1 = {0, 0, 0, 0};
+    v8f scale, reference;
+    for (int j = 0; j < 8; j++) {
+        scale[j] = n_scale;
+        reference[j] = ref;
+    }
+    int64_t i = 0;
+    for (; i + 8 <= length; i += 8) {
+        v8f x, y;
+        memcpy(&x, n + i, sizeof x);
+        memcpy(&y, inv + i, sizeof y);
+        x *= scale;
+        v8f n2 = x * x, d = y - reference;
+        v8f w = n2 * d, w2 = w * d;
+        a0 += __builtin_convertvector(__builtin_shufflevector(n2, n2, 0, 1, 2, 3), v4d);
+        a1 += __builtin_convertvector(__builtin_shufflevector(n2, n2, 4, 5, 6, 7), v4d);
+        b0 += __builtin_convertvector(__builtin_shufflevector(w, w, 0, 1, 2, 3), v4d);
+        b1 += __builtin_convertvector(__builtin_shufflevector(w, w, 4, 5, 6, 7), v4d);
+        c0 += __builtin_convertvector(__builtin_shufflevector(w2, w2, 0, 1, 2, 3), v4d);
+        c1 += __builtin_convertvector(__builtin_shufflevector(w2, w2, 4, 5, 6, 7), v4d);
+    }
+    double squares = 0.0, first = 0.0, second = 0.0;
+    for (int j = 0; j < 4; j++) {
+        squares += a0[j] + a1[j];
+        first += b0[j] + b1[j];
+        second += c0[j] + c1[j];
+    }
+    for (; i < length; i++) {
+        float x = n[i] * n_scale;
+        float n2 = x * x, d = inv[i] - ref;
+        float w = n2 * d;
+        squares += n2;
+        first += w;
+        second += w * d;
+    }
+    out[0] = squares;
+    out[1] = first;
+    out[2] = second;
+}
+
+/* Adam-mini's per-row sums (ostate.analysis.compress.SharedSecondMoment) of `rows` rows of
+ * `length` values: s the second moment (s_hat = s * s_scale), n the numerator scaled by
+ * n_scales[r], inv the inverse denominator (a = inv * i_scale). Adds to each row r:
+ * moment[r] += sum s_hat; if reference[r] is NaN it becomes 1 / (sqrt(max(mean s_hat, 0)) + eps)
+ * (NaN stays NaN); squares[r] += sum n2; first[r] += sum n2 (a - ref) and
+ * second[r] += sum n2 (a - ref)^2, with a - ref = i_scale * (inv - (float)(ref / i_scale)). */
+OSTATE_EXPORT void ostate_shared_rows(const float *s, const float *n, const float *inv, int64_t rows, int64_t length,
+                                      double s_scale, double eps, const float *n_scales, double i_scale,
+                                      double *reference, double *moment, double *squares, double *first,
+                                      double *second) {
+    for (int64_t r = 0; r < rows; r++) {
+        double moment_sum = lane_sum(s + r * length, length) * s_scale;
+        moment[r] += moment_sum;
+        if (isnan(reference[r])) {
+            double mean = moment_sum / (double)length;
+            if (!(mean > 0.0) && !isnan(mean))
+                mean = 0.0;
+            reference[r] = 1.0 / (sqrt(mean) + eps);
+        }
+        double sums[3];
+        weighted_row(n + r * length, inv + r * length, length, n_scales[r], (float)(reference[r] / i_scale), sums);
+        squares[r] += sums[0];
+        first[r] += sums[1] * i_scale;
+        second[r] += sums[2] * (i_scale * i_scale);
+    }
+}
+
 /* A module Python can import, so setuptools builds and installs this file like any
  * extension; its functions are reached through ctypes. */
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernels", "ostate's compiled loops (used via ctypes).", -1,

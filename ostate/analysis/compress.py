@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ostate.analysis import kernels
 from ostate.optimizers.family import Preconditioned
 
 
@@ -99,6 +100,13 @@ class SharedSecondMoment:
         # Sums are kept in true units: s_hat = s * s_scale, a = i * i_scale (i: the family's tensor).
         s_scale, i_scale = chunk.second_moment_scale, chunk.inverse_denominator_scale
         rows = slice(row, row + count)
+        if kernels.available():
+            kernels.shared_rows(chunk.second_moment[piece], chunk.numerator[piece], chunk.inverse_denominator[piece],
+                                np.full(count, self.numerator_scale or 1.0, np.float32), s_scale=s_scale,
+                                eps=self.eps, i_scale=i_scale, reference=self.reference[rows],
+                                moment=self.second_moment[rows], squares=self.squares[rows], first=self.first[rows],
+                                second=self.second[rows])
+            return
         moment_sums = chunk.second_moment[piece].reshape(count, -1).sum(1).double().numpy() * s_scale
         self.second_moment[rows] += moment_sums
         reference = self.reference[rows]
@@ -162,19 +170,28 @@ def shared_sums_of(count: int, shape: tuple[int, ...], chunk: Preconditioned) ->
     one = SharedSecondMoment.for_shape(shape)
     rows, length, eps = one.rows, one.row_length, chunk.eps
     s_scale, i_scale = chunk.second_moment_scale, chunk.inverse_denominator_scale
-    moment_sums = chunk.second_moment.reshape(count * rows, -1).sum(1).double().numpy() * s_scale
-    mean = moment_sums / (rows * length) * rows
-    reference = 1.0 / (np.sqrt(np.maximum(mean, 0.0)) + eps)
     numerator = chunk.numerator.reshape(count, -1).float()
     largest = numerator.abs().amax(1).double().numpy()
     usable = (largest > 0) & np.isfinite(largest)
     scale = np.where(usable, np.ldexp(1.0, -np.frexp(np.where(usable, largest, 1.0))[1]), 1.0)
-    n2 = numerator.mul(torch.from_numpy(scale).float()[:, None]).square_().reshape(count * rows, -1)
-    deviation = chunk.inverse_denominator.reshape(count * rows, -1) - torch.from_numpy(reference / i_scale).float()[:, None]
-    weighted = n2 * deviation
-    squares = n2.sum(1).double().numpy().reshape(count, rows)
-    first = (weighted.sum(1).double().numpy() * i_scale).reshape(count, rows)
-    second = (weighted.mul_(deviation).sum(1).double().numpy() * (i_scale * i_scale)).reshape(count, rows)
+    if kernels.available():  # what SharedSecondMoment.add computes for each tensor, in one call
+        moment_sums, squares, first, second = (np.zeros(count * rows) for _ in range(4))
+        reference = np.full(count * rows, np.nan)
+        kernels.shared_rows(chunk.second_moment, numerator, chunk.inverse_denominator,
+                            np.repeat(scale, rows).astype(np.float32), s_scale=s_scale, eps=eps, i_scale=i_scale,
+                            reference=reference, moment=moment_sums, squares=squares, first=first, second=second)
+        squares, first, second = (a.reshape(count, rows) for a in (squares, first, second))
+    else:
+        moment_sums = chunk.second_moment.reshape(count * rows, -1).sum(1).double().numpy() * s_scale
+        mean = moment_sums / (rows * length) * rows
+        reference = 1.0 / (np.sqrt(np.maximum(mean, 0.0)) + eps)
+        n2 = numerator.mul(torch.from_numpy(scale).float()[:, None]).square_().reshape(count * rows, -1)
+        deviation = chunk.inverse_denominator.reshape(count * rows, -1) - torch.from_numpy(
+            reference / i_scale).float()[:, None]
+        weighted = n2 * deviation
+        squares = n2.sum(1).double().numpy().reshape(count, rows)
+        first = (weighted.sum(1).double().numpy() * i_scale).reshape(count, rows)
+        second = (weighted.mul_(deviation).sum(1).double().numpy() * (i_scale * i_scale)).reshape(count, rows)
     reference = reference.reshape(count, rows)
     moment_sums = moment_sums.reshape(count, rows)
 

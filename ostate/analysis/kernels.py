@@ -70,6 +70,11 @@ def _load() -> ctypes.CDLL | None:
     lib.ostate_sketch_rows_f32.restype = None
     lib.ostate_q8_blocks.argtypes = [pointer, i64, i64, ctypes.c_int, pointer, pointer, pointer, pointer, f64p]
     lib.ostate_q8_blocks.restype = ctypes.c_int
+    lib.ostate_count_at_most.argtypes = [pointer, i64, ctypes.c_float]
+    lib.ostate_count_at_most.restype = ctypes.c_int64
+    f64 = ctypes.c_double
+    lib.ostate_shared_rows.argtypes = [pointer, pointer, pointer, i64, i64, f64, f64, pointer, f64] + [pointer] * 5
+    lib.ostate_shared_rows.restype = None
     return lib
 
 
@@ -123,3 +128,29 @@ def q8_blocks(blocks: torch.Tensor, signed: bool, lo: torch.Tensor, hi: torch.Te
     _LIB.ostate_q8_blocks(flat.data_ptr(), count, length, int(signed), lo.data_ptr(), hi.data_ptr(), None, None,
                           totals)
     return totals[0], totals[1]
+
+
+def count_at_most(values: torch.Tensor, threshold: float) -> int:
+    """How many of ``values`` are ``<= threshold`` (compared in float32; NaN never is)."""
+    flat = _float32(values)
+    return int(_LIB.ostate_count_at_most(flat.data_ptr(), flat.numel(), threshold))
+
+
+def shared_rows(second_moment: torch.Tensor, numerator: torch.Tensor, inverse: torch.Tensor, n_scales: np.ndarray,
+                *, s_scale: float, eps: float, i_scale: float, reference: np.ndarray, moment: np.ndarray,
+                squares: np.ndarray, first: np.ndarray, second: np.ndarray) -> None:
+    """Add Adam-mini's per-row sums of ``rows`` rows (the tensors viewed as ``rows x length``) to the
+    float64 arrays ``moment``, ``squares``, ``first``, ``second`` and fill the NaN entries of
+    ``reference`` (see :class:`ostate.analysis.compress.SharedSecondMoment`). ``n_scales``: a
+    float32 factor per row for the numerator."""
+    rows = len(reference)
+    s, n, inv = _float32(second_moment), _float32(numerator), _float32(inverse)
+    length = s.numel() // rows if rows else 0
+    if not (s.numel() == n.numel() == inv.numel() == rows * length and len(n_scales) == rows):
+        raise ValueError("second moment, numerator, inverse denominator and row arrays disagree in size")
+    arrays = (reference, moment, squares, first, second)
+    if any(a.dtype != np.float64 or len(a) != rows or not a.flags.c_contiguous for a in arrays):
+        raise ValueError(f"row arrays must be {rows} contiguous float64 values")
+    scales = np.ascontiguousarray(n_scales, np.float32)
+    _LIB.ostate_shared_rows(s.data_ptr(), n.data_ptr(), inv.data_ptr(), rows, length, s_scale, eps,
+                            scales.ctypes.data, i_scale, *(a.ctypes.data for a in arrays))

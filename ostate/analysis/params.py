@@ -20,6 +20,7 @@ from typing import Any, Mapping
 
 import torch
 
+from ostate.analysis import kernels
 from ostate.analysis.compress import SharedSecondMoment
 from ostate.analysis.columns import derived_columns, sketch_columns
 from ostate.analysis.heads import HeadLayout
@@ -201,7 +202,7 @@ def _stream(
             if shared is not None:
                 pre = family.preconditioned(chunk, group, param, quantities)
                 # sqrt(s_hat) <= eps, with s_hat = second_moment * scale
-                eps_dominated += int(torch.count_nonzero(pre.second_moment <= pre.eps**2 / pre.second_moment_scale))
+                eps_dominated += _count_at_most(pre.second_moment, pre.eps**2 / pre.second_moment_scale)
                 if pre.numerator is not None:  # a gradient numerator (Adagrad, RMSprop) is not in the state
                     shared.add(start, pre)
                     compressible = True
@@ -231,6 +232,13 @@ def _stream(
     if "weight" in sketches and "update" in sketches:
         sums["ratio_update_sq"] = sketches["update"].sumsq
         sums["ratio_weight_sq"] = sketches["weight"].sumsq
+
+
+def _count_at_most(values: torch.Tensor, threshold: float) -> int:
+    """How many of ``values`` are ``<= threshold`` (the threshold rounded to the values' float32 first)."""
+    if kernels.available() and values.dtype == torch.float32:
+        return kernels.count_at_most(values, threshold)
+    return int(torch.count_nonzero(values <= threshold))
 
 
 def _nonfinite_coordinates(tensors) -> int:

@@ -109,7 +109,7 @@ def _snr_from_root(exp_avg_abs: torch.Tensor, root: torch.Tensor, *, beta1: floa
                    step: float) -> torch.Tensor:
     scale = _divide((1 - beta2**step) ** 0.5, 1 - beta1**step)
     snr = torch.div(exp_avg_abs, root).mul_(scale)
-    if not bool(root.all()):  # coordinates that never had a gradient: 0, not 0/0
+    if _may_hold_zero(root):  # coordinates that never had a gradient: 0, not 0/0
         snr.masked_fill_(root == 0, 0.0)
     return snr
 
@@ -134,6 +134,11 @@ def _momentum_update_from_root(exp_avg: torch.Tensor, next_root: torch.Tensor, *
     t = step + 1
     denom = torch.mul(next_root, root_scale / (1 - beta2**t) ** 0.5).add_(eps)
     return torch.div(exp_avg, denom, out=denom).mul_(-lr * beta1 / (1 - beta1**t))
+
+
+def _may_hold_zero(root: torch.Tensor) -> bool:
+    """Whether a tensor of square roots (>= 0, or NaN) may hold a zero: one min() instead of a pass through bool."""
+    return root.numel() > 0 and not float(root.min()) > 0
 
 
 def _divide(a: float, b: float) -> float:
@@ -175,7 +180,7 @@ def amsgrad_ratio(max_root: torch.Tensor, root: torch.Tensor) -> torch.Tensor:
         [2.0, 1.0, inf]
     """
     ratio = torch.div(max_root, root)
-    if not bool(root.all()):
+    if _may_hold_zero(root):
         ratio.masked_fill_((root == 0) & (max_root == 0), 1.0)
     return ratio
 
