@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import json
 import subprocess
 import sys
 import tomllib
@@ -46,3 +47,28 @@ def test_a_command_imports_only_its_own_module_so_inspect_starts_without_matplot
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split("\n")[:2] == ["[]", "True"]
+
+
+def test_the_program_loses_no_output_keeps_exit_codes_and_runs_atexit_when_it_skips_the_teardown(adamw_checkpoint, tmp_path):
+    path = adamw_checkpoint[0]
+    """`ostate` leaves with os._exit after the command (ostate_cli.main.run): nothing may be lost."""
+    program = [sys.executable, "-m", "ostate_cli.main"]
+    piped = subprocess.run([*program, "inspect", str(path), "--format", "json"], capture_output=True,
+                           text=True, timeout=300)
+    assert piped.returncode == 0, piped.stderr[-2000:]
+    assert json.loads(piped.stdout)["optimizers"][0]["params"]  # the whole document arrived through the pipe
+    into_file = tmp_path / "report.json"  # a file is block-buffered: the last block needs the flush
+    with into_file.open("w") as out:
+        done = subprocess.run([*program, "inspect", str(path), "--format", "json"], stdout=out,
+                              timeout=300)
+    assert done.returncode == 0 and json.loads(into_file.read_text()) == json.loads(piped.stdout)
+    bad = subprocess.run([*program, "inspect", str(tmp_path / "missing.pt")], capture_output=True, text=True,
+                         timeout=300)
+    assert bad.returncode == 2 and bad.stderr.startswith("ostate: error:")
+    probe = ("import atexit, sys\n"
+             "from ostate_cli import main\n"
+             "atexit.register(lambda: print('atexit ran', file=sys.stderr))\n"
+             "sys.argv = ['ostate', '--version']\n"
+             "main.run()\n")
+    handled = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert handled.returncode == 0 and "ostate" in handled.stdout and "atexit ran" in handled.stderr

@@ -87,7 +87,10 @@ def available() -> bool:
 
 
 def _float32(values: torch.Tensor) -> torch.Tensor:
+    """The values as one contiguous float32 run in CPU memory (the C code reads the pointer)."""
     flat = values.reshape(-1)
+    if flat.device.type != "cpu":  # e.g. a live optimizer's state given to ostate.from_state_dict
+        flat = flat.cpu()
     if flat.dtype != torch.float32:
         flat = flat.float()
     return flat if flat.is_contiguous() else flat.contiguous()
