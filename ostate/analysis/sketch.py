@@ -15,7 +15,9 @@ buckets of width ``2**-133`` (9.2e-41), so their quantiles are exact to an absol
 error of ``2**-134``. bfloat16 tensors land in their own value's bucket; float64
 tensors are rounded to float32 first. Exact zeros, NaNs and infinities are counted
 apart from the histogram; count, mean, RMS, min, max and the quantiles cover the
-finite values only.
+finite values only. Sums are float64 when ostate's compiled loops are built
+(:mod:`ostate.analysis.kernels`), float32 per piece of :data:`CHUNK` values otherwise;
+everything else is the same either way.
 
 Example:
     >>> s = Sketch()
