@@ -73,12 +73,14 @@ def run() -> None:
         else:  # click never does this, but sys.exit("message") prints the message and means 1
             print(done.code, file=sys.stderr)
             code = 1
+    atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
-        except (OSError, ValueError):  # a reader that went away (`| head`), or a closed stream
+        except (BrokenPipeError, ValueError):  # a reader that went away (`| head`), or a closed stream
             pass
-    atexit._run_exitfuncs()
+        except OSError:  # output lost (a full disk): as Python's own exit does, say so with 120
+            code = code or 120
     os._exit(code)
 
 

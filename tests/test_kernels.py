@@ -6,8 +6,12 @@ same both ways; sums may differ by rounding only (float64 against float32 per ch
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import shutil
+import subprocess
+import sysconfig
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -134,3 +138,33 @@ def test_blocks_longer_than_bitsandbytes_block_are_refused():
     lo, hi = torch.zeros(1 << 16), torch.zeros(1 << 16)
     with pytest.raises(ValueError, match="at most 256"):
         kernels.q8_blocks(torch.zeros(2, 512), True, lo, hi, per_block=True)
+
+
+@pytest.mark.parametrize("values", [[0.0, -0.0], [-0.0, 0.0], [-0.0, 0.0, math.nan], [-0.0]])
+def test_a_zero_extreme_is_positive_zero_whichever_zero_comes_first(values, arithmetic):
+    s = Sketch()
+    s.add(torch.tensor(values))
+    assert math.copysign(1.0, s.min) == math.copysign(1.0, s.max) == 1.0
+    [row] = Sketch.of_rows(torch.tensor([values]))
+    assert math.copysign(1.0, row.min) == math.copysign(1.0, row.max) == 1.0
+
+
+def test_a_library_built_from_another_version_of_the_c_file_is_not_used(monkeypatch):
+    monkeypatch.setattr(kernels, "ABI", kernels.ABI + 1)
+    assert kernels._load() is None
+    # A shared library without ostate's functions at all (a stale build from before one was added).
+    other = importlib.util.find_spec("numpy._core._multiarray_umath") or importlib.util.find_spec(
+        "numpy.core._multiarray_umath")
+    monkeypatch.setattr(kernels.importlib.util, "find_spec", lambda name: other)
+    monkeypatch.setattr(kernels, "ABI", kernels.ABI - 1)
+    assert kernels._load() is None
+
+
+def test_the_c_file_refuses_to_build_under_fast_math(tmp_path):
+    cc = next((c for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
+    if cc is None:
+        pytest.skip("no C compiler here")
+    source = Path(kernels.__file__).with_name("_kernels.c")
+    done = subprocess.run([cc, "-O2", "-ffast-math", "-fsyntax-only", f"-I{sysconfig.get_paths()['include']}",
+                           str(source)], capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "IEEE" in done.stderr

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import subprocess
 import sys
 import tomllib
@@ -57,7 +58,7 @@ def test_the_program_loses_no_output_keeps_exit_codes_and_runs_atexit_when_it_sk
                            text=True, timeout=300)
     assert piped.returncode == 0, piped.stderr[-2000:]
     assert json.loads(piped.stdout)["optimizers"][0]["params"]  # the whole document arrived through the pipe
-    into_file = tmp_path / "report.json"  # a file is block-buffered: the last block needs the flush
+    into_file = tmp_path / "report.json"
     with into_file.open("w") as out:
         done = subprocess.run([*program, "inspect", str(path), "--format", "json"], stdout=out,
                               timeout=300)
@@ -65,10 +66,12 @@ def test_the_program_loses_no_output_keeps_exit_codes_and_runs_atexit_when_it_sk
     bad = subprocess.run([*program, "inspect", str(tmp_path / "missing.pt")], capture_output=True, text=True,
                          timeout=300)
     assert bad.returncode == 2 and bad.stderr.startswith("ostate: error:")
+    # An atexit handler runs, and what it writes to a block-buffered stdout still arrives.
     probe = ("import atexit, sys\n"
              "from ostate_cli import main\n"
-             "atexit.register(lambda: print('atexit ran', file=sys.stderr))\n"
+             "atexit.register(lambda: sys.stdout.write('atexit ran\\n'))\n"
              "sys.argv = ['ostate', '--version']\n"
              "main.run()\n")
-    handled = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
-    assert handled.returncode == 0 and "ostate" in handled.stdout and "atexit ran" in handled.stderr
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    handled = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, env=env)
+    assert handled.returncode == 0 and "ostate" in handled.stdout and handled.stdout.endswith("atexit ran\n")

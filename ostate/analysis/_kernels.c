@@ -21,9 +21,19 @@
 #include <string.h>
 #include <math.h>
 
+/* NaN and infinities are counted, so IEEE semantics are required: refuse to build under
+ * -ffast-math or -ffinite-math-only (in CFLAGS) rather than miscount silently. */
+#if defined(__FAST_MATH__) || (defined(__FINITE_MATH_ONLY__) && __FINITE_MATH_ONLY__)
+#error "ostate's compiled loops need IEEE NaN and infinity semantics: build without -ffast-math"
+#endif
+
+/* Bumped whenever a function's signature or meaning changes: ostate.analysis.kernels refuses
+ * a library built from another version of this file (a stale in-place build). */
+#define OSTATE_KERNELS_ABI 1
+
 /* Two builds of the vectorised loops where GCC can pick one at load time (AVX2 or
  * baseline x86-64); a single portable build elsewhere. */
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && defined(__GLIBC__)
 #define OSTATE_CLONES __attribute__((target_clones("avx2", "default")))
 #else
 #define OSTATE_CLONES
@@ -178,9 +188,11 @@ OSTATE_EXPORT void ostate_sketch_f32(const float *v, int64_t n, int64_t *hist, o
         return;
     }
     if (hist) {
-        const uint32_t *bits = (const uint32_t *)v;
-        for (int64_t i = 0; i < n; i++)
-            hist[bits[i] >> 16]++;
+        for (int64_t i = 0; i < n; i++) {
+            uint32_t bits;
+            memcpy(&bits, v + i, sizeof bits);
+            hist[bits >> 16]++;
+        }
         hist[0] -= s.plus_zeros;
         hist[0x8000] -= s.minus_zeros;
     }
@@ -352,12 +364,12 @@ static void weighted_row(const float *n, const float *inv, int64_t length, float
         x *= scale;
         v8f n2 = x * x, d = y - reference;
         v8f w = n2 * d, w2 = w * d;
-        a0 += __builtin_convertvector(__builtin_shufflevector(n2, n2, 0, 1, 2, 3), v4d);
-        a1 += __builtin_convertvector(__builtin_shufflevector(n2, n2, 4, 5, 6, 7), v4d);
-        b0 += __builtin_convertvector(__builtin_shufflevector(w, w, 0, 1, 2, 3), v4d);
-        b1 += __builtin_convertvector(__builtin_shufflevector(w, w, 4, 5, 6, 7), v4d);
-        c0 += __builtin_convertvector(__builtin_shufflevector(w2, w2, 0, 1, 2, 3), v4d);
-        c1 += __builtin_convertvector(__builtin_shufflevector(w2, w2, 4, 5, 6, 7), v4d);
+        a0 += __builtin_convertvector((v4f){n2[0], n2[1], n2[2], n2[3]}, v4d);
+        a1 += __builtin_convertvector((v4f){n2[4], n2[5], n2[6], n2[7]}, v4d);
+        b0 += __builtin_convertvector((v4f){w[0], w[1], w[2], w[3]}, v4d);
+        b1 += __builtin_convertvector((v4f){w[4], w[5], w[6], w[7]}, v4d);
+        c0 += __builtin_convertvector((v4f){w2[0], w2[1], w2[2], w2[3]}, v4d);
+        c1 += __builtin_convertvector((v4f){w2[4], w2[5], w2[6], w2[7]}, v4d);
     }
     double squares = 0.0, first = 0.0, second = 0.0;
     for (int j = 0; j < 4; j++) {
@@ -404,6 +416,9 @@ OSTATE_EXPORT void ostate_shared_rows(const float *s, const float *n, const floa
         second[r] += sums[2] * (i_scale * i_scale);
     }
 }
+
+/* The version of these functions' signatures and meanings (OSTATE_KERNELS_ABI). */
+OSTATE_EXPORT int ostate_kernels_abi(void) { return OSTATE_KERNELS_ABI; }
 
 /* A module Python can import, so setuptools builds and installs this file like any
  * extension; its functions are reached through ctypes. */

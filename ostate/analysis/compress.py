@@ -81,7 +81,8 @@ class SharedSecondMoment:
         if self.numerator_scale is None:
             largest = float(chunk.numerator.abs().max()) if chunk.numerator.numel() else 0.0
             if largest > 0 and math.isfinite(largest):
-                self.numerator_scale = math.ldexp(1.0, -math.frexp(largest)[1])
+                # At most 2**127, which float32 holds (a numerator below 2**-128 is scaled less).
+                self.numerator_scale = math.ldexp(1.0, min(-math.frexp(largest)[1], 127))
         length = chunk.second_moment.numel()
         offset = 0
         while offset < length:  # a partial first row, whole rows, a partial last row
@@ -173,7 +174,7 @@ def shared_sums_of(count: int, shape: tuple[int, ...], chunk: Preconditioned) ->
     numerator = chunk.numerator.reshape(count, -1).float()
     largest = numerator.abs().amax(1).double().numpy()
     usable = (largest > 0) & np.isfinite(largest)
-    scale = np.where(usable, np.ldexp(1.0, -np.frexp(np.where(usable, largest, 1.0))[1]), 1.0)
+    scale = np.where(usable, np.ldexp(1.0, np.minimum(-np.frexp(np.where(usable, largest, 1.0))[1], 127)), 1.0)
     if kernels.available():  # what SharedSecondMoment.add computes for each tensor, in one call
         moment_sums, squares, first, second = (np.zeros(count * rows) for _ in range(4))
         reference = np.full(count * rows, np.nan)

@@ -33,6 +33,10 @@ import numpy as np
 import torch
 
 
+# The OSTATE_KERNELS_ABI this module is written for (ostate/analysis/_kernels.c).
+ABI = 1
+
+
 class SketchSums(ctypes.Structure):
     """What ``ostate_sketch_f32`` adds to (the C struct ``ostate_sketch_sums``)."""
 
@@ -61,7 +65,9 @@ def _load() -> ctypes.CDLL | None:
         return None
     try:
         lib = ctypes.CDLL(spec.origin)
-    except OSError:
+        if lib.ostate_kernels_abi() != ABI:  # built from another version of _kernels.c
+            return None
+    except (OSError, AttributeError):  # unloadable, or a stale build without some function
         return None
     pointer, i64, f64p = ctypes.c_void_p, ctypes.c_int64, ctypes.POINTER(ctypes.c_double)
     lib.ostate_sketch_f32.argtypes = [pointer, i64, pointer, ctypes.POINTER(SketchSums)]

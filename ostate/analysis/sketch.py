@@ -151,8 +151,8 @@ class Sketch:
         self.nan, self.posinf, self.neginf = self.nan + sums.nan, self.posinf + sums.posinf, self.neginf + sums.neginf
         self.total += sums.total
         self.sumsq += sums.sumsq
-        self.min = min(self.min, sums.min)
-        self.max = max(self.max, sums.max)
+        self.min = min(self.min, sums.min + 0.0)  # + 0.0: a zero extreme is +0.0 whichever zero came first
+        self.max = max(self.max, sums.max + 0.0)
 
     def add_constant(self, value: float, n: int) -> None:
         """Add ``n`` copies of ``value`` without building a tensor."""
@@ -194,8 +194,8 @@ class Sketch:
         self.count += n
         self.total += total
         self.sumsq += sumsq
-        self.min = min(self.min, lo)
-        self.max = max(self.max, hi)
+        self.min = min(self.min, lo + 0.0)
+        self.max = max(self.max, hi + 0.0)
 
     def _add_nonfinite_chunk(self, values: torch.Tensor, histogram: "_Histogram | None") -> None:
         nan = int(torch.isnan(values).sum())
@@ -215,8 +215,8 @@ class Sketch:
         self.count += finite.numel()
         self.total += float(wide.sum())
         self.sumsq += float(wide.square().sum())
-        self.min = min(self.min, float(lo))
-        self.max = max(self.max, float(hi))
+        self.min = min(self.min, float(lo) + 0.0)
+        self.max = max(self.max, float(hi) + 0.0)
 
     def _accumulate(self, histogram: "_Histogram") -> None:
         if histogram.dense is None:
@@ -274,7 +274,7 @@ class Sketch:
             counted = nonzero & plain[:, None]
             for i, s in enumerate(sketches):
                 if fast[i]:
-                    s.count, s.total, s.sumsq, s.min, s.max = n, totals_[i], sumsq_[i], lo_[i], hi_[i]
+                    s.count, s.total, s.sumsq, s.min, s.max = n, totals_[i], sumsq_[i], lo_[i] + 0.0, hi_[i] + 0.0
                     if with_histogram:
                         s.zeros = zeros[i]
         if with_histogram:
