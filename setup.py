@@ -5,6 +5,8 @@ built (``optional=True``) the install still succeeds and ostate computes the sam
 statistics with torch ops (ostate.analysis.kernels).
 """
 
+import sys
+
 from setuptools import Extension, setup
 
 setup(
@@ -12,7 +14,7 @@ setup(
         Extension(
             "ostate.analysis._kernels",
             sources=["ostate/analysis/_kernels.c"],
-            extra_compile_args=["-O3"] if not __import__("sys").platform.startswith("win") else ["/O2"],
+            extra_compile_args=["/O2"] if sys.platform.startswith("win") else ["-O3"],
             optional=True,
         )
     ]

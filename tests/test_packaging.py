@@ -50,9 +50,9 @@ def test_a_command_imports_only_its_own_module_so_inspect_starts_without_matplot
     assert done.stdout.split("\n")[:2] == ["[]", "True"]
 
 
-def test_the_program_loses_no_output_keeps_exit_codes_and_runs_atexit_when_it_skips_the_teardown(adamw_checkpoint, tmp_path):
-    path = adamw_checkpoint[0]
+def test_the_program_skips_the_teardown_but_loses_no_output_exit_code_or_atexit_handler(adamw_checkpoint, tmp_path):
     """`ostate` leaves with os._exit after the command (ostate_cli.main.run): nothing may be lost."""
+    path = adamw_checkpoint[0]
     program = [sys.executable, "-m", "ostate_cli.main"]
     piped = subprocess.run([*program, "inspect", str(path), "--format", "json"], capture_output=True,
                            text=True, timeout=300)

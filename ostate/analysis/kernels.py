@@ -126,17 +126,14 @@ def q8_blocks(blocks: torch.Tensor, signed: bool, lo: torch.Tensor, hi: torch.Te
     summed (two floats), each block's squared error and squared norm in true units."""
     flat = _float32(blocks)
     count, length = blocks.shape
-    if length > 256:
-        raise ValueError(f"blocks of at most 256 values, got {length}")
-    if per_block:
-        err, norm = np.empty(count), np.empty(count)
-        _LIB.ostate_q8_blocks(flat.data_ptr(), count, length, int(signed), lo.data_ptr(), hi.data_ptr(),
-                              err.ctypes.data, norm.ctypes.data, None)
-        return err, norm
+    err, norm = (np.empty(count), np.empty(count)) if per_block else (None, None)
     totals = (ctypes.c_double * 2)(0.0, 0.0)
-    _LIB.ostate_q8_blocks(flat.data_ptr(), count, length, int(signed), lo.data_ptr(), hi.data_ptr(), None, None,
-                          totals)
-    return totals[0], totals[1]
+    refused = _LIB.ostate_q8_blocks(flat.data_ptr(), count, length, int(signed), lo.data_ptr(), hi.data_ptr(),
+                                    None if err is None else err.ctypes.data,
+                                    None if norm is None else norm.ctypes.data, totals)
+    if refused:
+        raise ValueError(f"blocks of at most 256 values, got {length}")
+    return (err, norm) if per_block else (totals[0], totals[1])
 
 
 def count_at_most(values: torch.Tensor, threshold: float) -> int:

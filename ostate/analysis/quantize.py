@@ -15,8 +15,8 @@ The reported figure is the relative L2 error of that round trip over the tensor,
 
 computed in float32 per value (the division :math:`x_i/a_b` as bitsandbytes does it)
 and summed in float64 (by the compiled loop of :mod:`ostate.analysis.kernels`; without
-it, torch sums each block in float32 and the blocks in float64). An all-zero block round-trips exactly. A block holding NaN or
-infinity makes the figure NaN.
+it, torch sums each block in float32 and the blocks in float64). An all-zero block
+round-trips exactly. A block holding NaN or infinity makes the figure NaN.
 
 The nearest code is found without a search: every normalised value's bfloat16
 bucket (the top 16 bits of its float32 pattern, as in :mod:`ostate.analysis.sketch`)

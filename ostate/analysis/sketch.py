@@ -260,7 +260,7 @@ class Sketch:
             for s, sums in zip(sketches, kernels.row_sums(values)):
                 s._add_sums(sums)
             fast = [True] * k
-            counted = torch.isfinite(values) & (values != 0)
+            counted = torch.isfinite(values) & (values != 0) if with_histogram else None
         else:
             totals = values.sum(1)
             lo, hi = torch.aminmax(values, dim=1)
