@@ -74,7 +74,7 @@ def write_checkpoint_streamed(path: Path, layers: int, width: int, seed: int = 0
     from torch import nn
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from ostate.formats.pages import page_releaser
+    from ostate.formats.files.pages import page_releaser
 
     probe = torch.optim.AdamW([nn.Parameter(torch.zeros(1))], lr=1e-3, weight_decay=0.1)
     group = {k: v for k, v in probe.state_dict()["param_groups"][0].items() if k != "params"}

@@ -1,7 +1,7 @@
 """Fuzz ostate's readers for longer than CI does: mutated real checkpoints of every layout.
 
 The same search as tests/test_fuzz_readers.py (one mutated file per input: truncation,
-bit flips, a zeroed range, an overwritten field, a spliced slice; tests/specimens.py),
+bit flips, a zeroed range, an overwritten field, a spliced slice; tests/helpers/specimens.py),
 with more inputs, each read and analysed in this process under an address-space limit
 and a per-input alarm. Every outcome is counted: ``ok`` (a result), ``error`` (a
 one-line OstateError), and the bugs: ``exception`` (anything else), ``hang`` (past

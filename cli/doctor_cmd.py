@@ -7,9 +7,9 @@ import sys
 import click
 
 import ostate
-from ostate.doctor import FAIL_ON, check_codes, diagnose, exit_code
-from ostate.doctor_output import FORMATS, render
-from ostate.formats.weights import name_unnamed_by, read_model
+from ostate.doctor.checks import FAIL_ON, check_codes, diagnose, exit_code
+from ostate.doctor.output import FORMATS, render
+from ostate.formats.naming.weights import name_unnamed_by, read_model
 from ostate.optimizers import families
 from ostate_cli.common import (
     format_hint_option, handle_errors, progress_enabled, trust_pickle_option, workers_option,

@@ -16,8 +16,8 @@ import sys
 import torch
 from torch import nn
 
-from ostate.compare import compare
-from ostate.compare_output import render
+from ostate.compare.compute import compare
+from ostate.compare.output import render
 from ostate.plots.compare import save_compare_figure
 from ostate.demo import CharMLP, save_atomically, zen_of_python
 

@@ -19,8 +19,8 @@ import torch
 
 import ostate
 from ostate.demo import CharMLP, make_demo_checkpoint, save_atomically
-from ostate.doctor import diagnose, exit_code
-from ostate.reset import reset
+from ostate.doctor.checks import diagnose, exit_code
+from ostate.reset.write import reset
 
 workdir = sys.argv[1] if len(sys.argv) > 1 else "doctor-demo"
 source = make_demo_checkpoint(os.path.join(workdir, "checkpoint.pt"), steps=60)

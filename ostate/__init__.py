@@ -12,8 +12,8 @@ The public surface:
 
 from ostate.analysis import analyze, describe
 from ostate.errors import OstateError
-from ostate.formats import from_state_dict, load
-from ostate.formats.convert import convert
+from ostate.loading import from_state_dict, load
+from ostate.convert import convert
 from ostate.optimizers import effective_lr, next_update
 from ostate.state import Checkpoint, OptimizerState, ParamState, TensorRef
 

@@ -1,96 +1,24 @@
-"""Shared helpers: small real models trained by real torch optimizers, saved with torch.save."""
+"""Fixtures shared by the tests; the helpers they use are in tests/helpers/."""
 
 from __future__ import annotations
 
-import hashlib
-import os
-import subprocess
-import sys
-from dataclasses import dataclass
-from pathlib import Path
-
 import pytest
 import torch
-from torch import nn
 
-REPO = Path(__file__).resolve().parent.parent
-
-
-class Net(nn.Module):
-    """Linear layers, a LayerNorm, a BatchNorm (with buffers) and a head."""
-
-    def __init__(self, width: int = 8):
-        super().__init__()
-        self.inp = nn.Linear(4, width)
-        self.norm = nn.LayerNorm(width)
-        self.bn = nn.BatchNorm1d(width)
-        self.hidden = nn.Linear(width, width)
-        self.head = nn.Linear(width, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.relu(self.hidden(self.bn(self.norm(self.inp(x))))))
+from tests.helpers.common import Net, train
 
 
 @pytest.fixture(params=["compiled", "torch"])
 def arithmetic(request, monkeypatch):
-    """Run a test twice: with the compiled loops (ostate.analysis.kernels) and with the torch ops
+    """Run a test twice: with the compiled loops (ostate.analysis.native.kernels) and with the torch ops
     ostate uses without them."""
-    from ostate.analysis import kernels
+    from ostate.analysis.native import kernels
 
     if request.param == "torch":
         monkeypatch.setattr(kernels, "_LIB", None)
     elif not kernels.available():
         pytest.skip("ostate's compiled loops are not built in this install (no C compiler?)")
     return request.param
-
-
-def train(model: nn.Module, optimizer: torch.optim.Optimizer, steps: int = 3, seed: int = 0) -> None:
-    g = torch.Generator().manual_seed(seed)
-    dtype = next(model.parameters()).dtype
-    for _ in range(steps):
-        x = torch.randn(16, 4, generator=g).to(dtype)
-        loss = model(x).square().mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-
-
-def saved(tmp_path, model: nn.Module, opt: torch.optim.Optimizer, name: str = "ckpt.pt", **extra):
-    """A training checkpoint at ``tmp_path / name``: the model's and optimizer's state dicts, and ``extra``."""
-    path = tmp_path / name
-    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), **extra}, path)
-    return path
-
-
-def sha256(path: str | os.PathLike) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-@dataclass
-class CliResult:
-    returncode: int
-    stdout: str
-    stderr: str
-
-
-def run_cli(*args: str) -> CliResult:
-    """Run the command line in this process (click's test runner): same code path, no start-up cost."""
-    from click.testing import CliRunner
-
-    from ostate_cli.main import main
-
-    result = CliRunner().invoke(main, list(args), catch_exceptions=False)
-    return CliResult(result.exit_code, result.stdout, result.stderr)
-
-
-def run_cli_process(*args: str, cwd: str | os.PathLike | None = None, env: dict | None = None) -> CliResult:
-    """Run the installed ``ostate`` command in a fresh process, as a user would."""
-    full_env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
-    done = subprocess.run(
-        [sys.executable, "-m", "ostate_cli.main", *args], capture_output=True, text=True, cwd=cwd, env=full_env,
-        timeout=600,
-    )
-    return CliResult(done.returncode, done.stdout, done.stderr)
 
 
 @pytest.fixture
@@ -112,11 +40,11 @@ def adamw_checkpoint(tmp_path):
     return path, model, opt
 
 
-# Checkpoints written by the real libraries (tests/builders.py), made once per test session.
+# Checkpoints written by the real libraries (tests/helpers/builders.py), made once per test session.
 @pytest.fixture(scope="session")
 def gpt2_run(tmp_path_factory):
     pytest.importorskip("transformers")
-    from tests.builders import tiny_gpt2, train_with_trainer
+    from tests.helpers.builders import tiny_gpt2, train_with_trainer
 
     return train_with_trainer(tmp_path_factory.mktemp("gpt2"), tiny_gpt2())
 
@@ -124,7 +52,7 @@ def gpt2_run(tmp_path_factory):
 @pytest.fixture(scope="session")
 def accelerate_run(tmp_path_factory):
     pytest.importorskip("accelerate")
-    from tests.builders import save_with_accelerate
+    from tests.helpers.builders import save_with_accelerate
 
     return save_with_accelerate(tmp_path_factory.mktemp("accelerate") / "state")
 
@@ -132,7 +60,7 @@ def accelerate_run(tmp_path_factory):
 @pytest.fixture(scope="session")
 def dcp_sharded(tmp_path_factory):
     """DCP layouts saved by two gloo processes with FSDP2 (tensors in chunks across two files)."""
-    from tests.builders import save_dcp_layouts
+    from tests.helpers.builders import save_dcp_layouts
 
     directory = tmp_path_factory.mktemp("dcp2")
     save_dcp_layouts(directory, world_size=2)

@@ -1,4 +1,4 @@
-"""Directories written by accelerate's own Accelerator.save_state (tests/builders.py)."""
+"""Directories written by accelerate's own Accelerator.save_state (tests/helpers/builders.py)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import ostate
-from tests.builders import assert_same_state, by_name
-from tests.conftest import run_cli
+from tests.helpers.builders import assert_same_state, by_name
+from tests.helpers.common import run_cli
 
 pytest.importorskip("accelerate")
 

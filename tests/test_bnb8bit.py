@@ -17,9 +17,9 @@ import torch
 import ostate
 from ostate.optimizers import get_family
 from ostate.optimizers.bnb8bit import dequantize_blockwise, dequantized
-from tests.conftest import train
-from tests.families import Big
-from tests.oracle import actual_step, assert_matches, predicted_updates, saved_and_loaded, set_next_gradient
+from tests.helpers.common import train
+from tests.helpers.families import Big
+from tests.helpers.oracle import actual_step, assert_matches, predicted_updates, saved_and_loaded, set_next_gradient
 
 bnb = pytest.importorskip("bitsandbytes")
 F = pytest.importorskip("bitsandbytes.functional")

@@ -7,7 +7,7 @@ import shutil
 import pandas as pd
 import pytest
 
-from tests.conftest import REPO, run_cli
+from tests.helpers.common import REPO, run_cli
 
 
 @pytest.mark.slow

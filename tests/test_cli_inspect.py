@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from tests.conftest import Net, run_cli, run_cli_process, sha256, train
+from tests.helpers.common import Net, run_cli, run_cli_process, sha256, train
 
 
 def test_table_shows_header_and_per_parameter_rows(adamw_checkpoint):

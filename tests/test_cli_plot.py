@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.conftest import Net, run_cli, run_cli_process, sha256, train
+from tests.helpers.common import Net, run_cli, run_cli_process, sha256, train
 
 MAGIC = {"png": b"\x89PNG", "svg": b"<svg", "pdf": b"%PDF"}
 

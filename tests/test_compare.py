@@ -11,11 +11,11 @@ from torch import nn
 
 import ostate
 from ostate.analysis.sketch import RELATIVE_ERROR
-from ostate.compare import MOVER_METRIC, compare
+from ostate.compare.compute import MOVER_METRIC, compare
 from ostate.plots import plot
 from ostate.plots.compare import compare_figure
-from ostate.reset import reset
-from tests.conftest import run_cli
+from ostate.reset.write import reset
+from tests.helpers.common import run_cli
 
 
 class Mlp(nn.Module):

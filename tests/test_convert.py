@@ -11,10 +11,10 @@ from safetensors import safe_open
 
 import ostate
 from ostate import OstateError
-from ostate.formats.safetensors_file import SafetensorsFile, write_safetensors
+from ostate.formats.files.safetensors_file import SafetensorsFile, write_safetensors
 from ostate.state import TensorRef
-from tests.builders import assert_same_state, by_name
-from tests.conftest import Net, run_cli, sha256, train
+from tests.helpers.builders import assert_same_state, by_name
+from tests.helpers.common import Net, run_cli, sha256, train
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""torch.distributed.checkpoint directories written by torch itself (tests/builders.py), read without a process group."""
+"""torch.distributed.checkpoint directories written by torch itself (tests/helpers/builders.py), read without a process group."""
 
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_op
 
 import ostate
 from ostate import OstateError
-from ostate.formats import dcp as dcp_reader
-from ostate.formats.dcp_metadata import read_metadata
-from tests.builders import Mlp, assert_same_state, mlp_optimizer, save_dcp_layouts
-from tests.conftest import sha256
+from ostate.formats.dcp import read as dcp_reader
+from ostate.formats.dcp.metadata import read_metadata
+from tests.helpers.builders import Mlp, assert_same_state, mlp_optimizer, save_dcp_layouts
+from tests.helpers.common import sha256
 
 LAYOUTS = ["nested", "flat", os.path.join("torchtitan", "step-3")]
 

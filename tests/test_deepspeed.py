@@ -1,6 +1,6 @@
 """DeepSpeed checkpoints written by DeepSpeed itself (ZeRO 0-3, BF16_Optimizer, universal), read back exactly.
 
-One session fixture runs tests/deepspeed_train.py: two CPU ranks (gloo) train a tiny
+One session fixture runs tests/helpers/deepspeed_train.py: two CPU ranks (gloo) train a tiny
 model once per case and save; DeepSpeed's own gather (safe_get_full_optimizer_state,
 safe_get_full_fp32_param) is the ground truth. ds_to_universal converts three of them.
 The first DeepSpeed start on a machine compiles a small C++ op (about 35 s, cached).
@@ -20,8 +20,8 @@ import pytest
 import torch
 
 import ostate
-from tests.conftest import REPO
-from tests.deepspeed_train import LR, STEPS, TAG, TinyNet, param_groups
+from tests.helpers.common import REPO
+from tests.helpers.deepspeed_train import LR, STEPS, TAG, TinyNet, param_groups
 
 # Found, not imported: DeepSpeed runs only in the subprocesses, never inside the test process.
 pytestmark = [
@@ -47,12 +47,12 @@ def deepspeed_runs(tmp_path_factory):
     failures = []
     for attempt in range(2):
         out = tmp_path_factory.mktemp("deepspeed")
-        done = _run([sys.executable, "-m", "tests.deepspeed_train", str(out)], env, check=False)
+        done = _run([sys.executable, "-m", "tests.helpers.deepspeed_train", str(out)], env, check=False)
         if done.returncode == 0:
             break
         failures.append(done.stdout[-2000:] + done.stderr[-3000:])
     else:
-        pytest.fail("tests/deepspeed_train.py failed twice:\n" + "\n---\n".join(failures))
+        pytest.fail("tests/helpers/deepspeed_train.py failed twice:\n" + "\n---\n".join(failures))
     for case in UNIVERSAL_CASES:
         tag_dir = out / case / TAG
         _run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
@@ -164,7 +164,7 @@ def test_universal_checkpoint_from_ds_to_universal_equals_the_ground_truth(deeps
     assert not o.param("frozen.weight").has_state
     # The folder holding both saves reads the one 'latest' names unless told otherwise.
     assert ostate.load(run_dir).format == "deepspeed"
-    from ostate.formats import deepspeed
+    from ostate.formats.deepspeed import read as deepspeed
 
     assert deepspeed.read(run_dir, tag=f"{TAG}_universal").format == "deepspeed-universal"
 

@@ -1,7 +1,7 @@
 """DeepSpeed checkpoints read without DeepSpeed: committed real saves, damaged copies, hostile files.
 
 tests/fixtures/deepspeed/ holds two small checkpoints written by DeepSpeed 0.19.8 on CPU
-with two ranks (``python -m tests.deepspeed_train tests/fixtures/deepspeed --fixtures
+with two ranks (``python -m tests.helpers.deepspeed_train tests/fixtures/deepspeed --fixtures
 fusedadam zero3_subgroups``), each with DeepSpeed's own gathered ground_truth.pt:
 ZeRO-2 with DeepSpeed's FusedAdam (a Python int step), and ZeRO-3 split into sub-groups.
 """
@@ -18,10 +18,10 @@ import torch
 
 import ostate
 from ostate import OstateError
-from ostate.formats import deepspeed
-from ostate.formats.deepspeed_files import DEEPSPEED_GLOBALS, tag_files
-from ostate.formats.deepspeed_zero import stage_1_2_params
-from tests.conftest import REPO, run_cli
+from ostate.formats.deepspeed import read as deepspeed
+from ostate.formats.deepspeed.files import DEEPSPEED_GLOBALS, tag_files
+from ostate.formats.deepspeed.zero import stage_1_2_params
+from tests.helpers.common import REPO, run_cli
 
 FIXTURES = REPO / "tests" / "fixtures" / "deepspeed"
 ZERO2 = FIXTURES / "fusedadam"

@@ -7,8 +7,8 @@ import torch
 
 import ostate
 from ostate.optimizers import detect
-from tests.conftest import run_cli
-from tests.families import FAMILIES, save, trained
+from tests.helpers.common import run_cli
+from tests.helpers.families import FAMILIES, save, trained
 
 pytest.importorskip("transformers")
 pytest.importorskip("lion_pytorch")

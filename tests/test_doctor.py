@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 import ostate
-from ostate.doctor import AMSGRAD_RATIO, EXIT_ERROR, EXIT_OK, EXIT_WARNING, diagnose, exit_code
-from ostate.formats.weights import read_model
-from tests.conftest import REPO, run_cli, saved
+from ostate.doctor.checks import AMSGRAD_RATIO, EXIT_ERROR, EXIT_OK, EXIT_WARNING, diagnose, exit_code
+from ostate.formats.naming.weights import read_model
+from tests.helpers.common import REPO, run_cli, saved
 
 
 class Normed(nn.Module):
@@ -157,7 +157,7 @@ def test_a_trainer_run_saved_at_its_last_step_has_a_finished_linear_schedule(tmp
     pytest.importorskip("transformers")
     from transformers import Trainer, TrainingArguments
 
-    from tests.builders import RandomTokens, tiny_gpt2
+    from tests.helpers.builders import RandomTokens, tiny_gpt2
 
     torch.manual_seed(0)
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, save_steps=2, per_device_train_batch_size=4,
@@ -281,9 +281,9 @@ def test_fail_on_chooses_which_findings_fail_the_pipeline(tmp_path):
 def test_every_code_is_documented_and_unknown_codes_to_ignore_are_refused(tmp_path):
     import re
 
-    from ostate.doctor import CODES
+    from ostate.doctor.checks import CODES
 
-    source = (REPO / "ostate" / "doctor.py").read_text()
+    source = (REPO / "ostate" / "doctor" / "checks.py").read_text()
     used = set(re.findall(r'"(?:error|warning|info)",\s*"([a-z0-9-]+)"', source)) - {"warning", "error"}
     documented = re.findall(r"^\| `([a-z0-9-]+)` \| (?:error|warning|info)", (REPO / "docs" / "doctor.md").read_text(),
                             re.M)

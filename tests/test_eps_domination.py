@@ -16,8 +16,8 @@ import pytest
 import torch
 
 import ostate
-from tests.conftest import Net, train
-from tests.families import Big, Embedder
+from tests.helpers.common import Net, train
+from tests.helpers.families import Big, Embedder
 
 # Every test here runs with the compiled loops and with the torch ops (tests/conftest.py).
 pytestmark = pytest.mark.usefixtures("arithmetic")

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO
+from tests.helpers.common import REPO
 
 EXAMPLES = sorted(p.name for p in (REPO / "examples").glob("*.py"))
 

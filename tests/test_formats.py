@@ -10,7 +10,7 @@ import torch
 import ostate
 from ostate import OstateError
 from ostate.formats import registry
-from tests.conftest import Net, run_cli, train
+from tests.helpers.common import Net, run_cli, train
 
 
 @pytest.fixture

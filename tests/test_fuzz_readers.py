@@ -1,6 +1,6 @@
 """Fuzzing the readers with a fixed budget: mutated real checkpoints of every layout end in a clear error or a result.
 
-Each example copies a small real checkpoint (tests/specimens.py), mutates one of its
+Each example copies a small real checkpoint (tests/helpers/specimens.py), mutates one of its
 files (truncation, bit flips, a zeroed range, an overwritten field, a spliced slice)
 and reads and analyses it in this process. Anything but a one-line OstateError or a
 result (another exception, a multi-line message) fails the test; a per-example
@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests import specimens
+from tests.helpers import specimens
 
 POSITIONS = st.integers(min_value=0, max_value=1 << 20)
 

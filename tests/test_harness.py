@@ -18,8 +18,8 @@ from ostate.harness import ResultsStore, Spec, Sweep, Task, TrialConfig, builtin
 from ostate.harness.metrics import ALL
 from ostate.harness.source import load_source
 from ostate.harness.summary import CELL
-from ostate.strategies import V_AGE_KEY
-from tests import harness_tasks as ht
+from ostate.reset.strategies import V_AGE_KEY
+from tests.helpers import harness_tasks as ht
 
 
 def tiny_task(source, **changes) -> Task:

@@ -1,4 +1,4 @@
-"""Hugging Face Trainer checkpoint-N/ directories written by transformers' own Trainer (tests/builders.py)."""
+"""Hugging Face Trainer checkpoint-N/ directories written by transformers' own Trainer (tests/helpers/builders.py)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import ostate
-from tests.builders import assert_same_state, by_name, legacy_trainer_class, tiny_qwen2, train_with_trainer
-from tests.conftest import run_cli
+from tests.helpers.builders import assert_same_state, by_name, legacy_trainer_class, tiny_qwen2, train_with_trainer
+from tests.helpers.common import run_cli
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("transformers")

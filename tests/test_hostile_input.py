@@ -24,8 +24,8 @@ import pytest
 import torch
 
 import ostate
-from tests import specimens
-from tests.conftest import REPO, Net, run_cli, sha256, train
+from tests.helpers import specimens
+from tests.helpers.common import REPO, Net, run_cli, sha256, train
 
 
 class Payload:
@@ -201,7 +201,7 @@ def huge_safetensors(path: Path, elements: int) -> None:
 
 def huge_dcp(directory: Path, elements: int) -> Path:
     spec = specimens.dcp(directory)
-    from ostate.formats.dcp_metadata import read_metadata
+    from ostate.formats.dcp.metadata import read_metadata
     from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
 
     metadata = read_metadata(str(spec.path / ".metadata"))

@@ -9,8 +9,8 @@ import pytest
 import ostate
 from ostate.optimizers import get_family
 from ostate.report import inspect
-from tests.conftest import run_cli
-from tests.families import FAMILIES, save, trained
+from tests.helpers.common import run_cli
+from tests.helpers.families import FAMILIES, save, trained
 
 pytest.importorskip("transformers")
 pytest.importorskip("lion_pytorch")
@@ -100,7 +100,7 @@ def test_optimizer_option_is_offered_for_every_family():
 
 def test_every_family_is_documented_with_its_kind_name():
     from ostate.optimizers import families
-    from tests.conftest import REPO
+    from tests.helpers.common import REPO
 
     optimizers_page = (REPO / "docs" / "optimizers.md").read_text()
     cli_page = (REPO / "docs" / "cli.md").read_text()

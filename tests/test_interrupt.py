@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO, Net, sha256, train
+from tests.helpers.common import REPO, Net, sha256, train
 
 _CHILD = """
 import os, sys, time

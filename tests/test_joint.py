@@ -12,7 +12,7 @@ import torch
 import ostate
 from ostate.analysis import summarize
 from ostate.analysis.joint import AXIS_BINS, JointHistogram, axis_ids, bin_edges
-from tests.conftest import Net, train
+from tests.helpers.common import Net, train
 
 
 def _adam_checkpoint(amsgrad: bool = False):

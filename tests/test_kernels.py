@@ -1,4 +1,4 @@
-"""The compiled loops (ostate/analysis/_kernels.c) against the torch ops they replace and exact float64 sums.
+"""The compiled loops (ostate/analysis/native/_kernels.c) against the torch ops they replace and exact float64 sums.
 
 Counts, zeros, non-finite values, extremes, histograms and the 8-bit codes must be the
 same both ways; sums may differ by rounding only (float64 against float32 per chunk).
@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from ostate.analysis import kernels
+from ostate.analysis.native import kernels
 from ostate.analysis.quantize import BLOCK, BlockwiseError, dynamic_map
 from ostate.analysis.sketch import Sketch
 

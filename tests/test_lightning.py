@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import ostate
-from tests.conftest import Net, run_cli
+from tests.helpers.common import Net, run_cli
 
 L = pytest.importorskip("lightning.pytorch")
 

@@ -11,7 +11,7 @@ import torch
 
 import ostate
 from ostate import OstateError
-from tests.conftest import Net, sha256, train
+from tests.helpers.common import Net, sha256, train
 
 
 def trained(opt_cls=torch.optim.AdamW, steps=2, **kw):
@@ -258,7 +258,7 @@ def test_a_file_too_large_for_a_private_mapping_is_mapped_shared(tmp_path, monke
     allocate memory'); the loader then maps the file shared, which is not charged against memory."""
     import mmap as mmap_module
 
-    from ostate.formats import torchfile
+    from ostate.formats.files import torchfile
 
     path = tmp_path / "big.pt"
     torch.save({"state": {}, "param_groups": [{"params": [], "lr": 0.1}], "w": torch.ones(4)}, path)

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import ostate
-from tests.conftest import Net, train
-from tests.oracle import TOLERANCE, check_next_update, relative_error, saved_and_loaded, update_quantity_errors
+from tests.helpers.common import Net, train
+from tests.helpers.oracle import TOLERANCE, check_next_update, relative_error, saved_and_loaded, update_quantity_errors
 
 ADAM_CASES = {
     "adam": lambda ps: torch.optim.Adam(ps, lr=1e-3),

@@ -12,8 +12,8 @@ import torch
 
 import ostate
 from ostate.optimizers import get_family
-from tests.conftest import Net, train
-from tests.oracle import actual_step, assert_matches, check_next_update, predicted_updates, saved_and_loaded, \
+from tests.helpers.common import Net, train
+from tests.helpers.oracle import actual_step, assert_matches, check_next_update, predicted_updates, saved_and_loaded, \
     set_next_gradient
 
 transformers_optimization = pytest.importorskip("transformers.optimization")

@@ -16,9 +16,9 @@ from torch import nn
 import ostate
 from ostate.optimizers import get_family
 from ostate.optimizers.radam import rectification
-from tests.conftest import Net, train
-from tests.families import lbfgs_train
-from tests.oracle import (
+from tests.helpers.common import Net, train
+from tests.helpers.families import lbfgs_train
+from tests.helpers.oracle import (
     actual_step, assert_matches, check_next_update, predicted_updates, relative_error, saved_and_loaded,
     set_next_gradient, update_quantity_errors,
 )

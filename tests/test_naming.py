@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 import ostate
-from ostate.formats.naming import ModelEntry, match_model_order
-from tests.conftest import Net, train
+from ostate.formats.naming.model_order import ModelEntry, match_model_order
+from tests.helpers.common import Net, train
 
 
 def names_and_sources(tmp_path, model, opt, state_dict=None):
@@ -120,7 +120,7 @@ def test_integer_entries_are_never_parameters():
 
 
 def test_many_groups_with_too_many_possibilities_give_up_cleanly(monkeypatch):
-    import ostate.formats.naming as naming_module
+    import ostate.formats.naming.model_order as naming_module
 
     monkeypatch.setattr(naming_module, "_MAX_GROUP_STATES", 3)
     entries = [ModelEntry(f"e{i}", (4,)) for i in range(12)]

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import tomllib
 
-from tests.conftest import REPO
+from tests.helpers.common import REPO
 
 
 def test_every_package_folder_is_listed_in_pyproject():

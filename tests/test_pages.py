@@ -9,7 +9,7 @@ import torch
 
 import ostate
 from ostate.analysis import summarize
-from ostate.formats.pages import page_releaser
+from ostate.formats.files.pages import page_releaser
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise release is Linux-only")
 
@@ -71,7 +71,7 @@ def test_tensors_in_memory_have_nothing_to_release():
 
 @linux_only
 def test_the_allocator_settings_are_restored_after_the_analysis():
-    from ostate.analysis import allocator
+    from ostate.analysis.native import allocator
 
     if allocator._LIBC is None:
         pytest.skip("not glibc")

@@ -27,7 +27,7 @@ from ostate.plots import (
     as_series, get_kind, plot, plot_kinds, plot_layer_profile, plot_lr_histogram, plot_moments, save_figure,
 )
 from ostate.plots.rebin import log_edges, rebin
-from tests.conftest import REPO, Net, train
+from tests.helpers.common import REPO, Net, train
 
 
 def _artists(ax, kind, prefix):
@@ -210,7 +210,7 @@ def test_radam_eps_line_accounts_for_eps_on_the_uncorrected_root(tmp_path):
 def test_moments_of_other_adam_style_families_count_every_coordinate(family, tmp_path):
     if family.startswith("bitsandbytes"):
         pytest.importorskip("bitsandbytes")
-    from tests.families import save, trained
+    from tests.helpers.families import save, trained
 
     model, opt = trained(family)
     save(tmp_path / "ckpt.pt", model, opt)

@@ -3,7 +3,7 @@ step is the one the strategy implies, and everything else is kept exactly.
 
 The oracle for "what the strategy implies" is written out here by hand on the saved
 state dict (zero the first moment, drop the state, ...), independently of
-ostate.strategies; torch steps both.
+ostate.reset.strategies; torch steps both.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import torch
 
 import ostate
 from ostate import OstateError
-from ostate.reset import reset
-from ostate.strategies import V_AGE_KEY
-from tests.conftest import Net, run_cli, sha256, train
+from ostate.reset.write import reset
+from ostate.reset.strategies import V_AGE_KEY
+from tests.helpers.common import Net, run_cli, sha256, train
 
 
 def fixed_grads(model, seed=7):
@@ -107,7 +107,7 @@ def test_keep_v_records_the_age_of_v_and_says_that_attach_is_needed(adamw_checkp
     out = tmp_path / "keep-v.pt"
     result = run_cli("reset", str(path), "--strategy", "keep-v", "-o", str(out))
     assert result.returncode == 0, result.stderr
-    assert "ostate.strategies.attach(optimizer)" in result.stderr and "ostate_v_age" in result.stderr
+    assert "ostate.reset.strategies.attach(optimizer)" in result.stderr and "ostate_v_age" in result.stderr
     written = torch.load(out, weights_only=True)
     assert [g[V_AGE_KEY] for g in written["optimizer"]["param_groups"]] == [3.0]
     assert all(float(s["step"]) == 0 and not s["exp_avg"].any() for s in written["optimizer"]["state"].values())

@@ -16,9 +16,9 @@ import torch
 
 import ostate
 from ostate import OstateError
-from ostate.reset import reset
-from tests.builders import Mlp, mlp_optimizer
-from tests.conftest import REPO, sha256
+from ostate.reset.write import reset
+from tests.helpers.builders import Mlp, mlp_optimizer
+from tests.helpers.common import REPO, sha256
 
 
 def files(directory):
@@ -36,7 +36,7 @@ def assert_other_files_identical(source, out, changed):
 def test_trainer_checkpoint_resumes_in_the_trainer_with_the_first_block_reset(gpt2_run, tmp_path):
     from transformers import Trainer, TrainingArguments
 
-    from tests.builders import RandomTokens, tiny_gpt2
+    from tests.helpers.builders import RandomTokens, tiny_gpt2
 
     out = tmp_path / "checkpoint-reset"
     result = reset(gpt2_run.checkpoint, out, "reset-m", params=r"^transformer\.h\.0\.")
@@ -82,7 +82,7 @@ def _snapshot_class():
 def test_accelerate_folder_keeps_the_other_optimizer_file_and_loads_with_load_state(accelerate_run, tmp_path):
     from accelerate import Accelerator
 
-    from tests.builders import Generator
+    from tests.helpers.builders import Generator
 
     out = tmp_path / "state"
     result = reset(accelerate_run.directory, out, "reset-m", optimizer_index=1)
@@ -260,7 +260,7 @@ def test_deepspeed_loads_the_reset_checkpoint_itself(tmp_path):
     reset(FIXTURES / "zero3_subgroups", out, "keep-v")
     recorded = tmp_path / "loaded.pt"
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONWARNINGS": "ignore"}
-    done = subprocess.run([sys.executable, "-m", "tests.deepspeed_load", str(out), "zero3_subgroups", str(recorded)],
+    done = subprocess.run([sys.executable, "-m", "tests.helpers.deepspeed_load", str(out), "zero3_subgroups", str(recorded)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     loaded = torch.load(recorded, weights_only=False)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ostate.errors import OstateError
-from ostate.strategies import (
+from ostate.reset.strategies import (
     LAYOUTS, STRATEGIES, V_AGE_KEY, Strategy, apply_strategy, attach, optimizer_kind, plan, v_age_factor,
 )
 

@@ -15,7 +15,7 @@ import ostate.analysis.params as params_module
 from ostate.analysis import HeadLayout, summarize
 from ostate.analysis.compress import SharedSecondMoment
 from ostate.analysis.quantize import BlockwiseError
-from tests.conftest import Net, run_cli, saved, train
+from tests.helpers.common import Net, run_cli, saved, train
 
 # Every test here runs with the compiled loops and with the torch ops (tests/conftest.py).
 pytestmark = pytest.mark.usefixtures("arithmetic")

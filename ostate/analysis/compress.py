@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ostate.analysis import kernels
+from ostate.analysis.native import kernels
 from ostate.optimizers.family import Preconditioned
 
 

@@ -20,13 +20,13 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from ostate.analysis.allocator import reuse_freed_memory
+from ostate.analysis.native.allocator import reuse_freed_memory
 from ostate.analysis.heads import HeadLayout, is_attention_projection, layout_from_config
 from ostate.analysis.params import ParamSummary, summarize_param
 from ostate.analysis.tiny import batch_key, summarize_tiny
 from ostate.analysis.views import VIEWS, ViewRow, view_rows
 from ostate.errors import OstateError
-from ostate.gcpause import gc_paused
+from ostate.analysis.native.gcpause import gc_paused
 from ostate.optimizers import get_family
 from ostate.state import Checkpoint, OptimizerState, TensorRef
 
@@ -117,7 +117,7 @@ def summarize(
         workers: threads working on different parameters (default :func:`default_workers`).
             While this runs torch uses one intra-op thread per worker (the setting is
             restored afterwards), which makes the results identical for any ``workers``,
-            and glibc keeps freed memory for reuse (:mod:`ostate.analysis.allocator`).
+            and glibc keeps freed memory for reuse (:mod:`ostate.analysis.native.allocator`).
         progress: show a progress bar on stderr when the work takes more than a second.
         joint: also count each coordinate's (sqrt(v̂), |m̂|) in a 2-D
             histogram (``ViewRow.joints["moments"]``, :mod:`ostate.analysis.joint`), for the

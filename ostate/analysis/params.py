@@ -20,7 +20,7 @@ from typing import Any, Mapping
 
 import torch
 
-from ostate.analysis import kernels
+from ostate.analysis.native import kernels
 from ostate.analysis.compress import SharedSecondMoment
 from ostate.analysis.columns import derived_columns, sketch_columns
 from ostate.analysis.heads import HeadLayout

@@ -14,7 +14,7 @@ The reported figure is the relative L2 error of that round trip over the tensor,
     \text{q8\_relerr} = \sqrt{\frac{\sum_b a_b^2 \sum_{i\in b} (y_i - c(y_i))^2}{\sum_i x_i^2}}
 
 computed in float32 per value (the division :math:`x_i/a_b` as bitsandbytes does it)
-and summed in float64 (by the compiled loop of :mod:`ostate.analysis.kernels`; without
+and summed in float64 (by the compiled loop of :mod:`ostate.analysis.native.kernels`; without
 it, torch sums each block in float32 and the blocks in float64). An all-zero block
 round-trips exactly. A block holding NaN or infinity makes the figure NaN.
 
@@ -33,7 +33,7 @@ from functools import lru_cache
 
 import torch
 
-from ostate.analysis import kernels
+from ostate.analysis.native import kernels
 from ostate.analysis.sketch import bucket_ids
 
 BLOCK = 256

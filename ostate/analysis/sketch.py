@@ -16,7 +16,7 @@ error of ``2**-134``. bfloat16 tensors land in their own value's bucket; float64
 tensors are rounded to float32 first. Exact zeros, NaNs and infinities are counted
 apart from the histogram; count, mean, RMS, min, max and the quantiles cover the
 finite values only. Sums are float64 when ostate's compiled loops are built
-(:mod:`ostate.analysis.kernels`), float32 per piece of :data:`CHUNK` values otherwise;
+(:mod:`ostate.analysis.native.kernels`), float32 per piece of :data:`CHUNK` values otherwise;
 everything else is the same either way.
 
 Example:
@@ -37,7 +37,7 @@ from typing import Iterable
 import numpy as np
 import torch
 
-from ostate.analysis import kernels
+from ostate.analysis.native import kernels
 
 RELATIVE_ERROR = 2.0**-8
 _NBUCKETS = 1 << 16
@@ -129,7 +129,7 @@ class Sketch:
             self._add_chunk(flat[start : start + CHUNK])
 
     def _add_compiled(self, flat: torch.Tensor) -> None:
-        """:meth:`add` by the compiled loop (:mod:`ostate.analysis.kernels`): float64 sums, one pass."""
+        """:meth:`add` by the compiled loop (:mod:`ostate.analysis.native.kernels`): float64 sums, one pass."""
         if flat.numel() == 0:
             return
         sums = kernels.SketchSums.empty()
@@ -241,7 +241,7 @@ class Sketch:
 
         For checkpoints of very many tiny tensors, where a sketch per tensor would cost far
         more in calls than in arithmetic. Without the compiled loops
-        (:mod:`ostate.analysis.kernels`), rows holding NaN, infinities or values whose
+        (:mod:`ostate.analysis.native.kernels`), rows holding NaN, infinities or values whose
         squares need rescaling take the one-row path.
 
         Example:

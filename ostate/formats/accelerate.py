@@ -21,11 +21,12 @@ import re
 from dataclasses import dataclass
 
 from ostate.errors import OstateError
-from ostate.formats import dcp, discover
+from ostate.formats.dcp import read as dcp
+from ostate.formats.naming import discover
 from ostate.formats.reader import Reader
-from ostate.formats.torch_optim import read_optimizer
-from ostate.formats.torchfile import load_torch_file
-from ostate.formats.weights import Weights, find_weights, model_indices, name_by_weights
+from ostate.formats.naming.torch_optim import read_optimizer
+from ostate.formats.files.torchfile import load_torch_file
+from ostate.formats.naming.weights import Weights, find_weights, model_indices, name_by_weights
 from ostate.state import Checkpoint, OptimizerState
 
 _OPTIMIZER_FILE = re.compile(r"^optimizer(?:_(\d+))?\.(?:bin|pt)$")

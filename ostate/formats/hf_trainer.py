@@ -9,7 +9,7 @@ FSDP), ``scheduler.pt``, ``trainer_state.json`` (global step, epoch, log history
 (``pytorch_model.bin`` in older versions), with ``config.json``.
 
 The optimizer carries no names, and ``model.safetensors`` keeps no order, so names
-come from rebuilding the model from ``config.json`` (:mod:`ostate.formats.hf_model`)
+come from rebuilding the model from ``config.json`` (:mod:`ostate.formats.naming.hf_model`)
 and the Trainer's decay / no-decay grouping, every shape checked against the state
 (``hf-decay-rule``); failing that, from the rebuilt order alone with the groups
 interleaved (``model-order``); failing that, from unique shapes in the saved weights
@@ -28,11 +28,11 @@ from typing import Any
 
 from ostate.errors import OstateError
 from ostate.formats import accelerate
-from ostate.formats.hf_model import ModuleOrder, parse_version, rebuild
-from ostate.formats.naming import Naming, match_model_order
+from ostate.formats.naming.hf_model import ModuleOrder, parse_version, rebuild
+from ostate.formats.naming.model_order import Naming, match_model_order
 from ostate.formats.reader import Reader
-from ostate.formats.torch_optim import apply_naming
-from ostate.formats.weights import Weights, find_weights, name_by_weights
+from ostate.formats.naming.torch_optim import apply_naming
+from ostate.formats.naming.weights import Weights, find_weights, name_by_weights
 from ostate.state import Checkpoint, OptimizerState
 
 TRAINER_STATE = "trainer_state.json"

@@ -1,7 +1,7 @@
 """The fine-tuning harness: reload versus reset versus partial resets, measured with error bars.
 
 A *trial* loads a source checkpoint (weights and optimizer state), applies a strategy
-from :mod:`ostate.strategies` to the optimizer state, fine-tunes for a number of
+from :mod:`ostate.reset.strategies` to the optimizer state, fine-tunes for a number of
 steps and records losses, update and gradient sizes and effective learning rates. An
 *ablation* runs a grid of trials (strategies x seeds x lr x warmup x batch size) on a
 local process pool or on Ray, keeps every trial in an SQLite results store, and

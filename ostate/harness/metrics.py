@@ -54,7 +54,7 @@ def median_effective_lr(optimizer: torch.optim.Optimizer, model: torch.nn.Module
     """
     import ostate
     from ostate.optimizers import families
-    from ostate.strategies import V_AGE_KEY
+    from ostate.reset.strategies import V_AGE_KEY
 
     state_dict = optimizer.state_dict()
     if not state_dict["state"] or kind not in families():

@@ -17,7 +17,7 @@ from ostate.harness.summary import Summary, summarize
 from ostate.harness.task import Task, resolve_source
 from ostate.harness.transfer import load_weights, optimizer_like_source, transfer_state
 from ostate.harness.trial import TrialConfig
-from ostate.strategies import STRATEGIES, Strategy, apply_strategy, optimizer_kind
+from ostate.reset.strategies import STRATEGIES, Strategy, apply_strategy, optimizer_kind
 
 DEFAULT_STRATEGIES = STRATEGIES
 

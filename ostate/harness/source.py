@@ -16,8 +16,9 @@ from typing import Any, Mapping
 import torch
 
 from ostate.errors import OstateError
-from ostate.formats import discover, from_object
-from ostate.formats.torchfile import load_torch_file
+from ostate.formats.naming.objects import from_object
+from ostate.formats.naming import discover
+from ostate.formats.files.torchfile import load_torch_file
 
 
 @dataclass

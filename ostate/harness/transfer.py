@@ -15,7 +15,7 @@ from torch import nn
 
 from ostate.errors import OstateError
 from ostate.harness.source import Source
-from ostate.strategies import LAYOUTS, V_AGE_KEY, optimizer_kind
+from ostate.reset.strategies import LAYOUTS, V_AGE_KEY, optimizer_kind
 
 # The torch class of each optimizer family the default optimizer factory can rebuild.
 OPTIMIZER_CLASSES: dict[str, type[torch.optim.Optimizer]] = {

@@ -21,7 +21,7 @@ from ostate.harness.metrics import ALL, Record, evaluation_records, median_effec
 from ostate.harness.source import Source, load_source
 from ostate.harness.task import Task
 from ostate.harness.transfer import load_weights, optimizer_like_source, transfer_state
-from ostate.strategies import Strategy, apply_strategy, attach, optimizer_kind, plan
+from ostate.reset.strategies import Strategy, apply_strategy, attach, optimizer_kind, plan
 
 SCHEDULES = ("constant", "cosine")
 COSINE_FLOOR = 0.1

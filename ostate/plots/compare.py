@@ -15,7 +15,7 @@ import os
 import numpy as np
 from matplotlib.figure import Figure
 
-from ostate.compare import Comparison, compare
+from ostate.compare.compute import Comparison, compare
 from ostate.errors import OstateError
 from ostate.plots.registry import PlotKind
 from ostate.plots.style import OKABE_ITO, save_figure
@@ -29,7 +29,7 @@ def compare_figure(result: Comparison) -> Figure:
 
     Example:
         >>> import ostate, torch, tempfile, os
-        >>> from ostate.compare import compare
+        >>> from ostate.compare.compute import compare
         >>> m = torch.nn.Linear(4, 2); opt = torch.optim.AdamW(m.parameters()); d = tempfile.mkdtemp()
         >>> for step in range(2):
         ...     m(torch.randn(8, 4)).square().sum().backward(); opt.step(); opt.zero_grad()
@@ -97,7 +97,7 @@ def _from_inputs(inputs, *, by: str, optimizer_index: int | None = None, workers
     paths = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
     if not all(isinstance(p, (str, os.PathLike)) for p in paths):
         raise OstateError("the compare plot reads checkpoints from their paths",
-                          hint="pass paths, or draw compare_figure(ostate.compare.compare(...)) yourself")
+                          hint="pass paths, or draw compare_figure(ostate.compare.compute.compare(...)) yourself")
     return compare_figure(compare(*paths, against=by, optimizer_index=optimizer_index, trust_pickle=trust_pickle,
                                   format_hint=format_hint, workers=workers, progress=progress))
 

@@ -14,8 +14,8 @@ from typing import Sequence, Union
 
 from ostate.analysis import Analysis, OptimizerAnalysis, ViewRow, summarize
 from ostate.errors import OstateError
-from ostate.formats import IN_MEMORY, load
-from ostate.formats.convert import pick_optimizer
+from ostate.loading import IN_MEMORY, load
+from ostate.convert import pick_optimizer
 from ostate.optimizers import Family, families, get_family
 from ostate.state import Checkpoint, OptimizerState
 

@@ -1,0 +1,473 @@
+"""Read a DeepSpeed checkpoint folder: ZeRO stages 0-3, the BF16_Optimizer, universal checkpoints.
+
+Give the folder ``engine.save_checkpoint`` wrote to (its ``latest`` file names the tag
+to read; ``tag=`` picks another) or a tag folder itself (``global_step300/``,
+``global_step300_universal/``). Every parameter comes out with its real name (from
+the model file's ``param_shapes``), its param group and that group's
+hyperparameters, its step, and its optimizer state joined from the ranks'
+partitions with the padding removed (see :mod:`ostate.formats.deepspeed.zero`).
+The fp32 master weights, which under ZeRO are the real weights, become
+``Checkpoint.weights``. DeepSpeed itself is not needed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, replace
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from ostate.errors import OstateError
+from ostate.formats.naming import discover
+from ostate.formats.naming.objects import from_object, model_entries
+from ostate.formats.deepspeed.files import (
+    LossScaler,
+    DynamicLossScaler,
+    TagFiles,
+    is_tag_dir,
+    is_universal,
+    load_file,
+    looks_like_run_dir,
+    resolve_tag_dir,
+    tag_files,
+)
+from ostate.formats.reader import Reader
+from ostate.formats.deepspeed.zero import FlatParam, stage_1_2_params, stage_3_fragments, stage_3_params
+from ostate.formats.naming.torch_optim import read_optimizer
+from ostate.state import Checkpoint, OptimizerState, ParamState, TensorRef
+
+# The hyperparameters a param group of frozen parameters carries: none, only this mark.
+FROZEN_GROUP = {"frozen": True}
+# Settings in a DeepSpeed config's optimizer params that choose an implementation, not hyperparameters.
+_DEEPSPEED_OPTIMIZER_SWITCHES = ("torch_adam", "adam_w_mode", "fused")
+# Keys of a ZeRO optimizer_state_dict that are plain settings worth keeping in OptimizerState.extra.
+_EXTRA_KEYS = ("zero_stage", "partition_count", "dynamic_loss_scale", "overflow", "clip_grad", "cur_scale",
+               "cur_iter", "ds_version")
+
+
+def sniff(path: str | os.PathLike) -> bool:
+    """True when ``path`` is a DeepSpeed checkpoint folder (a ``save_dir`` or one tag inside it).
+
+    Example:
+        >>> import tempfile
+        >>> sniff(tempfile.mkdtemp())
+        False
+    """
+    path = os.fspath(path)
+    return os.path.isdir(path) and (is_tag_dir(path) or looks_like_run_dir(path))
+
+
+def read(
+    path: str | os.PathLike, *, trust_pickle: bool = False, optimizer: str | None = None, tag: str | None = None
+) -> Checkpoint:
+    """Read a DeepSpeed checkpoint folder into a :class:`~ostate.state.Checkpoint`.
+
+    Args:
+        path: the ``save_dir`` (with ``latest``) or a tag folder (``global_step300``).
+        trust_pickle: allow pickled objects beyond tensors, plain containers and the
+            four small DeepSpeed classes ZeRO files hold (needs DeepSpeed installed).
+        optimizer: the optimizer family instead of detecting it.
+        tag: inside a ``save_dir``, the tag folder to read instead of the one ``latest`` names.
+
+    Example:
+        >>> import ostate, tempfile  # a real checkpoint: see examples/deepspeed_zero.py
+        >>> read(tempfile.mkdtemp())
+        Traceback (most recent call last):
+        ...
+        ostate.errors.OstateError: ...: no 'latest' file to say which DeepSpeed tag to read (pass one of the tag folders: none)
+    """
+    path = os.fspath(path)
+    tag_dir = resolve_tag_dir(path, tag)
+    try:
+        return _read_tag(tag_dir, trust_pickle=trust_pickle, optimizer=optimizer)
+    except (KeyError, AttributeError, TypeError, IndexError, ValueError) as e:
+        # The files unpickled (safely) but do not hold what DeepSpeed writes: a damaged or
+        # hand-made file. The checks above name the common cases; this catches the rest.
+        raise OstateError(f"the files do not have the layout DeepSpeed writes ({type(e).__name__}: {e})",
+                          where=tag_dir, hint="a file may be damaged, or from a DeepSpeed version ostate does not "
+                          "know; rerun with --debug for where it failed") from e
+
+
+def _read_tag(tag_dir: str, *, trust_pickle: bool, optimizer: str | None) -> Checkpoint:
+    if is_universal(tag_dir):
+        from ostate.formats.deepspeed.universal import read_universal
+
+        return read_universal(tag_dir, trust_pickle=trust_pickle, optimizer=optimizer)
+    files = tag_files(tag_dir)
+    model_states = load_file(files.model_files[0], trust_pickle=trust_pickle)
+    _check_model_states(model_states, files.model_files[0])
+    if not files.optim_files:
+        return _read_stage_0(tag_dir, files, model_states, optimizer)
+    world = _world_size(model_states, files)
+    shards = [_optimizer_state_dict(load_file(f, trust_pickle=trust_pickle), f) for f in files.optim_files]
+    _check_partition_counts(shards, files, world)
+    stage = zero_stage(shards[0], model_states)
+    where = _pattern(files.optim_files)
+    frozen: dict[str, TensorRef] = {}
+    if stage == 3:
+        params = stage_3_params(_param_shapes(model_states, files.model_files[0]), shards, where)
+        frozen = stage_3_frozen(model_states, files, world, trust_pickle=trust_pickle)
+        groups = hyperparameters(shards[0]["optimizer_state_dict"], None, model_states, where)
+    else:
+        params = stage_1_2_params(_param_shapes(model_states, files.model_files[0]), shards, where)
+        frozen = {name: TensorRef.of(t) for name, t in (model_states.get("frozen_param_fragments") or {}).items()}
+        groups = hyperparameters(shards[0].get("base_optimizer_state"), len(model_states["param_shapes"]),
+                                  model_states, where)
+    extra = {k: _plain(shards[0][k]) for k in _EXTRA_KEYS if k in shards[0]}
+    extra.update(_loss_scale(shards[0]))
+    metadata = deepspeed_metadata(model_states, tag_dir, stage=stage, optimizer_class=optimizer_class(shards[0], stage))
+    return assemble(
+        path=tag_dir,
+        format="deepspeed",
+        location=where,
+        params=params,
+        groups=groups.values,
+        group_warnings=groups.warnings,
+        frozen=frozen,
+        model_states=model_states,
+        optimizer=optimizer,
+        extra=extra,
+        metadata=metadata,
+    )
+
+
+def stage_3_frozen(model_states: Mapping[str, Any], files: TagFiles, world: int, *,
+                   trust_pickle: bool = False) -> dict[str, TensorRef]:
+    """Frozen parameters of a stage 3 save, joined from every rank's model file (rank 0's is ``model_states``)."""
+    shapes = model_states.get("frozen_param_shapes") or {}
+    if not shapes:
+        return {}
+    if len(files.model_files) != world:
+        raise OstateError(
+            f"{len(files.model_files)} model state files for {world} ranks: the frozen parameters are split "
+            "across every rank's model file",
+            where=files.directory,
+            hint="copy every rank's zero_pp_rank_*_model_states.pt of this tag",
+        )
+    fragments = [model_states.get("frozen_param_fragments") or {}]
+    fragments += [load_file(f, trust_pickle=trust_pickle).get("frozen_param_fragments") or {}
+                  for f in files.model_files[1:]]
+    return stage_3_fragments(shapes, fragments)
+
+
+@dataclass
+class Hyperparameters:
+    """The user's param groups' hyperparameters, with a warning when they had to be taken from the config."""
+
+    values: list[dict[str, Any]]
+    warnings: list[str]
+
+
+def hyperparameters(torch_sd: Any, count: int | None, model_states: Mapping[str, Any], where: str) -> Hyperparameters:
+    if isinstance(torch_sd, Mapping) and isinstance(torch_sd.get("param_groups"), list):
+        values = [{k: v for k, v in g.items() if k != "params"} for g in torch_sd["param_groups"]]
+        if count is not None and len(values) != count:
+            raise OstateError(
+                f"the optimizer has {len(values)} param groups but param_shapes lists {count}",
+                where=where,
+                hint="the model and optimizer files may come from different saves",
+            )
+        return Hyperparameters(values, [])
+    # elastic_checkpoint=True saves per-group state without the groups' hyperparameters.
+    config = (model_states.get("ds_config") or {}).get("optimizer") or {}
+    params = {k: v for k, v in (config.get("params") or {}).items() if k not in _DEEPSPEED_OPTIMIZER_SWITCHES}
+    if "betas" in params:
+        params["betas"] = tuple(params["betas"])
+    warning = (
+        "this checkpoint (elastic_checkpoint) keeps no param-group hyperparameters; every group shows the "
+        f"DeepSpeed config's optimizer params ({', '.join(sorted(params)) or 'none'}), so per-group overrides "
+        "(such as weight_decay=0 for biases) are not known"
+    )
+    return Hyperparameters([dict(params) for _ in range(count or 0)], [warning])
+
+
+def assemble(
+    *,
+    path: str,
+    format: str,
+    location: str,
+    params: Sequence[FlatParam],
+    groups: list[dict[str, Any]],
+    group_warnings: list[str],
+    frozen: Mapping[str, TensorRef | None],
+    model_states: Mapping[str, Any],
+    optimizer: str | None,
+    extra: dict[str, Any],
+    metadata: dict[str, Any],
+) -> Checkpoint:
+    """Build the :class:`Checkpoint` of a ZeRO or universal checkpoint from its rebuilt parameters.
+
+    The parameters go through the same reader as a torch state dict keyed by names,
+    so detection, steps and shapes are handled in one place; frozen parameters are
+    added after, without state, in a last group marked ``{'frozen': True}``.
+    """
+    state: dict[str, dict[str, Any]] = {}
+    for p in params:
+        if p.state:
+            state[p.name] = {**({"step": _step_value(p.step)} if p.step is not None else {}), **p.state}
+    param_groups = [dict(g, params=[p.name for p in params if p.group == i]) for i, g in enumerate(groups)]
+    module = model_states.get("module") or {}
+    shapes = {p.name: p.shape for p in params}
+    frozen_shapes = model_states.get("frozen_param_shapes") or {}
+    frozen_names = list(frozen_shapes) if frozen_shapes else _inferred_frozen(module, model_states, shapes)
+    for name in frozen_names:
+        shape = frozen_shapes.get(name)
+        shapes[name] = tuple(int(d) for d in shape) if shape is not None else _shape_of(module.get(name))
+    entries = [replace(e, shape=shapes.get(e.name, e.shape)) for e in model_entries(module)]
+
+    kind = optimizer or configured_kind(model_states.get("ds_config"), groups)
+    opt = read_optimizer({"state": state, "param_groups": param_groups}, location, model=("module", entries), kind=kind)
+    if optimizer is None and kind is not None:
+        opt.kind_source = "ds_config"
+    opt.warnings[:0] = group_warnings
+    opt.extra = extra
+    _add_frozen(opt, frozen_names, shapes)
+
+    weights = {}
+    masters = {p.name: p.fp32 for p in params if p.fp32 is not None}
+    for name, t in module.items():
+        if name in masters:
+            weights[name] = masters.pop(name)
+        elif frozen.get(name) is not None:
+            weights[name] = frozen[name]
+        elif isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel() > 0:
+            weights[name] = TensorRef.of(t)
+    weights.update(masters)
+    return Checkpoint(
+        path=path,
+        format=format,
+        optimizers=[opt],
+        weights=weights,
+        weights_location="fp32 master weights (optimizer partitions); frozen parameters and buffers from 'module'",
+        schedulers=[dict(s, _location=loc) for loc, s in discover.find_schedulers(model_states)],
+        metadata=metadata,
+    )
+
+
+def _add_frozen(opt: OptimizerState, names: Sequence[str], shapes: Mapping[str, tuple[int, ...] | None]) -> None:
+    if not names:
+        return
+    opt.groups.append(dict(FROZEN_GROUP))
+    group = len(opt.groups) - 1
+    for name in names:
+        opt.params.append(ParamState(name, name, "fqn", group, shapes.get(name), None, {}))
+
+
+def _inferred_frozen(module: Mapping[str, Any], model_states: Mapping[str, Any], trained: Mapping[str, Any]) -> list[str]:
+    """Module entries that are neither trained parameters, buffers nor tied copies: frozen parameters.
+
+    Stage 1 and the BF16_Optimizer do not list frozen parameters; the module does hold them.
+    """
+    if not trained:
+        return []
+    skip = set(trained) | set(model_states.get("buffer_names") or ()) | set(model_states.get("shared_params") or ())
+    return [n for n, t in module.items() if n not in skip and isinstance(t, torch.Tensor) and t.is_floating_point()]
+
+
+def configured_kind(ds_config: Any, groups: Sequence[Mapping[str, Any]]) -> str | None:
+    """``adamw``/``adam`` from the DeepSpeed config when the groups cannot tell (DeepSpeed's FusedAdam).
+
+    torch's Adam groups say ``decoupled_weight_decay``; FusedAdam's do not, and its
+    ``adam_w_mode`` (default on: DeepSpeed's ``Adam`` is AdamW unless told otherwise)
+    lives only in the config.
+
+    Example:
+        >>> configured_kind({"optimizer": {"type": "Adam", "params": {"adam_w_mode": False}}}, [{"betas": (0.9, 0.99)}])
+        'adam'
+    """
+    if any("decoupled_weight_decay" in g for g in groups):
+        return None
+    config = (ds_config or {}).get("optimizer") if isinstance(ds_config, Mapping) else None
+    if not isinstance(config, Mapping):
+        return None
+    kind = str(config.get("type", "")).lower()
+    if kind == "adamw":
+        return "adamw"
+    if kind == "adam":
+        return "adamw" if (config.get("params") or {}).get("adam_w_mode", True) else "adam"
+    return None
+
+
+def zero_stage(shard: Mapping[str, Any], model_states: Mapping[str, Any]) -> int:
+    """The ZeRO stage: from the optimizer file, else (BF16_Optimizer) from the config."""
+    if "zero_stage" in shard:
+        return int(shard["zero_stage"])
+    return int(((model_states.get("ds_config") or {}).get("zero_optimization") or {}).get("stage", 1))
+
+
+def deepspeed_metadata(
+    model_states: Mapping[str, Any], tag_dir: str, *, stage: int, optimizer_class: str, universal: bool = False
+) -> dict[str, Any]:
+    """Trainer metadata: steps, world size, ZeRO stage, DeepSpeed version, precision, the tag."""
+    config = model_states.get("ds_config") or {}
+    metadata = discover.scalar_metadata(model_states)
+    metadata.update(
+        {
+            "global_step": model_states.get("global_steps"),
+            "zero_stage": stage,
+            "optimizer_class": optimizer_class,
+            "bf16": bool((config.get("bf16") or {}).get("enabled", False)),
+            "fp16": bool((config.get("fp16") or {}).get("enabled", False)),
+            "tag": os.path.basename(os.path.normpath(tag_dir)),
+            "universal": universal,
+        }
+    )
+    return {k: v for k, v in metadata.items() if v is not None}
+
+
+def optimizer_class(shard: Mapping[str, Any], stage: int) -> str:
+    """The DeepSpeed optimizer that wrote a ZeRO optimizer state (``zero_stage`` is absent from BF16_Optimizer's)."""
+    if stage == 3:
+        return "DeepSpeedZeroOptimizer_Stage3"
+    return "DeepSpeedZeroOptimizer" if "zero_stage" in shard else "BF16_Optimizer"
+
+
+def _read_stage_0(tag_dir: str, files: TagFiles, model_states: Mapping[str, Any],
+                  optimizer: str | None) -> Checkpoint:
+    """ZeRO disabled: the whole optimizer is a torch state dict inside the model file, named by model order."""
+    module = model_states.get("module") or {}
+    ckpt = from_object(model_states, path=files.model_files[0], optimizer=optimizer, model=("module", module),
+                       format="deepspeed")
+    ckpt.path = tag_dir
+    wrapper = model_states.get("optimizer")
+    wrapper_class = "torch"
+    if isinstance(wrapper, Mapping) and "fp32_groups" in wrapper:
+        # FP16_UnfusedOptimizer (bf16/fp16 without ZeRO): fp32 masters in the optimizer's group order.
+        wrapper_class = "FP16_UnfusedOptimizer"
+        masters = [t for group in wrapper["fp32_groups"] for t in group]
+        params = ckpt.optimizers[0].params
+        if len(masters) == len(params) and all(p.name_source != "none" for p in params):
+            ckpt.weights = {**(ckpt.weights or {}), **{p.name: TensorRef.of(t) for p, t in zip(params, masters)}}
+            ckpt.weights_location = "fp32 master weights (optimizer.fp32_groups); buffers from 'module'"
+    opt = ckpt.optimizers[0]
+    if all(p.name_source != "none" for p in opt.params):
+        named = {p.name: p.shape for p in opt.params}
+        frozen = _inferred_frozen(module, model_states, named)
+        _add_frozen(opt, frozen, {n: _shape_of(module.get(n)) for n in frozen})
+    ckpt.metadata = deepspeed_metadata(model_states, tag_dir, stage=0, optimizer_class=wrapper_class)
+    return ckpt
+
+
+def _check_model_states(model_states: Any, where: str) -> None:
+    if not isinstance(model_states, Mapping) or "module" not in model_states:
+        raise OstateError("not a DeepSpeed model state file (no 'module' entry)", where=where,
+                          hint=discover.top_level_summary(model_states))
+
+
+def _optimizer_state_dict(obj: Any, where: str) -> Mapping[str, Any]:
+    if not isinstance(obj, Mapping) or not isinstance(obj.get("optimizer_state_dict"), Mapping):
+        raise OstateError("not a DeepSpeed optimizer state file (no 'optimizer_state_dict' entry)", where=where,
+                          hint=discover.top_level_summary(obj))
+    return obj["optimizer_state_dict"]
+
+
+def _param_shapes(model_states: Mapping[str, Any], where: str) -> list[Mapping[str, Sequence[int]]]:
+    shapes = model_states.get("param_shapes")
+    if not isinstance(shapes, list):
+        raise OstateError("the model state file has no 'param_shapes' to name the ZeRO partitions", where=where,
+                          hint="it may come from a DeepSpeed version older than 0.3 or from another save")
+    return shapes
+
+
+def _world_size(model_states: Mapping[str, Any], files: TagFiles) -> int:
+    world = len(files.optim_files)
+    saved = model_states.get("dp_world_size")
+    if isinstance(saved, int) and saved != world:
+        raise OstateError(
+            f"the checkpoint was saved by {saved} data-parallel ranks but {world} optimizer files are here",
+            where=files.directory,
+            hint="copy every rank's optimizer file of this tag (or remove files left from another run)",
+        )
+    if len(files.model_files) > 1 and len(files.model_files) != world:
+        raise OstateError(
+            f"{len(files.model_files)} model state files but {world} optimizer files",
+            where=files.directory,
+            hint="stage 3 saves one of each per rank; copy every rank's files of this tag",
+        )
+    return world
+
+
+def _check_partition_counts(shards: Sequence[Mapping[str, Any]], files: TagFiles, world: int) -> None:
+    for shard, f in zip(shards, files.optim_files):
+        counts = shard.get("partition_count")
+        counts = counts if isinstance(counts, list) else [counts] if counts is not None else []
+        wrong = [int(c) for c in counts if int(c) != world]
+        if wrong:
+            raise OstateError(
+                f"this rank's file was written with {wrong[0]} ranks, but {world} rank files are here",
+                where=f,
+                hint="files of runs with different world sizes are mixed in this folder",
+            )
+
+
+def _loss_scale(shard: Mapping[str, Any]) -> dict[str, Any]:
+    scaler = shard.get("loss_scaler")
+    if isinstance(scaler, (LossScaler, DynamicLossScaler)):
+        return {"loss_scale": _plain(getattr(scaler, "cur_scale", None)), "loss_scaler": type(scaler).__name__}
+    return {}
+
+
+def _step_value(step: Any) -> Any:
+    return TensorRef.of(step) if isinstance(step, torch.Tensor) else step
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, (float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return repr(value)
+
+
+def _shape_of(t: Any) -> tuple[int, ...] | None:
+    return tuple(t.shape) if isinstance(t, torch.Tensor) else None
+
+
+def _pattern(files: Sequence[str]) -> str:
+    """``global_step3/zero_pp_rank_*_mp_rank_00_optim_states.pt`` for a list of rank files."""
+    name = os.path.basename(files[0])
+    if len(files) > 1:
+        name = re.sub(r"zero_pp_rank_\d+_", "zero_pp_rank_*_", name)
+    return os.path.join(os.path.basename(os.path.dirname(files[0])), name)
+
+
+def sniff_score(path: str) -> int:
+    """3 for a DeepSpeed tag folder, 2 for a save folder (a ``latest`` file or tag folders inside), else 0."""
+    if not os.path.isdir(path):
+        return 0
+    if is_tag_dir(path):
+        return 3
+    return 2 if looks_like_run_dir(path) else 0
+
+
+def read_folder(path: str, *, trust_pickle: bool = False, optimizer: str | None = None) -> Checkpoint:
+    """:func:`read`, plus what a Hugging Face Trainer saved beside DeepSpeed's folders.
+
+    A Trainer run under DeepSpeed writes ``checkpoint-N/`` with ``trainer_state.json``
+    and ``scheduler.pt`` next to ``latest`` and ``global_step<N>/``: their global step,
+    epoch, logged lr and schedule join the header.
+    """
+    from ostate.formats import accelerate, hf_trainer
+
+    checkpoint = read(path, trust_pickle=trust_pickle, optimizer=optimizer)
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, hf_trainer.TRAINER_STATE)):
+        meta, warnings = hf_trainer.trainer_metadata(path)
+        checkpoint.metadata.update(meta)
+        schedulers, scheduler_warnings = accelerate.read_schedulers(path, trust_pickle=trust_pickle)
+        checkpoint.schedulers.extend(schedulers)
+        checkpoint.warnings.extend(warnings + scheduler_warnings)
+    return checkpoint
+
+
+READER = Reader(
+    name="deepspeed",
+    summary="a DeepSpeed save folder (latest + global_step<N>/) or one tag folder: ZeRO 0-3, BF16_Optimizer, universal",
+    sniff=sniff_score,
+    read=read_folder,
+)

@@ -1,0 +1,218 @@
+"""Read one ``torch.optim`` state dict into an :class:`~ostate.state.OptimizerState`.
+
+``{'state': {index: {key: value}}, 'param_groups': [{..., 'params': [index, ...]}]}``:
+indices run across the groups in order; a parameter that never stepped (or is
+frozen) is listed in its group but has no entry in ``state``. State may instead be
+keyed by fully qualified names (``get_optimizer_state_dict``), in which case the
+names are the keys.
+"""
+
+from __future__ import annotations
+
+import math
+
+from collections import Counter
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from ostate.errors import OstateError
+from ostate.formats.naming.model_order import ModelEntry, Naming, match_model_order
+from ostate.formats.files.pages import page_releaser
+from ostate.optimizers import detect, families, get_family
+from ostate.state import OptimizerState, ParamState, TensorRef
+
+# Group keys that are bookkeeping, not hyperparameters.
+_GROUP_LISTS = ("params", "param_names")
+
+
+def read_optimizer(
+    sd: Mapping[str, Any],
+    location: str,
+    *,
+    model: tuple[str, Sequence[ModelEntry]] | None = None,
+    kind: str | None = None,
+    mapped: bool = False,
+) -> OptimizerState:
+    """Build the record of one optimizer from its state dict.
+
+    ``model`` is ``(location, entries)`` of a model state dict from the same
+    checkpoint, used to name parameters when the optimizer does not carry names.
+    ``kind`` forces the optimizer family instead of detecting it. ``mapped`` says the
+    tensors live in a memory-mapped file (their pages can be given back after reading).
+    """
+    raw_groups = list(sd["param_groups"])
+    raw_state = sd["state"]
+    warnings: list[str] = []
+
+    order: list[tuple[int, Any, str | None]] = []
+    for g, group in enumerate(raw_groups):
+        names = group.get("param_names")
+        for j, pid in enumerate(group["params"]):
+            name = names[j] if isinstance(names, (list, tuple)) and j < len(names) else None
+            order.append((g, pid, name))
+    counts = Counter(_key(pid) for _, pid, _ in order)
+    repeated = [str(pid) for pid, c in counts.items() if c > 1]
+    if repeated:
+        raise OstateError(
+            f"parameter index {', '.join(repeated[:5])} is listed in more than one param group",
+            where=location,
+            hint="the optimizer state dict is inconsistent",
+        )
+
+    groups = [{k: v for k, v in group.items() if k not in _GROUP_LISTS} for group in raw_groups]
+    entries = {_key(pid): entry for pid, entry in raw_state.items()}
+    listed = {_key(pid) for _, pid, _ in order}
+    orphans = [str(pid) for pid in entries if pid not in listed]
+    if orphans:
+        warnings.append(
+            f"state for index {', '.join(orphans[:5])}{' ...' if len(orphans) > 5 else ''} is not listed in any "
+            "param group and is ignored"
+        )
+
+    state_keys = frozenset(
+        k for entry in entries.values() if isinstance(entry, Mapping) for k in _flat_entry(entry)
+    )
+    if kind is not None:
+        family = get_family(kind)
+        kind_source = "user"
+        fits = all(family.match(state_keys, g) > 0 for g in groups) if groups else True
+        if family.name != "unknown" and not fits:
+            detected, _source, _also = detect(state_keys, groups)
+            warnings.append(
+                f"the state and group keys do not look like '{kind}' (they fit '{detected}'); "
+                f"reading them as '{kind}' as asked"
+            )
+    else:
+        name, kind_source, also = detect(state_keys, groups)
+        family = get_family(name)
+        if kind_source == "assumed":
+            warnings.append(
+                f"the state and group keys fit {', '.join([name, *also])} equally; read as '{name}' "
+                f"(pass --optimizer {also[0]} if that is what was used)"
+            )
+        elif kind_source == "unknown" and state_keys:
+            known = ", ".join(sorted(families()))
+            warnings.append(
+                f"unrecognised optimizer state (state keys: {', '.join(sorted(map(str, state_keys)))}); showing plain "
+                f"statistics of each state tensor (pass --optimizer KIND, one of: {known})"
+            )
+
+    params: list[ParamState] = []
+    for g, pid, name in order:
+        entry = entries.get(_key(pid))
+        state = _state_values(entry, mapped) if isinstance(entry, Mapping) else {}
+        params.append(
+            ParamState(
+                index=pid,
+                name=name or "",
+                name_source="param_names" if name else "none",
+                group=g,
+                shape=_param_shape(family.param_shape, state),
+                step=_step(state.get("step")),
+                state=state,
+            )
+        )
+
+    _name_params(params, model, warnings)
+    extra = {k: v for k, v in sd.items() if k not in ("state", "param_groups")}
+    model_order = [e.name for e in model[1]] if model is not None else []
+    return OptimizerState(location, family.name, kind_source, groups, params, warnings, extra, model_order)
+
+
+def _key(pid: Any) -> Any:
+    return int(pid) if isinstance(pid, torch.Tensor) else pid
+
+
+# bitsandbytes >= 0.45 nests its quantisation tensors under this key in ``state_dict()``
+# (so that FSDP does not gather them); its ``load_state_dict`` unwraps them the same way.
+# Source: bitsandbytes/optim/optimizer.py, Optimizer8bit.state_dict / load_state_dict.
+BNB_NESTED_KEY = "__bnb_optimizer_quant_state__"
+
+
+def _flat_entry(entry: Mapping[str, Any]) -> dict[str, Any]:
+    """One parameter's state with bitsandbytes' nested quantisation state unwrapped."""
+    flat = dict(entry)
+    nested = flat.pop(BNB_NESTED_KEY, None)
+    if isinstance(nested, Mapping):
+        flat.update(nested)
+    return flat
+
+
+def _state_values(entry: Mapping[str, Any], mapped: bool) -> dict[str, Any]:
+    return {k: tensor_ref(v, mapped) if isinstance(v, torch.Tensor) else v for k, v in _flat_entry(entry).items()}
+
+
+def tensor_ref(tensor: torch.Tensor, mapped: bool) -> TensorRef:
+    """A reference to a loaded tensor; one from a memory-mapped file can give its pages back."""
+    return TensorRef.of(tensor, page_releaser(tensor) if mapped else None)
+
+
+def _step(value: Any) -> float | None:
+    if isinstance(value, TensorRef):
+        return float(value.read().reshape(-1)[0]) if value.numel >= 1 else None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        try:
+            return float(value)
+        except OverflowError:  # an int beyond float range: no real step count; the analysis says so
+            return math.inf if value > 0 else -math.inf
+    return None
+
+
+def _param_shape(rule, state: Mapping[str, Any]) -> tuple[int, ...] | None:
+    if rule is not None:
+        return rule(state)
+    tensors = [v for v in state.values() if isinstance(v, TensorRef) and len(v.shape) >= 1]
+    if not tensors:
+        return None
+    largest = max(t.numel for t in tensors)
+    shapes = {t.shape for t in tensors if t.numel == largest}
+    return next(iter(shapes)) if len(shapes) == 1 else None
+
+
+def _name_params(params: list[ParamState], model, warnings: list[str]) -> None:
+    if all(p.name_source == "param_names" for p in params) and params:
+        _check_named_shapes(params, model, warnings)
+        return
+    if all(isinstance(p.index, str) for p in params) and params:
+        for p in params:
+            p.name, p.name_source = p.index, "fqn"
+        _check_named_shapes(params, model, warnings)
+        return
+    naming = Naming([None] * len(params), "none")
+    if model is not None:
+        location, entries = model
+        sizes = [sum(1 for p in params if p.group == g) for g in range(max(p.group for p in params) + 1)]
+        naming = match_model_order([p.shape for p in params], entries, location, sizes)
+        warnings.extend(naming.warnings)
+    apply_naming(params, naming)
+
+
+def apply_naming(params: Sequence[ParamState], naming: Naming) -> None:
+    """Give each parameter its name from ``naming`` (``param.<index>`` and source ``none`` where it has none).
+
+    A parameter without state gets its shape from the matched model entry.
+    """
+    for p, name, shape in zip(params, naming.names, naming.shapes or [None] * len(params)):
+        if name is not None:
+            p.name, p.name_source = name, naming.source
+            if p.shape is None:
+                p.shape = shape
+        else:
+            p.name, p.name_source = f"param.{p.index}", "none"
+
+
+def _check_named_shapes(params: list[ParamState], model, warnings: list[str]) -> None:
+    if model is None:
+        return
+    location, entries = model
+    shapes = {e.name: e.shape for e in entries}
+    bad = [p for p in params if p.name in shapes and p.shape is not None and tuple(p.shape) != shapes[p.name]]
+    for p in bad[:5]:
+        warnings.append(
+            f"'{p.name}' has state of shape {tuple(p.shape)} but the model state dict at '{location}' "
+            f"has shape {shapes[p.name]}"
+        )
+    for p in params:
+        if p.shape is None and p.name in shapes:
+            p.shape = shapes[p.name]

@@ -1,0 +1,92 @@
+"""``ostate.load``: turn what is on disk into a :class:`~ostate.state.Checkpoint`.
+
+``load(path)`` takes a file or a directory, recognises its layout from its contents
+(:mod:`ostate.formats.registry`: a ``torch.save`` file, a Hugging Face Trainer
+``checkpoint-N/``, an accelerate ``save_state`` folder, a torch.distributed.checkpoint
+folder, optimizer state in safetensors), finds every optimizer in it and names the
+parameters from the checkpoint's own evidence. Tensors stay on disk until a statistic
+reads them.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping
+
+import torch
+
+from ostate.formats import registry
+from ostate.analysis.native.gcpause import gc_paused
+from ostate.formats.naming.objects import from_object
+from ostate.state import Checkpoint
+
+__all__ = ["load", "from_state_dict"]
+
+
+def load(
+    path: str | os.PathLike,
+    *,
+    trust_pickle: bool = False,
+    optimizer: str | None = None,
+    format_hint: str | None = None,
+) -> Checkpoint:
+    """Read the optimizer state (and what else is there) from a checkpoint file or directory.
+
+    Args:
+        path: a ``torch.save`` file (a bare optimizer state dict, a training
+            checkpoint holding one or more, a Lightning ``.ckpt``), a Hugging Face
+            Trainer ``checkpoint-N/`` directory, an accelerate ``save_state``
+            directory, a torch.distributed.checkpoint directory, a DeepSpeed
+            checkpoint folder, or a ``.safetensors`` file of optimizer state
+            (see docs/formats.md).
+        trust_pickle: allow pickled Python objects beyond tensors and plain
+            containers. Off by default: a hostile file could run code when unpickled.
+        optimizer: the optimizer family (``adamw``, ``sgd``, ...) instead of detecting it.
+        format_hint: the layout's reader (``hf-trainer``, ``accelerate``, ``dcp``,
+            ``safetensors``, ``torch``) instead of recognising it.
+
+    Example:
+        >>> import ostate, torch, tempfile, os
+        >>> model = torch.nn.Linear(4, 2)
+        >>> opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        >>> model(torch.randn(8, 4)).sum().backward(); opt.step()
+        >>> path = os.path.join(tempfile.mkdtemp(), "ckpt.pt")
+        >>> torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, path)
+        >>> ckpt = ostate.load(path)
+        >>> o = ckpt.optimizers[0]
+        >>> ckpt.format, o.location, o.kind, [p.name for p in o.params]
+        ('torch', 'optimizer', 'adamw', ['weight', 'bias'])
+    """
+    path = os.fspath(path)
+    reader = registry.choose(path, format_hint)
+    with gc_paused():
+        return reader.read(path, trust_pickle=trust_pickle, optimizer=optimizer)
+
+
+# The path of a checkpoint made by from_state_dict, which has no file.
+IN_MEMORY = "<memory>"
+
+
+def from_state_dict(
+    obj: Any, *, model: torch.nn.Module | Mapping[str, torch.Tensor] | None = None, optimizer: str | None = None
+) -> Checkpoint:
+    """Wrap an in-memory optimizer state dict (or a whole checkpoint dict) without saving it.
+
+    ``model`` names the parameters: a module (its ``named_parameters()`` order, exact)
+    or a state dict (matched by order and shape like a saved checkpoint's).
+
+    Example:
+        >>> import ostate, torch
+        >>> model = torch.nn.Linear(4, 2)
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        >>> model(torch.randn(8, 4)).sum().backward(); opt.step()
+        >>> ckpt = ostate.from_state_dict(opt.state_dict(), model=model)
+        >>> [(p.name, p.name_source) for p in ckpt.optimizers[0].params]
+        [('weight', 'model-order'), ('bias', 'model-order')]
+    """
+    if isinstance(model, torch.nn.Module):
+        weights = {name: p.detach() for name, p in model.named_parameters()}
+        return from_object(obj, path=IN_MEMORY, optimizer=optimizer, model=("model", weights))
+    if model is not None:
+        return from_object(obj, path=IN_MEMORY, optimizer=optimizer, model=("model", dict(model)))
+    return from_object(obj, path=IN_MEMORY, optimizer=optimizer)

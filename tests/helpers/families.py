@@ -1,0 +1,142 @@
+"""Real checkpoints of every optimizer family ostate knows, for recognition and inspect tests.
+
+Each entry builds the real optimizer on a small model, trains it a few steps as users
+do and returns ``(model, optimizer)``; ``save`` writes the usual training checkpoint.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Callable
+
+import torch
+from torch import nn
+
+from tests.helpers.common import Net, train
+
+O = torch.optim
+
+
+class Matrices(nn.Module):
+    """Bias-free linear layers: every parameter is a matrix (Muon's requirement)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(4, 16, bias=False)
+        self.head = nn.Linear(16, 3, bias=False)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.inp(x)))
+
+
+class Embedder(nn.Module):
+    """An embedding with sparse gradients (SparseAdam's use)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(20, 6, sparse=True)
+
+    def forward(self, x):
+        return self.embed(x.abs().mul(4).long().clamp(max=19)).sum(dim=-1)
+
+
+class Big(nn.Module):
+    """One matrix large enough for bitsandbytes' 8-bit state (4480 elements)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(4, 70)
+        self.big = nn.Linear(70, 64)
+        self.head = nn.Linear(64, 3)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.big(torch.relu(self.inp(x)))))
+
+
+def lbfgs_train(model: nn.Module, opt: torch.optim.Optimizer, steps: int) -> None:
+    """``steps`` LBFGS steps on a fixed batch (LBFGS steps with a closure)."""
+    x = torch.randn(16, 4, generator=torch.Generator().manual_seed(0))
+
+    def closure():
+        opt.zero_grad()
+        loss = model(x).square().mean()
+        loss.backward()
+        return loss
+
+    for _ in range(steps):
+        opt.step(closure)
+
+
+def _schedulefree(params):
+    import schedulefree
+
+    opt = schedulefree.AdamWScheduleFree(params, lr=2e-3, warmup_steps=5)
+    opt.train()
+    return opt
+
+
+def _lion(params):
+    import lion_pytorch
+
+    return lion_pytorch.Lion(params, lr=1e-4, weight_decay=0.1)
+
+
+def _hf_adafactor(params):
+    from transformers.optimization import Adafactor
+
+    return Adafactor(params, lr=None, relative_step=True, scale_parameter=True, warmup_init=False)
+
+
+def _bnb(name: str, **kwargs):
+    def make(params):
+        import bitsandbytes as bnb
+
+        return getattr(bnb.optim, name)(params, **kwargs)
+
+    return make
+
+
+# name -> (expected kind, model class, optimizer factory)
+FAMILIES: dict[str, tuple[str, Callable[[], nn.Module], Callable]] = {
+    "SGD": ("sgd", Net, lambda ps: O.SGD(ps, lr=0.05, momentum=0.9, nesterov=True)),
+    "Adam": ("adam", Net, lambda ps: O.Adam(ps, lr=1e-3, amsgrad=True)),
+    "AdamW": ("adamw", Net, lambda ps: O.AdamW(ps, lr=1e-3)),
+    "Adamax": ("adamax", Net, lambda ps: O.Adamax(ps)),
+    "NAdam": ("nadam", Net, lambda ps: O.NAdam(ps)),
+    "RAdam": ("radam", Net, lambda ps: O.RAdam(ps)),
+    "Adagrad": ("adagrad", Net, lambda ps: O.Adagrad(ps, lr_decay=0.01)),
+    "RMSprop": ("rmsprop", Net, lambda ps: O.RMSprop(ps, centered=True, momentum=0.9)),
+    "Adadelta": ("adadelta", Net, lambda ps: O.Adadelta(ps)),
+    "ASGD": ("asgd", Net, lambda ps: O.ASGD(ps, t0=2)),
+    "Rprop": ("rprop", Net, lambda ps: O.Rprop(ps)),
+    "SparseAdam": ("sparse_adam", Embedder, lambda ps: O.SparseAdam(ps)),
+    "Adafactor": ("adafactor", Net, lambda ps: O.Adafactor(ps)),
+    "Muon": ("muon", Matrices, lambda ps: O.Muon(ps, lr=0.02)),
+    "LBFGS": ("lbfgs", Net, lambda ps: O.LBFGS(ps, max_iter=3, history_size=4)),
+    "transformers.Adafactor": ("hf_adafactor", Net, _hf_adafactor),
+    "lion_pytorch.Lion": ("lion", Net, _lion),
+    "schedulefree.AdamWScheduleFree": ("schedulefree_adamw", Net, _schedulefree),
+    "bitsandbytes.AdamW8bit": ("bnb_adam", Big, _bnb("AdamW8bit", lr=1e-3)),
+    "bitsandbytes.Lion8bit": ("bnb_lion", Big, _bnb("Lion8bit", lr=1e-4)),
+    "bitsandbytes.SGD8bit": ("bnb_momentum", Big, _bnb("SGD8bit", lr=0.01, momentum=0.9)),
+    "bitsandbytes.RMSprop8bit": ("bnb_rmsprop", Big, _bnb("RMSprop8bit", lr=1e-3)),
+    "bitsandbytes.Adagrad8bit": ("bnb_adagrad", Big, _bnb("Adagrad8bit", lr=0.01)),
+}
+
+
+def trained(name: str, steps: int = 3) -> tuple[nn.Module, torch.optim.Optimizer]:
+    _kind, make_model, make_opt = FAMILIES[name]
+    torch.manual_seed(0)
+    model = make_model()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # bitsandbytes on CPU, torch's sparse tensor notice
+        opt = make_opt(model.parameters())
+        if name == "LBFGS":
+            lbfgs_train(model, opt, steps)
+        else:
+            train(model, opt, steps=steps)
+    return model, opt
+
+
+def save(path, model: nn.Module, opt: torch.optim.Optimizer) -> None:
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "global_step": 3}, path)
