@@ -4,8 +4,9 @@
 (:mod:`ostate.formats.registry`: a ``torch.save`` file, a Hugging Face Trainer
 ``checkpoint-N/``, an accelerate ``save_state`` folder, a torch.distributed.checkpoint
 folder, optimizer state in safetensors), finds every optimizer in it and names the
-parameters from the checkpoint's own evidence. Tensors stay on disk until a statistic
-reads them.
+parameters from the checkpoint's own evidence; then it decides each optimizer's family
+from its state and group keys (:mod:`ostate.optimizers.identify`: readers know nothing of
+optimizer families). Tensors stay on disk until a statistic reads them.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 from ostate.formats import registry
 from ostate.analysis.native.gcpause import gc_paused
 from ostate.formats.naming.objects import from_object
+from ostate.optimizers.identify import identify
 from ostate.state import Checkpoint
 
 __all__ = ["load", "from_state_dict"]
@@ -60,7 +62,8 @@ def load(
     path = os.fspath(path)
     reader = registry.choose(path, format_hint)
     with gc_paused():
-        return reader.read(path, trust_pickle=trust_pickle, optimizer=optimizer)
+        checkpoint = reader.read(path, trust_pickle=trust_pickle)
+    return identified(checkpoint, optimizer)
 
 
 # The path of a checkpoint made by from_state_dict, which has no file.
@@ -86,7 +89,20 @@ def from_state_dict(
     """
     if isinstance(model, torch.nn.Module):
         weights = {name: p.detach() for name, p in model.named_parameters()}
-        return from_object(obj, path=IN_MEMORY, optimizer=optimizer, model=("model", weights))
-    if model is not None:
-        return from_object(obj, path=IN_MEMORY, optimizer=optimizer, model=("model", dict(model)))
-    return from_object(obj, path=IN_MEMORY, optimizer=optimizer)
+        checkpoint = from_object(obj, path=IN_MEMORY, model=("model", weights))
+    elif model is not None:
+        checkpoint = from_object(obj, path=IN_MEMORY, model=("model", dict(model)))
+    else:
+        checkpoint = from_object(obj, path=IN_MEMORY)
+    return identified(checkpoint, optimizer)
+
+
+def identified(checkpoint: Checkpoint, optimizer: str | None = None) -> Checkpoint:
+    """``checkpoint`` with the family of every optimizer in it decided (``optimizer``: the family the user named).
+
+    Readers leave the family open; this is the one place it is decided
+    (:func:`ostate.optimizers.identify.identify`).
+    """
+    for o in checkpoint.optimizers:
+        identify(o, optimizer)
+    return checkpoint

@@ -12,6 +12,9 @@ from typing import Any, Callable, Mapping
 
 import torch
 
+# ``OptimizerState.kind_source`` of a record a reader built, before ``ostate.load`` decides its family.
+UNIDENTIFIED = "unidentified"
+
 # How a parameter's name was found, from most to least certain.
 NAME_SOURCES = ("param_names", "fqn", "model-order", "hf-decay-rule", "shape-match", "none")
 
@@ -121,7 +124,10 @@ class OptimizerState:
     fits) and ``kind_source`` says how it was decided: ``detected`` from state and
     group keys, ``assumed`` when the keys fit more than one family and the most common
     reading was taken, ``user`` when given with ``--optimizer``, or ``ds_config``
-    when a DeepSpeed config named it because the groups could not tell. ``groups`` are the
+    when a DeepSpeed config named it because the groups could not tell (``unidentified``
+    while a reader builds it: :func:`ostate.load` decides the family, see
+    :mod:`ostate.optimizers.identify`). ``state_keys`` are every key seen in the saved
+    per-parameter state, what the family is decided from. ``groups`` are the
     param groups' hyperparameters (without ``params``); ``location`` is where the
     state sits inside the checkpoint (``optimizer``, ``optimizer_states[0]``).
     """
@@ -136,6 +142,7 @@ class OptimizerState:
     # Names of the model's entries in the model's own order, when the checkpoint has the
     # model (layers are listed in this order).
     model_order: list[str] = field(default_factory=list)
+    state_keys: frozenset[str] = frozenset()
 
     def group_of(self, param: ParamState) -> dict[str, Any]:
         return self.groups[param.group]

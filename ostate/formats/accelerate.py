@@ -59,10 +59,10 @@ def optimizer_sources(directory: str) -> list[OptimizerSource]:
     return sorted(found, key=lambda s: (s.index, s.name))
 
 
-def read_source(source: OptimizerSource, *, trust_pickle: bool, optimizer: str | None) -> list[OptimizerState]:
+def read_source(source: OptimizerSource, *, trust_pickle: bool) -> list[OptimizerState]:
     """The optimizers in one saved optimizer file or DCP directory (unnamed unless the state carries names)."""
     if source.is_dcp:
-        inner = dcp.read(source.path, trust_pickle=trust_pickle, optimizer=optimizer)
+        inner = dcp.read(source.path, trust_pickle=trust_pickle)
         for o in inner.optimizers:
             o.location = located(source, o.location)
         return inner.optimizers
@@ -70,7 +70,7 @@ def read_source(source: OptimizerSource, *, trust_pickle: bool, optimizer: str |
     found = discover.find_optimizers(obj)
     if not found:
         raise OstateError("no optimizer state found", where=source.path, hint=discover.top_level_summary(obj))
-    return [read_optimizer(sd, located(source, loc), kind=optimizer) for loc, sd in found]
+    return [read_optimizer(sd, located(source, loc)) for loc, sd in found]
 
 
 def located(source: OptimizerSource, inner: str) -> str:
@@ -128,7 +128,7 @@ def sniff(path: str) -> int:
     return 2 if any(s.name != "optimizer.pt" for s in optimizer_sources(path)) else 0
 
 
-def read(path: str, *, trust_pickle: bool = False, optimizer: str | None = None) -> Checkpoint:
+def read(path: str, *, trust_pickle: bool = False) -> Checkpoint:
     """Read an ``Accelerator.save_state`` directory (see the module docstring)."""
     if not os.path.isdir(path):
         raise OstateError("not a directory; accelerate's save_state writes a directory", where=path)
@@ -148,7 +148,7 @@ def read(path: str, *, trust_pickle: bool = False, optimizer: str | None = None)
     readable = [(i, w) for i, w in numbered if w.entries]
     optimizers = []
     for source in sources:
-        for o in read_source(source, trust_pickle=trust_pickle, optimizer=optimizer):
+        for o in read_source(source, trust_pickle=trust_pickle):
             if readable:
                 same = [k for k, (i, _) in enumerate(readable) if i == source.index]
                 name_unnamed(o, [w for _, w in readable], preferred=same[0] if same else 0)

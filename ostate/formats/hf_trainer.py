@@ -48,7 +48,7 @@ def sniff(path: str) -> int:
     return 1 if TRAINER_STATE in names else 0
 
 
-def read(path: str, *, trust_pickle: bool = False, optimizer: str | None = None) -> Checkpoint:
+def read(path: str, *, trust_pickle: bool = False) -> Checkpoint:
     """Read a Trainer ``checkpoint-N/`` directory (see the module docstring)."""
     if not os.path.isdir(path):
         raise OstateError("not a directory; the Trainer saves checkpoint-N/ directories", where=path)
@@ -62,8 +62,7 @@ def read(path: str, *, trust_pickle: bool = False, optimizer: str | None = None)
     weights = find_weights(path, trust_pickle=trust_pickle)
     if weights is not None:
         warnings.extend(weights.warnings)
-    optimizers = [o for source in sources for o in accelerate.read_source(source, trust_pickle=trust_pickle,
-                                                                          optimizer=optimizer)]
+    optimizers = [o for source in sources for o in accelerate.read_source(source, trust_pickle=trust_pickle)]
     if any(p.name_source == "none" for o in optimizers for p in o.params):
         order, why = rebuild(path)
         for o in optimizers:

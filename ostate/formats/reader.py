@@ -9,7 +9,7 @@ from ostate.state import Checkpoint
 
 
 class ReadFunction(Protocol):
-    def __call__(self, path: str, *, trust_pickle: bool = False, optimizer: str | None = None) -> Checkpoint: ...
+    def __call__(self, path: str, *, trust_pickle: bool = False) -> Checkpoint: ...
 
 
 @dataclass(frozen=True)

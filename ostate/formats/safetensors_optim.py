@@ -43,7 +43,7 @@ def sniff(path: str) -> int:
     return 3 if os.path.isfile(path) and is_safetensors(path) else 0
 
 
-def read(path: str, *, trust_pickle: bool = False, optimizer: str | None = None) -> Checkpoint:
+def read(path: str, *, trust_pickle: bool = False) -> Checkpoint:
     """Read an optimizer-state safetensors file (``trust_pickle`` is irrelevant: nothing is pickled)."""
     if os.path.isdir(path):
         raise OstateError("is a directory, expected a .safetensors file", where=path)
@@ -86,7 +86,7 @@ def read(path: str, *, trust_pickle: bool = False, optimizer: str | None = None)
         "param_groups": [{k: _tuples(v) if k != "params" else [str(p) for p in v] for k, v in g.items()}
                          for g in groups],
     }
-    result = read_optimizer(sd, os.path.basename(path), kind=optimizer)
+    result = read_optimizer(sd, os.path.basename(path))
     for p in result.params:
         source = sources.get(p.index, "fqn")
         if source == "none" or source not in NAME_SOURCES:

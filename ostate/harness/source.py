@@ -17,6 +17,7 @@ import torch
 
 from ostate.errors import OstateError
 from ostate.formats.naming.objects import from_object
+from ostate.loading import identified
 from ostate.formats.naming import discover
 from ostate.formats.files.torchfile import load_torch_file
 
@@ -74,7 +75,7 @@ def load_source(path: str | os.PathLike, *, trust_pickle: bool = False) -> Sourc
     if model is None:
         raise OstateError("no model weights found beside the optimizer state", where=path,
                           hint="save {'model': model.state_dict(), 'optimizer': optimizer.state_dict()}")
-    checkpoint = from_object(obj, path=path)
+    checkpoint = identified(from_object(obj, path=path))
     optimizer = checkpoint.optimizers[0]
     unnamed = [p.index for p in optimizer.params if p.name_source == "none"]
     if unnamed:

@@ -125,14 +125,6 @@ def columns(param: ParamState, group: Group) -> dict:
     }
 
 
-def param_shape(state: Mapping) -> tuple[int, ...] | None:
-    if "variance" in state:
-        return tuple(state["variance"].shape)
-    if "row_var" in state and "col_var" in state:
-        return tuple(state["row_var"].shape[:-1]) + tuple(state["col_var"].shape[-1:])
-    return None
-
-
 def match(state_keys: frozenset[str], group: Group) -> int:
     if state_keys and not (state_keys & {"row_var", "variance"} and state_keys <= _STATE_KEYS):
         return 0
@@ -152,7 +144,6 @@ ADAFACTOR = register(
         columns=columns,
         display=("factored", "variance_mean", "rho_next", "eff_lr_min", "eff_lr_p50", "eff_lr_max"),
         hyperparameters=("lr", "initial_lr", "beta2_decay", "eps", "d", "weight_decay", "maximize"),
-        param_shape=param_shape,
         second_moment="variance",
         chunked=False,
         notes=("Adafactor (torch.optim): eff_lr is relative, per unit of max(eps2, RMS(weights)), which the state "

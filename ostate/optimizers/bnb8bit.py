@@ -301,11 +301,6 @@ def quantization_columns(param: ParamState, group: Group) -> dict:
     return out
 
 
-def param_shape(state: Mapping) -> tuple[int, ...] | None:
-    ref = state.get("state1")
-    return tuple(ref.shape) if ref is not None and hasattr(ref, "shape") else None
-
-
 # ---------------------------------------------------------------------------- recognition
 def _is_bnb_group(group: Group) -> bool:
     return {"lr", "betas", "eps", "weight_decay"} <= set(group) and len(group.get("betas", ())) >= 2
@@ -352,7 +347,7 @@ BNB_ADAM = register(Family(
     effective_lr=_adam_effective_lr, next_update=_mirrored(_adam_update), columns=quantization_columns,
     display=(*_QUANT_DISPLAY, "state2_zero_fraction", "exp_avg_abs_mean", "exp_avg_sq_mean", "eff_lr_min",
              "eff_lr_p50", "eff_lr_max"),
-    hyperparameters=_HYPER, param_shape=param_shape, first_moment="exp_avg_abs", second_moment="exp_avg_sq",
+    hyperparameters=_HYPER, first_moment="exp_avg_abs", second_moment="exp_avg_sq",
     moments=ADAM_MOMENTS, chunked=False, preconditioned=_adam_preconditioned, signed_first_moment=_signed_state1,
     notes=(*_NOTE, "bitsandbytes Adam: weight decay is decoupled (AdamW-style) for Adam8bit too."),
 ))
@@ -360,7 +355,7 @@ BNB_LION = register(Family(
     name="bnb_lion", label="bitsandbytes Lion", match=_one_state("lion"), quantities=_lion_quantities,
     effective_lr=_constant_effective_lr, next_update=_mirrored(_lion_update), columns=quantization_columns,
     display=(*_QUANT_DISPLAY, "exp_avg_abs_mean", "exp_avg_abs_max", "eff_lr_p50"),
-    hyperparameters=_HYPER, param_shape=param_shape, first_moment="exp_avg_abs", chunked=False, preferred=True,
+    hyperparameters=_HYPER, first_moment="exp_avg_abs", chunked=False, preferred=True,
     signed_first_moment=_signed_state1,
     notes=_NOTE,
 ))
@@ -369,7 +364,7 @@ BNB_MOMENTUM = register(Family(
     quantities=_momentum_quantities, effective_lr=_constant_effective_lr, next_update=_mirrored(_momentum_update),
     columns=quantization_columns,
     display=(*_QUANT_DISPLAY, "momentum_buffer_abs_mean", "momentum_buffer_abs_max", "eff_lr_p50"),
-    hyperparameters=_HYPER, param_shape=param_shape, first_moment="momentum_buffer_abs", chunked=False,
+    hyperparameters=_HYPER, first_moment="momentum_buffer_abs", chunked=False,
     signed_first_moment=_signed_state1, notes=_NOTE,
 ))
 BNB_RMSPROP = register(Family(
@@ -377,13 +372,13 @@ BNB_RMSPROP = register(Family(
     quantities=_rms_quantities("square_avg"), effective_lr=_rms_effective_lr, next_update=_mirrored(_rmsprop_update),
     columns=quantization_columns,
     display=(*_QUANT_DISPLAY, "square_avg_mean", "eff_lr_min", "eff_lr_p50", "eff_lr_max"),
-    hyperparameters=_HYPER, param_shape=param_shape, second_moment="square_avg", chunked=False,
+    hyperparameters=_HYPER, second_moment="square_avg", chunked=False,
     preconditioned=_rms_preconditioned("square_avg"), notes=_NOTE,
 ))
 BNB_ADAGRAD = register(Family(
     name="bnb_adagrad", label="bitsandbytes Adagrad", match=_one_state("adagrad"), quantities=_rms_quantities("sum"),
     effective_lr=_rms_effective_lr, next_update=_mirrored(_adagrad_update), columns=quantization_columns,
     display=(*_QUANT_DISPLAY, "sum_mean", "eff_lr_min", "eff_lr_p50", "eff_lr_max"),
-    hyperparameters=_HYPER, param_shape=param_shape, second_moment="sum", chunked=False,
+    hyperparameters=_HYPER, second_moment="sum", chunked=False,
     preconditioned=_rms_preconditioned("sum"), notes=_NOTE,
 ))

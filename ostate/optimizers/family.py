@@ -37,7 +37,6 @@ class Family:
       equal-length 1-D slices; the parameter's other state is read from ``param``).
     - ``columns(param, group)`` gives per-parameter scalar columns (bias corrections, ...).
     - ``display`` names the columns the inspect table shows by default.
-    - ``param_shape(state)`` gives the parameter's shape where its largest state tensor does not.
 
     Standard quantity names, which views, plots and comparisons rely on (a family
     returns those that make sense for it):
@@ -86,9 +85,6 @@ class Family:
     preferred: bool = False
     # Which group hyperparameters the header shows, in order.
     hyperparameters: tuple[str, ...] = ("lr", "initial_lr", "weight_decay")
-    # The parameter's shape from its state entry, when that is not simply the shape of
-    # its largest state tensor (factored or flattened state).
-    param_shape: Callable[[Mapping[str, Any]], "tuple[int, ...] | None"] | None = None
     notes: tuple[str, ...] = field(default=())
     first_moment: str | None = None
     second_moment: str | None = None

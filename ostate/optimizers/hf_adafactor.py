@@ -143,15 +143,6 @@ def columns(param: ParamState, group: Group) -> dict:
     }
 
 
-def param_shape(state: Mapping) -> tuple[int, ...] | None:
-    for key in ("exp_avg", "exp_avg_sq"):
-        if key in state and hasattr(state[key], "shape"):
-            return tuple(state[key].shape)
-    if "exp_avg_sq_row" in state and "exp_avg_sq_col" in state:
-        return tuple(state["exp_avg_sq_row"].shape) + tuple(state["exp_avg_sq_col"].shape[-1:])
-    return None
-
-
 def match(state_keys: frozenset[str], group: Group) -> int:
     if state_keys and not ("RMS" in state_keys and state_keys <= _STATE_KEYS):
         return 0
@@ -172,7 +163,6 @@ HF_ADAFACTOR = register(
         display=("factored", "exp_avg_sq_mean", "next_lr", "eff_lr_min", "eff_lr_p50", "eff_lr_max"),
         hyperparameters=("lr", "initial_lr", "relative_step", "scale_parameter", "warmup_init", "eps",
                          "clip_threshold", "decay_rate", "beta1", "weight_decay"),
-        param_shape=param_shape,
         first_moment="exp_avg_abs",
         second_moment="exp_avg_sq",
         chunked=False,

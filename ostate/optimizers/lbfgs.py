@@ -72,11 +72,6 @@ def match(state_keys: frozenset[str], group: Group) -> int:
     return 3 if state_keys else 0
 
 
-def param_shape(state: Mapping) -> tuple[int, ...] | None:
-    # The state is flat over every parameter: it says nothing about this parameter's shape.
-    return None
-
-
 LBFGS = register(
     Family(
         name="lbfgs",
@@ -87,7 +82,6 @@ LBFGS = register(
         display=("n_iter", "func_evals", "history", "H_diag", "step_length", "prev_loss", "grad_norm"),
         hyperparameters=("lr", "initial_lr", "max_iter", "max_eval", "history_size", "line_search_fn",
                          "tolerance_grad", "tolerance_change"),
-        param_shape=param_shape,
         notes=("L-BFGS: summary only. Its state is flat over all parameters and kept under the first one; the next "
                "step re-evaluates the loss (closure, line search), so neither a per-coordinate effective lr nor "
                "the next update can be computed from the state.",),

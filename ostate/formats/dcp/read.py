@@ -58,7 +58,7 @@ class Unread:
     length: int
 
 
-def read(path: str, *, trust_pickle: bool = False, optimizer: str | None = None) -> Checkpoint:
+def read(path: str, *, trust_pickle: bool = False) -> Checkpoint:
     """Read a DCP directory (see the module docstring for what is read, and when)."""
     if not os.path.isdir(path):
         raise OstateError("not a directory; a torch.distributed.checkpoint is a directory with a .metadata file",
@@ -79,7 +79,7 @@ def read(path: str, *, trust_pickle: bool = False, optimizer: str | None = None)
     flattened = {location_of(route) for route in paths if is_flat_optimizer(_get(tree, route))}
     tree = normalise(tree, set(paths))
 
-    checkpoint = from_object(tree, path=path, optimizer=optimizer, model=_model(tree), format="dcp")
+    checkpoint = from_object(tree, path=path, model=_model(tree), format="dcp")
     for o in checkpoint.optimizers:
         if o.location in flattened:
             o.warnings.append(

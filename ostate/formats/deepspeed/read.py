@@ -60,7 +60,7 @@ def sniff(path: str | os.PathLike) -> bool:
 
 
 def read(
-    path: str | os.PathLike, *, trust_pickle: bool = False, optimizer: str | None = None, tag: str | None = None
+    path: str | os.PathLike, *, trust_pickle: bool = False, tag: str | None = None
 ) -> Checkpoint:
     """Read a DeepSpeed checkpoint folder into a :class:`~ostate.state.Checkpoint`.
 
@@ -68,7 +68,6 @@ def read(
         path: the ``save_dir`` (with ``latest``) or a tag folder (``global_step300``).
         trust_pickle: allow pickled objects beyond tensors, plain containers and the
             four small DeepSpeed classes ZeRO files hold (needs DeepSpeed installed).
-        optimizer: the optimizer family instead of detecting it.
         tag: inside a ``save_dir``, the tag folder to read instead of the one ``latest`` names.
 
     Example:
@@ -81,7 +80,7 @@ def read(
     path = os.fspath(path)
     tag_dir = resolve_tag_dir(path, tag)
     try:
-        return _read_tag(tag_dir, trust_pickle=trust_pickle, optimizer=optimizer)
+        return _read_tag(tag_dir, trust_pickle=trust_pickle)
     except (KeyError, AttributeError, TypeError, IndexError, ValueError) as e:
         # The files unpickled (safely) but do not hold what DeepSpeed writes: a damaged or
         # hand-made file. The checks above name the common cases; this catches the rest.
@@ -90,16 +89,16 @@ def read(
                           "know; rerun with --debug for where it failed") from e
 
 
-def _read_tag(tag_dir: str, *, trust_pickle: bool, optimizer: str | None) -> Checkpoint:
+def _read_tag(tag_dir: str, *, trust_pickle: bool) -> Checkpoint:
     if is_universal(tag_dir):
         from ostate.formats.deepspeed.universal import read_universal
 
-        return read_universal(tag_dir, trust_pickle=trust_pickle, optimizer=optimizer)
+        return read_universal(tag_dir, trust_pickle=trust_pickle)
     files = tag_files(tag_dir)
     model_states = load_file(files.model_files[0], trust_pickle=trust_pickle)
     _check_model_states(model_states, files.model_files[0])
     if not files.optim_files:
-        return _read_stage_0(tag_dir, files, model_states, optimizer)
+        return _read_stage_0(tag_dir, files, model_states)
     world = _world_size(model_states, files)
     shards = [_optimizer_state_dict(load_file(f, trust_pickle=trust_pickle), f) for f in files.optim_files]
     _check_partition_counts(shards, files, world)
@@ -127,7 +126,6 @@ def _read_tag(tag_dir: str, *, trust_pickle: bool, optimizer: str | None) -> Che
         group_warnings=groups.warnings,
         frozen=frozen,
         model_states=model_states,
-        optimizer=optimizer,
         extra=extra,
         metadata=metadata,
     )
@@ -193,7 +191,6 @@ def assemble(
     group_warnings: list[str],
     frozen: Mapping[str, TensorRef | None],
     model_states: Mapping[str, Any],
-    optimizer: str | None,
     extra: dict[str, Any],
     metadata: dict[str, Any],
 ) -> Checkpoint:
@@ -217,10 +214,8 @@ def assemble(
         shapes[name] = tuple(int(d) for d in shape) if shape is not None else _shape_of(module.get(name))
     entries = [replace(e, shape=shapes.get(e.name, e.shape)) for e in model_entries(module)]
 
-    kind = optimizer or configured_kind(model_states.get("ds_config"), groups)
-    opt = read_optimizer({"state": state, "param_groups": param_groups}, location, model=("module", entries), kind=kind)
-    if optimizer is None and kind is not None:
-        opt.kind_source = "ds_config"
+    opt = read_optimizer({"state": state, "param_groups": param_groups}, location, model=("module", entries),
+                         configured_kind=configured_kind(model_states.get("ds_config"), groups))
     opt.warnings[:0] = group_warnings
     opt.extra = extra
     _add_frozen(opt, frozen_names, shapes)
@@ -324,12 +319,10 @@ def optimizer_class(shard: Mapping[str, Any], stage: int) -> str:
     return "DeepSpeedZeroOptimizer" if "zero_stage" in shard else "BF16_Optimizer"
 
 
-def _read_stage_0(tag_dir: str, files: TagFiles, model_states: Mapping[str, Any],
-                  optimizer: str | None) -> Checkpoint:
+def _read_stage_0(tag_dir: str, files: TagFiles, model_states: Mapping[str, Any]) -> Checkpoint:
     """ZeRO disabled: the whole optimizer is a torch state dict inside the model file, named by model order."""
     module = model_states.get("module") or {}
-    ckpt = from_object(model_states, path=files.model_files[0], optimizer=optimizer, model=("module", module),
-                       format="deepspeed")
+    ckpt = from_object(model_states, path=files.model_files[0], model=("module", module), format="deepspeed")
     ckpt.path = tag_dir
     wrapper = model_states.get("optimizer")
     wrapper_class = "torch"
@@ -446,7 +439,7 @@ def sniff_score(path: str) -> int:
     return 2 if looks_like_run_dir(path) else 0
 
 
-def read_folder(path: str, *, trust_pickle: bool = False, optimizer: str | None = None) -> Checkpoint:
+def read_folder(path: str, *, trust_pickle: bool = False) -> Checkpoint:
     """:func:`read`, plus what a Hugging Face Trainer saved beside DeepSpeed's folders.
 
     A Trainer run under DeepSpeed writes ``checkpoint-N/`` with ``trainer_state.json``
@@ -455,7 +448,7 @@ def read_folder(path: str, *, trust_pickle: bool = False, optimizer: str | None 
     """
     from ostate.formats import accelerate, hf_trainer
 
-    checkpoint = read(path, trust_pickle=trust_pickle, optimizer=optimizer)
+    checkpoint = read(path, trust_pickle=trust_pickle)
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, hf_trainer.TRAINER_STATE)):
         meta, warnings = hf_trainer.trainer_metadata(path)
         checkpoint.metadata.update(meta)

@@ -40,7 +40,7 @@ _WEIGHT_FILE = "fp32.pt"
 _STEP_FILE = "step.pt"
 
 
-def read_universal(tag_dir: str, *, trust_pickle: bool = False, optimizer: str | None = None) -> Checkpoint:
+def read_universal(tag_dir: str, *, trust_pickle: bool = False) -> Checkpoint:
     """The :class:`~ostate.state.Checkpoint` of a universal checkpoint folder (see the module docstring)."""
     files = tag_files(tag_dir)
     model_states = load_file(files.model_files[0], trust_pickle=trust_pickle)
@@ -96,7 +96,6 @@ def read_universal(tag_dir: str, *, trust_pickle: bool = False, optimizer: str |
         group_warnings=groups.warnings,
         frozen=frozen,
         model_states=model_states,
-        optimizer=optimizer,
         extra={k: (int(v) if isinstance(v, int) else v) for k, v in extra.items()},
         metadata=deepspeed_metadata(model_states, tag_dir, stage=stage, optimizer_class=optimizer_class(settings, stage),
                                     universal=True),

@@ -22,7 +22,6 @@ def from_object(
     obj: Any,
     *,
     path: str,
-    optimizer: str | None = None,
     model: tuple[str, Mapping[str, torch.Tensor | TensorRef]] | None = None,
     format: str | None = None,
     mapped: bool = False,
@@ -51,7 +50,7 @@ def from_object(
     if model is None:
         model = discover.find_model_state_dict(obj)
     entries = (model[0], model_entries(model[1])) if model is not None else None
-    optimizers = [read_optimizer(sd, location, model=entries, kind=optimizer, mapped=mapped) for location, sd in found]
+    optimizers = [read_optimizer(sd, location, model=entries, mapped=mapped) for location, sd in found]
     weights = None
     if model is not None:
         weights = {k: _ref(v, mapped) for k, v in model[1].items() if _is_floating(v)}

@@ -19,8 +19,7 @@ import torch
 from ostate.errors import OstateError
 from ostate.formats.naming.model_order import ModelEntry, Naming, match_model_order
 from ostate.formats.files.pages import page_releaser
-from ostate.optimizers import detect, families, get_family
-from ostate.state import OptimizerState, ParamState, TensorRef
+from ostate.state import UNIDENTIFIED, OptimizerState, ParamState, TensorRef
 
 # Group keys that are bookkeeping, not hyperparameters.
 _GROUP_LISTS = ("params", "param_names")
@@ -31,14 +30,16 @@ def read_optimizer(
     location: str,
     *,
     model: tuple[str, Sequence[ModelEntry]] | None = None,
-    kind: str | None = None,
+    configured_kind: str | None = None,
     mapped: bool = False,
 ) -> OptimizerState:
     """Build the record of one optimizer from its state dict.
 
     ``model`` is ``(location, entries)`` of a model state dict from the same
     checkpoint, used to name parameters when the optimizer does not carry names.
-    ``kind`` forces the optimizer family instead of detecting it. ``mapped`` says the
+    The optimizer family is left to :func:`ostate.load` (``kind_source`` is
+    ``unidentified``), unless ``configured_kind`` names the family the checkpoint's own
+    configuration gives (a DeepSpeed config: ``kind_source`` ``ds_config``). ``mapped`` says the
     tensors live in a memory-mapped file (their pages can be given back after reading).
     """
     raw_groups = list(sd["param_groups"])
@@ -73,31 +74,6 @@ def read_optimizer(
     state_keys = frozenset(
         k for entry in entries.values() if isinstance(entry, Mapping) for k in _flat_entry(entry)
     )
-    if kind is not None:
-        family = get_family(kind)
-        kind_source = "user"
-        fits = all(family.match(state_keys, g) > 0 for g in groups) if groups else True
-        if family.name != "unknown" and not fits:
-            detected, _source, _also = detect(state_keys, groups)
-            warnings.append(
-                f"the state and group keys do not look like '{kind}' (they fit '{detected}'); "
-                f"reading them as '{kind}' as asked"
-            )
-    else:
-        name, kind_source, also = detect(state_keys, groups)
-        family = get_family(name)
-        if kind_source == "assumed":
-            warnings.append(
-                f"the state and group keys fit {', '.join([name, *also])} equally; read as '{name}' "
-                f"(pass --optimizer {also[0]} if that is what was used)"
-            )
-        elif kind_source == "unknown" and state_keys:
-            known = ", ".join(sorted(families()))
-            warnings.append(
-                f"unrecognised optimizer state (state keys: {', '.join(sorted(map(str, state_keys)))}); showing plain "
-                f"statistics of each state tensor (pass --optimizer KIND, one of: {known})"
-            )
-
     params: list[ParamState] = []
     for g, pid, name in order:
         entry = entries.get(_key(pid))
@@ -108,7 +84,7 @@ def read_optimizer(
                 name=name or "",
                 name_source="param_names" if name else "none",
                 group=g,
-                shape=_param_shape(family.param_shape, state),
+                shape=param_shape(state),
                 step=_step(state.get("step")),
                 state=state,
             )
@@ -117,7 +93,8 @@ def read_optimizer(
     _name_params(params, model, warnings)
     extra = {k: v for k, v in sd.items() if k not in ("state", "param_groups")}
     model_order = [e.name for e in model[1]] if model is not None else []
-    return OptimizerState(location, family.name, kind_source, groups, params, warnings, extra, model_order)
+    kind, kind_source = (configured_kind, "ds_config") if configured_kind is not None else ("unknown", UNIDENTIFIED)
+    return OptimizerState(location, kind, kind_source, groups, params, warnings, extra, model_order, state_keys)
 
 
 def _key(pid: Any) -> Any:
@@ -159,15 +136,42 @@ def _step(value: Any) -> float | None:
     return None
 
 
-def _param_shape(rule, state: Mapping[str, Any]) -> tuple[int, ...] | None:
-    if rule is not None:
-        return rule(state)
-    tensors = [v for v in state.values() if isinstance(v, TensorRef) and len(v.shape) >= 1]
-    if not tensors:
+def param_shape(state: Mapping[str, Any]) -> tuple[int, ...] | None:
+    """The parameter's shape as its saved state records it, or ``None`` when the state cannot tell.
+
+    Most optimizers keep a moment of the parameter's shape: the largest state tensor has
+    it (when only one shape has that size). A few state layouts say it otherwise, by keys
+    that only they use: a factored second moment (torch's Adafactor ``row_var`` and
+    ``col_var``; transformers' Adafactor ``exp_avg_sq_row`` and ``exp_avg_sq_col``) gives
+    rows times columns; bitsandbytes' ``state1`` has the parameter's shape beside smaller
+    quantisation tables; L-BFGS keeps one flat state for all parameters, which says
+    nothing of any one. A 0-dimensional state gives no shape (the model's entry does).
+
+    Example:
+        >>> row, col = TensorRef.of(torch.zeros(4)), TensorRef.of(torch.zeros(3))
+        >>> param_shape({"exp_avg_sq_row": row, "exp_avg_sq_col": col})
+        (4, 3)
+    """
+    tensors = {k: v for k, v in state.items() if isinstance(v, TensorRef)}
+    if _LBFGS_KEYS & set(state):
         return None
-    largest = max(t.numel for t in tensors)
-    shapes = {t.shape for t in tensors if t.numel == largest}
+    for key in ("variance", "exp_avg", "exp_avg_sq", "state1"):
+        if key in tensors and len(tensors[key].shape) >= 1:
+            return tuple(tensors[key].shape)
+    if "row_var" in tensors and "col_var" in tensors:
+        return tuple(tensors["row_var"].shape[:-1]) + tuple(tensors["col_var"].shape[-1:])
+    if "exp_avg_sq_row" in tensors and "exp_avg_sq_col" in tensors:
+        return tuple(tensors["exp_avg_sq_row"].shape) + tuple(tensors["exp_avg_sq_col"].shape[-1:])
+    shaped = [t for t in tensors.values() if len(t.shape) >= 1]
+    if not shaped:
+        return None
+    largest = max(t.numel for t in shaped)
+    shapes = {t.shape for t in shaped if t.numel == largest}
     return next(iter(shapes)) if len(shapes) == 1 else None
+
+
+# Keys only torch.optim.LBFGS keeps (its one flat state over every parameter).
+_LBFGS_KEYS = frozenset({"func_evals", "n_iter", "old_dirs", "old_stps", "prev_flat_grad"})
 
 
 def _name_params(params: list[ParamState], model, warnings: list[str]) -> None:

@@ -22,10 +22,10 @@ def sniff(path: str) -> int:
     return 1 if os.path.isfile(path) else 0
 
 
-def read(path: str, *, trust_pickle: bool = False, optimizer: str | None = None) -> Checkpoint:
+def read(path: str, *, trust_pickle: bool = False) -> Checkpoint:
     check_readable_file(path)
     obj = load_torch_file(path, trust_pickle=trust_pickle)
-    checkpoint = from_object(obj, path=path, optimizer=optimizer, mapped=sniff_file(path) == "zip")
+    checkpoint = from_object(obj, path=path, mapped=sniff_file(path) == "zip")
     if checkpoint.config is None:
         checkpoint.config = sibling_config(path)
     unnamed = any(p.name_source == "none" for o in checkpoint.optimizers for p in o.params)
