@@ -60,9 +60,8 @@ def load(
         ('torch', 'optimizer', 'adamw', ['weight', 'bias'])
     """
     path = os.fspath(path)
-    reader = registry.choose(path, format_hint)
     with gc_paused():
-        checkpoint = reader.read(path, trust_pickle=trust_pickle)
+        checkpoint = registry.read(path, trust_pickle=trust_pickle, format_hint=format_hint)
     return identified(checkpoint, optimizer)
 
 

@@ -183,8 +183,8 @@ def test_cli_inspects_a_deepspeed_folder_and_reports_bad_ones_in_one_line(tmp_pa
 
 
 def test_sniff_recognises_save_and_tag_folders_only(tmp_path):
-    assert deepspeed.sniff(ZERO2) and deepspeed.sniff(ZERO2 / TAG)
-    assert not deepspeed.sniff(tmp_path) and not deepspeed.sniff(ZERO2 / TAG / "mp_rank_00_model_states.pt")
+    assert deepspeed.is_deepspeed_folder(ZERO2) and deepspeed.is_deepspeed_folder(ZERO2 / TAG)
+    assert not deepspeed.is_deepspeed_folder(tmp_path) and not deepspeed.is_deepspeed_folder(ZERO2 / TAG / "mp_rank_00_model_states.pt")
 
 
 def test_alignment_padding_between_parameters_is_skipped():

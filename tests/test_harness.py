@@ -14,7 +14,7 @@ import torch
 
 import ostate
 from ostate.errors import OstateError
-from ostate.harness import ResultsStore, Spec, Sweep, Task, TrialConfig, builtin_task, run, run_trial, summarize
+from ostate.harness import ResultsStore, Spec, Sweep, Task, TrialConfig, builtin_task, run, run_trial, summarize_trials
 from ostate.harness.metrics import ALL
 from ostate.harness.source import load_source
 from ostate.harness.summary import CELL
@@ -256,7 +256,7 @@ def test_summary_statistics_follow_their_definitions():
         ("reload", 0): [4.0, 2.0, 1.0], ("reload", 1): [4.0, 2.0, 1.3], ("reload", 2): [4.0, 2.0, 1.1],
         ("fresh", 0): [4.0, 3.0, 1.2], ("fresh", 1): [4.0, 3.0, 1.5], ("fresh", 2): [4.0, 1.0, 1.3],
     })
-    s = summarize(trials, records)
+    s = summarize_trials(trials, records)
     reload, fresh = (s.strategies.set_index("strategy").loc[k] for k in ("reload", "fresh"))
     std = statistics.stdev([1.0, 1.3, 1.1])
     assert reload["final_mean"] == pytest.approx(3.4 / 3) and reload["final_std"] == pytest.approx(std)
@@ -278,7 +278,7 @@ def test_diverged_trials_are_counted_and_left_out_of_the_means():
         ("reload", 0): [4.0, 2.0, 1.0], ("reload", 1): [4.0, 2.0, 1.2],
         ("reset-v", 0): [4.0, 9.0, math.nan], ("reset-v", 1): [4.0, 2.0, 1.4],
     })
-    row = summarize(trials, records).strategies.set_index("strategy").loc["reset-v"]
+    row = summarize_trials(trials, records).strategies.set_index("strategy").loc["reset-v"]
     assert row["diverged"] == 1 and row["final_mean"] == pytest.approx(1.4)
 
 
@@ -286,6 +286,6 @@ def test_cells_are_summarised_apart():
     trials, records = _synthetic({("reload", 0): [2.0, 1.0, 0.5], ("fresh", 0): [2.0, 1.5, 1.0]})
     more_t, more_r = _synthetic({("reload", 0): [2.0, 1.0, 0.7]})
     more_t["trial_id"], more_r["trial_id"], more_t["lr"] = "x", "x", 3e-3
-    s = summarize(pd.concat([trials, more_t]), pd.concat([records, more_r]))
+    s = summarize_trials(pd.concat([trials, more_t]), pd.concat([records, more_r]))
     assert sorted(s.strategies["lr"].unique()) == [1e-3, 3e-3]
     assert len(s.strategies.groupby(list(CELL))) == 2

@@ -117,7 +117,7 @@ def test_chunked_adding_of_a_large_tensor_equals_one_pass(monkeypatch):
     x = torch.randn(10_000)
     one = Sketch()
     one.add(x)
-    monkeypatch.setattr(sk, "CHUNK", 999)
+    monkeypatch.setattr(sk, "SKETCH_CHUNK", 999)
     chunked = Sketch()
     chunked.add(x)
     np.testing.assert_array_equal(one.counts, chunked.counts)

@@ -194,7 +194,7 @@ def test_results_do_not_depend_on_the_number_of_workers_or_the_chunk_size(tmp_pa
     base = {by: summarize(checkpoint, workers=1).table(by) for by in ("param", "layer", "model")}
     for by in base:
         pd.testing.assert_frame_equal(summarize(checkpoint, workers=3).table(by), base[by])
-    monkeypatch.setattr(params_module, "CHUNK", 512)  # several chunks per tensor, rows cut in two
+    monkeypatch.setattr(params_module, "READ_CHUNK", 512)  # several chunks per tensor, rows cut in two
     monkeypatch.setattr(params_module, "RELEASE_EVERY", 1024)
     chunked = summarize(checkpoint, workers=2).table()
     pd.testing.assert_frame_equal(chunked, summarize(checkpoint, workers=1).table())

@@ -33,10 +33,10 @@ from ostate.state import OptimizerState, ParamState, TensorRef
 
 # Elements per chunk: a multiple of the 8-bit block, and small enough (1 MiB of float32)
 # that one chunk's temporaries stay in the CPU caches (measured: docs/performance.md).
-CHUNK = 1 << 18
+READ_CHUNK = 1 << 18
 # Pages of the memory-mapped file are given back every this many elements of a tensor.
 RELEASE_EVERY = 1 << 22
-assert CHUNK % BLOCK == 0 and RELEASE_EVERY % CHUNK == 0
+assert READ_CHUNK % BLOCK == 0 and RELEASE_EVERY % READ_CHUNK == 0
 
 
 @dataclass
@@ -174,7 +174,7 @@ def _stream(
 ) -> None:
     refs = list(aligned.values()) + ([weight] if weight is not None else [])
     numel = param.numel or 0
-    step = CHUNK if family.chunked else max(numel, 1)
+    step = READ_CHUNK if family.chunked else max(numel, 1)
     shared = SharedSecondMoment.for_shape(tuple(param.shape)) if family.preconditioned is not None else None
     quantized = {key: BlockwiseError(signed) for key, signed in family.quantized_moments.items() if key in aligned}
     nonfinite = eps_dominated = 0

@@ -16,7 +16,7 @@ error of ``2**-134``. bfloat16 tensors land in their own value's bucket; float64
 tensors are rounded to float32 first. Exact zeros, NaNs and infinities are counted
 apart from the histogram; count, mean, RMS, min, max and the quantiles cover the
 finite values only. Sums are float64 when ostate's compiled loops are built
-(:mod:`ostate.analysis.native.kernels`), float32 per piece of :data:`CHUNK` values otherwise;
+(:mod:`ostate.analysis.native.kernels`), float32 per piece of :data:`SKETCH_CHUNK` values otherwise;
 everything else is the same either way.
 
 Example:
@@ -46,7 +46,7 @@ _NONFINITE_MAG = 0x7F80  # magnitude bits at or above this are inf or NaN
 _NEGATIVE_ZERO_BITS = -(1 << 31)  # the int32 bit pattern of -0.0
 # Largest piece :meth:`Sketch.add` handles at once (float32 sums of this many values stay exact
 # to float32 rounding; the piece also bounds the temporary memory of one call).
-CHUNK = 1 << 22
+SKETCH_CHUNK = 1 << 22
 # Outside [_TINY, _HUGE] float32 squares lose precision (subnormal) or their sum may overflow.
 _TINY, _HUGE = 2.0**-40, 2.0**40
 
@@ -125,8 +125,8 @@ class Sketch:
         if kernels.available():
             self._add_compiled(flat)
             return
-        for start in range(0, flat.numel(), CHUNK):
-            self._add_chunk(flat[start : start + CHUNK])
+        for start in range(0, flat.numel(), SKETCH_CHUNK):
+            self._add_chunk(flat[start : start + SKETCH_CHUNK])
 
     def _add_compiled(self, flat: torch.Tensor) -> None:
         """:meth:`add` by the compiled loop (:mod:`ostate.analysis.native.kernels`): float64 sums, one pass."""

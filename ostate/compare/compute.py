@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 from ostate.analysis.native.allocator import reuse_freed_memory
 from ostate.analysis.columns import QUANTILES
 from ostate.analysis.engine import default_workers, intra_op_threads
-from ostate.analysis.params import CHUNK, RELEASE_EVERY
+from ostate.analysis.params import READ_CHUNK, RELEASE_EVERY
 from ostate.analysis.sketch import Sketch
 from ostate.errors import OstateError
 from ostate.optimizers import Family, get_family
@@ -287,7 +287,7 @@ def _stream_pair(pa: ParamState, pb: ParamState, group_a: Mapping, group_b: Mapp
     common = [k for k in refs_a if k in refs_b]
     sums["compared_keys"] = len(common)
     numel = pa.numel or 0
-    step = CHUNK if family_a.chunked and family_b.chunked else max(numel, 1)
+    step = READ_CHUNK if family_a.chunked and family_b.chunked else max(numel, 1)
     refs = [*refs_a.values(), *refs_b.values()]
     released = 0
     try:

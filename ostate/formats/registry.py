@@ -15,6 +15,7 @@ from ostate.formats.dcp import read as dcp
 from ostate.formats.deepspeed import read as deepspeed
 from ostate.formats.torch_save import read as torch_save
 from ostate.formats.reader import Reader
+from ostate.state import Checkpoint
 
 # Most specific first: a tie in score goes to the earlier reader.
 READERS: tuple[Reader, ...] = (
@@ -44,6 +45,32 @@ def get_reader(name: str) -> Reader:
         if reader.name == name:
             return reader
     raise OstateError(f"unknown format '{name}'", hint=f"choose one of: {', '.join(reader_names())}")
+
+
+def read(path: str, *, trust_pickle: bool = False, format_hint: str | None = None) -> Checkpoint:
+    """Read ``path`` with its reader (:func:`choose`).
+
+    A file that the fallback ``torch`` reader read on its own, whose parameters stay
+    unnamed, gets a warning when its folder is a checkpoint in another layout: read as
+    a whole, the folder names them from the model saved beside the file.
+    """
+    reader = choose(path, format_hint)
+    checkpoint = reader.read(path, trust_pickle=trust_pickle)
+    if reader is torch_save.READER and any(p.name_source == "none" for o in checkpoint.optimizers for p in o.params):
+        parent = os.path.dirname(os.path.abspath(path))
+        layout = _directory_layout(parent)
+        if layout is not None:
+            checkpoint.warnings.append(
+                f"this file is part of a {layout} checkpoint directory; inspect the directory "
+                f"({parent}) to get parameter names from the model saved beside it"
+            )
+    return checkpoint
+
+
+def _directory_layout(directory: str) -> str | None:
+    scored = [(_score(r, directory), r.name) for r in READERS if r is not torch_save.READER]
+    score, name = max(scored)
+    return name if score > 1 else None
 
 
 def choose(path: str, format_hint: str | None = None) -> Reader:

@@ -15,12 +15,12 @@ The parts: :class:`Task` (the user's model, data, loss and evaluation),
 from ostate.harness.run import Results, Spec, Sweep, run
 from ostate.harness.spec import load_spec
 from ostate.harness.store import ResultsStore
-from ostate.harness.summary import Summary, summarize
+from ostate.harness.summary import Summary, summarize_trials
 from ostate.harness.task import Task
 from ostate.harness.tasks import TASKS, builtin_task
 from ostate.harness.trial import TrialConfig, TrialResult, run_trial
 
 __all__ = [
     "Results", "ResultsStore", "Spec", "Summary", "Sweep", "TASKS", "Task", "TrialConfig", "TrialResult",
-    "builtin_task", "load_spec", "run", "run_trial", "summarize",
+    "builtin_task", "load_spec", "run", "run_trial", "summarize_trials",
 ]

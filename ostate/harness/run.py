@@ -13,7 +13,7 @@ from ostate.errors import OstateError
 from ostate.harness.executors import EXECUTORS, Job, default_threads, execute
 from ostate.harness.source import Source, load_source
 from ostate.harness.store import ResultsStore
-from ostate.harness.summary import Summary, summarize
+from ostate.harness.summary import Summary, summarize_trials
 from ostate.harness.task import Task, resolve_source
 from ostate.harness.transfer import load_weights, optimizer_like_source, transfer_state
 from ostate.harness.trial import TrialConfig
@@ -151,7 +151,7 @@ def run(spec: Spec) -> Results:
     summary = None
     files: list[str] = []
     if not trials.empty:
-        summary = summarize(trials, records, baseline=spec.baseline, target=spec.target_loss,
+        summary = summarize_trials(trials, records, baseline=spec.baseline, target=spec.target_loss,
                             order=[str(Strategy.parse(s)) for s in spec.sweep.strategies])
         if spec.out is not None:
             files = write_outputs(summary, spec.out, fmt=spec.plot_format if spec.plots else None, title=task.name)

@@ -57,7 +57,7 @@ class Summary:
     baseline: str
 
 
-def summarize(
+def summarize_trials(
     trials: pd.DataFrame,
     records: pd.DataFrame,
     *,

@@ -47,12 +47,12 @@ _EXTRA_KEYS = ("zero_stage", "partition_count", "dynamic_loss_scale", "overflow"
                "cur_iter", "ds_version")
 
 
-def sniff(path: str | os.PathLike) -> bool:
+def is_deepspeed_folder(path: str | os.PathLike) -> bool:
     """True when ``path`` is a DeepSpeed checkpoint folder (a ``save_dir`` or one tag inside it).
 
     Example:
         >>> import tempfile
-        >>> sniff(tempfile.mkdtemp())
+        >>> is_deepspeed_folder(tempfile.mkdtemp())
         False
     """
     path = os.fspath(path)
@@ -430,7 +430,7 @@ def _pattern(files: Sequence[str]) -> str:
     return os.path.join(os.path.basename(os.path.dirname(files[0])), name)
 
 
-def sniff_score(path: str) -> int:
+def sniff(path: str) -> int:
     """3 for a DeepSpeed tag folder, 2 for a save folder (a ``latest`` file or tag folders inside), else 0."""
     if not os.path.isdir(path):
         return 0
@@ -461,6 +461,6 @@ def read_folder(path: str, *, trust_pickle: bool = False) -> Checkpoint:
 READER = Reader(
     name="deepspeed",
     summary="a DeepSpeed save folder (latest + global_step<N>/) or one tag folder: ZeRO 0-3, BF16_Optimizer, universal",
-    sniff=sniff_score,
+    sniff=sniff,
     read=read_folder,
 )

@@ -40,7 +40,7 @@ def check_readable_file(path: str) -> None:
         raise OstateError("file is empty", where=path, hint="the checkpoint was not written completely")
 
 
-def sniff(path: str) -> str:
+def file_kind(path: str) -> str:
     """``zip`` or ``legacy`` for torch files, otherwise a word for what the file looks like."""
     with open(path, "rb") as f:
         head = f.read(16)
@@ -74,7 +74,7 @@ def load_torch_file(path: str, *, trust_pickle: bool = False, allowed_globals: S
         [1.0, 1.0]
     """
     check_readable_file(path)
-    kind = sniff(path)
+    kind = file_kind(path)
     if kind in ("zip", "legacy"):
         return _load(path, trust_pickle=trust_pickle, mmap=kind == "zip", allowed_globals=allowed_globals)
     what = {
@@ -184,7 +184,7 @@ def unsafe_globals(path: str) -> list[str]:
 
     Read from the pickle opcodes without executing anything.
     """
-    if sniff(path) == "zip":
+    if file_kind(path) == "zip":
         try:
             return list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
         except Exception:  # a damaged archive: nothing more to say than the load error
