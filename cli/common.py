@@ -11,6 +11,7 @@ from typing import Any, Callable
 import click
 
 from ostate.errors import OstateError
+from ostate_cli.flags import as_flags
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERNAL = 1
@@ -59,7 +60,7 @@ def handle_errors(fn: Callable) -> Callable:
             except OstateError as e:
                 if debug:
                     raise
-                fail(str(e), EXIT_BAD_INPUT)
+                fail(as_flags(str(e)), EXIT_BAD_INPUT)
             except KeyboardInterrupt:
                 if debug:
                     raise

@@ -141,6 +141,6 @@ def check_output(out: str | os.PathLike, inputs: Sequence[str | os.PathLike], *,
         if not out_is_directory and os.path.isdir(out_real):
             raise OstateError("is a directory; the output is one file", where=os.fspath(out))
         if not overwrite:
-            raise OstateError("already exists", where=os.fspath(out), hint="pass --overwrite to replace it")
+            raise OstateError("already exists", where=os.fspath(out), hint="pass overwrite=True to replace it")
     if not out_is_directory and not os.path.isdir(os.path.dirname(out_real)):
         raise OstateError("the output's directory does not exist", where=os.fspath(out))

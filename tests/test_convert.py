@@ -148,7 +148,7 @@ def test_several_optimizers_need_an_index(tmp_path):
     train(b, opt_b)
     path = tmp_path / "gan.pt"
     torch.save({"g": opt_a.state_dict(), "d": opt_b.state_dict()}, path)
-    with pytest.raises(OstateError, match=r"holds 2 optimizers.*--optimizer-index K \(0: g, 1: d\)"):
+    with pytest.raises(OstateError, match=r"holds 2 optimizers.*optimizer_index=K \(0: g, 1: d\)"):
         ostate.convert(path, tmp_path / "out.safetensors")
     assert ostate.convert(path, tmp_path / "out.safetensors", optimizer_index=1).kind == "sgd"
     assert ostate.load(tmp_path / "out.safetensors").optimizers[0].kind == "sgd"

@@ -61,7 +61,7 @@ def test_cli_format_hint_is_offered_and_checked(pt_file):
 def test_an_unknown_directory_lists_what_it_found(tmp_path):
     (tmp_path / "notes.txt").write_text("x")
     (tmp_path / "weights.npz").write_bytes(b"x")
-    with pytest.raises(OstateError, match=r"no checkpoint layout recognised.*found: notes.txt, weights.npz.*--format-hint"):
+    with pytest.raises(OstateError, match=r"no checkpoint layout recognised.*found: notes.txt, weights.npz.*format_hint=NAME"):
         ostate.load(tmp_path)
 
 

@@ -147,7 +147,7 @@ def compare(
     if len(paths) < 2:
         raise OstateError("compare needs at least two checkpoints", hint="give two or more paths, oldest first")
     if against not in AGAINST:
-        raise OstateError(f"unknown --against '{against}'", hint=f"choose one of: {', '.join(AGAINST)}")
+        raise OstateError(f"unknown against='{against}'", hint=f"choose one of: {', '.join(AGAINST)}")
     texts = [os.fspath(p) for p in paths]
     pairs = [(0, i) for i in range(1, len(texts))] if against == "first" else [(i - 1, i) for i in range(1, len(texts))]
     loaded: dict[int, Checkpoint] = {}
@@ -175,7 +175,7 @@ def _paired_optimizers(a: Checkpoint, b: Checkpoint, index: int | None) -> list[
         return [(a.optimizers[index], b.optimizers[index])]
     if len(a.optimizers) != len(b.optimizers):
         raise OstateError(f"the checkpoints hold {len(a.optimizers)} and {len(b.optimizers)} optimizers",
-                          where=f"{a.path}, {b.path}", hint="choose one with --optimizer-index K")
+                          where=f"{a.path}, {b.path}", hint="choose one with optimizer_index=K")
     return list(zip(a.optimizers, b.optimizers))
 
 

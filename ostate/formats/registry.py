@@ -100,7 +100,7 @@ def unrecognised(path: str) -> OstateError:
     files = [n for n in names if n.endswith(_CHECKPOINT_SUFFIXES) and os.path.isfile(os.path.join(path, n))]
     if files and not inner:
         hints.append(f"to read one file, pass it: {listing(files, limit=6)}")
-    hints.append(f"readers: {', '.join(reader_names())} (--format-hint NAME forces one; see docs/formats.md)")
+    hints.append(f"readers: {', '.join(reader_names())} (format_hint=NAME forces one; see docs/formats.md)")
     return OstateError("no checkpoint layout recognised in this directory", where=path, hint="; ".join(hints))
 
 

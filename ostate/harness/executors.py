@@ -73,7 +73,7 @@ def run_local(jobs: Sequence[Job], *, workers: int) -> Iterator[Outcome]:
     except (pickle.PicklingError, AttributeError, TypeError) as e:
         raise OstateError(f"the task cannot be sent to worker processes ({e})",
                           hint="define its functions at module level (no lambdas or closures), or run with "
-                               "workers=1 (--workers 1) or the Ray executor") from None
+                               "workers=1 or the Ray executor") from None
     context = multiprocessing.get_context("spawn")
     pool = concurrent.futures.ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=context)
     try:

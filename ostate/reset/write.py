@@ -312,7 +312,7 @@ def _strategy(strategy: str | Strategy, params: str | None) -> Strategy:
     if params is None:
         return parsed
     if parsed.params is not None:
-        raise OstateError(f"the strategy '{parsed}' already names its parameters; drop --params or the ':REGEX'")
+        raise OstateError(f"the strategy '{parsed}' already names its parameters; drop params= or the ':REGEX'")
     return Strategy(parsed.name, params)
 
 

@@ -212,7 +212,7 @@ def _check_group_wide(slots: list[Slot], owner: list[int], actions: Mapping[str,
             raise OstateError(
                 f"strategy '{sorted(wide)[0]}' would apply to only some parameters of param group {group}, whose "
                 "parameters share one step in a DeepSpeed checkpoint",
-                hint="choose --params to select whole param groups, or use reset-m / reset-v, which act on "
+                hint="choose params= to select whole param groups, or use reset-m / reset-v, which act on "
                      "each coordinate",
             )
 

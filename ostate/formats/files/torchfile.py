@@ -23,7 +23,7 @@ from ostate.errors import OstateError
 
 _ZIP_MAGIC = b"PK\x03\x04"
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # torch.serialization.MAGIC_NUMBER
-TRUST_PICKLE_HINT = "rerun with --trust-pickle (Python: trust_pickle=True) only if you trust where the file came from"
+TRUST_PICKLE_HINT = "rerun with trust_pickle=True only if you trust where the file came from"
 
 
 def check_readable_file(path: str) -> None:
