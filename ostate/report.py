@@ -263,7 +263,7 @@ def _optimizer_lines(o: OptimizerReport) -> list[str]:
     lines = [f"optimizer at '{d['location']}': {d['kind_label']} ({d['kind_source']})"]
     for g in d["groups"]:
         hp = " ".join(f"{k}={format_value(v)}" for k, v in g["hyperparameters"].items())
-        if g["other"].get("frozen") is True and not hp:
+        if g.get("frozen"):
             hp = "frozen (not in the optimizer)"
         lines.append(f"  group {g['index']}: {g['params']} params, {g['numel']:,} coords; {hp}")
     steps = d["steps"]

@@ -77,6 +77,13 @@ class ParamState:
     ``momentum_buffer``, ...): tensors as :class:`TensorRef`, anything else as saved
     (a Python int ``step``, LBFGS lists). ``step`` is the step count read from the
     state, or ``None`` when the optimizer keeps none (SGD) or the parameter has no state.
+
+    ``frozen`` marks a parameter that the checkpoint saves outside the optimizer: the
+    model has it but does not train it (DeepSpeed keeps frozen parameters beside the
+    optimizer's partitions). It has no state, and readers put such parameters in a param
+    group of their own whose only entry is ``{"frozen": True}`` (no hyperparameters; see
+    :meth:`OptimizerState.is_frozen_group`). A parameter that is in the optimizer but
+    never stepped is not frozen: it merely has no state.
     """
 
     index: int | str
@@ -86,6 +93,7 @@ class ParamState:
     shape: tuple[int, ...] | None
     step: float | None
     state: dict[str, Any] = field(default_factory=dict)
+    frozen: bool = False
 
     @property
     def has_state(self) -> bool:
@@ -146,6 +154,12 @@ class OptimizerState:
 
     def group_of(self, param: ParamState) -> dict[str, Any]:
         return self.groups[param.group]
+
+    def is_frozen_group(self, index: int) -> bool:
+        """Whether param group ``index`` holds frozen parameters only (:attr:`ParamState.frozen`):
+        the group a reader adds for them, which the optimizer itself does not have."""
+        members = [p for p in self.params if p.group == index]
+        return bool(members) and all(p.frozen for p in members)
 
     def param(self, name: str) -> ParamState:
         """The parameter with this name (KeyError if none)."""

@@ -52,6 +52,16 @@ def test_committed_deepspeed_saves_read_exactly_without_deepspeed(fixture):
         assert torch.equal(ckpt.weights[name].read(), tensors["fp32"])
 
 
+@pytest.mark.parametrize("fixture", [ZERO2, ZERO3], ids=["zero2-fusedadam", "zero3-subgroups"])
+def test_frozen_parameters_are_marked_frozen_and_so_is_only_their_group(fixture):
+    o = ostate.load(fixture).optimizers[0]
+    assert [p.name for p in o.params if p.frozen] == ["frozen.weight"]
+    last = len(o.groups) - 1
+    assert o.param("frozen.weight").group == last and not o.param("frozen.weight").has_state
+    assert [o.is_frozen_group(g) for g in range(len(o.groups))] == [g == last for g in range(len(o.groups))]
+    assert [g["frozen"] for g in ostate.describe(o)["groups"]] == [g == last for g in range(len(o.groups))]
+
+
 def test_fusedadam_keeps_an_int_step_and_its_kind_comes_from_the_deepspeed_config():
     o = ostate.load(ZERO2).optimizers[0]
     # FusedAdam's groups carry no decoupled_weight_decay: the config's "type": "AdamW" decides.

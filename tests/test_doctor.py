@@ -101,6 +101,19 @@ def test_frozen_and_never_stepped_parameters_are_listed(tmp_path):
     assert set(codes(d)) == {"empty-state"}
 
 
+def test_a_parameter_marked_frozen_is_reported_as_frozen_whatever_the_format(tmp_path):
+    model = Mlp()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
+    model.hidden.weight.requires_grad_(False)
+    model, opt = trained(model, opt)
+    ckpt = ostate.load(saved(tmp_path, model, opt))
+    ckpt.optimizers[0].param("hidden.weight").frozen = True  # as a reader marks a parameter kept outside the optimizer
+    found = codes(diagnose(ckpt))
+    assert "params-without-state" not in found
+    assert found["frozen-params"].severity == "info"
+    assert [e.subject for e in found["frozen-params"].evidence] == ["hidden.weight"]
+
+
 def test_unused_embedding_rows_have_a_zero_second_moment(tmp_path):
     class Lm(nn.Module):
         def __init__(self):

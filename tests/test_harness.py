@@ -100,6 +100,23 @@ def test_a_source_of_another_optimizer_kind_is_refused_before_any_trial(tmp_path
                  workers=1, progress=False))
 
 
+class MyAdamW(torch.optim.AdamW):
+    """A user's subclass: its state is AdamW's, whatever its class is called."""
+
+
+@pytest.mark.parametrize("strategy", ["reset-v", "reset-m", "keep-v"])
+def test_a_subclass_of_the_sources_optimizer_runs_a_trial_exactly_like_the_optimizer_itself(adamw_source, strategy):
+    config = TrialConfig(strategy, 0, 1e-3, steps=2, eval_every=2)
+    plain, sub = (
+        run_trial(tiny_task(adamw_source, optimizer=lambda model, lr, cls=cls: cls(model.named_parameters(), lr=lr)),
+                  adamw_source, config, threads=1)
+        for cls in (torch.optim.AdamW, MyAdamW)
+    )
+    assert sub.info["optimizer"] == plain.info["optimizer"] == "adamw"
+    assert sub.info["actions"] == plain.info["actions"] == {strategy: 4}
+    assert sub.records == plain.records
+
+
 def test_a_strategy_that_does_not_apply_stops_the_ablation_with_one_clear_error(tmp_path):
     source = ht.make_source(tmp_path / "sgd.pt", optimizer="sgd")
     with pytest.raises(OstateError, match="strategy 'reset-v'.*has no second moment"):

@@ -12,8 +12,9 @@ import torch
 from torch import nn
 
 from ostate.errors import OstateError
+from ostate.optimizers import families
 from ostate.reset.strategies import (
-    LAYOUTS, STRATEGIES, V_AGE_KEY, Strategy, apply_strategy, attach, optimizer_kind, plan, v_age_factor,
+    STRATEGIES, V_AGE_KEY, Strategy, apply_strategy, attach, optimizer_kind, plan, v_age_factor,
 )
 
 OPTIMIZERS = {
@@ -342,6 +343,7 @@ def test_bad_strategy_text_is_refused_with_the_choices(text, message):
 
 
 def test_the_layouts_cover_the_families_the_harness_promises():
+    LAYOUTS = {name for name, family in families().items() if family.layout is not None}
     assert {"adam", "adamw", "nadam", "radam", "sgd", "rmsprop", "adagrad"} <= set(LAYOUTS)
     assert {kind_of(n) for n in OPTIMIZERS} <= set(LAYOUTS)
 
@@ -362,3 +364,50 @@ def test_centred_rmsprop_keeps_its_variance_estimate_whole(strategy):
     opt.load_state_dict(new)
     step_with(model, opt, fixed_grads(model, 3))
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+class MyAdamW(torch.optim.AdamW):
+    """A subclass as users write them: ostate's detection calls its state AdamW, and so must the strategies."""
+
+
+def test_the_kind_of_a_live_optimizer_comes_from_its_keys_not_its_class_name():
+    params = [nn.Parameter(torch.ones(2))]
+    assert optimizer_kind(MyAdamW(params)) == "adamw"  # no state yet: the group keys decide
+    assert optimizer_kind(torch.optim.Adam(params, decoupled_weight_decay=True)) == "adamw"
+    for name, make in OPTIMIZERS.items():
+        fresh = make([nn.Parameter(torch.ones(2))])
+        assert optimizer_kind(fresh) == kind_of(name)
+        assert optimizer_kind(model_and_optimizer(name, steps=2)[1]) == kind_of(name)
+
+
+@pytest.mark.parametrize("strategy", ["reset-v", "reset-m", "keep-v"])
+def test_a_subclass_of_adamw_gets_exactly_the_state_and_steps_of_adamw(strategy):
+    runs = {}
+    for cls in (torch.optim.AdamW, MyAdamW):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+        opt = cls(model.parameters(), lr=1e-2, weight_decay=0.1)
+        for seed in range(5):
+            step_with(model, opt, fixed_grads(model, seed))
+        new = apply_strategy(opt.state_dict(), strategy, kind=optimizer_kind(opt))
+        new = copy.deepcopy(new)
+        opt.load_state_dict(new)
+        detach = attach(opt)
+        delta = step_with(model, opt, fixed_grads(model, 9))
+        detach()
+        runs[cls] = (new, delta)
+    (plain, plain_delta), (sub, sub_delta) = runs[torch.optim.AdamW], runs[MyAdamW]
+    assert plain["param_groups"] == sub["param_groups"]
+    assert plain["state"].keys() == sub["state"].keys()
+    for index, state in plain["state"].items():
+        assert state.keys() == sub["state"][index].keys()
+        for key, value in state.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(sub["state"][index][key])), (index, key)
+    assert all(torch.equal(a, b) for a, b in zip(plain_delta, sub_delta))
+
+
+def test_the_hint_for_a_kind_without_a_layout_lists_the_families_that_have_one():
+    with pytest.raises(OstateError) as info:
+        apply_strategy(model_and_optimizer("adam", steps=1)[1].state_dict(), "reset-v", kind="rprop")
+    assert info.value.hint == ("kinds with partial strategies: adadelta, adagrad, adam, adamax, adamw, nadam, radam, "
+                               "rmsprop, sgd")

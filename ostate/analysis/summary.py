@@ -45,6 +45,8 @@ def describe(optimizer: OptimizerState) -> dict[str, Any]:
                 "numel": sum(p.numel or 0 for p in members),
                 "hyperparameters": shown,
                 "other": others,
+                # Only frozen parameters (ParamState.frozen): not a group of the optimizer itself.
+                "frozen": optimizer.is_frozen_group(g),
             }
         )
     return {

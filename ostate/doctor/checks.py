@@ -29,7 +29,6 @@ from typing import Callable, Iterable, Mapping
 
 from ostate.analysis import Analysis, ParamSummary, summarize
 from ostate.analysis.params import param_kind
-from ostate.formats.deepspeed.read import FROZEN_GROUP
 from ostate.optimizers import get_family
 from ostate.state import Checkpoint, OptimizerState, ParamState, TensorRef
 
@@ -221,14 +220,10 @@ def _second_moment(optimizer: OptimizerState) -> str | None:
     return get_family(optimizer.kind).second_moment
 
 
-def _frozen(optimizer: OptimizerState, param: ParamState) -> bool:
-    return optimizer.groups[param.group] == FROZEN_GROUP
-
-
 def _keeps_state(optimizer: OptimizerState, param: ParamState) -> bool:
     """False where the family keeps no state for this parameter by design (SGD without momentum, L-BFGS)."""
     group = optimizer.groups[param.group]
-    if optimizer.kind in _NO_PER_PARAMETER_STATE or _frozen(optimizer, param):
+    if optimizer.kind in _NO_PER_PARAMETER_STATE or param.frozen:
         return False
     return not (optimizer.kind == "sgd" and not group.get("momentum", 0.0))
 
@@ -282,7 +277,7 @@ def check_empty_or_missing_state(ctx: Context) -> list[Finding]:
                 "pass) never gets state. If it should train, check requires_grad and the forward pass; if it is "
                 "frozen on purpose, leave it out of the optimizer (or pass --ignore params-without-state).",
                 o.location))
-        frozen = [p for p in o.params if _frozen(o, p)]
+        frozen = [p for p in o.params if p.frozen]
         if frozen:
             out.append(Finding("info", "frozen-params", "frozen parameters (saved by DeepSpeed outside the optimizer)",
                                [_evidence(p, p.numel) for p in frozen],
@@ -340,7 +335,7 @@ def check_learning_rate(ctx: Context) -> list[Finding]:
     for result in ctx.analysis.optimizers:
         o = result.optimizer
         for g, group in enumerate(o.groups):
-            if group == FROZEN_GROUP or "lr" not in group or not isinstance(group["lr"], (int, float)):
+            if o.is_frozen_group(g) or "lr" not in group or not isinstance(group["lr"], (int, float)):
                 continue
             members = [p for p in o.params if p.group == g and p.has_state]
             subject = [Evidence(f"group {g}", sum(p.numel or 0 for p in members), None,
@@ -517,7 +512,7 @@ def check_model_agreement(ctx: Context) -> list[Finding]:
     out = []
     for result in ctx.analysis.optimizers:
         o = result.optimizer
-        trained = [p for p in o.params if not _frozen(o, p)]
+        trained = [p for p in o.params if not p.frozen]
         named = [p for p in trained if p.name_source != "none"]
         shapes = [_evidence(p, p.numel, f"optimizer {_shape(p.shape)}, model {_shape(model[p.name].shape)}")
                   for p in named if p.name in model and p.shape is not None and tuple(model[p.name].shape) != tuple(p.shape)]

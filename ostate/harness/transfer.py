@@ -15,7 +15,8 @@ from torch import nn
 
 from ostate.errors import OstateError
 from ostate.harness.source import Source
-from ostate.reset.strategies import LAYOUTS, V_AGE_KEY, optimizer_kind
+from ostate.optimizers import families
+from ostate.reset.strategies import V_AGE_KEY, optimizer_kind
 
 # The torch class of each optimizer family the default optimizer factory can rebuild.
 OPTIMIZER_CLASSES: dict[str, type[torch.optim.Optimizer]] = {
@@ -94,6 +95,12 @@ def _hyperparameters(group: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in group.items() if k not in _RUN_KEYS}
 
 
+def _same_layout(a: str, b: str) -> bool:
+    """Whether two families keep their state alike (Adam and AdamW), so one's state loads into the other."""
+    layout_a, layout_b = (getattr(families().get(kind), "layout", None) for kind in (a, b))
+    return layout_a is not None and layout_a is layout_b
+
+
 def transfer_state(source: Source, optimizer: torch.optim.Optimizer, model: nn.Module) -> Transfer:
     """The source's optimizer state re-indexed for ``optimizer`` (a fresh optimizer over ``model``).
 
@@ -101,9 +108,7 @@ def transfer_state(source: Source, optimizer: torch.optim.Optimizer, model: nn.M
     result keeps ``optimizer``'s own param groups: the trial's hyperparameters win.
     """
     target_kind, source_kind = optimizer_kind(optimizer), source.kind
-    if source_kind != "unknown" and target_kind != source_kind and not (
-        target_kind in LAYOUTS and LAYOUTS.get(source_kind) is LAYOUTS[target_kind]
-    ):
+    if source_kind != "unknown" and target_kind != source_kind and not _same_layout(source_kind, target_kind):
         raise OstateError(
             f"the source's optimizer state is {source_kind} but the fine-tuning optimizer is {target_kind}",
             where=source.path,

@@ -28,7 +28,7 @@ from typing import Mapping
 
 import torch
 
-from ostate.optimizers.family import Family, Group, group_has, register
+from ostate.optimizers.family import Family, Group, StateLayout, fresh_zeros, group_has, register
 from ostate.state import ParamState
 
 _STATE_KEYS = frozenset({"step", "square_avg", "acc_delta"})
@@ -86,5 +86,10 @@ ADADELTA = register(
         display=("square_avg_mean", "acc_delta_mean", "eff_lr_min", "eff_lr_p50", "eff_lr_max"),
         hyperparameters=("lr", "initial_lr", "rho", "eps", "weight_decay", "maximize"),
         second_moment="square_avg",
+        layout=StateLayout(
+            second_moment=("square_avg", "acc_delta"), counter=("step",),
+            fresh={"square_avg": fresh_zeros, "acc_delta": fresh_zeros, "step": fresh_zeros},
+            step_in_update=lambda group: False,
+        ),
     )
 )

@@ -24,11 +24,13 @@ and the saved accumulator:
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Any, Mapping
 
 import torch
 
-from ostate.optimizers.family import Family, Group, Preconditioned, group_has, plain_preconditioned, register, step_of
+from ostate.optimizers.family import (
+    Family, Group, Preconditioned, StateLayout, fresh_zeros, group_has, plain_preconditioned, register, step_of,
+)
 from ostate.optimizers.sparse_adam import sparse_like
 from ostate.state import ParamState
 
@@ -101,6 +103,11 @@ def match(state_keys: frozenset[str], group: Group) -> int:
     return 3 if state_keys else 0
 
 
+def fresh_sum(value: Any, group: Group) -> torch.Tensor:
+    """The accumulator a fresh Adagrad starts from: ``initial_accumulator_value`` everywhere."""
+    return torch.full_like(value, float(group.get("initial_accumulator_value", 0.0)))
+
+
 ADAGRAD = register(
     Family(
         name="adagrad",
@@ -117,6 +124,12 @@ ADAGRAD = register(
         preconditioned=preconditioned,
         # bitsandbytes' Adagrad8bit keeps the accumulator with the signed dynamic map (Optimizer1State).
         quantized_moments={"sum": True},
+        # torch creates Adagrad's state in the constructor, not at the first step.
+        layout=StateLayout(
+            second_moment=("sum",), counter=("step",), fresh={"sum": fresh_sum, "step": fresh_zeros},
+            step_in_update=lambda group: float(group.get("lr_decay", 0.0)) != 0.0,
+            lazy_init=False,
+        ),
         notes=("Adagrad: decayed_lr is the next step's lr / (1 + step * lr_decay); a zero gradient moves nothing, "
                "so there is no update column.",),
     )

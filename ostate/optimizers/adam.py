@@ -34,7 +34,9 @@ from typing import Mapping
 
 import torch
 
-from ostate.optimizers.family import Family, Group, Moments, Preconditioned, group_has, register, step_of
+from ostate.optimizers.family import (
+    Family, Group, Moments, Preconditioned, StateLayout, fresh_zeros, group_has, register, step_of,
+)
 from ostate.state import ParamState
 
 _STATE_KEYS = frozenset({"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"})
@@ -313,6 +315,12 @@ _DISPLAY = ("exp_avg_abs_mean", "exp_avg_sq_mean", "eff_lr_min", "eff_lr_p50", "
 # bitsandbytes' 8-bit Adam keeps m with the signed and v with the unsigned dynamic map.
 _QUANTIZED = {"exp_avg": True, "exp_avg_sq": False}
 _HYPER = ("lr", "initial_lr", "betas", "eps", "weight_decay", "amsgrad", "maximize")
+# One layout for Adam and AdamW (AMSGrad's max_exp_avg_sq goes with v): a state of one loads into the other.
+ADAM_LAYOUT = StateLayout(
+    first_moment=("exp_avg",), second_moment=("exp_avg_sq", "max_exp_avg_sq"), counter=("step",),
+    fresh={"exp_avg": fresh_zeros, "exp_avg_sq": fresh_zeros, "max_exp_avg_sq": fresh_zeros, "step": fresh_zeros},
+    v_bias_corrected=True,
+)
 
 ADAM = register(
     Family(
@@ -330,6 +338,7 @@ ADAM = register(
         preconditioned=preconditioned,
         quantized_moments=_QUANTIZED,
         moments=ADAM_MOMENTS,
+        layout=ADAM_LAYOUT,
     )
 )
 
@@ -350,6 +359,7 @@ ADAMW = register(
         preconditioned=preconditioned,
         quantized_moments=_QUANTIZED,
         moments=ADAM_MOMENTS,
+        layout=ADAM_LAYOUT,
         preferred=True,
         notes=("AdamW: weight decay is decoupled (theta <- theta * (1 - lr * weight_decay) before the Adam step).",),
     )

@@ -27,7 +27,7 @@ from typing import Mapping
 
 import torch
 
-from ostate.optimizers.family import Family, Group, group_has, register, step_of
+from ostate.optimizers.family import Family, Group, StateLayout, fresh_zeros, group_has, register, step_of
 from ostate.state import ParamState
 
 _STATE_KEYS = frozenset({"step", "exp_avg", "exp_inf"})
@@ -113,5 +113,10 @@ ADAMAX = register(
         hyperparameters=("lr", "initial_lr", "betas", "eps", "weight_decay", "maximize"),
         first_moment="exp_avg_abs",
         second_moment="exp_inf",
+        # The infinity norm has no bias correction: keep-v needs no correction of its age.
+        layout=StateLayout(
+            first_moment=("exp_avg",), second_moment=("exp_inf",), counter=("step",),
+            fresh={"exp_avg": fresh_zeros, "exp_inf": fresh_zeros, "step": fresh_zeros},
+        ),
     )
 )

@@ -23,6 +23,53 @@ Group = Mapping[str, Any]
 # Per-coordinate quantities of one chunk of a parameter: a tensor (one value per
 # coordinate of the chunk) or a float (the same value for every coordinate).
 Quantities = dict[str, "torch.Tensor | float"]
+# The value a state entry starts from in a fresh optimizer, given the saved value and the param group.
+Fresh = Callable[[Any, Group], Any]
+
+# A fresh value meaning: the entry is absent (the optimizer creates it at its first step).
+ABSENT = object()
+
+
+def fresh_zeros(value: Any, group: Group) -> Any:
+    """Zeros like ``value`` (a tensor, or a number of its type)."""
+    return torch.zeros_like(value) if isinstance(value, torch.Tensor) else type(value)(0)
+
+
+def fresh_ones(value: Any, group: Group) -> Any:
+    """Ones like ``value`` (a tensor, or a number of its type)."""
+    return torch.ones_like(value) if isinstance(value, torch.Tensor) else type(value)(1)
+
+
+def fresh_absent(value: Any, group: Group) -> Any:
+    """:data:`ABSENT`: the entry is removed, as a fresh optimizer does not have it."""
+    return ABSENT
+
+
+@dataclass(frozen=True)
+class StateLayout:
+    """Which state keys of an optimizer family are moments and counters, and how each starts.
+
+    The roles are state keys as saved (``exp_avg``, ``exp_avg_sq``), not the quantity
+    names of :attr:`Family.first_moment` and :attr:`Family.second_moment`; the
+    strategies of ``ostate reset`` and the fine-tuning harness act on them.
+    ``fresh`` gives, per key, the value a fresh optimizer starts from (a function of the
+    saved value and the param group; :func:`fresh_absent` where a fresh optimizer has
+    no such entry). ``step_in_update(group)`` says whether the counter changes the
+    update (bias correction, schedules); ``v_bias_corrected`` whether the second moment
+    is divided by :math:`1-\\beta_2^t` (keep-v then corrects for the kept second moment's
+    age); ``keep_v_refusal`` explains why keeping the second moment while resetting the
+    rest cannot be expressed, when it cannot; ``lazy_init`` whether torch creates the
+    state at the first step (a fresh state is then empty) rather than in the constructor.
+    """
+
+    first_moment: tuple[str, ...] = ()
+    second_moment: tuple[str, ...] = ()
+    counter: tuple[str, ...] = ()
+    fresh: Mapping[str, Fresh] = field(default_factory=dict)
+    step_in_update: Callable[[Group], bool] = lambda group: True
+    v_bias_corrected: bool = False
+    keep_v_refusal: str | None = None
+    lazy_init: bool = True
 
 
 @dataclass(frozen=True)
@@ -71,6 +118,10 @@ class Family:
       :math:`\hat m` and :math:`\hat v` (a :class:`Moments`): the analysis then counts
       :math:`(\sqrt{\hat v}, |\hat m|)` per coordinate in a joint histogram when asked
       (``summarize(..., joint=True)``), for the moments plot.
+    - ``layout`` says which state keys are the first and second moments and the step
+      counters, and how a fresh optimizer starts each (a :class:`StateLayout`); the
+      strategies that reset part of a state (``reset-m``, ``reset-v``, ...) need it, and
+      refuse a family without one.
     """
 
     name: str
@@ -93,6 +144,7 @@ class Family:
     quantized_moments: Mapping[str, bool] = field(default_factory=dict)
     moments: "Moments | None" = None
     signed_first_moment: Callable[[Mapping[str, torch.Tensor], Group, ParamState], torch.Tensor] | None = None
+    layout: StateLayout | None = None
 
     def first_moment_values(self, chunk: Mapping[str, torch.Tensor], group: Group,
                             param: ParamState) -> torch.Tensor | None:

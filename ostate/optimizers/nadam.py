@@ -40,7 +40,9 @@ from typing import Mapping
 import torch
 
 from ostate.optimizers.adam import ADAM_MOMENTS, adam_effective_lr, adam_snr, bias_corrected_preconditioned
-from ostate.optimizers.family import Family, Group, Preconditioned, group_has, register, scalar_of, step_of
+from ostate.optimizers.family import (
+    Family, Group, Preconditioned, StateLayout, fresh_ones, fresh_zeros, group_has, register, scalar_of, step_of,
+)
 from ostate.state import ParamState
 
 _STATE_KEYS = frozenset({"step", "exp_avg", "exp_avg_sq", "mu_product"})
@@ -172,6 +174,11 @@ NADAM = register(
         second_moment="exp_avg_sq",
         moments=ADAM_MOMENTS,  # the same averages as Adam; eps is added to sqrt(v_hat)
         preconditioned=preconditioned,
+        layout=StateLayout(
+            first_moment=("exp_avg",), second_moment=("exp_avg_sq",), counter=("step", "mu_product"),
+            fresh={"exp_avg": fresh_zeros, "exp_avg_sq": fresh_zeros, "step": fresh_zeros, "mu_product": fresh_ones},
+            v_bias_corrected=True,
+        ),
         notes=("NAdam: step and mu_product must be reset together; mu_product_consistent says whether they agree.",),
     )
 )

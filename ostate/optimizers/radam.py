@@ -38,7 +38,10 @@ from typing import Mapping
 import torch
 
 from ostate.optimizers.adam import adam_snr, moment_estimates
-from ostate.optimizers.family import Family, Group, Moments, Preconditioned, group_has, plain_preconditioned, register, step_of
+from ostate.optimizers.family import (
+    Family, Group, Moments, Preconditioned, StateLayout, fresh_zeros, group_has, plain_preconditioned, register,
+    step_of,
+)
 from ostate.state import ParamState
 
 _STATE_KEYS = frozenset({"step", "exp_avg", "exp_avg_sq"})
@@ -188,6 +191,12 @@ RADAM = register(
         moments=Moments(estimates=moment_estimates, betas=lambda group: tuple(map(float, group["betas"][:2])),
                         eps_root=eps_root),
         preconditioned=preconditioned,
+        layout=StateLayout(
+            first_moment=("exp_avg",), second_moment=("exp_avg_sq",), counter=("step",),
+            fresh={"exp_avg": fresh_zeros, "exp_avg_sq": fresh_zeros, "step": fresh_zeros},
+            keep_v_refusal="RAdam does not use v at all for its first steps after a step reset (rectification "
+                           "while rho_t <= 5), so a kept v cannot act as a mature one; use reset-m (keeps v and step)",
+        ),
         notes=("RAdam: rho, rectified and rect_factor are those of the next step (t+1); while not rectified "
                "the step is lr times the bias-corrected momentum, with no adaptivity.",),
     )

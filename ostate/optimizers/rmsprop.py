@@ -34,7 +34,9 @@ from typing import Mapping
 
 import torch
 
-from ostate.optimizers.family import Family, Group, Preconditioned, group_has, plain_preconditioned, register
+from ostate.optimizers.family import (
+    Family, Group, Preconditioned, StateLayout, fresh_zeros, group_has, plain_preconditioned, register,
+)
 from ostate.state import ParamState
 
 _STATE_KEYS = frozenset({"step", "square_avg", "momentum_buffer", "grad_avg"})
@@ -137,5 +139,14 @@ RMSPROP = register(
         preconditioned=preconditioned,
         # bitsandbytes' RMSprop8bit keeps square_avg with the signed dynamic map (Optimizer1State).
         quantized_moments={"square_avg": True},
+        # Centred RMSprop divides by sqrt(square_avg - grad_avg^2): grad_avg is part of the
+        # variance estimate, not a first moment, and goes with square_avg (zeroing only
+        # square_avg would make the variance negative and the weights NaN).
+        layout=StateLayout(
+            first_moment=("momentum_buffer",), second_moment=("square_avg", "grad_avg"), counter=("step",),
+            fresh={"momentum_buffer": fresh_zeros, "grad_avg": fresh_zeros, "square_avg": fresh_zeros,
+                   "step": fresh_zeros},
+            step_in_update=lambda group: False,
+        ),
     )
 )

@@ -23,7 +23,7 @@ from typing import Mapping
 
 import torch
 
-from ostate.optimizers.family import Family, Group, group_has, register
+from ostate.optimizers.family import Family, Group, StateLayout, fresh_absent, group_has, register
 from ostate.state import ParamState
 
 
@@ -106,5 +106,8 @@ SGD = register(
         hyperparameters=("lr", "initial_lr", "momentum", "dampening", "nesterov", "weight_decay", "maximize"),
         first_moment="momentum_buffer_abs",
         quantized_moments={"momentum_buffer": True},
+        # SGD's first step sets the buffer to the gradient itself: a fresh buffer is an absent one
+        # (a zero buffer would damp that step by 1 - dampening).
+        layout=StateLayout(first_moment=("momentum_buffer",), fresh={"momentum_buffer": fresh_absent}),
     )
 )

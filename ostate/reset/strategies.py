@@ -26,10 +26,10 @@ strategy                  what each parameter's state becomes
 Adagrad's ``sum``; SGD's ``momentum_buffer`` is removed, because SGD's first step sets
 the buffer to the gradient itself (a zero buffer would damp that step by
 ``1 - dampening``). Which keys are moments and counters depends on the optimizer
-family (:data:`LAYOUTS`); a strategy that has nothing to act on (``reset-v`` on SGD,
-``reset-step`` where the step count does not enter the update) is refused with an
-:class:`~ostate.errors.OstateError`, as is anything but ``fresh`` and ``reload`` for
-an optimizer kind not in :data:`LAYOUTS`.
+family: its ``layout`` (a :class:`~ostate.optimizers.family.StateLayout`) says so. A
+strategy that has nothing to act on (``reset-v`` on SGD, ``reset-step`` where the step
+count does not enter the update) is refused with an :class:`~ostate.errors.OstateError`,
+as is anything but ``fresh`` and ``reload`` for an optimizer kind without a layout.
 
 **keep-v and bias correction.** Adam (and AdamW, AMSGrad, NAdam) use one counter
 :math:`t` for both corrections: :math:`\hat m = m/(1-\beta_1^t)`, :math:`\hat v =
@@ -63,21 +63,19 @@ infinity norm has no bias correction, so keep-v needs no hook there; RAdam ignor
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
 from ostate.errors import OstateError
+from ostate.optimizers import detect, families
+from ostate.optimizers.family import ABSENT, StateLayout
 
 STRATEGIES = ("fresh", "reload", "reset-m", "reset-v", "reset-step", "keep-v")
 
 # The param-group key that records the age of a kept second moment (see keep-v above).
 V_AGE_KEY = "ostate_v_age"
-
-_DROP = object()  # a reset value meaning: remove the key (the optimizer recreates it)
-
-Reset = Callable[[Any, Mapping[str, Any]], Any]
 
 
 @dataclass(frozen=True)
@@ -118,117 +116,40 @@ class Strategy:
         return self.name if self.params is None else f"{self.name}:{self.params}"
 
 
-def _zeros(value: Any, group: Mapping[str, Any]) -> Any:
-    return torch.zeros_like(value) if isinstance(value, torch.Tensor) else type(value)(0)
-
-
-def _ones(value: Any, group: Mapping[str, Any]) -> Any:
-    return torch.ones_like(value) if isinstance(value, torch.Tensor) else type(value)(1)
-
-
-def _initial_accumulator(value: Any, group: Mapping[str, Any]) -> Any:
-    return torch.full_like(value, float(group.get("initial_accumulator_value", 0.0)))
-
-
-def _drop(value: Any, group: Mapping[str, Any]) -> Any:
-    return _DROP
-
-
-@dataclass(frozen=True)
-class StateLayout:
-    """Which state keys of an optimizer family are moments and counters, and how each starts.
-
-    ``reset`` gives, per key, the value a fresh optimizer starts from (a function of the
-    saved value and the param group). ``step_in_update(group)`` says whether the counter
-    changes the update (bias correction, schedules); ``v_bias_corrected`` whether the
-    second moment is divided by :math:`1-\\beta_2^t` (keep-v then needs :func:`attach`);
-    ``keep_v_refusal`` explains why keep-v cannot be expressed, when it cannot;
-    ``lazy_init`` whether torch creates the state at the first step (a fresh state is
-    then empty) rather than in the constructor.
-    """
-
-    first_moment: tuple[str, ...] = ()
-    second_moment: tuple[str, ...] = ()
-    counter: tuple[str, ...] = ()
-    reset: Mapping[str, Reset] = field(default_factory=dict)
-    step_in_update: Callable[[Mapping[str, Any]], bool] = lambda group: True
-    v_bias_corrected: bool = False
-    keep_v_refusal: str | None = None
-    lazy_init: bool = True
-
-
-_ADAM = StateLayout(
-    first_moment=("exp_avg",), second_moment=("exp_avg_sq", "max_exp_avg_sq"), counter=("step",),
-    reset={"exp_avg": _zeros, "exp_avg_sq": _zeros, "max_exp_avg_sq": _zeros, "step": _zeros},
-    v_bias_corrected=True,
-)
-
-LAYOUTS: dict[str, StateLayout] = {
-    "adam": _ADAM,
-    "adamw": _ADAM,
-    "nadam": StateLayout(
-        first_moment=("exp_avg",), second_moment=("exp_avg_sq",), counter=("step", "mu_product"),
-        reset={"exp_avg": _zeros, "exp_avg_sq": _zeros, "step": _zeros, "mu_product": _ones},
-        v_bias_corrected=True,
-    ),
-    "radam": StateLayout(
-        first_moment=("exp_avg",), second_moment=("exp_avg_sq",), counter=("step",),
-        reset={"exp_avg": _zeros, "exp_avg_sq": _zeros, "step": _zeros},
-        keep_v_refusal="RAdam does not use v at all for its first steps after a step reset (rectification "
-                       "while rho_t <= 5), so a kept v cannot act as a mature one; use reset-m (keeps v and step)",
-    ),
-    "adamax": StateLayout(
-        first_moment=("exp_avg",), second_moment=("exp_inf",), counter=("step",),
-        reset={"exp_avg": _zeros, "exp_inf": _zeros, "step": _zeros},
-    ),
-    "sgd": StateLayout(first_moment=("momentum_buffer",), reset={"momentum_buffer": _drop}),
-    # Centred RMSprop divides by sqrt(square_avg - grad_avg^2): grad_avg is part of the
-    # variance estimate, not a first moment, and goes with square_avg (zeroing only
-    # square_avg would make the variance negative and the weights NaN).
-    "rmsprop": StateLayout(
-        first_moment=("momentum_buffer",), second_moment=("square_avg", "grad_avg"), counter=("step",),
-        reset={"momentum_buffer": _zeros, "grad_avg": _zeros, "square_avg": _zeros, "step": _zeros},
-        step_in_update=lambda group: False,
-    ),
-    "adagrad": StateLayout(
-        second_moment=("sum",), counter=("step",),
-        reset={"sum": _initial_accumulator, "step": _zeros},
-        step_in_update=lambda group: float(group.get("lr_decay", 0.0)) != 0.0,
-        lazy_init=False,
-    ),
-    "adadelta": StateLayout(
-        second_moment=("square_avg", "acc_delta"), counter=("step",),
-        reset={"square_avg": _zeros, "acc_delta": _zeros, "step": _zeros},
-        step_in_update=lambda group: False,
-    ),
-}
+def _layout(kind: str) -> StateLayout | None:
+    family = families().get(kind)
+    return family.layout if family is not None else None
 
 
 def layout_of(kind: str) -> StateLayout:
-    """The state layout of an optimizer family (an OstateError for a kind without one)."""
-    try:
-        return LAYOUTS[kind]
-    except KeyError:
+    """The state layout of an optimizer family (its :attr:`~ostate.optimizers.family.Family.layout`;
+    an OstateError for a kind without one)."""
+    layout = _layout(kind)
+    if layout is None:
+        with_layout = sorted(name for name, family in families().items() if family.layout is not None)
         raise OstateError(
             f"optimizer kind '{kind}' has no known state layout, so only 'fresh' and 'reload' apply",
-            hint=f"kinds with partial strategies: {', '.join(sorted(LAYOUTS))}",
-        ) from None
+            hint=f"kinds with partial strategies: {', '.join(with_layout)}",
+        )
+    return layout
 
 
 def optimizer_kind(optimizer: torch.optim.Optimizer) -> str:
-    """The family name of a torch optimizer object (its class name in lower case).
+    """The family of a torch optimizer object, detected from the keys of its state and
+    param groups as :func:`detect_kind` detects a saved state's (never from its class name:
+    a subclass of ``torch.optim.AdamW`` is ``adamw``). Before the first step, when most
+    torch optimizers have no state yet, the param groups' keys decide (they tell every
+    torch.optim family apart); ``unknown`` when nothing fits.
 
     Example:
         >>> optimizer_kind(torch.optim.AdamW([torch.nn.Parameter(torch.ones(1))]))
         'adamw'
     """
-    return type(optimizer).__name__.lower()
+    return detect_kind(optimizer.state_dict())
 
 
 def detect_kind(state_dict: Mapping[str, Any]) -> str:
     """The optimizer family of a state dict, from ostate's family detection (``unknown`` if none fits)."""
-    from ostate.optimizers import detect
-
     keys = frozenset(k for s in state_dict.get("state", {}).values() for k in s)
     groups = [{k: v for k, v in g.items() if k != "params"} for g in state_dict.get("param_groups", [])]
     kind, _source, _also = detect(keys, groups)
@@ -317,7 +238,7 @@ def apply_strategy(
     actions = plan(state_dict, strategy, names=names)
     kind = kind or detect_kind(state_dict)
     partial = {a for a in actions.values() if a not in ("fresh", "reload", "none")}
-    layout = layout_of(kind) if partial else LAYOUTS.get(kind)
+    layout = layout_of(kind) if partial else _layout(kind)
     groups = [dict(g) for g in state_dict["param_groups"]]
     group_of = {i: g for g in groups for i in g["params"]}
     for action in sorted(partial):
@@ -354,8 +275,8 @@ def _transform(state: dict[str, Any], action: str, layout: StateLayout | None, g
         }[action]
     for key in keys:
         if key in state:
-            value = layout.reset[key](state[key], group) if layout is not None else _DROP
-            if value is _DROP:
+            value = layout.fresh[key](state[key], group) if layout is not None else ABSENT
+            if value is ABSENT:
                 del state[key]
             else:
                 state[key] = value

@@ -242,7 +242,7 @@ def _reset_safetensors(checkpoint: Checkpoint, optimizer: OptimizerState, strate
     new, record = reset_state_dict({"state": state, "param_groups": groups}, optimizer, strategy)
     params = [ParamState(p.index, p.name, p.name_source, p.group, p.shape, p.step,
                          {k: TensorRef.of(v) if isinstance(v, torch.Tensor) else v
-                          for k, v in new["state"].get(p.index, {}).items()})
+                          for k, v in new["state"].get(p.index, {}).items()}, frozen=p.frozen)
               for p in optimizer.params]
     written = OptimizerState(optimizer.location, optimizer.kind, optimizer.kind_source,
                              [{k: v for k, v in g.items() if k != "params"} for g in new["param_groups"]], params)
@@ -301,7 +301,7 @@ def _reset_deepspeed(checkpoint: Checkpoint, source: str, target: str, optimizer
         return apply_strategy(sub, action, kind=optimizer.kind, explicit_fresh=True)
 
     writer = rewrite_universal if is_universal(tag_dir) else rewrite_partitions
-    trained_groups = [g for g in optimizer.groups if not g.get("frozen")]
+    trained_groups = [g for i, g in enumerate(optimizer.groups) if not optimizer.is_frozen_group(i)]
     writer(tag_dir, target_tag, actions, apply_action, trained_groups, trust_pickle=trust_pickle)
     result.optimizers.append(OptimizerReset(optimizer.location, optimizer.kind, actions))
 

@@ -38,7 +38,8 @@ from ostate.formats.deepspeed.zero import FlatParam, stage_1_2_params, stage_3_f
 from ostate.formats.naming.torch_optim import read_optimizer
 from ostate.state import Checkpoint, OptimizerState, ParamState, TensorRef
 
-# The hyperparameters a param group of frozen parameters carries: none, only this mark.
+# The hyperparameters of the param group of frozen parameters (ParamState.frozen): none, only this
+# mark, which ``ostate inspect`` shows.
 FROZEN_GROUP = {"frozen": True}
 # Settings in a DeepSpeed config's optimizer params that choose an implementation, not hyperparameters.
 _DEEPSPEED_OPTIMIZER_SWITCHES = ("torch_adam", "adam_w_mode", "fused")
@@ -198,7 +199,7 @@ def assemble(
 
     The parameters go through the same reader as a torch state dict keyed by names,
     so detection, steps and shapes are handled in one place; frozen parameters are
-    added after, without state, in a last group marked ``{'frozen': True}``.
+    added after, without state and marked ``frozen``, in a last group ``{'frozen': True}``.
     """
     state: dict[str, dict[str, Any]] = {}
     for p in params:
@@ -247,7 +248,7 @@ def _add_frozen(opt: OptimizerState, names: Sequence[str], shapes: Mapping[str, 
     opt.groups.append(dict(FROZEN_GROUP))
     group = len(opt.groups) - 1
     for name in names:
-        opt.params.append(ParamState(name, name, "fqn", group, shapes.get(name), None, {}))
+        opt.params.append(ParamState(name, name, "fqn", group, shapes.get(name), None, {}, frozen=True))
 
 
 def _inferred_frozen(module: Mapping[str, Any], model_states: Mapping[str, Any], trained: Mapping[str, Any]) -> list[str]:
