@@ -119,7 +119,7 @@ def test_a_rank_file_with_any_other_pickled_global_is_refused_without_running_it
     torch.save({"optimizer_state_dict": {"loss_scaler": Hostile(str(marker))}}, victim)
     with pytest.raises(OstateError, match="makedirs") as err:
         ostate.load(run)
-    assert "trust-pickle" in str(err.value) and str(victim) in str(err.value)
+    assert "trust_pickle=True" in str(err.value) and str(victim) in str(err.value)
     assert not marker.exists()
 
 

@@ -9,40 +9,20 @@ One module per family holds its math (the formula is in the module docstring):
   32-bit state), ``lion`` (lion-pytorch), ``schedulefree`` (schedule-free AdamW);
 - ``generic`` for state nobody recognises.
 
-docs/optimizers.md lists each family's recognition rule and formulas.
+``registry.py`` lists them all (:data:`FAMILIES`); docs/optimizers.md lists each family's
+recognition rule and formulas.
 """
 
 from __future__ import annotations
 
 import torch
 
-# Importing a family module registers its family.
-from ostate.optimizers import (  # noqa: F401
-    adadelta,
-    adafactor,
-    adagrad,
-    adam,
-    adamax,
-    asgd,
-    bnb8bit,
-    generic,
-    hf_adafactor,
-    lbfgs,
-    lion,
-    muon,
-    nadam,
-    radam,
-    rmsprop,
-    rprop,
-    schedulefree,
-    sgd,
-    sparse_adam,
-)
-from ostate.optimizers.family import Family, Group, detect, explain_bad_state, families, get_family
 from ostate.errors import OstateError
+from ostate.optimizers.family import Family, Group, explain_bad_state
+from ostate.optimizers.registry import FAMILIES, detect, families, get_family
 from ostate.state import ParamState
 
-__all__ = ["Family", "detect", "families", "get_family", "effective_lr", "next_update", "family_for"]
+__all__ = ["FAMILIES", "Family", "detect", "families", "get_family", "effective_lr", "next_update", "family_for"]
 
 
 def family_for(param: ParamState, group: Group, kind: str | None = None) -> Family:

@@ -28,7 +28,7 @@ from typing import Mapping
 
 import torch
 
-from ostate.optimizers.family import Family, Group, StateLayout, fresh_zeros, group_has, register
+from ostate.optimizers.family import Family, Group, StateLayout, fresh_zeros, group_has
 from ostate.state import ParamState
 
 _STATE_KEYS = frozenset({"step", "square_avg", "acc_delta"})
@@ -75,8 +75,7 @@ def match(state_keys: frozenset[str], group: Group) -> int:
     return 3 if state_keys else 0
 
 
-ADADELTA = register(
-    Family(
+ADADELTA = Family(
         name="adadelta",
         label="Adadelta",
         match=match,
@@ -92,4 +91,3 @@ ADADELTA = register(
             step_in_update=lambda group: False,
         ),
     )
-)

@@ -40,7 +40,7 @@ from typing import Mapping
 
 import torch
 
-from ostate.optimizers.family import Family, Group, group_has, register, step_of
+from ostate.optimizers.family import Family, Group, group_has, step_of
 from ostate.state import ParamState
 
 _STATE_KEYS = frozenset({"step", "row_var", "col_var", "variance"})
@@ -133,8 +133,7 @@ def match(state_keys: frozenset[str], group: Group) -> int:
     return 3 if state_keys else 0
 
 
-ADAFACTOR = register(
-    Family(
+ADAFACTOR = Family(
         name="adafactor",
         label="Adafactor (torch.optim)",
         match=match,
@@ -149,4 +148,3 @@ ADAFACTOR = register(
         notes=("Adafactor (torch.optim): eff_lr is relative, per unit of max(eps2, RMS(weights)), which the state "
                "does not record; it is rho_next / max(sqrt(V), eps1), before update clipping.",),
     )
-)

@@ -29,7 +29,7 @@ from typing import Any, Mapping
 import torch
 
 from ostate.optimizers.family import (
-    Family, Group, Preconditioned, StateLayout, fresh_zeros, group_has, plain_preconditioned, register, step_of,
+    Family, Group, Preconditioned, StateLayout, fresh_zeros, group_has, plain_preconditioned, step_of,
 )
 from ostate.optimizers.sparse_adam import sparse_like
 from ostate.state import ParamState
@@ -108,8 +108,7 @@ def fresh_sum(value: Any, group: Group) -> torch.Tensor:
     return torch.full_like(value, float(group.get("initial_accumulator_value", 0.0)))
 
 
-ADAGRAD = register(
-    Family(
+ADAGRAD = Family(
         name="adagrad",
         label="Adagrad",
         match=match,
@@ -133,4 +132,3 @@ ADAGRAD = register(
         notes=("Adagrad: decayed_lr is the next step's lr / (1 + step * lr_decay); a zero gradient moves nothing, "
                "so there is no update column.",),
     )
-)

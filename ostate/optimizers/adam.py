@@ -35,7 +35,7 @@ from typing import Mapping
 import torch
 
 from ostate.optimizers.family import (
-    Family, Group, Moments, Preconditioned, StateLayout, fresh_zeros, group_has, register, step_of,
+    Family, Group, Moments, Preconditioned, StateLayout, fresh_zeros, group_has, step_of,
 )
 from ostate.state import ParamState
 
@@ -322,8 +322,7 @@ ADAM_LAYOUT = StateLayout(
     v_bias_corrected=True,
 )
 
-ADAM = register(
-    Family(
+ADAM = Family(
         name="adam",
         label="Adam",
         match=_match(decoupled=False),
@@ -340,11 +339,9 @@ ADAM = register(
         moments=ADAM_MOMENTS,
         layout=ADAM_LAYOUT,
     )
-)
 
 
-ADAMW = register(
-    Family(
+ADAMW = Family(
         name="adamw",
         label="AdamW",
         match=_match(decoupled=True),
@@ -363,4 +360,3 @@ ADAMW = register(
         preferred=True,
         notes=("AdamW: weight decay is decoupled (theta <- theta * (1 - lr * weight_decay) before the Adam step).",),
     )
-)

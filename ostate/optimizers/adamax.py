@@ -27,7 +27,7 @@ from typing import Mapping
 
 import torch
 
-from ostate.optimizers.family import Family, Group, StateLayout, fresh_zeros, group_has, register, step_of
+from ostate.optimizers.family import Family, Group, StateLayout, fresh_zeros, group_has, step_of
 from ostate.state import ParamState
 
 _STATE_KEYS = frozenset({"step", "exp_avg", "exp_inf"})
@@ -100,8 +100,7 @@ def match(state_keys: frozenset[str], group: Group) -> int:
     return 0
 
 
-ADAMAX = register(
-    Family(
+ADAMAX = Family(
         name="adamax",
         label="Adamax",
         match=match,
@@ -119,4 +118,3 @@ ADAMAX = register(
             fresh={"exp_avg": fresh_zeros, "exp_inf": fresh_zeros, "step": fresh_zeros},
         ),
     )
-)

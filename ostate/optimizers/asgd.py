@@ -28,7 +28,7 @@ from typing import Mapping
 
 import torch
 
-from ostate.optimizers.family import Family, Group, group_has, register, scalar_of
+from ostate.optimizers.family import Family, Group, group_has, scalar_of
 from ostate.state import ParamState
 
 _STATE_KEYS = frozenset({"step", "eta", "mu", "ax"})
@@ -77,8 +77,7 @@ def match(state_keys: frozenset[str], group: Group) -> int:
     return 3 if state_keys else 0
 
 
-ASGD = register(
-    Family(
+ASGD = Family(
         name="asgd",
         label="ASGD",
         match=match,
@@ -90,4 +89,3 @@ ASGD = register(
         hyperparameters=("lr", "initial_lr", "lambd", "alpha", "t0", "weight_decay", "maximize"),
         notes=("ASGD: eff_lr is the step size eta saved in the state for the next step, not the group's lr.",),
     )
-)

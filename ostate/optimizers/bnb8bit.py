@@ -57,7 +57,7 @@ import torch
 
 from ostate.errors import OstateError
 from ostate.optimizers.adam import ADAM_MOMENTS, adam_effective_lr, adam_momentum_update, adam_snr, bias_corrected_preconditioned
-from ostate.optimizers.family import Family, Group, Preconditioned, plain_preconditioned, register, step_of
+from ostate.optimizers.family import Family, Group, Preconditioned, plain_preconditioned, step_of
 from ostate.state import ParamState
 
 QUANT_KEYS = frozenset({"qmap1", "qmap2", "absmax1", "absmax2", "max1", "max2", "new_max1", "new_max2"})
@@ -342,7 +342,7 @@ _QUANT_DISPLAY = ("state_bits", "blocksize")
 _NOTE = ("bitsandbytes: moments are dequantised blockwise (qmap[code] * absmax of the block) before any "
          "statistic; state_bits says which parameters kept 32-bit state.",)
 
-BNB_ADAM = register(Family(
+BNB_ADAM = Family(
     name="bnb_adam", label="bitsandbytes Adam/AdamW", match=_match_adam, quantities=_adam_quantities,
     effective_lr=_adam_effective_lr, next_update=_mirrored(_adam_update), columns=quantization_columns,
     display=(*_QUANT_DISPLAY, "state2_zero_fraction", "exp_avg_abs_mean", "exp_avg_sq_mean", "eff_lr_min",
@@ -350,35 +350,35 @@ BNB_ADAM = register(Family(
     hyperparameters=_HYPER, first_moment="exp_avg_abs", second_moment="exp_avg_sq",
     moments=ADAM_MOMENTS, chunked=False, preconditioned=_adam_preconditioned, signed_first_moment=_signed_state1,
     notes=(*_NOTE, "bitsandbytes Adam: weight decay is decoupled (AdamW-style) for Adam8bit too."),
-))
-BNB_LION = register(Family(
+)
+BNB_LION = Family(
     name="bnb_lion", label="bitsandbytes Lion", match=_one_state("lion"), quantities=_lion_quantities,
     effective_lr=_constant_effective_lr, next_update=_mirrored(_lion_update), columns=quantization_columns,
     display=(*_QUANT_DISPLAY, "exp_avg_abs_mean", "exp_avg_abs_max", "eff_lr_p50"),
     hyperparameters=_HYPER, first_moment="exp_avg_abs", chunked=False, preferred=True,
     signed_first_moment=_signed_state1,
     notes=_NOTE,
-))
-BNB_MOMENTUM = register(Family(
+)
+BNB_MOMENTUM = Family(
     name="bnb_momentum", label="bitsandbytes SGD (momentum)", match=_one_state("momentum"),
     quantities=_momentum_quantities, effective_lr=_constant_effective_lr, next_update=_mirrored(_momentum_update),
     columns=quantization_columns,
     display=(*_QUANT_DISPLAY, "momentum_buffer_abs_mean", "momentum_buffer_abs_max", "eff_lr_p50"),
     hyperparameters=_HYPER, first_moment="momentum_buffer_abs", chunked=False,
     signed_first_moment=_signed_state1, notes=_NOTE,
-))
-BNB_RMSPROP = register(Family(
+)
+BNB_RMSPROP = Family(
     name="bnb_rmsprop", label="bitsandbytes RMSprop", match=_one_state("rmsprop"),
     quantities=_rms_quantities("square_avg"), effective_lr=_rms_effective_lr, next_update=_mirrored(_rmsprop_update),
     columns=quantization_columns,
     display=(*_QUANT_DISPLAY, "square_avg_mean", "eff_lr_min", "eff_lr_p50", "eff_lr_max"),
     hyperparameters=_HYPER, second_moment="square_avg", chunked=False,
     preconditioned=_rms_preconditioned("square_avg"), notes=_NOTE,
-))
-BNB_ADAGRAD = register(Family(
+)
+BNB_ADAGRAD = Family(
     name="bnb_adagrad", label="bitsandbytes Adagrad", match=_one_state("adagrad"), quantities=_rms_quantities("sum"),
     effective_lr=_rms_effective_lr, next_update=_mirrored(_adagrad_update), columns=quantization_columns,
     display=(*_QUANT_DISPLAY, "sum_mean", "eff_lr_min", "eff_lr_p50", "eff_lr_max"),
     hyperparameters=_HYPER, second_moment="sum", chunked=False,
     preconditioned=_rms_preconditioned("sum"), notes=_NOTE,
-))
+)

@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
+from ostate.errors import OstateError
 from ostate.state import ParamState
 
 Group = Mapping[str, Any]
@@ -218,62 +219,12 @@ def plain_preconditioned(numerator: torch.Tensor | None, second_moment: torch.Te
                           second_moment_scale=scale)
 
 
-_FAMILIES: dict[str, Family] = {}
-
-
-def register(family: Family) -> Family:
-    _FAMILIES[family.name] = family
-    return family
-
-
-def families() -> dict[str, Family]:
-    """Every registered family by name."""
-    return dict(_FAMILIES)
-
-
-def get_family(name: str) -> Family:
-    from ostate.errors import OstateError
-
-    try:
-        return _FAMILIES[name]
-    except KeyError:
-        raise OstateError(
-            f"unknown optimizer kind '{name}'", hint=f"known kinds: {', '.join(sorted(_FAMILIES))}"
-        ) from None
-
-
-def detect(state_keys: frozenset[str], groups: list[Group]) -> tuple[str, str, list[str]]:
-    """The family name that best fits, how it was decided, and the other names that fit as well.
-
-    Returns ``(name, source, also)`` where source is ``detected`` (one clear winner),
-    ``assumed`` (a tie, settled by the preferred family) or ``unknown``.
-    """
-    scores: dict[str, int] = {}
-    for family in _FAMILIES.values():
-        if family.name == "unknown":
-            continue
-        score = min((family.match(state_keys, g) for g in groups), default=family.match(state_keys, {}))
-        if score > 0:
-            scores[family.name] = score
-    if not scores:
-        return "unknown", "unknown", []
-    best = max(scores.values())
-    winners = sorted(name for name, s in scores.items() if s == best)
-    if len(winners) == 1:
-        return winners[0], "detected", []
-    preferred = [w for w in winners if _FAMILIES[w].preferred]
-    choice = preferred[0] if preferred else winners[0]
-    return choice, "assumed", [w for w in winners if w != choice]
-
-
 def group_has(group: Group, *keys: str) -> bool:
     return all(k in group for k in keys)
 
 
 def step_of(param: ParamState) -> float:
     """The parameter's step count; a clear error when the state has none."""
-    from ostate.errors import OstateError
-
     if param.step is None:
         raise OstateError(f"parameter '{param.name}' has no step count in its state")
     return float(param.step)
@@ -281,8 +232,6 @@ def step_of(param: ParamState) -> float:
 
 def scalar_of(param: ParamState, key: str) -> float:
     """A scalar state entry (a 0-d tensor or a number, e.g. NAdam's ``mu_product``) as a float."""
-    from ostate.errors import OstateError
-
     if key not in param.state:
         raise OstateError(f"parameter '{param.name}' has no '{key}' in its state")
     return float(param.read(key).reshape(-1)[0])
@@ -298,8 +247,6 @@ def explain_bad_state(param: ParamState, family: Family, group: Group | None = N
     negative step, a beta outside [0, 1] (the file is damaged). Scalar
     arithmetic that overflows on such values is reported the same way.
     """
-    from ostate.errors import OstateError
-
     if group is not None:
         _check_ranges(param, group)
     try:
@@ -317,8 +264,6 @@ def explain_bad_state(param: ParamState, family: Family, group: Group | None = N
 
 
 def _check_ranges(param: ParamState, group: Group) -> None:
-    from ostate.errors import OstateError
-
     if param.step is not None:
         try:
             step = float(param.step)

@@ -11,7 +11,7 @@ from typing import Mapping
 
 import torch
 
-from ostate.optimizers.family import Family, Group, register
+from ostate.optimizers.family import Family, Group
 from ostate.state import ParamState
 
 
@@ -19,12 +19,10 @@ def quantities(chunk: Mapping[str, torch.Tensor], group: Group, param: ParamStat
     return {key: values for key, values in chunk.items()}
 
 
-UNKNOWN = register(
-    Family(
+UNKNOWN = Family(
         name="unknown",
         label="unrecognised optimizer",
         match=lambda state_keys, group: 0,
         quantities=quantities,
         hyperparameters=("lr", "initial_lr", "weight_decay"),
     )
-)

@@ -42,7 +42,7 @@ from typing import Mapping
 
 import torch
 
-from ostate.optimizers.family import Family, Group, group_has, register, scalar_of, step_of
+from ostate.optimizers.family import Family, Group, group_has, scalar_of, step_of
 from ostate.state import ParamState
 
 _STATE_KEYS = frozenset({"step", "exp_avg", "exp_avg_sq", "exp_avg_sq_row", "exp_avg_sq_col", "RMS"})
@@ -151,8 +151,7 @@ def match(state_keys: frozenset[str], group: Group) -> int:
     return 3 if state_keys else 0
 
 
-HF_ADAFACTOR = register(
-    Family(
+HF_ADAFACTOR = Family(
         name="hf_adafactor",
         label="Adafactor (transformers)",
         match=match,
@@ -169,4 +168,3 @@ HF_ADAFACTOR = register(
         notes=("Adafactor (transformers): with relative_step the group's lr is ignored; eff_lr uses the next "
                "step's relative step size times max(eps2, saved RMS of the weights), before update clipping.",),
     )
-)

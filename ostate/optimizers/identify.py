@@ -7,7 +7,7 @@ optimizer it returns.
 
 from __future__ import annotations
 
-from ostate.optimizers.family import detect, families, get_family
+from ostate.optimizers.registry import detect, families, get_family
 from ostate.state import OptimizerState
 
 

@@ -25,7 +25,7 @@ from typing import Mapping
 
 import torch
 
-from ostate.optimizers.family import Family, Group, group_has, register, scalar_of
+from ostate.optimizers.family import Family, Group, group_has, scalar_of
 from ostate.state import ParamState
 
 _STATE_KEYS = frozenset(
@@ -72,8 +72,7 @@ def match(state_keys: frozenset[str], group: Group) -> int:
     return 3 if state_keys else 0
 
 
-LBFGS = register(
-    Family(
+LBFGS = Family(
         name="lbfgs",
         label="L-BFGS",
         match=match,
@@ -86,4 +85,3 @@ LBFGS = register(
                "step re-evaluates the loss (closure, line search), so neither a per-coordinate effective lr nor "
                "the next update can be computed from the state.",),
     )
-)

@@ -25,7 +25,7 @@ from typing import Mapping
 
 import torch
 
-from ostate.optimizers.family import Family, Group, group_has, register
+from ostate.optimizers.family import Family, Group, group_has
 from ostate.state import ParamState
 
 
@@ -69,8 +69,7 @@ def match(state_keys: frozenset[str], group: Group) -> int:
     return 0
 
 
-LION = register(
-    Family(
+LION = Family(
         name="lion",
         label="Lion (lion-pytorch)",
         match=match,
@@ -86,4 +85,3 @@ LION = register(
         notes=("Lion: every coordinate moves by exactly lr (sign update). Lion(decoupled_weight_decay=True) is not "
                "recorded in the state dict; the next update assumes it was off.",),
     )
-)

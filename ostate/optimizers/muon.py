@@ -28,7 +28,7 @@ from typing import Mapping, Sequence
 import torch
 
 from ostate.errors import OstateError
-from ostate.optimizers.family import Family, Group, group_has, register
+from ostate.optimizers.family import Family, Group, group_has
 from ostate.state import ParamState
 
 
@@ -105,8 +105,7 @@ def match(state_keys: frozenset[str], group: Group) -> int:
     return 5 if group_has(group, "ns_coefficients", "ns_steps") else 0
 
 
-MUON = register(
-    Family(
+MUON = Family(
         name="muon",
         label="Muon",
         match=match,
@@ -121,4 +120,3 @@ MUON = register(
         notes=("Muon: the update is the orthogonalised momentum (unit singular values), so eff_lr is the "
                "shape-adjusted lr of the whole matrix, not a per-coordinate rate.",),
     )
-)

@@ -41,7 +41,7 @@ import torch
 
 from ostate.optimizers.adam import ADAM_MOMENTS, adam_effective_lr, adam_snr, bias_corrected_preconditioned
 from ostate.optimizers.family import (
-    Family, Group, Preconditioned, StateLayout, fresh_ones, fresh_zeros, group_has, register, scalar_of, step_of,
+    Family, Group, Preconditioned, StateLayout, fresh_ones, fresh_zeros, group_has, scalar_of, step_of,
 )
 from ostate.state import ParamState
 
@@ -157,8 +157,7 @@ def match(state_keys: frozenset[str], group: Group) -> int:
     return 3 if state_keys else 0
 
 
-NADAM = register(
-    Family(
+NADAM = Family(
         name="nadam",
         label="NAdam",
         match=match,
@@ -181,4 +180,3 @@ NADAM = register(
         ),
         notes=("NAdam: step and mu_product must be reset together; mu_product_consistent says whether they agree.",),
     )
-)

@@ -39,7 +39,7 @@ import torch
 
 from ostate.optimizers.adam import adam_snr, moment_estimates
 from ostate.optimizers.family import (
-    Family, Group, Moments, Preconditioned, StateLayout, fresh_zeros, group_has, plain_preconditioned, register,
+    Family, Group, Moments, Preconditioned, StateLayout, fresh_zeros, group_has, plain_preconditioned,
     step_of,
 )
 from ostate.state import ParamState
@@ -174,8 +174,7 @@ def match(state_keys: frozenset[str], group: Group) -> int:
     return 4 if "decoupled_weight_decay" in group else 2
 
 
-RADAM = register(
-    Family(
+RADAM = Family(
         name="radam",
         label="RAdam",
         match=match,
@@ -200,4 +199,3 @@ RADAM = register(
         notes=("RAdam: rho, rectified and rect_factor are those of the next step (t+1); while not rectified "
                "the step is lr times the bias-corrected momentum, with no adaptivity.",),
     )
-)

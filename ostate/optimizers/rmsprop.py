@@ -35,7 +35,7 @@ from typing import Mapping
 import torch
 
 from ostate.optimizers.family import (
-    Family, Group, Preconditioned, StateLayout, fresh_zeros, group_has, plain_preconditioned, register,
+    Family, Group, Preconditioned, StateLayout, fresh_zeros, group_has, plain_preconditioned,
 )
 from ostate.state import ParamState
 
@@ -123,8 +123,7 @@ def match(state_keys: frozenset[str], group: Group) -> int:
     return 2 if state_keys else 0
 
 
-RMSPROP = register(
-    Family(
+RMSPROP = Family(
         name="rmsprop",
         label="RMSprop",
         match=match,
@@ -149,4 +148,3 @@ RMSPROP = register(
             step_in_update=lambda group: False,
         ),
     )
-)

@@ -31,7 +31,7 @@ from typing import Mapping
 
 import torch
 
-from ostate.optimizers.family import Family, Group, group_has, register
+from ostate.optimizers.family import Family, Group, group_has
 from ostate.state import ParamState
 
 _STATE_KEYS = frozenset({"step", "prev", "step_size"})
@@ -87,8 +87,7 @@ def match(state_keys: frozenset[str], group: Group) -> int:
     return 3 if state_keys else 0
 
 
-RPROP = register(
-    Family(
+RPROP = Family(
         name="rprop",
         label="Rprop",
         match=match,
@@ -101,4 +100,3 @@ RPROP = register(
         notes=("Rprop: eff_lr is each coordinate's saved step size (in parameter units); the group's lr was only "
                "the initial step size.",),
     )
-)

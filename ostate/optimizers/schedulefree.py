@@ -35,7 +35,7 @@ from typing import Mapping
 
 import torch
 
-from ostate.optimizers.family import Family, Group, Preconditioned, group_has, plain_preconditioned, register
+from ostate.optimizers.family import Family, Group, Preconditioned, group_has, plain_preconditioned
 from ostate.state import ParamState
 
 _STATE_KEYS = frozenset({"z", "exp_avg_sq"})
@@ -116,8 +116,7 @@ def match(state_keys: frozenset[str], group: Group) -> int:
     return 0 if "silent_sgd_phase" in group or "decay_at_z" in group else 5
 
 
-SCHEDULEFREE_ADAMW = register(
-    Family(
+SCHEDULEFREE_ADAMW = Family(
         name="schedulefree_adamw",
         label="AdamW schedule-free",
         match=match,
@@ -134,4 +133,3 @@ SCHEDULEFREE_ADAMW = register(
         notes=("Schedule-free AdamW: the step counter k lives in the param groups; eff_lr uses the next step's "
                "warmup-scheduled lr. The saved weights are x in eval mode and y in train mode.",),
     )
-)

@@ -23,7 +23,7 @@ from typing import Mapping
 
 import torch
 
-from ostate.optimizers.family import Family, Group, StateLayout, fresh_absent, group_has, register
+from ostate.optimizers.family import Family, Group, StateLayout, fresh_absent, group_has
 from ostate.state import ParamState
 
 
@@ -93,8 +93,7 @@ def _match(state_keys: frozenset[str], group: Group) -> int:
     return 1 if state_keys else 0
 
 
-SGD = register(
-    Family(
+SGD = Family(
         name="sgd",
         label="SGD",
         match=_match,
@@ -110,4 +109,3 @@ SGD = register(
         # (a zero buffer would damp that step by 1 - dampening).
         layout=StateLayout(first_moment=("momentum_buffer",), fresh={"momentum_buffer": fresh_absent}),
     )
-)

@@ -33,7 +33,7 @@ import torch
 
 from ostate.errors import OstateError
 from ostate.optimizers.adam import adam_snr
-from ostate.optimizers.family import Family, Group, Preconditioned, group_has, plain_preconditioned, register, step_of
+from ostate.optimizers.family import Family, Group, Preconditioned, group_has, plain_preconditioned, step_of
 from ostate.state import ParamState
 
 _STATE_KEYS = frozenset({"step", "exp_avg", "exp_avg_sq"})
@@ -125,8 +125,7 @@ def match(state_keys: frozenset[str], group: Group) -> int:
     return 0
 
 
-SPARSE_ADAM = register(
-    Family(
+SPARSE_ADAM = Family(
         name="sparse_adam",
         label="SparseAdam",
         match=match,
@@ -143,4 +142,3 @@ SPARSE_ADAM = register(
         notes=("SparseAdam: step counts calls with a gradient, not how often each row was touched; "
                "a zero gradient moves nothing, so there is no update column.",),
     )
-)
