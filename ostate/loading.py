@@ -16,7 +16,6 @@ from typing import Any, Mapping
 import torch
 
 from ostate.formats import registry
-from ostate.analysis.native.gcpause import gc_paused
 from ostate.formats.naming.objects import from_object
 from ostate.state import Checkpoint
 
@@ -59,8 +58,7 @@ def load(
     """
     path = os.fspath(path)
     reader = registry.choose(path, format_hint)
-    with gc_paused():
-        return reader.read(path, trust_pickle=trust_pickle, optimizer=optimizer)
+    return reader.read(path, trust_pickle=trust_pickle, optimizer=optimizer)
 
 
 # The path of a checkpoint made by from_state_dict, which has no file.
