@@ -12,7 +12,8 @@ benchmarks/bench_inspect.py does):
 - ``ostate inspect CKPT --by model`` (the table a person reads first);
 - the floor: ``torch.load(mmap=True)`` and one ``torch.sum`` of every tensor;
 - ``ostate.load`` and ``ostate.analyze`` timed apart, in one process of their own
-  (``--phases``: the split between reading and statistics).
+  (``--phases``: the split between reading and statistics), inside ``tuned_process()`` as
+  the ``ostate`` program runs them.
 
 Usage:
     python benchmarks/bench_many_params.py [--params 100000] [--numel 4] [--repeat 3] [--dir /tmp/ostate-bench]
@@ -56,17 +57,24 @@ def floor(path: str) -> None:
 
 
 def phases(path: str) -> None:
-    """Time ``ostate.load`` and ``ostate.analyze`` apart; print them with this process's peak RSS."""
+    """Time ``ostate.load`` and ``ostate.analyze`` apart, tuned as the ``ostate`` program runs them; print
+    them with this process's peak RSS."""
+    import contextlib
     import resource
     import time
 
     import ostate
 
-    start = time.perf_counter()
-    checkpoint = ostate.load(path)
-    loaded = time.perf_counter()
-    table = ostate.analyze(checkpoint)
-    analyzed = time.perf_counter()
+    try:
+        from ostate.analysis.native.tuning import tuned_process
+    except ImportError:  # an older ostate (PYTHONPATH), whose load and analyze tuned the process themselves
+        tuned_process = contextlib.nullcontext
+    with tuned_process():
+        start = time.perf_counter()
+        checkpoint = ostate.load(path)
+        loaded = time.perf_counter()
+        table = ostate.analyze(checkpoint)
+        analyzed = time.perf_counter()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(f"load {loaded - start:.2f} s, analyze {analyzed - loaded:.2f} s ({len(table)} rows), "
           f"peak RSS {bench_inspect.gb(peak)}")

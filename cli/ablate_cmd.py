@@ -83,7 +83,7 @@ def _numbers(text: str | None, kind: type, option: str) -> list | None:
               help="Also write every record with its trial's settings to a .csv or .parquet file.")
 @click.option("--plot-format", type=click.Choice(FORMATS), help="Figure format (default png).")
 @click.option("--no-plots", is_flag=True, help="Write the summary tables only.")
-@handle_errors
+@handle_errors(tuned=False)  # trials and pretraining set torch's threads themselves (Spec.threads), and train for long
 def ablate(spec_file, task_name, strategies, seeds, steps, eval_every, lrs, warmups, batch_sizes, schedule,
            target_loss, baseline, workers, threads, executor, address, store, out, source, cache_dir,
            pretrain_steps, export, plot_format, no_plots):

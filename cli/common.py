@@ -1,7 +1,8 @@
-"""What every command shares: error handling, ``--debug``, and warnings on stderr."""
+"""What every command shares: error handling, ``--debug``, warnings on stderr, and the process tuning."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
@@ -10,6 +11,7 @@ from typing import Any, Callable
 
 import click
 
+from ostate.analysis.native.tuning import tuned_process
 from ostate.errors import OstateError
 from ostate_cli.flags import as_flags
 
@@ -47,8 +49,19 @@ def format_hint_option(fn: Callable) -> Callable:
                         help=f"Read the checkpoint as this layout instead of recognising it: {', '.join(names)}.")(fn)
 
 
-def handle_errors(fn: Callable) -> Callable:
-    """Run a command: an OstateError prints one line and exits 2; tracebacks only with --debug."""
+def handle_errors(fn: Callable | None = None, *, tuned: bool = True) -> Callable:
+    """Run a command: an OstateError prints one line and exits 2; tracebacks only with --debug.
+
+    Every command goes through here once, so this is where the ``ostate`` program tunes its
+    process: the command runs inside :func:`~ostate.analysis.native.tuning.tuned_process` (one
+    torch intra-op thread, since ostate runs its own worker threads; glibc keeping freed memory;
+    the cyclic garbage collector paused), restored when it returns or fails. The library never
+    does this itself. ``@handle_errors(tuned=False)``: a command that trains models (``demo``,
+    ``ablate``) runs in the process as found, so its training uses torch's own threads and
+    gives the numbers it gave before; it may tune the parts that only read and analyse.
+    """
+    if fn is None:
+        return functools.partial(handle_errors, tuned=tuned)
 
     @functools.wraps(fn)
     def wrapper(*args: Any, debug: bool = False, **kwargs: Any) -> Any:
@@ -56,7 +69,8 @@ def handle_errors(fn: Callable) -> Callable:
             warnings.simplefilter("always")
             warnings.showwarning = _show_warning
             try:
-                return fn(*args, **kwargs)
+                with tuned_process() if tuned else contextlib.nullcontext():
+                    return fn(*args, **kwargs)
             except OstateError as e:
                 if debug:
                     raise

@@ -8,6 +8,7 @@ import click
 
 import ostate
 from ostate.analysis import VIEWS
+from ostate.analysis.native.tuning import tuned_process
 from ostate.demo import make_demo_checkpoint
 from ostate.report import inspect as build_report, render
 from ostate_cli.common import handle_errors
@@ -19,12 +20,14 @@ from ostate_cli.common import handle_errors
               help="Where to write the demo checkpoint.")
 @click.option("--steps", default=300, show_default=True, type=click.IntRange(min=1), help="Training steps.")
 @click.option("--by", type=click.Choice(VIEWS), default="param", show_default=True)
-@handle_errors
+@handle_errors(tuned=False)  # the training runs with torch's own threads; only the inspection is tuned
 def demo(directory, steps, by):
     """Train a tiny character model on the Zen of Python, save a checkpoint, and inspect it."""
     path = os.path.join(directory, "checkpoint.pt")
     click.echo(f"training a small model for {steps} steps and saving {path} ...", err=True)
     make_demo_checkpoint(path, steps=steps)
-    click.echo(render(build_report(ostate.load(path), by=by)), nl=False)
+    with tuned_process():
+        report = render(build_report(ostate.load(path), by=by))
+    click.echo(report, nl=False)
     click.echo(f"\nnext: ostate inspect {path} --by layer   (or --format json, --sort eff_lr_p50 --top 5)\n"
                f"      ostate plot {path} -o lr.png     (or --kind layer-profile, --kind moments)", err=True)

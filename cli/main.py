@@ -38,8 +38,22 @@ class LazyGroup(click.Group):
         return super().get_command(ctx, name)
 
 
+def version_line() -> str:
+    """What ``ostate --version`` prints: the version, and whether the compiled loops are in use."""
+    from ostate.analysis.native import kernels
+
+    return f"ostate {ostate.__version__} (compiled loops: {kernels.status()})"
+
+
+def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if value and not ctx.resilient_parsing:
+        click.echo(version_line())
+        ctx.exit()
+
+
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.version_option(ostate.__version__, prog_name="ostate")
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_print_version,
+              help="Show the version and whether the compiled loops are in use, and exit.")
 def main() -> None:
     """What is in your optimizer state, and should you keep it when you fine-tune?
 

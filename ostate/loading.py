@@ -17,7 +17,6 @@ from typing import Any, Mapping
 import torch
 
 from ostate.formats import registry
-from ostate.analysis.native.gcpause import gc_paused
 from ostate.formats.naming.objects import from_object
 from ostate.optimizers.identify import identify
 from ostate.state import Checkpoint
@@ -60,8 +59,7 @@ def load(
         ('torch', 'optimizer', 'adamw', ['weight', 'bias'])
     """
     path = os.fspath(path)
-    with gc_paused():
-        checkpoint = registry.read(path, trust_pickle=trust_pickle, format_hint=format_hint)
+    checkpoint = registry.read(path, trust_pickle=trust_pickle, format_hint=format_hint)
     return identified(checkpoint, optimizer)
 
 

@@ -2,14 +2,39 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from tests.helpers.common import Net, train
 
 
+@pytest.fixture(scope="session", autouse=True)
+def compiled_loops(tmp_path_factory) -> str:
+    """Where this session's compiled loops (ostate.analysis.native.kernels) come from, or why there are none.
+
+    A checkout where ``pip install`` has not built them (a clean tree, the ``.so`` deleted)
+    runs every test as an install would: with a C compiler here, ``_kernels.c`` is built into
+    a temporary directory (tests/helpers/native.py) and loaded with ``kernels.load_library``.
+    """
+    from ostate.analysis.native import kernels
+    from tests.helpers.native import build_kernels, c_compiler
+
+    if kernels.available():
+        return "installed"
+    if os.environ.get("OSTATE_KERNELS") == "0":
+        return "switched off by OSTATE_KERNELS=0"
+    if c_compiler() is None:
+        return "not built: no C compiler here"
+    build = build_kernels(tmp_path_factory.mktemp("kernels"))
+    if build.path is None or not kernels.load_library(build.path):
+        return f"not built by {build.how} for the tests:\n{build.log}"
+    return f"built for the tests by {build.how}"
+
+
 @pytest.fixture(params=["compiled", "torch"])
-def arithmetic(request, monkeypatch):
+def arithmetic(request, monkeypatch, compiled_loops):
     """Run a test twice: with the compiled loops (ostate.analysis.native.kernels) and with the torch ops
     ostate uses without them."""
     from ostate.analysis.native import kernels
@@ -17,7 +42,7 @@ def arithmetic(request, monkeypatch):
     if request.param == "torch":
         monkeypatch.setattr(kernels, "_LIB", None)
     elif not kernels.available():
-        pytest.skip("ostate's compiled loops are not built in this install (no C compiler?)")
+        pytest.skip(f"ostate's compiled loops are not in use ({compiled_loops.splitlines()[0]})")
     return request.param
 
 

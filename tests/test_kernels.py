@@ -6,10 +6,13 @@ same both ways; sums may differ by rounding only (float64 against float32 per ch
 
 from __future__ import annotations
 
+import importlib.machinery
 import importlib.util
 import math
+import os
 import shutil
 import subprocess
+import sys
 import sysconfig
 from pathlib import Path
 
@@ -17,17 +20,74 @@ import numpy as np
 import pytest
 import torch
 
+import ostate
 from ostate.analysis.native import kernels
 from ostate.analysis.quantize import BLOCK, BlockwiseError, dynamic_map
 from ostate.analysis.sketch import Sketch
 
-needs_kernels = pytest.mark.skipif(not kernels.available(), reason="the compiled loops are not built here")
+from tests.helpers.common import run_cli, run_cli_process
+from tests.helpers.native import build_kernels, c_compiler
 
 
-def test_the_compiled_loops_are_built_where_a_c_compiler_is():
-    if not any(shutil.which(cc) for cc in ("cc", "gcc", "clang")):
+@pytest.fixture
+def kernels_in_use(compiled_loops):
+    if not kernels.available():
+        pytest.skip(f"the compiled loops are not in use here ({compiled_loops.splitlines()[0]})")
+
+
+needs_kernels = pytest.mark.usefixtures("kernels_in_use")
+
+
+def test_the_compiled_loops_are_built_where_a_c_compiler_is(compiled_loops):
+    """Built by pip install, or for the tests by setup.py (tests/conftest.py): either way in use."""
+    if os.environ.get("OSTATE_KERNELS") == "0":
+        pytest.skip("switched off by OSTATE_KERNELS=0")
+    if c_compiler() is None:
         pytest.skip("no C compiler here: ostate uses the torch ops")
-    assert kernels.available(), "pip install built no ostate/analysis/_kernels*.so although a C compiler is here"
+    assert kernels.available(), f"a C compiler is here, but the compiled loops are not in use: {compiled_loops}"
+
+
+def test_setup_py_builds_the_loops_for_the_stable_abi(tmp_path):
+    """What pip install builds: ``_kernels.abi3.so``, one file for every Python from 3.10, and usable."""
+    pytest.importorskip("setuptools")
+    if c_compiler() is None:
+        pytest.skip("no C compiler here")
+    build = build_kernels(tmp_path)
+    assert build.path is not None, f"setup.py build_ext built nothing:\n{build.log}"
+    if not sys.platform.startswith("win") and not sysconfig.get_config_var("Py_GIL_DISABLED"):
+        assert build.path.name == "_kernels.abi3.so"
+    assert build.path.name.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES))  # kernels.py finds it
+    lib = kernels._open(str(build.path))
+    assert lib is not None and lib.ostate_kernels_abi() == kernels.ABI
+
+
+def test_load_library_takes_only_a_build_of_this_c_file_and_not_when_switched_off(tmp_path, monkeypatch):
+    monkeypatch.setattr(kernels, "_LIB", None)
+    assert not kernels.load_library(tmp_path / "missing.so") and not kernels.available()
+    other = importlib.util.find_spec("numpy._core._multiarray_umath") or importlib.util.find_spec(
+        "numpy.core._multiarray_umath")
+    assert not kernels.load_library(other.origin) and not kernels.available()
+    if c_compiler() is None:
+        return
+    build = build_kernels(tmp_path / "build")
+    assert build.path is not None, build.log
+    monkeypatch.setenv("OSTATE_KERNELS", "0")
+    assert not kernels.load_library(build.path) and not kernels.available()
+    monkeypatch.delenv("OSTATE_KERNELS")
+    assert kernels.load_library(build.path) and kernels.available()
+
+
+def test_the_version_says_whether_the_compiled_loops_are_in_use(monkeypatch):
+    version = f"ostate {ostate.__version__} (compiled loops: "
+    assert run_cli("--version").stdout == version + kernels.status() + ")\n"
+    assert (kernels.status() == "active") == kernels.available()
+    monkeypatch.delenv("OSTATE_KERNELS", raising=False)
+    monkeypatch.setattr(kernels, "_LIB", None)
+    monkeypatch.setattr(kernels.importlib.util, "find_spec", lambda name: None)
+    assert run_cli("--version").stdout == version + "not built, using torch ops)\n"
+    switched_off = run_cli_process("--version", env={"OSTATE_KERNELS": "0"})
+    assert switched_off.returncode == 0
+    assert switched_off.stdout == version + "off by OSTATE_KERNELS=0, using torch ops)\n"
 
 
 def tricky(n: int, seed: int) -> torch.Tensor:

@@ -68,31 +68,3 @@ def test_tensors_in_memory_have_nothing_to_release():
     ref.release()
     assert ref.read().tolist() == [1.0, 1.0, 1.0]
 
-
-@linux_only
-def test_the_allocator_settings_are_restored_after_the_analysis():
-    from ostate.analysis.native import allocator
-
-    if allocator._LIBC is None:
-        pytest.skip("not glibc")
-    calls = []
-    real = allocator._LIBC
-
-    class Recorder:
-        def mallopt(self, param, value):
-            calls.append((param, value))
-            return 1
-
-        def malloc_trim(self, pad):
-            calls.append(("trim", pad))
-            return 1
-
-    allocator._LIBC = Recorder()
-    try:
-        with allocator.reuse_freed_memory():
-            calls.append("inside")
-    finally:
-        allocator._LIBC = real
-    assert calls.index("inside") == 2  # both thresholds raised before the work
-    assert calls[3:] == [(allocator._M_TRIM_THRESHOLD, allocator._DEFAULT_TRIM),
-                         (allocator._M_MMAP_THRESHOLD, allocator._DEFAULT_MMAP), ("trim", 0)]

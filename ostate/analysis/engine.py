@@ -3,14 +3,16 @@
 Parameters are independent, so they are summarised by ``workers`` threads (torch
 releases the GIL inside its kernels); results come back in the optimizer's order and
 each parameter's numbers do not depend on which thread computed them, so the merged
-rows are identical for any number of workers. Inside the pool torch runs one
-intra-op thread per worker: the work is already parallel, and a fixed thread count
-keeps every float reduction in the same order.
+rows are identical for any number of workers. The threads, allocator and garbage
+collector of the process are left as they are: the ``ostate`` program runs with one
+torch intra-op thread per worker (the work is already parallel, and a fixed count keeps
+every float reduction in the same order), glibc keeping freed memory and the collector
+paused (:func:`ostate.analysis.native.tuning.tuned_process`); from Python, torch's
+reductions use the caller's thread count.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -20,13 +22,11 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from ostate.analysis.native.allocator import reuse_freed_memory
 from ostate.analysis.heads import HeadLayout, is_attention_projection, layout_from_config
 from ostate.analysis.params import ParamSummary, summarize_param
 from ostate.analysis.tiny import batch_key, summarize_tiny
 from ostate.analysis.views import VIEWS, ViewRow, view_rows
 from ostate.errors import OstateError
-from ostate.analysis.native.gcpause import gc_paused
 from ostate.optimizers import get_family
 from ostate.state import Checkpoint, OptimizerState, TensorRef
 
@@ -114,10 +114,13 @@ def summarize(
             ``weight_*`` and ``update_to_weight_rms`` columns.
         heads: how to split attention projections into heads; by default what the
             checkpoint's model config says, if anything.
-        workers: threads working on different parameters (default :func:`default_workers`).
-            While this runs torch uses one intra-op thread per worker (the setting is
-            restored afterwards), which makes the results identical for any ``workers``,
-            and glibc keeps freed memory for reuse (:mod:`ostate.analysis.native.allocator`).
+        workers: threads working on different parameters (default :func:`default_workers`);
+            the results are identical for any ``workers``. No setting of the process is
+            changed: torch ops run with the caller's intra-op thread count (without the
+            compiled loops, float32 sums can then differ in their last digits from the
+            ``ostate`` program's, which uses one per worker). For the program's speed in a
+            process of one's own, call this inside
+            :func:`ostate.analysis.native.tuning.tuned_process`.
         progress: show a progress bar on stderr when the work takes more than a second.
         joint: also count each coordinate's (sqrt(v̂), |m̂|) in a 2-D
             histogram (``ViewRow.joints["moments"]``, :mod:`ostate.analysis.joint`), for the
@@ -138,9 +141,7 @@ def summarize(
     bar = tqdm(total=total, unit="coord", unit_scale=True, desc="analysing", disable=not progress, delay=1.0,
                leave=False)
     results = []
-    # The cyclic collector would walk every loaded checkpoint object again and again while the
-    # summaries pile up (a third of the time for 10,000 tiny parameters); nothing here forms cycles.
-    with bar, intra_op_threads(1), reuse_freed_memory(), gc_paused():
+    with bar:
         for optimizer in optimizers:
             results.append(OptimizerAnalysis(optimizer, list(summaries(optimizer, weights=refs, heads=heads,
                                                                        workers=workers, bar=bar, joint=joint))))
@@ -220,18 +221,6 @@ def _batches(params: list) -> Iterator[list]:
         coords += n
     if run:
         yield run
-
-
-@contextlib.contextmanager
-def intra_op_threads(n: int) -> Iterator[None]:
-    """torch's intra-op thread count set to ``n`` inside the block (restored after): the analysis runs
-    its own threads across parameters, and a fixed count keeps float reductions in one order."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _notes(optimizers: list[OptimizerState], heads: HeadLayout | None) -> list[str]:

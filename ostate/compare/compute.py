@@ -40,9 +40,8 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from ostate.analysis.native.allocator import reuse_freed_memory
 from ostate.analysis.columns import QUANTILES
-from ostate.analysis.engine import default_workers, intra_op_threads
+from ostate.analysis.engine import default_workers
 from ostate.analysis.params import READ_CHUNK, RELEASE_EVERY
 from ostate.analysis.sketch import Sketch
 from ostate.errors import OstateError
@@ -223,7 +222,7 @@ def compare_optimizers(
         return result
 
     with tqdm(total=total, unit="coord", unit_scale=True, desc="comparing", disable=not progress, delay=1.0,
-              leave=False) as bar, intra_op_threads(1), reuse_freed_memory():
+              leave=False) as bar:
         if workers == 1:
             params = [one(n) for n in order]
         else:

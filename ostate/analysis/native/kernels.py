@@ -58,13 +58,20 @@ class SketchSums(ctypes.Structure):
 
 
 def _load() -> ctypes.CDLL | None:
+    """The library built beside this file at install (``_kernels.abi3.so`` or a per-version name), if usable."""
     if os.environ.get("OSTATE_KERNELS", "1") == "0":
         return None
     spec = importlib.util.find_spec("ostate.analysis.native._kernels")
     if spec is None or spec.origin is None:
         return None
+    return _open(spec.origin)
+
+
+def _open(path: str) -> ctypes.CDLL | None:
+    """The shared library at ``path`` with its functions' signatures declared, or None when it is not
+    a build of this version of ``_kernels.c``."""
     try:
-        lib = ctypes.CDLL(spec.origin)
+        lib = ctypes.CDLL(path)
         if lib.ostate_kernels_abi() != ABI:  # built from another version of _kernels.c
             return None
     except (OSError, AttributeError):  # unloadable, or a stale build without some function
@@ -90,6 +97,33 @@ _LIB = _load()
 def available() -> bool:
     """Whether the compiled loops are in use (built, and not switched off by ``OSTATE_KERNELS=0``)."""
     return _LIB is not None
+
+
+def status() -> str:
+    """Whether the compiled loops are in use, in words (``ostate --version``): ``active``, or why not."""
+    if _LIB is not None:
+        return "active"
+    if os.environ.get("OSTATE_KERNELS", "1") == "0":
+        return "off by OSTATE_KERNELS=0, using torch ops"
+    spec = importlib.util.find_spec("ostate.analysis.native._kernels")
+    if spec is None or spec.origin is None:
+        return "not built, using torch ops"
+    return f"{os.path.basename(spec.origin)} not usable (built from another version?), using torch ops"
+
+
+def load_library(path: str | os.PathLike) -> bool:
+    """Use the compiled loops in the shared library at ``path`` from now on; whether they are.
+
+    For the tests of a checkout where ``pip install`` has not built the library: they build
+    ``_kernels.c`` into a temporary directory and load it here (tests/conftest.py). False, and
+    nothing changed, when ``OSTATE_KERNELS=0`` is set or the file is not a build of this version
+    of ``_kernels.c``.
+    """
+    global _LIB
+    lib = None if os.environ.get("OSTATE_KERNELS", "1") == "0" else _open(os.fspath(path))
+    if lib is not None:
+        _LIB = lib
+    return lib is not None
 
 
 def _float32(values: torch.Tensor) -> torch.Tensor:
