@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import click
 
+from ostate.figures import plot as draw_plot
 from ostate.optimizers import families
 from ostate.outputs import check_output
-from ostate.plots import plot as draw_plot, plot_kinds, save_figure
+from ostate.plots import plot_kinds, save_figure
 from ostate.plots.style import DEFAULT_DPI, figure_format
 from ostate_cli.common import (
     format_hint_option, handle_errors, progress_enabled, trust_pickle_option, workers_option,

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 import ostate
-from ostate.report import format_value
+from ostate.render import format_value
 
 workdir = sys.argv[1] if len(sys.argv) > 1 else "ostate-compare"
 os.makedirs(workdir, exist_ok=True)

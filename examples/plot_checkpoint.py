@@ -16,6 +16,7 @@ import os
 import sys
 
 import ostate
+from ostate import figures
 from ostate.analysis import summarize
 from ostate.demo import make_demo_run
 from ostate.plots import plot_layer_profile, plot_lr_histogram, plot_moments, save_figure
@@ -30,10 +31,11 @@ figures = {
     "plot-lr-histogram.png": plot_lr_histogram(analysis, by="kind", labels=label),
     "plot-layer-profile.png": plot_layer_profile(analysis, by="kind", labels=label),
     "plot-moments.png": plot_moments(analysis, by="group", labels=label),
-    # Two snapshots of the same run: each is loaded and summarised once, labelled by its path.
-    "plot-overlay-lr-histogram.png": plot_lr_histogram([first, last], by="group"),
-    "plot-overlay-layer-profile.png": plot_layer_profile([first, last], by="layer"),
-    "plot-overlay-moments.png": plot_moments([first, last], by="group"),
+    # Two snapshots of the same run, from their paths: ostate.figures loads and summarises
+    # each once and labels it by its path.
+    "plot-overlay-lr-histogram.png": figures.plot_lr_histogram([first, last], by="group"),
+    "plot-overlay-layer-profile.png": figures.plot_layer_profile([first, last], by="layer"),
+    "plot-overlay-moments.png": figures.plot_moments([first, last], by="group"),
 }
 for name, figure in figures.items():
     print("wrote", save_figure(figure, os.path.join(workdir, name), dpi=90))

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,9 +11,11 @@ from ostate.analysis import HeadLayout, describe, summarize
 from ostate.analysis.engine import check_view
 from ostate.errors import OstateError
 from ostate.optimizers import get_family
+from ostate.render import (
+    FORMATS, cells, format_bytes, format_value, jsonable, markdown_table, render as render_as, text_table,
+)
 from ostate.state import Checkpoint
 
-FORMATS = ("table", "csv", "json", "markdown")
 # Metadata shown on the header's "training:" line, in this order.
 _TRAINING_KEYS = ("epoch", "global_step", "step", "iteration", "max_steps", "processes")
 _KEY_COLUMNS = {
@@ -134,15 +134,13 @@ def _scheduler_summary(state: dict[str, Any]) -> dict[str, Any]:
 # ---------------------------------------------------------------------- rendering
 def render(report: Report, fmt: str = "table") -> str:
     """The report as text (``table``), ``csv``, ``json`` or ``markdown``."""
-    if fmt == "json":
-        return json.dumps(to_json(report), indent=2, allow_nan=False) + "\n"
-    if fmt == "csv":
-        frames = [o.table for o in report.optimizers]
-        table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-        return _for_text(table).to_csv(index=False)
-    if fmt in ("table", "markdown"):
-        return _render_text(report, markdown=fmt == "markdown")
-    raise OstateError(f"unknown format '{fmt}'", hint=f"choose one of: {', '.join(FORMATS)}")
+    return render_as(fmt, table=lambda: _render_text(report, markdown=False), csv=lambda: _csv_table(report),
+                     json=lambda: to_json(report), markdown=lambda: _render_text(report, markdown=True))
+
+
+def _csv_table(report: Report) -> pd.DataFrame:
+    frames = [o.table for o in report.optimizers]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
 def to_json(report: Report) -> dict[str, Any]:
@@ -175,62 +173,6 @@ def to_json(report: Report) -> dict[str, Any]:
         entry["params" if report.view == "param" else "rows"] = rows
         out["optimizers"].append(entry)
     return out
-
-
-def jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    if isinstance(value, float):
-        return None if math.isnan(value) or math.isinf(value) else value
-    if hasattr(value, "item") and callable(value.item):
-        try:
-            return jsonable(value.item())
-        except (ValueError, RuntimeError):
-            return repr(value)
-    if value is None or isinstance(value, (bool, int, str)):
-        return value
-    return repr(value)
-
-
-def _for_text(table: pd.DataFrame) -> pd.DataFrame:
-    table = table.copy()
-    if "shape" in table.columns:
-        table["shape"] = [format_shape(s) for s in table["shape"]]
-    return table
-
-
-def format_shape(shape: Any) -> str:
-    if shape is None or (isinstance(shape, float) and math.isnan(shape)):
-        return "?"
-    return "x".join(str(d) for d in shape) if len(shape) else "scalar"
-
-
-def format_value(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "-"
-        if value.is_integer() and abs(value) < 1e15:
-            return str(int(value))
-        return f"{value:.4g}"
-    if hasattr(value, "item") and callable(value.item):
-        return format_value(value.item())
-    if isinstance(value, (list, tuple)):
-        return "(" + ", ".join(format_value(v) for v in value) + ")"
-    return str(value)
-
-
-def format_bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
 
 
 def _header_lines(report: Report) -> list[str]:
@@ -312,52 +254,10 @@ def _render_text(report: Report, *, markdown: bool) -> str:
     return "\n".join(out) + "\n"
 
 
-def _cells(o: OptimizerReport) -> tuple[list[str], list[list[str]]]:
-    table = _for_text(o.table)
-    rows = [[format_value(v) for v in record] for record in table[o.columns].itertuples(index=False, name=None)]
-    return list(o.columns), rows
-
-
 def _text_table(o: OptimizerReport) -> str:
-    head, rows = _cells(o)
-    return text_table(head, rows, left={"name", "name_source", "layer", "param_kind", "shape", "dtype"})
-
-
-def text_table(head: list[str], rows: list[list[str]], *, left: set[str] = frozenset()) -> str:
-    """Aligned plain-text columns: the ``left`` ones left-aligned, the others right-aligned.
-
-    Example:
-        >>> print(text_table(["name", "n"], [["a", "10"], ["bb", "2"]], left={"name"}))
-        name   n
-        ----  --
-        a     10
-        bb     2
-    """
-    if not rows:
-        return "(no rows)"
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
-    text_cols = {i for i, h in enumerate(head) if h in left}
-
-    def line(cells: list[str]) -> str:
-        return "  ".join(c.ljust(w) if i in text_cols else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-
-    return "\n".join([line(head), line(["-" * w for w in widths]), *(line(r) for r in rows)])
+    return text_table(list(o.columns), cells(o.table, o.columns),
+                      left={"name", "name_source", "layer", "param_kind", "shape", "dtype"})
 
 
 def _markdown_table(o: OptimizerReport) -> str:
-    head, rows = _cells(o)
-    return markdown_table(head, rows)
-
-
-def markdown_table(head: list[str], rows: list[list[str]]) -> str:
-    """A Markdown (GitHub) table of text cells, ``|`` escaped.
-
-    Example:
-        >>> print(markdown_table(["name", "n"], [["a|b", "1"]]))
-        | name | n |
-        |---|---|
-        | a\\|b | 1 |
-    """
-    out = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-    out += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows]
-    return "\n".join(out)
+    return markdown_table(list(o.columns), cells(o.table, o.columns))

@@ -59,7 +59,7 @@ def test_bad_options_fail_with_one_line_and_exit_2(args, message, demo_run, tmp_
 
 
 def test_a_trainer_checkpoint_directory_plots_layers_in_model_order(gpt2_run, tmp_path):
-    from ostate.plots import plot_layer_profile
+    from ostate.figures import plot_layer_profile
 
     result = run_cli("plot", str(gpt2_run.checkpoint), "-o", str(tmp_path / "profile.png"), "--kind", "layer-profile")
     assert result.returncode == 0, result.stderr

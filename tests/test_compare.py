@@ -12,7 +12,7 @@ from torch import nn
 import ostate
 from ostate.analysis.sketch import RELATIVE_ERROR
 from ostate.compare.compute import MOVER_METRIC, compare
-from ostate.plots import plot
+from ostate.figures import plot
 from ostate.plots.compare import compare_figure
 from ostate.reset.write import reset
 from tests.helpers.common import run_cli
@@ -206,3 +206,19 @@ def test_compare_plot_never_writes_over_or_into_an_input(tmp_path):
     assert disguised.read_bytes() == before
     wrong = run_cli("compare", str(paths[0]), str(paths[1]), "--plot", str(tmp_path / "c.gif"))
     assert wrong.returncode == 2 and not (tmp_path / "c.gif").exists()
+
+
+def test_the_plots_package_draws_a_computed_comparison_and_checks_its_pairing(tmp_path):
+    import ostate.plots
+
+    _, paths, _ = run(tmp_path, steps=(2, 4, 7))
+    result = compare(*paths, against="first")
+    fig = ostate.plots.plot("compare", result)
+    tables = [pair.table().set_index("name") for pair in result.pairs]
+    for line, table in zip(fig.axes[1].get_lines(), tables, strict=True):
+        assert list(line.get_ydata()) == pytest.approx(list(table.loc[table["status"] == "both", "m_cosine"]))
+    assert ostate.plots.plot("compare", result, by="first").axes
+    with pytest.raises(ostate.OstateError, match="pairs its checkpoints first, not consecutive"):
+        ostate.plots.plot("compare", result, by="consecutive")
+    with pytest.raises(ostate.OstateError, match="cannot be split --by layer"):
+        ostate.plots.plot("compare", result, by="layer")

@@ -23,9 +23,8 @@ from ostate.analysis import Sketch, summarize
 from ostate.analysis.sketch import bucket_ids, bucket_values
 from ostate.errors import OstateError
 from ostate.optimizers.adam import max_snr, pure_noise_snr
-from ostate.plots import (
-    as_series, get_kind, plot, plot_kinds, plot_layer_profile, plot_lr_histogram, plot_moments, save_figure,
-)
+from ostate.figures import as_series, plot, plot_layer_profile, plot_lr_histogram, plot_moments
+from ostate.plots import get_kind, plot_kinds, save_figure
 from ostate.plots.rebin import log_edges, rebin
 from tests.helpers.common import REPO, Net, train
 
@@ -310,7 +309,7 @@ def test_an_unsupported_figure_format_is_refused(demo_run, tmp_path):
 @pytest.mark.slow
 def test_plotting_needs_no_display_and_never_touches_pyplot(demo_run, tmp_path):
     script = (
-        "import sys; from ostate.plots import plot, save_figure\n"
+        "import sys; from ostate.figures import plot; from ostate.plots import save_figure\n"
         f"for kind in ('lr-histogram', 'layer-profile', 'moments'):\n"
         f"    save_figure(plot(kind, {demo_run[0]!r}), {str(tmp_path)!r} + '/' + kind + '.png')\n"
         "assert 'matplotlib.pyplot' not in sys.modules\n"
@@ -334,3 +333,43 @@ def test_a_layer_profile_with_nothing_to_draw_says_why():
     fig = plot_layer_profile(ostate.from_state_dict(opt.state_dict(), model=model))
     assert not [ln for ln in fig.axes[0].get_lines() if (ln.get_gid() or "").startswith("median|")]
     assert any(t.get_text().startswith("not drawn: no layer") for t in fig.axes[0].texts)
+
+
+# ------------------------------------------------------------------------------ layers
+def test_the_plots_draw_analyses_and_the_figures_module_reads_the_paths(demo_run):
+    import ostate.plots
+
+    analyses = [summarize(ostate.load(p)) for p in demo_run]
+    drawn = ostate.plots.plot("lr-histogram", analyses, labels=["checkpoint-30.pt", "checkpoint-60.pt"])
+    read = plot("lr-histogram", demo_run)
+    for ax_drawn, ax_read in zip(drawn.axes, read.axes, strict=True):
+        bars = {a.get_gid(): a.get_data().values for a in _artists(ax_drawn, StepPatch, "histogram|")}
+        assert bars and bars.keys() == {a.get_gid() for a in _artists(ax_read, StepPatch, "histogram|")}
+        for a in _artists(ax_read, StepPatch, "histogram|"):
+            assert np.array_equal(a.get_data().values, bars[a.get_gid()])
+    with pytest.raises(OstateError, match="cannot plot a str.*ostate.figures"):
+        ostate.plots.plot("lr-histogram", demo_run[0])
+    with pytest.raises(OstateError, match="draws a comparison, not a list.*ostate.figures.plot"):
+        ostate.plots.plot("compare", demo_run)
+
+
+def test_no_module_of_the_plots_package_reads_checkpoints():
+    import ast
+    import pathlib
+
+    import ostate.plots.registry
+
+    found = {}
+    for path in sorted(pathlib.Path(ostate.plots.__file__).parent.glob("*.py")):
+        tree = ast.parse(path.read_text())
+        only_typing = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If)
+                       and getattr(node.test, "id", None) == "TYPE_CHECKING" for n in ast.walk(node)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module and id(node) not in only_typing:
+                found.setdefault(path.name, set()).add(node.module)
+            elif isinstance(node, ast.Import) and id(node) not in only_typing:
+                found.setdefault(path.name, set()).update(a.name for a in node.names)
+    for name, modules in found.items():
+        assert not [m for m in modules if m.startswith(("ostate.loading", "ostate.formats", "ostate.convert",
+                                                         "ostate.compare", "importlib", "pkgutil"))], name
+    assert [kind.name for kind in ostate.plots.registry.KINDS] == sorted(plot_kinds())

@@ -1,18 +1,16 @@
 """``ostate compare``'s output: each pair's summary, largest movers and per-parameter table,
-as text (``table``), ``csv``, ``json`` or ``markdown`` (the renderers of :mod:`ostate.report`)."""
+as text (``table``), ``csv``, ``json`` or ``markdown`` (the renderers of :mod:`ostate.render`)."""
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import pandas as pd
 
 from ostate.compare.compute import MOVER_METRIC, Comparison, PairComparison
 from ostate.errors import OstateError
-from ostate.report import format_shape, format_value, jsonable, markdown_table, text_table
+from ostate.render import FORMATS, cells, format_value, jsonable, markdown_table, render as render_as, text_table
 
-FORMATS = ("table", "csv", "json", "markdown")
 # The columns the text renderings show by default (csv and json have every column).
 COLUMNS = ("name", "status", "shape", "step_delta", "m_cosine", "log10_v_ratio_p50", "log10_v_ratio_iqr",
            "eff_lr_relchange_p50", "unchanged_frac")
@@ -37,14 +35,10 @@ def render(comparison: Comparison, fmt: str = "table", *, top: int = 10, columns
         >>> text.splitlines()[:3]
         ["A: a ('(root)')", "B: b ('(root)')", 'optimizer: adamw']
     """
-    if fmt == "json":
-        return json.dumps(to_json(comparison, top=top), indent=2, allow_nan=False) + "\n"
-    if fmt == "csv":
-        table = _sorted(comparison.table(), sort, ascending)
-        return _for_text(table).to_csv(index=False)
-    if fmt in ("table", "markdown"):
-        return _text(comparison, top, columns, sort, ascending, markdown=fmt == "markdown")
-    raise OstateError(f"unknown format '{fmt}'", hint=f"choose one of: {', '.join(FORMATS)}")
+    return render_as(fmt, table=lambda: _text(comparison, top, columns, sort, ascending, markdown=False),
+                     csv=lambda: _sorted(comparison.table(), sort, ascending),
+                     json=lambda: to_json(comparison, top=top),
+                     markdown=lambda: _text(comparison, top, columns, sort, ascending, markdown=True))
 
 
 def to_json(comparison: Comparison, *, top: int = 10) -> dict[str, Any]:
@@ -78,18 +72,6 @@ def _sorted(table: pd.DataFrame, sort: str | None, ascending: bool) -> pd.DataFr
     if sort not in table.columns:
         raise OstateError(f"no column '{sort}' to sort by", hint=f"columns: {', '.join(map(str, table.columns))}")
     return table.sort_values(sort, ascending=ascending, na_position="last", kind="stable")
-
-
-def _for_text(table: pd.DataFrame) -> pd.DataFrame:
-    table = table.copy()
-    if "shape" in table.columns:
-        table["shape"] = [format_shape(s) for s in table["shape"]]
-    return table
-
-
-def _cells(table: pd.DataFrame, columns: list[str]) -> list[list[str]]:
-    shown = _for_text(table)
-    return [[format_value(v) for v in record] for record in shown[columns].itertuples(index=False, name=None)]
 
 
 def _pair_header(pair: PairComparison) -> list[str]:
@@ -131,13 +113,13 @@ def _text(comparison: Comparison, top: int, columns: list[str] | None, sort: str
             out += ["", f"largest movers (by {MOVER_METRIC}):" if not markdown else f"### Largest movers (by {MOVER_METRIC})",
                     ""]
             head = [c for c in MOVER_COLUMNS if c in movers.columns]
-            out.append(markdown_table(head, _cells(movers, head)) if markdown
-                       else text_table(head, _cells(movers, head), left=_LEFT))
+            out.append(markdown_table(head, cells(movers, head)) if markdown
+                       else text_table(head, cells(movers, head), left=_LEFT))
         shown = _columns(table, columns)
         out += ["", "### Parameters" if markdown else "parameters:", ""]
         table = _sorted(table, sort, ascending)
-        out.append(markdown_table(shown, _cells(table, shown)) if markdown
-                   else text_table(shown, _cells(table, shown), left=_LEFT))
+        out.append(markdown_table(shown, cells(table, shown)) if markdown
+                   else text_table(shown, cells(table, shown), left=_LEFT))
     return "\n".join(out) + "\n"
 
 

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from ostate.doctor.checks import Diagnosis, Evidence, Finding, exit_code
-from ostate.errors import OstateError
-from ostate.report import jsonable
+from ostate.render import jsonable, render as render_as
 
 FORMATS = ("table", "json", "markdown")
 # Evidence lines shown per finding in text; JSON has all of them.
@@ -31,11 +29,9 @@ def render(diagnosis: Diagnosis, fmt: str = "table", *, fail_on: str = "warning"
         <BLANKLINE>
         1 warning; exit code 3 (--fail-on warning)
     """
-    if fmt == "json":
-        return json.dumps(to_json(diagnosis, fail_on=fail_on), indent=2, allow_nan=False) + "\n"
-    if fmt in ("table", "markdown"):
-        return _text(diagnosis, fail_on, markdown=fmt == "markdown")
-    raise OstateError(f"unknown format '{fmt}'", hint=f"choose one of: {', '.join(FORMATS)}")
+    return render_as(fmt, table=lambda: _text(diagnosis, fail_on, markdown=False),
+                     json=lambda: to_json(diagnosis, fail_on=fail_on),
+                     markdown=lambda: _text(diagnosis, fail_on, markdown=True))
 
 
 def to_json(diagnosis: Diagnosis, *, fail_on: str = "warning") -> dict[str, Any]:

@@ -7,7 +7,7 @@ import math
 import pandas as pd
 
 from ostate.harness.summary import CELL, Summary
-from ostate.report import text_table
+from ostate.render import text_table
 
 
 def plus_minus(mean: float, lo: float, hi: float, *, signed: bool = False) -> str:

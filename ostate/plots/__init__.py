@@ -2,7 +2,10 @@
 
 A checkpoint is read and summarised once (:func:`ostate.analysis.summarize`); every
 figure is then drawn from the merged sketches, so a huge checkpoint plots about as fast
-as it inspects. The kinds (one module each, found by :mod:`ostate.plots.registry`):
+as it inspects. Nothing in this package reads a checkpoint: the figures take analyses,
+:class:`Series` or (``compare``) a computed comparison. :mod:`ostate.figures` is the step
+before, from paths, loaded checkpoints and optimizers (what ``ostate plot`` uses).
+The kinds (one module each, listed in :data:`ostate.plots.registry.KINDS`):
 
 - ``lr-histogram`` (:func:`plot_lr_histogram`): effective-learning-rate histograms;
 - ``layer-profile`` (:func:`plot_layer_profile`): the effective learning rate layer by layer;
@@ -10,18 +13,19 @@ as it inspects. The kinds (one module each, found by :mod:`ostate.plots.registry
 - ``compare`` (:func:`ostate.plots.compare.compare_figure`): how each parameter's state
   moved between checkpoints (``--by consecutive`` or ``first``, as ``ostate compare --against``).
 
-Each function takes one or more paths, checkpoints, optimizers or analyses (several
-are overlaid) and returns a :class:`matplotlib.figure.Figure` built without pyplot (no
-display needed); :func:`save_figure` writes it as PNG, SVG or PDF, atomically. The
-artists that carry numbers have a ``gid`` naming what they are and whose
-(``"median|checkpoint-500"``, ``"histogram|checkpoint-500"``, ``"joint|checkpoint-500"``,
-``"noise"``, ...), so a program can read the plotted values back from the Figure.
+Each function takes one or more analyses or series (several are overlaid) and returns a
+:class:`matplotlib.figure.Figure` built without pyplot (no display needed);
+:func:`save_figure` writes it as PNG, SVG or PDF, atomically. The artists that carry
+numbers have a ``gid`` naming what they are and whose (``"median|checkpoint-500"``,
+``"histogram|checkpoint-500"``, ``"joint|checkpoint-500"``, ``"noise"``, ...), so a program
+can read the plotted values back from the Figure.
 
 Example:
     >>> import ostate, torch, tempfile, os
+    >>> from ostate.analysis import summarize
     >>> m = torch.nn.Linear(4, 2); opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
     >>> m(torch.randn(8, 4)).sum().backward(); opt.step()
-    >>> fig = plot("layer-profile", ostate.from_state_dict(opt.state_dict(), model=m))
+    >>> fig = plot("layer-profile", summarize(ostate.from_state_dict(opt.state_dict(), model=m)))
     >>> path = save_figure(fig, os.path.join(tempfile.mkdtemp(), "profile.svg"))
     >>> os.path.getsize(path) > 0
     True
@@ -29,14 +33,15 @@ Example:
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 from matplotlib.figure import Figure
 
+from ostate.plots.kind import COMPARISON, PlotKind, check_view
 from ostate.plots.layer_profile import plot_layer_profile
 from ostate.plots.lr_histogram import plot_lr_histogram
 from ostate.plots.moments import plot_moments
-from ostate.plots.registry import PlotKind, check_view, get_kind, plot_kinds
+from ostate.plots.registry import get_kind, plot_kinds
 from ostate.plots.series import PlotInput, Series, as_series
 from ostate.plots.style import save_figure
 
@@ -48,28 +53,22 @@ __all__ = [
 
 def plot(
     kind: str,
-    inputs: PlotInput | Sequence[PlotInput],
+    inputs: PlotInput | Sequence[PlotInput] | Any,
     *,
     by: str | None = None,
     labels: Sequence[str] | None = None,
     optimizer_index: int | None = None,
-    workers: int | None = None,
-    progress: bool = False,
-    trust_pickle: bool = False,
-    format_hint: str | None = None,
-    optimizer: str | None = None,
 ) -> Figure:
-    """The figure of plot kind ``kind`` (see :func:`plot_kinds`) for one or more checkpoints.
+    """The figure of plot kind ``kind`` (see :func:`plot_kinds`) drawn from analyses.
 
-    ``by`` splits the figure (each kind's default when ``None``); ``workers`` and
-    ``progress`` go to :func:`ostate.analysis.summarize`; ``trust_pickle``,
-    ``format_hint`` and ``optimizer`` to :func:`ostate.load` for path inputs.
+    ``inputs`` are one or more analyses (:func:`ostate.analysis.summarize`; for ``moments``
+    with ``joint=True``) or :class:`Series`, overlaid; for ``compare`` a
+    :class:`~ostate.compare.compute.Comparison`. ``by`` splits the figure (each kind's
+    default when ``None``; for ``compare`` it must be the comparison's pairing when given).
+    :func:`ostate.figures.plot` takes paths, checkpoints and optimizers as well.
     """
     chosen = get_kind(kind)
-    by = check_view(chosen, by)  # before any reading: a wrong option fails at once
-    if chosen.from_inputs is not None:
-        return chosen.from_inputs(inputs, by=by, optimizer_index=optimizer_index, workers=workers, progress=progress,
-                                  trust_pickle=trust_pickle, format_hint=format_hint, optimizer=optimizer)
-    series = as_series(inputs, labels=labels, optimizer_index=optimizer_index, joint=chosen.joint, workers=workers,
-                       progress=progress, trust_pickle=trust_pickle, format_hint=format_hint, optimizer=optimizer)
-    return chosen.draw(series, by=by)
+    if chosen.takes == COMPARISON:
+        return chosen.draw(inputs, by=by)
+    by = check_view(chosen, by)
+    return chosen.draw(as_series(inputs, labels=labels, optimizer_index=optimizer_index, joint=chosen.joint), by=by)

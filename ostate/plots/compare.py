@@ -6,19 +6,26 @@ moments, the change of the effective learning rate (:math:`\log_{10}(\eta_B/\eta
 and 5-95%), and the fraction of coordinates whose state did not change. One colour per
 pair of checkpoints, in the Okabe-Ito colour-blind-safe palette. Drawn on a bare
 :class:`matplotlib.figure.Figure` (no pyplot, no display), so it works headless.
+
+The figure is drawn from a :class:`~ostate.compare.compute.Comparison` already computed
+(:func:`ostate.compare.compute.compare`, or :func:`ostate.figures.plot` from paths);
+nothing here reads a checkpoint.
 """
 
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import numpy as np
 from matplotlib.figure import Figure
 
-from ostate.compare.compute import Comparison, compare
 from ostate.errors import OstateError
-from ostate.plots.registry import PlotKind
+from ostate.plots.kind import COMPARISON, PlotKind, check_view
 from ostate.plots.style import OKABE_ITO, save_figure
+
+if TYPE_CHECKING:
+    from ostate.compare.compute import Comparison
 
 # Above this many parameters the x axis shows positions instead of names.
 MAX_NAMED = 40
@@ -90,20 +97,24 @@ def save_compare_figure(result: Comparison, path: str | os.PathLike) -> str:
     return save_figure(compare_figure(result), path)
 
 
-def _from_inputs(inputs, *, by: str, optimizer_index: int | None = None, workers: int | None = None,
-                 progress: bool = False, trust_pickle: bool = False, format_hint: str | None = None,
-                 **_: object) -> Figure:
-    """``ostate plot --kind compare``: compare the checkpoints at the given paths, oldest first."""
-    paths = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
-    if not all(isinstance(p, (str, os.PathLike)) for p in paths):
-        raise OstateError("the compare plot reads checkpoints from their paths",
-                          hint="pass paths, or draw compare_figure(ostate.compare.compute.compare(...)) yourself")
-    return compare_figure(compare(*paths, against=by, optimizer_index=optimizer_index, trust_pickle=trust_pickle,
-                                  format_hint=format_hint, workers=workers, progress=progress))
+def draw(result: Comparison, *, by: str | None = None) -> Figure:
+    """The figure of a computed comparison (what ``ostate plot --kind compare`` draws).
+
+    ``by``, when given, must be how the comparison paired its checkpoints (``consecutive``
+    or ``first``: ``compare(..., against=by)``).
+    """
+    if not (hasattr(result, "pairs") and hasattr(result, "against")):
+        raise OstateError(f"the compare plot draws a comparison, not a {type(result).__name__}",
+                          hint="compute one with ostate.compare.compute.compare(*paths), or give the paths to "
+                               "ostate.figures.plot")
+    if by is not None and check_view(KIND, by) != result.against:
+        raise OstateError(f"this comparison pairs its checkpoints {result.against}, not {by}",
+                          hint=f"compare(..., against='{by}') makes the pairs")
+    return compare_figure(result)
 
 
 KIND = PlotKind(name="compare", summary="how each parameter's state moved between checkpoints (ostate compare)",
-                views=("consecutive", "first"), from_inputs=_from_inputs)
+                views=("consecutive", "first"), draw=draw, takes=COMPARISON)
 
 
 def _column(table, name: str) -> np.ndarray:

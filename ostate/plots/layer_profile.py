@@ -26,7 +26,7 @@ from matplotlib.lines import Line2D
 from ostate.analysis import Sketch
 from ostate.analysis.params import PARAM_KINDS
 from ostate.errors import OstateError
-from ostate.plots.registry import PlotKind, check_view
+from ostate.plots.kind import PlotKind, check_view
 from ostate.plots.series import PlotInput, Series, as_series
 from ostate.plots.panels import group_lrs
 from ostate.plots.style import OKABE_ITO, series_style
@@ -50,19 +50,21 @@ def plot_layer_profile(
     """The median effective learning rate per layer with its p5-p95 band, as a matplotlib Figure.
 
     Args:
-        inputs: one or more paths, checkpoints, optimizers or analyses; several are overlaid.
+        inputs: one or more analyses or series; several are overlaid.
+            (:func:`ostate.figures.plot_layer_profile` also takes paths, checkpoints and optimizers.)
         by: one line per parameter ``kind`` (default), per param ``group``, or one line for
             the whole ``layer``.
-        labels: legend labels, one per input (default: the paths, shortened).
-        optimizer_index: which optimizer of a checkpoint that holds several.
+        labels: legend labels, one per input (default: "checkpoint N" for several inputs).
+        optimizer_index: which optimizer of an analysis that holds several.
         title: the figure's title.
 
     Example:
         >>> import ostate, torch
+        >>> from ostate.analysis import summarize
         >>> m = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
         >>> opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
         >>> m(torch.randn(8, 4)).sum().backward(); opt.step()
-        >>> fig = plot_layer_profile(ostate.from_state_dict(opt.state_dict(), model=m), by="layer")
+        >>> fig = plot_layer_profile(summarize(ostate.from_state_dict(opt.state_dict(), model=m)), by="layer")
         >>> [t.get_text() for t in fig.axes[0].get_xticklabels()]
         ['0', '1']
     """

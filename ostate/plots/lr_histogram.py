@@ -16,9 +16,9 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from ostate.errors import OstateError
+from ostate.plots.kind import PlotKind, check_view
 from ostate.plots.panels import group_lrs, panels
 from ostate.plots.rebin import Positive, log_edges, rebin
-from ostate.plots.registry import PlotKind, check_view
 from ostate.plots.series import PlotInput, Series, as_series
 from ostate.plots.style import panel_grid, series_style
 
@@ -39,20 +39,22 @@ def plot_lr_histogram(
     """Effective-learning-rate histograms of one or more checkpoints, as a matplotlib Figure.
 
     Args:
-        inputs: one or more paths, checkpoints (``ostate.load``), optimizers, or analyses
-            (``ostate.analysis.summarize``); several are overlaid.
+        inputs: one or more analyses (``ostate.analysis.summarize``) or series; several are
+            overlaid. (:func:`ostate.figures.plot_lr_histogram` also takes paths, checkpoints
+            and optimizers.)
         by: the small multiples after the whole-model panel: ``kind`` (parameter kind),
             ``group``, ``layer``, or ``model`` (the whole-model panel only).
-        labels: legend labels, one per input (default: the paths, shortened).
-        optimizer_index: which optimizer of a checkpoint that holds several.
+        labels: legend labels, one per input (default: "checkpoint N" for several inputs).
+        optimizer_index: which optimizer of an analysis that holds several.
         per_decade: display bins per decade (default: about 60 bins over the range, 4 to 20 per decade).
         title: the figure's title (default: what is drawn, and of which checkpoints).
 
     Example:
         >>> import ostate, torch
+        >>> from ostate.analysis import summarize
         >>> m = torch.nn.Linear(4, 2); opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
         >>> m(torch.randn(8, 4)).sum().backward(); opt.step()
-        >>> fig = plot_lr_histogram(ostate.from_state_dict(opt.state_dict(), model=m))
+        >>> fig = plot_lr_histogram(summarize(ostate.from_state_dict(opt.state_dict(), model=m)))
         >>> [ax.get_title() for ax in fig.axes]
         ['whole model', 'weight parameters', 'bias parameters']
     """

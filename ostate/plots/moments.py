@@ -36,8 +36,8 @@ from ostate.analysis import ViewRow
 from ostate.analysis.joint import JointHistogram
 from ostate.errors import OstateError
 from ostate.optimizers.adam import max_snr, pure_noise_snr
+from ostate.plots.kind import PlotKind, check_view
 from ostate.plots.panels import Panel, groups_of, panels
-from ostate.plots.registry import PlotKind, check_view
 from ostate.plots.series import PlotInput, Series, as_series
 from ostate.plots.style import SEQUENTIAL_COLORMAP, panel_grid, series_style
 
@@ -84,23 +84,25 @@ def plot_moments(
     """|m̂| against √v̂ per coordinate with the ε, pure-noise and largest-possible lines, as a Figure.
 
     Only for optimizers that keep moving averages of both g and g² (Adam, AdamW, NAdam,
-    RAdam, bitsandbytes Adam); any other raises :class:`~ostate.OstateError`. Inputs that
-    are analyses must come from ``summarize(..., joint=True)``.
+    RAdam, bitsandbytes Adam); any other raises :class:`~ostate.OstateError`. The analyses
+    must come from ``summarize(..., joint=True)`` (:func:`ostate.figures.plot_moments`
+    also takes paths, checkpoints and optimizers, and summarises them so).
 
     Args:
-        inputs: one or more paths, checkpoints, optimizers or analyses; several are drawn as contours.
+        inputs: one or more analyses or series; several are drawn as contours.
         by: one panel per param ``group`` (default), parameter ``kind``, ``layer``, or the whole
             ``model``. A panel that mixes groups with different betas or eps is refused.
-        labels: legend labels, one per input (default: the paths, shortened).
-        optimizer_index: which optimizer of a checkpoint that holds several.
+        labels: legend labels, one per input (default: "checkpoint N" for several inputs).
+        optimizer_index: which optimizer of an analysis that holds several.
         title: the figure's title.
 
     Example:
         >>> import ostate, torch
+        >>> from ostate.analysis import summarize
         >>> m = torch.nn.Linear(4, 2); opt = torch.optim.Adam(m.parameters(), lr=1e-3)
         >>> for _ in range(3):
         ...     m(torch.randn(8, 4)).sum().backward(); opt.step()
-        >>> fig = plot_moments(ostate.from_state_dict(opt.state_dict(), model=m))
+        >>> fig = plot_moments(summarize(ostate.from_state_dict(opt.state_dict(), model=m), joint=True))
         >>> fig.axes[0].get_title()
         'group 0: betas (0.9, 0.999), eps 1e-08, step 3'
     """

@@ -1,25 +1,21 @@
 """What a figure draws: one labelled series per checkpoint, each an analysed optimizer.
 
-Every plot kind takes a list of :class:`Series`. :func:`as_series` makes them from what
-a user has at hand (paths, loaded checkpoints, optimizers, or analyses made earlier),
-loading and summarising each input once; labels are the paths, shortened to the part
-that tells them apart (``checkpoint-500`` and ``checkpoint-1000``).
+Every plot kind but ``compare`` takes a list of :class:`Series`. :func:`as_series` makes
+them from analyses (:func:`ostate.analysis.summarize`) or series made earlier; reading and
+summarising paths, checkpoints and optimizers is one layer up, in
+:func:`ostate.figures.as_series`, so nothing here reads a checkpoint.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Sequence, Union
 
-from ostate.analysis import Analysis, OptimizerAnalysis, ViewRow, summarize
+from ostate.analysis import Analysis, OptimizerAnalysis, ViewRow
 from ostate.errors import OstateError
-from ostate.loading import IN_MEMORY, load
-from ostate.convert import pick_optimizer
 from ostate.optimizers import Family, families, get_family
-from ostate.state import Checkpoint, OptimizerState
 
-PlotInput = Union[str, os.PathLike, Checkpoint, OptimizerState, Analysis, OptimizerAnalysis, "Series"]
+PlotInput = Union[Analysis, OptimizerAnalysis, "Series"]
 
 
 @dataclass
@@ -51,9 +47,10 @@ class Series:
 
         Example:
             >>> import ostate, torch
+            >>> from ostate.analysis import summarize
             >>> m = torch.nn.Linear(2, 1); opt = torch.optim.AdamW(m.parameters())
             >>> m(torch.ones(1, 2)).sum().backward(); opt.step()
-            >>> as_series([ostate.from_state_dict(opt.state_dict())], labels=["run"])[0].describe()
+            >>> as_series([summarize(ostate.from_state_dict(opt.state_dict()))], labels=["run"])[0].describe()
             'run (AdamW, step 1)'
         """
         step = self.step
@@ -67,77 +64,48 @@ def as_series(
     labels: Sequence[str] | None = None,
     optimizer_index: int | None = None,
     joint: bool = False,
-    workers: int | None = None,
-    progress: bool = False,
-    trust_pickle: bool = False,
-    format_hint: str | None = None,
-    optimizer: str | None = None,
 ) -> list[Series]:
-    """One :class:`Series` per input, each loaded and summarised once.
+    """One :class:`Series` per analysed input.
 
     Args:
-        inputs: a path, a :class:`~ostate.Checkpoint`, an :class:`~ostate.OptimizerState`,
-            an :class:`~ostate.analysis.Analysis` (from ``summarize``), or a list of them.
-        labels: legend labels, one per input (default: the paths, shortened; "checkpoint N"
-            for inputs without a path).
-        optimizer_index: which optimizer of an input that holds several.
-        joint: summarise with the joint histogram of the moments (the moments plot
-            needs it); an analysis made without it is refused then.
-        workers, progress: as for :func:`ostate.analysis.summarize`.
-        trust_pickle, format_hint, optimizer: as for :func:`ostate.load`, for path inputs.
+        inputs: an :class:`~ostate.analysis.Analysis` (from ``summarize``), one optimizer's
+            :class:`~ostate.analysis.OptimizerAnalysis`, a :class:`Series`, or a list of them.
+            (:func:`ostate.figures.as_series` also takes paths, checkpoints and optimizers.)
+        labels: legend labels, one per input (default: a series keeps its label, the others
+            are "checkpoint N", or no label for a single input).
+        optimizer_index: which optimizer of an analysis that holds several.
+        joint: the series are for the moments plot: each must have the joint histogram of
+            the moments (``summarize(..., joint=True)``).
     """
+    items = as_list(inputs)
+    if labels is not None and len(labels) != len(items):
+        raise OstateError(f"{len(labels)} labels for {len(items)} inputs", hint="give one label per input")
+    if labels is None:
+        labels = [item.label if isinstance(item, Series) else f"checkpoint {i + 1}" if len(items) > 1 else ""
+                  for i, item in enumerate(items)]
+    return [Series(label, analysed(item, optimizer_index=optimizer_index, joint=joint))
+            for item, label in zip(items, labels)]
+
+
+def as_list(inputs) -> list:
+    """``inputs`` as a list (one input, or a list or tuple of them); an error when there is none."""
     items = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
     if not items:
         raise OstateError("nothing to plot", hint="give at least one checkpoint")
-    if labels is not None and len(labels) != len(items):
-        raise OstateError(f"{len(labels)} labels for {len(items)} inputs", hint="give one label per input")
-    paths = [_path_of(item) for item in items]
-    named = short_labels([p for p in paths if p is not None])
-    default_labels, position = [], 0
-    for i, (item, path) in enumerate(zip(items, paths)):
-        if isinstance(item, Series):
-            default_labels.append(item.label)
-        elif path is None:
-            default_labels.append(f"checkpoint {i + 1}" if len(items) > 1 else "")
-        else:
-            default_labels.append(named[position])
-            position += 1
-    out = []
-    for item, path, label in zip(items, paths, labels if labels is not None else default_labels):
-        analysis = _analysed(item, where=path, optimizer_index=optimizer_index, joint=joint, workers=workers,
-                             progress=progress, trust_pickle=trust_pickle, format_hint=format_hint,
-                             optimizer=optimizer)
-        out.append(Series(label, analysis))
-    return out
+    return items
 
 
-def _path_of(item: PlotInput) -> str | None:
-    if isinstance(item, (str, os.PathLike)):
-        return os.fspath(item)
-    if isinstance(item, Checkpoint):
-        return item.path if item.path != IN_MEMORY else None
-    return None
-
-
-def _analysed(item: PlotInput, *, where: str | None, optimizer_index: int | None, joint: bool, workers: int | None,
-              progress: bool, trust_pickle: bool, format_hint: str | None, optimizer: str | None) -> OptimizerAnalysis:
+def analysed(item: PlotInput, *, optimizer_index: int | None = None, joint: bool = False,
+             where: str | None = None) -> OptimizerAnalysis:
+    """The optimizer analysis a figure draws for ``item`` (``where``: its path, for errors)."""
     if isinstance(item, Series):
         item = item.analysis
-    if isinstance(item, (str, os.PathLike)):
-        item = load(item, trust_pickle=trust_pickle, optimizer=optimizer, format_hint=format_hint)
-    if isinstance(item, Checkpoint):
-        item = pick_optimizer(item, optimizer_index)
     elif isinstance(item, Analysis):
         item = _pick_analysed(item, optimizer_index)
-    if isinstance(item, OptimizerState):
-        if joint:  # before the work of summarising: say at once that there is nothing to draw
-            require_moments(item.kind, where)
-        # Plots use no weight statistics: the model's tensors are not read.
-        item = summarize(item, weights={}, joint=joint, workers=workers, progress=progress).optimizers[0]
     if not isinstance(item, OptimizerAnalysis):
         raise OstateError(f"cannot plot a {type(item).__name__}",
-                          hint="give a path, a checkpoint from ostate.load, an optimizer, or an analysis from "
-                               "summarize")
+                          hint="give an analysis from summarize; ostate.figures reads paths, checkpoints and "
+                               "optimizers")
     if joint:
         require_moments(item.optimizer.kind, where)
         if not any(s.joints for s in item.summaries) and any(s.row["has_state"] for s in item.summaries):
@@ -172,35 +140,3 @@ def _pick_analysed(analysis: Analysis, index: int | None) -> OptimizerAnalysis:
     if not 0 <= index < len(analysis.optimizers):
         raise OstateError(f"no optimizer with index {index}", hint=f"found {found}")
     return analysis.optimizers[index]
-
-
-def short_labels(paths: Sequence[str]) -> list[str]:
-    """The paths without the leading and trailing components they all share.
-
-    One path keeps its last component. Paths that are the same get a number.
-
-    Example:
-        >>> short_labels(["runs/a/checkpoint-500", "runs/a/checkpoint-1000"])
-        ['checkpoint-500', 'checkpoint-1000']
-        >>> short_labels(["out/checkpoint-500/optimizer.pt", "out/checkpoint-1000/optimizer.pt"])
-        ['checkpoint-500', 'checkpoint-1000']
-        >>> short_labels(["/data/ckpt.pt"]), short_labels(["a.pt", "a.pt"])
-        (['ckpt.pt'], ['a.pt', 'a.pt (2)'])
-    """
-    parts = [[p for p in os.path.normpath(path).split(os.sep) if p] or [path] for path in paths]
-    if len(parts) <= 1:
-        return [p[-1] for p in parts]
-    shortest = min(len(p) for p in parts)
-    prefix = 0
-    while prefix < shortest - 1 and len({p[prefix] for p in parts}) == 1:
-        prefix += 1
-    suffix = 0
-    while suffix < shortest - prefix - 1 and len({p[-1 - suffix] for p in parts}) == 1:
-        suffix += 1
-    labels = ["/".join(p[prefix : len(p) - suffix]) for p in parts]
-    seen: dict[str, int] = {}
-    out = []
-    for label in labels:
-        seen[label] = seen.get(label, 0) + 1
-        out.append(label if seen[label] == 1 else f"{label} ({seen[label]})")
-    return out

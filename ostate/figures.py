@@ -1,0 +1,216 @@
+"""Figures of checkpoints: read and summarise them, then draw (``ostate plot``).
+
+:mod:`ostate.plots` draws from analysis results and never reads a checkpoint; this
+module is the step before it. It takes what a user has at hand (paths, checkpoints from
+:func:`ostate.load`, optimizers, or analyses made earlier), loads and summarises each
+input once into a :class:`~ostate.plots.Series` (labelled by its path, shortened to the
+part that tells the paths apart), or for the ``compare`` kind computes the
+:class:`~ostate.compare.compute.Comparison` of the checkpoints, and hands that to the
+kind's drawing.
+
+Example:
+    >>> import ostate, torch, tempfile, os
+    >>> m = torch.nn.Linear(4, 2); opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
+    >>> m(torch.randn(8, 4)).sum().backward(); opt.step()
+    >>> path = os.path.join(tempfile.mkdtemp(), "ckpt.pt")
+    >>> torch.save({"model": m.state_dict(), "optimizer": opt.state_dict()}, path)
+    >>> [ax.get_title() for ax in plot("lr-histogram", path).axes]
+    ['whole model', 'weight parameters', 'bias parameters']
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence, Union
+
+from matplotlib.figure import Figure
+
+from ostate.analysis import Analysis, OptimizerAnalysis, summarize
+from ostate.compare.compute import Comparison, compare
+from ostate.convert import pick_optimizer
+from ostate.errors import OstateError
+from ostate.loading import IN_MEMORY, load
+from ostate.plots import layer_profile, lr_histogram, moments
+from ostate.plots import plot as draw
+from ostate.plots.kind import COMPARISON, check_view
+from ostate.plots.registry import get_kind
+from ostate.plots.series import Series, analysed, as_list, require_moments
+from ostate.state import Checkpoint, OptimizerState
+
+FigureInput = Union[str, os.PathLike, Checkpoint, OptimizerState, Analysis, OptimizerAnalysis, Series]
+
+
+def plot(
+    kind: str,
+    inputs: FigureInput | Sequence[FigureInput] | Comparison,
+    *,
+    by: str | None = None,
+    labels: Sequence[str] | None = None,
+    optimizer_index: int | None = None,
+    workers: int | None = None,
+    progress: bool = False,
+    trust_pickle: bool = False,
+    format_hint: str | None = None,
+    optimizer: str | None = None,
+) -> Figure:
+    """The figure of plot kind ``kind`` (see :func:`ostate.plots.plot_kinds`) for one or more checkpoints.
+
+    ``by`` splits the figure (each kind's default when ``None``; for ``compare``, how the
+    checkpoints are paired); ``workers`` and ``progress`` go to
+    :func:`ostate.analysis.summarize`; ``trust_pickle``, ``format_hint`` and ``optimizer``
+    to :func:`ostate.load` for path inputs. The ``compare`` kind takes the paths of the
+    checkpoints, oldest first (or a computed comparison).
+    """
+    chosen = get_kind(kind)
+    view = check_view(chosen, by)  # before any reading: a wrong option fails at once
+    if chosen.takes == COMPARISON:
+        if not isinstance(inputs, Comparison):
+            inputs = _compared(inputs, against=view, optimizer_index=optimizer_index, workers=workers,
+                               progress=progress, trust_pickle=trust_pickle, format_hint=format_hint)
+        return draw(kind, inputs, by=by)
+    series = as_series(inputs, labels=labels, optimizer_index=optimizer_index, joint=chosen.joint, workers=workers,
+                       progress=progress, trust_pickle=trust_pickle, format_hint=format_hint, optimizer=optimizer)
+    return chosen.draw(series, by=view)
+
+
+def plot_lr_histogram(inputs: FigureInput | Sequence[FigureInput], *, by: str = "kind",
+                      labels: Sequence[str] | None = None, optimizer_index: int | None = None,
+                      per_decade: int | None = None, title: str | None = None) -> Figure:
+    """:func:`ostate.plots.plot_lr_histogram` of paths, checkpoints, optimizers or analyses."""
+    series = as_series(inputs, labels=labels, optimizer_index=optimizer_index)
+    return lr_histogram.draw(series, by=by, per_decade=per_decade, title=title)
+
+
+def plot_layer_profile(inputs: FigureInput | Sequence[FigureInput], *, by: str = "kind",
+                       labels: Sequence[str] | None = None, optimizer_index: int | None = None,
+                       title: str | None = None) -> Figure:
+    """:func:`ostate.plots.plot_layer_profile` of paths, checkpoints, optimizers or analyses."""
+    series = as_series(inputs, labels=labels, optimizer_index=optimizer_index)
+    return layer_profile.draw(series, by=by, title=title)
+
+
+def plot_moments(inputs: FigureInput | Sequence[FigureInput], *, by: str = "group",
+                 labels: Sequence[str] | None = None, optimizer_index: int | None = None,
+                 title: str | None = None) -> Figure:
+    """:func:`ostate.plots.plot_moments` of paths, checkpoints, optimizers or analyses
+    (those read here are summarised with the joint histogram of the moments)."""
+    series = as_series(inputs, labels=labels, optimizer_index=optimizer_index, joint=True)
+    return moments.draw(series, by=by, title=title)
+
+
+def as_series(
+    inputs: FigureInput | Sequence[FigureInput],
+    *,
+    labels: Sequence[str] | None = None,
+    optimizer_index: int | None = None,
+    joint: bool = False,
+    workers: int | None = None,
+    progress: bool = False,
+    trust_pickle: bool = False,
+    format_hint: str | None = None,
+    optimizer: str | None = None,
+) -> list[Series]:
+    """One :class:`~ostate.plots.Series` per input, each loaded and summarised once.
+
+    Args:
+        inputs: a path, a :class:`~ostate.Checkpoint`, an :class:`~ostate.OptimizerState`,
+            an :class:`~ostate.analysis.Analysis` (from ``summarize``), or a list of them.
+        labels: legend labels, one per input (default: the paths, shortened; "checkpoint N"
+            for inputs without a path).
+        optimizer_index: which optimizer of an input that holds several.
+        joint: summarise with the joint histogram of the moments (the moments plot
+            needs it); an analysis made without it is refused then.
+        workers, progress: as for :func:`ostate.analysis.summarize`.
+        trust_pickle, format_hint, optimizer: as for :func:`ostate.load`, for path inputs.
+    """
+    items = as_list(inputs)
+    if labels is not None and len(labels) != len(items):
+        raise OstateError(f"{len(labels)} labels for {len(items)} inputs", hint="give one label per input")
+    paths = [_path_of(item) for item in items]
+    named = short_labels([p for p in paths if p is not None])
+    default_labels, position = [], 0
+    for i, (item, path) in enumerate(zip(items, paths)):
+        if isinstance(item, Series):
+            default_labels.append(item.label)
+        elif path is None:
+            default_labels.append(f"checkpoint {i + 1}" if len(items) > 1 else "")
+        else:
+            default_labels.append(named[position])
+            position += 1
+    out = []
+    for item, path, label in zip(items, paths, labels if labels is not None else default_labels):
+        analysis = _analysed(item, where=path, optimizer_index=optimizer_index, joint=joint, workers=workers,
+                             progress=progress, trust_pickle=trust_pickle, format_hint=format_hint,
+                             optimizer=optimizer)
+        out.append(Series(label, analysis))
+    return out
+
+
+def _path_of(item: FigureInput) -> str | None:
+    if isinstance(item, (str, os.PathLike)):
+        return os.fspath(item)
+    if isinstance(item, Checkpoint):
+        return item.path if item.path != IN_MEMORY else None
+    return None
+
+
+def _analysed(item: FigureInput, *, where: str | None, optimizer_index: int | None, joint: bool,
+              workers: int | None, progress: bool, trust_pickle: bool, format_hint: str | None,
+              optimizer: str | None) -> OptimizerAnalysis:
+    if isinstance(item, (str, os.PathLike)):
+        item = load(item, trust_pickle=trust_pickle, optimizer=optimizer, format_hint=format_hint)
+    if isinstance(item, Checkpoint):
+        item = pick_optimizer(item, optimizer_index)
+    if isinstance(item, OptimizerState):
+        if joint:  # before the work of summarising: say at once that there is nothing to draw
+            require_moments(item.kind, where)
+        # Plots use no weight statistics: the model's tensors are not read.
+        item = summarize(item, weights={}, joint=joint, workers=workers, progress=progress).optimizers[0]
+    if not isinstance(item, (Series, Analysis, OptimizerAnalysis)):
+        raise OstateError(f"cannot plot a {type(item).__name__}",
+                          hint="give a path, a checkpoint from ostate.load, an optimizer, or an analysis from "
+                               "summarize")
+    return analysed(item, optimizer_index=optimizer_index, joint=joint, where=where)
+
+
+def _compared(inputs, *, against: str, optimizer_index: int | None, workers: int | None, progress: bool,
+              trust_pickle: bool, format_hint: str | None) -> Comparison:
+    """``ostate plot --kind compare``: compare the checkpoints at the given paths, oldest first."""
+    paths = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
+    if not all(isinstance(p, (str, os.PathLike)) for p in paths):
+        raise OstateError("the compare plot reads checkpoints from their paths",
+                          hint="pass paths, or a comparison from ostate.compare.compute.compare(...)")
+    return compare(*paths, against=against, optimizer_index=optimizer_index, trust_pickle=trust_pickle,
+                   format_hint=format_hint, workers=workers, progress=progress)
+
+
+def short_labels(paths: Sequence[str]) -> list[str]:
+    """The paths without the leading and trailing components they all share.
+
+    One path keeps its last component. Paths that are the same get a number.
+
+    Example:
+        >>> short_labels(["runs/a/checkpoint-500", "runs/a/checkpoint-1000"])
+        ['checkpoint-500', 'checkpoint-1000']
+        >>> short_labels(["out/checkpoint-500/optimizer.pt", "out/checkpoint-1000/optimizer.pt"])
+        ['checkpoint-500', 'checkpoint-1000']
+        >>> short_labels(["/data/ckpt.pt"]), short_labels(["a.pt", "a.pt"])
+        (['ckpt.pt'], ['a.pt', 'a.pt (2)'])
+    """
+    parts = [[p for p in os.path.normpath(path).split(os.sep) if p] or [path] for path in paths]
+    if len(parts) <= 1:
+        return [p[-1] for p in parts]
+    shortest = min(len(p) for p in parts)
+    prefix = 0
+    while prefix < shortest - 1 and len({p[prefix] for p in parts}) == 1:
+        prefix += 1
+    suffix = 0
+    while suffix < shortest - prefix - 1 and len({p[-1 - suffix] for p in parts}) == 1:
+        suffix += 1
+    labels = ["/".join(p[prefix : len(p) - suffix]) for p in parts]
+    seen: dict[str, int] = {}
+    out = []
+    for label in labels:
+        seen[label] = seen.get(label, 0) + 1
+        out.append(label if seen[label] == 1 else f"{label} ({seen[label]})")
+    return out
