@@ -5,7 +5,8 @@ from __future__ import annotations
 import click
 
 from ostate.compare.compute import AGAINST, compare as compare_checkpoints
-from ostate.compare.output import FORMATS, render
+from ostate.compare.output import render
+from ostate.render import FORMATS
 from ostate.outputs import check_output
 from ostate_cli.common import (
     format_hint_option, handle_errors, progress_enabled, trust_pickle_option, workers_option,

@@ -20,8 +20,9 @@ from tqdm.auto import tqdm
 
 from ostate.errors import OstateError
 from ostate.formats import safetensors_optim
+from ostate.loading import load, pick_optimizer
 from ostate.outputs import atomic_file, check_output
-from ostate.state import Checkpoint, OptimizerState, TensorRef
+from ostate.state import OptimizerState, TensorRef
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin")
 SAFETENSORS_SUFFIX = ".safetensors"
@@ -54,8 +55,6 @@ def convert(
         >>> [p.name for p in ostate.load(os.path.join(d, "optimizer.safetensors")).optimizers[0].params]
         ['weight', 'bias']
     """
-    from ostate.loading import load
-
     source, out = os.fspath(source), os.fspath(out)
     writer = _writer_for(out)
     check_output(out, [source], overwrite=overwrite)
@@ -63,19 +62,6 @@ def convert(
     chosen = pick_optimizer(checkpoint, optimizer_index)
     writer(chosen, out, source=f"{source} ({checkpoint.format}), {chosen.location}", progress=progress)
     return chosen
-
-
-def pick_optimizer(checkpoint: Checkpoint, index: int | None) -> OptimizerState:
-    """The optimizer at ``index``, or the only one; an error naming them all otherwise."""
-    found = ", ".join(f"{i}: {o.location}" for i, o in enumerate(checkpoint.optimizers))
-    if index is None:
-        if len(checkpoint.optimizers) == 1:
-            return checkpoint.optimizers[0]
-        raise OstateError(f"holds {len(checkpoint.optimizers)} optimizers", where=checkpoint.path,
-                          hint=f"choose one with optimizer_index=K ({found})")
-    if not 0 <= index < len(checkpoint.optimizers):
-        raise OstateError(f"no optimizer with index {index}", where=checkpoint.path, hint=f"found {found}")
-    return checkpoint.optimizers[index]
 
 
 def to_torch_state_dict(optimizer: OptimizerState) -> dict[str, Any]:

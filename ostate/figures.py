@@ -27,9 +27,9 @@ from matplotlib.figure import Figure
 
 from ostate.analysis import Analysis, OptimizerAnalysis, summarize
 from ostate.compare.compute import Comparison, compare
-from ostate.convert import pick_optimizer
+
 from ostate.errors import OstateError
-from ostate.loading import IN_MEMORY, load
+from ostate.loading import IN_MEMORY, load, pick_optimizer
 from ostate.plots import layer_profile, lr_histogram, moments
 from ostate.plots import plot as draw
 from ostate.plots.kind import COMPARISON, check_view

@@ -16,10 +16,11 @@ from typing import Any, Mapping
 
 import torch
 
+from ostate.errors import OstateError
 from ostate.formats import registry
 from ostate.formats.naming.objects import from_object
 from ostate.optimizers.identify import identify
-from ostate.state import Checkpoint
+from ostate.state import Checkpoint, OptimizerState
 
 __all__ = ["load", "from_state_dict"]
 
@@ -103,3 +104,16 @@ def identified(checkpoint: Checkpoint, optimizer: str | None = None) -> Checkpoi
     for o in checkpoint.optimizers:
         identify(o, optimizer)
     return checkpoint
+
+
+def pick_optimizer(checkpoint: Checkpoint, index: int | None) -> OptimizerState:
+    """The optimizer at ``index``, or the only one; an error naming them all otherwise."""
+    found = ", ".join(f"{i}: {o.location}" for i, o in enumerate(checkpoint.optimizers))
+    if index is None:
+        if len(checkpoint.optimizers) == 1:
+            return checkpoint.optimizers[0]
+        raise OstateError(f"holds {len(checkpoint.optimizers)} optimizers", where=checkpoint.path,
+                          hint=f"choose one with optimizer_index=K ({found})")
+    if not 0 <= index < len(checkpoint.optimizers):
+        raise OstateError(f"no optimizer with index {index}", where=checkpoint.path, hint=f"found {found}")
+    return checkpoint.optimizers[index]

@@ -12,7 +12,7 @@ from ostate.analysis.engine import check_view
 from ostate.errors import OstateError
 from ostate.optimizers import get_family
 from ostate.render import (
-    FORMATS, cells, format_bytes, format_value, jsonable, markdown_table, render as render_as, text_table,
+    cells, format_bytes, format_value, jsonable, markdown_table, render as render_as, text_table,
 )
 from ostate.state import Checkpoint
 
