@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import AbstractSet, Any
 
 import pandas as pd
 
@@ -225,7 +225,7 @@ def format_value(value: Any) -> str:
     return str(value)
 
 
-def format_bytes(n: int) -> str:
+def format_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -323,7 +323,7 @@ def _text_table(o: OptimizerReport) -> str:
     return text_table(head, rows, left={"name", "name_source", "layer", "param_kind", "shape", "dtype"})
 
 
-def text_table(head: list[str], rows: list[list[str]], *, left: set[str] = frozenset()) -> str:
+def text_table(head: list[str], rows: list[list[str]], *, left: AbstractSet[str] = frozenset()) -> str:
     """Aligned plain-text columns: the ``left`` ones left-aligned, the others right-aligned.
 
     Example:

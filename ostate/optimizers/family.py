@@ -13,7 +13,7 @@ import math
 
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 
@@ -190,7 +190,7 @@ def get_family(name: str) -> Family:
         ) from None
 
 
-def detect(state_keys: frozenset[str], groups: list[Group]) -> tuple[str, str, list[str]]:
+def detect(state_keys: frozenset[str], groups: Sequence[Group]) -> tuple[str, str, list[str]]:
     """The family name that best fits, how it was decided, and the other names that fit as well.
 
     Returns ``(name, source, also)`` where source is ``detected`` (one clear winner),

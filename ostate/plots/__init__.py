@@ -72,4 +72,5 @@ def plot(
                                   trust_pickle=trust_pickle, format_hint=format_hint, optimizer=optimizer)
     series = as_series(inputs, labels=labels, optimizer_index=optimizer_index, joint=chosen.joint, workers=workers,
                        progress=progress, trust_pickle=trust_pickle, format_hint=format_hint, optimizer=optimizer)
+    assert chosen.draw is not None  # a kind gives draw unless it gives from_inputs
     return chosen.draw(series, by=by)

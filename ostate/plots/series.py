@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Sequence, Union
+from typing import Sequence, Union, cast
 
 from ostate.analysis import Analysis, OptimizerAnalysis, ViewRow, summarize
 from ostate.errors import OstateError
@@ -86,7 +86,8 @@ def as_series(
         workers, progress: as for :func:`ostate.analysis.summarize`.
         trust_pickle, format_hint, optimizer: as for :func:`ostate.load`, for path inputs.
     """
-    items = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
+    # a str is a Sequence but one input: only a list or tuple is several
+    items = cast("list[PlotInput]", list(inputs) if isinstance(inputs, (list, tuple)) else [inputs])
     if not items:
         raise OstateError("nothing to plot", hint="give at least one checkpoint")
     if labels is not None and len(labels) != len(items):
