@@ -77,6 +77,7 @@ class SharedSecondMoment:
 
     def add(self, start: int, chunk: Preconditioned) -> None:
         """Add the chunk of the flattened tensor that begins at element ``start``."""
+        assert chunk.numerator is not None  # callers add only chunks whose numerator the state holds
         self.eps = chunk.eps
         if self.numerator_scale is None:
             largest = float(chunk.numerator.abs().max()) if chunk.numerator.numel() else 0.0
@@ -100,6 +101,7 @@ class SharedSecondMoment:
     def _add_rows(self, row: int, count: int, chunk: Preconditioned, piece: slice) -> None:
         # Sums are kept in true units: s_hat = s * s_scale, a = i * i_scale (i: the family's tensor).
         s_scale, i_scale = chunk.second_moment_scale, chunk.inverse_denominator_scale
+        assert chunk.numerator is not None
         rows = slice(row, row + count)
         if kernels.available():
             kernels.shared_rows(chunk.second_moment[piece], chunk.numerator[piece], chunk.inverse_denominator[piece],
@@ -171,10 +173,17 @@ def shared_sums_of(count: int, shape: tuple[int, ...], chunk: Preconditioned) ->
     one = SharedSecondMoment.for_shape(shape)
     rows, length, eps = one.rows, one.row_length, chunk.eps
     s_scale, i_scale = chunk.second_moment_scale, chunk.inverse_denominator_scale
+    assert chunk.numerator is not None  # callers pass only chunks whose numerator the state holds
     numerator = chunk.numerator.reshape(count, -1).float()
     largest = numerator.abs().amax(1).double().numpy()
     usable = (largest > 0) & np.isfinite(largest)
     scale = np.where(usable, np.ldexp(1.0, np.minimum(-np.frexp(np.where(usable, largest, 1.0))[1], 127)), 1.0)
+    # flat per row, then (count, rows)
+    moment_sums: np.ndarray
+    squares: np.ndarray
+    first: np.ndarray
+    second: np.ndarray
+    reference: np.ndarray
     if kernels.available():  # what SharedSecondMoment.add computes for each tensor, in one call
         moment_sums, squares, first, second = (np.zeros(count * rows) for _ in range(4))
         reference = np.full(count * rows, np.nan)

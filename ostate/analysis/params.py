@@ -172,6 +172,7 @@ def _stream(
     sums: dict[str, float],
     moments: JointHistogram | None,
 ) -> None:
+    assert param.shape is not None  # summarize_param streams only parameters with a shape
     refs = list(aligned.values()) + ([weight] if weight is not None else [])
     numel = param.numel or 0
     step = READ_CHUNK if family.chunked else max(numel, 1)
@@ -197,9 +198,11 @@ def _stream(
                 sketches.setdefault("weight", Sketch(with_histogram=False)).add(weights[start : start + step])
             nonfinite += _nonfinite_coordinates(chunk.values())
             if moments is not None:
+                assert family.moments is not None  # a joint histogram is kept only for families with moments
                 first, second_root = family.moments.estimates(chunk, group, param, quantities)
                 moments.add(second_root, first)
             if shared is not None:
+                assert family.preconditioned is not None  # shared exists only for preconditioned families
                 pre = family.preconditioned(chunk, group, param, quantities)
                 # sqrt(s_hat) <= eps, with s_hat = second_moment * scale
                 eps_dominated += _count_at_most(pre.second_moment, pre.eps**2 / pre.second_moment_scale)

@@ -278,8 +278,8 @@ class Sketch:
                     if with_histogram:
                         s.zeros = zeros[i]
         if with_histogram:
-            keys = (torch.arange(k, dtype=torch.int64)[:, None] << 16) | bucket_ids(rows).to(torch.int64)
-            keys, counts = np.unique(keys[counted].numpy(), return_counts=True)
+            tagged = (torch.arange(k, dtype=torch.int64)[:, None] << 16) | bucket_ids(rows).to(torch.int64)
+            keys, counts = np.unique(tagged[counted].numpy(), return_counts=True)
             ends = np.searchsorted(keys >> 16, np.arange(k), side="right").tolist()
             ids = keys & 0xFFFF
             begin = 0

@@ -18,7 +18,7 @@ exactly as before.
 
 from __future__ import annotations
 
-from typing import Hashable, Mapping
+from typing import Any, Hashable, Mapping, Sequence
 
 import torch
 
@@ -38,7 +38,7 @@ TINY = BLOCK
 
 
 def batch_key(param: ParamState, family: Family, weight: TensorRef | None, heads: HeadLayout | None,
-              joint: bool) -> Hashable | None:
+              joint: bool) -> tuple[Hashable, ...] | None:
     """What parameters must share to be summarised together, or None when ``param`` takes the one-parameter path.
 
     Only the step count and the group reach a family's elementwise math besides the state
@@ -70,23 +70,27 @@ def batch_key(param: ParamState, family: Family, weight: TensorRef | None, heads
     if not aligned:
         return None
     usable = weight is not None and weight.shape == shape and weight.dtype.is_floating_point
-    return (param.group, param.step, shape, tuple(aligned), weight.dtype if usable else None)
+    return (param.group, param.step, shape, tuple(aligned), weight.dtype if usable and weight is not None else None)
 
 
 def summarize_tiny(
     optimizer: OptimizerState,
-    params: list[ParamState],
+    params: Sequence[ParamState],
     family: Family,
     weights: Mapping[str, TensorRef],
 ) -> list[ParamSummary]:
     """The summaries of ``params`` (all with the same :func:`batch_key`), in their order."""
     first = params[0]
     group = optimizer.groups[first.group]
+    assert first.shape is not None  # batch_key admits only parameters with a shape
     shape = tuple(first.shape)
     count, numel = len(params), first.numel
+    assert numel is not None
     keys = [key for key, value in first.state.items() if key != "step" or (
         isinstance(value, TensorRef) and value.shape == shape and value.dtype.is_floating_point)]
-    with_weight = batch_key(first, family, weights.get(first.name), None, False)[-1] is not None
+    key_of_first = batch_key(first, family, weights.get(first.name), None, False)
+    assert key_of_first is not None
+    with_weight = key_of_first[-1] is not None
     refs = [[p.state[key] for key in keys] + ([weights[p.name]] if with_weight else []) for p in params]
     try:
         stacked = [torch.stack([r[i].read().reshape(-1) for r in refs]) for i in range(len(refs[0]))]
@@ -101,17 +105,17 @@ def summarize_tiny(
         quantities = family.quantities(chunk, group, first)
         for quantity, values in quantities.items():
             if isinstance(values, (int, float)):
-                for mine in sketches:
-                    mine.setdefault(quantity, Sketch()).add_constant(float(values), numel)
+                for own in sketches:
+                    own.setdefault(quantity, Sketch()).add_constant(float(values), numel)
             else:
-                for mine, sketch in zip(sketches, Sketch.of_rows(values.reshape(count, numel))):
-                    mine[quantity] = sketch
+                for own, sketch in zip(sketches, Sketch.of_rows(values.reshape(count, numel))):
+                    own[quantity] = sketch
         if with_weight:
-            for mine, sketch in zip(sketches, Sketch.of_rows(stacked[-1], with_histogram=False)):
-                mine["weight"] = sketch
+            for own, sketch in zip(sketches, Sketch.of_rows(stacked[-1], with_histogram=False)):
+                own["weight"] = sketch
         finite = torch.ones(count, numel, dtype=torch.bool)
-        for rows in stacked[: len(keys)]:
-            finite &= torch.isfinite(rows)
+        for matrix in stacked[: len(keys)]:
+            finite &= torch.isfinite(matrix)
         nonfinite = (numel - finite.sum(1)).tolist()
         for mine, bad in zip(sums, nonfinite):
             mine["coords"] = numel
@@ -135,7 +139,7 @@ def summarize_tiny(
         if "weight" in own and "update" in own:
             mine["ratio_update_sq"] = own["update"].sumsq
             mine["ratio_weight_sq"] = own["weight"].sumsq
-    rows = []
+    rows: list[dict[str, Any]] = []
     for param, own in zip(params, sketches):
         row = base_row(optimizer, param)
         with explain_bad_state(param, family):

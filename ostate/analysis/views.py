@@ -47,8 +47,9 @@ def view_rows(optimizer: OptimizerState, summaries: list[ParamSummary], by: str,
     if by == "param":
         return [ViewRow(s.row["name"], s.row, s.sketches, s.sums, [s.row["name"]], s.joints) for s in summaries]
     groups: dict[Any, list[ParamSummary]] = defaultdict(list)
+    column = KEY_COLUMN[by]
     for s in summaries:
-        groups[s.row[KEY_COLUMN[by]] if KEY_COLUMN[by] else "model"].append(s)
+        groups[s.row[column] if column else "model"].append(s)
     keys = list(groups)
     if by == "layer" and optimizer.model_order:
         position = {name: i for i, name in enumerate(optimizer.model_order)}
@@ -63,8 +64,9 @@ def _merged_row(optimizer: OptimizerState, by: str, key: Any, members: list[Para
                 second_moment: str | None) -> ViewRow:
     steps = [m.row["step"] for m in members if m.row["step"] is not None]
     row: dict[str, Any] = {"optimizer": optimizer.location}
-    if KEY_COLUMN[by]:
-        row[KEY_COLUMN[by]] = key
+    column = KEY_COLUMN[by]
+    if column:
+        row[column] = key
     if by == "group":
         row["lr"] = optimizer.groups[key].get("lr")
     row.update(

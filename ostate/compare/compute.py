@@ -245,10 +245,11 @@ def _compare_param(name: str, pa: ParamState | None, pb: ParamState | None, a: O
         "group_b": pb.group if pb is not None else None,
         "step_a": pa.step if pa is not None else None,
         "step_b": pb.step if pb is not None else None,
-        "step_delta": pb.step - pa.step if pa is not None and pb is not None and None not in (pa.step, pb.step) else None,
+        "step_delta": pb.step - pa.step if pa is not None and pb is not None and pa.step is not None and pb.step is not None else None,
     }
     if row["status"] != "both":
         return ParamComparison(row)
+    assert pa is not None and pb is not None  # "both": each side has the parameter
     sketches = {"log10_v_ratio": Sketch(), "log10_eff_lr_ratio": Sketch()}
     sums = {"dot": 0.0, "norm_a": 0.0, "norm_b": 0.0, "v_zero_a": 0, "v_zero_b": 0, "unchanged": 0,
             "coords": pa.numel or 0, "compared_keys": 0}
@@ -276,6 +277,7 @@ def _status(pa: ParamState | None, pb: ParamState | None) -> str:
 
 
 def _aligned(param: ParamState) -> dict[str, TensorRef]:
+    assert param.shape is not None  # only parameters compared as "both", which have a shape
     shape = tuple(param.shape)
     return {k: ref for k, ref in param.tensors().items() if ref.shape == shape}
 

@@ -288,7 +288,8 @@ def check_empty_or_missing_state(ctx: Context) -> list[Finding]:
 def check_second_moment_zero(ctx: Context) -> list[Finding]:
     """Coordinates whose second moment is exactly 0 after at least one step: a warning where a parameter
     has at least V_ZERO_WARN of them, info otherwise."""
-    warn, info = [], []
+    warn: list[tuple[OptimizerState, Evidence]] = []
+    info: list[tuple[OptimizerState, Evidence]] = []
     for o, p, s in ctx.parameters():
         moment = s.sketches.get(_second_moment(o) or "")
         if moment is None or not moment.zeros or not p.step:

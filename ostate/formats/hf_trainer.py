@@ -145,13 +145,13 @@ def _name_by_decay_rule(optimizer: OptimizerState, order: ModuleOrder) -> bool:
         return False
     members = [[p for p in optimizer.params if p.group == g] for g in (0, 1)]
     fits: list[tuple[str, Naming]] = []
-    for rule in order.rules():
-        decay = order.decay[rule.name]
+    for candidate in order.rules():
+        decay = order.decay[candidate.name]
         sides = ([e for e in order.entries if e.name in decay], [e for e in order.entries if e.name not in decay])
         namings = [match_model_order([p.shape for p in group], entries, order.where)
                    for group, entries in zip(members, sides)]
         if all(n.source != "none" for n in namings):
-            fits.append((rule.name, Naming(namings[0].names + namings[1].names, "hf-decay-rule",
+            fits.append((candidate.name, Naming(namings[0].names + namings[1].names, "hf-decay-rule",
                                            namings[0].shapes + namings[1].shapes)))
     if not fits:
         return False

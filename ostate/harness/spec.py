@@ -116,7 +116,7 @@ def _task(table: dict[str, Any], base: str, path: str) -> Task:
                           hint="give module:function for model, train_batches, loss and evaluate, or builtin = NAME")
     if base not in sys.path:
         sys.path.insert(0, base)
-    parts = {k: import_callable(table[k], where=path) for k in _TASK_CALLABLES if k in table}
+    parts: dict[str, Any] = {k: import_callable(table[k], where=path) for k in _TASK_CALLABLES if k in table}
     source = _relative(table["source"], base) if "source" in table else None
     return Task(name=table["name"], source=source, fingerprint=str(table.get("fingerprint", "")),
                 description=str(table.get("description", "")), **parts)

@@ -19,7 +19,7 @@ from ostate.optimizers import families
 from ostate.reset.strategies import V_AGE_KEY, optimizer_kind
 
 # The torch class of each optimizer family the default optimizer factory can rebuild.
-OPTIMIZER_CLASSES: dict[str, type[torch.optim.Optimizer]] = {
+OPTIMIZER_CLASSES: dict[str, Callable[..., torch.optim.Optimizer]] = {  # classes; each takes lr=
     "adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "nadam": torch.optim.NAdam, "radam": torch.optim.RAdam,
     "adamax": torch.optim.Adamax, "sgd": torch.optim.SGD, "rmsprop": torch.optim.RMSprop,
     "adagrad": torch.optim.Adagrad, "adadelta": torch.optim.Adadelta,

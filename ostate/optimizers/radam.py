@@ -33,7 +33,7 @@ The **effective learning rate** of coordinate :math:`i` is the factor on
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Mapping, cast
 
 import torch
 
@@ -187,7 +187,8 @@ RADAM = Family(
         hyperparameters=("lr", "initial_lr", "betas", "eps", "weight_decay", "decoupled_weight_decay", "maximize"),
         first_moment="exp_avg_abs",
         second_moment="exp_avg_sq",
-        moments=Moments(estimates=moment_estimates, betas=lambda group: tuple(map(float, group["betas"][:2])),
+        moments=Moments(estimates=moment_estimates,
+                        betas=lambda group: cast("tuple[float, float]", tuple(map(float, group["betas"][:2]))),
                         eps_root=eps_root),
         preconditioned=preconditioned,
         layout=StateLayout(

@@ -105,7 +105,7 @@ def draw(series: list[Series], *, by: str | None = None, title: str | None = Non
         for groups, lr in group_lrs(s, s.rows("model")[0]) if s.rows("model") else []:
             ax.axhline(lr, color=series_colour if overlay else "#555555", linestyle=":", linewidth=1.0,
                        label=f"{s.label + ': ' if overlay else ''}lr of {groups}: {lr:.3g}", gid=f"lr|{s.label}")
-    if not any(line.get_gid() and line.get_gid().startswith("median|") for line in ax.get_lines()):
+    if not any((line.get_gid() or "").startswith("median|") for line in ax.get_lines()):
         # every median is 0, negative or NaN (e.g. NaN state): say so rather than draw empty axes
         ax.text(0.5, 0.75, "not drawn: no layer has a positive, finite median effective learning rate\n"
                 "(NaN or inf in the state, or an lr of 0; `ostate doctor` says which)", transform=ax.transAxes,
@@ -152,7 +152,7 @@ def _profiles(s: Series, by: str) -> dict[Any, dict[str, tuple[float, float, flo
         order = sorted(parts, key=lambda k: (PARAM_KINDS.index(k) if k in PARAM_KINDS else len(PARAM_KINDS), str(k)))
     else:
         order = sorted(parts)
-    out = {}
+    out: dict[Any, dict[str, tuple[float, float, float]]] = {}
     for split in order:
         out[split] = {}
         for layer, sketches in parts[split].items():

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Sequence, cast
 
 import numpy as np
 from matplotlib.colors import LogNorm
@@ -70,7 +70,8 @@ class Reference:
     @property
     def lines(self) -> tuple[float, float, float]:
         """The three lines as drawn (3 significant digits): equal lines are drawn once."""
-        return tuple(float(f"{v:.3g}") for v in (self.eps_root, self.noise, self.bound))
+        return cast("tuple[float, float, float]",
+                    tuple(float(f"{v:.3g}") for v in (self.eps_root, self.noise, self.bound)))
 
 
 def plot_moments(
@@ -166,6 +167,7 @@ def draw(series: list[Series], *, by: str | None = None, title: str | None = Non
 def _reference(s: Series, row: ViewRow, panel: Panel) -> Reference:
     """The panel's constants for series ``s``; refused when its groups disagree on them."""
     moments = s.family.moments
+    assert moments is not None  # the moments plot takes only families with moments
     step = row.row.get("step_max", row.row.get("step"))
     step = float(step) if step is not None else math.nan
     found = {(moments.betas(s.analysis.optimizer.groups[g]), moments.eps_root(s.analysis.optimizer.groups[g], step))
@@ -226,7 +228,7 @@ def _contours(ax, x_edges: np.ndarray, y_edges: np.ndarray, counts: np.ndarray, 
     density = counts / area
     order = np.argsort(density, axis=None)[::-1]
     cumulative = np.cumsum(counts.ravel()[order]) / counts.sum()
-    levels = sorted({float(density.ravel()[order][min(np.searchsorted(cumulative, f), len(order) - 1)])
+    levels = sorted({float(density.ravel()[order][min(int(np.searchsorted(cumulative, f)), len(order) - 1)])
                      for f in CONTOUR_FRACTIONS})
     # A border of empty cells closes every contour.
     padded = np.pad(density, 1)

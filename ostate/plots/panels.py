@@ -69,7 +69,7 @@ def group_lrs(s: Series, row: ViewRow) -> list[tuple[str, float]]:
     relative step: ``None``) are skipped."""
     by_lr: dict[float, list[int]] = {}
     for g in groups_of(s, row):
-        lr = s.analysis.optimizer.groups[g].get("lr")
+        lr: Any = s.analysis.optimizer.groups[g].get("lr")
         lr = lr.item() if hasattr(lr, "item") else lr  # torch allows a tensor lr
         if isinstance(lr, (int, float)) and not isinstance(lr, bool) and lr > 0:
             by_lr.setdefault(float(lr), []).append(g)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+from typing import Literal
 
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
@@ -22,7 +23,8 @@ from ostate.outputs import atomic_path
 
 # Okabe & Ito (2008), "Color Universal Design": distinguishable with every common colour-vision deficiency.
 OKABE_ITO = ("#E69F00", "#56B4E9", "#009E73", "#D55E00", "#0072B2", "#CC79A7", "#F0E442", "#999999")
-LINESTYLES = ("-", "--", "-.", ":")
+LineStyle = Literal["-", "--", "-.", ":"]
+LINESTYLES: tuple[LineStyle, ...] = ("-", "--", "-.", ":")
 SEQUENTIAL_COLORMAP = "viridis"
 FORMATS = ("png", "svg", "pdf")
 DEFAULT_DPI = 130
@@ -69,7 +71,7 @@ def panel_grid(n: int, *, width: float = 4.6, height: float = 3.4, columns: int 
     return fig, axes[:n]
 
 
-def series_style(index: int) -> tuple[str, str]:
+def series_style(index: int) -> tuple[str, LineStyle]:
     """The (colour, line style) of the ``index``-th series of a figure: both change, so either tells them apart.
 
     Example:

@@ -242,6 +242,7 @@ def apply_strategy(
     groups = [dict(g) for g in state_dict["param_groups"]]
     group_of = {i: g for g in groups for i in g["params"]}
     for action in sorted(partial):
+        assert layout is not None  # partial: layout_of(kind), which raises for a kind without one
         _check_applies(action, layout, kind, [group_of[i] for i, a in actions.items() if a == action],
                        [state_dict["state"][i] for i, a in actions.items() if a == action])
     new_state: dict[Any, dict[str, Any]] = {}
@@ -264,7 +265,7 @@ def _transform(state: dict[str, Any], action: str, layout: StateLayout | None, g
     if action == "fresh":
         if layout is None or (layout.lazy_init and not explicit_fresh):
             return {}
-        keys = list(state)
+        keys: Sequence[str] = list(state)
     else:
         assert layout is not None
         keys = {

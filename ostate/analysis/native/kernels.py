@@ -28,6 +28,7 @@ import ctypes
 import importlib.util
 import math
 import os
+from typing import Literal, overload
 
 import numpy as np
 import torch
@@ -86,7 +87,7 @@ def _open(path: str) -> ctypes.CDLL | None:
     lib.ostate_count_at_most.argtypes = [pointer, i64, ctypes.c_float]
     lib.ostate_count_at_most.restype = ctypes.c_int64
     f64 = ctypes.c_double
-    lib.ostate_shared_rows.argtypes = [pointer, pointer, pointer, i64, i64, f64, f64, pointer, f64] + [pointer] * 5
+    lib.ostate_shared_rows.argtypes = [pointer, pointer, pointer, i64, i64, f64, f64, pointer, f64, *[pointer] * 5]
     lib.ostate_shared_rows.restype = None
     return lib
 
@@ -140,6 +141,7 @@ def sketch_add(values: torch.Tensor, hist: np.ndarray | None, sums: SketchSums) 
     """Add every value to ``sums`` and (unless ``hist`` is None) count the finite non-zero ones in
     ``hist``, a C-contiguous int64 array of 65,536 bucket counts (see :mod:`ostate.analysis.sketch`)."""
     flat = _float32(values)
+    assert _LIB is not None  # callers check available()
     _LIB.ostate_sketch_f32(flat.data_ptr(), flat.numel(), None if hist is None else hist.ctypes.data,
                            ctypes.byref(sums))
 
@@ -149,10 +151,17 @@ def row_sums(rows: torch.Tensor) -> list[SketchSums]:
     flat = _float32(rows)
     k, n = rows.shape
     out = (SketchSums * k)(*(SketchSums.empty() for _ in range(k)))
+    assert _LIB is not None  # callers check available()
     _LIB.ostate_sketch_rows_f32(flat.data_ptr(), k, n, ctypes.addressof(out))
     return list(out)
 
 
+@overload
+def q8_blocks(blocks: torch.Tensor, signed: bool, lo: torch.Tensor, hi: torch.Tensor,
+              *, per_block: Literal[True]) -> tuple[np.ndarray, np.ndarray]: ...
+@overload
+def q8_blocks(blocks: torch.Tensor, signed: bool, lo: torch.Tensor, hi: torch.Tensor,
+              *, per_block: Literal[False]) -> tuple[float, float]: ...
 def q8_blocks(blocks: torch.Tensor, signed: bool, lo: torch.Tensor, hi: torch.Tensor,
               *, per_block: bool) -> tuple[np.ndarray, np.ndarray] | tuple[float, float]:
     """The 8-bit round trip of each row of ``blocks`` (float32, one block per row) with the nearest-code
@@ -162,17 +171,22 @@ def q8_blocks(blocks: torch.Tensor, signed: bool, lo: torch.Tensor, hi: torch.Te
     count, length = blocks.shape
     err, norm = (np.empty(count), np.empty(count)) if per_block else (None, None)
     totals = (ctypes.c_double * 2)(0.0, 0.0)
+    assert _LIB is not None  # callers check available()
     refused = _LIB.ostate_q8_blocks(flat.data_ptr(), count, length, int(signed), lo.data_ptr(), hi.data_ptr(),
                                     None if err is None else err.ctypes.data,
                                     None if norm is None else norm.ctypes.data, totals)
     if refused:
         raise ValueError(f"blocks of at most 256 values, got {length}")
-    return (err, norm) if per_block else (totals[0], totals[1])
+    if per_block:
+        assert err is not None and norm is not None
+        return err, norm
+    return totals[0], totals[1]
 
 
 def count_at_most(values: torch.Tensor, threshold: float) -> int:
     """How many of ``values`` are ``<= threshold`` (compared in float32; NaN never is)."""
     flat = _float32(values)
+    assert _LIB is not None  # callers check available()
     return int(_LIB.ostate_count_at_most(flat.data_ptr(), flat.numel(), threshold))
 
 
@@ -192,5 +206,6 @@ def shared_rows(second_moment: torch.Tensor, numerator: torch.Tensor, inverse: t
     if any(a.dtype != np.float64 or len(a) != rows or not a.flags.c_contiguous for a in arrays):
         raise ValueError(f"row arrays must be {rows} contiguous float64 values")
     scales = np.ascontiguousarray(n_scales, np.float32)
+    assert _LIB is not None  # callers check available()
     _LIB.ostate_shared_rows(s.data_ptr(), n.data_ptr(), inv.data_ptr(), rows, length, s_scale, eps,
                             scales.ctypes.data, i_scale, *(a.ctypes.data for a in arrays))

@@ -28,7 +28,7 @@ import math
 import os
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any, BinaryIO, Iterable, Mapping
+from typing import Any, BinaryIO, Iterable, Mapping, cast
 
 import torch
 
@@ -230,9 +230,9 @@ class _OpenRange:
     def __init__(self, directory: str, info: Any):
         self.info = info
         self.path = os.path.join(directory, info.relative_path)
-        self.file: BinaryIO | None = None
+        self.file: io.BufferedReader | None = None
 
-    def __enter__(self) -> tuple["_Window", str]:
+    def __enter__(self) -> tuple[BinaryIO, str]:
         info = self.info
         where = f"{self.path} (bytes {info.offset}-{info.offset + info.length})"
         if getattr(info, "transform_descriptors", None):
@@ -248,7 +248,7 @@ class _OpenRange:
             raise OstateError("the data is not a torch.save blob", where=where,
                               hint="DCP written with serialization_format=SAFETENSORS is not supported")
         window.seek(0)
-        return window, where
+        return cast(BinaryIO, window), where  # a binary stream to torch.load: read, readinto, seek, tell
 
     def __exit__(self, *exc: Any) -> None:
         if self.file is not None:
@@ -258,7 +258,7 @@ class _OpenRange:
 class _Window(io.RawIOBase):
     """A read-only, seekable view of ``length`` bytes of a file starting at ``offset``."""
 
-    def __init__(self, file: BinaryIO, offset: int, length: int):
+    def __init__(self, file: io.BufferedReader, offset: int, length: int):
         super().__init__()
         self._file, self._start, self._length, self._pos = file, offset, length, 0
 
@@ -307,9 +307,9 @@ def unflatten_optimizer(flat: Mapping[str, Any]) -> dict:
     for key, value in flat.items():
         if key.startswith("state."):
             rest = key[len("state."):]
-            fqn = max((f for f in hyper if rest.startswith(f + ".")), key=len, default=None)
-            if fqn is None:  # state of a parameter without hyperparameters: state keys have no dots
-                fqn = rest.rpartition(".")[0]
+            found = max((f for f in hyper if rest.startswith(f + ".")), key=len, default=None)
+            # state of a parameter without hyperparameters: state keys have no dots
+            fqn = found if found is not None else rest.rpartition(".")[0]
             state.setdefault(fqn, {})[rest[len(fqn) + 1:]] = value
     groups: list[dict[str, Any]] = []
     for fqn, values in hyper.items():

@@ -69,8 +69,11 @@ DEEPSPEED_GLOBALS: tuple[AllowedGlobal, ...] = (
 )
 _DEEPSPEED_NAMES = {cls: name for cls, name in DEEPSPEED_GLOBALS}
 
+# The pure-Python pickler; typeshed declares none of the internals (save, write, memoize, proto) used below.
+_PurePickler: Any = pickle._Pickler
 
-class _DeepSpeedPickler(pickle._Pickler):
+
+class _DeepSpeedPickler(_PurePickler):
     """A pickler that writes the stand-in classes above under DeepSpeed's own names.
 
     ``torch.save(obj, f, pickle_module=DEEPSPEED_PICKLE)`` then writes a file that

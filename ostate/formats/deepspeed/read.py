@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, replace
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Sequence, cast
 
 import torch
 
@@ -207,13 +207,14 @@ def assemble(
             state[p.name] = {**({"step": _step_value(p.step)} if p.step is not None else {}), **p.state}
     param_groups = [dict(g, params=[p.name for p in params if p.group == i]) for i, g in enumerate(groups)]
     module = model_states.get("module") or {}
-    shapes = {p.name: p.shape for p in params}
+    shapes: dict[str, tuple[int, ...] | None] = {p.name: p.shape for p in params}
     frozen_shapes = model_states.get("frozen_param_shapes") or {}
     frozen_names = list(frozen_shapes) if frozen_shapes else _inferred_frozen(module, model_states, shapes)
     for name in frozen_names:
         shape = frozen_shapes.get(name)
         shapes[name] = tuple(int(d) for d in shape) if shape is not None else _shape_of(module.get(name))
-    entries = [replace(e, shape=shapes.get(e.name, e.shape)) for e in model_entries(module)]
+    # _shape_of gives None only where the module holds no torch.Tensor, so (in torch.load-ed module states) no entry.
+    entries = [replace(e, shape=cast("tuple[int, ...]", shapes.get(e.name, e.shape))) for e in model_entries(module)]
 
     opt = read_optimizer({"state": state, "param_groups": param_groups}, location, model=("module", entries),
                          configured_kind=configured_kind(model_states.get("ds_config"), groups))
@@ -226,8 +227,8 @@ def assemble(
     for name, t in module.items():
         if name in masters:
             weights[name] = masters.pop(name)
-        elif frozen.get(name) is not None:
-            weights[name] = frozen[name]
+        elif (frozen_ref := frozen.get(name)) is not None:
+            weights[name] = frozen_ref
         elif isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel() > 0:
             weights[name] = TensorRef.of(t)
     weights.update(masters)

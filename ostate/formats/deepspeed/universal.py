@@ -76,14 +76,13 @@ def read_universal(tag_dir: str, *, trust_pickle: bool = False) -> Checkpoint:
             state = {key.removesuffix(".pt"): ref for key, ref in tensors.items()}
             params.append(FlatParam(name, group, shape, step if step is not None else group_step, state, fp32))
 
+    frozen: Mapping[str, TensorRef | None]  # None: a frozen parameter without a weight file
     if stage == 3:
         world = int(settings.get("partition_count") or len(files.model_files))
         frozen = stage_3_frozen(model_states, files, world, trust_pickle=trust_pickle)
     else:
-        frozen = {}
-        for name, shape in (model_states.get("frozen_param_shapes") or {}).items():
-            found = _param_files(zero_dir, name, tuple(int(d) for d in shape), trust_pickle)
-            frozen[name] = found.get(_WEIGHT_FILE)
+        frozen = {name: _param_files(zero_dir, name, tuple(int(d) for d in shape), trust_pickle).get(_WEIGHT_FILE)
+                  for name, shape in (model_states.get("frozen_param_shapes") or {}).items()}
 
     extra = {k: settings[k] for k in ("zero_stage", "partition_count", "clip_grad", "ds_version") if k in settings}
     extra["zero_stage"] = stage

@@ -206,7 +206,7 @@ def write_safetensors(
                     f"tensor '{name}' read as {tuple(tensor.shape)} {tensor.dtype}, expected {ref.shape} {ref.dtype}"
                 )
             if tensor.numel():
-                f.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+                f.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())  # type: ignore[call-overload]  # ndarray is a buffer
             ref.release()
             if progress is not None:
                 progress.update(ref.nbytes)

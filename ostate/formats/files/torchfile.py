@@ -15,7 +15,7 @@ import pickletools
 import re
 import warnings
 from mmap import MAP_SHARED
-from typing import Any, BinaryIO, Callable, Sequence
+from typing import Any, BinaryIO, Callable, Sequence, cast
 
 import torch
 
@@ -204,7 +204,7 @@ def _legacy_globals(path: str) -> list[str]:
                     if isinstance(arg, str):
                         strings.append(arg)
                     if op.name == "GLOBAL":
-                        found.append(arg.replace(" ", "."))
+                        found.append(cast(str, arg).replace(" ", "."))  # GLOBAL's argument is "module name"
                     elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
                         found.append(f"{strings[-2]}.{strings[-1]}")
                     if op.name == "STOP":
@@ -220,5 +220,6 @@ def _legacy_globals(path: str) -> list[str]:
 
 def _torch_safe_globals() -> list[tuple[str, str]]:
     names = [("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "bytes"), ("builtins", "complex")]
-    names += [(g.__module__, g.__qualname__) for g in torch.serialization.get_safe_globals() if hasattr(g, "__module__")]
+    names += [(g.__module__, g.__qualname__) for g in torch.serialization.get_safe_globals()  # type: ignore[union-attr]  # hasattr skips (callable, name) tuples
+              if hasattr(g, "__module__")]
     return names

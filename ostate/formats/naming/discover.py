@@ -137,8 +137,8 @@ def find_schedulers(obj: Any) -> list[tuple[str, Mapping]]:
     return [(path, o) for path, o in walk(obj) if is_scheduler_state_dict(o)]
 
 
-def find_model_state_dict(obj: Any) -> tuple[str, Mapping[str, torch.Tensor]] | None:
-    """The model's state dict: the one under a usual key, else the only one there is."""
+def find_model_state_dict(obj: Any) -> tuple[str, Mapping[str, Any]] | None:
+    """The model's state dict (of tensors or TensorRef): the one under a usual key, else the only one there is."""
     if is_tensor_dict(obj):
         return ROOT, obj
     found = [(path, o) for path, o in walk(obj) if path != ROOT and is_tensor_dict(o)]

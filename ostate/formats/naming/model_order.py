@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Sequence, cast
 
 import numpy as np
 
@@ -221,12 +221,12 @@ def _align_groups(
     if final[0] > 1:
         return [], 2
     alignment = [0] * len(shapes)
-    state: tuple | None = done
+    state = done
     for k in range(len(entries), 0, -1):
         _ways, prev, g = layers[k][state]
         if g >= 0:
             alignment[starts[g] + state[g] - 1] = k - 1
-        state = prev
+        state = cast(tuple, prev)  # None only at k == 1, the last step
     return alignment, 1
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 
 from collections import Counter
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Sequence, cast
 
 import torch
 
@@ -180,7 +180,7 @@ def _name_params(params: list[ParamState], model, warnings: list[str]) -> None:
         return
     if all(isinstance(p.index, str) for p in params) and params:
         for p in params:
-            p.name, p.name_source = p.index, "fqn"
+            p.name, p.name_source = cast(str, p.index), "fqn"  # all str: checked above
         _check_named_shapes(params, model, warnings)
         return
     naming = Naming([None] * len(params), "none")
@@ -213,6 +213,7 @@ def _check_named_shapes(params: list[ParamState], model, warnings: list[str]) ->
     shapes = {e.name: e.shape for e in entries}
     bad = [p for p in params if p.name in shapes and p.shape is not None and tuple(p.shape) != shapes[p.name]]
     for p in bad[:5]:
+        assert p.shape is not None  # bad holds only parameters with a shape
         warnings.append(
             f"'{p.name}' has state of shape {tuple(p.shape)} but the model state dict at '{location}' "
             f"has shape {shapes[p.name]}"

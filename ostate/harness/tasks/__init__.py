@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import functools
 import sys
+from types import ModuleType
+from typing import Any
 
 import torch
 
@@ -36,8 +38,8 @@ def builtin_task(name: str, *, pretrain_steps: int | None = None, progress: bool
     steps = PRETRAIN_STEPS[name] if pretrain_steps is None else pretrain_steps
     versions = f"py{sys.version_info[0]}.{sys.version_info[1]}-torch{torch.__version__.split('+')[0]}-s{steps}"
     if name == "code-to-prose":
-        module = code_to_prose
-        parts = dict(model=code_to_prose.TinyGPT, train_batches=code_to_prose.prose_batches,
+        module: ModuleType = code_to_prose
+        parts: dict[str, Any] = dict(model=code_to_prose.TinyGPT, train_batches=code_to_prose.prose_batches,
                      loss=code_to_prose.next_char_loss, evaluate=code_to_prose.evaluate_prose,
                      description="character transformer: stdlib source code -> English help text",
                      defaults={"lr": 1e-3, "batch_size": 32, "steps": 200, "eval_every": 20})
