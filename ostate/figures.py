@@ -68,6 +68,9 @@ def plot(
             inputs = _compared(inputs, against=view, optimizer_index=optimizer_index, workers=workers,
                                progress=progress, trust_pickle=trust_pickle, format_hint=format_hint)
         return draw(kind, inputs, by=by)
+    if isinstance(inputs, Comparison):
+        raise OstateError(f"the {kind} plot draws checkpoints or analyses, not a comparison",
+                          hint="a comparison is drawn by the compare kind")
     series = as_series(inputs, labels=labels, optimizer_index=optimizer_index, joint=chosen.joint, workers=workers,
                        progress=progress, trust_pickle=trust_pickle, format_hint=format_hint, optimizer=optimizer)
     return chosen.draw(series, by=view)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json as jsonlib
 import math
-from typing import Any, Callable, Sequence
+from typing import AbstractSet, Any, Callable, Sequence
 
 import pandas as pd
 
@@ -60,7 +60,9 @@ def render(
     offered = [f for f in FORMATS if renderers[f] is not None]
     if fmt not in offered:
         raise OstateError(f"unknown format '{fmt}'", hint=f"choose one of: {', '.join(offered)}")
-    made = renderers[fmt]()
+    renderer = renderers[fmt]
+    assert renderer is not None  # offered formats have one
+    made = renderer()
     if fmt == "json":
         return json_text(made)
     if fmt == "csv":
@@ -151,7 +153,7 @@ def format_value(value: Any) -> str:
     return str(value)
 
 
-def format_bytes(n: int) -> str:
+def format_bytes(n: float) -> str:
     """A size in bytes, binary units: ``512 B``, ``1.5 KiB``."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
@@ -160,7 +162,7 @@ def format_bytes(n: int) -> str:
     return f"{n} B"
 
 
-def text_table(head: list[str], rows: list[list[str]], *, left: set[str] = frozenset()) -> str:
+def text_table(head: list[str], rows: list[list[str]], *, left: AbstractSet[str] = frozenset()) -> str:
     """Aligned plain-text columns: the ``left`` ones left-aligned, the others right-aligned.
 
     Example:
