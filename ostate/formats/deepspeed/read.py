@@ -14,14 +14,23 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, replace
-from typing import Any, Mapping, Sequence, cast
+from typing import Any, Mapping, Sequence
 
-import torch
 
 from ostate.errors import OstateError
 from ostate.formats.naming import discover
-from ostate.formats.naming.objects import from_object, model_entries
+from ostate.formats.naming.objects import from_object
+from ostate.formats.deepspeed.common import (
+    add_frozen,
+    assemble,
+    deepspeed_metadata,
+    hyperparameters,
+    inferred_frozen,
+    optimizer_class,
+    shape_of,
+    stage_3_frozen,
+    zero_stage,
+)
 from ostate.formats.deepspeed.files import (
     LossScaler,
     DynamicLossScaler,
@@ -34,15 +43,11 @@ from ostate.formats.deepspeed.files import (
     tag_files,
 )
 from ostate.formats.reader import Reader
-from ostate.formats.deepspeed.zero import FlatParam, stage_1_2_params, stage_3_fragments, stage_3_params
-from ostate.formats.naming.torch_optim import read_optimizer
-from ostate.state import Checkpoint, OptimizerState, ParamState, TensorRef
+from ostate.formats.deepspeed.universal import read_universal
+from ostate.formats import accelerate, hf_trainer
+from ostate.formats.deepspeed.zero import stage_1_2_params, stage_3_params
+from ostate.state import Checkpoint, TensorRef
 
-# The hyperparameters of the param group of frozen parameters (ParamState.frozen): none, only this
-# mark, which ``ostate inspect`` shows.
-FROZEN_GROUP = {"frozen": True}
-# Settings in a DeepSpeed config's optimizer params that choose an implementation, not hyperparameters.
-_DEEPSPEED_OPTIMIZER_SWITCHES = ("torch_adam", "adam_w_mode", "fused")
 # Keys of a ZeRO optimizer_state_dict that are plain settings worth keeping in OptimizerState.extra.
 _EXTRA_KEYS = ("zero_stage", "partition_count", "dynamic_loss_scale", "overflow", "clip_grad", "cur_scale",
                "cur_iter", "ds_version")
@@ -92,8 +97,6 @@ def read(
 
 def _read_tag(tag_dir: str, *, trust_pickle: bool) -> Checkpoint:
     if is_universal(tag_dir):
-        from ostate.formats.deepspeed.universal import read_universal
-
         return read_universal(tag_dir, trust_pickle=trust_pickle)
     files = tag_files(tag_dir)
     model_states = load_file(files.model_files[0], trust_pickle=trust_pickle)
@@ -132,195 +135,6 @@ def _read_tag(tag_dir: str, *, trust_pickle: bool) -> Checkpoint:
     )
 
 
-def stage_3_frozen(model_states: Mapping[str, Any], files: TagFiles, world: int, *,
-                   trust_pickle: bool = False) -> dict[str, TensorRef]:
-    """Frozen parameters of a stage 3 save, joined from every rank's model file (rank 0's is ``model_states``)."""
-    shapes = model_states.get("frozen_param_shapes") or {}
-    if not shapes:
-        return {}
-    if len(files.model_files) != world:
-        raise OstateError(
-            f"{len(files.model_files)} model state files for {world} ranks: the frozen parameters are split "
-            "across every rank's model file",
-            where=files.directory,
-            hint="copy every rank's zero_pp_rank_*_model_states.pt of this tag",
-        )
-    fragments = [model_states.get("frozen_param_fragments") or {}]
-    fragments += [load_file(f, trust_pickle=trust_pickle).get("frozen_param_fragments") or {}
-                  for f in files.model_files[1:]]
-    return stage_3_fragments(shapes, fragments)
-
-
-@dataclass
-class Hyperparameters:
-    """The user's param groups' hyperparameters, with a warning when they had to be taken from the config."""
-
-    values: list[dict[str, Any]]
-    warnings: list[str]
-
-
-def hyperparameters(torch_sd: Any, count: int | None, model_states: Mapping[str, Any], where: str) -> Hyperparameters:
-    if isinstance(torch_sd, Mapping) and isinstance(torch_sd.get("param_groups"), list):
-        values = [{k: v for k, v in g.items() if k != "params"} for g in torch_sd["param_groups"]]
-        if count is not None and len(values) != count:
-            raise OstateError(
-                f"the optimizer has {len(values)} param groups but param_shapes lists {count}",
-                where=where,
-                hint="the model and optimizer files may come from different saves",
-            )
-        return Hyperparameters(values, [])
-    # elastic_checkpoint=True saves per-group state without the groups' hyperparameters.
-    config = (model_states.get("ds_config") or {}).get("optimizer") or {}
-    params = {k: v for k, v in (config.get("params") or {}).items() if k not in _DEEPSPEED_OPTIMIZER_SWITCHES}
-    if "betas" in params:
-        params["betas"] = tuple(params["betas"])
-    warning = (
-        "this checkpoint (elastic_checkpoint) keeps no param-group hyperparameters; every group shows the "
-        f"DeepSpeed config's optimizer params ({', '.join(sorted(params)) or 'none'}), so per-group overrides "
-        "(such as weight_decay=0 for biases) are not known"
-    )
-    return Hyperparameters([dict(params) for _ in range(count or 0)], [warning])
-
-
-def assemble(
-    *,
-    path: str,
-    format: str,
-    location: str,
-    params: Sequence[FlatParam],
-    groups: list[dict[str, Any]],
-    group_warnings: list[str],
-    frozen: Mapping[str, TensorRef | None],
-    model_states: Mapping[str, Any],
-    extra: dict[str, Any],
-    metadata: dict[str, Any],
-) -> Checkpoint:
-    """Build the :class:`Checkpoint` of a ZeRO or universal checkpoint from its rebuilt parameters.
-
-    The parameters go through the same reader as a torch state dict keyed by names,
-    so detection, steps and shapes are handled in one place; frozen parameters are
-    added after, without state and marked ``frozen``, in a last group ``{'frozen': True}``.
-    """
-    state: dict[str, dict[str, Any]] = {}
-    for p in params:
-        if p.state:
-            state[p.name] = {**({"step": _step_value(p.step)} if p.step is not None else {}), **p.state}
-    param_groups = [dict(g, params=[p.name for p in params if p.group == i]) for i, g in enumerate(groups)]
-    module = model_states.get("module") or {}
-    shapes: dict[str, tuple[int, ...] | None] = {p.name: p.shape for p in params}
-    frozen_shapes = model_states.get("frozen_param_shapes") or {}
-    frozen_names = list(frozen_shapes) if frozen_shapes else _inferred_frozen(module, model_states, shapes)
-    for name in frozen_names:
-        shape = frozen_shapes.get(name)
-        shapes[name] = tuple(int(d) for d in shape) if shape is not None else _shape_of(module.get(name))
-    # _shape_of gives None only where the module holds no torch.Tensor, so (in torch.load-ed module states) no entry.
-    entries = [replace(e, shape=cast("tuple[int, ...]", shapes.get(e.name, e.shape))) for e in model_entries(module)]
-
-    opt = read_optimizer({"state": state, "param_groups": param_groups}, location, model=("module", entries),
-                         configured_kind=configured_kind(model_states.get("ds_config"), groups))
-    opt.warnings[:0] = group_warnings
-    opt.extra = extra
-    _add_frozen(opt, frozen_names, shapes)
-
-    weights = {}
-    masters = {p.name: p.fp32 for p in params if p.fp32 is not None}
-    for name, t in module.items():
-        if name in masters:
-            weights[name] = masters.pop(name)
-        elif (frozen_ref := frozen.get(name)) is not None:
-            weights[name] = frozen_ref
-        elif isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel() > 0:
-            weights[name] = TensorRef.of(t)
-    weights.update(masters)
-    return Checkpoint(
-        path=path,
-        format=format,
-        optimizers=[opt],
-        weights=weights,
-        weights_location="fp32 master weights (optimizer partitions); frozen parameters and buffers from 'module'",
-        schedulers=[dict(s, _location=loc) for loc, s in discover.find_schedulers(model_states)],
-        metadata=metadata,
-    )
-
-
-def _add_frozen(opt: OptimizerState, names: Sequence[str], shapes: Mapping[str, tuple[int, ...] | None]) -> None:
-    if not names:
-        return
-    opt.groups.append(dict(FROZEN_GROUP))
-    group = len(opt.groups) - 1
-    for name in names:
-        opt.params.append(ParamState(name, name, "fqn", group, shapes.get(name), None, {}, frozen=True))
-
-
-def _inferred_frozen(module: Mapping[str, Any], model_states: Mapping[str, Any], trained: Mapping[str, Any]) -> list[str]:
-    """Module entries that are neither trained parameters, buffers nor tied copies: frozen parameters.
-
-    Stage 1 and the BF16_Optimizer do not list frozen parameters; the module does hold them.
-    """
-    if not trained:
-        return []
-    skip = set(trained) | set(model_states.get("buffer_names") or ()) | set(model_states.get("shared_params") or ())
-    return [n for n, t in module.items() if n not in skip and isinstance(t, torch.Tensor) and t.is_floating_point()]
-
-
-def configured_kind(ds_config: Any, groups: Sequence[Mapping[str, Any]]) -> str | None:
-    """``adamw``/``adam`` from the DeepSpeed config when the groups cannot tell (DeepSpeed's FusedAdam).
-
-    torch's Adam groups say ``decoupled_weight_decay``; FusedAdam's do not, and its
-    ``adam_w_mode`` (default on: DeepSpeed's ``Adam`` is AdamW unless told otherwise)
-    lives only in the config.
-
-    Example:
-        >>> configured_kind({"optimizer": {"type": "Adam", "params": {"adam_w_mode": False}}}, [{"betas": (0.9, 0.99)}])
-        'adam'
-    """
-    if any("decoupled_weight_decay" in g for g in groups):
-        return None
-    config = (ds_config or {}).get("optimizer") if isinstance(ds_config, Mapping) else None
-    if not isinstance(config, Mapping):
-        return None
-    kind = str(config.get("type", "")).lower()
-    if kind == "adamw":
-        return "adamw"
-    if kind == "adam":
-        return "adamw" if (config.get("params") or {}).get("adam_w_mode", True) else "adam"
-    return None
-
-
-def zero_stage(shard: Mapping[str, Any], model_states: Mapping[str, Any]) -> int:
-    """The ZeRO stage: from the optimizer file, else (BF16_Optimizer) from the config."""
-    if "zero_stage" in shard:
-        return int(shard["zero_stage"])
-    return int(((model_states.get("ds_config") or {}).get("zero_optimization") or {}).get("stage", 1))
-
-
-def deepspeed_metadata(
-    model_states: Mapping[str, Any], tag_dir: str, *, stage: int, optimizer_class: str, universal: bool = False
-) -> dict[str, Any]:
-    """Trainer metadata: steps, world size, ZeRO stage, DeepSpeed version, precision, the tag."""
-    config = model_states.get("ds_config") or {}
-    metadata = discover.scalar_metadata(model_states)
-    metadata.update(
-        {
-            "global_step": model_states.get("global_steps"),
-            "zero_stage": stage,
-            "optimizer_class": optimizer_class,
-            "bf16": bool((config.get("bf16") or {}).get("enabled", False)),
-            "fp16": bool((config.get("fp16") or {}).get("enabled", False)),
-            "tag": os.path.basename(os.path.normpath(tag_dir)),
-            "universal": universal,
-        }
-    )
-    return {k: v for k, v in metadata.items() if v is not None}
-
-
-def optimizer_class(shard: Mapping[str, Any], stage: int) -> str:
-    """The DeepSpeed optimizer that wrote a ZeRO optimizer state (``zero_stage`` is absent from BF16_Optimizer's)."""
-    if stage == 3:
-        return "DeepSpeedZeroOptimizer_Stage3"
-    return "DeepSpeedZeroOptimizer" if "zero_stage" in shard else "BF16_Optimizer"
-
-
 def _read_stage_0(tag_dir: str, files: TagFiles, model_states: Mapping[str, Any]) -> Checkpoint:
     """ZeRO disabled: the whole optimizer is a torch state dict inside the model file, named by model order."""
     module = model_states.get("module") or {}
@@ -339,8 +153,8 @@ def _read_stage_0(tag_dir: str, files: TagFiles, model_states: Mapping[str, Any]
     opt = ckpt.optimizers[0]
     if all(p.name_source != "none" for p in opt.params):
         named = {p.name: p.shape for p in opt.params}
-        frozen = _inferred_frozen(module, model_states, named)
-        _add_frozen(opt, frozen, {n: _shape_of(module.get(n)) for n in frozen})
+        frozen = inferred_frozen(module, model_states, named)
+        add_frozen(opt, frozen, {n: shape_of(module.get(n)) for n in frozen})
     ckpt.metadata = deepspeed_metadata(model_states, tag_dir, stage=0, optimizer_class=wrapper_class)
     return ckpt
 
@@ -404,10 +218,6 @@ def _loss_scale(shard: Mapping[str, Any]) -> dict[str, Any]:
     return {}
 
 
-def _step_value(step: Any) -> Any:
-    return TensorRef.of(step) if isinstance(step, torch.Tensor) else step
-
-
 def _plain(value: Any) -> Any:
     if isinstance(value, bool) or value is None:
         return value
@@ -418,10 +228,6 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     return repr(value)
-
-
-def _shape_of(t: Any) -> tuple[int, ...] | None:
-    return tuple(t.shape) if isinstance(t, torch.Tensor) else None
 
 
 def _pattern(files: Sequence[str]) -> str:
@@ -448,8 +254,6 @@ def read_folder(path: str, *, trust_pickle: bool = False) -> Checkpoint:
     and ``scheduler.pt`` next to ``latest`` and ``global_step<N>/``: their global step,
     epoch, logged lr and schedule join the header.
     """
-    from ostate.formats import accelerate, hf_trainer
-
     checkpoint = read(path, trust_pickle=trust_pickle)
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, hf_trainer.TRAINER_STATE)):
         meta, warnings = hf_trainer.trainer_metadata(path)

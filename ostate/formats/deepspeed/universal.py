@@ -24,7 +24,7 @@ from typing import Any, Mapping
 import torch
 
 from ostate.errors import OstateError
-from ostate.formats.deepspeed.read import (
+from ostate.formats.deepspeed.common import (
     assemble,
     deepspeed_metadata,
     hyperparameters,

@@ -33,7 +33,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from ostate.errors import OstateError
-from ostate.formats.deepspeed.read import zero_stage
+from ostate.formats.deepspeed.common import zero_stage
 from ostate.formats.deepspeed.files import (
     DEEPSPEED_PICKLE,
     UNIVERSAL_STATE,
