@@ -14,6 +14,8 @@ import click
 from ostate.analysis.native.tuning import tuned_process
 from ostate.errors import OstateError
 from ostate_cli.flags import as_flags
+from ostate.analysis import default_workers
+from ostate.formats.registry import reader_names
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERNAL = 1
@@ -34,16 +36,12 @@ def trust_pickle_option(fn: Callable) -> Callable:
 
 def workers_option(fn: Callable) -> Callable:
     """``--workers N``: threads of the analysis working on different parameters."""
-    from ostate.analysis import default_workers
-
     return click.option("--workers", type=click.IntRange(min=1), default=default_workers(), show_default=True,
                         metavar="N", help="Threads working on different parameters.")(fn)
 
 
 def format_hint_option(fn: Callable) -> Callable:
     """``--format-hint NAME``: read PATH with this reader instead of recognising its layout."""
-    from ostate.formats.registry import reader_names
-
     names = reader_names()
     return click.option("--format-hint", type=click.Choice(names), metavar="NAME",
                         help=f"Read the checkpoint as this layout instead of recognising it: {', '.join(names)}.")(fn)

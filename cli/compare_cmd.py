@@ -43,6 +43,7 @@ def compare(paths, against, fmt, top, sort, ascending, columns, optimizer_index,
     two checkpoints need not be in the same format. See docs/compare.md.
     """
     if plot_path:  # before any reading: a bad figure path fails at once, and never over an input
+        # start-up time: matplotlib only when --plot is given
         from ostate.plots.style import figure_format
 
         figure_format(plot_path)
@@ -52,6 +53,7 @@ def compare(paths, against, fmt, top, sort, ascending, columns, optimizer_index,
     click.echo(render(result, fmt, top=top, sort=sort, ascending=ascending,
                       columns=[c.strip() for c in columns.split(",") if c.strip()] if columns else None), nl=False)
     if plot_path:
+        # start-up time: matplotlib only when --plot is given
         from ostate.plots.compare import save_compare_figure
 
         click.echo(f"wrote {save_compare_figure(result, plot_path)}", err=True)

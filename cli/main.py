@@ -10,6 +10,7 @@ import sys
 import click
 
 import ostate
+from ostate.analysis.native import kernels
 
 # Every command: its name and the module that defines it (as the function of the same
 # name). Modules are imported only when their command runs (or for `ostate --help`), so
@@ -40,8 +41,6 @@ class LazyGroup(click.Group):
 
 def version_line() -> str:
     """What ``ostate --version`` prints: the version, and whether the compiled loops are in use."""
-    from ostate.analysis.native import kernels
-
     return f"ostate {ostate.__version__} (compiled loops: {kernels.status()})"
 
 

@@ -48,6 +48,7 @@ from ostate.errors import OstateError
 from ostate.optimizers import Family, get_family
 from ostate.optimizers.family import explain_bad_state
 from ostate.state import Checkpoint, OptimizerState, ParamState, TensorRef
+from ostate.loading import load
 
 AGAINST = ("consecutive", "first")
 MOVER_METRIC = "eff_lr_log10_rms"
@@ -141,8 +142,6 @@ def compare(
         >>> float(table.loc["weight", "step_delta"]), bool(table.loc["weight", "m_cosine"] > 0)
         (1.0, True)
     """
-    from ostate.loading import load
-
     if len(paths) < 2:
         raise OstateError("compare needs at least two checkpoints", hint="give two or more paths, oldest first")
     if against not in AGAINST:

@@ -31,6 +31,7 @@ from ostate.analysis import Analysis, ParamSummary, summarize
 from ostate.analysis.params import param_kind
 from ostate.optimizers import get_family
 from ostate.state import Checkpoint, OptimizerState, ParamState, TensorRef
+from ostate.errors import OstateError
 
 SEVERITIES = ("info", "warning", "error")
 # Every finding's code, in the order of docs/doctor.md's table (for --ignore; tested against both).
@@ -112,8 +113,6 @@ def exit_code(diagnosis: Diagnosis, fail_on: str = "warning") -> int:
         (3, 0)
     """
     if fail_on not in FAIL_ON:
-        from ostate.errors import OstateError
-
         raise OstateError(f"unknown --fail-on '{fail_on}'", hint=f"choose one of: {', '.join(FAIL_ON)}")
     if fail_on == "never":
         return EXIT_OK
@@ -149,8 +148,6 @@ def check_codes(codes: Iterable[str]) -> set[str]:
         >>> sorted(check_codes(["lr-zero", "eps-dominated"]))
         ['eps-dominated', 'lr-zero']
     """
-    from ostate.errors import OstateError
-
     chosen = set(codes)
     unknown = sorted(chosen - set(CODES))
     if unknown:

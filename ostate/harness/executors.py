@@ -22,6 +22,7 @@ from typing import Any, Iterator, Sequence
 from ostate.errors import OstateError
 from ostate.harness.task import Task
 from ostate.harness.trial import TrialConfig, TrialResult, run_trial
+from ostate.outputs import atomic_path
 
 EXECUTORS = ("local", "ray")
 
@@ -95,6 +96,7 @@ def run_ray(jobs: Sequence[Job], *, address: str | None = None, num_cpus: int | 
     they need ostate (and a user task's module) installed.
     """
     try:
+        # optional dependency (ostate[ray])
         import ray
     except ImportError:
         raise OstateError("the Ray executor needs Ray", hint="pip install 'ostate[ray]'") from None
@@ -132,8 +134,6 @@ def _read(path: str) -> bytes:
 def _run_on_ray(job: Job, source_bytes: bytes) -> Outcome:
     """On a Ray worker: write the source checkpoint to a local file named by its content
     (once per node; the path on the driver may not exist here, or hold another file), then run."""
-    from ostate.outputs import atomic_path
-
     digest = hashlib.sha256(source_bytes).hexdigest()[:16]
     path = os.path.join(tempfile.gettempdir(), f"ostate-source-{digest}.pt")
     if not os.path.exists(path):

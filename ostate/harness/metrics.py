@@ -18,6 +18,10 @@ import math
 from typing import Any, Iterable
 
 import torch
+import ostate
+from ostate.optimizers import families
+from ostate.reset.strategies import V_AGE_KEY
+from ostate.errors import OstateError
 
 ALL = -1
 Record = tuple[int, str, int, float]
@@ -52,10 +56,6 @@ def median_effective_lr(optimizer: torch.optim.Optimizer, model: torch.nn.Module
     step set to that age plus the steps since, the counter its bias correction uses.
     Empty when the optimizer has no state yet or ostate has no math for its kind.
     """
-    import ostate
-    from ostate.optimizers import families
-    from ostate.reset.strategies import V_AGE_KEY
-
     state_dict = optimizer.state_dict()
     if not state_dict["state"] or kind not in families():
         return {}
@@ -76,7 +76,5 @@ def evaluation_records(step: int, result: Any) -> list[Record]:
     """``eval_loss`` (and ``eval_<name>``) records from what a task's evaluate returned."""
     values = {"loss": result} if isinstance(result, (int, float)) else dict(result)
     if "loss" not in values:
-        from ostate.errors import OstateError
-
         raise OstateError("the task's evaluate() returned no 'loss'", hint=f"it returned: {sorted(values)}")
     return [(step, f"eval_{name}", ALL, float(value)) for name, value in values.items()]

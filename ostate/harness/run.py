@@ -18,6 +18,7 @@ from ostate.harness.task import Task, resolve_source
 from ostate.harness.transfer import load_weights, optimizer_like_source, transfer_state
 from ostate.harness.trial import TrialConfig
 from ostate.reset.strategies import STRATEGIES, Strategy, apply_strategy, optimizer_kind
+from ostate.outputs import atomic_path
 
 DEFAULT_STRATEGIES = STRATEGIES
 
@@ -178,7 +179,7 @@ def write_outputs(summary: Summary, directory: str | os.PathLike, *, fmt: str | 
                   title: str = "") -> list[str]:
     """The summary tables (``strategies.csv``, ``paired.csv``, ``trials.csv``) and, unless ``fmt``
     is ``None``, the plots."""
-    from ostate.outputs import atomic_path
+    # start-up time: matplotlib only when the figures are drawn
     from ostate.harness.plots import write_plots
 
     directory = os.fspath(directory)

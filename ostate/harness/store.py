@@ -27,6 +27,7 @@ import pandas as pd
 
 from ostate.errors import OstateError
 from ostate.harness.trial import TrialConfig, TrialResult
+from ostate.outputs import atomic_path
 
 SCHEMA_VERSION = 1
 CONFIG_COLUMNS = tuple(f.name for f in fields(TrialConfig))
@@ -120,8 +121,6 @@ class ResultsStore:
 
     def export(self, path: str | os.PathLike) -> str:
         """Write :meth:`table` to ``path`` (``.csv`` or ``.parquet``, atomically); returns the path."""
-        from ostate.outputs import atomic_path
-
         path = os.fspath(path)
         suffix = os.path.splitext(path)[1].lower()
         if suffix not in (".csv", ".parquet"):

@@ -59,6 +59,7 @@ from ostate.formats.torch_save.write import rewrite_torch_file
 from ostate.outputs import atomic_directory, check_output
 from ostate.state import Checkpoint, OptimizerState, ParamState, TensorRef
 from ostate.reset.strategies import V_AGE_KEY, Strategy, apply_strategy, layout_of, plan
+from ostate.loading import load
 
 FILE_FORMATS = ("torch", "lightning", "safetensors")
 DIRECTORY_FORMATS = ("hf-trainer", "accelerate", "dcp", "deepspeed", "deepspeed-universal")
@@ -148,8 +149,6 @@ def reset(
         >>> float(saved["optimizer"]["state"][1]["exp_avg_sq"].abs().sum()), saved["epoch"]
         (0.0, 7)
     """
-    from ostate.loading import load
-
     source, out = os.fspath(source), os.fspath(out)
     chosen_strategy = _strategy(strategy, params)
     checkpoint = load(source, trust_pickle=trust_pickle, optimizer=optimizer, format_hint=format_hint)

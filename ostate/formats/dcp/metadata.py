@@ -66,6 +66,7 @@ def read_metadata(path: str, *, trust_pickle: bool = False) -> Any:
         >>> tuple(md.state_dict_metadata["w"].size)
         (2, 3)
     """
+    # start-up time: torch.distributed loads only for DCP checkpoints
     from torch.distributed.checkpoint.metadata import Metadata
 
     try:
@@ -103,6 +104,7 @@ def _malformed(metadata: Any) -> str | None:
     a string where a size belongs. Every field the reader uses is checked here, so that
     the reader can trust the types.
     """
+    # start-up time: torch.distributed loads only for DCP checkpoints
     from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, ChunkStorageMetadata,
                                                        TensorProperties, TensorStorageMetadata)
 

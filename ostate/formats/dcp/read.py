@@ -110,6 +110,7 @@ class Storage:
 
     def tree(self) -> dict:
         """The saved state dict rebuilt from the metadata: lazy tensors, unread bytes entries."""
+        # start-up time: torch.distributed loads only for DCP checkpoints
         from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
         tree: dict = {}
@@ -211,6 +212,7 @@ class Storage:
                               where=path, hint="the metadata is corrupted")
 
     def _info(self, key: str, offsets: Any) -> Any:
+        # start-up time: torch.distributed loads only for DCP checkpoints
         from torch.distributed.checkpoint.metadata import MetadataIndex
 
         index = MetadataIndex(key, offsets)

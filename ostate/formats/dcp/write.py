@@ -83,6 +83,7 @@ def rewrite_dcp(source: str, target: str, transform: Transform, *, trust_pickle:
 
 
 def _save(tree: dict, target: str) -> None:
+    # start-up time: torch.distributed loads only for DCP checkpoints
     import torch.distributed.checkpoint as dcp
 
     os.makedirs(target, exist_ok=True)

@@ -22,6 +22,7 @@ import torch
 from ostate.errors import OstateError
 from ostate.outputs import atomic_file
 from ostate.state import TensorRef
+from safetensors import safe_open
 
 _MAX_HEADER_BYTES = 100_000_000  # the limit safetensors itself enforces
 DTYPES: dict[str, torch.dtype] = {
@@ -143,8 +144,6 @@ class SafetensorsFile:
     def tensor(self, name: str) -> torch.Tensor:
         try:
             if self._handle is None:
-                from safetensors import safe_open
-
                 self._handle = safe_open(self.path, framework="pt", device="cpu")
             return self._handle.get_tensor(name)
         except OSError as e:

@@ -34,6 +34,7 @@ from typing import Any, Callable
 from torch import nn
 
 from ostate.formats.naming.model_order import ModelEntry
+import torch
 
 # Classes appended to transformers.pytorch_utils.ALL_LAYERNORM_LAYERS by model files
 # (`ALL_LAYERNORM_LAYERS.append(...)`), the same set in transformers 4.48.0 and 4.51.0.
@@ -117,7 +118,7 @@ def rebuild(directory: str) -> tuple[ModuleOrder | None, str | None]:
     except (OSError, ValueError) as e:
         return None, f"config.json is not readable JSON ({e})"
     try:
-        import torch
+        # optional dependency (ostate[hf])
         import transformers
     except ImportError:
         return None, "transformers is not installed (pip install 'ostate[hf]')"

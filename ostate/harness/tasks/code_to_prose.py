@@ -26,6 +26,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from ostate.errors import OstateError
+from ostate.demo import save_atomically
+from ostate.harness.pretrain import pretrain
 
 VOCAB = 128
 CONTEXT = 64
@@ -93,6 +95,7 @@ def stdlib_code() -> torch.Tensor:
 def help_prose() -> tuple[torch.Tensor, torch.Tensor]:
     """``(train, eval)``: the interpreter's help topics, every fifth topic held out for evaluation."""
     try:
+        # a large module, and some Pythons lack it: only for this task
         from pydoc_data.topics import topics
     except ImportError:
         raise OstateError("this Python has no pydoc_data.topics (the interpreter's help text)",
@@ -142,9 +145,6 @@ def data_fingerprint() -> str:
 
 def pretrain_source(path: str, *, steps: int, progress: bool = True) -> Any:
     """Pretrain the model on stdlib code and save the checkpoint at ``path``."""
-    from ostate.demo import save_atomically
-    from ostate.harness.pretrain import pretrain
-
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)
     checkpoint = pretrain(TinyGPT(), code_batches(32, generator), next_char_loss, steps=steps, lr=3e-3,

@@ -27,6 +27,9 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
+import hashlib
+from ostate.demo import save_atomically
+from ostate.harness.pretrain import pretrain
 
 CLASSES = string.digits + string.ascii_uppercase
 SOURCE_FONTS = ("DejaVuSans.ttf", "DejaVuSans-Bold.ttf", "DejaVuSansMono.ttf", "cmss10.ttf")
@@ -53,6 +56,7 @@ class GlyphCNN(nn.Module):
 
 
 def font_path(name: str) -> str:
+    # start-up time: matplotlib (its fonts) only for this task
     import matplotlib
 
     return os.path.join(os.path.dirname(matplotlib.__file__), "mpl-data", "fonts", "ttf", name)
@@ -60,6 +64,7 @@ def font_path(name: str) -> str:
 
 def render(font: str, char: str) -> torch.Tensor:
     """One glyph, cropped to its ink and centred on a ``SIZE`` x ``SIZE`` canvas (values in [0, 1])."""
+    # start-up time: matplotlib (its fonts) only for this task
     from matplotlib.ft2font import FT2Font
 
     face = FT2Font(font_path(font))
@@ -142,8 +147,6 @@ def evaluate_target(model: nn.Module) -> dict[str, float]:
 
 
 def data_fingerprint() -> str:
-    import hashlib
-
     digest = hashlib.sha256()
     for domain in ("source", "target"):
         digest.update(glyphs(domain)[0].numpy().tobytes())
@@ -152,9 +155,6 @@ def data_fingerprint() -> str:
 
 def pretrain_source(path: str, *, steps: int, progress: bool = True) -> Any:
     """Pretrain the CNN on the sans-serif fonts and save the checkpoint at ``path``."""
-    from ostate.demo import save_atomically
-    from ostate.harness.pretrain import pretrain
-
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)
     checkpoint = pretrain(GlyphCNN(), source_batches(64, generator), classification_loss, steps=steps, lr=3e-3,
