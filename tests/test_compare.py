@@ -220,5 +220,5 @@ def test_the_plots_package_draws_a_computed_comparison_and_checks_its_pairing(tm
     assert ostate.plots.plot("compare", result, by="first").axes
     with pytest.raises(ostate.OstateError, match="pairs its checkpoints first, not consecutive"):
         ostate.plots.plot("compare", result, by="consecutive")
-    with pytest.raises(ostate.OstateError, match="cannot be split --by layer"):
+    with pytest.raises(ostate.OstateError, match="cannot be split by=layer"):
         ostate.plots.plot("compare", result, by="layer")

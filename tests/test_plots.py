@@ -229,7 +229,7 @@ def test_moments_of_state_without_both_moving_averages_is_refused_with_what_to_d
         plot_moments(path)
     message = str(error.value)
     assert "nothing to draw in a moments plot" in message and "AdamW" in message
-    assert "--kind lr-histogram" in message and path in message
+    assert "kind=lr-histogram" in message and path in message
 
 
 def test_a_moments_panel_mixing_different_betas_is_refused(tmp_path):
@@ -240,7 +240,7 @@ def test_a_moments_panel_mixing_different_betas_is_refused(tmp_path):
     train(model, opt)
     checkpoint = ostate.from_state_dict(opt.state_dict(), model=model)
     assert len(plot_moments(checkpoint, by="group").axes) >= 2  # one set of lines per group: fine
-    with pytest.raises(OstateError, match="different betas or eps.*--by group"):
+    with pytest.raises(OstateError, match="different betas or eps.*by=group"):
         plot_moments(checkpoint, by="model")
 
 
@@ -294,7 +294,7 @@ def test_every_kind_renders_to_every_format(fmt, magic, demo_run, tmp_path):
 
 def test_every_kind_says_which_views_it_draws_and_refuses_others(demo_run):
     assert get_kind("lr-histogram").views[0] == "kind" and get_kind("moments").views[0] == "group"
-    with pytest.raises(OstateError, match="cannot be split --by model"):
+    with pytest.raises(OstateError, match="cannot be split by=model"):
         plot("layer-profile", demo_run[0], by="model")
     with pytest.raises(OstateError, match="unknown plot kind 'violin'.*lr-histogram"):
         plot("violin", demo_run[0])

@@ -255,7 +255,7 @@ def explain_bad_state(param: ParamState, family: Family, group: Group | None = N
         raise OstateError(
             f"'{param.name}': optimizer kind '{family.name}' needs '{e.args[0]}', which is in neither its state "
             "nor its param group",
-            hint="it may never have stepped, or the state is another optimizer's (see --optimizer); "
+            hint="it may never have stepped, or the state is another optimizer's (see optimizer=); "
             f"its state keys: {', '.join(sorted(param.state)) or 'none'}",
         ) from None
     except (OverflowError, ZeroDivisionError) as e:

@@ -174,7 +174,7 @@ def _reference(s: Series, row: ViewRow, panel: Panel) -> Reference:
              for g in groups_of(s, row)}
     if len(found) > 1:
         raise OstateError(f"the panel '{panel.title}' mixes param groups with different betas or eps, so it has no "
-                          "single set of reference lines", hint="split it with --by group")
+                          "single set of reference lines", hint="split it with by=group")
     (beta1, beta2), eps_root = found.pop()
     return Reference(beta1, beta2, eps_root, step)
 

@@ -125,8 +125,8 @@ def require_moments(kind: str, where: str | None = None) -> None:
         f"{family.label} state has no pair of moving averages of the gradient and its square (m and v), "
         "so there is nothing to draw in a moments plot",
         where=where,
-        hint=f"the moments plot is for {with_moments}; for this checkpoint use --kind lr-histogram or "
-             "--kind layer-profile",
+        hint=f"the moments plot is for {with_moments}; for this checkpoint use kind=lr-histogram or "
+             "kind=layer-profile",
     )
 
 
@@ -136,7 +136,7 @@ def _pick_analysed(analysis: Analysis, index: int | None) -> OptimizerAnalysis:
         if len(analysis.optimizers) == 1:
             return analysis.optimizers[0]
         raise OstateError(f"the analysis holds {len(analysis.optimizers)} optimizers",
-                          hint=f"choose one with --optimizer-index K ({found})")
+                          hint=f"choose one with optimizer_index=K ({found})")
     if not 0 <= index < len(analysis.optimizers):
         raise OstateError(f"no optimizer with index {index}", hint=f"found {found}")
     return analysis.optimizers[index]
