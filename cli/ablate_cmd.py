@@ -10,10 +10,10 @@ import click
 from ostate.errors import OstateError
 from ostate.harness import TASKS, Spec, Sweep, builtin_task, load_spec, run
 from ostate.harness.executors import EXECUTORS
-from ostate.plots.style import FORMATS
 from ostate.harness.store import ResultsStore
 from ostate.harness.text import render_summary
 from ostate.harness.trial import SCHEDULES
+from ostate.plots.style import FORMATS
 from ostate_cli.common import EXIT_INTERRUPTED, handle_errors, progress_enabled, warn
 
 

@@ -11,11 +11,11 @@ from typing import Any, Callable
 
 import click
 
+from ostate.analysis import default_workers
 from ostate.analysis.native.tuning import tuned_process
 from ostate.errors import OstateError
-from ostate_cli.flags import as_flags
-from ostate.analysis import default_workers
 from ostate.formats.registry import reader_names
+from ostate_cli.flags import as_flags
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERNAL = 1

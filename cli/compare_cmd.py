@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import click
 
-from ostate.compare.compute import AGAINST, compare as compare_checkpoints
+from ostate.compare.compute import AGAINST
+from ostate.compare.compute import compare as compare_checkpoints
 from ostate.compare.output import render
-from ostate.render import FORMATS
 from ostate.outputs import check_output
+from ostate.render import FORMATS
 from ostate_cli.common import (
-    format_hint_option, handle_errors, progress_enabled, trust_pickle_option, workers_option,
+    format_hint_option,
+    handle_errors,
+    progress_enabled,
+    trust_pickle_option,
+    workers_option,
 )
 
 

@@ -10,7 +10,8 @@ import ostate
 from ostate.analysis import VIEWS
 from ostate.analysis.native.tuning import tuned_process
 from ostate.demo import make_demo_checkpoint
-from ostate.report import inspect as build_report, render
+from ostate.report import inspect as build_report
+from ostate.report import render
 from ostate_cli.common import handle_errors
 
 

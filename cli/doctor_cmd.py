@@ -12,7 +12,11 @@ from ostate.doctor.output import FORMATS, render
 from ostate.formats.naming.weights import name_unnamed_by, read_model
 from ostate.optimizers import families
 from ostate_cli.common import (
-    format_hint_option, handle_errors, progress_enabled, trust_pickle_option, workers_option,
+    format_hint_option,
+    handle_errors,
+    progress_enabled,
+    trust_pickle_option,
+    workers_option,
 )
 
 

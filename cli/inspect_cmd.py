@@ -8,9 +8,15 @@ import ostate
 from ostate.analysis import VIEWS, HeadLayout
 from ostate.optimizers import families
 from ostate.render import FORMATS
-from ostate.report import inspect as build_report, render
+from ostate.report import inspect as build_report
+from ostate.report import render
 from ostate_cli.common import (
-    format_hint_option, handle_errors, progress_enabled, trust_pickle_option, warn, workers_option,
+    format_hint_option,
+    handle_errors,
+    progress_enabled,
+    trust_pickle_option,
+    warn,
+    workers_option,
 )
 
 

@@ -10,7 +10,11 @@ from ostate.outputs import check_output
 from ostate.plots import plot_kinds, save_figure
 from ostate.plots.style import DEFAULT_DPI, figure_format
 from ostate_cli.common import (
-    format_hint_option, handle_errors, progress_enabled, trust_pickle_option, workers_option,
+    format_hint_option,
+    handle_errors,
+    progress_enabled,
+    trust_pickle_option,
+    workers_option,
 )
 
 # The default kind first in the help, then the others by name.

@@ -5,8 +5,8 @@ from __future__ import annotations
 import click
 
 from ostate.optimizers import families
-from ostate.reset.write import reset as reset_checkpoint
 from ostate.reset.strategies import STRATEGIES
+from ostate.reset.write import reset as reset_checkpoint
 from ostate_cli.common import format_hint_option, handle_errors, trust_pickle_option
 
 

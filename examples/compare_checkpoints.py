@@ -18,8 +18,8 @@ from torch import nn
 
 from ostate.compare.compute import compare
 from ostate.compare.output import render
-from ostate.plots.compare import save_compare_figure
 from ostate.demo import CharMLP, save_atomically, zen_of_python
+from ostate.plots.compare import save_compare_figure
 
 workdir = sys.argv[1] if len(sys.argv) > 1 else "compare-demo"
 os.makedirs(workdir, exist_ok=True)

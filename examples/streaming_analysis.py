@@ -62,8 +62,8 @@ os.makedirs(workdir, exist_ok=True)
 torch.manual_seed(0)
 model = TinyLM()
 optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
-text = torch.tensor(list("the quick brown fox jumps over the lazy dog ".encode()) * 20)
-for step in range(30):
+text = torch.tensor(list(b"the quick brown fox jumps over the lazy dog ") * 20)
+for _step in range(30):
     start = torch.randint(0, len(text) - 33, (4,))
     batch = torch.stack([text[s : s + 33] for s in start])
     loss = nn.functional.cross_entropy(model(batch[:, :-1]).flatten(0, 1), batch[:, 1:].flatten())

@@ -11,9 +11,9 @@ The public surface:
 """
 
 from ostate.analysis import analyze, describe
+from ostate.convert import convert
 from ostate.errors import OstateError
 from ostate.loading import from_state_dict, load
-from ostate.convert import convert
 from ostate.optimizers import effective_lr, next_update
 from ostate.state import Checkpoint, OptimizerState, ParamState, TensorRef
 

@@ -27,7 +27,6 @@ from matplotlib.figure import Figure
 
 from ostate.analysis import Analysis, OptimizerAnalysis, summarize
 from ostate.compare.compute import Comparison, compare
-
 from ostate.errors import OstateError
 from ostate.loading import IN_MEMORY, load, pick_optimizer
 from ostate.plots import layer_profile, lr_histogram, moments

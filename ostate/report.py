@@ -12,7 +12,15 @@ from ostate.analysis.engine import check_view
 from ostate.errors import OstateError
 from ostate.optimizers import get_family
 from ostate.render import (
-    cells, format_bytes, format_value, jsonable, markdown_table, render as render_as, text_table,
+    cells,
+    format_bytes,
+    format_value,
+    jsonable,
+    markdown_table,
+    text_table,
+)
+from ostate.render import (
+    render as render_as,
 )
 from ostate.state import Checkpoint
 

@@ -35,7 +35,7 @@ class TensorRef:
     _release: Callable[[int, int | None], None] | None = field(default=None, repr=False)
 
     @classmethod
-    def of(cls, tensor: torch.Tensor, release: Callable[[int, int | None], None] | None = None) -> "TensorRef":
+    def of(cls, tensor: torch.Tensor, release: Callable[[int, int | None], None] | None = None) -> TensorRef:
         """Wrap a tensor that is already addressable (in memory or memory-mapped).
 
         ``release(start, stop)`` gives back the memory of elements ``start:stop`` of the

@@ -45,7 +45,7 @@ def deepspeed_runs(tmp_path_factory):
     # Two processes on a shared machine (a free port taken meanwhile, a C++ op cache being
     # rebuilt by another process) can fail to start; one retry in a fresh folder, then report both.
     failures = []
-    for attempt in range(2):
+    for _attempt in range(2):
         out = tmp_path_factory.mktemp("deepspeed")
         done = _run([sys.executable, "-m", "tests.helpers.deepspeed_train", str(out)], env, check=False)
         if done.returncode == 0:

@@ -201,8 +201,9 @@ def huge_safetensors(path: Path, elements: int) -> None:
 
 def huge_dcp(directory: Path, elements: int) -> Path:
     spec = specimens.dcp(directory)
-    from ostate.formats.dcp.metadata import read_metadata
     from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+
+    from ostate.formats.dcp.metadata import read_metadata
 
     metadata = read_metadata(str(spec.path / ".metadata"))
     key = next(k for k in metadata.state_dict_metadata if "exp_avg" in k)
@@ -379,7 +380,7 @@ _WITHOUT_OVERRIDE = ["setpriv", "--bounding-set=-dac_override,-dac_read_search",
                      "--inh-caps=-dac_override,-dac_read_search"]
 
 
-def _without_override(*args: str) -> "subprocess.CompletedProcess[str]":
+def _without_override(*args: str) -> subprocess.CompletedProcess[str]:
     """Run the ostate CLI held to file permissions (as root: without the capabilities that override them)."""
     prefix = _WITHOUT_OVERRIDE if os.geteuid() == 0 else []
     return subprocess.run([*prefix, sys.executable, "-m", "ostate_cli.main", *args], capture_output=True, text=True,

@@ -90,7 +90,7 @@ def test_summarize_joint_counts_the_bias_corrected_moments_of_every_coordinate(a
     assert joint.total == sum(p.numel for p in optimizer.params if p.has_state)
     beta1, beta2 = opt.param_groups[0]["betas"]
     xs, ys = [], []
-    for param, state in zip(optimizer.params, opt.state_dict()["state"].values()):
+    for _param, state in zip(optimizer.params, opt.state_dict()["state"].values()):
         t = float(state["step"])
         # The EMA v, not AMSGrad's running maximum: the reference lines are about the averages.
         xs.append((state["exp_avg_sq"] / (1 - beta2**t)).sqrt().reshape(-1))

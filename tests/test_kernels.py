@@ -24,7 +24,6 @@ import ostate
 from ostate.analysis.native import kernels
 from ostate.analysis.quantize import BLOCK, BlockwiseError, dynamic_map
 from ostate.analysis.sketch import Sketch
-
 from tests.helpers.common import run_cli, run_cli_process
 from tests.helpers.native import build_kernels, c_compiler
 

@@ -13,8 +13,14 @@ import torch
 import ostate
 from ostate.optimizers import get_family
 from tests.helpers.common import Net, train
-from tests.helpers.oracle import actual_step, assert_matches, check_next_update, predicted_updates, saved_and_loaded, \
-    set_next_gradient
+from tests.helpers.oracle import (
+    actual_step,
+    assert_matches,
+    check_next_update,
+    predicted_updates,
+    saved_and_loaded,
+    set_next_gradient,
+)
 
 transformers_optimization = pytest.importorskip("transformers.optimization")
 lion_pytorch = pytest.importorskip("lion_pytorch")

@@ -19,8 +19,14 @@ from ostate.optimizers.radam import rectification
 from tests.helpers.common import Net, train
 from tests.helpers.families import lbfgs_train
 from tests.helpers.oracle import (
-    actual_step, assert_matches, check_next_update, predicted_updates, relative_error, saved_and_loaded,
-    set_next_gradient, update_quantity_errors,
+    actual_step,
+    assert_matches,
+    check_next_update,
+    predicted_updates,
+    relative_error,
+    saved_and_loaded,
+    set_next_gradient,
+    update_quantity_errors,
 )
 
 O = torch.optim

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+
 import tomllib
 
 from tests.helpers.common import REPO

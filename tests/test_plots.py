@@ -22,8 +22,8 @@ import ostate
 from ostate.analysis import Sketch, summarize
 from ostate.analysis.sketch import bucket_ids, bucket_values
 from ostate.errors import OstateError
-from ostate.optimizers.adam import max_snr, pure_noise_snr
 from ostate.figures import as_series, plot, plot_layer_profile, plot_lr_histogram, plot_moments
+from ostate.optimizers.adam import max_snr, pure_noise_snr
 from ostate.plots import get_kind, plot_kinds, save_figure
 from ostate.plots.rebin import log_edges, rebin
 from tests.helpers.common import REPO, Net, train

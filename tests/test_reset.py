@@ -15,8 +15,8 @@ import torch
 
 import ostate
 from ostate import OstateError
-from ostate.reset.write import reset
 from ostate.reset.strategies import V_AGE_KEY
+from ostate.reset.write import reset
 from tests.helpers.common import Net, run_cli, sha256, train
 
 

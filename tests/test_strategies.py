@@ -14,7 +14,14 @@ from torch import nn
 from ostate.errors import OstateError
 from ostate.optimizers import families
 from ostate.reset.strategies import (
-    STRATEGIES, V_AGE_KEY, Strategy, apply_strategy, attach, optimizer_kind, plan, v_age_factor,
+    STRATEGIES,
+    V_AGE_KEY,
+    Strategy,
+    apply_strategy,
+    attach,
+    optimizer_kind,
+    plan,
+    v_age_factor,
 )
 
 OPTIMIZERS = {
@@ -212,7 +219,7 @@ def test_keep_v_is_a_fresh_first_moment_over_a_second_moment_that_keeps_its_age(
         d_f = step_with(fresh_model, fresh, grads)
         step_with(reload_model, reloaded, grads)
         d_k = step_with(keep_model, kept, grads)
-        for i, p in enumerate(keep_model.parameters()):
+        for i, _p in enumerate(keep_model.parameters()):
             v_f = fresh.state[list(fresh_model.parameters())[i]][second]
             v_r = reloaded.state[list(reload_model.parameters())[i]][second]
             adam_f = d_f[i] + (lr * wd * theta_f[i] if decoupled else 0)

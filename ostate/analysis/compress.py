@@ -70,7 +70,7 @@ class SharedSecondMoment:
         self.reference = np.full(self.rows, np.nan)
 
     @classmethod
-    def for_shape(cls, shape: tuple[int, ...]) -> "SharedSecondMoment":
+    def for_shape(cls, shape: tuple[int, ...]) -> SharedSecondMoment:
         numel = math.prod(shape)
         rows = shape[0] if len(shape) >= 2 and shape[0] > 0 else 1
         return cls(rows=rows, row_length=max(numel // rows, 1))

@@ -101,7 +101,7 @@ class JointHistogram:
             self._dense = torch.zeros(AXIS_BINS, AXIS_BINS, dtype=torch.int64)
         self._dense[x0 : x1 + 1, y0 : y1 + 1] += counts
 
-    def compact(self) -> "JointHistogram":
+    def compact(self) -> JointHistogram:
         """Fold the dense counts being filled into the sparse cells (in place); returns self."""
         if self._dense is not None:
             dense, self._dense = self._dense, None
@@ -124,7 +124,7 @@ class JointHistogram:
         self._cells, self._counts = _sum_by_cell(np.concatenate([self._cells, cells]),
                                                  np.concatenate([self._counts, counts]))
 
-    def merge(self, other: "JointHistogram") -> "JointHistogram":
+    def merge(self, other: JointHistogram) -> JointHistogram:
         """Add ``other`` into this histogram (in place) and return self."""
         self.compact()
         other.compact()
@@ -134,7 +134,7 @@ class JointHistogram:
         return self
 
     @classmethod
-    def merged(cls, histograms: Iterable["JointHistogram"]) -> "JointHistogram":
+    def merged(cls, histograms: Iterable[JointHistogram]) -> JointHistogram:
         """One histogram holding everything in ``histograms``."""
         parts = [h.compact() for h in histograms]
         out = cls(total=sum(h.total for h in parts), nonfinite=sum(h.nonfinite for h in parts))
@@ -202,7 +202,7 @@ class JointHistogram:
                 "counts": self._counts.tolist()}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "JointHistogram":
+    def from_dict(cls, d: dict) -> JointHistogram:
         h = cls(total=d["total"], nonfinite=d["nonfinite"])
         h._cells = np.asarray(d["cells"], np.int64)
         h._counts = np.asarray(d["counts"], np.int64)

@@ -20,11 +20,11 @@ from typing import Any, Mapping
 
 import torch
 
-from ostate.analysis.native import kernels
-from ostate.analysis.compress import SharedSecondMoment
 from ostate.analysis.columns import derived_columns, sketch_columns
+from ostate.analysis.compress import SharedSecondMoment
 from ostate.analysis.heads import HeadLayout
 from ostate.analysis.joint import JointHistogram
+from ostate.analysis.native import kernels
 from ostate.analysis.quantize import BLOCK, BlockwiseError
 from ostate.analysis.sketch import Sketch
 from ostate.optimizers import Family

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache, lru_cache
 
 import torch
 
@@ -39,7 +39,7 @@ from ostate.analysis.sketch import bucket_ids
 BLOCK = 256
 
 
-@lru_cache(maxsize=None)
+@cache
 def dynamic_map(signed: bool = True) -> torch.Tensor:
     """The 256 sorted code values of bitsandbytes' 8-bit dynamic data type (float32).
 
@@ -88,7 +88,7 @@ def _candidate_tables(code: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tens
     return values[lo_index].float(), values[hi_index].float()
 
 
-@lru_cache(maxsize=None)
+@cache
 def _dynamic_tables(signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
     return _candidate_tables(tuple(dynamic_map(signed).tolist()))
 
@@ -185,7 +185,7 @@ class BlockwiseError:
         norms = y.square().view(blocks.shape).sum(1)
         return per_block.double(), norms.double(), absmax.double().square()
 
-    def merge(self, other: "BlockwiseError") -> "BlockwiseError":
+    def merge(self, other: BlockwiseError) -> BlockwiseError:
         self.error_sq += other.error_sq
         self.norm_sq += other.norm_sq
         return self

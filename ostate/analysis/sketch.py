@@ -144,7 +144,7 @@ class Sketch:
             self._merge_buckets(*_sparse_counts(flat))
         self._add_sums(sums)
 
-    def _add_sums(self, sums: "kernels.SketchSums") -> None:
+    def _add_sums(self, sums: kernels.SketchSums) -> None:
         self.count += sums.count
         if self.with_histogram:
             self.zeros += sums.zeros
@@ -197,7 +197,7 @@ class Sketch:
         self.min = min(self.min, lo + 0.0)
         self.max = max(self.max, hi + 0.0)
 
-    def _add_nonfinite_chunk(self, values: torch.Tensor, histogram: "_Histogram | None") -> None:
+    def _add_nonfinite_chunk(self, values: torch.Tensor, histogram: _Histogram | None) -> None:
         nan = int(torch.isnan(values).sum())
         posinf = int((values == math.inf).sum())
         neginf = int((values == -math.inf).sum())
@@ -218,7 +218,7 @@ class Sketch:
         self.min = min(self.min, float(lo) + 0.0)
         self.max = max(self.max, float(hi) + 0.0)
 
-    def _accumulate(self, histogram: "_Histogram") -> None:
+    def _accumulate(self, histogram: _Histogram) -> None:
         if histogram.dense is None:
             self._merge_buckets(histogram.buckets, histogram.counts)
         elif self._dense is None:
@@ -226,7 +226,7 @@ class Sketch:
         else:
             np.add(self._dense, histogram.dense.numpy(), out=self._dense)
 
-    def compact(self) -> "Sketch":
+    def compact(self) -> Sketch:
         """Fold the dense histogram being filled into the sparse one (in place); returns self."""
         if self._dense is not None:
             dense, self._dense = self._dense, None
@@ -235,7 +235,7 @@ class Sketch:
         return self
 
     @classmethod
-    def of_rows(cls, rows: torch.Tensor, *, with_histogram: bool = True) -> list["Sketch"]:
+    def of_rows(cls, rows: torch.Tensor, *, with_histogram: bool = True) -> list[Sketch]:
         """One compact sketch per row of the 2-D tensor ``rows``, equal to ``Sketch().add(row)`` for each
         row (the same sums, bit for bit), computed in a few passes over all rows at once.
 
@@ -302,7 +302,7 @@ class Sketch:
             return
         self._buckets, self._counts = _add_sparse([(self._buckets, self._counts), (buckets, counts)])
 
-    def merge(self, other: "Sketch") -> "Sketch":
+    def merge(self, other: Sketch) -> Sketch:
         """Add ``other`` into this sketch (in place) and return self."""
         self.compact()
         other.compact()
@@ -320,7 +320,7 @@ class Sketch:
         return self
 
     @classmethod
-    def merged(cls, sketches: Iterable["Sketch"]) -> "Sketch":
+    def merged(cls, sketches: Iterable[Sketch]) -> Sketch:
         """One sketch holding everything in ``sketches``."""
         out = cls()
         parts = []
@@ -413,7 +413,7 @@ class Sketch:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Sketch":
+    def from_dict(cls, d: dict) -> Sketch:
         s = cls(**{k: d[k] for k in _SCALARS if k in d})
         s._buckets = np.asarray(d["buckets"], np.int64)
         s._counts = np.asarray(d["counts"], np.int64)
@@ -476,7 +476,7 @@ class _Histogram:
     counts: np.ndarray
 
     @classmethod
-    def of(cls, chunk: torch.Tensor) -> "_Histogram":
+    def of(cls, chunk: torch.Tensor) -> _Histogram:
         ids = bucket_ids(chunk)
         if chunk.numel() > _SPARSE_LIMIT:
             return cls(torch.bincount(ids, minlength=_NBUCKETS), _EMPTY, _EMPTY)

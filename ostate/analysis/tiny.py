@@ -140,7 +140,7 @@ def summarize_tiny(
             mine["ratio_update_sq"] = own["update"].sumsq
             mine["ratio_weight_sq"] = own["weight"].sumsq
     rows: list[dict[str, Any]] = []
-    for param, own in zip(params, sketches):
+    for param in params:
         row = base_row(optimizer, param)
         with explain_bad_state(param, family):
             row.update(family.columns(param, group))

@@ -45,10 +45,10 @@ from ostate.analysis.engine import default_workers
 from ostate.analysis.params import READ_CHUNK, RELEASE_EVERY
 from ostate.analysis.sketch import Sketch
 from ostate.errors import OstateError
+from ostate.loading import load
 from ostate.optimizers import Family, get_family
 from ostate.optimizers.family import explain_bad_state
 from ostate.state import Checkpoint, OptimizerState, ParamState, TensorRef
-from ostate.loading import load
 
 AGAINST = ("consecutive", "first")
 MOVER_METRIC = "eff_lr_log10_rms"

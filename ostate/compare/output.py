@@ -9,7 +9,8 @@ import pandas as pd
 
 from ostate.compare.compute import MOVER_METRIC, Comparison, PairComparison
 from ostate.errors import OstateError
-from ostate.render import cells, format_value, jsonable, markdown_table, render as render_as, text_table
+from ostate.render import cells, format_value, jsonable, markdown_table, text_table
+from ostate.render import render as render_as
 
 # The columns the text renderings show by default (csv and json have every column).
 COLUMNS = ("name", "status", "shape", "step_delta", "m_cosine", "log10_v_ratio_p50", "log10_v_ratio_iqr",

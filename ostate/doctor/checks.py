@@ -29,9 +29,9 @@ from typing import Callable, Iterable, Mapping
 
 from ostate.analysis import Analysis, ParamSummary, summarize
 from ostate.analysis.params import param_kind
+from ostate.errors import OstateError
 from ostate.optimizers import get_family
 from ostate.state import Checkpoint, OptimizerState, ParamState, TensorRef
-from ostate.errors import OstateError
 
 SEVERITIES = ("info", "warning", "error")
 # Every finding's code, in the order of docs/doctor.md's table (for --ignore; tested against both).
@@ -482,7 +482,7 @@ def check_state_dtype(ctx: Context) -> list[Finding]:
     if not ctx.model:
         return []
     items = []
-    for o, p, s in ctx.parameters():
+    for o, p, _s in ctx.parameters():
         weight = ctx.model.get(p.name)
         if weight is None or not p.has_state or not weight.dtype.is_floating_point:
             continue

@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from ostate.doctor.checks import Diagnosis, Evidence, Finding, exit_code
-from ostate.render import jsonable, render as render_as
+from ostate.render import jsonable
+from ostate.render import render as render_as
 
 FORMATS = ("table", "json", "markdown")
 # Evidence lines shown per finding in text; JSON has all of them.

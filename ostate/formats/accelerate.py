@@ -22,11 +22,11 @@ from dataclasses import dataclass
 
 from ostate.errors import OstateError
 from ostate.formats.dcp import read as dcp
-from ostate.formats.naming import discover
-from ostate.formats.reader import Reader
-from ostate.formats.naming.torch_optim import read_optimizer
 from ostate.formats.files.torchfile import load_torch_file
+from ostate.formats.naming import discover
+from ostate.formats.naming.torch_optim import read_optimizer
 from ostate.formats.naming.weights import Weights, find_weights, model_indices, name_by_weights
+from ostate.formats.reader import Reader
 from ostate.state import Checkpoint, OptimizerState
 
 _OPTIMIZER_FILE = re.compile(r"^optimizer(?:_(\d+))?\.(?:bin|pt)$")

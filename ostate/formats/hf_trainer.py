@@ -30,9 +30,9 @@ from ostate.errors import OstateError
 from ostate.formats import accelerate
 from ostate.formats.naming.hf_model import ModuleOrder, parse_version, rebuild
 from ostate.formats.naming.model_order import Naming, match_model_order
-from ostate.formats.reader import Reader
 from ostate.formats.naming.torch_optim import apply_naming
 from ostate.formats.naming.weights import Weights, find_weights, name_by_weights
+from ostate.formats.reader import Reader
 from ostate.state import Checkpoint, OptimizerState
 
 TRAINER_STATE = "trainer_state.json"

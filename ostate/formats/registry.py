@@ -13,8 +13,8 @@ from ostate.errors import OstateError
 from ostate.formats import accelerate, hf_trainer, safetensors_optim
 from ostate.formats.dcp import read as dcp
 from ostate.formats.deepspeed import read as deepspeed
-from ostate.formats.torch_save import read as torch_save
 from ostate.formats.reader import Reader
+from ostate.formats.torch_save import read as torch_save
 from ostate.state import Checkpoint
 
 # Most specific first: a tie in score goes to the earlier reader.

@@ -30,9 +30,9 @@ from typing import Any, Mapping
 import torch
 
 from ostate.errors import OstateError
-from ostate.formats.reader import Reader
 from ostate.formats.files.safetensors_file import SafetensorsFile, is_safetensors, read_header, write_safetensors
 from ostate.formats.naming.torch_optim import read_optimizer
+from ostate.formats.reader import Reader
 from ostate.state import NAME_SOURCES, Checkpoint, OptimizerState, ParamState, TensorRef
 
 FORMAT_KEY = "ostate.format"

@@ -18,10 +18,11 @@ import math
 from typing import Any, Iterable
 
 import torch
+
 import ostate
+from ostate.errors import OstateError
 from ostate.optimizers import families
 from ostate.reset.strategies import V_AGE_KEY
-from ostate.errors import OstateError
 
 ALL = -1
 Record = tuple[int, str, int, float]

@@ -90,7 +90,7 @@ def _line_panels(summary: Summary, curves: pd.DataFrame, path, *, ylabel: str, t
             ax.plot(line["step"], line["mean"], color=colour, linestyle=dash, linewidth=1.6, label=label)
             ax.fill_between(line["step"], line["lo"], line["hi"], color=colour, alpha=0.18, linewidth=0)
         if math.isfinite(top) and mine["hi"].max() > top:
-            inside = mine.groupby("strategy").filter(lambda line: line["mean"].max() <= top)
+            inside = mine.groupby("strategy").filter(lambda line, top=top: line["mean"].max() <= top)
             bottom = min(inside["mean"].min(), inside["lo"].min() if inside["lo"].notna().any() else math.inf)
             ax.set_ylim(bottom - 0.05 * (top - bottom), top)
         ax.set_title(_cell_title(cell), fontsize=9)

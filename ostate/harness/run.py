@@ -17,8 +17,8 @@ from ostate.harness.summary import Summary, summarize_trials
 from ostate.harness.task import Task, resolve_source
 from ostate.harness.transfer import load_weights, optimizer_like_source, transfer_state
 from ostate.harness.trial import TrialConfig
-from ostate.reset.strategies import STRATEGIES, Strategy, apply_strategy, optimizer_kind
 from ostate.outputs import atomic_path
+from ostate.reset.strategies import STRATEGIES, Strategy, apply_strategy, optimizer_kind
 
 DEFAULT_STRATEGIES = STRATEGIES
 

@@ -16,10 +16,10 @@ from typing import Any, Mapping
 import torch
 
 from ostate.errors import OstateError
+from ostate.formats.files.torchfile import load_torch_file
+from ostate.formats.naming import discover
 from ostate.formats.naming.objects import from_object
 from ostate.loading import identified
-from ostate.formats.naming import discover
-from ostate.formats.files.torchfile import load_torch_file
 
 
 @dataclass

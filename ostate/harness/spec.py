@@ -43,8 +43,9 @@ import dataclasses
 import importlib
 import os
 import sys
-import tomllib
 from typing import Any, Callable
+
+import tomllib
 
 from ostate.errors import OstateError
 from ostate.harness.run import Spec, Sweep

@@ -29,7 +29,14 @@ from typing import Any, Mapping
 import torch
 
 from ostate.optimizers.family import (
-    Family, Group, Preconditioned, StateLayout, fresh_zeros, group_has, plain_preconditioned, step_of,
+    Family,
+    Group,
+    Preconditioned,
+    StateLayout,
+    fresh_zeros,
+    group_has,
+    plain_preconditioned,
+    step_of,
 )
 from ostate.optimizers.sparse_adam import sparse_like
 from ostate.state import ParamState

@@ -35,7 +35,14 @@ from typing import Mapping
 import torch
 
 from ostate.optimizers.family import (
-    Family, Group, Moments, Preconditioned, StateLayout, fresh_zeros, group_has, step_of,
+    Family,
+    Group,
+    Moments,
+    Preconditioned,
+    StateLayout,
+    fresh_zeros,
+    group_has,
+    step_of,
 )
 from ostate.state import ParamState
 

@@ -56,7 +56,13 @@ from typing import Callable, Mapping
 import torch
 
 from ostate.errors import OstateError
-from ostate.optimizers.adam import ADAM_MOMENTS, adam_effective_lr, adam_momentum_update, adam_snr, bias_corrected_preconditioned
+from ostate.optimizers.adam import (
+    ADAM_MOMENTS,
+    adam_effective_lr,
+    adam_momentum_update,
+    adam_snr,
+    bias_corrected_preconditioned,
+)
 from ostate.optimizers.family import Family, Group, Preconditioned, plain_preconditioned, step_of
 from ostate.state import ParamState
 

@@ -10,7 +10,6 @@ itself the more common reading, and the choice is reported as ``assumed``.
 from __future__ import annotations
 
 import math
-
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping
@@ -141,9 +140,9 @@ class Family:
     first_moment: str | None = None
     second_moment: str | None = None
     chunked: bool = True
-    preconditioned: Callable[[Mapping[str, torch.Tensor], Group, ParamState, Quantities], "Preconditioned"] | None = None
+    preconditioned: Callable[[Mapping[str, torch.Tensor], Group, ParamState, Quantities], Preconditioned] | None = None
     quantized_moments: Mapping[str, bool] = field(default_factory=dict)
-    moments: "Moments | None" = None
+    moments: Moments | None = None
     signed_first_moment: Callable[[Mapping[str, torch.Tensor], Group, ParamState], torch.Tensor] | None = None
     layout: StateLayout | None = None
 

@@ -41,7 +41,15 @@ import torch
 
 from ostate.optimizers.adam import ADAM_MOMENTS, adam_effective_lr, adam_snr, bias_corrected_preconditioned
 from ostate.optimizers.family import (
-    Family, Group, Preconditioned, StateLayout, fresh_ones, fresh_zeros, group_has, scalar_of, step_of,
+    Family,
+    Group,
+    Preconditioned,
+    StateLayout,
+    fresh_ones,
+    fresh_zeros,
+    group_has,
+    scalar_of,
+    step_of,
 )
 from ostate.state import ParamState
 

@@ -39,7 +39,14 @@ import torch
 
 from ostate.optimizers.adam import adam_snr, moment_estimates
 from ostate.optimizers.family import (
-    Family, Group, Moments, Preconditioned, StateLayout, fresh_zeros, group_has, plain_preconditioned,
+    Family,
+    Group,
+    Moments,
+    Preconditioned,
+    StateLayout,
+    fresh_zeros,
+    group_has,
+    plain_preconditioned,
     step_of,
 )
 from ostate.state import ParamState

@@ -35,7 +35,13 @@ from typing import Mapping
 import torch
 
 from ostate.optimizers.family import (
-    Family, Group, Preconditioned, StateLayout, fresh_zeros, group_has, plain_preconditioned,
+    Family,
+    Group,
+    Preconditioned,
+    StateLayout,
+    fresh_zeros,
+    group_has,
+    plain_preconditioned,
 )
 from ostate.state import ParamState
 

@@ -27,8 +27,8 @@ from ostate.analysis import Sketch
 from ostate.analysis.params import PARAM_KINDS
 from ostate.errors import OstateError
 from ostate.plots.kind import PlotKind, check_view
-from ostate.plots.series import PlotInput, Series, as_series
 from ostate.plots.panels import group_lrs
+from ostate.plots.series import PlotInput, Series, as_series
 from ostate.plots.style import OKABE_ITO, series_style
 
 QUANTITY = "eff_lr"

@@ -36,7 +36,7 @@ class Positive:
     nonfinite: int
 
     @classmethod
-    def of(cls, sketch: Sketch) -> "Positive":
+    def of(cls, sketch: Sketch) -> Positive:
         """Split ``sketch``'s histogram at zero.
 
         Example:

@@ -103,7 +103,7 @@ class Strategy:
                 raise OstateError(f"strategy '{self}': the parameter regex does not compile: {e}") from None
 
     @classmethod
-    def parse(cls, text: "str | Strategy") -> "Strategy":
+    def parse(cls, text: str | Strategy) -> Strategy:
         """``NAME`` or ``NAME:REGEX``."""
         if isinstance(text, Strategy):
             return text

@@ -56,10 +56,10 @@ from ostate.formats.deepspeed.files import (
 )
 from ostate.formats.deepspeed.write import rewrite_partitions, rewrite_universal
 from ostate.formats.torch_save.write import rewrite_torch_file
-from ostate.outputs import atomic_directory, check_output
-from ostate.state import Checkpoint, OptimizerState, ParamState, TensorRef
-from ostate.reset.strategies import V_AGE_KEY, Strategy, apply_strategy, layout_of, plan
 from ostate.loading import load
+from ostate.outputs import atomic_directory, check_output
+from ostate.reset.strategies import V_AGE_KEY, Strategy, apply_strategy, layout_of, plan
+from ostate.state import Checkpoint, OptimizerState, ParamState, TensorRef
 
 FILE_FORMATS = ("torch", "lightning", "safetensors")
 DIRECTORY_FORMATS = ("hf-trainer", "accelerate", "dcp", "deepspeed", "deepspeed-universal")

@@ -206,8 +206,7 @@ def save_dcp_layouts(directory: Path, world_size: int) -> None:
 def _dcp_worker(rank: int, world_size: int, directory: str) -> None:
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
     dist.init_process_group("gloo", init_method=f"file://{directory}/.store", rank=rank, world_size=world_size)
     try:

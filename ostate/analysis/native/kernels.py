@@ -33,7 +33,6 @@ from typing import Literal, overload
 import numpy as np
 import torch
 
-
 # The OSTATE_KERNELS_ABI this module is written for (ostate/analysis/native/_kernels.c).
 ABI = 1
 
@@ -54,7 +53,7 @@ class SketchSums(ctypes.Structure):
     ]
 
     @classmethod
-    def empty(cls) -> "SketchSums":
+    def empty(cls) -> SketchSums:
         return cls(0.0, 0.0, math.inf, -math.inf, 0, 0, 0, 0, 0)
 
 

@@ -105,8 +105,12 @@ def _malformed(metadata: Any) -> str | None:
     the reader can trust the types.
     """
     # start-up time: torch.distributed loads only for DCP checkpoints
-    from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, ChunkStorageMetadata,
-                                                       TensorProperties, TensorStorageMetadata)
+    from torch.distributed.checkpoint.metadata import (
+        BytesStorageMetadata,
+        ChunkStorageMetadata,
+        TensorProperties,
+        TensorStorageMetadata,
+    )
 
     entries = getattr(metadata, "state_dict_metadata", None)
     if not isinstance(entries, dict):

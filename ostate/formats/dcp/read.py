@@ -33,11 +33,11 @@ from typing import Any, BinaryIO, Iterable, Mapping, cast
 import torch
 
 from ostate.errors import OstateError
-from ostate.formats.naming import discover
 from ostate.formats.dcp.metadata import read_metadata
+from ostate.formats.files.torchfile import load_torch_stream
+from ostate.formats.naming import discover
 from ostate.formats.naming.objects import from_object
 from ostate.formats.reader import Reader
-from ostate.formats.files.torchfile import load_torch_stream
 from ostate.state import Checkpoint, TensorRef
 
 METADATA_FILE = ".metadata"
@@ -148,7 +148,7 @@ class Storage:
         if covered != total or any(len(o) != len(shape) for o, _, _ in chunks):
             raise OstateError(f"the chunks of '{key}' cover {covered} of its {total} elements",
                               where=self.directory, hint="the checkpoint is incomplete (a rank's file missing?)")
-        for offsets, sizes, info in chunks:
+        for _offsets, sizes, info in chunks:
             self._check_range(key, info, math.prod(sizes) * dtype.itemsize)
 
         def read() -> torch.Tensor:
@@ -186,7 +186,7 @@ class Storage:
             by_file[info.relative_path].append((info, place))
         for _, items in sorted(by_file.items()):
             items.sort(key=lambda item: item[0].offset)
-            for info, (parent, k, leaf) in items:
+            for info, (parent, k, _leaf) in items:
                 try:
                     with self._open(info) as (window, where):
                         parent[k] = load_torch_stream(window, where=where, trust_pickle=self.trust_pickle, warn=False)
@@ -222,7 +222,7 @@ class Storage:
                               hint="the checkpoint is incomplete")
         return info
 
-    def _open(self, info: Any) -> "_OpenRange":
+    def _open(self, info: Any) -> _OpenRange:
         return _OpenRange(self.directory, info)
 
 

@@ -19,6 +19,7 @@ import os
 import shutil
 from typing import Any, Callable, Mapping
 
+from ostate.formats.dcp.metadata import read_metadata
 from ostate.formats.dcp.read import (
     METADATA_FILE,
     Storage,
@@ -29,7 +30,6 @@ from ostate.formats.dcp.read import (
     optimizer_paths,
     unflatten_optimizer,
 )
-from ostate.formats.dcp.metadata import read_metadata
 from ostate.state import TensorRef
 
 # location inside the checkpoint -> the new nested optimizer state dict, or None to keep it as it is.

@@ -14,16 +14,15 @@ from typing import Any, Mapping, Sequence, cast
 import torch
 
 from ostate.errors import OstateError
-from ostate.formats.naming import discover
-from ostate.formats.naming.objects import model_entries
 from ostate.formats.deepspeed.files import (
     TagFiles,
     load_file,
 )
 from ostate.formats.deepspeed.zero import FlatParam, stage_3_fragments
+from ostate.formats.naming import discover
+from ostate.formats.naming.objects import model_entries
 from ostate.formats.naming.torch_optim import read_optimizer
 from ostate.state import Checkpoint, OptimizerState, ParamState, TensorRef
-
 
 # The hyperparameters of the param group of frozen parameters (ParamState.frozen): none, only this
 # mark, which ``ostate inspect`` shows.

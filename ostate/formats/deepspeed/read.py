@@ -16,10 +16,8 @@ import os
 import re
 from typing import Any, Mapping, Sequence
 
-
 from ostate.errors import OstateError
-from ostate.formats.naming import discover
-from ostate.formats.naming.objects import from_object
+from ostate.formats import accelerate, hf_trainer
 from ostate.formats.deepspeed.common import (
     add_frozen,
     assemble,
@@ -32,8 +30,8 @@ from ostate.formats.deepspeed.common import (
     zero_stage,
 )
 from ostate.formats.deepspeed.files import (
-    LossScaler,
     DynamicLossScaler,
+    LossScaler,
     TagFiles,
     is_tag_dir,
     is_universal,
@@ -42,10 +40,11 @@ from ostate.formats.deepspeed.files import (
     resolve_tag_dir,
     tag_files,
 )
-from ostate.formats.reader import Reader
 from ostate.formats.deepspeed.universal import read_universal
-from ostate.formats import accelerate, hf_trainer
 from ostate.formats.deepspeed.zero import stage_1_2_params, stage_3_params
+from ostate.formats.naming import discover
+from ostate.formats.naming.objects import from_object
+from ostate.formats.reader import Reader
 from ostate.state import Checkpoint, TensorRef
 
 # Keys of a ZeRO optimizer_state_dict that are plain settings worth keeping in OptimizerState.extra.

@@ -18,11 +18,11 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
 import torch
+from safetensors import safe_open
 
 from ostate.errors import OstateError
 from ostate.outputs import atomic_file
 from ostate.state import TensorRef
-from safetensors import safe_open
 
 _MAX_HEADER_BYTES = 100_000_000  # the limit safetensors itself enforces
 DTYPES: dict[str, torch.dtype] = {

@@ -70,8 +70,8 @@ def walk(obj: Any, path: str = ROOT, depth: int = 0) -> Iterator[tuple[str, Any]
 
     An optimizer state dict is yielded but not entered.
     """
-    for path, _route, node in walk_routes(obj, path, (), depth):
-        yield path, node
+    for found, _route, node in walk_routes(obj, path, (), depth):
+        yield found, node
 
 
 def walk_routes(obj: Any, path: str = ROOT, route: tuple = (), depth: int = 0) -> Iterator[tuple[str, tuple, Any]]:

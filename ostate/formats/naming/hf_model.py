@@ -31,10 +31,10 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import torch
 from torch import nn
 
 from ostate.formats.naming.model_order import ModelEntry
-import torch
 
 # Classes appended to transformers.pytorch_utils.ALL_LAYERNORM_LAYERS by model files
 # (`ALL_LAYERNORM_LAYERS.append(...)`), the same set in transformers 4.48.0 and 4.51.0.

@@ -10,15 +10,14 @@ names are the keys.
 from __future__ import annotations
 
 import math
-
 from collections import Counter
 from typing import Any, Mapping, Sequence, cast
 
 import torch
 
 from ostate.errors import OstateError
-from ostate.formats.naming.model_order import ModelEntry, Naming, match_model_order
 from ostate.formats.files.pages import page_releaser
+from ostate.formats.naming.model_order import ModelEntry, Naming, match_model_order
 from ostate.state import UNIDENTIFIED, OptimizerState, ParamState, TensorRef
 
 # Group keys that are bookkeeping, not hyperparameters.

@@ -21,12 +21,12 @@ from dataclasses import dataclass, field
 import torch
 
 from ostate.errors import OstateError
+from ostate.formats.files.safetensors_file import SafetensorsFile, read_header
+from ostate.formats.files.torchfile import load_torch_file
 from ostate.formats.naming import discover
 from ostate.formats.naming.model_order import ModelEntry, Naming, match_model_order, match_shapes
 from ostate.formats.naming.objects import model_entries
-from ostate.formats.files.safetensors_file import SafetensorsFile, read_header
 from ostate.formats.naming.torch_optim import apply_naming
-from ostate.formats.files.torchfile import load_torch_file
 from ostate.state import Checkpoint, OptimizerState, TensorRef
 
 

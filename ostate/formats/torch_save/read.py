@@ -10,9 +10,9 @@ import json
 import os
 from typing import Any
 
+from ostate.formats.files.torchfile import check_readable_file, file_kind, load_torch_file
 from ostate.formats.naming.objects import from_object
 from ostate.formats.reader import Reader
-from ostate.formats.files.torchfile import check_readable_file, file_kind, load_torch_file
 from ostate.state import Checkpoint
 
 

@@ -15,8 +15,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from ostate.formats.naming.discover import find_optimizer_routes, replaced
 from ostate.formats.files.torchfile import AllowedGlobal, load_torch_file
+from ostate.formats.naming.discover import find_optimizer_routes, replaced
 from ostate.outputs import atomic_file
 
 # location inside the file -> the new optimizer state dict, or None to keep it as it is.

@@ -25,8 +25,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ostate.errors import OstateError
 from ostate.demo import save_atomically
+from ostate.errors import OstateError
 from ostate.harness.pretrain import pretrain
 
 VOCAB = 128

@@ -18,6 +18,7 @@ The model is a small CNN (two 3x3 conv layers, a 64-unit hidden layer; about 106
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
 import os
 import string
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
-import hashlib
+
 from ostate.demo import save_atomically
 from ostate.harness.pretrain import pretrain
 
