@@ -154,12 +154,24 @@ def straightforward(path: str) -> None:
         snr = torch.where(v > 0, (m.abs() / bc1) / vhat.sqrt(), torch.zeros_like(v))
         update = -lr / (1 - beta1 ** (t + 1)) * beta1 * m / ((beta2 * v / (1 - beta2 ** (t + 1))).sqrt() + eps)
         row = {"name": names[index]}
-        for name, x in (("eff_lr", eff), ("exp_avg_abs", m.abs()), ("exp_avg_sq", v), ("snr", snr),
-                        ("update", update), ("weight", w)):
+        for name, x in (
+            ("eff_lr", eff),
+            ("exp_avg_abs", m.abs()),
+            ("exp_avg_sq", v),
+            ("snr", snr),
+            ("update", update),
+            ("weight", w),
+        ):
             x = x.reshape(-1)
             ordered = x.sort().values
-            row.update({f"{name}_mean": float(x.mean()), f"{name}_rms": float(x.square().mean().sqrt()),
-                        f"{name}_min": float(ordered[0]), f"{name}_max": float(ordered[-1])})
+            row.update(
+                {
+                    f"{name}_mean": float(x.mean()),
+                    f"{name}_rms": float(x.square().mean().sqrt()),
+                    f"{name}_min": float(ordered[0]),
+                    f"{name}_max": float(ordered[-1]),
+                }
+            )
             ranks = (qs * (x.numel() - 1)).floor().long()
             row.update({f"{name}_q{int(q * 100)}": float(ordered[r]) for q, r in zip(qs, ranks)})
         row["second_moment_zero_frac"] = float((v == 0).float().mean())
@@ -171,8 +183,9 @@ def straightforward(path: str) -> None:
         matrix = vhat.reshape(vhat.shape[0], -1) if vhat.dim() > 1 else vhat.reshape(1, -1)
         for level, mean in (("tensor", vhat.mean()), ("row", matrix.mean(1, keepdim=True).expand_as(matrix))):
             shared = 1 / (mean.sqrt() + eps)
-            row[f"vmean_{level}_relchange"] = float((m.reshape(matrix.shape) * (a.reshape(matrix.shape) - shared)).norm()
-                                                    / u.norm())
+            row[f"vmean_{level}_relchange"] = float(
+                (m.reshape(matrix.shape) * (a.reshape(matrix.shape) - shared)).norm() / u.norm()
+            )
         for key, x, code in (("exp_avg", m, signed), ("exp_avg_sq", v, unsigned)):
             row[f"{key}_q8_relerr"] = _blockwise_error(x.reshape(-1), code)
         rows.append(row)
@@ -236,8 +249,11 @@ def measure(argv: list[str], *, stdout=subprocess.DEVNULL, env: dict | None = No
 
 def median_run(argv: list[str], repeat: int) -> Run:
     runs = [measure(argv) for _ in range(repeat)]
-    return Run(statistics.median(r.wall_s for r in runs), max(r.peak_rss_bytes for r in runs),
-               statistics.median(r.cpu_s for r in runs))
+    return Run(
+        statistics.median(r.wall_s for r in runs),
+        max(r.peak_rss_bytes for r in runs),
+        statistics.median(r.cpu_s for r in runs),
+    )
 
 
 def gb(n: float) -> str:
@@ -260,8 +276,10 @@ def run_benchmark(args: argparse.Namespace) -> None:
         print(f"writing {path} ({gb(size)}) ...", file=sys.stderr)
         # In a process of its own: on Linux a child's peak RSS starts from its parent's at
         # fork, so this process must stay small for the measurements below to be right.
-        subprocess.run([sys.executable, __file__, "--write", str(path), "--layers", str(args.layers),
-                        "--width", str(args.width)], check=True)
+        subprocess.run(
+            [sys.executable, __file__, "--write", str(path), "--layers", str(args.layers), "--width", str(args.width)],
+            check=True,
+        )
     python = sys.executable
     commands = {
         "floor: mmap + torch.sum of every tensor": [python, __file__, "--floor", str(path)],
@@ -271,9 +289,17 @@ def run_benchmark(args: argparse.Namespace) -> None:
     }
     figures = [directory / f"plot-{kind}.png" for kind in PLOT_KINDS] if args.plots else []
     for kind, figure in zip(PLOT_KINDS, figures):
-        commands[f"ostate plot --kind {kind}"] = [python, "-m", "ostate_cli.main", "plot", str(path), "-o",
-                                                  str(figure), "--kind", kind] + (
-            ["--workers", str(args.workers)] if args.workers else [])
+        commands[f"ostate plot --kind {kind}"] = [
+            python,
+            "-m",
+            "ostate_cli.main",
+            "plot",
+            str(path),
+            "-o",
+            str(figure),
+            "--kind",
+            kind,
+        ] + (["--workers", str(args.workers)] if args.workers else [])
     try:
         results = {}
         for label, argv in commands.items():
@@ -295,19 +321,25 @@ def report(path: Path, size: int, args: argparse.Namespace, results: dict[str, R
     base = results["floor: mmap + torch.sum of every tensor"].wall_s
     ours = results["ostate inspect --format json"]
     print(f"checkpoint: {path} ({gb(size)}; {args.layers} x Linear({args.width}, {args.width}), AdamW after one step)")
-    print(f"machine: {os.cpu_count()} cores, {gb(os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES'))} memory, "
-          f"load average {os.getloadavg()[0]:.1f} at the end; median of {args.repeat} warm-cache runs "
-          "(straightforward: 1 run)")
+    print(
+        f"machine: {os.cpu_count()} cores, {gb(os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES'))} memory, "
+        f"load average {os.getloadavg()[0]:.1f} at the end; median of {args.repeat} warm-cache runs "
+        "(straightforward: 1 run)"
+    )
     print()
     cpu_base = results["floor: mmap + torch.sum of every tensor"].cpu_s
     print(f"| {'measurement':<46} | {'wall s':>7} | {'x floor':>7} | {'CPU s':>7} | {'x floor':>7} | {'peak RSS':>9} |")
     print(f"|{'-' * 48}|{'-' * 9}|{'-' * 9}|{'-' * 9}|{'-' * 9}|{'-' * 11}|")
     for label, run in results.items():
-        print(f"| {label:<46} | {run.wall_s:7.2f} | {run.wall_s / base:7.2f} | {run.cpu_s:7.2f} | "
-              f"{run.cpu_s / cpu_base:7.2f} | {gb(run.peak_rss_bytes):>9} |")
+        print(
+            f"| {label:<46} | {run.wall_s:7.2f} | {run.wall_s / base:7.2f} | {run.cpu_s:7.2f} | "
+            f"{run.cpu_s / cpu_base:7.2f} | {gb(run.peak_rss_bytes):>9} |"
+        )
     print()
-    print(f"ostate / floor: {ours.wall_s / base:.2f}x (target <= 3x); peak RSS {gb(ours.peak_rss_bytes)} "
-          "(target < 1.5 GB)")
+    print(
+        f"ostate / floor: {ours.wall_s / base:.2f}x (target <= 3x); peak RSS {gb(ours.peak_rss_bytes)} "
+        "(target < 1.5 GB)"
+    )
     naive = results.get("straightforward: torch.load + plain torch ops")
     if naive:
         print(f"straightforward / ostate: {naive.wall_s / ours.wall_s:.1f}x (target >= 5x)")
@@ -324,18 +356,33 @@ def run_larger_than_memory(args: argparse.Namespace) -> None:
     print(f"writing {path} ({gb(size)}; this machine has {gb(memory)} of memory) ...", file=sys.stderr)
     try:
         started = time.perf_counter()
-        subprocess.run([sys.executable, __file__, "--write-streamed", str(path), "--layers", str(layers),
-                        "--width", str(args.width)], check=True)  # keeps this process small (see above)
+        subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--write-streamed",
+                str(path),
+                "--layers",
+                str(layers),
+                "--width",
+                str(args.width),
+            ],
+            check=True,
+        )  # keeps this process small (see above)
         print(f"written in {time.perf_counter() - started:.0f} s", file=sys.stderr)
         argv = [sys.executable, "-m", "ostate_cli.main", "inspect", str(path), "--format", "json", "--by", "model"]
         with open(directory / "large-inspect.json", "w") as out:
             run = measure(argv, stdout=out)
         data = json.loads((directory / "large-inspect.json").read_text())
         (row,) = data["optimizers"][0]["rows"]
-        print(f"checkpoint: {path} ({gb(size)}, {layers} x Linear({args.width}, {args.width}); "
-              f"machine memory {gb(memory)})")
-        print(f"ostate inspect --format json --by model: {run.wall_s:.1f} s, peak RSS {gb(run.peak_rss_bytes)}, "
-              f"{row['params']} parameters, {row['numel']:,} coordinates, eff_lr_p50 {row['eff_lr_p50']:.4g}")
+        print(
+            f"checkpoint: {path} ({gb(size)}, {layers} x Linear({args.width}, {args.width}); "
+            f"machine memory {gb(memory)})"
+        )
+        print(
+            f"ostate inspect --format json --by model: {run.wall_s:.1f} s, peak RSS {gb(run.peak_rss_bytes)}, "
+            f"{row['params']} parameters, {row['numel']:,} coordinates, eff_lr_p50 {row['eff_lr_p50']:.4g}"
+        )
     finally:
         if not args.keep:
             path.unlink(missing_ok=True)
@@ -354,8 +401,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, help="pass --workers N to ostate inspect")
     parser.add_argument("--keep", action="store_true", help="keep the checkpoint (reused by the next run)")
     parser.add_argument("--plots", action="store_true", help="also time `ostate plot` of each kind on the checkpoint")
-    parser.add_argument("--larger-than-memory", type=float, metavar="GB",
-                        help="instead: inspect a checkpoint of about this many GB")
+    parser.add_argument(
+        "--larger-than-memory", type=float, metavar="GB", help="instead: inspect a checkpoint of about this many GB"
+    )
     parser.add_argument("--write", metavar="PATH", help=argparse.SUPPRESS)
     parser.add_argument("--write-streamed", metavar="PATH", help=argparse.SUPPRESS)
     parser.add_argument("--floor", metavar="PATH", help=argparse.SUPPRESS)

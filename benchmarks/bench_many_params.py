@@ -76,8 +76,10 @@ def phases(path: str) -> None:
         table = ostate.analyze(checkpoint)
         analyzed = time.perf_counter()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(f"load {loaded - start:.2f} s, analyze {analyzed - loaded:.2f} s ({len(table)} rows), "
-          f"peak RSS {bench_inspect.gb(peak)}")
+    print(
+        f"load {loaded - start:.2f} s, analyze {analyzed - loaded:.2f} s ({len(table)} rows), "
+        f"peak RSS {bench_inspect.gb(peak)}"
+    )
 
 
 def main() -> None:
@@ -89,8 +91,11 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the checkpoint (reused by the next run)")
     parser.add_argument("--write", metavar="PATH", help=argparse.SUPPRESS)
     parser.add_argument("--floor", metavar="PATH", help=argparse.SUPPRESS)
-    parser.add_argument("--phases", action="store_true",
-                        help="also time ostate.load and ostate.analyze apart, in one process of their own")
+    parser.add_argument(
+        "--phases",
+        action="store_true",
+        help="also time ostate.load and ostate.analyze apart, in one process of their own",
+    )
     args = parser.parse_args()
     if args.write:
         write_checkpoint(Path(args.write), args.params, args.numel)
@@ -105,8 +110,10 @@ def main() -> None:
     if not path.exists():
         print(f"writing {path} ...", file=sys.stderr)
         # A process of its own, so that this one stays small (a child's peak RSS starts from its parent's).
-        subprocess.run([sys.executable, __file__, "--write", str(path), "--params", str(args.params),
-                        "--numel", str(args.numel)], check=True)
+        subprocess.run(
+            [sys.executable, __file__, "--write", str(path), "--params", str(args.params), "--numel", str(args.numel)],
+            check=True,
+        )
     python = sys.executable
     commands = {
         "floor: mmap + torch.sum of every tensor": [python, __file__, "--floor", str(path)],
@@ -114,8 +121,10 @@ def main() -> None:
         "ostate inspect --by model": [python, "-m", "ostate_cli.main", "inspect", str(path), "--by", "model"],
     }
     try:
-        print(f"checkpoint: {path} ({os.path.getsize(path) / 1e6:.0f} MB; {args.params:,} parameters of "
-              f"{args.numel} elements, AdamW); {os.cpu_count()} cores, median of {args.repeat} warm-cache runs")
+        print(
+            f"checkpoint: {path} ({os.path.getsize(path) / 1e6:.0f} MB; {args.params:,} parameters of "
+            f"{args.numel} elements, AdamW); {os.cpu_count()} cores, median of {args.repeat} warm-cache runs"
+        )
         print()
         print(f"| {'measurement':<40} | {'wall s':>7} | {'CPU s':>7} | {'peak RSS':>9} |")
         print(f"|{'-' * 42}|{'-' * 9}|{'-' * 9}|{'-' * 11}|")
@@ -129,8 +138,15 @@ def main() -> None:
         if args.phases:
             bench_inspect.warm(path)
             print()
-            subprocess.run([python, "-c", f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
-                            f"import bench_many_params as b; b.phases({str(path)!r})"], check=True)
+            subprocess.run(
+                [
+                    python,
+                    "-c",
+                    f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+                    f"import bench_many_params as b; b.phases({str(path)!r})",
+                ],
+                check=True,
+            )
         print(f"\nload average at the end: {os.getloadavg()[0]:.1f}")
     finally:
         if not args.keep:

@@ -45,17 +45,22 @@ def _numbers(text: str | None, kind: type, option: str) -> list | None:
     try:
         return [kind(v) for v in split_list(text)]
     except ValueError:
-        raise click.BadParameter(f"expected comma-separated {kind.__name__} values, got '{text}'",
-                                 param_hint=option) from None
+        raise click.BadParameter(
+            f"expected comma-separated {kind.__name__} values, got '{text}'", param_hint=option
+        ) from None
 
 
 @click.command()
-@click.argument("spec_file", required=False,
-                type=click.Path(readable=False, dir_okay=False, path_type=str), metavar="[SPEC.toml]")
+@click.argument(
+    "spec_file", required=False, type=click.Path(readable=False, dir_okay=False, path_type=str), metavar="[SPEC.toml]"
+)
 @click.option("--task", "task_name", type=click.Choice(TASKS), help="A built-in task (instead of SPEC.toml).")
-@click.option("--strategies", metavar="A,B,...",
-              help="Strategies to compare: fresh, reload, reset-m, reset-v, reset-step, keep-v, or NAME:REGEX "
-                   "(default: all six).")
+@click.option(
+    "--strategies",
+    metavar="A,B,...",
+    help="Strategies to compare: fresh, reload, reset-m, reset-v, reset-step, keep-v, or NAME:REGEX "
+    "(default: all six).",
+)
 @click.option("--seeds", metavar="0,1,2", help="Seeds (default 0,1,2).")
 @click.option("--steps", type=click.IntRange(min=1), help="Fine-tuning steps per trial (default 200).")
 @click.option("--eval-every", type=click.IntRange(min=1), help="Evaluate every K steps (default 20).")
@@ -66,27 +71,68 @@ def _numbers(text: str | None, kind: type, option: str) -> list | None:
 @click.option("--target-loss", type=float, help="Loss for steps-to-target (default: the baseline's mean final loss).")
 @click.option("--baseline", default=None, metavar="STRATEGY", help="Strategy the others are compared with (reload).")
 @click.option("--workers", type=click.IntRange(min=1), help="Trials at once (default: one per core).")
-@click.option("--threads", type=click.IntRange(min=1),
-              help="Torch threads per trial (default: cores / workers; 1 on Ray). Same value, same numbers.")
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    help="Torch threads per trial (default: cores / workers; 1 on Ray). Same value, same numbers.",
+)
 @click.option("--executor", type=click.Choice(EXECUTORS), help="local process pool (default) or ray.")
 @click.option("--address", metavar="ADDR", help="With --executor ray: join this cluster (e.g. auto).")
-@click.option("--store", type=click.Path(readable=False, dir_okay=False, path_type=str),
-              help="SQLite results store (default OUT/results.sqlite); reruns skip finished trials.")
-@click.option("--out", type=click.Path(readable=False, file_okay=False, path_type=str),
-              help="Directory for summary tables and plots (default ablation-TASK).")
-@click.option("--source", type=click.Path(readable=False, dir_okay=False, path_type=str),
-              help="The source checkpoint for a built-in task (default: pretrain one and cache it).")
-@click.option("--cache-dir", type=click.Path(readable=False, file_okay=False, path_type=str),
-              help="Where pretrained sources are cached (default ~/.cache/ostate, or $OSTATE_CACHE_DIR).")
+@click.option(
+    "--store",
+    type=click.Path(readable=False, dir_okay=False, path_type=str),
+    help="SQLite results store (default OUT/results.sqlite); reruns skip finished trials.",
+)
+@click.option(
+    "--out",
+    type=click.Path(readable=False, file_okay=False, path_type=str),
+    help="Directory for summary tables and plots (default ablation-TASK).",
+)
+@click.option(
+    "--source",
+    type=click.Path(readable=False, dir_okay=False, path_type=str),
+    help="The source checkpoint for a built-in task (default: pretrain one and cache it).",
+)
+@click.option(
+    "--cache-dir",
+    type=click.Path(readable=False, file_okay=False, path_type=str),
+    help="Where pretrained sources are cached (default ~/.cache/ostate, or $OSTATE_CACHE_DIR).",
+)
 @click.option("--pretrain-steps", type=click.IntRange(min=1), help="Pretraining steps of a built-in task's source.")
-@click.option("--export", type=click.Path(readable=False, dir_okay=False, path_type=str),
-              help="Also write every record with its trial's settings to a .csv or .parquet file.")
+@click.option(
+    "--export",
+    type=click.Path(readable=False, dir_okay=False, path_type=str),
+    help="Also write every record with its trial's settings to a .csv or .parquet file.",
+)
 @click.option("--plot-format", type=click.Choice(FORMATS), help="Figure format (default png).")
 @click.option("--no-plots", is_flag=True, help="Write the summary tables only.")
 @handle_errors(tuned=False)  # trials and pretraining set torch's threads themselves (Spec.threads), and train for long
-def ablate(spec_file, task_name, strategies, seeds, steps, eval_every, lrs, warmups, batch_sizes, schedule,
-           target_loss, baseline, workers, threads, executor, address, store, out, source, cache_dir,
-           pretrain_steps, export, plot_format, no_plots):
+def ablate(
+    spec_file,
+    task_name,
+    strategies,
+    seeds,
+    steps,
+    eval_every,
+    lrs,
+    warmups,
+    batch_sizes,
+    schedule,
+    target_loss,
+    baseline,
+    workers,
+    threads,
+    executor,
+    address,
+    store,
+    out,
+    source,
+    cache_dir,
+    pretrain_steps,
+    export,
+    plot_format,
+    no_plots,
+):
     """Compare what to do with a checkpoint's optimizer state when fine-tuning.
 
     Each trial loads the source checkpoint, applies one strategy to its optimizer state,
@@ -113,15 +159,38 @@ def ablate(spec_file, task_name, strategies, seeds, steps, eval_every, lrs, warm
             task.source = source
         defaults = task.defaults
         out_dir = out or f"ablation-{task_name}"
-        spec = Spec(task=task, sweep=Sweep(lr=[defaults["lr"]], batch_size=[defaults["batch_size"]],
-                                           steps=defaults["steps"], eval_every=defaults["eval_every"]),
-                    store=os.path.join(out_dir, "results.sqlite"), out=out_dir)
-    _override(spec, strategies=split_list(strategies) if strategies else None, seeds=_numbers(seeds, int, "--seeds"),
-              lr=_numbers(lrs, float, "--lr"), warmup=_numbers(warmups, int, "--warmup"),
-              batch_size=_numbers(batch_sizes, int, "--batch-size"), steps=steps, eval_every=eval_every,
-              schedule=schedule)
-    for key, value in dict(target_loss=target_loss, baseline=baseline, workers=workers, threads=threads,
-                           executor=executor, address=address, cache_dir=cache_dir, plot_format=plot_format).items():
+        spec = Spec(
+            task=task,
+            sweep=Sweep(
+                lr=[defaults["lr"]],
+                batch_size=[defaults["batch_size"]],
+                steps=defaults["steps"],
+                eval_every=defaults["eval_every"],
+            ),
+            store=os.path.join(out_dir, "results.sqlite"),
+            out=out_dir,
+        )
+    _override(
+        spec,
+        strategies=split_list(strategies) if strategies else None,
+        seeds=_numbers(seeds, int, "--seeds"),
+        lr=_numbers(lrs, float, "--lr"),
+        warmup=_numbers(warmups, int, "--warmup"),
+        batch_size=_numbers(batch_sizes, int, "--batch-size"),
+        steps=steps,
+        eval_every=eval_every,
+        schedule=schedule,
+    )
+    for key, value in dict(
+        target_loss=target_loss,
+        baseline=baseline,
+        workers=workers,
+        threads=threads,
+        executor=executor,
+        address=address,
+        cache_dir=cache_dir,
+        plot_format=plot_format,
+    ).items():
         if value is not None:
             setattr(spec, key, value)
     if store is not None:
@@ -137,12 +206,17 @@ def ablate(spec_file, task_name, strategies, seeds, steps, eval_every, lrs, warm
     try:
         results = run(spec)
     except KeyboardInterrupt:
-        click.echo(f"ostate: interrupted; every finished trial is saved in {spec.store} "
-                   "(rerun the same command to continue)", err=True)
+        click.echo(
+            f"ostate: interrupted; every finished trial is saved in {spec.store} (rerun the same command to continue)",
+            err=True,
+        )
         sys.exit(EXIT_INTERRUPTED)
 
-    click.echo(f"{spec.task.name}: {results.ran} trials ran, {results.skipped} were already in {results.store}; "
-               f"source {results.source}", err=True)
+    click.echo(
+        f"{spec.task.name}: {results.ran} trials ran, {results.skipped} were already in {results.store}; "
+        f"source {results.source}",
+        err=True,
+    )
     for config, error in results.failed:
         warn(f"trial {config.strategy} seed {config.seed} lr {config.lr:g} failed: {error}")
     if results.summary is not None:

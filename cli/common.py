@@ -30,21 +30,34 @@ def debug_option(fn: Callable) -> Callable:
 
 def trust_pickle_option(fn: Callable) -> Callable:
     """``--trust-pickle``: allow pickled objects beyond tensors (docs/security.md says exactly what)."""
-    return click.option("--trust-pickle", is_flag=True, help="Allow pickled Python objects beyond tensors (runs "
-                        "code from the file: only for files you trust).")(fn)
+    return click.option(
+        "--trust-pickle",
+        is_flag=True,
+        help="Allow pickled Python objects beyond tensors (runs code from the file: only for files you trust).",
+    )(fn)
 
 
 def workers_option(fn: Callable) -> Callable:
     """``--workers N``: threads of the analysis working on different parameters."""
-    return click.option("--workers", type=click.IntRange(min=1), default=default_workers(), show_default=True,
-                        metavar="N", help="Threads working on different parameters.")(fn)
+    return click.option(
+        "--workers",
+        type=click.IntRange(min=1),
+        default=default_workers(),
+        show_default=True,
+        metavar="N",
+        help="Threads working on different parameters.",
+    )(fn)
 
 
 def format_hint_option(fn: Callable) -> Callable:
     """``--format-hint NAME``: read PATH with this reader instead of recognising its layout."""
     names = reader_names()
-    return click.option("--format-hint", type=click.Choice(names), metavar="NAME",
-                        help=f"Read the checkpoint as this layout instead of recognising it: {', '.join(names)}.")(fn)
+    return click.option(
+        "--format-hint",
+        type=click.Choice(names),
+        metavar="NAME",
+        help=f"Read the checkpoint as this layout instead of recognising it: {', '.join(names)}.",
+    )(fn)
 
 
 def handle_errors(fn: Callable | None = None, *, tuned: bool = True) -> Callable:
@@ -84,8 +97,11 @@ def handle_errors(fn: Callable | None = None, *, tuned: bool = True) -> Callable
             except Exception as e:  # a bug in ostate: still one line, and how to get the details
                 if debug:
                     raise
-                fail(f"internal error: {type(e).__name__}: {e} (this is a bug in ostate; rerun with --debug "
-                     "for the traceback)", EXIT_INTERNAL)
+                fail(
+                    f"internal error: {type(e).__name__}: {e} (this is a bug in ostate; rerun with --debug "
+                    "for the traceback)",
+                    EXIT_INTERNAL,
+                )
 
     return debug_option(wrapper)
 

@@ -19,26 +19,52 @@ from ostate_cli.common import (
 
 
 @click.command()
-@click.argument("paths", nargs=-1, required=True,
-                type=click.Path(readable=False, dir_okay=True, path_type=str), metavar="A B [C ...]")
-@click.option("--against", type=click.Choice(AGAINST), default="consecutive", show_default=True,
-              help="With more than two checkpoints: compare consecutive pairs (A->B, B->C) or each with the first.")
+@click.argument(
+    "paths",
+    nargs=-1,
+    required=True,
+    type=click.Path(readable=False, dir_okay=True, path_type=str),
+    metavar="A B [C ...]",
+)
+@click.option(
+    "--against",
+    type=click.Choice(AGAINST),
+    default="consecutive",
+    show_default=True,
+    help="With more than two checkpoints: compare consecutive pairs (A->B, B->C) or each with the first.",
+)
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True, help="Output format.")
-@click.option("--top", type=click.IntRange(min=0), default=10, show_default=True, metavar="N",
-              help="How many of the largest movers to list (ranked by eff_lr_log10_rms).")
+@click.option(
+    "--top",
+    type=click.IntRange(min=0),
+    default=10,
+    show_default=True,
+    metavar="N",
+    help="How many of the largest movers to list (ranked by eff_lr_log10_rms).",
+)
 @click.option("--sort", metavar="COLUMN", help="Order the parameter rows by this column, largest first.")
 @click.option("--ascending", is_flag=True, help="With --sort: smallest first.")
 @click.option("--columns", metavar="A,B,...", help="Columns for table/markdown output ('all' for every column).")
-@click.option("--optimizer-index", type=click.IntRange(min=0), metavar="K",
-              help="Compare only the K-th optimizer (0-based) of checkpoints that hold several.")
-@click.option("--plot", "plot_path", type=click.Path(readable=False, dir_okay=False, path_type=str), metavar="OUT.png",
-              help="Also draw the comparison (PNG, SVG or PDF, from the extension).")
+@click.option(
+    "--optimizer-index",
+    type=click.IntRange(min=0),
+    metavar="K",
+    help="Compare only the K-th optimizer (0-based) of checkpoints that hold several.",
+)
+@click.option(
+    "--plot",
+    "plot_path",
+    type=click.Path(readable=False, dir_okay=False, path_type=str),
+    metavar="OUT.png",
+    help="Also draw the comparison (PNG, SVG or PDF, from the extension).",
+)
 @workers_option
 @trust_pickle_option
 @format_hint_option
 @handle_errors
-def compare(paths, against, fmt, top, sort, ascending, columns, optimizer_index, plot_path, workers, trust_pickle,
-            format_hint):
+def compare(
+    paths, against, fmt, top, sort, ascending, columns, optimizer_index, plot_path, workers, trust_pickle, format_hint
+):
     """Compare the optimizer state of checkpoints A, B, ... parameter by parameter (matched by name).
 
     Per parameter: the step delta, the cosine similarity of the first moments, the
@@ -53,10 +79,26 @@ def compare(paths, against, fmt, top, sort, ascending, columns, optimizer_index,
 
         figure_format(plot_path)
         check_output(plot_path, paths, overwrite=True)
-    result = compare_checkpoints(*paths, against=against, optimizer_index=optimizer_index, trust_pickle=trust_pickle,
-                                 format_hint=format_hint, workers=workers, progress=progress_enabled())
-    click.echo(render(result, fmt, top=top, sort=sort, ascending=ascending,
-                      columns=[c.strip() for c in columns.split(",") if c.strip()] if columns else None), nl=False)
+    result = compare_checkpoints(
+        *paths,
+        against=against,
+        optimizer_index=optimizer_index,
+        trust_pickle=trust_pickle,
+        format_hint=format_hint,
+        workers=workers,
+        progress=progress_enabled(),
+    )
+    click.echo(
+        render(
+            result,
+            fmt,
+            top=top,
+            sort=sort,
+            ascending=ascending,
+            columns=[c.strip() for c in columns.split(",") if c.strip()] if columns else None,
+        ),
+        nl=False,
+    )
     if plot_path:
         # start-up time: matplotlib only when --plot is given
         from ostate.plots.compare import save_compare_figure

@@ -16,9 +16,14 @@ from ostate_cli.common import handle_errors
 
 
 @click.command()
-@click.option("--dir", "directory", default="ostate-demo", show_default=True,
-              type=click.Path(readable=False, file_okay=False),
-              help="Where to write the demo checkpoint.")
+@click.option(
+    "--dir",
+    "directory",
+    default="ostate-demo",
+    show_default=True,
+    type=click.Path(readable=False, file_okay=False),
+    help="Where to write the demo checkpoint.",
+)
 @click.option("--steps", default=300, show_default=True, type=click.IntRange(min=1), help="Training steps.")
 @click.option("--by", type=click.Choice(VIEWS), default="param", show_default=True)
 @handle_errors(tuned=False)  # the training runs with torch's own threads; only the inspection is tuned
@@ -30,5 +35,8 @@ def demo(directory, steps, by):
     with tuned_process():
         report = render(build_report(ostate.load(path), by=by))
     click.echo(report, nl=False)
-    click.echo(f"\nnext: ostate inspect {path} --by layer   (or --format json, --sort eff_lr_p50 --top 5)\n"
-               f"      ostate plot {path} -o lr.png     (or --kind layer-profile, --kind moments)", err=True)
+    click.echo(
+        f"\nnext: ostate inspect {path} --by layer   (or --format json, --sort eff_lr_p50 --top 5)\n"
+        f"      ostate plot {path} -o lr.png     (or --kind layer-profile, --kind moments)",
+        err=True,
+    )

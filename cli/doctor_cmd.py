@@ -22,17 +22,31 @@ from ostate_cli.common import (
 
 @click.command()
 @click.argument("path", type=click.Path(readable=False, dir_okay=True, path_type=str))
-@click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True,
-              help="Output format.")
-@click.option("--model", "model_path", type=click.Path(readable=False, dir_okay=True, path_type=str), metavar="MODEL",
-              help="Check the optimizer against this model instead of the checkpoint's own weights: a "
-                   ".safetensors file, a torch.save file with a model state dict, or a directory with "
-                   "model.safetensors / pytorch_model.bin.")
-@click.option("--fail-on", type=click.Choice(FAIL_ON), default="warning", show_default=True,
-              help="The least severe finding that makes the exit code non-zero (3 for a warning, 4 for an error).")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True, help="Output format.")
+@click.option(
+    "--model",
+    "model_path",
+    type=click.Path(readable=False, dir_okay=True, path_type=str),
+    metavar="MODEL",
+    help="Check the optimizer against this model instead of the checkpoint's own weights: a "
+    ".safetensors file, a torch.save file with a model state dict, or a directory with "
+    "model.safetensors / pytorch_model.bin.",
+)
+@click.option(
+    "--fail-on",
+    type=click.Choice(FAIL_ON),
+    default="warning",
+    show_default=True,
+    help="The least severe finding that makes the exit code non-zero (3 for a warning, 4 for an error).",
+)
 @click.option("--ignore", "ignored", metavar="CODE,...", help="Leave out findings with these codes.")
-@click.option("--optimizer", "kind", type=click.Choice(sorted(families())), metavar="KIND",
-              help="Treat the state as this optimizer family instead of detecting it.")
+@click.option(
+    "--optimizer",
+    "kind",
+    type=click.Choice(sorted(families())),
+    metavar="KIND",
+    help="Treat the state as this optimizer family instead of detecting it.",
+)
 @workers_option
 @trust_pickle_option
 @format_hint_option

@@ -23,24 +23,55 @@ _VIEWS = sorted({view for kind in _KINDS.values() for view in kind.views})
 
 
 @click.command()
-@click.argument("paths", metavar="PATH...", nargs=-1, required=True,
-                type=click.Path(readable=False, dir_okay=True, path_type=str))
-@click.option("-o", "--output", "out", required=True, metavar="OUT",
-              type=click.Path(readable=False, dir_okay=False, path_type=str),
-              help="The figure to write: OUT.png, OUT.svg or OUT.pdf (the format follows the extension).")
-@click.option("--kind", type=click.Choice(list(_KINDS)), default="lr-histogram", show_default=True,
-              help="What to draw: " + "; ".join(f"{name}: {kind.summary}" for name, kind in _KINDS.items()) + ".")
-@click.option("--by", type=click.Choice(_VIEWS), metavar="VIEW",
-              help="How the figure splits the coordinates: " + "; ".join(
-                  f"{name}: {' | '.join(kind.views)} (default {kind.views[0]})" for name, kind in _KINDS.items())
-              + ".")
-@click.option("--optimizer-index", type=click.IntRange(min=0), metavar="K",
-              help="Which optimizer (0-based) when a checkpoint holds several.")
-@click.option("--optimizer", "kind_name", type=click.Choice(sorted(families())), metavar="KIND",
-              help="Treat the state as this optimizer family instead of detecting it (see `ostate inspect --help`).")
+@click.argument(
+    "paths", metavar="PATH...", nargs=-1, required=True, type=click.Path(readable=False, dir_okay=True, path_type=str)
+)
+@click.option(
+    "-o",
+    "--output",
+    "out",
+    required=True,
+    metavar="OUT",
+    type=click.Path(readable=False, dir_okay=False, path_type=str),
+    help="The figure to write: OUT.png, OUT.svg or OUT.pdf (the format follows the extension).",
+)
+@click.option(
+    "--kind",
+    type=click.Choice(list(_KINDS)),
+    default="lr-histogram",
+    show_default=True,
+    help="What to draw: " + "; ".join(f"{name}: {kind.summary}" for name, kind in _KINDS.items()) + ".",
+)
+@click.option(
+    "--by",
+    type=click.Choice(_VIEWS),
+    metavar="VIEW",
+    help="How the figure splits the coordinates: "
+    + "; ".join(f"{name}: {' | '.join(kind.views)} (default {kind.views[0]})" for name, kind in _KINDS.items())
+    + ".",
+)
+@click.option(
+    "--optimizer-index",
+    type=click.IntRange(min=0),
+    metavar="K",
+    help="Which optimizer (0-based) when a checkpoint holds several.",
+)
+@click.option(
+    "--optimizer",
+    "kind_name",
+    type=click.Choice(sorted(families())),
+    metavar="KIND",
+    help="Treat the state as this optimizer family instead of detecting it (see `ostate inspect --help`).",
+)
 @workers_option
-@click.option("--dpi", type=click.IntRange(min=20, max=1200), default=DEFAULT_DPI, show_default=True, metavar="N",
-              help="Resolution of a PNG (SVG and PDF are vector graphics).")
+@click.option(
+    "--dpi",
+    type=click.IntRange(min=20, max=1200),
+    default=DEFAULT_DPI,
+    show_default=True,
+    metavar="N",
+    help="Resolution of a PNG (SVG and PDF are vector graphics).",
+)
 @trust_pickle_option
 @format_hint_option
 @handle_errors
@@ -61,8 +92,16 @@ def plot(paths, out, kind, by, optimizer_index, kind_name, workers, dpi, trust_p
     """
     figure_format(out)  # a wrong extension fails before any reading
     check_output(out, paths, overwrite=True)
-    figure = draw_plot(kind, list(paths), by=by, optimizer_index=optimizer_index, workers=workers,
-                       progress=progress_enabled(), trust_pickle=trust_pickle, format_hint=format_hint,
-                       optimizer=kind_name)
+    figure = draw_plot(
+        kind,
+        list(paths),
+        by=by,
+        optimizer_index=optimizer_index,
+        workers=workers,
+        progress=progress_enabled(),
+        trust_pickle=trust_pickle,
+        format_hint=format_hint,
+        optimizer=kind_name,
+    )
     save_figure(figure, out, dpi=dpi)
     click.echo(f"wrote {out}: {kind} of {len(paths)} checkpoint{'s' if len(paths) > 1 else ''}", err=True)

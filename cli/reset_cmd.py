@@ -12,18 +12,41 @@ from ostate_cli.common import format_hint_option, handle_errors, trust_pickle_op
 
 @click.command()
 @click.argument("path", type=click.Path(readable=False, dir_okay=True, path_type=str))
-@click.option("--strategy", "strategy", required=True, metavar="STRATEGY",
-              help=f"What to do with the optimizer state: {', '.join(STRATEGIES)}; NAME:REGEX restricts it to "
-                   "the parameters whose names match (see docs/strategies.md).")
-@click.option("--params", metavar="REGEX",
-              help="Apply the strategy only to the parameters whose names match REGEX (re.search); the others are "
-                   "reloaded (for --strategy reload: started fresh).")
-@click.option("-o", "--out", "out", required=True, type=click.Path(readable=False, dir_okay=True, path_type=str),
-              help="Where to write the result: a file for a file, a directory for a checkpoint directory.")
-@click.option("--optimizer-index", type=click.IntRange(min=0), metavar="K",
-              help="Only the K-th optimizer (0-based) of a checkpoint that holds several (default: all).")
-@click.option("--optimizer", "kind", type=click.Choice(sorted(families())), metavar="KIND",
-              help="Treat the state as this optimizer family instead of detecting it.")
+@click.option(
+    "--strategy",
+    "strategy",
+    required=True,
+    metavar="STRATEGY",
+    help=f"What to do with the optimizer state: {', '.join(STRATEGIES)}; NAME:REGEX restricts it to "
+    "the parameters whose names match (see docs/strategies.md).",
+)
+@click.option(
+    "--params",
+    metavar="REGEX",
+    help="Apply the strategy only to the parameters whose names match REGEX (re.search); the others are "
+    "reloaded (for --strategy reload: started fresh).",
+)
+@click.option(
+    "-o",
+    "--out",
+    "out",
+    required=True,
+    type=click.Path(readable=False, dir_okay=True, path_type=str),
+    help="Where to write the result: a file for a file, a directory for a checkpoint directory.",
+)
+@click.option(
+    "--optimizer-index",
+    type=click.IntRange(min=0),
+    metavar="K",
+    help="Only the K-th optimizer (0-based) of a checkpoint that holds several (default: all).",
+)
+@click.option(
+    "--optimizer",
+    "kind",
+    type=click.Choice(sorted(families())),
+    metavar="KIND",
+    help="Treat the state as this optimizer family instead of detecting it.",
+)
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (never PATH).")
 @trust_pickle_option
 @format_hint_option
@@ -40,15 +63,29 @@ def reset(path, strategy, params, out, optimizer_index, kind, overwrite, trust_p
     ostate reset ckpt.pt --strategy reset-v -o ckpt-reset-v.pt
     ostate reset out/checkpoint-500 --strategy fresh --params '^lm_head\\.' -o out/checkpoint-500-head
     """
-    result = reset_checkpoint(path, out, strategy, params=params, optimizer_index=optimizer_index, optimizer=kind,
-                              trust_pickle=trust_pickle, format_hint=format_hint, overwrite=overwrite)
+    result = reset_checkpoint(
+        path,
+        out,
+        strategy,
+        params=params,
+        optimizer_index=optimizer_index,
+        optimizer=kind,
+        trust_pickle=trust_pickle,
+        format_hint=format_hint,
+        overwrite=overwrite,
+    )
     click.echo(f"wrote {result.out} ({result.format}) with strategy {result.strategy}", err=True)
     for o in result.optimizers:
-        counts = ", ".join(f"{'no state' if action == 'none' else action} {n}" for action, n in sorted(o.counts().items()))
+        counts = ", ".join(
+            f"{'no state' if action == 'none' else action} {n}" for action, n in sorted(o.counts().items())
+        )
         click.echo(f"  optimizer at '{o.location}' ({o.kind}): {counts} (parameters)", err=True)
         ages = [a for a in o.v_ages if a is not None]
         if ages:
-            click.echo(f"  age of v recorded per param group (ostate_v_age): "
-                       f"{', '.join('-' if a is None else f'{a:g}' for a in o.v_ages)}", err=True)
+            click.echo(
+                f"  age of v recorded per param group (ostate_v_age): "
+                f"{', '.join('-' if a is None else f'{a:g}' for a in o.v_ages)}",
+                err=True,
+            )
     for note in result.notes:
         click.echo(f"note: {note}", err=True)

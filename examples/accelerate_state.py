@@ -26,8 +26,11 @@ generator = nn.Sequential(nn.Linear(4, 16), nn.LayerNorm(16), nn.ReLU(), nn.Line
 critic = nn.Sequential(nn.Linear(8, 12), nn.Tanh(), nn.Linear(12, 1))
 accelerator = Accelerator(cpu=True)
 generator, critic, gen_opt, critic_opt = accelerator.prepare(
-    generator, critic, torch.optim.AdamW(generator.parameters(), lr=1e-3),
-    torch.optim.SGD(critic.parameters(), lr=1e-2, momentum=0.9))
+    generator,
+    critic,
+    torch.optim.AdamW(generator.parameters(), lr=1e-3),
+    torch.optim.SGD(critic.parameters(), lr=1e-2, momentum=0.9),
+)
 for _ in range(10):
     loss = critic(generator(torch.randn(32, 4))).mean()
     accelerator.backward(loss)

@@ -39,8 +39,9 @@ for step in range(1, 161):
     optimizer.step()
     if step in (40, 80, 160):
         paths.append(os.path.join(workdir, f"step{step}.pt"))
-        save_atomically({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "global_step": step},
-                        paths[-1])
+        save_atomically(
+            {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "global_step": step}, paths[-1]
+        )
 
 # The same as: ostate compare step40.pt step80.pt step160.pt --top 3 --plot compare.png
 result = compare(*paths)
@@ -48,7 +49,9 @@ print(render(result, top=3, columns=["name", "step_delta", "m_cosine", "log10_v_
 
 for pair in result.pairs:
     model_row = pair.model.row
-    print(f"{os.path.basename(pair.a)} -> {os.path.basename(pair.b)}: first moments' cosine {model_row['m_cosine']:.3f}, "
-          f"median second-moment change x{10 ** model_row['log10_v_ratio_p50']:.2f}, "
-          f"largest mover {pair.movers(1)['name'][0]}")
+    print(
+        f"{os.path.basename(pair.a)} -> {os.path.basename(pair.b)}: first moments' cosine {model_row['m_cosine']:.3f}, "
+        f"median second-moment change x{10 ** model_row['log10_v_ratio_p50']:.2f}, "
+        f"largest mover {pair.movers(1)['name'][0]}"
+    )
 print(f"wrote {save_compare_figure(result, os.path.join(workdir, 'compare.png'))}")

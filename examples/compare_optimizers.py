@@ -76,9 +76,18 @@ def loss_of(model: nn.Module, step: int) -> torch.Tensor:
 
 
 # The column that says most about each family's state (see docs/optimizers.md).
-FAMILY_COLUMN = {"sgd": "steady_state_lr", "radam": "rectified", "nadam": "mu_next", "adagrad": "decayed_lr",
-                 "rmsprop": "momentum_gain", "adafactor": "rho_next", "hf_adafactor": "next_lr",
-                 "bnb_adam": "state_bits", "lion": "zero_momentum_fraction", "adamw": "bias_correction2"}
+FAMILY_COLUMN = {
+    "sgd": "steady_state_lr",
+    "radam": "rectified",
+    "nadam": "mu_next",
+    "adagrad": "decayed_lr",
+    "rmsprop": "momentum_gain",
+    "adafactor": "rho_next",
+    "hf_adafactor": "next_lr",
+    "bnb_adam": "state_bits",
+    "lion": "zero_momentum_fraction",
+    "adamw": "bias_correction2",
+}
 
 print(f"{'optimizer':26s} {'recognised as':26s} {'median eff_lr':>13s}  {'family column':28s} next_update")
 for label, make in optimizers().items():
@@ -100,14 +109,20 @@ for label, make in optimizers().items():
     # The next step, predicted from the saved state, against the optimizer's own step().
     opt.zero_grad()
     loss_of(model, 30).backward()
-    predicted = [ostate.next_update(p, loaded.groups[p.group], w.grad.clone(), w.detach().clone())
-                 for p, w in zip(loaded.params, model.parameters())]
+    predicted = [
+        ostate.next_update(p, loaded.groups[p.group], w.grad.clone(), w.detach().clone())
+        for p, w in zip(loaded.params, model.parameters())
+    ]
     before = [w.detach().clone() for w in model.parameters()]
     opt.step()
-    error = max(float((ours - (w.detach() - b)).abs().max() / (w.detach() - b).abs().max().clamp_min(1e-30))
-                for ours, w, b in zip(predicted, model.parameters(), before))
-    print(f"{label:26s} {loaded.kind + ' (' + loaded.kind_source + ')':26s} {table['eff_lr_p50']:13.4g}  "
-          f"{shown:28s} max rel. error {error:.1e}")
+    error = max(
+        float((ours - (w.detach() - b)).abs().max() / (w.detach() - b).abs().max().clamp_min(1e-30))
+        for ours, w, b in zip(predicted, model.parameters(), before)
+    )
+    print(
+        f"{label:26s} {loaded.kind + ' (' + loaded.kind_source + ')':26s} {table['eff_lr_p50']:13.4g}  "
+        f"{shown:28s} max rel. error {error:.1e}"
+    )
 
 print("\nThe effective lr uses each group's saved lr (see docs/optimizers.md, 'Which lr').")
 print("Adafactor's eff_lr is relative to the weights' RMS; Lion's and SGD's are the plain lr.")

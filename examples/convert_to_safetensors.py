@@ -31,8 +31,10 @@ with safe_open(out, framework="pt") as f:  # any safetensors reader can open it;
     keys = sorted(f.keys())
     groups = json.loads(f.metadata()["param_groups"])
     print(f"{len(keys)} tensors, e.g. {keys[0]}, {keys[1]}")
-    print(f"{len(groups)} param groups; group 0: lr={groups[0]['lr']:.3g} weight_decay={groups[0]['weight_decay']} "
-          f"params={groups[0]['params'][:2]}...")
+    print(
+        f"{len(groups)} param groups; group 0: lr={groups[0]['lr']:.3g} weight_decay={groups[0]['weight_decay']} "
+        f"params={groups[0]['params'][:2]}..."
+    )
 
 # Back to a torch optimizer state dict, loaded into a fresh AdamW whose groups are rebuilt from the names.
 back = os.path.join(workdir, "optimizer.pt")
@@ -43,7 +45,10 @@ fresh = torch.optim.AdamW([{"params": [params[name] for name in g["params"]]} fo
 fresh.load_state_dict(torch.load(back, weights_only=True))
 
 original = torch.load(source, weights_only=True)["optimizer"]
-same = all(torch.equal(fresh.state_dict()["state"][i]["exp_avg"], original["state"][i]["exp_avg"])
-           for i in original["state"])
-print(f"loaded {back} into a fresh AdamW: {len(fresh.state)} parameters with state, "
-      f"exp_avg identical to the original: {same}")
+same = all(
+    torch.equal(fresh.state_dict()["state"][i]["exp_avg"], original["state"][i]["exp_avg"]) for i in original["state"]
+)
+print(
+    f"loaded {back} into a fresh AdamW: {len(fresh.state)} parameters with state, "
+    f"exp_avg identical to the original: {same}"
+)

@@ -28,8 +28,9 @@ def train_and_save(rank: int, world_size: int, directory: str) -> None:
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
     from torch.distributed.fsdp import fully_shard
 
-    dist.init_process_group("gloo", init_method=f"file://{os.path.abspath(directory)}.store", rank=rank,
-                            world_size=world_size)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{os.path.abspath(directory)}.store", rank=rank, world_size=world_size
+    )
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 32), nn.GELU(), nn.Linear(32, 32), nn.GELU(), nn.Linear(32, 1))
     fully_shard(model)
@@ -41,8 +42,10 @@ def train_and_save(rank: int, world_size: int, directory: str) -> None:
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    dcp.save({"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)},
-             checkpoint_id=directory)
+    dcp.save(
+        {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)},
+        checkpoint_id=directory,
+    )
     # Both ranks leave together: a rank tearing down gloo while its peer still finishes
     # dcp.save's last collective aborts ("terminate called without an active exception").
     dist.barrier()

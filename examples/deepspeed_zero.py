@@ -21,8 +21,15 @@ import ostate
 
 def train(rank: int, world_size: int, port: int, save_dir: str) -> None:
     """One data-parallel rank: ZeRO-2 with AdamW over two param groups, 20 steps, then save."""
-    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    os.environ.update(
+        {
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(world_size),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+        }
+    )
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="gloo")
@@ -67,8 +74,10 @@ def main() -> None:
 
     checkpoint = ostate.load(save_dir)  # follows 'latest'; joins both ranks' partitions
     meta = checkpoint.metadata
-    print(f"{checkpoint.format} checkpoint, tag {meta['tag']}: ZeRO stage {meta['zero_stage']}, "
-          f"{meta['dp_world_size']} ranks, DeepSpeed {meta['ds_version']}")
+    print(
+        f"{checkpoint.format} checkpoint, tag {meta['tag']}: ZeRO stage {meta['zero_stage']}, "
+        f"{meta['dp_world_size']} ranks, DeepSpeed {meta['ds_version']}"
+    )
     for group in ostate.describe(checkpoint.optimizers[0])["groups"]:
         hp = group["hyperparameters"]
         print(f"group {group['index']}: {group['params']} params, lr={hp['lr']}, weight_decay={hp['weight_decay']}")

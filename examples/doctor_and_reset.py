@@ -30,8 +30,10 @@ def report(path: str) -> None:
     diagnosis = diagnose(ostate.load(path))  # the same as: ostate doctor PATH
     print(f"{os.path.basename(path)}: exit code {exit_code(diagnosis)}")
     for finding in diagnosis.findings:
-        where = ", ".join(f"{e.subject} ({e.coordinates} coords)" if e.coordinates is not None else e.subject
-                          for e in finding.evidence[:3])
+        where = ", ".join(
+            f"{e.subject} ({e.coordinates} coords)" if e.coordinates is not None else e.subject
+            for e in finding.evidence[:3]
+        )
         print(f"  {finding.severity:7} {finding.code}: {where}")
 
 
@@ -64,4 +66,6 @@ optimizer.load_state_dict(saved["optimizer"])
 batch = torch.randint(len(saved["vocab"]), (8, 9))
 torch.nn.functional.cross_entropy(model(batch[:, :-1]), batch[:, -1]).backward()
 optimizer.step()
-print(f"one step from the repaired checkpoint: weights finite = {all(bool(torch.isfinite(p).all()) for p in named.values())}")
+print(
+    f"one step from the repaired checkpoint: weights finite = {all(bool(torch.isfinite(p).all()) for p in named.values())}"
+)

@@ -33,14 +33,26 @@ def main() -> None:
         mytask.pretrain(source)
 
     # 2. The task (plain callables) and the sweep.
-    task = Task("linear-maps", model=mytask.make_model, train_batches=mytask.train_batches, loss=mytask.loss,
-                evaluate=mytask.evaluate, source=source)
-    sweep = Sweep(strategies=["fresh", "reload", "reset-m", "reset-v", "reset-step", "keep-v"], seeds=[0, 1, 2],
-                  lr=[1e-3], steps=30, eval_every=5)
+    task = Task(
+        "linear-maps",
+        model=mytask.make_model,
+        train_batches=mytask.train_batches,
+        loss=mytask.loss,
+        evaluate=mytask.evaluate,
+        source=source,
+    )
+    sweep = Sweep(
+        strategies=["fresh", "reload", "reset-m", "reset-v", "reset-step", "keep-v"],
+        seeds=[0, 1, 2],
+        lr=[1e-3],
+        steps=30,
+        eval_every=5,
+    )
 
     # 3. Run (workers=1: in this process; leave it out for one worker per core) and read the answer.
-    results = run(Spec(task, sweep, store=os.path.join(OUT, "results.sqlite"), out=OUT, workers=1, threads=1,
-                       progress=False))
+    results = run(
+        Spec(task, sweep, store=os.path.join(OUT, "results.sqlite"), out=OUT, workers=1, threads=1, progress=False)
+    )
     print(render_summary(results.summary))
     print(f"{results.ran} trials ran, {results.skipped} were already in {results.store}")
     print("wrote", ", ".join(sorted(os.path.basename(f) for f in results.files)))

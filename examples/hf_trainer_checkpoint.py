@@ -43,11 +43,23 @@ class StopAfter(TrainerCallback):
 
 
 torch.manual_seed(0)
-model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=2,
-                                   bos_token_id=0, eos_token_id=0))
-args = TrainingArguments(output_dir=os.path.join(workdir, "out"), max_steps=8, save_steps=4, learning_rate=1e-3,
-                         weight_decay=0.1, warmup_steps=1, per_device_train_batch_size=8, logging_steps=1,
-                         report_to=[], use_cpu=True, disable_tqdm=True, seed=0)
+model = GPT2LMHeadModel(
+    GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0)
+)
+args = TrainingArguments(
+    output_dir=os.path.join(workdir, "out"),
+    max_steps=8,
+    save_steps=4,
+    learning_rate=1e-3,
+    weight_decay=0.1,
+    warmup_steps=1,
+    per_device_train_batch_size=8,
+    logging_steps=1,
+    report_to=[],
+    use_cpu=True,
+    disable_tqdm=True,
+    seed=0,
+)
 Trainer(model=model, args=args, train_dataset=RandomTokens(), callbacks=[StopAfter()]).train()
 
 checkpoint_dir = os.path.join(workdir, "out", "checkpoint-4")
@@ -55,8 +67,10 @@ print(f"\nthe Trainer saved {checkpoint_dir}: {', '.join(sorted(os.listdir(check
 
 checkpoint = ostate.load(checkpoint_dir)  # recognised as a Trainer checkpoint from its files
 optimizer = checkpoint.optimizers[0]
-print(f"format {checkpoint.format}, global step {checkpoint.metadata['global_step']}, "
-      f"decay rule {optimizer.extra['decay_rule']}")
+print(
+    f"format {checkpoint.format}, global step {checkpoint.metadata['global_step']}, "
+    f"decay rule {optimizer.extra['decay_rule']}"
+)
 print(render(inspect(checkpoint, by="layer")))
 
 # Which parameters did the Trainer exclude from weight decay? (group 1: weight_decay=0)

@@ -36,8 +36,9 @@ class Block(nn.Module):
         b, t, d = h.shape
         x = self.input_layernorm(h)
         split = lambda y: y.view(b, t, self.heads, d // self.heads).transpose(1, 2)  # noqa: E731
-        att = nn.functional.scaled_dot_product_attention(split(self.q_proj(x)), split(self.k_proj(x)),
-                                                         split(self.v_proj(x)), is_causal=True)
+        att = nn.functional.scaled_dot_product_attention(
+            split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x)), is_causal=True
+        )
         h = h + self.o_proj(att.transpose(1, 2).reshape(b, t, d))
         return h + self.down_proj(torch.relu(self.up_proj(h)))
 
@@ -81,14 +82,35 @@ print("\n".join(analysis.notes))
 
 print("\nper parameter kind:")
 kinds = analysis.table("kind")
-print(kinds[["param_kind", "params", "numel", "eff_lr_p50", "update_to_weight_rms", "second_moment_zero_frac",
-             "eps_dominated_frac"]].to_string(index=False))
+print(
+    kinds[
+        [
+            "param_kind",
+            "params",
+            "numel",
+            "eff_lr_p50",
+            "update_to_weight_rms",
+            "second_moment_zero_frac",
+            "eps_dominated_frac",
+        ]
+    ].to_string(index=False)
+)
 
 print("\ncould the second moment be shared (Adam-mini) or stored in 8 bits (bitsandbytes)?")
 params = analysis.table("param")
 attention = params[params["name"].str.contains("layers.0.")]
-print(attention[["name", "vmean_tensor_relchange", "vmean_row_relchange", "vmean_head_relchange",
-                 "exp_avg_q8_relerr", "exp_avg_sq_q8_relerr"]].to_string(index=False))
+print(
+    attention[
+        [
+            "name",
+            "vmean_tensor_relchange",
+            "vmean_row_relchange",
+            "vmean_head_relchange",
+            "exp_avg_q8_relerr",
+            "exp_avg_sq_q8_relerr",
+        ]
+    ].to_string(index=False)
+)
 
 # Histograms come from the merged sketches: no raw data is needed for a plot.
 (whole,) = analysis.rows("model")

@@ -108,8 +108,15 @@ def write_torch(optimizer: OptimizerState, path: str, *, source: str = "", progr
 def write_safetensors(optimizer: OptimizerState, path: str, *, source: str = "", progress: bool = False) -> None:
     """Write the optimizer in ostate's safetensors layout, one tensor at a time, with a progress bar on request."""
     total = sum(p.state_bytes for p in optimizer.params)
-    with tqdm(total=total, unit="B", unit_scale=True, desc=os.path.basename(path), disable=not progress,
-              delay=1.0, leave=False) as bar:
+    with tqdm(
+        total=total,
+        unit="B",
+        unit_scale=True,
+        desc=os.path.basename(path),
+        disable=not progress,
+        delay=1.0,
+        leave=False,
+    ) as bar:
         safetensors_optim.write(optimizer, path, source=source, progress=bar)
 
 
@@ -119,5 +126,8 @@ def _writer_for(out: str):
         return write_safetensors
     if lower.endswith(TORCH_SUFFIXES):
         return write_torch
-    raise OstateError("unknown output type", where=out,
-                      hint=f"name it *{SAFETENSORS_SUFFIX} (safetensors) or *.pt (a torch optimizer state dict)")
+    raise OstateError(
+        "unknown output type",
+        where=out,
+        hint=f"name it *{SAFETENSORS_SUFFIX} (safetensors) or *.pt (a torch optimizer state dict)",
+    )

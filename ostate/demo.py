@@ -117,14 +117,17 @@ def _train(steps: int, seed: int, save_at: set[int]) -> Iterator[tuple[int, dict
         optimizer.step()
         schedule.step()
         if step in save_at:
-            yield step, {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "lr_scheduler": schedule.state_dict(),
-                "epoch": step * 64 // len(windows),
-                "global_step": step,
-                "vocab": "".join(chars),
-            }
+            yield (
+                step,
+                {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "lr_scheduler": schedule.state_dict(),
+                    "epoch": step * 64 // len(windows),
+                    "global_step": step,
+                    "vocab": "".join(chars),
+                },
+            )
 
 
 def save_atomically(obj: object, path: str) -> None:

@@ -64,36 +64,70 @@ def plot(
     view = check_view(chosen, by)  # before any reading: a wrong option fails at once
     if chosen.takes == COMPARISON:
         if not isinstance(inputs, Comparison):
-            inputs = _compared(inputs, against=view, optimizer_index=optimizer_index, workers=workers,
-                               progress=progress, trust_pickle=trust_pickle, format_hint=format_hint)
+            inputs = _compared(
+                inputs,
+                against=view,
+                optimizer_index=optimizer_index,
+                workers=workers,
+                progress=progress,
+                trust_pickle=trust_pickle,
+                format_hint=format_hint,
+            )
         return draw(kind, inputs, by=by)
     if isinstance(inputs, Comparison):
-        raise OstateError(f"the {kind} plot draws checkpoints or analyses, not a comparison",
-                          hint="a comparison is drawn by the compare kind")
-    series = as_series(inputs, labels=labels, optimizer_index=optimizer_index, joint=chosen.joint, workers=workers,
-                       progress=progress, trust_pickle=trust_pickle, format_hint=format_hint, optimizer=optimizer)
+        raise OstateError(
+            f"the {kind} plot draws checkpoints or analyses, not a comparison",
+            hint="a comparison is drawn by the compare kind",
+        )
+    series = as_series(
+        inputs,
+        labels=labels,
+        optimizer_index=optimizer_index,
+        joint=chosen.joint,
+        workers=workers,
+        progress=progress,
+        trust_pickle=trust_pickle,
+        format_hint=format_hint,
+        optimizer=optimizer,
+    )
     return chosen.draw(series, by=view)
 
 
-def plot_lr_histogram(inputs: FigureInput | Sequence[FigureInput], *, by: str = "kind",
-                      labels: Sequence[str] | None = None, optimizer_index: int | None = None,
-                      per_decade: int | None = None, title: str | None = None) -> Figure:
+def plot_lr_histogram(
+    inputs: FigureInput | Sequence[FigureInput],
+    *,
+    by: str = "kind",
+    labels: Sequence[str] | None = None,
+    optimizer_index: int | None = None,
+    per_decade: int | None = None,
+    title: str | None = None,
+) -> Figure:
     """:func:`ostate.plots.plot_lr_histogram` of paths, checkpoints, optimizers or analyses."""
     series = as_series(inputs, labels=labels, optimizer_index=optimizer_index)
     return lr_histogram.draw(series, by=by, per_decade=per_decade, title=title)
 
 
-def plot_layer_profile(inputs: FigureInput | Sequence[FigureInput], *, by: str = "kind",
-                       labels: Sequence[str] | None = None, optimizer_index: int | None = None,
-                       title: str | None = None) -> Figure:
+def plot_layer_profile(
+    inputs: FigureInput | Sequence[FigureInput],
+    *,
+    by: str = "kind",
+    labels: Sequence[str] | None = None,
+    optimizer_index: int | None = None,
+    title: str | None = None,
+) -> Figure:
     """:func:`ostate.plots.plot_layer_profile` of paths, checkpoints, optimizers or analyses."""
     series = as_series(inputs, labels=labels, optimizer_index=optimizer_index)
     return layer_profile.draw(series, by=by, title=title)
 
 
-def plot_moments(inputs: FigureInput | Sequence[FigureInput], *, by: str = "group",
-                 labels: Sequence[str] | None = None, optimizer_index: int | None = None,
-                 title: str | None = None) -> Figure:
+def plot_moments(
+    inputs: FigureInput | Sequence[FigureInput],
+    *,
+    by: str = "group",
+    labels: Sequence[str] | None = None,
+    optimizer_index: int | None = None,
+    title: str | None = None,
+) -> Figure:
     """:func:`ostate.plots.plot_moments` of paths, checkpoints, optimizers or analyses
     (those read here are summarised with the joint histogram of the moments)."""
     series = as_series(inputs, labels=labels, optimizer_index=optimizer_index, joint=True)
@@ -141,9 +175,17 @@ def as_series(
             position += 1
     out = []
     for item, path, label in zip(items, paths, labels if labels is not None else default_labels):
-        analysis = _analysed(item, where=path, optimizer_index=optimizer_index, joint=joint, workers=workers,
-                             progress=progress, trust_pickle=trust_pickle, format_hint=format_hint,
-                             optimizer=optimizer)
+        analysis = _analysed(
+            item,
+            where=path,
+            optimizer_index=optimizer_index,
+            joint=joint,
+            workers=workers,
+            progress=progress,
+            trust_pickle=trust_pickle,
+            format_hint=format_hint,
+            optimizer=optimizer,
+        )
         out.append(Series(label, analysis))
     return out
 
@@ -156,9 +198,18 @@ def _path_of(item: FigureInput) -> str | None:
     return None
 
 
-def _analysed(item: FigureInput, *, where: str | None, optimizer_index: int | None, joint: bool,
-              workers: int | None, progress: bool, trust_pickle: bool, format_hint: str | None,
-              optimizer: str | None) -> OptimizerAnalysis:
+def _analysed(
+    item: FigureInput,
+    *,
+    where: str | None,
+    optimizer_index: int | None,
+    joint: bool,
+    workers: int | None,
+    progress: bool,
+    trust_pickle: bool,
+    format_hint: str | None,
+    optimizer: str | None,
+) -> OptimizerAnalysis:
     if isinstance(item, (str, os.PathLike)):
         item = load(item, trust_pickle=trust_pickle, optimizer=optimizer, format_hint=format_hint)
     if isinstance(item, Checkpoint):
@@ -169,21 +220,39 @@ def _analysed(item: FigureInput, *, where: str | None, optimizer_index: int | No
         # Plots use no weight statistics: the model's tensors are not read.
         item = summarize(item, weights={}, joint=joint, workers=workers, progress=progress).optimizers[0]
     if not isinstance(item, (Series, Analysis, OptimizerAnalysis)):
-        raise OstateError(f"cannot plot a {type(item).__name__}",
-                          hint="give a path, a checkpoint from ostate.load, an optimizer, or an analysis from "
-                               "summarize")
+        raise OstateError(
+            f"cannot plot a {type(item).__name__}",
+            hint="give a path, a checkpoint from ostate.load, an optimizer, or an analysis from summarize",
+        )
     return analysed(item, optimizer_index=optimizer_index, joint=joint, where=where)
 
 
-def _compared(inputs, *, against: str, optimizer_index: int | None, workers: int | None, progress: bool,
-              trust_pickle: bool, format_hint: str | None) -> Comparison:
+def _compared(
+    inputs,
+    *,
+    against: str,
+    optimizer_index: int | None,
+    workers: int | None,
+    progress: bool,
+    trust_pickle: bool,
+    format_hint: str | None,
+) -> Comparison:
     """``ostate plot --kind compare``: compare the checkpoints at the given paths, oldest first."""
     paths = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
     if not all(isinstance(p, (str, os.PathLike)) for p in paths):
-        raise OstateError("the compare plot reads checkpoints from their paths",
-                          hint="pass paths, or a comparison from ostate.compare.compute.compare(...)")
-    return compare(*paths, against=against, optimizer_index=optimizer_index, trust_pickle=trust_pickle,
-                   format_hint=format_hint, workers=workers, progress=progress)
+        raise OstateError(
+            "the compare plot reads checkpoints from their paths",
+            hint="pass paths, or a comparison from ostate.compare.compute.compare(...)",
+        )
+    return compare(
+        *paths,
+        against=against,
+        optimizer_index=optimizer_index,
+        trust_pickle=trust_pickle,
+        format_hint=format_hint,
+        workers=workers,
+        progress=progress,
+    )
 
 
 def short_labels(paths: Sequence[str]) -> list[str]:

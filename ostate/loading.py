@@ -112,8 +112,11 @@ def pick_optimizer(checkpoint: Checkpoint, index: int | None) -> OptimizerState:
     if index is None:
         if len(checkpoint.optimizers) == 1:
             return checkpoint.optimizers[0]
-        raise OstateError(f"holds {len(checkpoint.optimizers)} optimizers", where=checkpoint.path,
-                          hint=f"choose one with optimizer_index=K ({found})")
+        raise OstateError(
+            f"holds {len(checkpoint.optimizers)} optimizers",
+            where=checkpoint.path,
+            hint=f"choose one with optimizer_index=K ({found})",
+        )
     if not 0 <= index < len(checkpoint.optimizers):
         raise OstateError(f"no optimizer with index {index}", where=checkpoint.path, hint=f"found {found}")
     return checkpoint.optimizers[index]

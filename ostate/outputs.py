@@ -108,8 +108,9 @@ def atomic_directory(path: str | os.PathLike, *, overwrite: bool = False) -> Ite
         raise
 
 
-def check_output(out: str | os.PathLike, inputs: Sequence[str | os.PathLike], *, overwrite: bool,
-                 out_is_directory: bool = False) -> None:
+def check_output(
+    out: str | os.PathLike, inputs: Sequence[str | os.PathLike], *, overwrite: bool, out_is_directory: bool = False
+) -> None:
     """Raise an :class:`~ostate.errors.OstateError` unless writing ``out`` leaves every input alone.
 
     Refused: ``out`` equal to an input, inside an input directory, or a directory that
@@ -130,11 +131,17 @@ def check_output(out: str | os.PathLike, inputs: Sequence[str | os.PathLike], *,
     for source in inputs:
         source_real = os.path.realpath(source)
         if out_real == source_real or (os.path.isdir(source_real) and out_real.startswith(source_real + os.sep)):
-            raise OstateError("the output would be written over or into the input", where=os.fspath(out),
-                              hint="ostate never writes to its inputs; choose another output path")
+            raise OstateError(
+                "the output would be written over or into the input",
+                where=os.fspath(out),
+                hint="ostate never writes to its inputs; choose another output path",
+            )
         if source_real.startswith(out_real + os.sep):
-            raise OstateError("the output directory contains the input", where=os.fspath(out),
-                              hint="ostate never writes to its inputs; choose another output path")
+            raise OstateError(
+                "the output directory contains the input",
+                where=os.fspath(out),
+                hint="ostate never writes to its inputs; choose another output path",
+            )
     if os.path.exists(out_real):
         if out_is_directory and not os.path.isdir(out_real):
             raise OstateError("is a file; the output is a directory", where=os.fspath(out))

@@ -100,8 +100,14 @@ def inspect(
         schedulers=[_scheduler_summary(s) for s in checkpoint.schedulers],
         warnings=list(checkpoint.warnings),
     )
-    chosen = Checkpoint(checkpoint.path, checkpoint.format, optimizers, checkpoint.weights, checkpoint.weights_location,
-                        config=checkpoint.config)
+    chosen = Checkpoint(
+        checkpoint.path,
+        checkpoint.format,
+        optimizers,
+        checkpoint.weights,
+        checkpoint.weights_location,
+        config=checkpoint.config,
+    )
     analysis = summarize(chosen, heads=heads, workers=workers, progress=progress)
     report.notes = analysis.notes
     for optimizer, result in zip(optimizers, analysis.optimizers):
@@ -125,9 +131,7 @@ def _shown_columns(kind: str, by: str, table: pd.DataFrame, requested: list[str]
     if requested:
         missing = [c for c in requested if c not in table.columns]
         if missing:
-            raise OstateError(
-                f"no column {', '.join(missing)}", hint=f"columns: {', '.join(map(str, table.columns))}"
-            )
+            raise OstateError(f"no column {', '.join(missing)}", hint=f"columns: {', '.join(map(str, table.columns))}")
         return requested
     family = get_family(kind)
     stats = list(family.display) or [c for c in table.columns if c.endswith(("_mean", "_rms"))]
@@ -142,8 +146,13 @@ def _scheduler_summary(state: dict[str, Any]) -> dict[str, Any]:
 # ---------------------------------------------------------------------- rendering
 def render(report: Report, fmt: str = "table") -> str:
     """The report as text (``table``), ``csv``, ``json`` or ``markdown``."""
-    return render_as(fmt, table=lambda: _render_text(report, markdown=False), csv=lambda: _csv_table(report),
-                     json=lambda: to_json(report), markdown=lambda: _render_text(report, markdown=True))
+    return render_as(
+        fmt,
+        table=lambda: _render_text(report, markdown=False),
+        csv=lambda: _csv_table(report),
+        json=lambda: to_json(report),
+        markdown=lambda: _render_text(report, markdown=True),
+    )
 
 
 def _csv_table(report: Report) -> pd.DataFrame:
@@ -171,10 +180,24 @@ def to_json(report: Report) -> dict[str, Any]:
             "kind": d["kind"],
             "kind_label": d["kind_label"],
             "kind_source": d["kind_source"],
-            "groups": [{"index": g["index"], "params": g["params"], "numel": g["numel"],
-                        **g["hyperparameters"], **g["other"]} for g in d["groups"]],
-            **{k: d[k] for k in ("steps", "params_with_state", "params_without_state", "name_sources",
-                                 "state_bytes", "state_dtypes", "lr_note", "notes", "warnings")},
+            "groups": [
+                {"index": g["index"], "params": g["params"], "numel": g["numel"], **g["hyperparameters"], **g["other"]}
+                for g in d["groups"]
+            ],
+            **{
+                k: d[k]
+                for k in (
+                    "steps",
+                    "params_with_state",
+                    "params_without_state",
+                    "name_sources",
+                    "state_bytes",
+                    "state_dtypes",
+                    "lr_note",
+                    "notes",
+                    "warnings",
+                )
+            },
             "param_count": d["params"],
         }
         rows = [jsonable(r) for r in o.table.to_dict(orient="records")]
@@ -189,8 +212,10 @@ def _header_lines(report: Report) -> list[str]:
     training = [f"{k}={format_value(v)}" for k, v in meta.items()]
     if "logged_lr" in report.metadata:
         at = report.metadata.get("logged_lr_step")
-        training.append(f"last logged lr={format_value(report.metadata['logged_lr'])}"
-                        + (f" (step {format_value(at)})" if at is not None else ""))
+        training.append(
+            f"last logged lr={format_value(report.metadata['logged_lr'])}"
+            + (f" (step {format_value(at)})" if at is not None else "")
+        )
     if training:
         lines.append("training: " + ", ".join(training))
     if report.weights_location:
@@ -199,7 +224,8 @@ def _header_lines(report: Report) -> list[str]:
         lr = s.get("_last_lr")  # the lr the schedule set for the next step
         lines.append(
             f"scheduler: {s.get('location')} (last_epoch={format_value(s.get('last_epoch'))}"
-            + (f", last lr={format_value(lr)}" if lr is not None else "") + ")"
+            + (f", last lr={format_value(lr)}" if lr is not None else "")
+            + ")"
         )
     for w in report.warnings:
         lines.append(f"warning: {w}")
@@ -263,8 +289,11 @@ def _render_text(report: Report, *, markdown: bool) -> str:
 
 
 def _text_table(o: OptimizerReport) -> str:
-    return text_table(list(o.columns), cells(o.table, o.columns),
-                      left={"name", "name_source", "layer", "param_kind", "shape", "dtype"})
+    return text_table(
+        list(o.columns),
+        cells(o.table, o.columns),
+        left={"name", "name_source", "layer", "param_kind", "shape", "dtype"},
+    )
 
 
 def _markdown_table(o: OptimizerReport) -> str:

@@ -58,8 +58,13 @@ def adamw_checkpoint(tmp_path):
         sched.step()
     path = tmp_path / "ckpt.pt"
     torch.save(
-        {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-         "epoch": 1, "global_step": 3},
+        {
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+            "epoch": 1,
+            "global_step": 3,
+        },
         path,
     )
     return path, model, opt

@@ -57,7 +57,7 @@ def test_safetensors_weights_name_only_parameters_with_a_unique_shape(accelerate
 def test_scheduler_and_process_count_are_read(accelerate_run):
     ckpt = ostate.load(accelerate_run.directory)
     (scheduler,) = ckpt.schedulers
-    assert scheduler["_location"] == "scheduler.bin" and scheduler["_last_lr"] == [1e-2 * 0.5 ** 3]
+    assert scheduler["_location"] == "scheduler.bin" and scheduler["_last_lr"] == [1e-2 * 0.5**3]
     assert ckpt.metadata["processes"] == 1
 
 

@@ -98,8 +98,9 @@ def test_dequantisation_matches_bitsandbytes_own_dequantiser(tmp_path):
     big = loaded.param("big.weight")
     state = opt.state[model.big.weight]
     for index in (1, 2):
-        theirs = F.dequantize_blockwise(state[f"state{index}"], absmax=state[f"absmax{index}"],
-                                        code=state[f"qmap{index}"], blocksize=256)
+        theirs = F.dequantize_blockwise(
+            state[f"state{index}"], absmax=state[f"absmax{index}"], code=state[f"qmap{index}"], blocksize=256
+        )
         assert torch.equal(dequantized(big, index), theirs)
     # And element by element, the documented formula: qmap[code] * absmax[j // 256].
     codes, qmap, absmax = state["state2"].reshape(-1), state["qmap2"], state["absmax2"]
@@ -129,10 +130,19 @@ def test_older_blockwise_layouts_are_dequantised_with_their_block_size(tmp_path,
     signed, unsigned = F.create_dynamic_map(signed=True), F.create_dynamic_map(signed=False)
     q1, s1 = F.quantize_blockwise(m, code=signed, blocksize=blocksize)
     q2, s2 = F.quantize_blockwise(v, code=unsigned, blocksize=blocksize)
-    entry = {"step": 10, "state1": q1, "qmap1": signed, "absmax1": s1.absmax, "state2": q2, "qmap2": unsigned,
-             "absmax2": s2.absmax}
-    sd = {"state": {0: entry}, "param_groups": [{"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8,
-                                                 "weight_decay": 0.0, "params": [0]}]}
+    entry = {
+        "step": 10,
+        "state1": q1,
+        "qmap1": signed,
+        "absmax1": s1.absmax,
+        "state2": q2,
+        "qmap2": unsigned,
+        "absmax2": s2.absmax,
+    }
+    sd = {
+        "state": {0: entry},
+        "param_groups": [{"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0, "params": [0]}],
+    }
     path = tmp_path / "old.pt"
     torch.save({"optimizer": sd}, path)
     loaded = ostate.load(path).optimizers[0]
@@ -149,8 +159,10 @@ def test_non_blockwise_state_uses_its_single_scale(tmp_path):
     codes = torch.randint(0, 256, (64, 70), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
     scale = torch.tensor([0.37])
     entry = {"step": 3, "state1": codes, "qmap1": qmap, "max1": scale, "new_max1": torch.tensor([0.1])}
-    sd = {"state": {0: entry}, "param_groups": [{"lr": 1e-4, "betas": (0.9, 0.99), "eps": 0.0,
-                                                 "weight_decay": 0.0, "params": [0]}]}
+    sd = {
+        "state": {0: entry},
+        "param_groups": [{"lr": 1e-4, "betas": (0.9, 0.99), "eps": 0.0, "weight_decay": 0.0, "params": [0]}],
+    }
     loaded = ostate.from_state_dict(sd).optimizers[0]
     assert loaded.kind == "bnb_lion"
     expected = torch.tensor([float(qmap[c]) * 0.37 for c in codes.reshape(-1).tolist()]).reshape(64, 70)

@@ -12,10 +12,31 @@ from tests.helpers.common import REPO, run_cli
 
 @pytest.mark.slow
 def test_ablate_a_builtin_task_prints_the_summary_writes_plots_and_resumes(tmp_path):
-    args = ["ablate", "--task", "code-to-prose", "--strategies", "reload,keep-v,reload:^(?!head\\.)",
-            "--seeds", "0,1", "--steps", "2", "--eval-every", "2", "--batch-size", "4", "--pretrain-steps", "3",
-            "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "out"), "--workers", "1",
-            "--export", str(tmp_path / "all.csv")]
+    args = [
+        "ablate",
+        "--task",
+        "code-to-prose",
+        "--strategies",
+        "reload,keep-v,reload:^(?!head\\.)",
+        "--seeds",
+        "0,1",
+        "--steps",
+        "2",
+        "--eval-every",
+        "2",
+        "--batch-size",
+        "4",
+        "--pretrain-steps",
+        "3",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--out",
+        str(tmp_path / "out"),
+        "--workers",
+        "1",
+        "--export",
+        str(tmp_path / "all.csv"),
+    ]
     first = run_cli(*args)
     assert first.returncode == 0, first.stderr
     lines = first.stdout.splitlines()
@@ -34,8 +55,23 @@ def test_ablate_a_builtin_task_prints_the_summary_writes_plots_and_resumes(tmp_p
 def test_ablate_ones_own_task_from_the_example_spec(tmp_path):
     shutil.copytree(REPO / "examples" / "ablation", tmp_path / "ablation-example")
     spec = tmp_path / "ablation-example" / "spec.toml"
-    result = run_cli("ablate", str(spec), "--strategies", "reload,fresh,reset-v", "--seeds", "0,1", "--steps", "3",
-                     "--eval-every", "3", "--workers", "1", "--cache-dir", str(tmp_path / "cache"), "--no-plots")
+    result = run_cli(
+        "ablate",
+        str(spec),
+        "--strategies",
+        "reload,fresh,reset-v",
+        "--seeds",
+        "0,1",
+        "--steps",
+        "3",
+        "--eval-every",
+        "3",
+        "--workers",
+        "1",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--no-plots",
+    )
     assert result.returncode == 0, result.stderr
     assert "linear-maps: 6 trials ran" in result.stderr
     out = tmp_path / "ablation-example" / "ablation"
@@ -44,12 +80,15 @@ def test_ablate_ones_own_task_from_the_example_spec(tmp_path):
     assert not (out / "eval_loss.png").exists()
 
 
-@pytest.mark.parametrize("args, message", [
-    (["ablate"], "give either SPEC.toml or --task NAME"),
-    (["ablate", "--task", "sans-to-serif", "--strategies", "reload,reset"], "unknown strategy 'reset'"),
-    (["ablate", "--task", "sans-to-serif", "--seeds", "a,b"], "expected comma-separated int values"),
-    (["ablate", "--task", "sans-to-serif", "--address", "auto"], "--address needs --executor ray"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["ablate"], "give either SPEC.toml or --task NAME"),
+        (["ablate", "--task", "sans-to-serif", "--strategies", "reload,reset"], "unknown strategy 'reset'"),
+        (["ablate", "--task", "sans-to-serif", "--seeds", "a,b"], "expected comma-separated int values"),
+        (["ablate", "--task", "sans-to-serif", "--address", "auto"], "--address needs --executor ray"),
+    ],
+)
 def test_bad_ablate_input_is_one_clear_line(args, message, tmp_path):
     result = run_cli(*args, "--out", str(tmp_path / "out"))
     assert result.returncode == 2
@@ -67,7 +106,9 @@ def test_a_spec_with_an_unknown_key_names_the_known_ones(tmp_path):
 
 def test_a_spec_whose_module_does_not_import_says_where_to_put_it(tmp_path):
     spec = tmp_path / "spec.toml"
-    spec.write_text('[task]\nname = "x"\nmodel = "no_such_module_xyz:m"\ntrain_batches = "a:b"\nloss = "a:b"\n'
-                    'evaluate = "a:b"\nsource = "s.pt"\n')
+    spec.write_text(
+        '[task]\nname = "x"\nmodel = "no_such_module_xyz:m"\ntrain_batches = "a:b"\nloss = "a:b"\n'
+        'evaluate = "a:b"\nsource = "s.pt"\n'
+    )
     result = run_cli("ablate", str(spec))
     assert result.returncode == 2 and "cannot import 'no_such_module_xyz'" in result.stderr

@@ -40,6 +40,8 @@ def test_an_unrecognised_folder_names_the_parameter_in_python_and_the_flag_on_th
 
 
 def test_values_and_switches_become_flags_and_other_assignments_stay():
-    assert as_flags("choose one with optimizer_index=K (0: g, 1: d)") == "choose one with --optimizer-index K (0: g, 1: d)"
+    assert (
+        as_flags("choose one with optimizer_index=K (0: g, 1: d)") == "choose one with --optimizer-index K (0: g, 1: d)"
+    )
     assert as_flags("pass overwrite=True to replace it") == "pass --overwrite to replace it"
     assert as_flags("group 0 (weight_decay=0.01, lr=0.1)") == "group 0 (weight_decay=0.01, lr=0.1)"

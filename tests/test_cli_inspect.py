@@ -39,8 +39,20 @@ def test_json_has_the_documented_structure_and_exact_effective_lr(adamw_checkpoi
     assert o["groups"][0]["lr"] == opt.param_groups[0]["lr"]
     assert o["steps"] == {"min": 3.0, "max": 3.0, "distinct": 1, "differ": False}
     rows = {r["name"]: r for r in o["params"]}
-    required = {"name", "name_source", "index", "group", "shape", "numel", "step", "exp_avg_abs_mean",
-                "exp_avg_sq_mean", "eff_lr_min", "eff_lr_p50", "eff_lr_max"}
+    required = {
+        "name",
+        "name_source",
+        "index",
+        "group",
+        "shape",
+        "numel",
+        "step",
+        "exp_avg_abs_mean",
+        "exp_avg_sq_mean",
+        "eff_lr_min",
+        "eff_lr_p50",
+        "eff_lr_max",
+    }
     for name, p in model.named_parameters():
         row = rows[name]
         assert required <= row.keys()
@@ -91,8 +103,9 @@ def test_sort_and_top_pick_the_largest_rows(adamw_checkpoint):
     data = json.loads(run_cli("inspect", str(path), "--format", "json", "--sort", "numel", "--top", "2").stdout)
     rows = data["optimizers"][0]["params"]
     assert [r["numel"] for r in rows] == sorted((p.numel() for p in model.parameters()), reverse=True)[:2]
-    asc = json.loads(run_cli("inspect", str(path), "--format", "json", "--sort", "numel", "--ascending",
-                             "--top", "1").stdout)
+    asc = json.loads(
+        run_cli("inspect", str(path), "--format", "json", "--sort", "numel", "--ascending", "--top", "1").stdout
+    )
     assert asc["optimizers"][0]["params"][0]["numel"] == 3
 
 
@@ -159,16 +172,20 @@ def test_file_without_optimizer_state_names_its_keys(tmp_path):
 def test_unknown_sort_column_and_optimizer_index(adamw_checkpoint):
     path, _, _ = adamw_checkpoint
     one_error_line(run_cli("inspect", str(path), "--sort", "nope"), "no column 'nope'")
-    one_error_line(run_cli("inspect", str(path), "--optimizer-index", "3"), "no optimizer with index 3",
-                   "0: optimizer")
+    one_error_line(run_cli("inspect", str(path), "--optimizer-index", "3"), "no optimizer with index 3", "0: optimizer")
 
 
 def test_hostile_pickle_is_refused_by_the_cli_and_debug_shows_a_traceback(tmp_path):
     import argparse
 
     path = tmp_path / "args.pt"
-    torch.save({"optimizer": torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=1).state_dict(),
-                "args": argparse.Namespace(a=1)}, path)
+    torch.save(
+        {
+            "optimizer": torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=1).state_dict(),
+            "args": argparse.Namespace(a=1),
+        },
+        path,
+    )
     one_error_line(run_cli("inspect", str(path)), "argparse.Namespace", "--trust-pickle")
     debug = run_cli_process("inspect", str(path), "--debug")
     assert debug.returncode != 0 and "Traceback" in debug.stderr

@@ -45,12 +45,15 @@ def test_moments_of_sgd_state_is_one_line_saying_what_to_do(tmp_path):
     assert not (tmp_path / "m.png").exists()
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (["-o", "{tmp}/lr.jpg"], "unsupported figure format"),
-    (["-o", "{tmp}/lr.png", "--kind", "layer-profile", "--by", "model"], "cannot be split --by model"),
-    (["-o", "{tmp}/missing/lr.png"], "the output's directory does not exist"),
-    (["-o", "{tmp}/lr.png", "--optimizer-index", "3"], "no optimizer with index 3"),
-])
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["-o", "{tmp}/lr.jpg"], "unsupported figure format"),
+        (["-o", "{tmp}/lr.png", "--kind", "layer-profile", "--by", "model"], "cannot be split --by model"),
+        (["-o", "{tmp}/missing/lr.png"], "the output's directory does not exist"),
+        (["-o", "{tmp}/lr.png", "--optimizer-index", "3"], "no optimizer with index 3"),
+    ],
+)
 def test_bad_options_fail_with_one_line_and_exit_2(args, message, demo_run, tmp_path):
     result = run_cli("plot", demo_run[0], *[a.format(tmp=tmp_path) for a in args])
     assert result.returncode == 2, result.stderr
@@ -66,8 +69,12 @@ def test_a_trainer_checkpoint_directory_plots_layers_in_model_order(gpt2_run, tm
     fig = plot_layer_profile(str(gpt2_run.checkpoint), by="layer")
     layers = [t.get_text() for t in fig.axes[0].get_xticklabels()]
     # The model's order: embeddings, then block 0 before block 1, then the final norm.
-    assert layers.index("transformer.wte") < layers.index("transformer.h.0.attn.c_attn") \
-        < layers.index("transformer.h.1.attn.c_attn") < layers.index("transformer.ln_f")
+    assert (
+        layers.index("transformer.wte")
+        < layers.index("transformer.h.0.attn.c_attn")
+        < layers.index("transformer.h.1.attn.c_attn")
+        < layers.index("transformer.ln_f")
+    )
 
 
 def test_a_figure_is_never_written_into_an_input_directory(gpt2_run, tmp_path):

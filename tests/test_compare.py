@@ -113,9 +113,16 @@ def test_parameters_in_one_checkpoint_only_or_reshaped_are_reported_as_such(tmp_
     path = tmp_path / "other.pt"
     torch.save({"optimizer": opt.state_dict()}, path)
     statuses = compare(a, path).pairs[0].table().set_index("name")["status"].to_dict()
-    assert statuses == {"inp.weight": "both", "inp.bias": "both", "hidden.weight": "both", "hidden.bias": "both",
-                        "head.weight": "shape differs", "head.bias": "shape differs", "extra.weight": "only in B",
-                        "extra.bias": "only in B"}
+    assert statuses == {
+        "inp.weight": "both",
+        "inp.bias": "both",
+        "hidden.weight": "both",
+        "hidden.bias": "both",
+        "head.weight": "shape differs",
+        "head.bias": "shape differs",
+        "extra.weight": "only in B",
+        "extra.bias": "only in B",
+    }
 
 
 def test_several_checkpoints_pair_consecutively_or_against_the_first(tmp_path):
@@ -126,7 +133,9 @@ def test_several_checkpoints_pair_consecutively_or_against_the_first(tmp_path):
     assert [(p.a, p.b) for p in first.pairs] == [(str(paths[0]), str(paths[1])), (str(paths[0]), str(paths[2]))]
     assert first.pairs[1].table()["step_delta"].eq(5).all()
     assert set(first.table()[["a", "b"]].itertuples(index=False, name=None)) == {
-        (str(paths[0]), str(paths[1])), (str(paths[0]), str(paths[2]))}
+        (str(paths[0]), str(paths[1])),
+        (str(paths[0]), str(paths[2])),
+    }
 
 
 def test_movers_are_ranked_by_the_documented_metric_and_workers_do_not_change_numbers(tmp_path):
@@ -173,8 +182,9 @@ def test_ostate_plot_kind_compare_plots_the_comparison_tables_numbers(tmp_path):
         assert list(line.get_ydata()) == pytest.approx(list(table.loc[table["status"] == "both", "m_cosine"]))
     out = run_cli("plot", *map(str, paths), "--kind", "compare", "-o", str(tmp_path / "cmp.svg"))
     assert out.returncode == 0 and (tmp_path / "cmp.svg").stat().st_size > 10_000
-    wrong = run_cli("plot", str(paths[0]), str(paths[1]), "--kind", "compare", "--by", "layer", "-o",
-                    str(tmp_path / "x.png"))
+    wrong = run_cli(
+        "plot", str(paths[0]), str(paths[1]), "--kind", "compare", "--by", "layer", "-o", str(tmp_path / "x.png")
+    )
     assert wrong.returncode == 2 and "consecutive, first" in wrong.stderr and not (tmp_path / "x.png").exists()
 
 

@@ -207,15 +207,20 @@ def test_hf_trainer_state_converted_to_pt_steps_like_the_original(gpt2_run, tmp_
         model = GPT2LMHeadModel.from_pretrained(gpt2_run.checkpoint)
         decay = set(Trainer.get_decay_parameter_names(None, model))
         params = list(model.named_parameters())
-        groups = [{"params": [p for n, p in params if n in decay]}, {"params": [p for n, p in params if n not in decay]}]
+        groups = [
+            {"params": [p for n, p in params if n in decay]},
+            {"params": [p for n, p in params if n not in decay]},
+        ]
         optimizer = torch.optim.AdamW(groups)
         optimizer.load_state_dict(state_dict)
         return model, optimizer
 
     ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(3))
     results = []
-    for state_dict in (torch.load(gpt2_run.checkpoint / "optimizer.pt", weights_only=True),
-                       torch.load(out, weights_only=True)):
+    for state_dict in (
+        torch.load(gpt2_run.checkpoint / "optimizer.pt", weights_only=True),
+        torch.load(out, weights_only=True),
+    ):
         model, optimizer = restored(state_dict)
         model.train(False)
         model(ids, labels=ids).loss.backward()

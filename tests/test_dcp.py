@@ -41,8 +41,9 @@ def no_pg_checkpoint(tmp_path):
         optimizer.step()
         optimizer.zero_grad()
     state = get_optimizer_state_dict(model, optimizer)
-    dcp.save({"model": get_model_state_dict(model), "optimizer": state}, checkpoint_id=str(tmp_path / "ckpt"),
-             no_dist=True)
+    dcp.save(
+        {"model": get_model_state_dict(model), "optimizer": state}, checkpoint_id=str(tmp_path / "ckpt"), no_dist=True
+    )
     return tmp_path / "ckpt", model, optimizer, state
 
 
@@ -138,7 +139,8 @@ def test_metadata_is_read_with_dcps_own_classes_only(no_pg_checkpoint):
     torchs = FileSystemReader(str(path)).read_metadata()
     assert ours.planner_data == torchs.planner_data
     assert {k: type(v).__name__ for k, v in ours.state_dict_metadata.items()} == {
-        k: type(v).__name__ for k, v in torchs.state_dict_metadata.items()}
+        k: type(v).__name__ for k, v in torchs.state_dict_metadata.items()
+    }
 
 
 class Payload:
@@ -191,8 +193,11 @@ def test_a_raw_state_dict_saved_with_dcp_keeps_its_index_keys(tmp_path):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     model(torch.ones(1, 3)).sum().backward()
     optimizer.step()
-    dcp.save({"model": model.state_dict(), "optim": optimizer.state_dict()}, checkpoint_id=str(tmp_path / "raw"),
-             no_dist=True)
+    dcp.save(
+        {"model": model.state_dict(), "optim": optimizer.state_dict()},
+        checkpoint_id=str(tmp_path / "raw"),
+        no_dist=True,
+    )
     (o,) = ostate.load(tmp_path / "raw").optimizers
     assert [(p.name, p.name_source) for p in o.params] == [("weight", "model-order"), ("bias", "model-order")]
     assert torch.equal(o.param("weight").read("momentum_buffer"), optimizer.state[model.weight]["momentum_buffer"])
@@ -200,7 +205,10 @@ def test_a_raw_state_dict_saved_with_dcp_keeps_its_index_keys(tmp_path):
 
 def test_an_optimizer_that_never_stepped_has_groups_and_no_state(tmp_path):
     model = torch.nn.Linear(3, 2)
-    dcp.save({"optimizer": torch.optim.AdamW(model.parameters(), lr=0.5).state_dict()},
-             checkpoint_id=str(tmp_path / "fresh"), no_dist=True)
+    dcp.save(
+        {"optimizer": torch.optim.AdamW(model.parameters(), lr=0.5).state_dict()},
+        checkpoint_id=str(tmp_path / "fresh"),
+        no_dist=True,
+    )
     (o,) = ostate.load(tmp_path / "fresh").optimizers
     assert o.groups[0]["lr"] == 0.5 and len(o.params) == 2 and not any(p.has_state for p in o.params)

@@ -26,8 +26,10 @@ from tests.helpers.deepspeed_train import LR, STEPS, TAG, TinyNet, param_groups
 # Found, not imported: DeepSpeed runs only in the subprocesses, never inside the test process.
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
-                       reason="DeepSpeed is not installed (pip install -c constraints.txt -e '.[dev]')"),
+    pytest.mark.skipif(
+        importlib.util.find_spec("deepspeed") is None,
+        reason="DeepSpeed is not installed (pip install -c constraints.txt -e '.[dev]')",
+    ),
 ]
 
 ZERO_CASES = ["zero1", "zero2", "zero3", "zero3_subgroups", "bf16", "zero2_elastic"]
@@ -40,8 +42,12 @@ def deepspeed_runs(tmp_path_factory):
     # A private folder for the C++ ops DeepSpeed builds on first use (its shared-memory
     # all-reduce on CPU): a build killed half-way elsewhere leaves a lock file in the shared
     # ~/.cache/torch_extensions that would make every later build wait on it forever.
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONWARNINGS": "ignore",
-           "TORCH_EXTENSIONS_DIR": str(tmp_path_factory.mktemp("torch_extensions"))}
+    env = {
+        **os.environ,
+        "DS_ACCELERATOR": "cpu",
+        "PYTHONWARNINGS": "ignore",
+        "TORCH_EXTENSIONS_DIR": str(tmp_path_factory.mktemp("torch_extensions")),
+    }
     # Two processes on a shared machine (a free port taken meanwhile, a C++ op cache being
     # rebuilt by another process) can fail to start; one retry in a fresh folder, then report both.
     failures = []
@@ -55,8 +61,19 @@ def deepspeed_runs(tmp_path_factory):
         pytest.fail("tests/helpers/deepspeed_train.py failed twice:\n" + "\n---\n".join(failures))
     for case in UNIVERSAL_CASES:
         tag_dir = out / case / TAG
-        _run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
-              "--output_folder", f"{tag_dir}_universal", "--inject_missing_state"], env)
+        _run(
+            [
+                sys.executable,
+                "-m",
+                "deepspeed.checkpoint.ds_to_universal",
+                "--input_folder",
+                str(tag_dir),
+                "--output_folder",
+                f"{tag_dir}_universal",
+                "--inject_missing_state",
+            ],
+            env,
+        )
     return out
 
 
@@ -65,8 +82,7 @@ def _run(cmd, env, check=True):
         done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     except subprocess.TimeoutExpired as e:
         printed = (e.stdout or b"")[-3000:] + (e.stderr or b"")[-3000:]
-        pytest.fail(f"{' '.join(cmd)} ran past {e.timeout} s; it printed:\n"
-                    + printed.decode(errors="replace"))
+        pytest.fail(f"{' '.join(cmd)} ran past {e.timeout} s; it printed:\n" + printed.decode(errors="replace"))
     assert not check or done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done
 
@@ -95,13 +111,17 @@ def test_partitioned_state_is_rebuilt_exactly_as_deepspeed_gathers_it(deepspeed_
     assert {p.name_source for p in ckpt.optimizers[0].params} == {"fqn"}
 
 
-@pytest.mark.parametrize(("case", "optimizer_class", "step"), [
-    ("zero0", "torch", STEPS),
-    # FP16_UnfusedOptimizer's first step happens inside deepspeed.initialize, with zero gradients.
-    ("bf16_zero0", "FP16_UnfusedOptimizer", STEPS + 1),
-])
-def test_stage_0_state_is_named_by_model_order_and_equals_the_torch_optimizer(deepspeed_runs, case,
-                                                                              optimizer_class, step):
+@pytest.mark.parametrize(
+    ("case", "optimizer_class", "step"),
+    [
+        ("zero0", "torch", STEPS),
+        # FP16_UnfusedOptimizer's first step happens inside deepspeed.initialize, with zero gradients.
+        ("bf16_zero0", "FP16_UnfusedOptimizer", STEPS + 1),
+    ],
+)
+def test_stage_0_state_is_named_by_model_order_and_equals_the_torch_optimizer(
+    deepspeed_runs, case, optimizer_class, step
+):
     ckpt = ostate.load(deepspeed_runs / case)
     assert_matches_truth(ckpt, truth(deepspeed_runs / case))
     assert ckpt.metadata["optimizer_class"] == optimizer_class and ckpt.metadata["zero_stage"] == 0
@@ -124,7 +144,11 @@ def test_groups_hyperparameters_steps_and_frozen_parameter_come_from_the_files(d
     assert o.kind == "adamw" and o.kind_source == "detected"
     assert [(g["lr"], g["weight_decay"]) for g in o.groups[:2]] == [(LR[0], 0.01), (LR[1], 0.0)]
     assert {p.name: p.group for p in o.params if p.has_state} == {
-        "embed.weight": 0, "head.weight": 0, "embed.bias": 1, "head.bias": 1}
+        "embed.weight": 0,
+        "head.weight": 0,
+        "embed.bias": 1,
+        "head.bias": 1,
+    }
     assert {p.step for p in o.params if p.has_state} == {float(STEPS)}
     frozen = o.param("frozen.weight")
     assert not frozen.has_state and frozen.shape == (5, 13) and o.groups[frozen.group] == {"frozen": True}
@@ -140,11 +164,14 @@ def test_frozen_weight_and_buffer_are_the_saved_model_values(deepspeed_runs, cas
     assert torch.equal(weights["scale"].read().float(), initial.scale)
 
 
-@pytest.mark.parametrize(("case", "stage", "optimizer_class", "bf16"), [
-    ("zero2", 2, "DeepSpeedZeroOptimizer", False),
-    ("zero3", 3, "DeepSpeedZeroOptimizer_Stage3", False),
-    ("bf16", 1, "BF16_Optimizer", True),
-])
+@pytest.mark.parametrize(
+    ("case", "stage", "optimizer_class", "bf16"),
+    [
+        ("zero2", 2, "DeepSpeedZeroOptimizer", False),
+        ("zero3", 3, "DeepSpeedZeroOptimizer_Stage3", False),
+        ("bf16", 1, "BF16_Optimizer", True),
+    ],
+)
 def test_metadata_records_steps_world_size_stage_and_precision(deepspeed_runs, case, stage, optimizer_class, bf16):
     meta = ostate.load(deepspeed_runs / case).metadata
     assert meta["global_step"] == meta["global_steps"] == STEPS
@@ -191,8 +218,11 @@ def test_numbers_equal_those_of_the_same_state_saved_by_plain_torch(deepspeed_ru
     for name, tensors in expected.items():
         with torch.no_grad():
             named[name].copy_(tensors["fp32"])
-        opt.state[named[name]] = {"step": torch.tensor(float(STEPS)), "exp_avg": tensors["exp_avg"].float(),
-                                  "exp_avg_sq": tensors["exp_avg_sq"].float()}
+        opt.state[named[name]] = {
+            "step": torch.tensor(float(STEPS)),
+            "exp_avg": tensors["exp_avg"].float(),
+            "exp_avg_sq": tensors["exp_avg_sq"].float(),
+        }
     torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, tmp_path / "plain.pt")
 
     columns = lambda df: df[df["has_state"]].drop(columns=["optimizer", "name_source", "index"]).set_index("name")

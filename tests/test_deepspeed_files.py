@@ -77,8 +77,10 @@ def test_user_choice_of_optimizer_family_wins_over_the_config():
 
 def test_reading_needs_no_deepspeed_module(tmp_path):
     # deepspeed set to None in sys.modules makes any import of it fail.
-    code = ("import sys; sys.modules['deepspeed'] = None; import ostate; "
-            f"c = ostate.load({str(ZERO3)!r}); print(len(c.optimizers[0].params))")
+    code = (
+        "import sys; sys.modules['deepspeed'] = None; import ostate; "
+        f"c = ostate.load({str(ZERO3)!r}); print(len(c.optimizers[0].params))"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "5"
@@ -128,7 +130,9 @@ def test_missing_rank_file_is_an_error_that_says_which(tmp_path):
     (run / TAG / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
     with pytest.raises(OstateError, match="saved by 2 data-parallel ranks but 1 optimizer files"):
         ostate.load(run)
-    (run / TAG / "zero_pp_rank_0_mp_rank_00_optim_states.pt").rename(run / TAG / "zero_pp_rank_1_mp_rank_00_optim_states.pt")
+    (run / TAG / "zero_pp_rank_0_mp_rank_00_optim_states.pt").rename(
+        run / TAG / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    )
     with pytest.raises(OstateError, match="rank 0 are missing"):
         ostate.load(run)
 
@@ -157,10 +161,13 @@ def test_rank_files_of_a_different_world_size_are_refused(tmp_path):
         ostate.load(run)
 
 
-@pytest.mark.parametrize(("fixture", "model_file"), [
-    (ZERO2, "mp_rank_00_model_states.pt"),
-    (ZERO3, "zero_pp_rank_0_mp_rank_00_model_states.pt"),
-])
+@pytest.mark.parametrize(
+    ("fixture", "model_file"),
+    [
+        (ZERO2, "mp_rank_00_model_states.pt"),
+        (ZERO3, "zero_pp_rank_0_mp_rank_00_model_states.pt"),
+    ],
+)
 def test_param_shapes_that_do_not_fit_the_partitions_are_refused(tmp_path, fixture, model_file):
     run = copy_of(fixture, tmp_path)
     rewrite(run / TAG / model_file, lambda ms: ms["param_shapes"][0].update({"embed.weight": torch.Size([13, 70])}))
@@ -168,11 +175,14 @@ def test_param_shapes_that_do_not_fit_the_partitions_are_refused(tmp_path, fixtu
         ostate.load(run)
 
 
-@pytest.mark.parametrize(("extra_file", "what"), [
-    ("mp_rank_01_model_states.pt", "tensor-parallel"),
-    ("layer_03_expert_1_mp_rank_00_model_states.pt", "mixture-of-experts"),
-    ("expp_rank_0_mp_rank_00_optim_states.pt", "mixture-of-experts"),
-])
+@pytest.mark.parametrize(
+    ("extra_file", "what"),
+    [
+        ("mp_rank_01_model_states.pt", "tensor-parallel"),
+        ("layer_03_expert_1_mp_rank_00_model_states.pt", "mixture-of-experts"),
+        ("expp_rank_0_mp_rank_00_optim_states.pt", "mixture-of-experts"),
+    ],
+)
 def test_unsupported_parallel_layouts_are_refused_with_what_to_do(tmp_path, extra_file, what):
     # File names as DeepSpeed's runtime/engine.py writes them for tensor parallelism and experts.
     run = copy_of(ZERO2, tmp_path)
@@ -194,7 +204,9 @@ def test_cli_inspects_a_deepspeed_folder_and_reports_bad_ones_in_one_line(tmp_pa
 
 def test_sniff_recognises_save_and_tag_folders_only(tmp_path):
     assert deepspeed.is_deepspeed_folder(ZERO2) and deepspeed.is_deepspeed_folder(ZERO2 / TAG)
-    assert not deepspeed.is_deepspeed_folder(tmp_path) and not deepspeed.is_deepspeed_folder(ZERO2 / TAG / "mp_rank_00_model_states.pt")
+    assert not deepspeed.is_deepspeed_folder(tmp_path) and not deepspeed.is_deepspeed_folder(
+        ZERO2 / TAG / "mp_rank_00_model_states.pt"
+    )
 
 
 def test_alignment_padding_between_parameters_is_skipped():
@@ -212,9 +224,14 @@ def test_alignment_padding_between_parameters_is_skipped():
     world = 2
     flat = torch.cat([flat, torch.zeros(-flat.numel() % (2 * world))])
     pieces = flat.chunk(world)
-    shards = [{"base_optimizer_state": {"state": {0: {"step": torch.tensor(1.0), "exp_avg": 2 * piece}}},
-               "single_partition_of_fp32_groups": [piece], "param_alignment_paddings": [paddings]}
-              for piece in pieces]
+    shards = [
+        {
+            "base_optimizer_state": {"state": {0: {"step": torch.tensor(1.0), "exp_avg": 2 * piece}}},
+            "single_partition_of_fp32_groups": [piece],
+            "param_alignment_paddings": [paddings],
+        }
+        for piece in pieces
+    ]
     params = stage_1_2_params([shapes], shards, "test")
     for p in params:
         assert p.shape == shapes[p.name]
@@ -229,8 +246,10 @@ def test_rank_files_are_ordered_by_rank_number_not_by_name(tmp_path):
     (tmp_path / "mp_rank_00_model_states.pt").touch()
     files = tag_files(str(tmp_path))
     assert [os.path.basename(f) for f in files.optim_files][:3] == [
-        "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt", "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt",
-        "bf16_zero_pp_rank_2_mp_rank_00_optim_states.pt"]
+        "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt",
+        "bf16_zero_pp_rank_2_mp_rank_00_optim_states.pt",
+    ]
     assert files.optim_files[-1].endswith("bf16_zero_pp_rank_11_mp_rank_00_optim_states.pt") and files.bf16
 
 
@@ -240,8 +259,9 @@ def test_a_trainer_checkpoint_saved_under_deepspeed_shows_the_trainers_step_and_
     import json
 
     folder = copy_of(ZERO2, tmp_path)
-    (folder / "trainer_state.json").write_text(json.dumps(
-        {"global_step": 3, "epoch": 1.5, "log_history": [{"learning_rate": 2e-4, "step": 3}]}))
+    (folder / "trainer_state.json").write_text(
+        json.dumps({"global_step": 3, "epoch": 1.5, "log_history": [{"learning_rate": 2e-4, "step": 3}]})
+    )
     model = torch.nn.Linear(2, 2)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)

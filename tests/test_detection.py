@@ -61,8 +61,11 @@ def test_an_optimizer_that_never_stepped_is_recognised_by_its_group_keys(name):
 def test_adam_radam_nadam_and_sparse_adam_share_state_keys_but_not_group_keys():
     keys = frozenset({"step", "exp_avg", "exp_avg_sq"})
     p = [torch.nn.Parameter(torch.zeros(2))]
-    for make, kind in [(torch.optim.Adam, "adam"), (torch.optim.RAdam, "radam"), (torch.optim.SparseAdam,
-                                                                                  "sparse_adam")]:
+    for make, kind in [
+        (torch.optim.Adam, "adam"),
+        (torch.optim.RAdam, "radam"),
+        (torch.optim.SparseAdam, "sparse_adam"),
+    ]:
         group = {k: v for k, v in make(p).state_dict()["param_groups"][0].items() if k != "params"}
         assert detect(keys, [group])[:2] == (kind, "detected")
 

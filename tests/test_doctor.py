@@ -173,16 +173,28 @@ def test_a_trainer_run_saved_at_its_last_step_has_a_finished_linear_schedule(tmp
     from tests.helpers.builders import RandomTokens, tiny_gpt2
 
     torch.manual_seed(0)
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, save_steps=2, per_device_train_batch_size=4,
-                             learning_rate=1e-3, weight_decay=0.1, lr_scheduler_type="linear", report_to=[],
-                             use_cpu=True, disable_tqdm=True, seed=0)
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=2,
+        save_steps=2,
+        per_device_train_batch_size=4,
+        learning_rate=1e-3,
+        weight_decay=0.1,
+        lr_scheduler_type="linear",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+    )
     Trainer(model=tiny_gpt2(), args=args, train_dataset=RandomTokens(64)).train()
     found = codes(doctor(tmp_path / "checkpoint-2"))
     assert "lr-zero" in found and "global_step 2 of max_steps 2" in found["schedule-finished"].evidence[0].detail
     # The Trainer's grouping keeps norms and biases out of weight decay; its embeddings are decayed.
     assert "weight-decay-on-norms-or-biases" not in found
-    assert {e.subject for e in found["weight-decay-on-embeddings"].evidence} == {"transformer.wte.weight",
-                                                                                 "transformer.wpe.weight"}
+    assert {e.subject for e in found["weight-decay-on-embeddings"].evidence} == {
+        "transformer.wte.weight",
+        "transformer.wpe.weight",
+    }
 
 
 def test_steps_that_differ_within_a_group_are_flagged(tmp_path):
@@ -298,8 +310,9 @@ def test_every_code_is_documented_and_unknown_codes_to_ignore_are_refused(tmp_pa
 
     source = (REPO / "ostate" / "doctor" / "checks.py").read_text()
     used = set(re.findall(r'"(?:error|warning|info)",\s*"([a-z0-9-]+)"', source)) - {"warning", "error"}
-    documented = re.findall(r"^\| `([a-z0-9-]+)` \| (?:error|warning|info)", (REPO / "docs" / "doctor.md").read_text(),
-                            re.M)
+    documented = re.findall(
+        r"^\| `([a-z0-9-]+)` \| (?:error|warning|info)", (REPO / "docs" / "doctor.md").read_text(), re.M
+    )
     assert used == set(CODES) and tuple(documented) == CODES
     path = tmp_path / "x.pt"
     torch.save({"optimizer": torch.optim.AdamW(torch.nn.Linear(2, 2).parameters()).state_dict()}, path)

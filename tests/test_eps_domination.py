@@ -56,17 +56,25 @@ def _root_over_bc2(v, beta2, step):
 
 # family -> (model, optimizer factory, sqrt(s_hat) of one parameter's saved state and group)
 CASES = {
-    "nadam": (Net, lambda ps: torch.optim.NAdam(ps, eps=EPS),
-              lambda s, g: _root_over_bc2(s["exp_avg_sq"], g["betas"][1], float(s["step"]))),
+    "nadam": (
+        Net,
+        lambda ps: torch.optim.NAdam(ps, eps=EPS),
+        lambda s, g: _root_over_bc2(s["exp_avg_sq"], g["betas"][1], float(s["step"])),
+    ),
     "radam": (Net, lambda ps: torch.optim.RAdam(ps, eps=EPS), lambda s, g: s["exp_avg_sq"].sqrt()),
     "sparse_adam": (Embedder, lambda ps: torch.optim.SparseAdam(ps, eps=EPS), lambda s, g: s["exp_avg_sq"].sqrt()),
     "adagrad": (Net, lambda ps: torch.optim.Adagrad(ps, eps=EPS * 10), lambda s, g: s["sum"].sqrt()),
-    "rmsprop": (Net, lambda ps: torch.optim.RMSprop(ps, eps=EPS, centered=True),
-                lambda s, g: (s["square_avg"] - s["grad_avg"] ** 2).sqrt()),
-    "schedulefree_adamw": (Net, _schedulefree,
-                           lambda s, g: _root_over_bc2(s["exp_avg_sq"], g["betas"][1], g["k"])),
-    "bnb_adam": (Big, _bnb("AdamW8bit", lr=1e-3, eps=EPS),
-                 lambda s, g: _root_over_bc2(_dequantized_state(s, 2), g["betas"][1], s["step"])),
+    "rmsprop": (
+        Net,
+        lambda ps: torch.optim.RMSprop(ps, eps=EPS, centered=True),
+        lambda s, g: (s["square_avg"] - s["grad_avg"] ** 2).sqrt(),
+    ),
+    "schedulefree_adamw": (Net, _schedulefree, lambda s, g: _root_over_bc2(s["exp_avg_sq"], g["betas"][1], g["k"])),
+    "bnb_adam": (
+        Big,
+        _bnb("AdamW8bit", lr=1e-3, eps=EPS),
+        lambda s, g: _root_over_bc2(_dequantized_state(s, 2), g["betas"][1], s["step"]),
+    ),
     "bnb_rmsprop": (Big, _bnb("RMSprop8bit", lr=1e-3, eps=EPS), lambda s, g: _dequantized_state(s, 1).sqrt()),
     "bnb_adagrad": (Big, _bnb("Adagrad8bit", lr=0.01, eps=EPS * 10), lambda s, g: _dequantized_state(s, 1).sqrt()),
 }

@@ -16,8 +16,9 @@ EXAMPLES = sorted(p.name for p in (REPO / "examples").glob("*.py"))
 @pytest.mark.parametrize("name", EXAMPLES)
 def test_example_runs(name, tmp_path):
     try:
-        done = subprocess.run([sys.executable, str(REPO / "examples" / name)], cwd=tmp_path, capture_output=True,
-                              text=True, timeout=600)
+        done = subprocess.run(
+            [sys.executable, str(REPO / "examples" / name)], cwd=tmp_path, capture_output=True, text=True, timeout=600
+        )
     except subprocess.TimeoutExpired as e:
         printed = (e.stdout or b"")[-2000:] + (e.stderr or b"")[-2000:]
         pytest.fail(f"examples/{name} ran past {e.timeout} s; it printed:\n" + printed.decode(errors="replace"))

@@ -48,7 +48,9 @@ def test_format_hint_forces_a_reader_and_its_error_is_specific(pt_file):
         ostate.load(pt_file.parent, format_hint="torch")
     with pytest.raises(OstateError, match="not a directory"):
         ostate.load(pt_file, format_hint="dcp")
-    with pytest.raises(OstateError, match="unknown format 'nope'.*hf-trainer, accelerate, dcp, deepspeed, safetensors, torch"):
+    with pytest.raises(
+        OstateError, match="unknown format 'nope'.*hf-trainer, accelerate, dcp, deepspeed, safetensors, torch"
+    ):
         ostate.load(pt_file, format_hint="nope")
 
 
@@ -61,7 +63,9 @@ def test_cli_format_hint_is_offered_and_checked(pt_file):
 def test_an_unknown_directory_lists_what_it_found(tmp_path):
     (tmp_path / "notes.txt").write_text("x")
     (tmp_path / "weights.npz").write_bytes(b"x")
-    with pytest.raises(OstateError, match=r"no checkpoint layout recognised.*found: notes.txt, weights.npz.*format_hint=NAME"):
+    with pytest.raises(
+        OstateError, match=r"no checkpoint layout recognised.*found: notes.txt, weights.npz.*format_hint=NAME"
+    ):
         ostate.load(tmp_path)
 
 

@@ -34,10 +34,16 @@ def built(tmp_path_factory):
 def test_mutated_checkpoints_end_in_a_clear_error_or_a_result(built, layout):
     spec = built[layout]
 
-    @settings(max_examples=150, derandomize=True, deadline=20_000, database=None,
-              suppress_health_check=[HealthCheck.too_slow])
-    @given(file_index=st.integers(min_value=0, max_value=50), kind=st.sampled_from(specimens.MUTATIONS),
-           a=POSITIONS, b=POSITIONS, c=POSITIONS)
+    @settings(
+        max_examples=150, derandomize=True, deadline=20_000, database=None, suppress_health_check=[HealthCheck.too_slow]
+    )
+    @given(
+        file_index=st.integers(min_value=0, max_value=50),
+        kind=st.sampled_from(specimens.MUTATIONS),
+        a=POSITIONS,
+        b=POSITIONS,
+        c=POSITIONS,
+    )
     def check(file_index, kind, a, b, c):
         work = Path(tempfile.mkdtemp(prefix="ostate-fuzz-"))
         try:

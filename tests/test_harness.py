@@ -23,8 +23,14 @@ from tests.helpers import harness_tasks as ht
 
 
 def tiny_task(source, **changes) -> Task:
-    parts = dict(name="tiny", model=ht.make_model, train_batches=ht.target_batches, loss=ht.mse,
-                 evaluate=ht.evaluate, source=str(source))
+    parts = dict(
+        name="tiny",
+        model=ht.make_model,
+        train_batches=ht.target_batches,
+        loss=ht.mse,
+        evaluate=ht.evaluate,
+        source=str(source),
+    )
     return Task(**{**parts, **changes})
 
 
@@ -53,8 +59,11 @@ def test_the_median_effective_lr_is_ostates_own_analysis_of_the_trials_optimizer
     expected = ostate.analyze(ostate.from_state_dict(source.optimizer_state), by="group")["eff_lr_p50"]
     # With lr=... set back to the source's and no step, the trial would see the same table; after
     # one step at lr=1e-9 the weights barely move and the median is the source's rescaled by lr.
-    result = run_trial(tiny_task(adamw_source), adamw_source,
-                       TrialConfig("reload", 0, 1e-9, steps=1, eval_every=1, schedule="constant"))
+    result = run_trial(
+        tiny_task(adamw_source),
+        adamw_source,
+        TrialConfig("reload", 0, 1e-9, steps=1, eval_every=1, schedule="constant"),
+    )
     saved_lr = source.optimizer_state["param_groups"][0]["lr"]
     measured = records_of(result, "eff_lr_p50", 0)[1]
     assert measured == pytest.approx(expected[0] * 1e-9 / saved_lr, rel=0.15)
@@ -64,7 +73,9 @@ def test_same_seed_same_numbers_and_another_seed_other_numbers(adamw_source):
     config = TrialConfig("keep-v", 3, 1e-3, steps=5, eval_every=5)
     a = run_trial(tiny_task(adamw_source), adamw_source, config, threads=1)
     b = run_trial(tiny_task(adamw_source), adamw_source, config, threads=1)
-    c = run_trial(tiny_task(adamw_source), adamw_source, TrialConfig("keep-v", 4, 1e-3, steps=5, eval_every=5), threads=1)
+    c = run_trial(
+        tiny_task(adamw_source), adamw_source, TrialConfig("keep-v", 4, 1e-3, steps=5, eval_every=5), threads=1
+    )
     assert a.records == b.records
     assert records_of(a, "train_loss") != records_of(c, "train_loss")
     assert a.trial_id == b.trial_id != c.trial_id
@@ -87,6 +98,7 @@ def test_keep_v_records_the_age_of_v_and_the_new_head_starts_fresh_in_its_own_gr
     assert result.info["new_weights"] == ["2.weight", "2.bias"]
     assert set(result.info["started_fresh"]) == {"2.weight", "2.bias"}
     from ostate.harness.transfer import optimizer_like_source
+
     opt = optimizer_like_source(load_source(source))(ht.wide_model(), 1e-3)
     assert [len(g["params"]) for g in opt.param_groups] == [1, 1, 2]  # decay, no-decay, new head
     assert V_AGE_KEY not in opt.param_groups[2]
@@ -96,8 +108,16 @@ def test_a_source_of_another_optimizer_kind_is_refused_before_any_trial(tmp_path
     source = ht.make_source(tmp_path / "sgd.pt", optimizer="sgd")
     task = tiny_task(source, optimizer=lambda model, lr: torch.optim.AdamW(model.parameters(), lr=lr))
     with pytest.raises(OstateError, match="source's optimizer state is sgd but the fine-tuning optimizer is adamw"):
-        run(Spec(task, Sweep(strategies=["reload"], seeds=[0], steps=1), store=tmp_path / "r.sqlite", out=None,
-                 workers=1, progress=False))
+        run(
+            Spec(
+                task,
+                Sweep(strategies=["reload"], seeds=[0], steps=1),
+                store=tmp_path / "r.sqlite",
+                out=None,
+                workers=1,
+                progress=False,
+            )
+        )
 
 
 class MyAdamW(torch.optim.AdamW):
@@ -108,8 +128,12 @@ class MyAdamW(torch.optim.AdamW):
 def test_a_subclass_of_the_sources_optimizer_runs_a_trial_exactly_like_the_optimizer_itself(adamw_source, strategy):
     config = TrialConfig(strategy, 0, 1e-3, steps=2, eval_every=2)
     plain, sub = (
-        run_trial(tiny_task(adamw_source, optimizer=lambda model, lr, cls=cls: cls(model.named_parameters(), lr=lr)),
-                  adamw_source, config, threads=1)
+        run_trial(
+            tiny_task(adamw_source, optimizer=lambda model, lr, cls=cls: cls(model.named_parameters(), lr=lr)),
+            adamw_source,
+            config,
+            threads=1,
+        )
         for cls in (torch.optim.AdamW, MyAdamW)
     )
     assert sub.info["optimizer"] == plain.info["optimizer"] == "adamw"
@@ -120,8 +144,16 @@ def test_a_subclass_of_the_sources_optimizer_runs_a_trial_exactly_like_the_optim
 def test_a_strategy_that_does_not_apply_stops_the_ablation_with_one_clear_error(tmp_path):
     source = ht.make_source(tmp_path / "sgd.pt", optimizer="sgd")
     with pytest.raises(OstateError, match="strategy 'reset-v'.*has no second moment"):
-        run(Spec(tiny_task(source), Sweep(strategies=["reload", "reset-v"], seeds=[0], steps=1),
-                 store=tmp_path / "r.sqlite", out=None, workers=1, progress=False))
+        run(
+            Spec(
+                tiny_task(source),
+                Sweep(strategies=["reload", "reset-v"], seeds=[0], steps=1),
+                store=tmp_path / "r.sqlite",
+                out=None,
+                workers=1,
+                progress=False,
+            )
+        )
     assert not (tmp_path / "r.sqlite").exists() or ResultsStore(tmp_path / "r.sqlite").done_ids() == set()
 
 
@@ -140,8 +172,14 @@ def test_a_source_whose_parameters_cannot_be_named_is_refused(tmp_path):
 
 def test_resume_skips_finished_trials_and_runs_only_new_ones(adamw_source, tmp_path):
     store = tmp_path / "r.sqlite"
-    spec = Spec(tiny_task(adamw_source), Sweep(strategies=["reload", "fresh"], seeds=[0, 1], steps=3, eval_every=3),
-                store=store, out=None, workers=1, progress=False)
+    spec = Spec(
+        tiny_task(adamw_source),
+        Sweep(strategies=["reload", "fresh"], seeds=[0, 1], steps=3, eval_every=3),
+        store=store,
+        out=None,
+        workers=1,
+        progress=False,
+    )
     first = run(spec)
     assert (first.ran, first.skipped) == (4, 0)
     before = ResultsStore(store).table()
@@ -165,11 +203,21 @@ def test_an_interrupted_run_keeps_every_finished_trial_and_a_rerun_continues(ada
     store = tmp_path / "r.sqlite"
     sweep = Sweep(strategies=["reload", "fresh", "reset-m"], seeds=[0], steps=2, eval_every=2)
     with pytest.raises(KeyboardInterrupt):
-        run(Spec(tiny_task(adamw_source, evaluate=evaluate_then_interrupt), sweep, store=store, out=None, workers=1,
-                 progress=False))
+        run(
+            Spec(
+                tiny_task(adamw_source, evaluate=evaluate_then_interrupt),
+                sweep,
+                store=store,
+                out=None,
+                workers=1,
+                progress=False,
+            )
+        )
     with sqlite3.connect(store) as db:
         assert db.execute("SELECT strategy, status FROM trials ORDER BY rowid").fetchall() == [
-            ("reload", "done"), ("fresh", "done")]
+            ("reload", "done"),
+            ("fresh", "done"),
+        ]
         finished = {row[0] for row in db.execute("SELECT trial_id FROM trials")}
         assert {row[0] for row in db.execute("SELECT DISTINCT trial_id FROM records")} == finished
     again = run(Spec(tiny_task(adamw_source), sweep, store=store, out=None, workers=1, progress=False))
@@ -178,9 +226,14 @@ def test_an_interrupted_run_keeps_every_finished_trial_and_a_rerun_continues(ada
 
 def test_a_failed_trial_is_recorded_and_retried_on_the_next_run(adamw_source, tmp_path):
     store = tmp_path / "r.sqlite"
-    spec = Spec(tiny_task(adamw_source, train_batches=ht.failing_batches),
-                Sweep(strategies=["reload"], seeds=[0, 1], steps=2, eval_every=2),
-                store=store, out=None, workers=1, progress=False)
+    spec = Spec(
+        tiny_task(adamw_source, train_batches=ht.failing_batches),
+        Sweep(strategies=["reload"], seeds=[0, 1], steps=2, eval_every=2),
+        store=store,
+        out=None,
+        workers=1,
+        progress=False,
+    )
     result = run(spec)
     assert result.ran == 1 and len(result.failed) == 1 and "data for seed 1 is unavailable" in result.failed[0][1]
     trials = ResultsStore(store).trials(status="failed")
@@ -192,10 +245,17 @@ def test_a_failed_trial_is_recorded_and_retried_on_the_next_run(adamw_source, tm
 @pytest.mark.slow
 def test_a_small_ablation_of_a_builtin_task_end_to_end_on_the_process_pool(tmp_path):
     task = builtin_task("sans-to-serif", pretrain_steps=20, progress=False)
-    spec = Spec(task, Sweep(strategies=["fresh", "reload", "reset-v", "keep-v"], seeds=[0, 1], steps=4, eval_every=2,
-                            batch_size=[16]),
-                store=tmp_path / "out" / "results.sqlite", out=tmp_path / "out", workers=2, cache_dir=tmp_path / "cache",
-                progress=False)
+    spec = Spec(
+        task,
+        Sweep(
+            strategies=["fresh", "reload", "reset-v", "keep-v"], seeds=[0, 1], steps=4, eval_every=2, batch_size=[16]
+        ),
+        store=tmp_path / "out" / "results.sqlite",
+        out=tmp_path / "out",
+        workers=2,
+        cache_dir=tmp_path / "cache",
+        progress=False,
+    )
     result = run(spec)
     assert (result.ran, result.skipped, result.failed) == (8, 0, [])
     table = result.summary.strategies
@@ -216,18 +276,37 @@ def test_a_small_ablation_of_a_builtin_task_end_to_end_on_the_process_pool(tmp_p
     alone = run_trial(task, result.source, config, threads=1)
     stored = ResultsStore(spec.store).records()
     stored = stored[stored["trial_id"] == alone.trial_id]
-    assert sorted(map(tuple, stored[["step", "metric", "grp", "value"]].itertuples(index=False, name=None))) == \
-        sorted(alone.records)
+    assert sorted(map(tuple, stored[["step", "metric", "grp", "value"]].itertuples(index=False, name=None))) == sorted(
+        alone.records
+    )
 
 
 @pytest.mark.slow
 def test_the_ray_executor_in_local_mode_gives_the_same_numbers_as_the_local_pool(adamw_source, tmp_path):
     pytest.importorskip("ray")
     sweep = Sweep(strategies=["reload", "keep-v"], seeds=[0, 1], steps=3, eval_every=3)
-    local = run(Spec(tiny_task(adamw_source), copy.deepcopy(sweep), store=tmp_path / "local.sqlite", out=None,
-                     workers=2, threads=1, progress=False))
-    ray = run(Spec(tiny_task(adamw_source), copy.deepcopy(sweep), store=tmp_path / "ray.sqlite", out=None,
-                   executor="ray", workers=2, progress=False))
+    local = run(
+        Spec(
+            tiny_task(adamw_source),
+            copy.deepcopy(sweep),
+            store=tmp_path / "local.sqlite",
+            out=None,
+            workers=2,
+            threads=1,
+            progress=False,
+        )
+    )
+    ray = run(
+        Spec(
+            tiny_task(adamw_source),
+            copy.deepcopy(sweep),
+            store=tmp_path / "ray.sqlite",
+            out=None,
+            executor="ray",
+            workers=2,
+            progress=False,
+        )
+    )
     assert (local.ran, ray.ran) == (4, 4)
     a = ResultsStore(local.store).table().sort_values(["trial_id", "step", "metric", "grp"]).reset_index(drop=True)
     b = ResultsStore(ray.store).table().sort_values(["trial_id", "step", "metric", "grp"]).reset_index(drop=True)
@@ -237,13 +316,27 @@ def test_the_ray_executor_in_local_mode_gives_the_same_numbers_as_the_local_pool
 def test_a_task_of_lambdas_on_the_process_pool_is_refused_with_what_to_do(adamw_source, tmp_path):
     task = tiny_task(adamw_source, evaluate=lambda model: 0.0)
     with pytest.raises(OstateError, match="cannot be sent to worker processes.*module level"):
-        run(Spec(task, Sweep(strategies=["reload"], seeds=[0, 1], steps=1), store=tmp_path / "r.sqlite", out=None,
-                 workers=2, progress=False))
+        run(
+            Spec(
+                task,
+                Sweep(strategies=["reload"], seeds=[0, 1], steps=1),
+                store=tmp_path / "r.sqlite",
+                out=None,
+                workers=2,
+                progress=False,
+            )
+        )
 
 
 def test_export_writes_every_record_with_its_settings_as_csv_and_parquet(adamw_source, tmp_path):
-    spec = Spec(tiny_task(adamw_source), Sweep(strategies=["reload"], seeds=[0], steps=2, eval_every=2),
-                store=tmp_path / "r.sqlite", out=None, workers=1, progress=False)
+    spec = Spec(
+        tiny_task(adamw_source),
+        Sweep(strategies=["reload"], seeds=[0], steps=2, eval_every=2),
+        store=tmp_path / "r.sqlite",
+        out=None,
+        workers=1,
+        progress=False,
+    )
     run(spec)
     store = ResultsStore(spec.store)
     csv = pd.read_csv(store.export(tmp_path / "all.csv"))
@@ -259,20 +352,37 @@ def _synthetic(curves: dict[tuple[str, int], list[float]], steps=(0, 10, 20)):
     trials, records = [], []
     for i, ((strategy, seed), losses) in enumerate(curves.items()):
         tid = f"t{i}"
-        trials.append(dict(trial_id=tid, strategy=strategy, seed=seed, lr=1e-3, warmup=0, batch_size=32,
-                           schedule="cosine", steps=steps[-1]))
+        trials.append(
+            dict(
+                trial_id=tid,
+                strategy=strategy,
+                seed=seed,
+                lr=1e-3,
+                warmup=0,
+                batch_size=32,
+                schedule="cosine",
+                steps=steps[-1],
+            )
+        )
         for step, loss in zip(steps, losses):
             records.append(dict(trial_id=tid, step=step, metric="eval_loss", grp=ALL, value=loss))
-        records.append(dict(trial_id=tid, step=1, metric="train_loss", grp=ALL,
-                            value=math.inf if math.isnan(losses[-1]) else 1.0))
+        records.append(
+            dict(trial_id=tid, step=1, metric="train_loss", grp=ALL, value=math.inf if math.isnan(losses[-1]) else 1.0)
+        )
     return pd.DataFrame(trials), pd.DataFrame(records)
 
 
 def test_summary_statistics_follow_their_definitions():
-    trials, records = _synthetic({
-        ("reload", 0): [4.0, 2.0, 1.0], ("reload", 1): [4.0, 2.0, 1.3], ("reload", 2): [4.0, 2.0, 1.1],
-        ("fresh", 0): [4.0, 3.0, 1.2], ("fresh", 1): [4.0, 3.0, 1.5], ("fresh", 2): [4.0, 1.0, 1.3],
-    })
+    trials, records = _synthetic(
+        {
+            ("reload", 0): [4.0, 2.0, 1.0],
+            ("reload", 1): [4.0, 2.0, 1.3],
+            ("reload", 2): [4.0, 2.0, 1.1],
+            ("fresh", 0): [4.0, 3.0, 1.2],
+            ("fresh", 1): [4.0, 3.0, 1.5],
+            ("fresh", 2): [4.0, 1.0, 1.3],
+        }
+    )
     s = summarize_trials(trials, records)
     reload, fresh = (s.strategies.set_index("strategy").loc[k] for k in ("reload", "fresh"))
     std = statistics.stdev([1.0, 1.3, 1.1])
@@ -291,10 +401,14 @@ def test_summary_statistics_follow_their_definitions():
 
 
 def test_diverged_trials_are_counted_and_left_out_of_the_means():
-    trials, records = _synthetic({
-        ("reload", 0): [4.0, 2.0, 1.0], ("reload", 1): [4.0, 2.0, 1.2],
-        ("reset-v", 0): [4.0, 9.0, math.nan], ("reset-v", 1): [4.0, 2.0, 1.4],
-    })
+    trials, records = _synthetic(
+        {
+            ("reload", 0): [4.0, 2.0, 1.0],
+            ("reload", 1): [4.0, 2.0, 1.2],
+            ("reset-v", 0): [4.0, 9.0, math.nan],
+            ("reset-v", 1): [4.0, 2.0, 1.4],
+        }
+    )
     row = summarize_trials(trials, records).strategies.set_index("strategy").loc["reset-v"]
     assert row["diverged"] == 1 and row["final_mean"] == pytest.approx(1.4)
 

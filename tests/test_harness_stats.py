@@ -11,11 +11,21 @@ import pytest
 from ostate.harness.stats import betainc, mean_ci, paired_test, t_quantile, t_sf2, wilcoxon_p
 
 
-@pytest.mark.parametrize("p, df, expected", [
-    # Student's t critical values (e.g. NIST/SEMATECH e-Handbook, table 1.3.6.7.2).
-    (0.975, 1, 12.706), (0.975, 2, 4.303), (0.975, 3, 3.182), (0.975, 5, 2.571), (0.975, 10, 2.228),
-    (0.975, 30, 2.042), (0.95, 4, 2.132), (0.995, 3, 5.841), (0.999, 20, 3.552),
-])
+@pytest.mark.parametrize(
+    "p, df, expected",
+    [
+        # Student's t critical values (e.g. NIST/SEMATECH e-Handbook, table 1.3.6.7.2).
+        (0.975, 1, 12.706),
+        (0.975, 2, 4.303),
+        (0.975, 3, 3.182),
+        (0.975, 5, 2.571),
+        (0.975, 10, 2.228),
+        (0.975, 30, 2.042),
+        (0.95, 4, 2.132),
+        (0.995, 3, 5.841),
+        (0.999, 20, 3.552),
+    ],
+)
 def test_t_quantiles_match_the_published_table(p, df, expected):
     assert t_quantile(p, df) == pytest.approx(expected, abs=6e-4)
 
@@ -50,8 +60,11 @@ def _brute_force_wilcoxon(diffs):
     ranks = [sum(i + 1 for i, o in enumerate(order) if o == abs(v)) / order.count(abs(v)) for v in d]
     total = sum(ranks)
     observed = min(sum(r for r, v in zip(ranks, d) if v > 0), total - sum(r for r, v in zip(ranks, d) if v > 0))
-    extreme = sum(1 for signs in itertools.product((0, 1), repeat=len(d))
-                  if min(s := sum(r for r, k in zip(ranks, signs) if k), total - s) <= observed + 1e-9)
+    extreme = sum(
+        1
+        for signs in itertools.product((0, 1), repeat=len(d))
+        if min(s := sum(r for r, k in zip(ranks, signs) if k), total - s) <= observed + 1e-9
+    )
     return extreme / 2 ** len(d)
 
 

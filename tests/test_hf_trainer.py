@@ -26,8 +26,9 @@ def qwen2_frozen_run(tmp_path_factory):
 @pytest.fixture(scope="module")
 def qwen2_legacy_run(tmp_path_factory):
     """Qwen2 trained with the decay rule of transformers < 4.49 (its RMSNorm weights get decay there)."""
-    return train_with_trainer(tmp_path_factory.mktemp("qwen2-legacy"), tiny_qwen2(),
-                              trainer_class=legacy_trainer_class())
+    return train_with_trainer(
+        tmp_path_factory.mktemp("qwen2-legacy"), tiny_qwen2(), trainer_class=legacy_trainer_class()
+    )
 
 
 def copy_checkpoint(run, tmp_path, name="copy"):
@@ -66,8 +67,13 @@ def test_statistics_equal_those_of_the_plain_load_named_by_the_live_model(gpt2_r
     reference = ostate.analyze(ostate.from_state_dict(plain, model=gpt2_run.model)).set_index("name")
     numeric = [c for c in reference.columns if reference[c].dtype.kind == "f"]
     assert len(numeric) > 10
-    torch.testing.assert_close(torch.tensor(ours.loc[reference.index, numeric].to_numpy()),
-                               torch.tensor(reference[numeric].to_numpy()), equal_nan=True, rtol=0, atol=0)
+    torch.testing.assert_close(
+        torch.tensor(ours.loc[reference.index, numeric].to_numpy()),
+        torch.tensor(reference[numeric].to_numpy()),
+        equal_nan=True,
+        rtol=0,
+        atol=0,
+    )
 
 
 def test_global_step_epoch_and_the_schedules_lr_are_shown(gpt2_run):

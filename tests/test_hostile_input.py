@@ -150,7 +150,7 @@ class _Tensor:
         self.storage, self.size = storage, size
 
     def __reduce__(self):
-        stride = tuple(int(torch.tensor(self.size[i + 1:], dtype=torch.float64).prod()) for i in range(len(self.size)))
+        stride = tuple(int(torch.tensor(self.size[i + 1 :], dtype=torch.float64).prod()) for i in range(len(self.size)))
         return (torch._utils._rebuild_tensor_v2, (self.storage, 0, self.size, stride, False, OrderedDict()))
 
 
@@ -166,10 +166,16 @@ def huge_torch_zip(path: Path, numel: int, size: tuple[int, ...]) -> None:
             return ("storage", torch.FloatStorage, "0", "cpu", numel) if obj is storage else None
 
     buffer = io.BytesIO()
-    Pickler(buffer, protocol=2).dump({"state": {0: {"step": torch.tensor(1.0), "exp_avg": _Tensor(storage, size),
-                                                    "exp_avg_sq": _Tensor(storage, size)}},
-                                      "param_groups": [{"params": [0], "lr": 0.1, "betas": (0.9, 0.999),
-                                                        "eps": 1e-8, "weight_decay": 0.0, "amsgrad": False}]})
+    Pickler(buffer, protocol=2).dump(
+        {
+            "state": {
+                0: {"step": torch.tensor(1.0), "exp_avg": _Tensor(storage, size), "exp_avg_sq": _Tensor(storage, size)}
+            },
+            "param_groups": [
+                {"params": [0], "lr": 0.1, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0, "amsgrad": False}
+            ],
+        }
+    )
     writer = torch._C.PyTorchFileWriter(str(path))
     for name in reader.get_all_records():
         if name in ("version", ".data/serialization_id"):  # the writer adds its own
@@ -189,13 +195,17 @@ def huge_torch_legacy(path: Path, numel: int) -> None:
     # _legacy_save: storage._write_file writes the size before the data).
     count = struct.pack("<q", 6)
     at = data.rindex(count, 0, len(data) - 24)
-    data[at:at + 8] = struct.pack("<q", numel)
+    data[at : at + 8] = struct.pack("<q", numel)
     path.write_bytes(bytes(data))
 
 
 def huge_safetensors(path: Path, elements: int) -> None:
-    header = json.dumps({"state.0.exp_avg": {"dtype": "F32", "shape": [elements], "data_offsets": [0, elements * 4]},
-                         "__metadata__": {"ostate.format": "optimizer-state/1", "param_groups": "[]"}}).encode()
+    header = json.dumps(
+        {
+            "state.0.exp_avg": {"dtype": "F32", "shape": [elements], "data_offsets": [0, elements * 4]},
+            "__metadata__": {"ostate.format": "optimizer-state/1", "param_groups": "[]"},
+        }
+    ).encode()
     path.write_bytes(struct.pack("<Q", len(header)) + header + bytes(24))
 
 
@@ -233,8 +243,9 @@ main()
 
 def run_limited(path: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-c", _CHILD, str(path)], capture_output=True, text=True, env=env,
-                          timeout=300, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, "-c", _CHILD, str(path)], capture_output=True, text=True, env=env, timeout=300, cwd=REPO
+    )
 
 
 HUGE = {
@@ -332,13 +343,16 @@ def test_a_partly_written_shard_is_one_clear_error(all_specimens, tmp_path, layo
     assert_clear_error(run_cli("inspect", str(root)))
 
 
-@pytest.mark.parametrize("content,fragment", [
-    (b"hello, this is text\n" * 20, "not a torch.save checkpoint"),
-    (bytes(range(256)) * 8, "not a torch.save checkpoint"),
-    (b"PK\x03\x04" + bytes(100), "cannot read as a torch checkpoint"),
-    (b'{"not": "a checkpoint"}', "JSON file"),
-    (struct.pack("<Q", 2) + b"{}", "no optimizer state"),
-])
+@pytest.mark.parametrize(
+    "content,fragment",
+    [
+        (b"hello, this is text\n" * 20, "not a torch.save checkpoint"),
+        (bytes(range(256)) * 8, "not a torch.save checkpoint"),
+        (b"PK\x03\x04" + bytes(100), "cannot read as a torch checkpoint"),
+        (b'{"not": "a checkpoint"}', "JSON file"),
+        (struct.pack("<Q", 2) + b"{}", "no optimizer state"),
+    ],
+)
 def test_files_that_are_not_checkpoints_are_one_clear_error(tmp_path, content, fragment):
     path = tmp_path / ("x.safetensors" if content.startswith(struct.pack("<Q", 2)) else "x.pt")
     path.write_bytes(content)
@@ -376,15 +390,23 @@ def test_a_fifo_where_a_file_should_be_does_not_hang(all_specimens, tmp_path):
 
 # Root reads every file whatever its permissions; without these two capabilities it is
 # held to them like any user (and still owns, so can run, this checkout's Python).
-_WITHOUT_OVERRIDE = ["setpriv", "--bounding-set=-dac_override,-dac_read_search",
-                     "--inh-caps=-dac_override,-dac_read_search"]
+_WITHOUT_OVERRIDE = [
+    "setpriv",
+    "--bounding-set=-dac_override,-dac_read_search",
+    "--inh-caps=-dac_override,-dac_read_search",
+]
 
 
 def _without_override(*args: str) -> subprocess.CompletedProcess[str]:
     """Run the ostate CLI held to file permissions (as root: without the capabilities that override them)."""
     prefix = _WITHOUT_OVERRIDE if os.geteuid() == 0 else []
-    return subprocess.run([*prefix, sys.executable, "-m", "ostate_cli.main", *args], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONWARNINGS": "ignore"}, timeout=300)
+    return subprocess.run(
+        [*prefix, sys.executable, "-m", "ostate_cli.main", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        timeout=300,
+    )
 
 
 @pytest.mark.slow
@@ -413,9 +435,21 @@ def test_unreadable_files_and_directories_are_one_clear_error(all_specimens, tmp
 # ---------------------------------------------------------------- unusual but valid state
 def _saved(tmp_path: Path, state: dict, params: list[torch.Tensor]) -> Path:
     path = tmp_path / "s.pt"
-    groups = [{"params": list(range(len(params))), "lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8,
-               "weight_decay": 0.0, "amsgrad": False, "foreach": None, "maximize": False, "capturable": False,
-               "differentiable": False, "fused": None}]
+    groups = [
+        {
+            "params": list(range(len(params))),
+            "lr": 1e-3,
+            "betas": (0.9, 0.999),
+            "eps": 1e-8,
+            "weight_decay": 0.0,
+            "amsgrad": False,
+            "foreach": None,
+            "maximize": False,
+            "capturable": False,
+            "differentiable": False,
+            "fused": None,
+        }
+    ]
     torch.save({"state": state, "param_groups": groups}, path)
     return path
 
@@ -423,8 +457,9 @@ def _saved(tmp_path: Path, state: dict, params: list[torch.Tensor]) -> Path:
 def test_nan_and_inf_in_the_state_are_counted_not_fatal(tmp_path):
     exp_avg = torch.tensor([1.0, float("nan"), float("inf"), -2.0])
     exp_avg_sq = torch.tensor([1.0, 4.0, float("inf"), 9.0])
-    path = _saved(tmp_path, {0: {"step": torch.tensor(3.0), "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}},
-                  [torch.zeros(4)])
+    path = _saved(
+        tmp_path, {0: {"step": torch.tensor(3.0), "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}}, [torch.zeros(4)]
+    )
     row = ostate.analyze(ostate.load(path)).iloc[0]
     assert row["exp_avg_abs_nonfinite"] == 2 and row["exp_avg_sq_nonfinite"] == 1
     assert (row["exp_avg_abs_min"], row["exp_avg_abs_max"], row["exp_avg_sq_max"]) == (1.0, 2.0, 9.0)
@@ -449,9 +484,11 @@ def test_half_precision_state_is_read_in_its_own_dtype(tmp_path, dtype):
 def test_uint8_and_zero_size_state_tensors_are_read(tmp_path):
     # 8-bit optimizers' uint8 state with its code book is covered in test_bnb8bit.py; here a bare uint8 tensor.
     codes = torch.arange(0, 256, dtype=torch.uint8).reshape(16, 16)
-    state = {0: {"step": torch.tensor(2.0), "exp_avg": torch.zeros(0), "exp_avg_sq": torch.zeros(0)},
-             1: {"step": torch.tensor(2.0), "exp_avg": torch.ones(3), "exp_avg_sq": torch.ones(3)},
-             2: {"codes": codes}}
+    state = {
+        0: {"step": torch.tensor(2.0), "exp_avg": torch.zeros(0), "exp_avg_sq": torch.zeros(0)},
+        1: {"step": torch.tensor(2.0), "exp_avg": torch.ones(3), "exp_avg_sq": torch.ones(3)},
+        2: {"codes": codes},
+    }
     path = _saved(tmp_path, state, [torch.zeros(0), torch.zeros(3), codes])
     table = ostate.analyze(ostate.load(path))
     assert list(table["numel"]) == [0, 3, 256]
@@ -511,17 +548,33 @@ def test_state_keys_that_are_not_strings_are_shown_not_fatal(tmp_path):
 # ---------------------------------------------------------------- found by the longer fuzz run
 def _adam_state(tmp_path: Path, step, betas) -> Path:
     path = tmp_path / "s.pt"
-    groups = [{"params": [0], "lr": 1e-3, "betas": betas, "eps": 1e-8, "weight_decay": 0.0, "amsgrad": False,
-               "maximize": False, "foreach": None, "capturable": False, "differentiable": False, "fused": None}]
+    groups = [
+        {
+            "params": [0],
+            "lr": 1e-3,
+            "betas": betas,
+            "eps": 1e-8,
+            "weight_decay": 0.0,
+            "amsgrad": False,
+            "maximize": False,
+            "foreach": None,
+            "capturable": False,
+            "differentiable": False,
+            "fused": None,
+        }
+    ]
     state = {0: {"step": step, "exp_avg": torch.ones(3), "exp_avg_sq": torch.ones(3)}}
     torch.save({"state": state, "param_groups": groups}, path)
     return path
 
 
-@pytest.mark.parametrize("step,betas,fragment", [
-    (-5.0, (0.9, 0.999), "step -5.0 is not a step count"),
-    (3.0, (0.9, 1.5), "betas (0.9, 1.5) are not in [0, 1]"),
-])
+@pytest.mark.parametrize(
+    "step,betas,fragment",
+    [
+        (-5.0, (0.9, 0.999), "step -5.0 is not a step count"),
+        (3.0, (0.9, 1.5), "betas (0.9, 1.5) are not in [0, 1]"),
+    ],
+)
 def test_a_step_or_betas_no_torch_optimizer_can_have_is_one_clear_error(tmp_path, step, betas, fragment):
     # Before: a complex number from sqrt(1 - beta2 ** step), "internal error" with exit code 1.
     path = _adam_state(tmp_path, step, betas)

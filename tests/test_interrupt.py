@@ -43,8 +43,15 @@ def interrupt(tmp_path: Path, *argv: str, ready=None, timeout: float = 120) -> s
     """Run ``ostate ARGV`` and send SIGINT once ``ready()`` (default: the first tensor read began)."""
     started = tmp_path / "started"
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-    child = subprocess.Popen([sys.executable, "-c", _CHILD, str(started), *argv], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path, start_new_session=True)
+    child = subprocess.Popen(
+        [sys.executable, "-c", _CHILD, str(started), *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        start_new_session=True,
+    )
     ready = ready or started.exists
     deadline = time.monotonic() + timeout
     while not ready():
@@ -121,9 +128,28 @@ def test_ctrl_c_during_ablate_keeps_only_complete_trials_in_the_store(tmp_path):
         except sqlite3.Error:  # created but not yet initialised
             return False
 
-    done = interrupt(tmp_path, "ablate", str(spec), "--strategies", "reload,fresh,reset-v", "--seeds", "0,1,2",
-                     "--steps", "30", "--eval-every", "5", "--workers", "1", "--store", str(store),
-                     "--cache-dir", str(tmp_path / "cache"), "--no-plots", ready=one_trial_saved, timeout=300)
+    done = interrupt(
+        tmp_path,
+        "ablate",
+        str(spec),
+        "--strategies",
+        "reload,fresh,reset-v",
+        "--seeds",
+        "0,1,2",
+        "--steps",
+        "30",
+        "--eval-every",
+        "5",
+        "--workers",
+        "1",
+        "--store",
+        str(store),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--no-plots",
+        ready=one_trial_saved,
+        timeout=300,
+    )
     assert done.returncode == 130, done.stderr
     assert "Traceback" not in done.stderr
     with sqlite3.connect(store) as db:

@@ -56,8 +56,10 @@ def test_a_value_lies_inside_its_bin_and_bins_are_at_most_a_quarter_wide():
 
 def test_zeros_and_nonfinite_are_counted_apart_from_the_drawn_cells():
     h = JointHistogram()
-    h.add(torch.tensor([0.0, 1.0, 2.0, float("nan"), 1.0, float("inf")]),
-          torch.tensor([0.0, 0.0, 0.5, 1.0, float("nan"), 0.1]))
+    h.add(
+        torch.tensor([0.0, 1.0, 2.0, float("nan"), 1.0, float("inf")]),
+        torch.tensor([0.0, 0.0, 0.5, 1.0, float("nan"), 0.1]),
+    )
     x_edges, y_edges, counts = h.grid()
     assert h.total == 6 and h.nonfinite == 3
     assert h.zero_x == 1 and h.zero_y_only == 1

@@ -64,7 +64,8 @@ def test_load_library_takes_only_a_build_of_this_c_file_and_not_when_switched_of
     monkeypatch.setattr(kernels, "_LIB", None)
     assert not kernels.load_library(tmp_path / "missing.so") and not kernels.available()
     other = importlib.util.find_spec("numpy._core._multiarray_umath") or importlib.util.find_spec(
-        "numpy.core._multiarray_umath")
+        "numpy.core._multiarray_umath"
+    )
     assert not kernels.load_library(other.origin) and not kernels.available()
     if c_compiler() is None:
         return
@@ -168,7 +169,7 @@ def test_the_8bit_error_matches_the_torch_ops_and_a_brute_force_search(signed, m
     g = torch.Generator().manual_seed(1)
     x = torch.randn(BLOCK * 40, generator=g) * torch.exp(torch.randn(BLOCK * 40, generator=g) * 3)
     x = x if signed else x.square()
-    x[: BLOCK] = 0.0  # an all-zero block
+    x[:BLOCK] = 0.0  # an all-zero block
     compiled = BlockwiseError(signed)
     compiled.add(x)
     with monkeypatch.context() as m:
@@ -213,7 +214,8 @@ def test_a_library_built_from_another_version_of_the_c_file_is_not_used(monkeypa
     assert kernels._load() is None
     # A shared library without ostate's functions at all (a stale build from before one was added).
     other = importlib.util.find_spec("numpy._core._multiarray_umath") or importlib.util.find_spec(
-        "numpy.core._multiarray_umath")
+        "numpy.core._multiarray_umath"
+    )
     monkeypatch.setattr(kernels.importlib.util, "find_spec", lambda name: other)
     monkeypatch.setattr(kernels, "ABI", kernels.ABI - 1)
     assert kernels._load() is None
@@ -224,6 +226,10 @@ def test_the_c_file_refuses_to_build_under_fast_math(tmp_path):
     if cc is None:
         pytest.skip("no C compiler here")
     source = Path(kernels.__file__).with_name("_kernels.c")
-    done = subprocess.run([cc, "-O2", "-ffast-math", "-fsyntax-only", f"-I{sysconfig.get_paths()['include']}",
-                           str(source)], capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [cc, "-O2", "-ffast-math", "-fsyntax-only", f"-I{sysconfig.get_paths()['include']}", str(source)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode != 0 and "IEEE" in done.stderr

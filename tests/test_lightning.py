@@ -44,8 +44,13 @@ def fit_and_save(tmp_path, two_optimizers=False):
     torch.manual_seed(0)
     data = torch.utils.data.TensorDataset(torch.randn(64, 4))
     trainer = L.Trainer(
-        max_steps=4, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, accelerator="cpu", default_root_dir=tmp_path,
+        max_steps=4,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        default_root_dir=tmp_path,
     )
     module = Module(two_optimizers)
     trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=16))
@@ -74,8 +79,10 @@ def test_lightning_checkpoint_is_read_with_names_from_its_state_dict(tmp_path):
 def test_lightning_checkpoint_with_two_optimizers_reports_both(tmp_path):
     path, module = fit_and_save(tmp_path, two_optimizers=True)
     ckpt = ostate.load(path)
-    assert [(o.location, o.kind) for o in ckpt.optimizers] == [("optimizer_states[0]", "adamw"),
-                                                               ("optimizer_states[1]", "sgd")]
+    assert [(o.location, o.kind) for o in ckpt.optimizers] == [
+        ("optimizer_states[0]", "adamw"),
+        ("optimizer_states[1]", "sgd"),
+    ]
     # Both optimizers are matched against the one state dict; each names its own parameters.
     assert [p.name for p in ckpt.optimizers[1].params] == ["critic.weight", "critic.bias"]
     result = run_cli("inspect", str(path), "--optimizer-index", "1", "--format", "json")

@@ -28,7 +28,10 @@ def test_finds_optimizers_at_any_depth_and_reports_where(tmp_path):
     path = tmp_path / "nested.pt"
     torch.save({"trainer": {"state": {"optim": opt.state_dict()}}, "extras": [1, {"sgd": opt2.state_dict()}]}, path)
     ckpt = ostate.load(path)
-    assert [(o.location, o.kind) for o in ckpt.optimizers] == [("trainer.state.optim", "adamw"), ("extras[1].sgd", "sgd")]
+    assert [(o.location, o.kind) for o in ckpt.optimizers] == [
+        ("trainer.state.optim", "adamw"),
+        ("extras[1].sgd", "sgd"),
+    ]
 
 
 def test_bare_optimizer_state_dict_at_the_root(tmp_path):

@@ -50,8 +50,11 @@ def test_sgd_next_update_matches_torch_step(tmp_path, case, steps):
 
 
 def test_adam_kinds_are_told_apart_by_their_groups(tmp_path):
-    for make, kind in [(ADAM_CASES["adam"], "adam"), (ADAM_CASES["adamw"], "adamw"),
-                       (ADAM_CASES["adam-decoupled-flag"], "adamw")]:
+    for make, kind in [
+        (ADAM_CASES["adam"], "adam"),
+        (ADAM_CASES["adamw"], "adamw"),
+        (ADAM_CASES["adam-decoupled-flag"], "adamw"),
+    ]:
         model = Net()
         opt = make(model.parameters())
         train(model, opt, steps=1)
@@ -116,11 +119,14 @@ def test_sgd_steady_state_lr_is_what_a_constant_gradient_converges_to(dampening,
 
 @pytest.mark.parametrize(
     "make",
-    [lambda ps: torch.optim.Adam(ps, lr=1e-3), lambda ps: torch.optim.AdamW(ps, lr=2e-3, weight_decay=0.0),
-     lambda ps: torch.optim.Adam(ps, lr=1e-3, amsgrad=True, betas=(0.8, 0.9)),
-     lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9),
-     lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, nesterov=True),
-     lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.8, dampening=0.5)],
+    [
+        lambda ps: torch.optim.Adam(ps, lr=1e-3),
+        lambda ps: torch.optim.AdamW(ps, lr=2e-3, weight_decay=0.0),
+        lambda ps: torch.optim.Adam(ps, lr=1e-3, amsgrad=True, betas=(0.8, 0.9)),
+        lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9),
+        lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, nesterov=True),
+        lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.8, dampening=0.5),
+    ],
     ids=["adam", "adamw", "amsgrad", "sgd", "sgd-nesterov", "sgd-dampening"],
 )
 def test_update_quantity_is_the_next_step_with_a_zero_gradient(tmp_path, make):

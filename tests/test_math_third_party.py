@@ -31,10 +31,12 @@ HFAdafactor = transformers_optimization.Adafactor
 HF_CASES = {
     "relative-step": lambda ps: HFAdafactor(ps),
     "warmup-init": lambda ps: HFAdafactor(ps, warmup_init=True),
-    "fixed-lr-beta1-decay": lambda ps: HFAdafactor(ps, lr=1e-2, relative_step=False, scale_parameter=False,
-                                                   beta1=0.9, weight_decay=0.01),
-    "scaled-fixed-lr-clip": lambda ps: HFAdafactor(ps, lr=1e-2, relative_step=False, scale_parameter=True,
-                                                   clip_threshold=0.5, decay_rate=-0.5),
+    "fixed-lr-beta1-decay": lambda ps: HFAdafactor(
+        ps, lr=1e-2, relative_step=False, scale_parameter=False, beta1=0.9, weight_decay=0.01
+    ),
+    "scaled-fixed-lr-clip": lambda ps: HFAdafactor(
+        ps, lr=1e-2, relative_step=False, scale_parameter=True, clip_threshold=0.5, decay_rate=-0.5
+    ),
 }
 
 
@@ -83,8 +85,10 @@ def test_transformers_adafactor_momentum_update_is_the_step_with_a_zero_gradient
 @pytest.mark.parametrize("steps", [1, 5])
 @pytest.mark.parametrize(
     "make",
-    [lambda ps: lion_pytorch.Lion(ps, lr=1e-4), lambda ps: lion_pytorch.Lion(ps, lr=3e-4, betas=(0.95, 0.98),
-                                                                             weight_decay=0.1)],
+    [
+        lambda ps: lion_pytorch.Lion(ps, lr=1e-4),
+        lambda ps: lion_pytorch.Lion(ps, lr=3e-4, betas=(0.95, 0.98), weight_decay=0.1),
+    ],
     ids=["defaults", "betas-decay"],
 )
 def test_lion_next_update_matches_the_real_step(tmp_path, make, steps):
@@ -120,8 +124,11 @@ def schedulefree_run(steps: int, **kwargs):
 @pytest.mark.parametrize("steps", [1, 6])
 @pytest.mark.parametrize(
     "kwargs",
-    [dict(lr=2e-3), dict(lr=2e-3, warmup_steps=10, weight_decay=0.01, betas=(0.8, 0.99)),
-     dict(lr=1e-3, r=1.0, weight_lr_power=1.0, foreach=False)],
+    [
+        dict(lr=2e-3),
+        dict(lr=2e-3, warmup_steps=10, weight_decay=0.01, betas=(0.8, 0.99)),
+        dict(lr=1e-3, r=1.0, weight_lr_power=1.0, foreach=False),
+    ],
     ids=["defaults", "warmup-decay", "polynomial-weights-single-tensor"],
 )
 def test_schedulefree_adamw_next_update_matches_the_real_step(tmp_path, kwargs, steps, saved_mode):
@@ -167,8 +174,10 @@ class ConvNet(torch.nn.Module):
 
 @pytest.mark.parametrize(
     "kind,make",
-    [("adafactor", lambda ps: torch.optim.Adafactor(ps)),
-     ("hf_adafactor", lambda ps: HFAdafactor(ps, lr=1e-2, relative_step=False))],
+    [
+        ("adafactor", lambda ps: torch.optim.Adafactor(ps)),
+        ("hf_adafactor", lambda ps: HFAdafactor(ps, lr=1e-2, relative_step=False)),
+    ],
     ids=["torch", "transformers"],
 )
 def test_adafactor_factored_state_of_a_conv_kernel_matches_the_real_step(tmp_path, kind, make):

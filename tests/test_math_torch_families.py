@@ -34,39 +34,67 @@ O = torch.optim
 # (kind, optimizer factory, step counts to train before the compared step)
 CASES = {
     "adamax": ("adamax", lambda ps: O.Adamax(ps, lr=2e-3), (1, 6)),
-    "adamax-l2-maximize": ("adamax", lambda ps: O.Adamax(ps, lr=1e-3, weight_decay=0.1, maximize=True,
-                                                        betas=(0.8, 0.99)), (1, 6)),
+    "adamax-l2-maximize": (
+        "adamax",
+        lambda ps: O.Adamax(ps, lr=1e-3, weight_decay=0.1, maximize=True, betas=(0.8, 0.99)),
+        (1, 6),
+    ),
     "nadam": ("nadam", lambda ps: O.NAdam(ps, lr=2e-3), (1, 8)),
     "nadam-l2": ("nadam", lambda ps: O.NAdam(ps, lr=2e-3, weight_decay=0.1, momentum_decay=0.01), (1, 8)),
-    "nadamw": ("nadam", lambda ps: O.NAdam(ps, lr=2e-3, weight_decay=0.1, decoupled_weight_decay=True,
-                                           maximize=True), (1, 8)),
+    "nadamw": (
+        "nadam",
+        lambda ps: O.NAdam(ps, lr=2e-3, weight_decay=0.1, decoupled_weight_decay=True, maximize=True),
+        (1, 8),
+    ),
     # beta2=0.999: rectification starts at step 6, so step 4 is below and step 9 above the threshold.
     "radam": ("radam", lambda ps: O.RAdam(ps, lr=1e-3), (1, 3, 9)),
     "radam-l2": ("radam", lambda ps: O.RAdam(ps, lr=1e-3, weight_decay=0.1), (3, 9)),
     "radamw": ("radam", lambda ps: O.RAdam(ps, lr=1e-3, weight_decay=0.1, decoupled_weight_decay=True), (3, 9)),
     "radam-beta2-0.9-maximize": ("radam", lambda ps: O.RAdam(ps, lr=1e-3, betas=(0.9, 0.9), maximize=True), (2, 7)),
     "adagrad": ("adagrad", lambda ps: O.Adagrad(ps, lr=0.05), (1, 5)),
-    "adagrad-decay-init": ("adagrad", lambda ps: O.Adagrad(ps, lr=0.05, lr_decay=0.1, initial_accumulator_value=0.5,
-                                                           weight_decay=0.01, maximize=True), (1, 5)),
+    "adagrad-decay-init": (
+        "adagrad",
+        lambda ps: O.Adagrad(
+            ps, lr=0.05, lr_decay=0.1, initial_accumulator_value=0.5, weight_decay=0.01, maximize=True
+        ),
+        (1, 5),
+    ),
     "rmsprop": ("rmsprop", lambda ps: O.RMSprop(ps, lr=1e-3), (1, 5)),
-    "rmsprop-centered-momentum": ("rmsprop", lambda ps: O.RMSprop(ps, lr=1e-3, centered=True, momentum=0.9,
-                                                                  weight_decay=0.01), (1, 5)),
-    "rmsprop-momentum-maximize": ("rmsprop", lambda ps: O.RMSprop(ps, lr=1e-3, momentum=0.5, alpha=0.9,
-                                                                  maximize=True), (1, 5)),
+    "rmsprop-centered-momentum": (
+        "rmsprop",
+        lambda ps: O.RMSprop(ps, lr=1e-3, centered=True, momentum=0.9, weight_decay=0.01),
+        (1, 5),
+    ),
+    "rmsprop-momentum-maximize": (
+        "rmsprop",
+        lambda ps: O.RMSprop(ps, lr=1e-3, momentum=0.5, alpha=0.9, maximize=True),
+        (1, 5),
+    ),
     "adadelta": ("adadelta", lambda ps: O.Adadelta(ps), (1, 5)),
-    "adadelta-l2-maximize": ("adadelta", lambda ps: O.Adadelta(ps, lr=0.5, rho=0.8, weight_decay=0.1,
-                                                               maximize=True), (1, 5)),
+    "adadelta-l2-maximize": (
+        "adadelta",
+        lambda ps: O.Adadelta(ps, lr=0.5, rho=0.8, weight_decay=0.1, maximize=True),
+        (1, 5),
+    ),
     "asgd": ("asgd", lambda ps: O.ASGD(ps, lr=0.01), (1, 5)),
     # t0=2: averaging is active (mu < 1) by the compared step.
-    "asgd-averaging": ("asgd", lambda ps: O.ASGD(ps, lr=0.05, lambd=0.01, t0=2, weight_decay=0.01, maximize=True),
-                       (1, 5)),
+    "asgd-averaging": (
+        "asgd",
+        lambda ps: O.ASGD(ps, lr=0.05, lambd=0.01, t0=2, weight_decay=0.01, maximize=True),
+        (1, 5),
+    ),
     "rprop": ("rprop", lambda ps: O.Rprop(ps, lr=0.01), (1, 5)),
-    "rprop-bounds-maximize": ("rprop", lambda ps: O.Rprop(ps, lr=0.01, etas=(0.3, 1.5), step_sizes=(1e-3, 0.02),
-                                                          maximize=True), (1, 5)),
+    "rprop-bounds-maximize": (
+        "rprop",
+        lambda ps: O.Rprop(ps, lr=0.01, etas=(0.3, 1.5), step_sizes=(1e-3, 0.02), maximize=True),
+        (1, 5),
+    ),
     "adafactor": ("adafactor", lambda ps: O.Adafactor(ps, lr=0.01), (1, 5)),
-    "adafactor-decay-eps-maximize": ("adafactor", lambda ps: O.Adafactor(ps, lr=0.5, weight_decay=0.05,
-                                                                        eps=(1e-20, 1e-2), d=1.0, maximize=True),
-                                     (1, 5)),
+    "adafactor-decay-eps-maximize": (
+        "adafactor",
+        lambda ps: O.Adafactor(ps, lr=0.5, weight_decay=0.05, eps=(1e-20, 1e-2), d=1.0, maximize=True),
+        (1, 5),
+    ),
 }
 
 PARAMS = [(name, steps) for name, (_kind, _make, counts) in CASES.items() for steps in counts]
@@ -100,8 +128,11 @@ class Matrices(nn.Module):
 @pytest.mark.parametrize("steps", [1, 5])
 @pytest.mark.parametrize(
     "make",
-    [lambda ps: O.Muon(ps, lr=0.02), lambda ps: O.Muon(ps, lr=0.02, nesterov=False, weight_decay=0.0),
-     lambda ps: O.Muon(ps, lr=0.01, momentum=0.8, adjust_lr_fn="match_rms_adamw", ns_steps=3)],
+    [
+        lambda ps: O.Muon(ps, lr=0.02),
+        lambda ps: O.Muon(ps, lr=0.02, nesterov=False, weight_decay=0.0),
+        lambda ps: O.Muon(ps, lr=0.01, momentum=0.8, adjust_lr_fn="match_rms_adamw", ns_steps=3),
+    ],
     ids=["nesterov", "plain", "match-rms-adamw"],
 )
 def test_muon_next_update_matches_the_real_step(tmp_path, make, steps):
@@ -136,9 +167,11 @@ def sparse_batch(seed: int) -> torch.Tensor:
 @pytest.mark.parametrize("steps", [1, 6])
 @pytest.mark.parametrize(
     "kind,make",
-    [("sparse_adam", lambda ps: O.SparseAdam(ps, lr=0.01)),
-     ("sparse_adam", lambda ps: O.SparseAdam(ps, lr=0.01, betas=(0.8, 0.9), maximize=True)),
-     ("adagrad", lambda ps: O.Adagrad(ps, lr=0.05, lr_decay=0.01))],
+    [
+        ("sparse_adam", lambda ps: O.SparseAdam(ps, lr=0.01)),
+        ("sparse_adam", lambda ps: O.SparseAdam(ps, lr=0.01, betas=(0.8, 0.9), maximize=True)),
+        ("adagrad", lambda ps: O.Adagrad(ps, lr=0.05, lr_decay=0.01)),
+    ],
     ids=["sparse-adam", "sparse-adam-maximize", "adagrad-sparse"],
 )
 def test_sparse_gradient_families_match_the_real_step(tmp_path, kind, make, steps):
@@ -223,15 +256,26 @@ def test_adagrad_effective_lr_uses_the_next_steps_decayed_lr(tmp_path):
 
 @pytest.mark.parametrize(
     "kind,make,formula",
-    [("adamax", lambda ps: O.Adamax(ps, lr=2e-3), lambda s, g: 2e-3 / s["exp_inf"]),
-     ("adadelta", lambda ps: O.Adadelta(ps, lr=0.5),
-      lambda s, g: 0.5 * (s["acc_delta"] + 1e-6).sqrt() / (s["square_avg"] + 1e-6).sqrt()),
-     ("rmsprop", lambda ps: O.RMSprop(ps, lr=1e-3, centered=True),
-      lambda s, g: 1e-3 / ((s["square_avg"] - s["grad_avg"] ** 2).sqrt() + 1e-8)),
-     ("rprop", lambda ps: O.Rprop(ps, lr=0.01), lambda s, g: s["step_size"]),
-     ("asgd", lambda ps: O.ASGD(ps, lr=0.01), lambda s, g: s["eta"].expand_as(s["ax"])),
-     ("nadam", lambda ps: O.NAdam(ps, lr=2e-3),
-      lambda s, g: 2e-3 / ((s["exp_avg_sq"] / (1 - 0.999 ** float(s["step"]))).sqrt() + 1e-8))],
+    [
+        ("adamax", lambda ps: O.Adamax(ps, lr=2e-3), lambda s, g: 2e-3 / s["exp_inf"]),
+        (
+            "adadelta",
+            lambda ps: O.Adadelta(ps, lr=0.5),
+            lambda s, g: 0.5 * (s["acc_delta"] + 1e-6).sqrt() / (s["square_avg"] + 1e-6).sqrt(),
+        ),
+        (
+            "rmsprop",
+            lambda ps: O.RMSprop(ps, lr=1e-3, centered=True),
+            lambda s, g: 1e-3 / ((s["square_avg"] - s["grad_avg"] ** 2).sqrt() + 1e-8),
+        ),
+        ("rprop", lambda ps: O.Rprop(ps, lr=0.01), lambda s, g: s["step_size"]),
+        ("asgd", lambda ps: O.ASGD(ps, lr=0.01), lambda s, g: s["eta"].expand_as(s["ax"])),
+        (
+            "nadam",
+            lambda ps: O.NAdam(ps, lr=2e-3),
+            lambda s, g: 2e-3 / ((s["exp_avg_sq"] / (1 - 0.999 ** float(s["step"]))).sqrt() + 1e-8),
+        ),
+    ],
     ids=["adamax", "adadelta", "rmsprop-centered", "rprop", "asgd", "nadam"],
 )
 def test_effective_lr_is_the_documented_formula_of_the_saved_state(tmp_path, kind, make, formula):
@@ -282,9 +326,13 @@ def test_nadam_columns_report_the_momentum_schedule_and_catch_a_reset_step(tmp_p
 
 @pytest.mark.parametrize(
     "make",
-    [lambda ps: O.Adamax(ps, lr=2e-3), lambda ps: O.NAdam(ps, lr=2e-3), lambda ps: O.RAdam(ps, lr=1e-3),
-     lambda ps: O.RAdam(ps, lr=1e-3, betas=(0.9, 0.9)),
-     lambda ps: O.RMSprop(ps, lr=1e-3, momentum=0.9, centered=True)],
+    [
+        lambda ps: O.Adamax(ps, lr=2e-3),
+        lambda ps: O.NAdam(ps, lr=2e-3),
+        lambda ps: O.RAdam(ps, lr=1e-3),
+        lambda ps: O.RAdam(ps, lr=1e-3, betas=(0.9, 0.9)),
+        lambda ps: O.RMSprop(ps, lr=1e-3, momentum=0.9, centered=True),
+    ],
     ids=["adamax", "nadam", "radam-unrectified", "radam-rectified", "rmsprop-momentum"],
 )
 def test_update_quantity_is_the_next_step_with_a_zero_gradient(tmp_path, make):
@@ -361,4 +409,5 @@ def test_adafactor_oracle_cases_exercise_update_clipping(tmp_path):
     assert max(rms_of_update) > 1.0 > min(rms_of_update)
     weight = model.hidden.weight.detach()
     assert weight_scale(weight, opt.param_groups[0]) == pytest.approx(
-        max(1e-3, float(weight.norm() / weight.numel() ** 0.5)))
+        max(1e-3, float(weight.norm() / weight.numel() ** 0.5))
+    )

@@ -12,7 +12,9 @@ from tests.helpers.common import Net, train
 
 def names_and_sources(tmp_path, model, opt, state_dict=None):
     path = tmp_path / "c.pt"
-    torch.save({"model": state_dict if state_dict is not None else model.state_dict(), "optimizer": opt.state_dict()}, path)
+    torch.save(
+        {"model": state_dict if state_dict is not None else model.state_dict(), "optimizer": opt.state_dict()}, path
+    )
     o = ostate.load(path).optimizers[0]
     return [p.name for p in o.params], {p.name_source for p in o.params}, o.warnings
 
@@ -53,8 +55,9 @@ def test_decay_and_no_decay_groups_that_interleave_are_named(tmp_path):
     model = Net()
     decay = [(n, p) for n, p in model.named_parameters() if n.endswith("weight") and "norm" not in n and "bn" not in n]
     rest = [(n, p) for n, p in model.named_parameters() if (n, p) not in decay]
-    opt = torch.optim.AdamW([{"params": [p for _, p in decay], "weight_decay": 0.1},
-                             {"params": [p for _, p in rest], "weight_decay": 0.0}])
+    opt = torch.optim.AdamW(
+        [{"params": [p for _, p in decay], "weight_decay": 0.1}, {"params": [p for _, p in rest], "weight_decay": 0.0}]
+    )
     train(model, opt, steps=1)
     names, sources, _ = names_and_sources(tmp_path, model, opt)
     assert names == [n for n, _ in decay] + [n for n, _ in rest]

@@ -40,12 +40,14 @@ def test_torch_is_pinned_for_installs_here():
 
 
 def test_a_command_imports_only_its_own_module_so_inspect_starts_without_matplotlib():
-    probe = ("import sys, click\n"
-             "from ostate_cli.main import COMMANDS, main\n"
-             "ctx = click.Context(main)\n"
-             "assert main.get_command(ctx, 'inspect').name == 'inspect'\n"
-             "print(sorted(m for m in ('matplotlib', 'ostate.harness', 'ostate.plots') if m in sys.modules))\n"
-             "print(all(main.get_command(ctx, name).name == name for name in COMMANDS))\n")
+    probe = (
+        "import sys, click\n"
+        "from ostate_cli.main import COMMANDS, main\n"
+        "ctx = click.Context(main)\n"
+        "assert main.get_command(ctx, 'inspect').name == 'inspect'\n"
+        "print(sorted(m for m in ('matplotlib', 'ostate.harness', 'ostate.plots') if m in sys.modules))\n"
+        "print(all(main.get_command(ctx, name).name == name for name in COMMANDS))\n"
+    )
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split("\n")[:2] == ["[]", "True"]
@@ -55,24 +57,27 @@ def test_the_program_skips_the_teardown_but_loses_no_output_exit_code_or_atexit_
     """`ostate` leaves with os._exit after the command (ostate_cli.main.run): nothing may be lost."""
     path = adamw_checkpoint[0]
     program = [sys.executable, "-m", "ostate_cli.main"]
-    piped = subprocess.run([*program, "inspect", str(path), "--format", "json"], capture_output=True,
-                           text=True, timeout=300)
+    piped = subprocess.run(
+        [*program, "inspect", str(path), "--format", "json"], capture_output=True, text=True, timeout=300
+    )
     assert piped.returncode == 0, piped.stderr[-2000:]
     assert json.loads(piped.stdout)["optimizers"][0]["params"]  # the whole document arrived through the pipe
     into_file = tmp_path / "report.json"
     with into_file.open("w") as out:
-        done = subprocess.run([*program, "inspect", str(path), "--format", "json"], stdout=out,
-                              timeout=300)
+        done = subprocess.run([*program, "inspect", str(path), "--format", "json"], stdout=out, timeout=300)
     assert done.returncode == 0 and json.loads(into_file.read_text()) == json.loads(piped.stdout)
-    bad = subprocess.run([*program, "inspect", str(tmp_path / "missing.pt")], capture_output=True, text=True,
-                         timeout=300)
+    bad = subprocess.run(
+        [*program, "inspect", str(tmp_path / "missing.pt")], capture_output=True, text=True, timeout=300
+    )
     assert bad.returncode == 2 and bad.stderr.startswith("ostate: error:")
     # An atexit handler runs, and what it writes to a block-buffered stdout still arrives.
-    probe = ("import atexit, sys\n"
-             "from ostate_cli import main\n"
-             "atexit.register(lambda: sys.stdout.write('atexit ran\\n'))\n"
-             "sys.argv = ['ostate', '--version']\n"
-             "main.run()\n")
+    probe = (
+        "import atexit, sys\n"
+        "from ostate_cli import main\n"
+        "atexit.register(lambda: sys.stdout.write('atexit ran\\n'))\n"
+        "sys.argv = ['ostate', '--version']\n"
+        "main.run()\n"
+    )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
     handled = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, env=env)
     assert handled.returncode == 0 and "ostate" in handled.stdout and handled.stdout.endswith("atexit ran\n")

@@ -61,10 +61,12 @@ def test_analysing_a_checkpoint_does_not_keep_its_pages(tmp_path):
 
 
 def test_tensors_in_memory_have_nothing_to_release():
-    ckpt = ostate.from_state_dict({"state": {0: {"momentum_buffer": torch.ones(3)}},
-                                   "param_groups": [{"params": [0], "lr": 0.1, "momentum": 0.9,
-                                                     "dampening": 0, "nesterov": False}]})
+    ckpt = ostate.from_state_dict(
+        {
+            "state": {0: {"momentum_buffer": torch.ones(3)}},
+            "param_groups": [{"params": [0], "lr": 0.1, "momentum": 0.9, "dampening": 0, "nesterov": False}],
+        }
+    )
     ref = ckpt.optimizers[0].params[0].state["momentum_buffer"]
     ref.release()
     assert ref.read().tolist() == [1.0, 1.0, 1.0]
-

@@ -63,8 +63,13 @@ def test_histogram_bars_are_the_effective_lrs_counted_per_display_bin(demo_run):
         # Every coordinate is drawn (no zero effective lr here) ...
         assert counts.sum() == table.loc[kind, "numel"]
         # ... in the bin of its bfloat16 bucket's midpoint: rebinning the raw values gives the same bars.
-        raw = torch.cat([ostate.effective_lr(p, optimizer.groups[p.group]).reshape(-1) for p in optimizer.params
-                         if p.name in members[kind]])
+        raw = torch.cat(
+            [
+                ostate.effective_lr(p, optimizer.groups[p.group]).reshape(-1)
+                for p in optimizer.params
+                if p.name in members[kind]
+            ]
+        )
         midpoints = bucket_values(bucket_ids(raw).numpy())
         assert np.array_equal(counts, rebin(midpoints, np.ones(len(midpoints), np.int64), edges))
         (median,) = [line for line in ax.get_lines() if (line.get_gid() or "").startswith("median|")]
@@ -132,8 +137,9 @@ def test_layer_profile_by_kind_has_one_line_per_kind_with_that_kinds_quantiles(d
     ax = fig.axes[0]
     layers = [t.get_text() for t in ax.get_xticklabels()]
     params = summarize(ostate.load(path)).rows("param")
-    lines = {line.get_gid().split("|")[-1]: line for line in ax.get_lines()
-             if (line.get_gid() or "").startswith("median|")}
+    lines = {
+        line.get_gid().split("|")[-1]: line for line in ax.get_lines() if (line.get_gid() or "").startswith("median|")
+    }
     assert set(lines) == {row.row["param_kind"] for row in params}
     for kind, line in lines.items():
         for x, y in zip(line.get_xdata().astype(int), line.get_ydata()):
@@ -154,8 +160,10 @@ def test_layer_profile_aligns_layers_of_different_checkpoints_by_name(tmp_path):
 
     torch.manual_seed(0)
     small = save(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)), "small.pt")
-    large = save(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 4),
-                                     torch.nn.Linear(4, 4)), "large.pt")
+    large = save(
+        torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)),
+        "large.pt",
+    )
     fig = plot_layer_profile([small, large], by="layer")
     ax = fig.axes[0]
     layers = [t.get_text() for t in ax.get_xticklabels()]
@@ -187,8 +195,9 @@ def test_moments_histogram_holds_every_coordinate_with_state(demo_run):
 
 
 def test_moments_reference_lines_use_the_groups_betas_and_step(tmp_path):
-    path = _kind_checkpoint(lambda m: torch.optim.Adam(m.parameters(), lr=1e-3, betas=(0.8, 0.99), eps=1e-3),
-                            tmp_path, steps=6)
+    path = _kind_checkpoint(
+        lambda m: torch.optim.Adam(m.parameters(), lr=1e-3, betas=(0.8, 0.99), eps=1e-3), tmp_path, steps=6
+    )
     ax = plot_moments(path).axes[0]
     lines = {line.get_gid(): line for line in ax.get_lines()}
     for gid, slope in (("noise", pure_noise_snr(0.8, 6)), ("bound", max_snr(0.8, 0.99, 6))):
@@ -221,8 +230,11 @@ def test_moments_of_other_adam_style_families_count_every_coordinate(family, tmp
     assert int(mesh.get_array().sum()) == joint.total - joint.zero_x - joint.zero_y_only - joint.nonfinite
 
 
-@pytest.mark.parametrize("factory", [lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9),
-                                     lambda m: torch.optim.Adamax(m.parameters())], ids=["SGD", "Adamax"])
+@pytest.mark.parametrize(
+    "factory",
+    [lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9), lambda m: torch.optim.Adamax(m.parameters())],
+    ids=["SGD", "Adamax"],
+)
 def test_moments_of_state_without_both_moving_averages_is_refused_with_what_to_do(factory, tmp_path):
     path = _kind_checkpoint(factory, tmp_path)
     with pytest.raises(OstateError) as error:
@@ -316,11 +328,11 @@ def test_plotting_needs_no_display_and_never_touches_pyplot(demo_run, tmp_path):
         "import matplotlib; print(matplotlib.get_backend())\n"
     )
     env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY", "MPLBACKEND")}
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=REPO,
-                          timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=REPO, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert sorted(os.listdir(tmp_path)) == ["layer-profile.png", "lr-histogram.png", "moments.png"]
-
 
 
 def test_a_layer_profile_with_nothing_to_draw_says_why():
@@ -362,14 +374,23 @@ def test_no_module_of_the_plots_package_reads_checkpoints():
     found = {}
     for path in sorted(pathlib.Path(ostate.plots.__file__).parent.glob("*.py")):
         tree = ast.parse(path.read_text())
-        only_typing = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If)
-                       and getattr(node.test, "id", None) == "TYPE_CHECKING" for n in ast.walk(node)}
+        only_typing = {
+            id(n)
+            for node in ast.walk(tree)
+            if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING"
+            for n in ast.walk(node)
+        }
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom) and node.module and id(node) not in only_typing:
                 found.setdefault(path.name, set()).add(node.module)
             elif isinstance(node, ast.Import) and id(node) not in only_typing:
                 found.setdefault(path.name, set()).update(a.name for a in node.names)
     for name, modules in found.items():
-        assert not [m for m in modules if m.startswith(("ostate.loading", "ostate.formats", "ostate.convert",
-                                                         "ostate.compare", "importlib", "pkgutil"))], name
+        assert not [
+            m
+            for m in modules
+            if m.startswith(
+                ("ostate.loading", "ostate.formats", "ostate.convert", "ostate.compare", "importlib", "pkgutil")
+            )
+        ], name
     assert [kind.name for kind in ostate.plots.registry.KINDS] == sorted(plot_kinds())

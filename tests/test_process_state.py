@@ -57,10 +57,14 @@ def process(monkeypatch):
         def wrapper(*args, **kwargs):
             seen.setdefault(where, set()).add((torch.get_num_threads(), gc.isenabled()))
             return fn(*args, **kwargs)
+
         return wrapper
 
-    for where, module, name in [("summary", engine, "summarize_param"), ("summary", engine, "summarize_tiny"),
-                                ("comparison", compute, "_compare_param")]:
+    for where, module, name in [
+        ("summary", engine, "summarize_param"),
+        ("summary", engine, "summarize_tiny"),
+        ("comparison", compute, "_compare_param"),
+    ]:
         monkeypatch.setattr(module, name, observed(where, getattr(module, name)))
     choose = registry.choose
 
@@ -73,6 +77,7 @@ def process(monkeypatch):
 
             def read(self, *a, **k):
                 return read(*a, **k)
+
         return Observed()
 
     monkeypatch.setattr(registry, "choose", observed_choose)
@@ -123,9 +128,14 @@ def test_the_program_runs_each_command_tuned_and_restores_the_process(process, t
     for where, states in process.items():
         assert states == {(1, False)}, f"while {where}: (threads, collector on) = {states}"
     assert (torch.get_num_threads(), gc.isenabled()) == (THREADS, True)
-    raise_, restore = ([(tuning._M_TRIM_THRESHOLD, tuning._KEEP_TRIM), (tuning._M_MMAP_THRESHOLD, tuning._KEEP_MMAP)],
-                       [(tuning._M_TRIM_THRESHOLD, tuning._DEFAULT_TRIM),
-                        (tuning._M_MMAP_THRESHOLD, tuning._DEFAULT_MMAP), ("trim", 0)])
+    raise_, restore = (
+        [(tuning._M_TRIM_THRESHOLD, tuning._KEEP_TRIM), (tuning._M_MMAP_THRESHOLD, tuning._KEEP_MMAP)],
+        [
+            (tuning._M_TRIM_THRESHOLD, tuning._DEFAULT_TRIM),
+            (tuning._M_MMAP_THRESHOLD, tuning._DEFAULT_MMAP),
+            ("trim", 0),
+        ],
+    )
     assert libc.calls == (raise_ + restore) * 2  # once around each command
 
     # A failing command restores the process too.
@@ -172,5 +182,8 @@ def test_freed_memory_is_kept_inside_and_glibc_defaults_set_after(monkeypatch):
     with tuning.reuse_freed_memory():
         libc.calls.append("inside")
     assert libc.calls.index("inside") == 2  # both thresholds raised before the work
-    assert libc.calls[3:] == [(tuning._M_TRIM_THRESHOLD, tuning._DEFAULT_TRIM),
-                              (tuning._M_MMAP_THRESHOLD, tuning._DEFAULT_MMAP), ("trim", 0)]
+    assert libc.calls[3:] == [
+        (tuning._M_TRIM_THRESHOLD, tuning._DEFAULT_TRIM),
+        (tuning._M_MMAP_THRESHOLD, tuning._DEFAULT_MMAP),
+        ("trim", 0),
+    ]

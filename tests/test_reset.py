@@ -53,11 +53,14 @@ def test_reset_m_then_step_equals_a_step_from_a_zeroed_first_moment(adamw_checkp
     for state in expected["state"].values():
         state["exp_avg"] = torch.zeros_like(state["exp_avg"])
     grads = fixed_grads(model)
-    assert_same_steps(step_from(written["model"], written["optimizer"], grads),
-                      step_from(saved["model"], expected, grads))
+    assert_same_steps(
+        step_from(written["model"], written["optimizer"], grads), step_from(saved["model"], expected, grads)
+    )
     # and it is not the reloaded step
     reloaded = step_from(saved["model"], saved["optimizer"], grads)
-    assert not all(torch.equal(x, y) for x, y in zip(reloaded, step_from(written["model"], written["optimizer"], grads)))
+    assert not all(
+        torch.equal(x, y) for x, y in zip(reloaded, step_from(written["model"], written["optimizer"], grads))
+    )
 
 
 def test_fresh_then_step_equals_a_new_optimizers_first_step(adamw_checkpoint, tmp_path):
@@ -66,12 +69,15 @@ def test_fresh_then_step_equals_a_new_optimizers_first_step(adamw_checkpoint, tm
     reset(path, out, "fresh")
     saved, written = torch.load(path, weights_only=True), torch.load(out, weights_only=True)
     # written as the values a new AdamW starts from: zero moments, step 0
-    assert all(float(s["step"]) == 0 and not s["exp_avg"].any() and not s["exp_avg_sq"].any()
-               for s in written["optimizer"]["state"].values())
+    assert all(
+        float(s["step"]) == 0 and not s["exp_avg"].any() and not s["exp_avg_sq"].any()
+        for s in written["optimizer"]["state"].values()
+    )
     new_optimizer = {"state": {}, "param_groups": saved["optimizer"]["param_groups"]}  # the saved (scheduled) lr
     grads = fixed_grads(model)
-    assert_same_steps(step_from(written["model"], written["optimizer"], grads),
-                      step_from(saved["model"], new_optimizer, grads))
+    assert_same_steps(
+        step_from(written["model"], written["optimizer"], grads), step_from(saved["model"], new_optimizer, grads)
+    )
 
 
 def test_everything_but_the_optimizer_state_is_kept_tensor_for_tensor(adamw_checkpoint, tmp_path):
@@ -98,8 +104,9 @@ def test_a_name_regex_touches_only_the_matching_parameters(adamw_checkpoint, tmp
     saved, written = torch.load(path, weights_only=True), torch.load(out, weights_only=True)
     for index, name in enumerate(names):
         old, new = saved["optimizer"]["state"][index], written["optimizer"]["state"][index]
-        assert torch.equal(new["exp_avg_sq"], torch.zeros_like(old["exp_avg_sq"]) if name.startswith("head.")
-                           else old["exp_avg_sq"])
+        assert torch.equal(
+            new["exp_avg_sq"], torch.zeros_like(old["exp_avg_sq"]) if name.startswith("head.") else old["exp_avg_sq"]
+        )
 
 
 def test_keep_v_records_the_age_of_v_and_says_that_attach_is_needed(adamw_checkpoint, tmp_path):
@@ -122,12 +129,20 @@ def test_lightning_checkpoint_keeps_its_other_optimizer_and_resumes_in_lightning
     reset(path, out, "fresh", optimizer_index=1)
     saved, written = torch.load(path, weights_only=True), torch.load(out, weights_only=True)
     assert written["optimizer_states"][1]["state"] == {}  # SGD's fresh momentum buffer is no buffer
-    assert written["optimizer_states"][0]["state"][0]["exp_avg"].equal(saved["optimizer_states"][0]["state"][0]["exp_avg"])
+    assert written["optimizer_states"][0]["state"][0]["exp_avg"].equal(
+        saved["optimizer_states"][0]["state"][0]["exp_avg"]
+    )
     assert written["loops"] == saved["loops"] and written["global_step"] == saved["global_step"]
     # Lightning itself resumes from it: model, both optimizers and the loops are restored.
-    trainer = L.Trainer(max_steps=saved["global_step"] + 2, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
-                        default_root_dir=tmp_path)
+    trainer = L.Trainer(
+        max_steps=saved["global_step"] + 2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        default_root_dir=tmp_path,
+    )
     data = torch.utils.data.TensorDataset(torch.randn(64, 4))
     trainer.fit(Module(two_optimizers=True), torch.utils.data.DataLoader(data, batch_size=16), ckpt_path=out)
     assert trainer.global_step > saved["global_step"]
@@ -186,11 +201,14 @@ def test_a_strategy_that_does_not_apply_or_a_regex_that_matches_nothing_is_refus
     assert not (tmp_path / "c.pt").exists()
 
 
-@pytest.mark.parametrize("make,needs", [
-    (lambda p: torch.optim.Adam(p, lr=1e-2), True),
-    (lambda p: torch.optim.Adamax(p, lr=1e-2), False),  # no bias correction of its infinity norm: no age
-    (lambda p: torch.optim.RMSprop(p, lr=1e-2, momentum=0.9), False),
-])
+@pytest.mark.parametrize(
+    "make,needs",
+    [
+        (lambda p: torch.optim.Adam(p, lr=1e-2), True),
+        (lambda p: torch.optim.Adamax(p, lr=1e-2), False),  # no bias correction of its infinity norm: no age
+        (lambda p: torch.optim.RMSprop(p, lr=1e-2, momentum=0.9), False),
+    ],
+)
 def test_keep_v_asks_for_attach_only_where_it_records_an_age(tmp_path, make, needs):
     model = torch.nn.Linear(3, 2)
     opt = make(model.parameters())

@@ -42,14 +42,25 @@ def test_trainer_checkpoint_resumes_in_the_trainer_with_the_first_block_reset(gp
     result = reset(gpt2_run.checkpoint, out, "reset-m", params=r"^transformer\.h\.0\.")
     assert_other_files_identical(gpt2_run.checkpoint, out, {"optimizer.pt"})
     actions = result.optimizers[0].actions
-    assert {n for n, a in actions.items() if a == "reset-m"} == {n for n in gpt2_run.names
-                                                                if n.startswith("transformer.h.0.")}
+    assert {n for n, a in actions.items() if a == "reset-m"} == {
+        n for n in gpt2_run.names if n.startswith("transformer.h.0.")
+    }
 
     saved = torch.load(gpt2_run.checkpoint / "optimizer.pt", weights_only=True)
-    args = TrainingArguments(output_dir=str(tmp_path / "resume"), max_steps=gpt2_run.global_step + 4,
-                             per_device_train_batch_size=4, learning_rate=1e-3, weight_decay=0.1, warmup_steps=1,
-                             lr_scheduler_type="linear", report_to=[], use_cpu=True, disable_tqdm=True, seed=0,
-                             save_strategy="no")
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "resume"),
+        max_steps=gpt2_run.global_step + 4,
+        per_device_train_batch_size=4,
+        learning_rate=1e-3,
+        weight_decay=0.1,
+        warmup_steps=1,
+        lr_scheduler_type="linear",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+        save_strategy="no",
+    )
     snapshot = _snapshot_class()()
     trainer = Trainer(model=tiny_gpt2(), args=args, train_dataset=RandomTokens(64), callbacks=[snapshot])
     trainer.train(resume_from_checkpoint=str(out))  # loads model, optimizer and scheduler, then the snapshot stops it
@@ -139,8 +150,11 @@ def test_dcp_checkpoint_loads_with_dcp_load_and_set_state_dict(tmp_path, flatten
     model, opt = _trained_mlp()
     model_sd, optim_sd = get_state_dict(model, opt, options=StateDictOptions(flatten_optimizer_state_dict=flatten))
     source = tmp_path / "step-3"
-    dcp.save({"model": model_sd, "optimizer": optim_sd, "train_state": {"step": torch.tensor(3)}},
-             checkpoint_id=str(source), no_dist=True)
+    dcp.save(
+        {"model": model_sd, "optimizer": optim_sd, "train_state": {"step": torch.tensor(3)}},
+        checkpoint_id=str(source),
+        no_dist=True,
+    )
     out = tmp_path / "reset"
     reset(source, out, strategy)
     loaded_model, loaded_opt = _load_with_dcp(out, flatten)
@@ -152,8 +166,9 @@ def test_dcp_checkpoint_loads_with_dcp_load_and_set_state_dict(tmp_path, flatten
             assert not new["exp_avg"].any(), name
         else:
             assert torch.equal(new["exp_avg"], old["exp_avg"]), name
-        assert torch.equal(new["exp_avg_sq"], torch.zeros_like(old["exp_avg_sq"]) if strategy == "fresh"
-                           else old["exp_avg_sq"]), name
+        assert torch.equal(
+            new["exp_avg_sq"], torch.zeros_like(old["exp_avg_sq"]) if strategy == "fresh" else old["exp_avg_sq"]
+        ), name
         assert float(new["step"]) == (0.0 if strategy in ("fresh", "keep-v") else 3.0), name
     assert ostate.load(out).metadata["step"] == 3  # train_state kept
 
@@ -224,8 +239,10 @@ TRAINED = ("embed.weight", "head.weight", "embed.bias", "head.bias")
 
 
 @pytest.mark.parametrize("case", ["zero3_subgroups", "fusedadam"])
-@pytest.mark.parametrize("strategy,params", [("reset-v", "embed"), ("reset-m", "weight"), ("fresh", None),
-                                             ("keep-v", None), ("reset-step", "bias")])
+@pytest.mark.parametrize(
+    "strategy,params",
+    [("reset-v", "embed"), ("reset-m", "weight"), ("fresh", None), ("keep-v", None), ("reset-step", "bias")],
+)
 def test_deepspeed_partitions_get_the_strategy_parameter_by_parameter(case, strategy, params, tmp_path):
     source, out = FIXTURES / case, tmp_path / "out"
     result = reset(source, out, strategy, params=params)
@@ -237,9 +254,12 @@ def test_deepspeed_partitions_get_the_strategy_parameter_by_parameter(case, stra
         assert action == (strategy if params is None or params in name else "reload")
         m_reset = action in ("reset-m", "fresh", "keep-v")
         v_reset = action in ("reset-v", "fresh")
-        assert torch.equal(new.read("exp_avg"), torch.zeros_like(old.read("exp_avg")) if m_reset else old.read("exp_avg"))
-        assert torch.equal(new.read("exp_avg_sq"),
-                           torch.zeros_like(old.read("exp_avg_sq")) if v_reset else old.read("exp_avg_sq"))
+        assert torch.equal(
+            new.read("exp_avg"), torch.zeros_like(old.read("exp_avg")) if m_reset else old.read("exp_avg")
+        )
+        assert torch.equal(
+            new.read("exp_avg_sq"), torch.zeros_like(old.read("exp_avg_sq")) if v_reset else old.read("exp_avg_sq")
+        )
         assert new.step == (0.0 if action in ("fresh", "keep-v", "reset-step") else old.step)
     ages = [g.get("ostate_v_age") for g in after.groups]
     assert ages == ([3.0, 3.0, None] if strategy == "keep-v" else [None, None, None])
@@ -260,8 +280,14 @@ def test_deepspeed_loads_the_reset_checkpoint_itself(tmp_path):
     reset(FIXTURES / "zero3_subgroups", out, "keep-v")
     recorded = tmp_path / "loaded.pt"
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONWARNINGS": "ignore"}
-    done = subprocess.run([sys.executable, "-m", "tests.helpers.deepspeed_load", str(out), "zero3_subgroups", str(recorded)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.helpers.deepspeed_load", str(out), "zero3_subgroups", str(recorded)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     loaded = torch.load(recorded, weights_only=False)
     truth = torch.load(FIXTURES / "zero3_subgroups" / "ground_truth.pt", weights_only=True)
@@ -290,9 +316,23 @@ def test_an_fsdp_optimizer_folder_inside_an_accelerate_save_is_rewritten_as_dcp(
 def test_a_universal_checkpoint_gets_the_strategy_in_its_per_parameter_files(tmp_path):
     universal = tmp_path / "global_step3_universal"
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONWARNINGS": "ignore"}
-    done = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
-                           str(FIXTURES / "zero3_subgroups" / "global_step3"), "--output_folder", str(universal),
-                           "--inject_missing_state"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "deepspeed.checkpoint.ds_to_universal",
+            "--input_folder",
+            str(FIXTURES / "zero3_subgroups" / "global_step3"),
+            "--output_folder",
+            str(universal),
+            "--inject_missing_state",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     out = tmp_path / "reset_universal"
     reset(universal, out, "reset-v", params="embed")

@@ -173,11 +173,18 @@ def test_fraction_at_most_counts_values_below_a_threshold():
 
 def test_quantiles_match_torch_quantile_on_mixed_signs_zeros_subnormals_and_nonfinite():
     torch.manual_seed(7)
-    x = torch.cat([
-        torch.randn(30_000) * 1e-3, -torch.rand(5_000) * 1e3, torch.zeros(4_000), -torch.zeros(500),
-        torch.full((300,), 3e-42), torch.full((200,), -7e-40), torch.tensor([float("nan")] * 20),
-        torch.tensor([float("inf")] * 3 + [float("-inf")] * 2),
-    ])[torch.randperm(40_025)]
+    x = torch.cat(
+        [
+            torch.randn(30_000) * 1e-3,
+            -torch.rand(5_000) * 1e3,
+            torch.zeros(4_000),
+            -torch.zeros(500),
+            torch.full((300,), 3e-42),
+            torch.full((200,), -7e-40),
+            torch.tensor([float("nan")] * 20),
+            torch.tensor([float("inf")] * 3 + [float("-inf")] * 2),
+        ]
+    )[torch.randperm(40_025)]
     s = Sketch()
     for piece in x.split(4096):  # filled chunk by chunk, as the analysis does
         s.add(piece)

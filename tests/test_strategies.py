@@ -72,7 +72,10 @@ def kind_of(name: str) -> str:
 def applicable(name: str) -> list[str]:
     """The strategies that apply to each configured optimizer (the others must be refused)."""
     return {
-        "adam": list(STRATEGIES), "adamw": list(STRATEGIES), "amsgrad": list(STRATEGIES), "nadam": list(STRATEGIES),
+        "adam": list(STRATEGIES),
+        "adamw": list(STRATEGIES),
+        "amsgrad": list(STRATEGIES),
+        "nadam": list(STRATEGIES),
         "radam": ["fresh", "reload", "reset-m", "reset-v", "reset-step"],
         "adamax": list(STRATEGIES),
         "sgd": ["fresh", "reload", "reset-m"],
@@ -130,12 +133,15 @@ def test_reload_steps_exactly_like_the_saved_optimizer(name):
     assert all(torch.equal(x, y) for x, y in zip(a, b))
 
 
-@pytest.mark.parametrize("strategy, reset, kept", [
-    ("reset-m", {"exp_avg"}, {"exp_avg_sq", "max_exp_avg_sq", "step"}),
-    ("reset-v", {"exp_avg_sq", "max_exp_avg_sq"}, {"exp_avg", "step"}),
-    ("reset-step", {"step"}, {"exp_avg", "exp_avg_sq", "max_exp_avg_sq"}),
-    ("keep-v", {"exp_avg", "step"}, {"exp_avg_sq", "max_exp_avg_sq"}),
-])
+@pytest.mark.parametrize(
+    "strategy, reset, kept",
+    [
+        ("reset-m", {"exp_avg"}, {"exp_avg_sq", "max_exp_avg_sq", "step"}),
+        ("reset-v", {"exp_avg_sq", "max_exp_avg_sq"}, {"exp_avg", "step"}),
+        ("reset-step", {"step"}, {"exp_avg", "exp_avg_sq", "max_exp_avg_sq"}),
+        ("keep-v", {"exp_avg", "step"}, {"exp_avg_sq", "max_exp_avg_sq"}),
+    ],
+)
 def test_partial_resets_of_amsgrad_zero_exactly_their_keys_and_share_the_rest(strategy, reset, kept):
     _, opt = model_and_optimizer("amsgrad")
     saved = opt.state_dict()
@@ -233,8 +239,10 @@ def test_keep_v_is_a_fresh_first_moment_over_a_second_moment_that_keeps_its_age(
 
 
 # L2 weight decay (added to the gradient): Adam's and NAdam's default form.
-L2_DECAY = {"adam": lambda p: torch.optim.Adam(p, lr=1e-2, weight_decay=0.1),
-            "nadam": lambda p: torch.optim.NAdam(p, lr=1e-2, weight_decay=0.1)}
+L2_DECAY = {
+    "adam": lambda p: torch.optim.Adam(p, lr=1e-2, weight_decay=0.1),
+    "nadam": lambda p: torch.optim.NAdam(p, lr=1e-2, weight_decay=0.1),
+}
 
 
 @pytest.mark.parametrize("name", sorted(L2_DECAY))
@@ -270,7 +278,10 @@ def test_keep_v_without_the_hook_would_make_the_first_step_far_too_small():
     model, opt = model_and_optimizer("adam", steps=200)
     saved = opt.state_dict()
     plain, hooked = copy.deepcopy(model), copy.deepcopy(model)
-    plain_opt, hooked_opt = torch.optim.Adam(plain.parameters(), lr=1e-2), torch.optim.Adam(hooked.parameters(), lr=1e-2)
+    plain_opt, hooked_opt = (
+        torch.optim.Adam(plain.parameters(), lr=1e-2),
+        torch.optim.Adam(hooked.parameters(), lr=1e-2),
+    )
     new = apply_strategy(saved, "keep-v")
     plain_opt.load_state_dict(copy.deepcopy(new))
     hooked_opt.load_state_dict(copy.deepcopy(new))
@@ -315,8 +326,11 @@ def test_reload_with_a_regex_reloads_only_the_matching_parameters_and_starts_the
     assert saved["param_groups"][0]["param_names"] == ["0.weight", "0.bias", "2.weight", "2.bias"]
     new = apply_strategy(saved, r"reload:^(?!2\.)")
     assert sorted(new["state"]) == [0, 1]
-    assert plan(saved, "fresh:^2\\.") == plan(saved, r"reload:^(?!2\.)") == {0: "reload", 1: "reload", 2: "fresh",
-                                                                             3: "fresh"}
+    assert (
+        plan(saved, "fresh:^2\\.")
+        == plan(saved, r"reload:^(?!2\.)")
+        == {0: "reload", 1: "reload", 2: "fresh", 3: "fresh"}
+    )
 
 
 def test_a_regex_that_matches_nothing_is_an_error_that_lists_the_names():
@@ -341,9 +355,14 @@ def test_unknown_kinds_allow_only_fresh_and_reload():
         apply_strategy(opt.state_dict(), "reset-v", kind="rprop")
 
 
-@pytest.mark.parametrize("text, message", [
-    ("reset", "unknown strategy"), ("reload:", "empty parameter regex"), ("reload:(", "does not compile"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("reset", "unknown strategy"),
+        ("reload:", "empty parameter regex"),
+        ("reload:(", "does not compile"),
+    ],
+)
 def test_bad_strategy_text_is_refused_with_the_choices(text, message):
     with pytest.raises(OstateError, match=message):
         Strategy.parse(text)
@@ -366,8 +385,10 @@ def test_centred_rmsprop_keeps_its_variance_estimate_whole(strategy):
         v_reset = strategy == "reset-v"
         for key in ("square_avg", "grad_avg"):
             assert torch.equal(after[key], torch.zeros_like(before[key]) if v_reset else before[key]), key
-        assert torch.equal(after["momentum_buffer"], before["momentum_buffer"] if v_reset
-                           else torch.zeros_like(before["momentum_buffer"]))
+        assert torch.equal(
+            after["momentum_buffer"],
+            before["momentum_buffer"] if v_reset else torch.zeros_like(before["momentum_buffer"]),
+        )
     opt.load_state_dict(new)
     step_with(model, opt, fixed_grads(model, 3))
     assert all(torch.isfinite(p).all() for p in model.parameters())
@@ -416,5 +437,6 @@ def test_a_subclass_of_adamw_gets_exactly_the_state_and_steps_of_adamw(strategy)
 def test_the_hint_for_a_kind_without_a_layout_lists_the_families_that_have_one():
     with pytest.raises(OstateError) as info:
         apply_strategy(model_and_optimizer("adam", steps=1)[1].state_dict(), "reset-v", kind="rprop")
-    assert info.value.hint == ("kinds with partial strategies: adadelta, adagrad, adam, adamax, adamw, nadam, radam, "
-                               "rmsprop, sgd")
+    assert info.value.hint == (
+        "kinds with partial strategies: adadelta, adagrad, adam, adamax, adamw, nadam, radam, rmsprop, sgd"
+    )

@@ -38,8 +38,9 @@ class TinyAttention(nn.Module):
         h = self.embed_tokens(ids)
         b, t, d = h.shape
         split = lambda x: x.view(b, t, self.heads, d // self.heads).transpose(1, 2)  # noqa: E731
-        att = nn.functional.scaled_dot_product_attention(split(self.q_proj(h)), split(self.k_proj(h)),
-                                                         split(self.v_proj(h)), is_causal=True)
+        att = nn.functional.scaled_dot_product_attention(
+            split(self.q_proj(h)), split(self.k_proj(h)), split(self.v_proj(h)), is_causal=True
+        )
         return self.lm_head(self.norm(h + att.transpose(1, 2).reshape(b, t, d)))
 
 
@@ -72,8 +73,9 @@ def test_weight_rms_and_update_to_weight_ratio_use_the_checkpoint_weights(tmp_pa
     for name, p in model.named_parameters():
         assert params.loc[name, "weight_rms"] == pytest.approx(float(p.detach().square().mean().sqrt()), rel=1e-5)
         update = params.loc[name, "update_rms"]
-        assert params.loc[name, "update_to_weight_rms"] == pytest.approx(update / params.loc[name, "weight_rms"],
-                                                                          rel=1e-5)
+        assert params.loc[name, "update_to_weight_rms"] == pytest.approx(
+            update / params.loc[name, "weight_rms"], rel=1e-5
+        )
     # A merged row is the ratio of the merged RMS values, not the mean of the members' ratios.
     layer = ostate.analyze(checkpoint, by="kind").set_index("param_kind").loc["weight"]
     members = [n for n in params.index if params.loc[n, "param_kind"] == "weight"]

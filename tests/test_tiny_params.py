@@ -52,7 +52,7 @@ def _train(make_optimizer, second_group: dict) -> tuple[Mixed, torch.optim.Optim
     for step in range(4):
         for p in model.parameters():
             p.grad = torch.randn_like(p)
-        for p in model.late[: step]:  # these stepped fewer times: other step counts in one group
+        for p in model.late[:step]:  # these stepped fewer times: other step counts in one group
             p.grad = None
         optimizer.step()
     return model, optimizer

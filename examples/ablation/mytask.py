@@ -46,6 +46,7 @@ def pretrain(path: str) -> None:
 
     torch.manual_seed(0)
     model = make_model()
-    checkpoint = train(model, _batches(SOURCE_MAP, 64, torch.Generator().manual_seed(0)), loss, steps=200,
-                       lr=3e-3, progress=False)
+    checkpoint = train(
+        model, _batches(SOURCE_MAP, 64, torch.Generator().manual_seed(0)), loss, steps=200, lr=3e-3, progress=False
+    )
     save_atomically(checkpoint, path)

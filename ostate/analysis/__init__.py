@@ -22,8 +22,19 @@ from ostate.analysis.views import VIEWS, ViewRow
 from ostate.state import Checkpoint, OptimizerState
 
 __all__ = [
-    "Analysis", "HeadLayout", "OptimizerAnalysis", "ParamSummary", "STATS", "Sketch", "VIEWS", "ViewRow",
-    "analyze", "default_workers", "describe", "summaries", "summarize",
+    "Analysis",
+    "HeadLayout",
+    "OptimizerAnalysis",
+    "ParamSummary",
+    "STATS",
+    "Sketch",
+    "VIEWS",
+    "ViewRow",
+    "analyze",
+    "default_workers",
+    "describe",
+    "summaries",
+    "summarize",
 ]
 
 

@@ -41,9 +41,12 @@ def sketch_columns_of(quantity: str, sketches: list[Sketch]) -> list[dict[str, f
 
 
 def _columns(quantity: str, sketch: Sketch, quantiles: list[float] | None) -> dict[str, float]:
-    out = {f"{quantity}_mean": sketch.mean, f"{quantity}_rms": sketch.rms,
-           f"{quantity}_min": sketch.min if sketch.count else math.nan,
-           f"{quantity}_max": sketch.max if sketch.count else math.nan}
+    out = {
+        f"{quantity}_mean": sketch.mean,
+        f"{quantity}_rms": sketch.rms,
+        f"{quantity}_min": sketch.min if sketch.count else math.nan,
+        f"{quantity}_max": sketch.max if sketch.count else math.nan,
+    }
     if quantiles is not None:
         out.update({f"{quantity}_{name}": value for name, value in zip(QUANTILES, quantiles)})
     if sketch.nonfinite:
@@ -80,7 +83,8 @@ def derived_columns(sketches: Mapping[str, Sketch], sums: Mapping[str, float], s
         out["vmean_row_relchange"] = relative_change(sums["vmean_row_err_sq"], sums["vmean_update_sq"])
         out["vmean_head_relchange"] = (
             relative_change(sums["vmean_head_err_sq"], sums["vmean_head_update_sq"])
-            if "vmean_head_update_sq" in sums else math.nan
+            if "vmean_head_update_sq" in sums
+            else math.nan
         )
     for key in sorted(k[: -len("_q8_norm_sq")] for k in sums if k.endswith("_q8_norm_sq")):
         norm, error = sums[f"{key}_q8_norm_sq"], sums[f"{key}_q8_err_sq"]

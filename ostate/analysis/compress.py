@@ -104,11 +104,20 @@ class SharedSecondMoment:
         assert chunk.numerator is not None
         rows = slice(row, row + count)
         if kernels.available():
-            kernels.shared_rows(chunk.second_moment[piece], chunk.numerator[piece], chunk.inverse_denominator[piece],
-                                np.full(count, self.numerator_scale or 1.0, np.float32), s_scale=s_scale,
-                                eps=self.eps, i_scale=i_scale, reference=self.reference[rows],
-                                moment=self.second_moment[rows], squares=self.squares[rows], first=self.first[rows],
-                                second=self.second[rows])
+            kernels.shared_rows(
+                chunk.second_moment[piece],
+                chunk.numerator[piece],
+                chunk.inverse_denominator[piece],
+                np.full(count, self.numerator_scale or 1.0, np.float32),
+                s_scale=s_scale,
+                eps=self.eps,
+                i_scale=i_scale,
+                reference=self.reference[rows],
+                moment=self.second_moment[rows],
+                squares=self.squares[rows],
+                first=self.first[rows],
+                second=self.second[rows],
+            )
             return
         moment_sums = chunk.second_moment[piece].reshape(count, -1).sum(1).double().numpy() * s_scale
         self.second_moment[rows] += moment_sums
@@ -121,8 +130,9 @@ class SharedSecondMoment:
         numerator = chunk.numerator[piece].reshape(count, -1).float()
         n2 = numerator.mul(self.numerator_scale or 1.0).square_()
         # a - a0 = i_scale * (i - a0 / i_scale): one pass, rescaled in the sums below.
-        deviation = chunk.inverse_denominator[piece].reshape(count, -1) - torch.from_numpy(
-            reference / i_scale).float()[:, None]
+        deviation = (
+            chunk.inverse_denominator[piece].reshape(count, -1) - torch.from_numpy(reference / i_scale).float()[:, None]
+        )
         weighted = n2 * deviation
         self.squares[rows] += n2.sum(1).double().numpy()
         self.first[rows] += weighted.sum(1).double().numpy() * i_scale
@@ -187,17 +197,29 @@ def shared_sums_of(count: int, shape: tuple[int, ...], chunk: Preconditioned) ->
     if kernels.available():  # what SharedSecondMoment.add computes for each tensor, in one call
         moment_sums, squares, first, second = (np.zeros(count * rows) for _ in range(4))
         reference = np.full(count * rows, np.nan)
-        kernels.shared_rows(chunk.second_moment, numerator, chunk.inverse_denominator,
-                            np.repeat(scale, rows).astype(np.float32), s_scale=s_scale, eps=eps, i_scale=i_scale,
-                            reference=reference, moment=moment_sums, squares=squares, first=first, second=second)
+        kernels.shared_rows(
+            chunk.second_moment,
+            numerator,
+            chunk.inverse_denominator,
+            np.repeat(scale, rows).astype(np.float32),
+            s_scale=s_scale,
+            eps=eps,
+            i_scale=i_scale,
+            reference=reference,
+            moment=moment_sums,
+            squares=squares,
+            first=first,
+            second=second,
+        )
         squares, first, second = (a.reshape(count, rows) for a in (squares, first, second))
     else:
         moment_sums = chunk.second_moment.reshape(count * rows, -1).sum(1).double().numpy() * s_scale
         mean = moment_sums / (rows * length) * rows
         reference = 1.0 / (np.sqrt(np.maximum(mean, 0.0)) + eps)
         n2 = numerator.mul(torch.from_numpy(scale).float()[:, None]).square_().reshape(count * rows, -1)
-        deviation = chunk.inverse_denominator.reshape(count * rows, -1) - torch.from_numpy(
-            reference / i_scale).float()[:, None]
+        deviation = (
+            chunk.inverse_denominator.reshape(count * rows, -1) - torch.from_numpy(reference / i_scale).float()[:, None]
+        )
         weighted = n2 * deviation
         squares = n2.sum(1).double().numpy().reshape(count, rows)
         first = (weighted.sum(1).double().numpy() * i_scale).reshape(count, rows)
@@ -215,8 +237,10 @@ def shared_sums_of(count: int, shape: tuple[int, ...], chunk: Preconditioned) ->
     with np.errstate(invalid="ignore", over="ignore"):  # non-finite state gives NaN, reported as such
         norm = np.sum(second + 2.0 * reference * first + reference * reference * squares, axis=1)
         tensor, row = block_error(rows), block_error(1)
-    return [{"vmean_update_sq": a, "vmean_tensor_err_sq": b, "vmean_row_err_sq": c}
-            for a, b, c in zip(norm.tolist(), tensor.tolist(), row.tolist())]
+    return [
+        {"vmean_update_sq": a, "vmean_tensor_err_sq": b, "vmean_row_err_sq": c}
+        for a, b, c in zip(norm.tolist(), tensor.tolist(), row.tolist())
+    ]
 
 
 def relative_change(err_sq: float, norm_sq: float) -> float:

@@ -138,13 +138,18 @@ def summarize(
     if workers < 1:
         raise OstateError(f"workers must be at least 1, got {workers}")
     total = sum(p.numel or 0 for o in optimizers for p in o.params if p.has_state)
-    bar = tqdm(total=total, unit="coord", unit_scale=True, desc="analysing", disable=not progress, delay=1.0,
-               leave=False)
+    bar = tqdm(
+        total=total, unit="coord", unit_scale=True, desc="analysing", disable=not progress, delay=1.0, leave=False
+    )
     results = []
     with bar:
         for optimizer in optimizers:
-            results.append(OptimizerAnalysis(optimizer, list(summaries(optimizer, weights=refs, heads=heads,
-                                                                       workers=workers, bar=bar, joint=joint))))
+            results.append(
+                OptimizerAnalysis(
+                    optimizer,
+                    list(summaries(optimizer, weights=refs, heads=heads, workers=workers, bar=bar, joint=joint)),
+                )
+            )
     return Analysis(results, _notes(optimizers, heads))
 
 

@@ -29,8 +29,28 @@ from typing import Any, Mapping
 
 PROJECTIONS = frozenset(
     {
-        "q_proj", "k_proj", "v_proj", "qkv_proj", "query", "key", "value", "query_key_value",
-        "q", "k", "v", "qkv", "wq", "wk", "wv", "wqkv", "to_q", "to_k", "to_v", "q_lin", "k_lin", "v_lin",
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "qkv_proj",
+        "query",
+        "key",
+        "value",
+        "query_key_value",
+        "q",
+        "k",
+        "v",
+        "qkv",
+        "wq",
+        "wk",
+        "wv",
+        "wqkv",
+        "to_q",
+        "to_k",
+        "to_v",
+        "q_lin",
+        "k_lin",
+        "v_lin",
     }
 )
 _HEADS_KEYS = ("num_attention_heads", "n_head", "num_heads", "n_heads", "nhead", "encoder_attention_heads")

@@ -121,8 +121,9 @@ class JointHistogram:
         if len(self._cells) == 0:
             self._cells, self._counts = cells, counts
             return
-        self._cells, self._counts = _sum_by_cell(np.concatenate([self._cells, cells]),
-                                                 np.concatenate([self._counts, counts]))
+        self._cells, self._counts = _sum_by_cell(
+            np.concatenate([self._cells, cells]), np.concatenate([self._counts, counts])
+        )
 
     def merge(self, other: JointHistogram) -> JointHistogram:
         """Add ``other`` into this histogram (in place) and return self."""
@@ -139,8 +140,9 @@ class JointHistogram:
         parts = [h.compact() for h in histograms]
         out = cls(total=sum(h.total for h in parts), nonfinite=sum(h.nonfinite for h in parts))
         if parts:
-            out._cells, out._counts = _sum_by_cell(np.concatenate([h._cells for h in parts]),
-                                                   np.concatenate([h._counts for h in parts]))
+            out._cells, out._counts = _sum_by_cell(
+                np.concatenate([h._cells for h in parts]), np.concatenate([h._counts for h in parts])
+            )
         return out
 
     # ---------------------------------------------------------------- reading
@@ -198,8 +200,12 @@ class JointHistogram:
     def to_dict(self) -> dict:
         """A JSON-ready form; :meth:`from_dict` reads it back."""
         self.compact()
-        return {"total": self.total, "nonfinite": self.nonfinite, "cells": self._cells.tolist(),
-                "counts": self._counts.tolist()}
+        return {
+            "total": self.total,
+            "nonfinite": self.nonfinite,
+            "cells": self._cells.tolist(),
+            "counts": self._counts.tolist(),
+        }
 
     @classmethod
     def from_dict(cls, d: dict) -> JointHistogram:

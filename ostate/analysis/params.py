@@ -107,8 +107,9 @@ def base_row(optimizer: OptimizerState, param: ParamState) -> dict[str, Any]:
         "index": param.index,
         "group": param.group,
         "layer": layer_of(param.name, param.name_source),
-        "param_kind": param_kind(param.name, param.shape) if param.name_source != "none" else (
-            "weight" if param.shape is not None and len(param.shape) >= 2 else "other"),
+        "param_kind": param_kind(param.name, param.shape)
+        if param.name_source != "none"
+        else ("weight" if param.shape is not None and len(param.shape) >= 2 else "other"),
         "shape": tuple(param.shape) if param.shape is not None else None,
         "numel": param.numel,
         "step": param.step,
@@ -144,8 +145,9 @@ def summarize_param(
             row.update(family.columns(param, group))
         if param.has_state and param.shape is not None:
             shape = tuple(param.shape)
-            aligned = {k: ref for k, ref in param.tensors().items()
-                       if ref.shape == shape and ref.dtype.is_floating_point}
+            aligned = {
+                k: ref for k, ref in param.tensors().items() if ref.shape == shape and ref.dtype.is_floating_point
+            }
             if weight is not None and (weight.shape != shape or not weight.dtype.is_floating_point):
                 weight = None
             # An unchunked family reads state that is not shaped like the parameter (factored

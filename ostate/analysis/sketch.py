@@ -444,7 +444,7 @@ def quantiles_of(sketches: list[Sketch], qs: Iterable[float]) -> list[list[float
         magnitude = buckets & 0x7FFF
         # Value order: negative buckets by decreasing magnitude, then zero, then positive buckets.
         order_in = np.where(buckets & _SIGN, 0x7FFF - magnitude, 0x8001 + magnitude)
-        order_in[len(buckets) - len(chosen):] = 0x8000
+        order_in[len(buckets) - len(chosen) :] = 0x8000
         order = np.argsort(owner * 0x10001 + order_in, kind="stable")
         values = np.where(np.arange(len(buckets)) >= len(buckets) - len(chosen), 0.0, bucket_values(buckets))[order]
         cumulative = np.cumsum(counts[order])
@@ -514,7 +514,9 @@ class _Histogram:
         zeros = finite.numel() - int(torch.count_nonzero(finite))
         if zeros == 0:
             return 0
-        negative = int(torch.count_nonzero(finite.view(torch.int32) == _NEGATIVE_ZERO_BITS)) if self._count(_SIGN) else 0
+        negative = (
+            int(torch.count_nonzero(finite.view(torch.int32) == _NEGATIVE_ZERO_BITS)) if self._count(_SIGN) else 0
+        )
         self._subtract(_SIGN, negative)
         self._subtract(0, zeros - negative)
         self._drop_empty()

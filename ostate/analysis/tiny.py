@@ -37,8 +37,9 @@ from ostate.state import OptimizerState, ParamState, TensorRef
 TINY = BLOCK
 
 
-def batch_key(param: ParamState, family: Family, weight: TensorRef | None, heads: HeadLayout | None,
-              joint: bool) -> tuple[Hashable, ...] | None:
+def batch_key(
+    param: ParamState, family: Family, weight: TensorRef | None, heads: HeadLayout | None, joint: bool
+) -> tuple[Hashable, ...] | None:
     """What parameters must share to be summarised together, or None when ``param`` takes the one-parameter path.
 
     Only the step count and the group reach a family's elementwise math besides the state
@@ -86,8 +87,11 @@ def summarize_tiny(
     shape = tuple(first.shape)
     count, numel = len(params), first.numel
     assert numel is not None
-    keys = [key for key, value in first.state.items() if key != "step" or (
-        isinstance(value, TensorRef) and value.shape == shape and value.dtype.is_floating_point)]
+    keys = [
+        key
+        for key, value in first.state.items()
+        if key != "step" or (isinstance(value, TensorRef) and value.shape == shape and value.dtype.is_floating_point)
+    ]
     key_of_first = batch_key(first, family, weights.get(first.name), None, False)
     assert key_of_first is not None
     with_weight = key_of_first[-1] is not None

@@ -41,8 +41,9 @@ class ViewRow:
     joints: dict[str, JointHistogram] = field(default_factory=dict)
 
 
-def view_rows(optimizer: OptimizerState, summaries: list[ParamSummary], by: str,
-              second_moment: str | None) -> list[ViewRow]:
+def view_rows(
+    optimizer: OptimizerState, summaries: list[ParamSummary], by: str, second_moment: str | None
+) -> list[ViewRow]:
     """The rows of view ``by`` for one optimizer's parameter summaries, in table order."""
     if by == "param":
         return [ViewRow(s.row["name"], s.row, s.sketches, s.sums, [s.row["name"]], s.joints) for s in summaries]
@@ -60,8 +61,9 @@ def view_rows(optimizer: OptimizerState, summaries: list[ParamSummary], by: str,
     return [_merged_row(optimizer, by, key, groups[key], second_moment) for key in keys]
 
 
-def _merged_row(optimizer: OptimizerState, by: str, key: Any, members: list[ParamSummary],
-                second_moment: str | None) -> ViewRow:
+def _merged_row(
+    optimizer: OptimizerState, by: str, key: Any, members: list[ParamSummary], second_moment: str | None
+) -> ViewRow:
     steps = [m.row["step"] for m in members if m.row["step"] is not None]
     row: dict[str, Any] = {"optimizer": optimizer.location}
     column = KEY_COLUMN[by]
@@ -89,6 +91,8 @@ def _merged_row(optimizer: OptimizerState, by: str, key: Any, members: list[Para
         row.update(sketch_columns(quantity, sketch))
     sums = merge_sums([m.sums for m in members])
     row.update(derived_columns(sketches, sums, second_moment))
-    joints = {name: JointHistogram.merged(m.joints[name] for m in members if name in m.joints)
-              for name in dict.fromkeys(name for m in members for name in m.joints)}
+    joints = {
+        name: JointHistogram.merged(m.joints[name] for m in members if name in m.joints)
+        for name in dict.fromkeys(name for m in members for name in m.joints)
+    }
     return ViewRow(key, row, sketches, sums, [m.row["name"] for m in members], joints)

@@ -89,7 +89,8 @@ class PairComparison:
         if table.empty or MOVER_METRIC not in table.columns:
             return table.head(0)
         ranked = table[table["status"] == "both"].sort_values(
-            [MOVER_METRIC, "m_cosine"], ascending=[False, True], na_position="last", kind="stable")
+            [MOVER_METRIC, "m_cosine"], ascending=[False, True], na_position="last", kind="stable"
+        )
         return ranked.head(top).reset_index(drop=True)
 
 
@@ -159,8 +160,9 @@ def compare(
     for i, j in pairs:
         a, b = checkpoint(i), checkpoint(j)
         for oa, ob in _paired_optimizers(a, b, optimizer_index):
-            results.append(compare_optimizers(oa, ob, a_label=texts[i], b_label=texts[j], workers=workers,
-                                              progress=progress))
+            results.append(
+                compare_optimizers(oa, ob, a_label=texts[i], b_label=texts[j], workers=workers, progress=progress)
+            )
     return Comparison(texts, against, results)
 
 
@@ -172,8 +174,11 @@ def _paired_optimizers(a: Checkpoint, b: Checkpoint, index: int | None) -> list[
     if index is not None:
         return [(a.optimizers[index], b.optimizers[index])]
     if len(a.optimizers) != len(b.optimizers):
-        raise OstateError(f"the checkpoints hold {len(a.optimizers)} and {len(b.optimizers)} optimizers",
-                          where=f"{a.path}, {b.path}", hint="choose one with optimizer_index=K")
+        raise OstateError(
+            f"the checkpoints hold {len(a.optimizers)} and {len(b.optimizers)} optimizers",
+            where=f"{a.path}, {b.path}",
+            hint="choose one with optimizer_index=K",
+        )
     return list(zip(a.optimizers, b.optimizers))
 
 
@@ -207,8 +212,10 @@ def compare_optimizers(
     order = [p.name for p in b.params] + [p.name for p in a.params if p.name not in by_name_b]
     warnings = []
     if a.kind != b.kind:
-        warnings.append(f"the optimizers are of different kinds ({a.kind}, {b.kind}): each one's effective lr and "
-                        "moments follow its own family")
+        warnings.append(
+            f"the optimizers are of different kinds ({a.kind}, {b.kind}): each one's effective lr and "
+            "moments follow its own family"
+        )
     if any(p.name_source == "none" for p in [*a.params, *b.params]):
         warnings.append("some parameters have no name: they are matched by their position (param.<index>)")
     workers = default_workers() if workers is None else workers
@@ -220,8 +227,9 @@ def compare_optimizers(
         bar.update(pa.numel or 0 if pa is not None and pb is not None else 0)
         return result
 
-    with tqdm(total=total, unit="coord", unit_scale=True, desc="comparing", disable=not progress, delay=1.0,
-              leave=False) as bar:
+    with tqdm(
+        total=total, unit="coord", unit_scale=True, desc="comparing", disable=not progress, delay=1.0, leave=False
+    ) as bar:
         if workers == 1:
             params = [one(n) for n in order]
         else:
@@ -232,8 +240,15 @@ def compare_optimizers(
 
 
 # ------------------------------------------------------------------------------ one parameter
-def _compare_param(name: str, pa: ParamState | None, pb: ParamState | None, a: OptimizerState, b: OptimizerState,
-                   family_a: Family, family_b: Family) -> ParamComparison:
+def _compare_param(
+    name: str,
+    pa: ParamState | None,
+    pb: ParamState | None,
+    a: OptimizerState,
+    b: OptimizerState,
+    family_a: Family,
+    family_b: Family,
+) -> ParamComparison:
     ref = pb if pb is not None else pa
     row: dict[str, Any] = {
         "name": name,
@@ -244,14 +259,24 @@ def _compare_param(name: str, pa: ParamState | None, pb: ParamState | None, a: O
         "group_b": pb.group if pb is not None else None,
         "step_a": pa.step if pa is not None else None,
         "step_b": pb.step if pb is not None else None,
-        "step_delta": pb.step - pa.step if pa is not None and pb is not None and pa.step is not None and pb.step is not None else None,
+        "step_delta": pb.step - pa.step
+        if pa is not None and pb is not None and pa.step is not None and pb.step is not None
+        else None,
     }
     if row["status"] != "both":
         return ParamComparison(row)
     assert pa is not None and pb is not None  # "both": each side has the parameter
     sketches = {"log10_v_ratio": Sketch(), "log10_eff_lr_ratio": Sketch()}
-    sums = {"dot": 0.0, "norm_a": 0.0, "norm_b": 0.0, "v_zero_a": 0, "v_zero_b": 0, "unchanged": 0,
-            "coords": pa.numel or 0, "compared_keys": 0}
+    sums = {
+        "dot": 0.0,
+        "norm_a": 0.0,
+        "norm_b": 0.0,
+        "v_zero_a": 0,
+        "v_zero_b": 0,
+        "unchanged": 0,
+        "coords": pa.numel or 0,
+        "compared_keys": 0,
+    }
     group_a, group_b = a.groups[pa.group], b.groups[pb.group]
     with explain_bad_state(pa, family_a, group_a), explain_bad_state(pb, family_b, group_b):
         _stream_pair(pa, pb, group_a, group_b, family_a, family_b, sketches, sums)
@@ -281,8 +306,16 @@ def _aligned(param: ParamState) -> dict[str, TensorRef]:
     return {k: ref for k, ref in param.tensors().items() if ref.shape == shape}
 
 
-def _stream_pair(pa: ParamState, pb: ParamState, group_a: Mapping, group_b: Mapping, family_a: Family,
-                 family_b: Family, sketches: dict[str, Sketch], sums: dict[str, float]) -> None:
+def _stream_pair(
+    pa: ParamState,
+    pb: ParamState,
+    group_a: Mapping,
+    group_b: Mapping,
+    family_a: Family,
+    family_b: Family,
+    sketches: dict[str, Sketch],
+    sums: dict[str, float],
+) -> None:
     refs_a, refs_b = _aligned(pa), _aligned(pb)
     common = [k for k in refs_a if k in refs_b]
     sums["compared_keys"] = len(common)
@@ -301,10 +334,17 @@ def _stream_pair(pa: ParamState, pb: ParamState, group_a: Mapping, group_b: Mapp
             chunk_b = {k: t[start:stop] for k, t in floating_b.items()}
             qa = family_a.quantities(chunk_a, group_a, pa)
             qb = family_b.quantities(chunk_b, group_b, pb)
-            _add_first_moments(family_a.first_moment_values(chunk_a, group_a, pa),
-                               family_b.first_moment_values(chunk_b, group_b, pb), sums)
-            _add_second_moments(qa.get(family_a.second_moment or ""), qb.get(family_b.second_moment or ""),
-                                sketches["log10_v_ratio"], sums)
+            _add_first_moments(
+                family_a.first_moment_values(chunk_a, group_a, pa),
+                family_b.first_moment_values(chunk_b, group_b, pb),
+                sums,
+            )
+            _add_second_moments(
+                qa.get(family_a.second_moment or ""),
+                qb.get(family_b.second_moment or ""),
+                sketches["log10_v_ratio"],
+                sums,
+            )
             _add_ratio(qa.get("eff_lr"), qb.get("eff_lr"), stop - start, sketches["log10_eff_lr_ratio"])
             if common:
                 sums["unchanged"] += _unchanged(flat_a, flat_b, common, start, stop)
@@ -356,8 +396,9 @@ def _add_ratio(eff_a: Any, eff_b: Any, length: int, sketch: Sketch) -> None:
     sketch.add(torch.log10(torch.as_tensor(b, dtype=torch.float64) / a).expand(length))
 
 
-def _unchanged(flat_a: Mapping[str, torch.Tensor], flat_b: Mapping[str, torch.Tensor], keys: Sequence[str],
-               start: int, stop: int) -> int:
+def _unchanged(
+    flat_a: Mapping[str, torch.Tensor], flat_b: Mapping[str, torch.Tensor], keys: Sequence[str], start: int, stop: int
+) -> int:
     same = None
     for key in keys:
         a, b = flat_a[key][start:stop], flat_b[key][start:stop]
@@ -394,8 +435,10 @@ def _columns(sketches: Mapping[str, Sketch], sums: Mapping[str, float]) -> dict[
 
 def _merged(name: str, members: list[ParamComparison]) -> ParamComparison:
     """One row for several parameters: sketches merged, sums added (never an average of the rows)."""
-    sketches = {key: Sketch.merged([m.sketches[key] for m in members if key in m.sketches])
-                for key in ("log10_v_ratio", "log10_eff_lr_ratio")}
+    sketches = {
+        key: Sketch.merged([m.sketches[key] for m in members if key in m.sketches])
+        for key in ("log10_v_ratio", "log10_eff_lr_ratio")
+    }
     sums: dict[str, float] = {}
     for m in members:
         for key, value in m.sums.items():
@@ -405,8 +448,7 @@ def _merged(name: str, members: list[ParamComparison]) -> ParamComparison:
                 sums[key] = sums.get(key, 0) + value
     sums.setdefault("dot", 0.0)
     sums.setdefault("unchanged", 0)
-    row = {"name": name, "status": "both", "params": len(members),
-           "numel": sum(m.row["numel"] or 0 for m in members)}
+    row = {"name": name, "status": "both", "params": len(members), "numel": sum(m.row["numel"] or 0 for m in members)}
     if members:
         row.update(_columns(sketches, sums))
     return ParamComparison(row, sketches, sums)

@@ -13,14 +13,30 @@ from ostate.render import cells, format_value, jsonable, markdown_table, text_ta
 from ostate.render import render as render_as
 
 # The columns the text renderings show by default (csv and json have every column).
-COLUMNS = ("name", "status", "shape", "step_delta", "m_cosine", "log10_v_ratio_p50", "log10_v_ratio_iqr",
-           "eff_lr_relchange_p50", "unchanged_frac")
+COLUMNS = (
+    "name",
+    "status",
+    "shape",
+    "step_delta",
+    "m_cosine",
+    "log10_v_ratio_p50",
+    "log10_v_ratio_iqr",
+    "eff_lr_relchange_p50",
+    "unchanged_frac",
+)
 MOVER_COLUMNS = ("name", MOVER_METRIC, "eff_lr_relchange_p50", "m_cosine", "log10_v_ratio_p50", "unchanged_frac")
 _LEFT = {"name", "status", "shape"}
 
 
-def render(comparison: Comparison, fmt: str = "table", *, top: int = 10, columns: list[str] | None = None,
-           sort: str | None = None, ascending: bool = False) -> str:
+def render(
+    comparison: Comparison,
+    fmt: str = "table",
+    *,
+    top: int = 10,
+    columns: list[str] | None = None,
+    sort: str | None = None,
+    ascending: bool = False,
+) -> str:
     """The comparison as text (``table``), ``csv``, ``json`` or ``markdown``.
 
     ``columns`` replaces the text renderings' columns (``["all"]``: every one); ``sort``
@@ -36,30 +52,40 @@ def render(comparison: Comparison, fmt: str = "table", *, top: int = 10, columns
         >>> text.splitlines()[:3]
         ["A: a ('(root)')", "B: b ('(root)')", 'optimizer: adamw']
     """
-    return render_as(fmt, table=lambda: _text(comparison, top, columns, sort, ascending, markdown=False),
-                     csv=lambda: _sorted(comparison.table(), sort, ascending),
-                     json=lambda: to_json(comparison, top=top),
-                     markdown=lambda: _text(comparison, top, columns, sort, ascending, markdown=True))
+    return render_as(
+        fmt,
+        table=lambda: _text(comparison, top, columns, sort, ascending, markdown=False),
+        csv=lambda: _sorted(comparison.table(), sort, ascending),
+        json=lambda: to_json(comparison, top=top),
+        markdown=lambda: _text(comparison, top, columns, sort, ascending, markdown=True),
+    )
 
 
 def to_json(comparison: Comparison, *, top: int = 10) -> dict[str, Any]:
     """The comparison as JSON-ready data (NaN becomes null)."""
-    return jsonable({
-        "paths": comparison.paths,
-        "against": comparison.against,
-        "mover_metric": MOVER_METRIC,
-        "pairs": [
-            {
-                "a": pair.a, "b": pair.b, "optimizer_a": pair.optimizer_a, "optimizer_b": pair.optimizer_b,
-                "kind_a": pair.kind_a, "kind_b": pair.kind_b, "warnings": pair.warnings,
-                "counts": _counts(pair),
-                "model": pair.model.row,
-                "movers": list(pair.movers(top)["name"]) if not pair.table().empty else [],
-                "params": pair.table().to_dict(orient="records"),
-            }
-            for pair in comparison.pairs
-        ],
-    })
+    return jsonable(
+        {
+            "paths": comparison.paths,
+            "against": comparison.against,
+            "mover_metric": MOVER_METRIC,
+            "pairs": [
+                {
+                    "a": pair.a,
+                    "b": pair.b,
+                    "optimizer_a": pair.optimizer_a,
+                    "optimizer_b": pair.optimizer_b,
+                    "kind_a": pair.kind_a,
+                    "kind_b": pair.kind_b,
+                    "warnings": pair.warnings,
+                    "counts": _counts(pair),
+                    "model": pair.model.row,
+                    "movers": list(pair.movers(top)["name"]) if not pair.table().empty else [],
+                    "params": pair.table().to_dict(orient="records"),
+                }
+                for pair in comparison.pairs
+            ],
+        }
+    )
 
 
 def _counts(pair: PairComparison) -> dict[str, int]:
@@ -83,17 +109,23 @@ def _pair_header(pair: PairComparison) -> list[str]:
     lines.append(f"parameters: {counts or 'none'}")
     if model.get("params"):
         lines.append(
-            "whole model: m_cosine " + format_value(model.get("m_cosine"))
-            + ", log10 v ratio median " + format_value(model.get("log10_v_ratio_p50"))
+            "whole model: m_cosine "
+            + format_value(model.get("m_cosine"))
+            + ", log10 v ratio median "
+            + format_value(model.get("log10_v_ratio_p50"))
             + f" (p5 {format_value(model.get('log10_v_ratio_p5'))}, p95 {format_value(model.get('log10_v_ratio_p95'))})"
-            + ", eff lr change median " + format_value(model.get("eff_lr_relchange_p50"))
-            + ", unchanged " + format_value(model.get("unchanged_frac")))
+            + ", eff lr change median "
+            + format_value(model.get("eff_lr_relchange_p50"))
+            + ", unchanged "
+            + format_value(model.get("unchanged_frac"))
+        )
     lines += [f"warning: {w}" for w in pair.warnings]
     return lines
 
 
-def _text(comparison: Comparison, top: int, columns: list[str] | None, sort: str | None, ascending: bool, *,
-          markdown: bool) -> str:
+def _text(
+    comparison: Comparison, top: int, columns: list[str] | None, sort: str | None, ascending: bool, *, markdown: bool
+) -> str:
     out: list[str] = []
     for number, pair in enumerate(comparison.pairs):
         if number:
@@ -111,16 +143,25 @@ def _text(comparison: Comparison, top: int, columns: list[str] | None, sort: str
             continue
         movers = pair.movers(top)
         if not movers.empty:
-            out += ["", f"largest movers (by {MOVER_METRIC}):" if not markdown else f"### Largest movers (by {MOVER_METRIC})",
-                    ""]
+            out += [
+                "",
+                f"largest movers (by {MOVER_METRIC}):" if not markdown else f"### Largest movers (by {MOVER_METRIC})",
+                "",
+            ]
             head = [c for c in MOVER_COLUMNS if c in movers.columns]
-            out.append(markdown_table(head, cells(movers, head)) if markdown
-                       else text_table(head, cells(movers, head), left=_LEFT))
+            out.append(
+                markdown_table(head, cells(movers, head))
+                if markdown
+                else text_table(head, cells(movers, head), left=_LEFT)
+            )
         shown = _columns(table, columns)
         out += ["", "### Parameters" if markdown else "parameters:", ""]
         table = _sorted(table, sort, ascending)
-        out.append(markdown_table(shown, cells(table, shown)) if markdown
-                   else text_table(shown, cells(table, shown), left=_LEFT))
+        out.append(
+            markdown_table(shown, cells(table, shown))
+            if markdown
+            else text_table(shown, cells(table, shown), left=_LEFT)
+        )
     return "\n".join(out) + "\n"
 
 

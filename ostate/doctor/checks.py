@@ -36,12 +36,32 @@ from ostate.state import Checkpoint, OptimizerState, ParamState, TensorRef
 SEVERITIES = ("info", "warning", "error")
 # Every finding's code, in the order of docs/doctor.md's table (for --ignore; tested against both).
 CODES = (
-    "nonfinite-state", "nonfinite-weights", "shape-mismatch", "state-without-param", "count-mismatch",
-    "lr-nonfinite", "lr-zero", "schedule-finished", "lr-decayed", "empty-state", "params-without-state",
-    "frozen-params", "second-moment-zero", "eps-dominated", "step-mismatch", "nadam-mu-product",
-    "weight-decay-on-norms-or-biases", "weight-decay-on-embeddings", "weight-decay-on-vectors", "amsgrad-stale-max",
-    "low-precision-moments", "state-dtype-differs", "unmatched-params", "unnamed-params",
-    "model-params-without-optimizer", "reader-warning",
+    "nonfinite-state",
+    "nonfinite-weights",
+    "shape-mismatch",
+    "state-without-param",
+    "count-mismatch",
+    "lr-nonfinite",
+    "lr-zero",
+    "schedule-finished",
+    "lr-decayed",
+    "empty-state",
+    "params-without-state",
+    "frozen-params",
+    "second-moment-zero",
+    "eps-dominated",
+    "step-mismatch",
+    "nadam-mu-product",
+    "weight-decay-on-norms-or-biases",
+    "weight-decay-on-embeddings",
+    "weight-decay-on-vectors",
+    "amsgrad-stale-max",
+    "low-precision-moments",
+    "state-dtype-differs",
+    "unmatched-params",
+    "unnamed-params",
+    "model-params-without-optimizer",
+    "reader-warning",
 )
 # Exit codes: 0 nothing at or above --fail-on, 3 the worst is a warning, 4 an error. (2 is bad input, 1 a bug.)
 EXIT_OK, EXIT_WARNING, EXIT_ERROR = 0, 3, 4
@@ -151,8 +171,10 @@ def check_codes(codes: Iterable[str]) -> set[str]:
     chosen = set(codes)
     unknown = sorted(chosen - set(CODES))
     if unknown:
-        raise OstateError(f"unknown finding code{'s' if len(unknown) > 1 else ''} to ignore: {', '.join(unknown)}",
-                          hint=f"the codes are: {', '.join(CODES)}")
+        raise OstateError(
+            f"unknown finding code{'s' if len(unknown) > 1 else ''} to ignore: {', '.join(unknown)}",
+            hint=f"the codes are: {', '.join(CODES)}",
+        )
     return chosen
 
 
@@ -202,8 +224,9 @@ def _evidence(param: ParamState, coordinates: int | None = None, detail: str = "
     return Evidence(param.name, coordinates, param.numel, detail)
 
 
-def _by_optimizer(items: list[tuple[OptimizerState, Evidence]], make: Callable[[str, list[Evidence]], Finding]
-                  ) -> list[Finding]:
+def _by_optimizer(
+    items: list[tuple[OptimizerState, Evidence]], make: Callable[[str, list[Evidence]], Finding]
+) -> list[Finding]:
     """One finding per optimizer that has evidence."""
     out = []
     for location in dict.fromkeys(o.location for o, _ in items):
@@ -230,22 +253,38 @@ def check_nonfinite(ctx: Context) -> list[Finding]:
     """NaN or ±inf in the state (error), in the saved weights (error), or as a step count (error)."""
     state, weights = [], []
     for o, p, s in ctx.parameters():
-        moments = [s.sketches[q].nonfinite for q in (_second_moment(o), get_family(o.kind).first_moment) if q in s.sketches]
+        moments = [
+            s.sketches[q].nonfinite for q in (_second_moment(o), get_family(o.kind).first_moment) if q in s.sketches
+        ]
         bad = max([int(s.sums.get("nonfinite_coords", 0)), *moments])
         if bad or (p.step is not None and not math.isfinite(p.step)):
             detail = "" if p.step is None or math.isfinite(p.step) else f"step is {p.step}"
             state.append((o, _evidence(p, bad, detail)))
         if "weight" in s.sketches and s.sketches["weight"].nonfinite:
             weights.append((o, _evidence(p, s.sketches["weight"].nonfinite)))
-    out = _by_optimizer(state, lambda loc, ev: Finding(
-        "error", "nonfinite-state", "NaN or infinite values in the optimizer state", ev,
-        "The next step writes NaN into these weights. Do not resume from this state: go back to an earlier "
-        "checkpoint, or start the affected parameters fresh (ostate reset PATH --strategy fresh --params REGEX -o OUT) "
-        "if their weights are finite; then look for the cause (an lr spike, fp16 overflow, a division by zero)."))
-    out += _by_optimizer(weights, lambda loc, ev: Finding(
-        "error", "nonfinite-weights", "NaN or infinite values in the model's weights", ev,
-        "The model itself is broken at these coordinates; resetting the optimizer state does not repair it. "
-        "Go back to an earlier checkpoint."))
+    out = _by_optimizer(
+        state,
+        lambda loc, ev: Finding(
+            "error",
+            "nonfinite-state",
+            "NaN or infinite values in the optimizer state",
+            ev,
+            "The next step writes NaN into these weights. Do not resume from this state: go back to an earlier "
+            "checkpoint, or start the affected parameters fresh (ostate reset PATH --strategy fresh --params REGEX -o OUT) "
+            "if their weights are finite; then look for the cause (an lr spike, fp16 overflow, a division by zero).",
+        ),
+    )
+    out += _by_optimizer(
+        weights,
+        lambda loc, ev: Finding(
+            "error",
+            "nonfinite-weights",
+            "NaN or infinite values in the model's weights",
+            ev,
+            "The model itself is broken at these coordinates; resetting the optimizer state does not repair it. "
+            "Go back to an earlier checkpoint.",
+        ),
+    )
     return out
 
 
@@ -257,28 +296,45 @@ def check_empty_or_missing_state(ctx: Context) -> list[Finding]:
         o = result.optimizer
         listed = [p for p in o.params if _keeps_state(o, p)]
         if listed and not any(p.has_state for p in o.params):
-            out.append(Finding(
-                "warning", "empty-state", "the optimizer has no state at all",
-                [Evidence(f"{len(listed)} parameters", sum(p.numel or 0 for p in listed), None)],
-                "It never stepped, or its state was not saved (torch.distributed.checkpoint saved empty state "
-                "when the optimizer was not initialised first, pytorch/pytorch#140898). Resuming from it is "
-                "the same as a fresh optimizer.", o.location))
+            out.append(
+                Finding(
+                    "warning",
+                    "empty-state",
+                    "the optimizer has no state at all",
+                    [Evidence(f"{len(listed)} parameters", sum(p.numel or 0 for p in listed), None)],
+                    "It never stepped, or its state was not saved (torch.distributed.checkpoint saved empty state "
+                    "when the optimizer was not initialised first, pytorch/pytorch#140898). Resuming from it is "
+                    "the same as a fresh optimizer.",
+                    o.location,
+                )
+            )
             continue
         missing = [p for p in listed if not p.has_state]
         if missing:
-            out.append(Finding(
-                "warning", "params-without-state",
-                "parameters in the optimizer's groups have no state (frozen, unused, or never stepped)",
-                [_evidence(p, p.numel) for p in missing],
-                "A parameter that is frozen (requires_grad=False) or gets no gradient (not used in the forward "
-                "pass) never gets state. If it should train, check requires_grad and the forward pass; if it is "
-                "frozen on purpose, leave it out of the optimizer (or pass --ignore params-without-state).",
-                o.location))
+            out.append(
+                Finding(
+                    "warning",
+                    "params-without-state",
+                    "parameters in the optimizer's groups have no state (frozen, unused, or never stepped)",
+                    [_evidence(p, p.numel) for p in missing],
+                    "A parameter that is frozen (requires_grad=False) or gets no gradient (not used in the forward "
+                    "pass) never gets state. If it should train, check requires_grad and the forward pass; if it is "
+                    "frozen on purpose, leave it out of the optimizer (or pass --ignore params-without-state).",
+                    o.location,
+                )
+            )
         frozen = [p for p in o.params if p.frozen]
         if frozen:
-            out.append(Finding("info", "frozen-params", "frozen parameters (saved by DeepSpeed outside the optimizer)",
-                               [_evidence(p, p.numel) for p in frozen],
-                               "Nothing to do if they are meant to stay frozen.", o.location))
+            out.append(
+                Finding(
+                    "info",
+                    "frozen-params",
+                    "frozen parameters (saved by DeepSpeed outside the optimizer)",
+                    [_evidence(p, p.numel) for p in frozen],
+                    "Nothing to do if they are meant to stay frozen.",
+                    o.location,
+                )
+            )
     return out
 
 
@@ -293,15 +349,28 @@ def check_second_moment_zero(ctx: Context) -> list[Finding]:
             continue
         item = (o, _evidence(p, moment.zeros))
         (warn if moment.zeros >= V_ZERO_WARN * moment.values_seen else info).append(item)
-    advice = ("These coordinates never had a non-zero gradient (unused embedding rows such as new or rare tokens, "
-              "dead units, masked inputs). Their first gradient moves them by about lr*(1-beta1)/sqrt(1-beta2) "
-              "(3.16*lr with Adam's defaults): a jump when fine-tuning starts to use them. Warm the lr up, or "
-              "check why they get no gradient.")
-    out = _by_optimizer(warn, lambda loc, ev: Finding(
-        "warning", "second-moment-zero", f"second moment exactly 0 on at least {V_ZERO_WARN:.0%} of a parameter's "
-        "coordinates", ev, advice))
-    out += _by_optimizer(info, lambda loc, ev: Finding(
-        "info", "second-moment-zero", "a few coordinates with second moment exactly 0", ev, advice))
+    advice = (
+        "These coordinates never had a non-zero gradient (unused embedding rows such as new or rare tokens, "
+        "dead units, masked inputs). Their first gradient moves them by about lr*(1-beta1)/sqrt(1-beta2) "
+        "(3.16*lr with Adam's defaults): a jump when fine-tuning starts to use them. Warm the lr up, or "
+        "check why they get no gradient."
+    )
+    out = _by_optimizer(
+        warn,
+        lambda loc, ev: Finding(
+            "warning",
+            "second-moment-zero",
+            f"second moment exactly 0 on at least {V_ZERO_WARN:.0%} of a parameter's coordinates",
+            ev,
+            advice,
+        ),
+    )
+    out += _by_optimizer(
+        info,
+        lambda loc, ev: Finding(
+            "info", "second-moment-zero", "a few coordinates with second moment exactly 0", ev, advice
+        ),
+    )
     return out
 
 
@@ -317,13 +386,19 @@ def check_eps_dominated(ctx: Context) -> list[Finding]:
         active = int(s.sums["eps_coords"]) - zeros
         if active > 0 and dominated >= EPS_WARN * active:
             items.append((o, Evidence(p.name, dominated, active, f"of the {active:,} coordinates with v > 0")))
-    return _by_optimizer(items, lambda loc, ev: Finding(
-        "warning", "eps-dominated", f"eps dominates the denominator on at least {EPS_WARN:.0%} of a parameter's "
-        "coordinates", ev,
-        "Where sqrt(v_hat) <= eps the step size is set by eps, not by the gradient history, so these parameters "
-        "take smaller, less adaptive steps than the others. Gradients this small are typical of large models and "
-        "low-precision gradients; lower eps (Wortsman et al. 2023; Everett et al. 2024 scale it with the model) "
-        "or check whether gradients underflow."))
+    return _by_optimizer(
+        items,
+        lambda loc, ev: Finding(
+            "warning",
+            "eps-dominated",
+            f"eps dominates the denominator on at least {EPS_WARN:.0%} of a parameter's coordinates",
+            ev,
+            "Where sqrt(v_hat) <= eps the step size is set by eps, not by the gradient history, so these parameters "
+            "take smaller, less adaptive steps than the others. Gradients this small are typical of large models and "
+            "low-precision gradients; lower eps (Wortsman et al. 2023; Everett et al. 2024 scale it with the model) "
+            "or check whether gradients underflow.",
+        ),
+    )
 
 
 def check_learning_rate(ctx: Context) -> list[Finding]:
@@ -336,23 +411,54 @@ def check_learning_rate(ctx: Context) -> list[Finding]:
             if o.is_frozen_group(g) or "lr" not in group or not isinstance(group["lr"], (int, float)):
                 continue
             members = [p for p in o.params if p.group == g and p.has_state]
-            subject = [Evidence(f"group {g}", sum(p.numel or 0 for p in members), None,
-                                f"lr={group['lr']:g}" + (f", initial_lr={group['initial_lr']:g}"
-                                                         if isinstance(group.get("initial_lr"), (int, float)) else ""))]
+            subject = [
+                Evidence(
+                    f"group {g}",
+                    sum(p.numel or 0 for p in members),
+                    None,
+                    f"lr={group['lr']:g}"
+                    + (
+                        f", initial_lr={group['initial_lr']:g}"
+                        if isinstance(group.get("initial_lr"), (int, float))
+                        else ""
+                    ),
+                )
+            ]
             lr, initial = float(group["lr"]), group.get("initial_lr")
             if not math.isfinite(lr):
-                out.append(Finding("error", "lr-nonfinite", "a param group's learning rate is not finite", subject,
-                                   "Every step of this group writes NaN; fix the schedule before resuming.", o.location))
+                out.append(
+                    Finding(
+                        "error",
+                        "lr-nonfinite",
+                        "a param group's learning rate is not finite",
+                        subject,
+                        "Every step of this group writes NaN; fix the schedule before resuming.",
+                        o.location,
+                    )
+                )
             elif lr == 0 and members:
-                out.append(Finding("warning", "lr-zero", "a param group's learning rate is 0", subject,
-                                   "Resuming as saved moves none of these parameters: the schedule has ended (or "
-                                   "not begun). Set a new schedule to continue training (re-warm the lr).",
-                                   o.location))
+                out.append(
+                    Finding(
+                        "warning",
+                        "lr-zero",
+                        "a param group's learning rate is 0",
+                        subject,
+                        "Resuming as saved moves none of these parameters: the schedule has ended (or "
+                        "not begun). Set a new schedule to continue training (re-warm the lr).",
+                        o.location,
+                    )
+                )
             elif isinstance(initial, (int, float)) and initial > 0 and 0 < lr <= LR_DECAYED * initial and members:
-                out.append(Finding("info", "lr-decayed", f"the schedule has decayed a group's lr to {lr / initial:.2g} "
-                                   "of its initial value", subject,
-                                   "The schedule is near its end; continuing with it barely moves the weights.",
-                                   o.location))
+                out.append(
+                    Finding(
+                        "info",
+                        "lr-decayed",
+                        f"the schedule has decayed a group's lr to {lr / initial:.2g} of its initial value",
+                        subject,
+                        "The schedule is near its end; continuing with it barely moves the weights.",
+                        o.location,
+                    )
+                )
     out += _finished_schedules(ctx)
     return out
 
@@ -369,17 +475,36 @@ def _finished_schedules(ctx: Context) -> list[Finding]:
             continue
         where = str(s.get("_location", "scheduler"))
         if isinstance(s.get("total_steps"), (int, float)) and last >= s["total_steps"]:  # OneCycleLR
-            evidence.append(Evidence(where, None, None, f"OneCycleLR at step {last:g} of total_steps "
-                                                        f"{s['total_steps']:g} (a further step raises an error)"))
+            evidence.append(
+                Evidence(
+                    where,
+                    None,
+                    None,
+                    f"OneCycleLR at step {last:g} of total_steps {s['total_steps']:g} (a further step raises an error)",
+                )
+            )
         elif isinstance(s.get("T_max"), (int, float)) and s["T_max"] > 0 and last >= s["T_max"]:
-            evidence.append(Evidence(where, None, None, f"cosine schedule at step {last:g} of T_max {s['T_max']:g} "
-                                                        "(further steps raise the lr again)"))
+            evidence.append(
+                Evidence(
+                    where,
+                    None,
+                    None,
+                    f"cosine schedule at step {last:g} of T_max {s['T_max']:g} (further steps raise the lr again)",
+                )
+            )
     if not evidence:
         return []
-    return [Finding("warning", "schedule-finished", "the learning-rate schedule has run to its end", evidence,
-                    "Resuming continues past the planned end. To train further, start a new schedule (re-warming "
-                    "and re-decaying the lr recovers well: Gupta et al. 2023, Ibrahim et al. 2024); for "
-                    "fine-tuning, give the new run its own schedule.")]
+    return [
+        Finding(
+            "warning",
+            "schedule-finished",
+            "the learning-rate schedule has run to its end",
+            evidence,
+            "Resuming continues past the planned end. To train further, start a new schedule (re-warming "
+            "and re-decaying the lr recovers well: Gupta et al. 2023, Ibrahim et al. 2024); for "
+            "fine-tuning, give the new run its own schedule.",
+        )
+    ]
 
 
 def check_step_counts(ctx: Context) -> list[Finding]:
@@ -394,22 +519,41 @@ def check_step_counts(ctx: Context) -> list[Finding]:
             counts = Counter(step for _, step in steps)
             if len(counts) > 1:
                 usual = counts.most_common(1)[0][0]
-                evidence += [_evidence(p, p.numel, f"step {step:g}, most of group {g} at {usual:g}")
-                             for p, step in steps if step != usual]
+                evidence += [
+                    _evidence(p, p.numel, f"step {step:g}, most of group {g} at {usual:g}")
+                    for p, step in steps
+                    if step != usual
+                ]
         if evidence:
-            out.append(Finding(
-                "warning", "step-mismatch", "parameters of one param group are at different step counts", evidence,
-                "They were frozen for a while, added later, or restored from different checkpoints; their bias "
-                "corrections differ, so their next steps are not alike. If that is not intended, restart their "
-                "counters (ostate reset PATH --strategy reset-step --params REGEX -o OUT).", o.location))
+            out.append(
+                Finding(
+                    "warning",
+                    "step-mismatch",
+                    "parameters of one param group are at different step counts",
+                    evidence,
+                    "They were frozen for a while, added later, or restored from different checkpoints; their bias "
+                    "corrections differ, so their next steps are not alike. If that is not intended, restart their "
+                    "counters (ostate reset PATH --strategy reset-step --params REGEX -o OUT).",
+                    o.location,
+                )
+            )
         inconsistent = [s for s in result.summaries if s.row.get("mu_product_consistent") is False]
         if inconsistent:
             params = {p.name: p for p in o.params}
-            out.append(Finding(
-                "warning", "nadam-mu-product", "NAdam's mu_product does not match its step count",
-                [_evidence(params[s.row["name"]], None, f"mu_product {s.row['mu_product']:.4g}") for s in inconsistent],
-                "step was changed without mu_product (or the reverse): NAdam's momentum schedule is inconsistent. "
-                "Reset both together (ostate reset --strategy reset-step does).", o.location))
+            out.append(
+                Finding(
+                    "warning",
+                    "nadam-mu-product",
+                    "NAdam's mu_product does not match its step count",
+                    [
+                        _evidence(params[s.row["name"]], None, f"mu_product {s.row['mu_product']:.4g}")
+                        for s in inconsistent
+                    ],
+                    "step was changed without mu_product (or the reverse): NAdam's momentum schedule is inconsistent. "
+                    "Reset both together (ostate reset --strategy reset-step does).",
+                    o.location,
+                )
+            )
     return out
 
 
@@ -430,17 +574,38 @@ def check_weight_decay_targets(ctx: Context) -> list[Finding]:
             norms.append((o, _evidence(p, p.numel, f"{kind}, {detail}")))
         elif kind == "embedding":
             embeddings.append((o, _evidence(p, p.numel, detail)))
-    out = _by_optimizer(norms, lambda loc, ev: Finding(
-        "warning", "weight-decay-on-norms-or-biases", "weight decay is applied to norm layers or biases", ev,
-        "Decay pulls normalisation gains and biases towards 0, which they are not meant to be; the usual practice "
-        "(Hugging Face's Trainer, nanoGPT, timm) puts them in a param group with weight_decay=0."))
-    out += _by_optimizer(embeddings, lambda loc, ev: Finding(
-        "info", "weight-decay-on-embeddings", "weight decay is applied to embeddings", ev,
-        "Practice differs (the Hugging Face Trainer decays embeddings, nanoGPT does too, others do not); decay "
-        "shrinks the rows of rare tokens, which get few gradients to push back."))
-    out += _by_optimizer(by_shape, lambda loc, ev: Finding(
-        "info", "weight-decay-on-vectors", "weight decay on unnamed 1-D parameters (biases or norm gains, by shape)",
-        ev, "Give ostate the model (--model, or the model's state dict in the checkpoint) to name them."))
+    out = _by_optimizer(
+        norms,
+        lambda loc, ev: Finding(
+            "warning",
+            "weight-decay-on-norms-or-biases",
+            "weight decay is applied to norm layers or biases",
+            ev,
+            "Decay pulls normalisation gains and biases towards 0, which they are not meant to be; the usual practice "
+            "(Hugging Face's Trainer, nanoGPT, timm) puts them in a param group with weight_decay=0.",
+        ),
+    )
+    out += _by_optimizer(
+        embeddings,
+        lambda loc, ev: Finding(
+            "info",
+            "weight-decay-on-embeddings",
+            "weight decay is applied to embeddings",
+            ev,
+            "Practice differs (the Hugging Face Trainer decays embeddings, nanoGPT does too, others do not); decay "
+            "shrinks the rows of rare tokens, which get few gradients to push back.",
+        ),
+    )
+    out += _by_optimizer(
+        by_shape,
+        lambda loc, ev: Finding(
+            "info",
+            "weight-decay-on-vectors",
+            "weight decay on unnamed 1-D parameters (biases or norm gains, by shape)",
+            ev,
+            "Give ostate the model (--model, or the model's state dict in the checkpoint) to name them.",
+        ),
+    )
     return out
 
 
@@ -451,15 +616,26 @@ def check_amsgrad(ctx: Context) -> list[Finding]:
         ratio = s.sketches.get("amsgrad_ratio")
         if ratio is None or not ratio.values_seen:
             continue
-        far = round((1.0 - ratio.fraction_at_most(AMSGRAD_RATIO)) * ratio.count) + ratio.posinf if ratio.count else ratio.posinf
+        far = (
+            round((1.0 - ratio.fraction_at_most(AMSGRAD_RATIO)) * ratio.count) + ratio.posinf
+            if ratio.count
+            else ratio.posinf
+        )
         if far >= AMSGRAD_FRACTION * ratio.values_seen:
             items.append((o, _evidence(p, far, f"median sqrt(v_max/v) = {ratio.quantile(0.5):.3g}")))
-    return _by_optimizer(items, lambda loc, ev: Finding(
-        "warning", "amsgrad-stale-max", f"AMSGrad's max of v is at least {AMSGRAD_RATIO:g}x the current v (in "
-        f"square root) on at least {AMSGRAD_FRACTION:.0%} of a parameter's coordinates", ev,
-        "AMSGrad divides by the running maximum of v: where it is far above the current v (often left by a "
-        "gradient spike long ago) the steps are that many times smaller than Adam's. When fine-tuning, consider "
-        "resetting it (ostate reset --strategy reset-v resets v and its maximum) or turning AMSGrad off."))
+    return _by_optimizer(
+        items,
+        lambda loc, ev: Finding(
+            "warning",
+            "amsgrad-stale-max",
+            f"AMSGrad's max of v is at least {AMSGRAD_RATIO:g}x the current v (in "
+            f"square root) on at least {AMSGRAD_FRACTION:.0%} of a parameter's coordinates",
+            ev,
+            "AMSGrad divides by the running maximum of v: where it is far above the current v (often left by a "
+            "gradient spike long ago) the steps are that many times smaller than Adam's. When fine-tuning, consider "
+            "resetting it (ostate reset --strategy reset-v resets v and its maximum) or turning AMSGrad off.",
+        ),
+    )
 
 
 def check_moment_precision(ctx: Context) -> list[Finding]:
@@ -469,12 +645,19 @@ def check_moment_precision(ctx: Context) -> list[Finding]:
         dtypes = [d for d in (s.row.get("dtype") or "").split(",") if d in LOW_PRECISION]
         if dtypes and p.has_state:
             items.append((o, _evidence(p, p.numel, "/".join(dtypes))))
-    return _by_optimizer(items, lambda loc, ev: Finding(
-        "warning", "low-precision-moments", "optimizer moments are stored in bfloat16 or float16", ev,
-        "An EMA update of relative size 1-beta2 (1e-3 for 0.999) is below bfloat16's resolution (2^-8), so v "
-        "stops following the gradients; float16 underflows for the squares of small gradients. Keep the "
-        "optimizer state in float32 (fp32 master weights, or a mixed-precision optimizer), or use larger "
-        "1-beta2 / stochastic rounding if low-precision state is intended."))
+    return _by_optimizer(
+        items,
+        lambda loc, ev: Finding(
+            "warning",
+            "low-precision-moments",
+            "optimizer moments are stored in bfloat16 or float16",
+            ev,
+            "An EMA update of relative size 1-beta2 (1e-3 for 0.999) is below bfloat16's resolution (2^-8), so v "
+            "stops following the gradients; float16 underflows for the squares of small gradients. Keep the "
+            "optimizer state in float32 (fp32 master weights, or a mixed-precision optimizer), or use larger "
+            "1-beta2 / stochastic rounding if low-precision state is intended.",
+        ),
+    )
 
 
 def check_state_dtype(ctx: Context) -> list[Finding]:
@@ -486,17 +669,27 @@ def check_state_dtype(ctx: Context) -> list[Finding]:
         weight = ctx.model.get(p.name)
         if weight is None or not p.has_state or not weight.dtype.is_floating_point:
             continue
-        state = {str(t.dtype).removeprefix("torch.") for t in p.tensors().values()
-                 if t.dtype.is_floating_point and p.shape is not None and t.shape == tuple(p.shape)}
+        state = {
+            str(t.dtype).removeprefix("torch.")
+            for t in p.tensors().values()
+            if t.dtype.is_floating_point and p.shape is not None and t.shape == tuple(p.shape)
+        }
         wanted = str(weight.dtype).removeprefix("torch.")
         if state and state != {wanted}:
             items.append((o, _evidence(p, p.numel, f"state {'/'.join(sorted(state))}, weights {wanted}")))
-    return _by_optimizer(items, lambda loc, ev: Finding(
-        "warning", "state-dtype-differs", "the optimizer state's dtype differs from the weights'", ev,
-        "torch's Optimizer.load_state_dict casts floating-point state to each parameter's dtype: float32 moments "
-        "loaded into a bfloat16 model silently become bfloat16 (pytorch/pytorch#43706), bfloat16 moments loaded "
-        "into a float32 model are promoted. Load into a model of the dtype the state was saved with, or keep a "
-        "float32 copy of the state."))
+    return _by_optimizer(
+        items,
+        lambda loc, ev: Finding(
+            "warning",
+            "state-dtype-differs",
+            "the optimizer state's dtype differs from the weights'",
+            ev,
+            "torch's Optimizer.load_state_dict casts floating-point state to each parameter's dtype: float32 moments "
+            "loaded into a bfloat16 model silently become bfloat16 (pytorch/pytorch#43706), bfloat16 moments loaded "
+            "into a float32 model are promoted. Load into a model of the dtype the state was saved with, or keep a "
+            "float32 copy of the state.",
+        ),
+    )
 
 
 def check_model_agreement(ctx: Context) -> list[Finding]:
@@ -512,45 +705,97 @@ def check_model_agreement(ctx: Context) -> list[Finding]:
         o = result.optimizer
         trained = [p for p in o.params if not p.frozen]
         named = [p for p in trained if p.name_source != "none"]
-        shapes = [_evidence(p, p.numel, f"optimizer {_shape(p.shape)}, model {_shape(model[p.name].shape)}")
-                  for p in named if p.name in model and p.shape is not None and tuple(model[p.name].shape) != tuple(p.shape)]
+        shapes = [
+            _evidence(p, p.numel, f"optimizer {_shape(p.shape)}, model {_shape(model[p.name].shape)}")
+            for p in named
+            if p.name in model and p.shape is not None and tuple(model[p.name].shape) != tuple(p.shape)
+        ]
         if shapes:
-            out.append(Finding("error", "shape-mismatch", f"parameters whose optimizer state and {where} differ in shape",
-                               shapes, "The state cannot be loaded into this model (load_state_dict pairs parameters "
-                               "by position and fails, or pairs the wrong ones). Start the changed parameters fresh: "
-                               "ostate reset PATH --strategy fresh --params REGEX -o OUT.", o.location))
+            out.append(
+                Finding(
+                    "error",
+                    "shape-mismatch",
+                    f"parameters whose optimizer state and {where} differ in shape",
+                    shapes,
+                    "The state cannot be loaded into this model (load_state_dict pairs parameters "
+                    "by position and fails, or pairs the wrong ones). Start the changed parameters fresh: "
+                    "ostate reset PATH --strategy fresh --params REGEX -o OUT.",
+                    o.location,
+                )
+            )
         gone = [_evidence(p, p.numel) for p in named if p.name not in model and p.has_state]
         if gone:
-            out.append(Finding("error", "state-without-param", f"optimizer state for parameters {where} does not have",
-                               gone, "The model no longer has these parameters (renamed or removed). torch pairs "
-                               "saved state with parameters by position, so loading this state into the current "
-                               "model would give every later parameter the wrong state. Rebuild the optimizer state "
-                               "by name (the fine-tuning harness does: docs/harness.md) or start fresh.", o.location))
+            out.append(
+                Finding(
+                    "error",
+                    "state-without-param",
+                    f"optimizer state for parameters {where} does not have",
+                    gone,
+                    "The model no longer has these parameters (renamed or removed). torch pairs "
+                    "saved state with parameters by position, so loading this state into the current "
+                    "model would give every later parameter the wrong state. Rebuild the optimizer state "
+                    "by name (the fine-tuning harness does: docs/harness.md) or start fresh.",
+                    o.location,
+                )
+            )
         floating = [n for n, t in model.items() if t.dtype.is_floating_point]
         if not named and len(trained) > len(floating):
-            out.append(Finding("error", "count-mismatch", f"the optimizer has more parameters than {where} has tensors",
-                               [Evidence("optimizer", None, None, f"{len(trained)} parameters; model: {len(floating)} "
-                                         "floating-point tensors")],
-                               "This state belongs to another model.", o.location))
+            out.append(
+                Finding(
+                    "error",
+                    "count-mismatch",
+                    f"the optimizer has more parameters than {where} has tensors",
+                    [
+                        Evidence(
+                            "optimizer",
+                            None,
+                            None,
+                            f"{len(trained)} parameters; model: {len(floating)} floating-point tensors",
+                        )
+                    ],
+                    "This state belongs to another model.",
+                    o.location,
+                )
+            )
         unnamed = [p for p in trained if p.name_source == "none"]
         if unnamed and named:
-            out.append(Finding("warning", "unmatched-params", f"parameters that could not be matched to {where}",
-                               [_evidence(p, p.numel) for p in unnamed],
-                               "Their shapes fit no entry of the model in order; check that the model is the one "
-                               "this optimizer trained (`ostate inspect` shows how names were looked for).",
-                               o.location))
+            out.append(
+                Finding(
+                    "warning",
+                    "unmatched-params",
+                    f"parameters that could not be matched to {where}",
+                    [_evidence(p, p.numel) for p in unnamed],
+                    "Their shapes fit no entry of the model in order; check that the model is the one "
+                    "this optimizer trained (`ostate inspect` shows how names were looked for).",
+                    o.location,
+                )
+            )
         elif unnamed and len(trained) <= len(floating):
-            out.append(Finding("info", "unnamed-params", f"the optimizer's parameters could not be named from {where}",
-                               [Evidence(f"{len(unnamed)} parameters", sum(p.numel or 0 for p in unnamed), None)],
-                               "Checks by name (shapes, dtypes, weight decay) were skipped for them.", o.location))
+            out.append(
+                Finding(
+                    "info",
+                    "unnamed-params",
+                    f"the optimizer's parameters could not be named from {where}",
+                    [Evidence(f"{len(unnamed)} parameters", sum(p.numel or 0 for p in unnamed), None)],
+                    "Checks by name (shapes, dtypes, weight decay) were skipped for them.",
+                    o.location,
+                )
+            )
         in_optimizer = {p.name for p in o.params}
         if named and len(ctx.analysis.optimizers) == 1:
             extra = [Evidence(n, _numel(model[n].shape), None) for n in floating if n not in in_optimizer]
             if extra:
-                out.append(Finding("info", "model-params-without-optimizer",
-                                   f"entries of {where} that the optimizer does not have",
-                                   extra, "Frozen parameters left out of the optimizer, or floating-point buffers "
-                                   "(BatchNorm statistics): nothing to do if that is intended.", o.location))
+                out.append(
+                    Finding(
+                        "info",
+                        "model-params-without-optimizer",
+                        f"entries of {where} that the optimizer does not have",
+                        extra,
+                        "Frozen parameters left out of the optimizer, or floating-point buffers "
+                        "(BatchNorm statistics): nothing to do if that is intended.",
+                        o.location,
+                    )
+                )
     return out
 
 
@@ -558,15 +803,28 @@ def check_reader_warnings(ctx: Context) -> list[Finding]:
     """What the reader noticed while loading (naming ambiguities, orphaned state entries): info."""
     out = []
     if ctx.checkpoint.warnings:
-        out.append(Finding("info", "reader-warning", "the checkpoint's reader noticed something",
-                           [Evidence("checkpoint", None, None, w) for w in ctx.checkpoint.warnings],
-                           "See the details; `ostate inspect` shows them in context."))
+        out.append(
+            Finding(
+                "info",
+                "reader-warning",
+                "the checkpoint's reader noticed something",
+                [Evidence("checkpoint", None, None, w) for w in ctx.checkpoint.warnings],
+                "See the details; `ostate inspect` shows them in context.",
+            )
+        )
     for result in ctx.analysis.optimizers:
         o = result.optimizer
         if o.warnings:
-            out.append(Finding("info", "reader-warning", "the optimizer's reader noticed something",
-                               [Evidence(o.location, None, None, w) for w in o.warnings],
-                               "See the details; `ostate inspect` shows them in context.", o.location))
+            out.append(
+                Finding(
+                    "info",
+                    "reader-warning",
+                    "the optimizer's reader noticed something",
+                    [Evidence(o.location, None, None, w) for w in o.warnings],
+                    "See the details; `ostate inspect` shows them in context.",
+                    o.location,
+                )
+            )
     return out
 
 

@@ -30,35 +30,42 @@ def render(diagnosis: Diagnosis, fmt: str = "table", *, fail_on: str = "warning"
         <BLANKLINE>
         1 warning; exit code 3 (--fail-on warning)
     """
-    return render_as(fmt, table=lambda: _text(diagnosis, fail_on, markdown=False),
-                     json=lambda: to_json(diagnosis, fail_on=fail_on),
-                     markdown=lambda: _text(diagnosis, fail_on, markdown=True))
+    return render_as(
+        fmt,
+        table=lambda: _text(diagnosis, fail_on, markdown=False),
+        json=lambda: to_json(diagnosis, fail_on=fail_on),
+        markdown=lambda: _text(diagnosis, fail_on, markdown=True),
+    )
 
 
 def to_json(diagnosis: Diagnosis, *, fail_on: str = "warning") -> dict[str, Any]:
     """The diagnosis as JSON-ready data."""
-    return jsonable({
-        "path": diagnosis.path,
-        "format": diagnosis.format,
-        "model": diagnosis.model_location,
-        "checked": diagnosis.checked,
-        "summary": {s: diagnosis.count(s) for s in ("error", "warning", "info")},
-        "exit_code": exit_code(diagnosis, fail_on),
-        "fail_on": fail_on,
-        "findings": [
-            {
-                "severity": f.severity,
-                "code": f.code,
-                "title": f.title,
-                "optimizer": f.optimizer,
-                "coordinates": f.coordinates,
-                "evidence": [{"subject": e.subject, "coordinates": e.coordinates, "of": e.of, "detail": e.detail}
-                             for e in f.evidence],
-                "advice": f.advice,
-            }
-            for f in diagnosis.findings
-        ],
-    })
+    return jsonable(
+        {
+            "path": diagnosis.path,
+            "format": diagnosis.format,
+            "model": diagnosis.model_location,
+            "checked": diagnosis.checked,
+            "summary": {s: diagnosis.count(s) for s in ("error", "warning", "info")},
+            "exit_code": exit_code(diagnosis, fail_on),
+            "fail_on": fail_on,
+            "findings": [
+                {
+                    "severity": f.severity,
+                    "code": f.code,
+                    "title": f.title,
+                    "optimizer": f.optimizer,
+                    "coordinates": f.coordinates,
+                    "evidence": [
+                        {"subject": e.subject, "coordinates": e.coordinates, "of": e.of, "detail": e.detail}
+                        for e in f.evidence
+                    ],
+                    "advice": f.advice,
+                }
+                for f in diagnosis.findings
+            ],
+        }
+    )
 
 
 def _evidence_line(e: Evidence) -> str:
@@ -97,8 +104,10 @@ def _checked(checked: dict[str, int]) -> str:
         parts.append(plural(checked["optimizers"], "optimizer"))
     if "parameters" in checked:
         with_state = checked.get("parameters_with_state")
-        parts.append(plural(checked["parameters"], "parameter")
-                     + (f" ({with_state:,} with state)" if with_state is not None else ""))
+        parts.append(
+            plural(checked["parameters"], "parameter")
+            + (f" ({with_state:,} with state)" if with_state is not None else "")
+        )
     if "coordinates" in checked:
         parts.append(plural(checked["coordinates"], "coordinate"))
     return "checked: " + ", ".join(parts)

@@ -95,8 +95,10 @@ def read_schedulers(directory: str, *, trust_pickle: bool = False) -> tuple[list
         except OstateError as e:
             warnings.append(f"scheduler not read: {e}")
             continue
-        schedulers += [dict(s, _location=name if loc == discover.ROOT else f"{name}:{loc}")
-                       for loc, s in discover.find_schedulers(obj)]
+        schedulers += [
+            dict(s, _location=name if loc == discover.ROOT else f"{name}:{loc}")
+            for loc, s in discover.find_schedulers(obj)
+        ]
     return schedulers, warnings
 
 
@@ -134,13 +136,18 @@ def read(path: str, *, trust_pickle: bool = False) -> Checkpoint:
         raise OstateError("not a directory; accelerate's save_state writes a directory", where=path)
     sources = optimizer_sources(path)
     if not sources:
-        raise OstateError("no optimizer file (optimizer.bin, optimizer_<i>.bin or an optimizer_<i>/ DCP folder)",
-                          where=path, hint=f"found: {', '.join(sorted(os.listdir(path))) or '(empty)'}")
+        raise OstateError(
+            "no optimizer file (optimizer.bin, optimizer_<i>.bin or an optimizer_<i>/ DCP folder)",
+            where=path,
+            hint=f"found: {', '.join(sorted(os.listdir(path))) or '(empty)'}",
+        )
     warnings: list[str] = []
     missing = sorted(set(range(max(s.index for s in sources) + 1)) - {s.index for s in sources})
     if missing:  # accelerate numbers optimizers from 0 without gaps: one was lost or not copied
-        warnings.append(f"no file for optimizer {', '.join(map(str, missing))} (optimizer.bin, optimizer_<i>.bin); "
-                        "the checkpoint is incomplete: the optimizers found are shown")
+        warnings.append(
+            f"no file for optimizer {', '.join(map(str, missing))} (optimizer.bin, optimizer_<i>.bin); "
+            "the checkpoint is incomplete: the optimizers found are shown"
+        )
     numbered = [(i, w) for i in model_indices(path) if (w := find_weights(path, index=i, trust_pickle=trust_pickle))]
     models = [w for _, w in numbered]
     for w in models:
@@ -171,5 +178,6 @@ def read(path: str, *, trust_pickle: bool = False) -> Checkpoint:
     )
 
 
-READER = Reader("accelerate", "an Accelerator.save_state directory (optimizer.bin, model.safetensors, ...)",
-                sniff, read)
+READER = Reader(
+    "accelerate", "an Accelerator.save_state directory (optimizer.bin, model.safetensors, ...)", sniff, read
+)

@@ -55,7 +55,8 @@ def read(path: str, *, trust_pickle: bool = False) -> Checkpoint:
     sources = accelerate.optimizer_sources(path)
     if not sources:
         raise OstateError(
-            "a Trainer checkpoint without optimizer state", where=path,
+            "a Trainer checkpoint without optimizer state",
+            where=path,
             hint="no optimizer.pt: saved with save_only_model=True; found: {', '.join(sorted(os.listdir(path))) or '(empty)'}",
         )
     metadata, warnings = trainer_metadata(path)
@@ -103,8 +104,11 @@ def trainer_metadata(directory: str) -> tuple[dict[str, Any], list[str]]:
         return {}, [f"{TRAINER_STATE} not read ({e})"]
     if not isinstance(state, dict):
         return {}, [f"{TRAINER_STATE} is not a JSON object"]
-    meta = {k: state[k] for k in ("global_step", "epoch", "max_steps")
-            if isinstance(state.get(k), (int, float)) and not isinstance(state.get(k), bool)}
+    meta = {
+        k: state[k]
+        for k in ("global_step", "epoch", "max_steps")
+        if isinstance(state.get(k), (int, float)) and not isinstance(state.get(k), bool)
+    }
     logged = [e for e in state.get("log_history") or [] if isinstance(e, dict) and "learning_rate" in e]
     if logged:
         meta["logged_lr"] = logged[-1]["learning_rate"]
@@ -113,8 +117,9 @@ def trainer_metadata(directory: str) -> tuple[dict[str, Any], list[str]]:
     return meta, []
 
 
-def name_trainer_params(optimizer: OptimizerState, order: ModuleOrder | None, why: str | None,
-                        weights: Weights | None) -> None:
+def name_trainer_params(
+    optimizer: OptimizerState, order: ModuleOrder | None, why: str | None, weights: Weights | None
+) -> None:
     """Name a Trainer optimizer's parameters: decay rule, then rebuilt order, then saved weights."""
     if all(p.name_source != "none" for p in optimizer.params):
         return
@@ -148,11 +153,16 @@ def _name_by_decay_rule(optimizer: OptimizerState, order: ModuleOrder) -> bool:
     for candidate in order.rules():
         decay = order.decay[candidate.name]
         sides = ([e for e in order.entries if e.name in decay], [e for e in order.entries if e.name not in decay])
-        namings = [match_model_order([p.shape for p in group], entries, order.where)
-                   for group, entries in zip(members, sides)]
+        namings = [
+            match_model_order([p.shape for p in group], entries, order.where) for group, entries in zip(members, sides)
+        ]
         if all(n.source != "none" for n in namings):
-            fits.append((candidate.name, Naming(namings[0].names + namings[1].names, "hf-decay-rule",
-                                           namings[0].shapes + namings[1].shapes)))
+            fits.append(
+                (
+                    candidate.name,
+                    Naming(namings[0].names + namings[1].names, "hf-decay-rule", namings[0].shapes + namings[1].shapes),
+                )
+            )
     if not fits:
         return False
     rule, naming = fits[0]
@@ -181,10 +191,13 @@ def _conflict(order: ModuleOrder, weights: Weights | None) -> str | None:
     saved = {e.name: e.shape for e in weights.entries}
     for entry in order.entries:
         if entry.name in saved and saved[entry.name] != entry.shape:
-            return (f"the model rebuilt from config.json disagrees with {weights.location} ('{entry.name}' is "
-                    f"{saved[entry.name]} there, {entry.shape} rebuilt); its order was not used for names")
+            return (
+                f"the model rebuilt from config.json disagrees with {weights.location} ('{entry.name}' is "
+                f"{saved[entry.name]} there, {entry.shape} rebuilt); its order was not used for names"
+            )
     return None
 
 
-READER = Reader("hf-trainer", "a Hugging Face Trainer checkpoint-N/ directory (optimizer.pt, trainer_state.json, ...)",
-                sniff, read)
+READER = Reader(
+    "hf-trainer", "a Hugging Face Trainer checkpoint-N/ directory (optimizer.pt, trainer_state.json, ...)", sniff, read
+)

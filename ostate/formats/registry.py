@@ -129,4 +129,3 @@ def _score(reader: Reader, path: str) -> int:
 
 def _recognised(path: str) -> bool:
     return any(_score(r, path) > 1 for r in READERS)
-

@@ -54,12 +54,18 @@ def read(path: str, *, trust_pickle: bool = False) -> Checkpoint:
         raise OstateError(
             f"a safetensors file with {len(header.tensors)} tensors but no optimizer state",
             where=path,
-            hint=("its keys look like flattened optimizer state but the param groups are missing from the metadata"
-                  if looks_flat else "model weights alone; ostate reads optimizer state written by `ostate convert`"),
+            hint=(
+                "its keys look like flattened optimizer state but the param groups are missing from the metadata"
+                if looks_flat
+                else "model weights alone; ostate reads optimizer state written by `ostate convert`"
+            ),
         )
     if meta[FORMAT_KEY] != FORMAT_VALUE:
-        raise OstateError(f"optimizer state in layout '{meta[FORMAT_KEY]}', this ostate reads '{FORMAT_VALUE}'",
-                          where=path, hint="it was written by a newer ostate; upgrade ostate")
+        raise OstateError(
+            f"optimizer state in layout '{meta[FORMAT_KEY]}', this ostate reads '{FORMAT_VALUE}'",
+            where=path,
+            hint="it was written by a newer ostate; upgrade ostate",
+        )
     groups = _json(meta, "param_groups", path, list)
     scalars = _json(meta, "scalars", path, dict, default={})
     sources = _json(meta, "name_sources", path, dict, default={})
@@ -83,8 +89,9 @@ def read(path: str, *, trust_pickle: bool = False) -> Checkpoint:
 
     sd = {
         "state": {k: v for k, v in state.items() if v},
-        "param_groups": [{k: _tuples(v) if k != "params" else [str(p) for p in v] for k, v in g.items()}
-                         for g in groups],
+        "param_groups": [
+            {k: _tuples(v) if k != "params" else [str(p) for p in v] for k, v in g.items()} for g in groups
+        ],
     }
     result = read_optimizer(sd, os.path.basename(path))
     for p in result.params:
@@ -118,8 +125,7 @@ def write(optimizer: OptimizerState, path: str | os.PathLike, *, source: str = "
     """
     keys = {id(p): param_key(p) for p in optimizer.params}
     if len(set(keys.values())) != len(keys):
-        raise OstateError("two parameters have the same name; cannot key their state by name",
-                          where=optimizer.location)
+        raise OstateError("two parameters have the same name; cannot key their state by name", where=optimizer.location)
     tensors: dict[str, TensorRef] = {}
     scalars: dict[str, dict[str, Any]] = {}
     for p in optimizer.params:
@@ -169,19 +175,22 @@ def split_state_key(name: str, params: Mapping[str, Any]) -> tuple[str, str] | N
     """
     if not name.startswith("state."):
         return None
-    rest = name[len("state."):]
+    rest = name[len("state.") :]
     cut = len(rest)
     while (cut := rest.rfind(".", 0, cut)) > 0:
         if rest[:cut] in params:
-            return rest[:cut], rest[cut + 1:]
+            return rest[:cut], rest[cut + 1 :]
     return None
 
 
 def _plain(value: Any, what: str, where: str) -> Any:
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
-            raise OstateError(f"{what} is a tensor of shape {tuple(value.shape)}; cannot store it as metadata",
-                              where=where, hint="write a .pt file instead")
+            raise OstateError(
+                f"{what} is a tensor of shape {tuple(value.shape)}; cannot store it as metadata",
+                where=where,
+                hint="write a .pt file instead",
+            )
         return value.item()
     if isinstance(value, (list, tuple)):
         return [_plain(v, what, where) for v in value]
@@ -189,8 +198,9 @@ def _plain(value: Any, what: str, where: str) -> Any:
         return value  # json writes NaN/Infinity, which json.loads reads back
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
-    raise OstateError(f"{what} is a {type(value).__name__}; cannot store it as metadata", where=where,
-                      hint="write a .pt file instead")
+    raise OstateError(
+        f"{what} is a {type(value).__name__}; cannot store it as metadata", where=where, hint="write a .pt file instead"
+    )
 
 
 def _tuples(value: Any) -> Any:

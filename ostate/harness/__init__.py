@@ -21,6 +21,18 @@ from ostate.harness.tasks import TASKS, builtin_task
 from ostate.harness.trial import TrialConfig, TrialResult, run_trial
 
 __all__ = [
-    "Results", "ResultsStore", "Spec", "Summary", "Sweep", "TASKS", "Task", "TrialConfig", "TrialResult",
-    "builtin_task", "load_spec", "run", "run_trial", "summarize_trials",
+    "Results",
+    "ResultsStore",
+    "Spec",
+    "Summary",
+    "Sweep",
+    "TASKS",
+    "Task",
+    "TrialConfig",
+    "TrialResult",
+    "builtin_task",
+    "load_spec",
+    "run",
+    "run_trial",
+    "summarize_trials",
 ]

@@ -72,9 +72,11 @@ def run_local(jobs: Sequence[Job], *, workers: int) -> Iterator[Outcome]:
     try:
         pickle.dumps(jobs[0].task)
     except (pickle.PicklingError, AttributeError, TypeError) as e:
-        raise OstateError(f"the task cannot be sent to worker processes ({e})",
-                          hint="define its functions at module level (no lambdas or closures), or run with "
-                               "workers=1 or the Ray executor") from None
+        raise OstateError(
+            f"the task cannot be sent to worker processes ({e})",
+            hint="define its functions at module level (no lambdas or closures), or run with "
+            "workers=1 or the Ray executor",
+        ) from None
     context = multiprocessing.get_context("spawn")
     pool = concurrent.futures.ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=context)
     try:
@@ -102,8 +104,13 @@ def run_ray(jobs: Sequence[Job], *, address: str | None = None, num_cpus: int | 
         raise OstateError("the Ray executor needs Ray", hint="pip install 'ostate[ray]'") from None
     started = not ray.is_initialized()
     if started:
-        ray.init(address=address, num_cpus=None if address else num_cpus, include_dashboard=False,
-                 log_to_driver=False, configure_logging=False)
+        ray.init(
+            address=address,
+            num_cpus=None if address else num_cpus,
+            include_dashboard=False,
+            log_to_driver=False,
+            configure_logging=False,
+        )
     pending: dict[Any, Job] = {}
     try:
         sources = {path: ray.put(_read(path)) for path in {job.source for job in jobs}}
@@ -142,7 +149,9 @@ def _run_on_ray(job: Job, source_bytes: bytes) -> Outcome:
     return run_job(Job(job.task, path, job.config, job.threads))
 
 
-def execute(jobs: Sequence[Job], *, executor: str = "local", workers: int = 1, address: str | None = None) -> Iterator[Any]:
+def execute(
+    jobs: Sequence[Job], *, executor: str = "local", workers: int = 1, address: str | None = None
+) -> Iterator[Any]:
     """Outcomes of ``jobs`` on the named executor, as they finish."""
     if executor == "local":
         return run_local(jobs, workers=workers)

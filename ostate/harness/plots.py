@@ -61,20 +61,40 @@ def plot_curves(summary: Summary, path: str | os.PathLike, *, title: str = "") -
     legend instead of squeezing the others flat.
     """
     curves = summary.curves[summary.curves["metric"] == "eval_loss"]
-    return _line_panels(summary, curves, path, ylabel="eval loss", cap_at_start=True,
-                        title=title or "Eval loss (mean, 95% CI over seeds)")
+    return _line_panels(
+        summary,
+        curves,
+        path,
+        ylabel="eval loss",
+        cap_at_start=True,
+        title=title or "Eval loss (mean, 95% CI over seeds)",
+    )
 
 
 def plot_update_rms(summary: Summary, path: str | os.PathLike, *, first: int = 50, title: str = "") -> str:
     """RMS of the weights' change over the first ``first`` steps (all parameters; geometric mean
     across seeds and the 95% interval of its logarithm), log scale."""
     curves = summary.curves[(summary.curves["metric"] == "update_rms") & (summary.curves["step"] <= first)]
-    return _line_panels(summary, curves, path, ylabel="update RMS", log=True,
-                        title=title or f"Update RMS, first {first} steps (mean, 95% CI over seeds)")
+    return _line_panels(
+        summary,
+        curves,
+        path,
+        ylabel="update RMS",
+        log=True,
+        title=title or f"Update RMS, first {first} steps (mean, 95% CI over seeds)",
+    )
 
 
-def _line_panels(summary: Summary, curves: pd.DataFrame, path, *, ylabel: str, title: str, log: bool = False,
-                 cap_at_start: bool = False) -> str:
+def _line_panels(
+    summary: Summary,
+    curves: pd.DataFrame,
+    path,
+    *,
+    ylabel: str,
+    title: str,
+    log: bool = False,
+    cap_at_start: bool = False,
+) -> str:
     if curves.empty:
         raise OstateError("nothing to plot: no finished trials")
     style = colours(_strategies(summary), summary.baseline)
@@ -114,8 +134,9 @@ def plot_final(summary: Summary, path: str | os.PathLike, *, title: str = "") ->
         raise OstateError("nothing to plot: no finished trials")
     style = colours(_strategies(summary), summary.baseline)
     cells = _cells(table)
-    fig = Figure(figsize=(9.5, 0.6 + 0.42 * len(_strategies(summary)) * len(cells) + 0.8 * len(cells)),
-                 layout="constrained")
+    fig = Figure(
+        figsize=(9.5, 0.6 + 0.42 * len(_strategies(summary)) * len(cells) + 0.8 * len(cells)), layout="constrained"
+    )
     axes = fig.subplots(len(cells), 2, squeeze=False)
     for (left, right), cell in zip(axes, cells):
         mine = table[(table[list(CELL)] == pd.Series(cell, index=list(CELL))).all(axis=1)].reset_index(drop=True)
@@ -131,16 +152,18 @@ def plot_final(summary: Summary, path: str | os.PathLike, *, title: str = "") ->
         left.grid(axis="x", alpha=0.3)
         paired = summary.paired
         if not paired.empty:
-            paired = paired[(paired["quantity"] == "final")
-                            & (paired[list(CELL)] == pd.Series(cell, index=list(CELL))).all(axis=1)]
+            paired = paired[
+                (paired["quantity"] == "final") & (paired[list(CELL)] == pd.Series(cell, index=list(CELL))).all(axis=1)
+            ]
         for y, name in zip(ys, names):
             row = paired[paired["strategy"] == name] if not paired.empty else paired
             if name == summary.baseline or row.empty:
                 continue
             row = row.iloc[0]
             err = [[row["diff_mean"] - row["diff_lo"]], [row["diff_hi"] - row["diff_mean"]]]
-            right.barh(y, row["diff_mean"], color=style[name][0], alpha=0.85,
-                       xerr=err if row["pairs"] > 1 else None, capsize=3)
+            right.barh(
+                y, row["diff_mean"], color=style[name][0], alpha=0.85, xerr=err if row["pairs"] > 1 else None, capsize=3
+            )
         right.axvline(0, color="black", linewidth=0.8)
         right.set_yticks(ys, names)
         sizes = sorted(abs(v) for v in (paired["diff_mean"] if not paired.empty else []) if v and math.isfinite(v))
@@ -160,9 +183,13 @@ def write_plots(summary: Summary, directory: str | os.PathLike, *, fmt: str = "p
     directory = os.fspath(directory)
     prefix = f"{title}: " if title else ""
     return [
-        plot_curves(summary, os.path.join(directory, f"eval_loss.{fmt}"),
-                    title=f"{prefix}eval loss (mean, 95% CI over seeds)"),
+        plot_curves(
+            summary, os.path.join(directory, f"eval_loss.{fmt}"), title=f"{prefix}eval loss (mean, 95% CI over seeds)"
+        ),
         plot_final(summary, os.path.join(directory, f"final_loss.{fmt}"), title=f"{prefix}final eval loss"),
-        plot_update_rms(summary, os.path.join(directory, f"update_rms.{fmt}"),
-                        title=f"{prefix}update RMS over the first steps (mean, 95% CI)"),
+        plot_update_rms(
+            summary,
+            os.path.join(directory, f"update_rms.{fmt}"),
+            title=f"{prefix}update RMS over the first steps (mean, 95% CI)",
+        ),
     ]

@@ -24,8 +24,11 @@ def decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
         >>> [len(g["params"]) for g in decay_groups(nn.Sequential(nn.Linear(2, 2), nn.LayerNorm(2)), 0.1)]
         [1, 3]
     """
-    norms = {f"{m}.weight" if m else "weight" for m, mod in model.named_modules()
-             if isinstance(mod, (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d))}
+    norms = {
+        f"{m}.weight" if m else "weight"
+        for m, mod in model.named_modules()
+        if isinstance(mod, (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d))
+    }
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     no_decay = [(n, p) for n, p in named if n.endswith("bias") or n in norms]
     decay = [(n, p) for n, p in named if not (n.endswith("bias") or n in norms)]

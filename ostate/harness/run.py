@@ -48,8 +48,16 @@ class Sweep:
         if len(set(strategies)) != len(strategies):
             raise OstateError(f"a strategy is listed twice: {', '.join(strategies)}")
         return [
-            TrialConfig(strategy=s, seed=int(seed), lr=float(lr), warmup=int(w), batch_size=int(b), steps=self.steps,
-                        eval_every=self.eval_every, schedule=self.schedule)
+            TrialConfig(
+                strategy=s,
+                seed=int(seed),
+                lr=float(lr),
+                warmup=int(w),
+                batch_size=int(b),
+                steps=self.steps,
+                eval_every=self.eval_every,
+                schedule=self.schedule,
+            )
             for s, lr, w, b, seed in itertools.product(strategies, self.lr, self.warmup, self.batch_size, self.seeds)
         ]
 
@@ -139,8 +147,13 @@ def run(spec: Spec) -> Results:
                 if outcome.result is not None:
                     store.save(outcome.result, source=source.fingerprint)
                 else:
-                    store.save_failure(ids[config], task.name, config, source=source.fingerprint,
-                                       error=outcome.error or "unknown error")
+                    store.save_failure(
+                        ids[config],
+                        task.name,
+                        config,
+                        source=source.fingerprint,
+                        error=outcome.error or "unknown error",
+                    )
                     failed.append((config, outcome.error or "unknown error"))
                 bar.update(1)
                 bar.set_postfix_str(f"{config.strategy} seed {config.seed}", refresh=False)
@@ -152,8 +165,13 @@ def run(spec: Spec) -> Results:
     summary = None
     files: list[str] = []
     if not trials.empty:
-        summary = summarize_trials(trials, records, baseline=spec.baseline, target=spec.target_loss,
-                            order=[str(Strategy.parse(s)) for s in spec.sweep.strategies])
+        summary = summarize_trials(
+            trials,
+            records,
+            baseline=spec.baseline,
+            target=spec.target_loss,
+            order=[str(Strategy.parse(s)) for s in spec.sweep.strategies],
+        )
         if spec.out is not None:
             files = write_outputs(summary, spec.out, fmt=spec.plot_format if spec.plots else None, title=task.name)
     ran = len(todo) - len(failed)
@@ -175,8 +193,9 @@ def check_strategies(task: Task, source: Source, strategies: Sequence[str]) -> N
             raise OstateError(f"strategy '{strategy}': {e}", where=source.path) from None
 
 
-def write_outputs(summary: Summary, directory: str | os.PathLike, *, fmt: str | None = "png",
-                  title: str = "") -> list[str]:
+def write_outputs(
+    summary: Summary, directory: str | os.PathLike, *, fmt: str | None = "png", title: str = ""
+) -> list[str]:
     """The summary tables (``strategies.csv``, ``paired.csv``, ``trials.csv``) and, unless ``fmt``
     is ``None``, the plots."""
     # start-up time: matplotlib only when the figures are drawn

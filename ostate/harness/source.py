@@ -46,7 +46,9 @@ class Source:
 
     def group_by_name(self) -> dict[str, int]:
         """The param group each named parameter was in."""
-        return {self.names[i]: g for g, group in enumerate(self.optimizer_state["param_groups"]) for i in group["params"]}
+        return {
+            self.names[i]: g for g, group in enumerate(self.optimizer_state["param_groups"]) for i in group["params"]
+        }
 
 
 def load_source(path: str | os.PathLike, *, trust_pickle: bool = False) -> Source:
@@ -73,8 +75,11 @@ def load_source(path: str | os.PathLike, *, trust_pickle: bool = False) -> Sourc
         )
     model = discover.find_model_state_dict(obj)
     if model is None:
-        raise OstateError("no model weights found beside the optimizer state", where=path,
-                          hint="save {'model': model.state_dict(), 'optimizer': optimizer.state_dict()}")
+        raise OstateError(
+            "no model weights found beside the optimizer state",
+            where=path,
+            hint="save {'model': model.state_dict(), 'optimizer': optimizer.state_dict()}",
+        )
     checkpoint = identified(from_object(obj, path=path))
     optimizer = checkpoint.optimizers[0]
     unnamed = [p.index for p in optimizer.params if p.name_source == "none"]
@@ -84,8 +89,7 @@ def load_source(path: str | os.PathLike, *, trust_pickle: bool = False) -> Sourc
             "to the fine-tuning model",
             where=path,
             hint="build the optimizer from model.named_parameters() (torch >= 2.6 saves param_names) "
-                 "or save the model's state dict in the same file; "
-                 + "; ".join(optimizer.warnings[:2]),
+            "or save the model's state dict in the same file; " + "; ".join(optimizer.warnings[:2]),
         )
     return Source(
         path=path,

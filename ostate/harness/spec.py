@@ -90,8 +90,13 @@ def load_spec(path: str | os.PathLike) -> Spec:
 
     task = _task(task_table, base, path)
     sweep_values = {k: (list(v) if isinstance(v, list) else [v]) if k in _LISTS else v for k, v in sweep_table.items()}
-    sweep = Sweep(**{**{k: v for k, v in task.defaults.items() if k in _SWEEP_KEYS and k not in _LISTS},
-                     **{k: [v] for k, v in task.defaults.items() if k in _LISTS}, **sweep_values})
+    sweep = Sweep(
+        **{
+            **{k: v for k, v in task.defaults.items() if k in _SWEEP_KEYS and k not in _LISTS},
+            **{k: [v] for k, v in task.defaults.items() if k in _LISTS},
+            **sweep_values,
+        }
+    )
     run_values = dict(run_table)
     for key in ("store", "out", "cache_dir"):
         if isinstance(run_values.get(key), str):
@@ -105,22 +110,31 @@ def _task(table: dict[str, Any], base: str, path: str) -> Task:
     if "builtin" in table:
         extra = set(table) - {"builtin", "pretrain_steps", "source"}
         if extra:
-            raise OstateError(f"[task] with builtin takes only pretrain_steps and source, not {', '.join(sorted(extra))}",
-                              where=path)
+            raise OstateError(
+                f"[task] with builtin takes only pretrain_steps and source, not {', '.join(sorted(extra))}", where=path
+            )
         task = builtin_task(table["builtin"], pretrain_steps=table.get("pretrain_steps"))
         if "source" in table:
             task.source = _relative(table["source"], base)
         return task
     missing = [k for k in ("name", "model", "train_batches", "loss", "evaluate") if k not in table]
     if missing:
-        raise OstateError(f"[task] lacks {', '.join(missing)}", where=path,
-                          hint="give module:function for model, train_batches, loss and evaluate, or builtin = NAME")
+        raise OstateError(
+            f"[task] lacks {', '.join(missing)}",
+            where=path,
+            hint="give module:function for model, train_batches, loss and evaluate, or builtin = NAME",
+        )
     if base not in sys.path:
         sys.path.insert(0, base)
     parts: dict[str, Any] = {k: import_callable(table[k], where=path) for k in _TASK_CALLABLES if k in table}
     source = _relative(table["source"], base) if "source" in table else None
-    return Task(name=table["name"], source=source, fingerprint=str(table.get("fingerprint", "")),
-                description=str(table.get("description", "")), **parts)
+    return Task(
+        name=table["name"],
+        source=source,
+        fingerprint=str(table.get("fingerprint", "")),
+        description=str(table.get("description", "")),
+        **parts,
+    )
 
 
 def import_callable(reference: str, *, where: str | None = None) -> Callable[..., Any]:
@@ -136,8 +150,11 @@ def import_callable(reference: str, *, where: str | None = None) -> Callable[...
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
-        raise OstateError(f"cannot import '{module_name}': {e}", where=where,
-                          hint="put the module beside the spec file or on PYTHONPATH") from None
+        raise OstateError(
+            f"cannot import '{module_name}': {e}",
+            where=where,
+            hint="put the module beside the spec file or on PYTHONPATH",
+        ) from None
     obj: Any = module
     for part in attribute.split("."):
         if not hasattr(obj, part):
@@ -158,5 +175,6 @@ def _check_keys(table: Any, allowed: set[str], path: str, where: str) -> None:
         raise OstateError(f"{where} must be a table", where=path)
     unknown = sorted(set(table) - allowed)
     if unknown:
-        raise OstateError(f"unknown key(s) in {where}: {', '.join(unknown)}", where=path,
-                          hint=f"known: {', '.join(sorted(allowed))}")
+        raise OstateError(
+            f"unknown key(s) in {where}: {', '.join(unknown)}", where=path, hint=f"known: {', '.join(sorted(allowed))}"
+        )

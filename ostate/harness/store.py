@@ -56,16 +56,20 @@ class ResultsStore:
         except sqlite3.DatabaseError as e:
             raise OstateError(f"not a results store ({e})", where=self.path) from None
         if version not in (0, SCHEMA_VERSION):
-            raise OstateError(f"results store schema {version} is not supported (this ostate writes {SCHEMA_VERSION})",
-                              where=self.path)
+            raise OstateError(
+                f"results store schema {version} is not supported (this ostate writes {SCHEMA_VERSION})",
+                where=self.path,
+            )
         columns = ", ".join(f"{c} {_SQL_TYPES.get(c, 'INTEGER')} NOT NULL" for c in CONFIG_COLUMNS)
         with self._db:
             self._db.execute(
                 f"CREATE TABLE IF NOT EXISTS trials (trial_id TEXT PRIMARY KEY, task TEXT NOT NULL, "
                 f"source TEXT NOT NULL, {columns}, status TEXT NOT NULL, info TEXT NOT NULL, finished REAL NOT NULL)"
             )
-            self._db.execute("CREATE TABLE IF NOT EXISTS records (trial_id TEXT NOT NULL, step INTEGER NOT NULL, "
-                             "metric TEXT NOT NULL, grp INTEGER NOT NULL, value REAL)")
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS records (trial_id TEXT NOT NULL, step INTEGER NOT NULL, "
+                "metric TEXT NOT NULL, grp INTEGER NOT NULL, value REAL)"
+            )
             self._db.execute("CREATE INDEX IF NOT EXISTS records_by_trial ON records (trial_id, metric)")
             self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
@@ -86,14 +90,24 @@ class ResultsStore:
         """Write one trial (replacing an earlier attempt) in a single transaction."""
         config = asdict(result.config)
         names = ["trial_id", "task", "source", *CONFIG_COLUMNS, "status", "info", "finished"]
-        values = [result.trial_id, result.task, source, *(config[c] for c in CONFIG_COLUMNS), status,
-                  json.dumps(result.info, default=str), time.time()]
+        values = [
+            result.trial_id,
+            result.task,
+            source,
+            *(config[c] for c in CONFIG_COLUMNS),
+            status,
+            json.dumps(result.info, default=str),
+            time.time(),
+        ]
         with self._db:
             self._db.execute("DELETE FROM records WHERE trial_id = ?", (result.trial_id,))
-            self._db.execute(f"INSERT OR REPLACE INTO trials ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})",
-                             values)
-            self._db.executemany("INSERT INTO records VALUES (?, ?, ?, ?, ?)",
-                                 [(result.trial_id, s, m, g, v) for s, m, g, v in result.records])
+            self._db.execute(
+                f"INSERT OR REPLACE INTO trials ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})", values
+            )
+            self._db.executemany(
+                "INSERT INTO records VALUES (?, ?, ?, ?, ?)",
+                [(result.trial_id, s, m, g, v) for s, m, g, v in result.records],
+            )
 
     def save_failure(self, trial_id: str, task: str, config: TrialConfig, *, source: str, error: str) -> None:
         """Record a trial that raised (a rerun tries it again)."""
@@ -124,8 +138,11 @@ class ResultsStore:
         path = os.fspath(path)
         suffix = os.path.splitext(path)[1].lower()
         if suffix not in (".csv", ".parquet"):
-            raise OstateError("cannot tell the export format from the file name", where=path,
-                              hint="use a name ending in .csv or .parquet")
+            raise OstateError(
+                "cannot tell the export format from the file name",
+                where=path,
+                hint="use a name ending in .csv or .parquet",
+            )
         table = self.table()
         with atomic_path(path) as tmp:
             if suffix == ".csv":
@@ -134,6 +151,7 @@ class ResultsStore:
                 try:
                     table.to_parquet(tmp, index=False)
                 except ImportError:
-                    raise OstateError("writing Parquet needs pyarrow", where=path,
-                                      hint="pip install pyarrow (or export to .csv)") from None
+                    raise OstateError(
+                        "writing Parquet needs pyarrow", where=path, hint="pip install pyarrow (or export to .csv)"
+                    ) from None
         return path

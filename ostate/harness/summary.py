@@ -82,8 +82,11 @@ def summarize_trials(
     for cell, members in per_trial.groupby(list(CELL), sort=True):
         cell_target = target
         if cell_target is None:
-            reference = members[members["strategy"] == baseline] if baseline in set(members["strategy"]) else \
-                members[members["strategy"] == min(members["strategy"], key=lambda s: rank.get(s, 1e9))]
+            reference = (
+                members[members["strategy"] == baseline]
+                if baseline in set(members["strategy"])
+                else members[members["strategy"] == min(members["strategy"], key=lambda s: rank.get(s, 1e9))]
+            )
             cell_target = mean_ci(reference["final"]).mean
         for index, trial in members.iterrows():
             curve = evals[evals["trial_id"] == trial["trial_id"]].sort_values("step")
@@ -95,12 +98,24 @@ def summarize_trials(
         extra = [c for c in members.columns if c.startswith("final_")]
         for strategy, group in sorted(members.groupby("strategy"), key=lambda kv: rank.get(kv[0], 1e9)):
             ok = group[~group["diverged"]]
-            row = dict(zip(CELL, cell), strategy=strategy, n=len(group), diverged=int(group["diverged"].sum()),
-                       target=cell_target, reached=int(ok["to_target"].notna().sum()))
+            row = dict(
+                zip(CELL, cell),
+                strategy=strategy,
+                n=len(group),
+                diverged=int(group["diverged"].sum()),
+                target=cell_target,
+                reached=int(ok["to_target"].notna().sum()),
+            )
             for quantity in ("final", "auc", "to_target", *extra):
                 interval = mean_ci(ok[quantity].tolist())
-                row.update({f"{quantity}_mean": interval.mean, f"{quantity}_std": interval.std,
-                            f"{quantity}_lo": interval.lo, f"{quantity}_hi": interval.hi})
+                row.update(
+                    {
+                        f"{quantity}_mean": interval.mean,
+                        f"{quantity}_std": interval.std,
+                        f"{quantity}_lo": interval.lo,
+                        f"{quantity}_hi": interval.hi,
+                    }
+                )
             rows.append(row)
             if strategy == baseline or baseline not in set(members["strategy"]):
                 continue
@@ -111,9 +126,20 @@ def summarize_trials(
                 x = [_value(mine, s, quantity) for s in seeds]
                 y = [_value(base, s, quantity) for s in seeds]
                 test = paired_test(x, y)
-                paired_rows.append(dict(zip(CELL, cell), strategy=strategy, quantity=quantity,
-                                        pairs=test.interval.n, diff_mean=test.interval.mean, diff_lo=test.interval.lo,
-                                        diff_hi=test.interval.hi, t=test.t, p_t=test.p_t, p_wilcoxon=test.p_wilcoxon))
+                paired_rows.append(
+                    dict(
+                        zip(CELL, cell),
+                        strategy=strategy,
+                        quantity=quantity,
+                        pairs=test.interval.n,
+                        diff_mean=test.interval.mean,
+                        diff_lo=test.interval.lo,
+                        diff_hi=test.interval.hi,
+                        t=test.t,
+                        p_t=test.p_t,
+                        p_wilcoxon=test.p_wilcoxon,
+                    )
+                )
     curves = _curves(per_trial, records, rank)
     return Summary(per_trial, pd.DataFrame(rows), pd.DataFrame(paired_rows), curves, baseline)
 
@@ -155,8 +181,9 @@ def _curves(per_trial: pd.DataFrame, records: pd.DataFrame, rank: dict[str, int]
     keys = [*CELL, "strategy", "metric", "step"]
     frame = merged.groupby(keys, sort=False)["value"].agg(["count", "mean", "std"]).reset_index()
     frame = frame.rename(columns={"count": "n"})
-    half = [t_quantile(0.975, n - 1) * sd / math.sqrt(n) if n > 1 else math.nan
-            for n, sd in zip(frame["n"], frame["std"])]
+    half = [
+        t_quantile(0.975, n - 1) * sd / math.sqrt(n) if n > 1 else math.nan for n, sd in zip(frame["n"], frame["std"])
+    ]
     frame["lo"], frame["hi"] = frame["mean"] - half, frame["mean"] + half
     logged = frame["metric"] == "update_rms"
     for column in ("mean", "lo", "hi"):

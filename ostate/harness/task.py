@@ -73,8 +73,10 @@ def resolve_source(task: Task, cache_dir: str | None = None) -> str:
     if task.source is not None:
         return os.fspath(task.source)
     if task.pretrain is None:
-        raise OstateError(f"task '{task.name}' has neither a source checkpoint nor a pretrain function",
-                          hint="give Task(source=PATH) (TOML: source = 'path.pt')")
+        raise OstateError(
+            f"task '{task.name}' has neither a source checkpoint nor a pretrain function",
+            hint="give Task(source=PATH) (TOML: source = 'path.pt')",
+        )
     directory = os.path.join(cache_dir or default_cache_dir(), "sources")
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, f"{task.name}-{task.fingerprint or 'default'}.pt")

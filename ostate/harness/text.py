@@ -39,34 +39,53 @@ def render_summary(summary: Summary) -> str:
     for cell, rows in table.groupby(list(CELL), sort=True):
         lr, warmup, batch, schedule, steps = cell
         target = rows["target"].iloc[0]
-        heading = (f"lr={lr:g}, warmup={warmup}, batch={batch}, {schedule}, {steps} steps; "
-                   f"target loss {target:.4g}")
-        extra = [c[: -len("_mean")] for c in rows.columns
-                 if c.startswith("final_") and c.endswith("_mean") and c != "final_mean"]
-        head = ["strategy", "n", "final eval loss", "AUC", "steps to target", "reached",
-                *(e.removeprefix("final_").replace("_", " ") for e in extra),
-                f"final - {summary.baseline}", "p (t)", "p (Wilcoxon)"]
+        heading = f"lr={lr:g}, warmup={warmup}, batch={batch}, {schedule}, {steps} steps; target loss {target:.4g}"
+        extra = [
+            c[: -len("_mean")]
+            for c in rows.columns
+            if c.startswith("final_") and c.endswith("_mean") and c != "final_mean"
+        ]
+        head = [
+            "strategy",
+            "n",
+            "final eval loss",
+            "AUC",
+            "steps to target",
+            "reached",
+            *(e.removeprefix("final_").replace("_", " ") for e in extra),
+            f"final - {summary.baseline}",
+            "p (t)",
+            "p (Wilcoxon)",
+        ]
         paired = summary.paired
         if not paired.empty:
-            paired = paired[(paired["quantity"] == "final")
-                            & (paired[list(CELL)] == pd.Series(cell, index=list(CELL))).all(axis=1)]
+            paired = paired[
+                (paired["quantity"] == "final") & (paired[list(CELL)] == pd.Series(cell, index=list(CELL))).all(axis=1)
+            ]
         cells = []
         for _, row in rows.iterrows():
             pair = paired[paired["strategy"] == row["strategy"]] if not paired.empty else paired
             pair = pair.iloc[0] if len(pair) else None
             n = f"{row['n']}" + (f" ({row['diverged']} diverged)" if row["diverged"] else "")
-            cells.append([
-                row["strategy"], n,
-                plus_minus(row["final_mean"], row["final_lo"], row["final_hi"]),
-                plus_minus(row["auc_mean"], row["auc_lo"], row["auc_hi"]),
-                plus_minus(row["to_target_mean"], row["to_target_lo"], row["to_target_hi"]),
-                f"{row['reached']}/{row['n'] - row['diverged']}",
-                *(plus_minus(row[f"{e}_mean"], row[f"{e}_lo"], row[f"{e}_hi"]) for e in extra),
-                plus_minus(pair["diff_mean"], pair["diff_lo"], pair["diff_hi"], signed=True) if pair is not None else "",
-                _p(pair["p_t"]) if pair is not None else "",
-                _p(pair["p_wilcoxon"]) if pair is not None else "",
-            ])
+            cells.append(
+                [
+                    row["strategy"],
+                    n,
+                    plus_minus(row["final_mean"], row["final_lo"], row["final_hi"]),
+                    plus_minus(row["auc_mean"], row["auc_lo"], row["auc_hi"]),
+                    plus_minus(row["to_target_mean"], row["to_target_lo"], row["to_target_hi"]),
+                    f"{row['reached']}/{row['n'] - row['diverged']}",
+                    *(plus_minus(row[f"{e}_mean"], row[f"{e}_lo"], row[f"{e}_hi"]) for e in extra),
+                    plus_minus(pair["diff_mean"], pair["diff_lo"], pair["diff_hi"], signed=True)
+                    if pair is not None
+                    else "",
+                    _p(pair["p_t"]) if pair is not None else "",
+                    _p(pair["p_wilcoxon"]) if pair is not None else "",
+                ]
+            )
         blocks.append(heading + "\n" + text_table(head, cells, left={"strategy", "n"}))
-    note = ("values: mean ± half-width of the 95% t interval over seeds; AUC: time-averaged eval loss; "
-            f"final - {summary.baseline}: paired by seed")
+    note = (
+        "values: mean ± half-width of the 95% t interval over seeds; AUC: time-averaged eval loss; "
+        f"final - {summary.baseline}: paired by seed"
+    )
     return "\n\n".join(blocks) + "\n\n" + note + "\n"

@@ -20,9 +20,15 @@ from ostate.reset.strategies import V_AGE_KEY, optimizer_kind
 
 # The torch class of each optimizer family the default optimizer factory can rebuild.
 OPTIMIZER_CLASSES: dict[str, Callable[..., torch.optim.Optimizer]] = {  # classes; each takes lr=
-    "adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "nadam": torch.optim.NAdam, "radam": torch.optim.RAdam,
-    "adamax": torch.optim.Adamax, "sgd": torch.optim.SGD, "rmsprop": torch.optim.RMSprop,
-    "adagrad": torch.optim.Adagrad, "adadelta": torch.optim.Adadelta,
+    "adam": torch.optim.Adam,
+    "adamw": torch.optim.AdamW,
+    "nadam": torch.optim.NAdam,
+    "radam": torch.optim.RAdam,
+    "adamax": torch.optim.Adamax,
+    "sgd": torch.optim.SGD,
+    "rmsprop": torch.optim.RMSprop,
+    "adagrad": torch.optim.Adagrad,
+    "adadelta": torch.optim.Adadelta,
 }
 # Group keys that describe a run rather than the optimizer (set again by the harness).
 _RUN_KEYS = ("params", "param_names", "lr", "initial_lr", V_AGE_KEY)
@@ -76,8 +82,11 @@ def optimizer_like_source(source: Source) -> OptimizerFactory:
 
     def make(model: nn.Module, lr: float) -> torch.optim.Optimizer:
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        old = {n for n, p in named if n in group_of and n in source.weights
-               and tuple(source.weights[n].shape) == tuple(p.shape)}
+        old = {
+            n
+            for n, p in named
+            if n in group_of and n in source.weights and tuple(source.weights[n].shape) == tuple(p.shape)
+        }
         groups = []
         for g, saved in enumerate(saved_groups):
             members = [(n, p) for n, p in named if n in old and group_of[n] == g]
@@ -127,8 +136,9 @@ def transfer_state(source: Source, optimizer: torch.optim.Optimizer, model: nn.M
             names.append(name)
             weight = source.weights.get(name)
             if name in saved and weight is not None and tuple(weight.shape) == tuple(p.shape):
-                state[index] = {k: v.detach().clone() if isinstance(v, torch.Tensor) else v
-                                for k, v in saved[name].items()}
+                state[index] = {
+                    k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in saved[name].items()
+                }
                 out.carried.append(name)
             else:
                 if index in fresh["state"]:

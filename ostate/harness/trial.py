@@ -51,8 +51,9 @@ class TrialConfig:
         if self.schedule not in SCHEDULES:
             raise OstateError(f"unknown schedule '{self.schedule}'", hint=f"choose one of: {', '.join(SCHEDULES)}")
         if self.steps < 1 or self.eval_every < 1 or self.batch_size < 1 or self.warmup < 0 or not self.lr > 0:
-            raise OstateError(f"invalid trial settings: {self}",
-                              hint="steps, eval_every and batch_size >= 1; warmup >= 0; lr > 0")
+            raise OstateError(
+                f"invalid trial settings: {self}", hint="steps, eval_every and batch_size >= 1; warmup >= 0; lr > 0"
+            )
 
     def trial_id(self, task: str, source_fingerprint: str) -> str:
         """A stable identifier of this trial of this task on this source (16 hex digits)."""
@@ -121,8 +122,9 @@ def run_trial(task: Task, source: Source | str, config: TrialConfig, *, threads:
         before = [[p.detach().clone() for p in group["params"]] for group in optimizer.param_groups]
         grads = [[p.grad for p in group["params"] if p.grad is not None] for group in optimizer.param_groups]
         optimizer.step()
-        updates = [[p.detach() - b for p, b in zip(group["params"], old)]
-                   for group, old in zip(optimizer.param_groups, before)]
+        updates = [
+            [p.detach() - b for p, b in zip(group["params"], old)] for group, old in zip(optimizer.param_groups, before)
+        ]
         records.append((step, "train_loss", ALL, float(loss.detach())))
         records += [(step, "lr", g, float(group["lr"])) for g, group in enumerate(optimizer.param_groups)]
         records += [(step, "grad_rms", g, v) for g, v in rms_by_group(grads).items()]
@@ -147,7 +149,9 @@ def run_trial(task: Task, source: Source | str, config: TrialConfig, *, threads:
     return TrialResult(config.trial_id(task.name, source.fingerprint), task.name, config, records, info)
 
 
-def evaluate(task: Task, model: torch.nn.Module, optimizer: torch.optim.Optimizer, kind: str, *, step: int) -> list[Record]:
+def evaluate(
+    task: Task, model: torch.nn.Module, optimizer: torch.optim.Optimizer, kind: str, *, step: int
+) -> list[Record]:
     """Eval-step records: the task's eval metrics and each group's median effective LR."""
     model.eval()
     with torch.no_grad():
@@ -159,8 +163,9 @@ def evaluate(task: Task, model: torch.nn.Module, optimizer: torch.optim.Optimize
     return records
 
 
-def endless(make: Callable[[int, torch.Generator], Iterable[Any]], batch_size: int,
-            generator: torch.Generator) -> Iterator[Any]:
+def endless(
+    make: Callable[[int, torch.Generator], Iterable[Any]], batch_size: int, generator: torch.Generator
+) -> Iterator[Any]:
     """Batches from ``make(batch_size, generator)``, starting it again whenever it ends."""
     while True:
         empty = True

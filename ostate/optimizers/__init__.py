@@ -83,4 +83,3 @@ def next_update(
         raise OstateError(f"the next update of optimizer kind '{family.name}' cannot be computed from its state")
     with explain_bad_state(param, family, group):
         return family.next_update(param, group, grad, weight)
-

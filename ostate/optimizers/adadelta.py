@@ -76,18 +76,19 @@ def match(state_keys: frozenset[str], group: Group) -> int:
 
 
 ADADELTA = Family(
-        name="adadelta",
-        label="Adadelta",
-        match=match,
-        quantities=quantities,
-        effective_lr=effective_lr,
-        next_update=next_update,
-        display=("square_avg_mean", "acc_delta_mean", "eff_lr_min", "eff_lr_p50", "eff_lr_max"),
-        hyperparameters=("lr", "initial_lr", "rho", "eps", "weight_decay", "maximize"),
-        second_moment="square_avg",
-        layout=StateLayout(
-            second_moment=("square_avg", "acc_delta"), counter=("step",),
-            fresh={"square_avg": fresh_zeros, "acc_delta": fresh_zeros, "step": fresh_zeros},
-            step_in_update=lambda group: False,
-        ),
-    )
+    name="adadelta",
+    label="Adadelta",
+    match=match,
+    quantities=quantities,
+    effective_lr=effective_lr,
+    next_update=next_update,
+    display=("square_avg_mean", "acc_delta_mean", "eff_lr_min", "eff_lr_p50", "eff_lr_max"),
+    hyperparameters=("lr", "initial_lr", "rho", "eps", "weight_decay", "maximize"),
+    second_moment="square_avg",
+    layout=StateLayout(
+        second_moment=("square_avg", "acc_delta"),
+        counter=("step",),
+        fresh={"square_avg": fresh_zeros, "acc_delta": fresh_zeros, "step": fresh_zeros},
+        step_in_update=lambda group: False,
+    ),
+)

@@ -134,17 +134,19 @@ def match(state_keys: frozenset[str], group: Group) -> int:
 
 
 ADAFACTOR = Family(
-        name="adafactor",
-        label="Adafactor (torch.optim)",
-        match=match,
-        quantities=quantities,
-        effective_lr=effective_lr,
-        next_update=next_update,
-        columns=columns,
-        display=("factored", "variance_mean", "rho_next", "eff_lr_min", "eff_lr_p50", "eff_lr_max"),
-        hyperparameters=("lr", "initial_lr", "beta2_decay", "eps", "d", "weight_decay", "maximize"),
-        second_moment="variance",
-        chunked=False,
-        notes=("Adafactor (torch.optim): eff_lr is relative, per unit of max(eps2, RMS(weights)), which the state "
-               "does not record; it is rho_next / max(sqrt(V), eps1), before update clipping.",),
-    )
+    name="adafactor",
+    label="Adafactor (torch.optim)",
+    match=match,
+    quantities=quantities,
+    effective_lr=effective_lr,
+    next_update=next_update,
+    columns=columns,
+    display=("factored", "variance_mean", "rho_next", "eff_lr_min", "eff_lr_p50", "eff_lr_max"),
+    hyperparameters=("lr", "initial_lr", "beta2_decay", "eps", "d", "weight_decay", "maximize"),
+    second_moment="variance",
+    chunked=False,
+    notes=(
+        "Adafactor (torch.optim): eff_lr is relative, per unit of max(eps2, RMS(weights)), which the state "
+        "does not record; it is rho_next / max(sqrt(V), eps1), before update clipping.",
+    ),
+)

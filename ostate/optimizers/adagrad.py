@@ -116,26 +116,29 @@ def fresh_sum(value: Any, group: Group) -> torch.Tensor:
 
 
 ADAGRAD = Family(
-        name="adagrad",
-        label="Adagrad",
-        match=match,
-        quantities=quantities,
-        effective_lr=effective_lr,
-        next_update=next_update,
-        columns=columns,
-        display=("sum_mean", "decayed_lr", "eff_lr_min", "eff_lr_p50", "eff_lr_max"),
-        hyperparameters=("lr", "initial_lr", "lr_decay", "initial_accumulator_value", "eps", "weight_decay",
-                         "maximize"),
-        second_moment="sum",
-        preconditioned=preconditioned,
-        # bitsandbytes' Adagrad8bit keeps the accumulator with the signed dynamic map (Optimizer1State).
-        quantized_moments={"sum": True},
-        # torch creates Adagrad's state in the constructor, not at the first step.
-        layout=StateLayout(
-            second_moment=("sum",), counter=("step",), fresh={"sum": fresh_sum, "step": fresh_zeros},
-            step_in_update=lambda group: float(group.get("lr_decay", 0.0)) != 0.0,
-            lazy_init=False,
-        ),
-        notes=("Adagrad: decayed_lr is the next step's lr / (1 + step * lr_decay); a zero gradient moves nothing, "
-               "so there is no update column.",),
-    )
+    name="adagrad",
+    label="Adagrad",
+    match=match,
+    quantities=quantities,
+    effective_lr=effective_lr,
+    next_update=next_update,
+    columns=columns,
+    display=("sum_mean", "decayed_lr", "eff_lr_min", "eff_lr_p50", "eff_lr_max"),
+    hyperparameters=("lr", "initial_lr", "lr_decay", "initial_accumulator_value", "eps", "weight_decay", "maximize"),
+    second_moment="sum",
+    preconditioned=preconditioned,
+    # bitsandbytes' Adagrad8bit keeps the accumulator with the signed dynamic map (Optimizer1State).
+    quantized_moments={"sum": True},
+    # torch creates Adagrad's state in the constructor, not at the first step.
+    layout=StateLayout(
+        second_moment=("sum",),
+        counter=("step",),
+        fresh={"sum": fresh_sum, "step": fresh_zeros},
+        step_in_update=lambda group: float(group.get("lr_decay", 0.0)) != 0.0,
+        lazy_init=False,
+    ),
+    notes=(
+        "Adagrad: decayed_lr is the next step's lr / (1 + step * lr_decay); a zero gradient moves nothing, "
+        "so there is no update column.",
+    ),
+)

@@ -109,13 +109,16 @@ def adam_update(
     return theta - weight
 
 
-def adam_snr(exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, *, beta1: float, beta2: float, step: float) -> torch.Tensor:
+def adam_snr(
+    exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, *, beta1: float, beta2: float, step: float
+) -> torch.Tensor:
     r""":math:`|\hat m| / \sqrt{\hat v}` elementwise (0 where :math:`v = 0`), without :math:`\epsilon`."""
     return _snr_from_root(exp_avg.float().abs(), exp_avg_sq.float().sqrt(), beta1=beta1, beta2=beta2, step=step)
 
 
-def _snr_from_root(exp_avg_abs: torch.Tensor, root: torch.Tensor, *, beta1: float, beta2: float,
-                   step: float) -> torch.Tensor:
+def _snr_from_root(
+    exp_avg_abs: torch.Tensor, root: torch.Tensor, *, beta1: float, beta2: float, step: float
+) -> torch.Tensor:
     scale = _divide((1 - beta2**step) ** 0.5, 1 - beta1**step)
     snr = torch.div(exp_avg_abs, root).mul_(scale)
     if _may_hold_zero(root):  # coordinates that never had a gradient: 0, not 0/0
@@ -124,7 +127,13 @@ def _snr_from_root(exp_avg_abs: torch.Tensor, root: torch.Tensor, *, beta1: floa
 
 
 def adam_momentum_update(
-    exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, *, lr: float, beta1: float, beta2: float, eps: float,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
     step: float,
 ) -> torch.Tensor:
     r"""The next step's change with a zero gradient and no weight decay:
@@ -133,12 +142,22 @@ def adam_momentum_update(
     ``exp_avg_sq`` here is the *next* second moment (:math:`\beta_2 v`, or
     ``max_exp_avg_sq`` under AMSGrad, which a zero gradient leaves unchanged).
     """
-    return _momentum_update_from_root(exp_avg.float(), exp_avg_sq.float().sqrt(), lr=lr, beta1=beta1,
-                                      beta2=beta2, eps=eps, step=step)
+    return _momentum_update_from_root(
+        exp_avg.float(), exp_avg_sq.float().sqrt(), lr=lr, beta1=beta1, beta2=beta2, eps=eps, step=step
+    )
 
 
-def _momentum_update_from_root(exp_avg: torch.Tensor, next_root: torch.Tensor, *, lr: float, beta1: float,
-                               beta2: float, eps: float, step: float, root_scale: float = 1.0) -> torch.Tensor:
+def _momentum_update_from_root(
+    exp_avg: torch.Tensor,
+    next_root: torch.Tensor,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    step: float,
+    root_scale: float = 1.0,
+) -> torch.Tensor:
     # next_root * root_scale is the square root of the next second moment.
     t = step + 1
     denom = torch.mul(next_root, root_scale / (1 - beta2**t) ** 0.5).add_(eps)
@@ -170,8 +189,16 @@ def quantities(chunk: Mapping[str, torch.Tensor], group: Group, param: ParamStat
         "exp_avg_sq": v,
         "snr": _snr_from_root(exp_avg_abs, root, beta1=beta1, beta2=beta2, step=step),
         # With a zero gradient v becomes beta2 * v; AMSGrad keeps max(v_max, beta2 * v) = v_max.
-        "update": _momentum_update_from_root(m, denominator_root, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-                                             step=step, root_scale=1.0 if amsgrad else beta2**0.5),
+        "update": _momentum_update_from_root(
+            m,
+            denominator_root,
+            lr=lr,
+            beta1=beta1,
+            beta2=beta2,
+            eps=eps,
+            step=step,
+            root_scale=1.0 if amsgrad else beta2**0.5,
+        ),
     }
     if "max_exp_avg_sq" in chunk:
         q["max_exp_avg_sq"] = chunk["max_exp_avg_sq"]
@@ -196,12 +223,14 @@ def amsgrad_ratio(max_root: torch.Tensor, root: torch.Tensor) -> torch.Tensor:
 
 def preconditioned(chunk: Mapping[str, torch.Tensor], group: Group, param: ParamState, q: dict) -> Preconditioned:
     r"""The saved state's update :math:`\hat m / (\sqrt{\hat v} + \epsilon)` (numerator up to :math:`1/(1-\beta_1^t)`)."""
-    return bias_corrected_preconditioned(chunk["exp_avg"], chunk[second_moment_key(group)], group, step_of(param),
-                                         q["eff_lr"])
+    return bias_corrected_preconditioned(
+        chunk["exp_avg"], chunk[second_moment_key(group)], group, step_of(param), q["eff_lr"]
+    )
 
 
-def bias_corrected_preconditioned(numerator: torch.Tensor, exp_avg_sq: torch.Tensor, group: Group, step: float,
-                                  eff_lr: torch.Tensor) -> Preconditioned:
+def bias_corrected_preconditioned(
+    numerator: torch.Tensor, exp_avg_sq: torch.Tensor, group: Group, step: float, eff_lr: torch.Tensor
+) -> Preconditioned:
     r""":math:`n / (\sqrt{v/(1-\beta_2^t)} + \epsilon)`, reusing ``eff_lr`` :math:`= \gamma/(\ldots)` as the
     inverse denominator (recomputed with :math:`\gamma = 1` when the group's lr is 0).
 
@@ -279,8 +308,9 @@ def max_snr(beta1: float, beta2: float, step: float = math.inf) -> float:
     return math.sqrt((1 - beta1) ** 2 / ((1 - beta2) * (1 - rho)))
 
 
-def moment_estimates(chunk: Mapping[str, torch.Tensor], group: Group, param: ParamState,
-                     q: Mapping) -> tuple[torch.Tensor, torch.Tensor]:
+def moment_estimates(
+    chunk: Mapping[str, torch.Tensor], group: Group, param: ParamState, q: Mapping
+) -> tuple[torch.Tensor, torch.Tensor]:
     r""":math:`|\hat m| = |m|/(1-\beta_1^t)` and :math:`\sqrt{\hat v} = \sqrt{v/(1-\beta_2^t)}`, from the
     ``exp_avg_abs`` and ``exp_avg_sq`` quantities (the EMA :math:`v`, also under AMSGrad)."""
     beta1, beta2 = group["betas"][:2]
@@ -324,46 +354,48 @@ _QUANTIZED = {"exp_avg": True, "exp_avg_sq": False}
 _HYPER = ("lr", "initial_lr", "betas", "eps", "weight_decay", "amsgrad", "maximize")
 # One layout for Adam and AdamW (AMSGrad's max_exp_avg_sq goes with v): a state of one loads into the other.
 ADAM_LAYOUT = StateLayout(
-    first_moment=("exp_avg",), second_moment=("exp_avg_sq", "max_exp_avg_sq"), counter=("step",),
+    first_moment=("exp_avg",),
+    second_moment=("exp_avg_sq", "max_exp_avg_sq"),
+    counter=("step",),
     fresh={"exp_avg": fresh_zeros, "exp_avg_sq": fresh_zeros, "max_exp_avg_sq": fresh_zeros, "step": fresh_zeros},
     v_bias_corrected=True,
 )
 
 ADAM = Family(
-        name="adam",
-        label="Adam",
-        match=_match(decoupled=False),
-        quantities=quantities,
-        effective_lr=effective_lr,
-        next_update=next_update,
-        columns=columns,
-        display=_DISPLAY,
-        hyperparameters=_HYPER,
-        first_moment="exp_avg_abs",
-        second_moment="exp_avg_sq",
-        preconditioned=preconditioned,
-        quantized_moments=_QUANTIZED,
-        moments=ADAM_MOMENTS,
-        layout=ADAM_LAYOUT,
-    )
+    name="adam",
+    label="Adam",
+    match=_match(decoupled=False),
+    quantities=quantities,
+    effective_lr=effective_lr,
+    next_update=next_update,
+    columns=columns,
+    display=_DISPLAY,
+    hyperparameters=_HYPER,
+    first_moment="exp_avg_abs",
+    second_moment="exp_avg_sq",
+    preconditioned=preconditioned,
+    quantized_moments=_QUANTIZED,
+    moments=ADAM_MOMENTS,
+    layout=ADAM_LAYOUT,
+)
 
 
 ADAMW = Family(
-        name="adamw",
-        label="AdamW",
-        match=_match(decoupled=True),
-        quantities=quantities,
-        effective_lr=effective_lr,
-        next_update=next_update_adamw,
-        columns=columns,
-        display=_DISPLAY,
-        hyperparameters=_HYPER,
-        first_moment="exp_avg_abs",
-        second_moment="exp_avg_sq",
-        preconditioned=preconditioned,
-        quantized_moments=_QUANTIZED,
-        moments=ADAM_MOMENTS,
-        layout=ADAM_LAYOUT,
-        preferred=True,
-        notes=("AdamW: weight decay is decoupled (theta <- theta * (1 - lr * weight_decay) before the Adam step).",),
-    )
+    name="adamw",
+    label="AdamW",
+    match=_match(decoupled=True),
+    quantities=quantities,
+    effective_lr=effective_lr,
+    next_update=next_update_adamw,
+    columns=columns,
+    display=_DISPLAY,
+    hyperparameters=_HYPER,
+    first_moment="exp_avg_abs",
+    second_moment="exp_avg_sq",
+    preconditioned=preconditioned,
+    quantized_moments=_QUANTIZED,
+    moments=ADAM_MOMENTS,
+    layout=ADAM_LAYOUT,
+    preferred=True,
+    notes=("AdamW: weight decay is decoupled (theta <- theta * (1 - lr * weight_decay) before the Adam step).",),
+)

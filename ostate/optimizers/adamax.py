@@ -74,7 +74,12 @@ def quantities(chunk: Mapping[str, torch.Tensor], group: Group, param: ParamStat
         "exp_avg_abs": chunk["exp_avg"].abs(),
         "exp_inf": chunk["exp_inf"],
         "update": adamax_momentum_update(
-            chunk["exp_avg"], chunk["exp_inf"], lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+            chunk["exp_avg"],
+            chunk["exp_inf"],
+            lr=group["lr"],
+            beta1=beta1,
+            beta2=beta2,
+            eps=group["eps"],
             step=step_of(param),
         ),
     }
@@ -101,20 +106,22 @@ def match(state_keys: frozenset[str], group: Group) -> int:
 
 
 ADAMAX = Family(
-        name="adamax",
-        label="Adamax",
-        match=match,
-        quantities=quantities,
-        effective_lr=effective_lr,
-        next_update=next_update,
-        columns=columns,
-        display=("exp_avg_abs_mean", "exp_inf_mean", "eff_lr_min", "eff_lr_p50", "eff_lr_max"),
-        hyperparameters=("lr", "initial_lr", "betas", "eps", "weight_decay", "maximize"),
-        first_moment="exp_avg_abs",
-        second_moment="exp_inf",
-        # The infinity norm has no bias correction: keep-v needs no correction of its age.
-        layout=StateLayout(
-            first_moment=("exp_avg",), second_moment=("exp_inf",), counter=("step",),
-            fresh={"exp_avg": fresh_zeros, "exp_inf": fresh_zeros, "step": fresh_zeros},
-        ),
-    )
+    name="adamax",
+    label="Adamax",
+    match=match,
+    quantities=quantities,
+    effective_lr=effective_lr,
+    next_update=next_update,
+    columns=columns,
+    display=("exp_avg_abs_mean", "exp_inf_mean", "eff_lr_min", "eff_lr_p50", "eff_lr_max"),
+    hyperparameters=("lr", "initial_lr", "betas", "eps", "weight_decay", "maximize"),
+    first_moment="exp_avg_abs",
+    second_moment="exp_inf",
+    # The infinity norm has no bias correction: keep-v needs no correction of its age.
+    layout=StateLayout(
+        first_moment=("exp_avg",),
+        second_moment=("exp_inf",),
+        counter=("step",),
+        fresh={"exp_avg": fresh_zeros, "exp_inf": fresh_zeros, "step": fresh_zeros},
+    ),
+)

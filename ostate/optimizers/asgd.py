@@ -78,14 +78,14 @@ def match(state_keys: frozenset[str], group: Group) -> int:
 
 
 ASGD = Family(
-        name="asgd",
-        label="ASGD",
-        match=match,
-        quantities=quantities,
-        effective_lr=effective_lr,
-        next_update=next_update,
-        columns=columns,
-        display=("eta", "mu", "averaging", "decay_factor", "ax_rms"),
-        hyperparameters=("lr", "initial_lr", "lambd", "alpha", "t0", "weight_decay", "maximize"),
-        notes=("ASGD: eff_lr is the step size eta saved in the state for the next step, not the group's lr.",),
-    )
+    name="asgd",
+    label="ASGD",
+    match=match,
+    quantities=quantities,
+    effective_lr=effective_lr,
+    next_update=next_update,
+    columns=columns,
+    display=("eta", "mu", "averaging", "decay_factor", "ax_rms"),
+    hyperparameters=("lr", "initial_lr", "lambd", "alpha", "t0", "weight_decay", "maximize"),
+    notes=("ASGD: eff_lr is the step size eta saved in the state for the next step, not the group's lr.",),
+)

@@ -89,8 +89,9 @@ def infer_blocksize(numel: int, blocks: int) -> int:
     )
 
 
-def dequantize_blockwise(codes: torch.Tensor, qmap: torch.Tensor, absmax: torch.Tensor,
-                         blocksize: int | None = None) -> torch.Tensor:
+def dequantize_blockwise(
+    codes: torch.Tensor, qmap: torch.Tensor, absmax: torch.Tensor, blocksize: int | None = None
+) -> torch.Tensor:
     r"""float32 values :math:`\mathrm{qmap}[q_j] \cdot \mathrm{absmax}_{\lfloor j/B \rfloor}`, in ``codes``' shape."""
     n, blocks = codes.numel(), absmax.numel()
     blocksize = blocksize or infer_blocksize(n, blocks)
@@ -113,8 +114,12 @@ def dequantized(param: ParamState, index: int) -> torch.Tensor:
     if f"absmax{index}" in param.state:
         return dequantize_blockwise(codes, qmap, param.read(f"absmax{index}"))
     if f"max{index}" in param.state:  # block_wise=False: one scale for the whole tensor
-        return qmap.float().index_select(0, codes.reshape(-1).int()).mul_(param.read(f"max{index}").float()
-                                                                         .reshape(-1)[0]).reshape(codes.shape)
+        return (
+            qmap.float()
+            .index_select(0, codes.reshape(-1).int())
+            .mul_(param.read(f"max{index}").float().reshape(-1)[0])
+            .reshape(codes.shape)
+        )
     raise OstateError(f"'{param.name}' has 8-bit state{index} but neither absmax{index} nor max{index}")
 
 
@@ -218,8 +223,9 @@ def _mirrored(rule: Callable) -> Callable:
 
 # ---------------------------------------------------------------- effective lr and tables
 def _adam_effective_lr(param: ParamState, group: Group) -> torch.Tensor:
-    return adam_effective_lr(dequantized(param, 2), lr=group["lr"], beta2=group["betas"][1], eps=group["eps"],
-                             step=step_of(param))
+    return adam_effective_lr(
+        dequantized(param, 2), lr=group["lr"], beta2=group["betas"][1], eps=group["eps"], step=step_of(param)
+    )
 
 
 def _constant_effective_lr(param: ParamState, group: Group) -> torch.Tensor:
@@ -239,8 +245,9 @@ def _adam_quantities(chunk: Mapping[str, torch.Tensor], group: Group, param: Par
         "exp_avg_abs": m.abs(),
         "exp_avg_sq": v,
         "snr": adam_snr(m, v, beta1=beta1, beta2=beta2, step=step),
-        "update": adam_momentum_update(m, v * beta2, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-                                       step=step),
+        "update": adam_momentum_update(
+            m, v * beta2, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], step=step
+        ),
     }
 
 
@@ -251,8 +258,11 @@ def _lion_quantities(chunk: Mapping[str, torch.Tensor], group: Group, param: Par
 
 def _momentum_quantities(chunk: Mapping[str, torch.Tensor], group: Group, param: ParamState) -> dict:
     buf = dequantized(param, 1).reshape(-1)
-    return {"eff_lr": float(group["lr"]), "momentum_buffer_abs": buf.abs(),
-            "update": buf * (-group["lr"] * group["betas"][0])}
+    return {
+        "eff_lr": float(group["lr"]),
+        "momentum_buffer_abs": buf.abs(),
+        "update": buf * (-group["lr"] * group["betas"][0]),
+    }
 
 
 def _rms_quantities(name: str) -> Callable:
@@ -263,8 +273,7 @@ def _rms_quantities(name: str) -> Callable:
     return quantities
 
 
-def _adam_preconditioned(chunk: Mapping[str, torch.Tensor], group: Group, param: ParamState,
-                         q: dict) -> Preconditioned:
+def _adam_preconditioned(chunk: Mapping[str, torch.Tensor], group: Group, param: ParamState, q: dict) -> Preconditioned:
     # |m| serves as the numerator: it enters the compressibility sums squared.
     return bias_corrected_preconditioned(q["exp_avg_abs"], q["exp_avg_sq"], group, step_of(param), q["eff_lr"])
 
@@ -345,46 +354,95 @@ def _one_state(kind: str) -> Callable[[frozenset[str], Group], int]:
 
 _HYPER = ("lr", "initial_lr", "betas", "eps", "weight_decay")
 _QUANT_DISPLAY = ("state_bits", "blocksize")
-_NOTE = ("bitsandbytes: moments are dequantised blockwise (qmap[code] * absmax of the block) before any "
-         "statistic; state_bits says which parameters kept 32-bit state.",)
+_NOTE = (
+    "bitsandbytes: moments are dequantised blockwise (qmap[code] * absmax of the block) before any "
+    "statistic; state_bits says which parameters kept 32-bit state.",
+)
 
 BNB_ADAM = Family(
-    name="bnb_adam", label="bitsandbytes Adam/AdamW", match=_match_adam, quantities=_adam_quantities,
-    effective_lr=_adam_effective_lr, next_update=_mirrored(_adam_update), columns=quantization_columns,
-    display=(*_QUANT_DISPLAY, "state2_zero_fraction", "exp_avg_abs_mean", "exp_avg_sq_mean", "eff_lr_min",
-             "eff_lr_p50", "eff_lr_max"),
-    hyperparameters=_HYPER, first_moment="exp_avg_abs", second_moment="exp_avg_sq",
-    moments=ADAM_MOMENTS, chunked=False, preconditioned=_adam_preconditioned, signed_first_moment=_signed_state1,
+    name="bnb_adam",
+    label="bitsandbytes Adam/AdamW",
+    match=_match_adam,
+    quantities=_adam_quantities,
+    effective_lr=_adam_effective_lr,
+    next_update=_mirrored(_adam_update),
+    columns=quantization_columns,
+    display=(
+        *_QUANT_DISPLAY,
+        "state2_zero_fraction",
+        "exp_avg_abs_mean",
+        "exp_avg_sq_mean",
+        "eff_lr_min",
+        "eff_lr_p50",
+        "eff_lr_max",
+    ),
+    hyperparameters=_HYPER,
+    first_moment="exp_avg_abs",
+    second_moment="exp_avg_sq",
+    moments=ADAM_MOMENTS,
+    chunked=False,
+    preconditioned=_adam_preconditioned,
+    signed_first_moment=_signed_state1,
     notes=(*_NOTE, "bitsandbytes Adam: weight decay is decoupled (AdamW-style) for Adam8bit too."),
 )
 BNB_LION = Family(
-    name="bnb_lion", label="bitsandbytes Lion", match=_one_state("lion"), quantities=_lion_quantities,
-    effective_lr=_constant_effective_lr, next_update=_mirrored(_lion_update), columns=quantization_columns,
+    name="bnb_lion",
+    label="bitsandbytes Lion",
+    match=_one_state("lion"),
+    quantities=_lion_quantities,
+    effective_lr=_constant_effective_lr,
+    next_update=_mirrored(_lion_update),
+    columns=quantization_columns,
     display=(*_QUANT_DISPLAY, "exp_avg_abs_mean", "exp_avg_abs_max", "eff_lr_p50"),
-    hyperparameters=_HYPER, first_moment="exp_avg_abs", chunked=False, preferred=True,
+    hyperparameters=_HYPER,
+    first_moment="exp_avg_abs",
+    chunked=False,
+    preferred=True,
     signed_first_moment=_signed_state1,
     notes=_NOTE,
 )
 BNB_MOMENTUM = Family(
-    name="bnb_momentum", label="bitsandbytes SGD (momentum)", match=_one_state("momentum"),
-    quantities=_momentum_quantities, effective_lr=_constant_effective_lr, next_update=_mirrored(_momentum_update),
+    name="bnb_momentum",
+    label="bitsandbytes SGD (momentum)",
+    match=_one_state("momentum"),
+    quantities=_momentum_quantities,
+    effective_lr=_constant_effective_lr,
+    next_update=_mirrored(_momentum_update),
     columns=quantization_columns,
     display=(*_QUANT_DISPLAY, "momentum_buffer_abs_mean", "momentum_buffer_abs_max", "eff_lr_p50"),
-    hyperparameters=_HYPER, first_moment="momentum_buffer_abs", chunked=False,
-    signed_first_moment=_signed_state1, notes=_NOTE,
+    hyperparameters=_HYPER,
+    first_moment="momentum_buffer_abs",
+    chunked=False,
+    signed_first_moment=_signed_state1,
+    notes=_NOTE,
 )
 BNB_RMSPROP = Family(
-    name="bnb_rmsprop", label="bitsandbytes RMSprop", match=_one_state("rmsprop"),
-    quantities=_rms_quantities("square_avg"), effective_lr=_rms_effective_lr, next_update=_mirrored(_rmsprop_update),
+    name="bnb_rmsprop",
+    label="bitsandbytes RMSprop",
+    match=_one_state("rmsprop"),
+    quantities=_rms_quantities("square_avg"),
+    effective_lr=_rms_effective_lr,
+    next_update=_mirrored(_rmsprop_update),
     columns=quantization_columns,
     display=(*_QUANT_DISPLAY, "square_avg_mean", "eff_lr_min", "eff_lr_p50", "eff_lr_max"),
-    hyperparameters=_HYPER, second_moment="square_avg", chunked=False,
-    preconditioned=_rms_preconditioned("square_avg"), notes=_NOTE,
+    hyperparameters=_HYPER,
+    second_moment="square_avg",
+    chunked=False,
+    preconditioned=_rms_preconditioned("square_avg"),
+    notes=_NOTE,
 )
 BNB_ADAGRAD = Family(
-    name="bnb_adagrad", label="bitsandbytes Adagrad", match=_one_state("adagrad"), quantities=_rms_quantities("sum"),
-    effective_lr=_rms_effective_lr, next_update=_mirrored(_adagrad_update), columns=quantization_columns,
+    name="bnb_adagrad",
+    label="bitsandbytes Adagrad",
+    match=_one_state("adagrad"),
+    quantities=_rms_quantities("sum"),
+    effective_lr=_rms_effective_lr,
+    next_update=_mirrored(_adagrad_update),
+    columns=quantization_columns,
     display=(*_QUANT_DISPLAY, "sum_mean", "eff_lr_min", "eff_lr_p50", "eff_lr_max"),
-    hyperparameters=_HYPER, second_moment="sum", chunked=False,
-    preconditioned=_rms_preconditioned("sum"), notes=_NOTE,
+    hyperparameters=_HYPER,
+    second_moment="sum",
+    chunked=False,
+    preconditioned=_rms_preconditioned("sum"),
+    notes=_NOTE,
 )

@@ -146,8 +146,9 @@ class Family:
     signed_first_moment: Callable[[Mapping[str, torch.Tensor], Group, ParamState], torch.Tensor] | None = None
     layout: StateLayout | None = None
 
-    def first_moment_values(self, chunk: Mapping[str, torch.Tensor], group: Group,
-                            param: ParamState) -> torch.Tensor | None:
+    def first_moment_values(
+        self, chunk: Mapping[str, torch.Tensor], group: Group, param: ParamState
+    ) -> torch.Tensor | None:
         """The signed first moment of one chunk, or None when the family keeps none (or the state lacks it)."""
         if self.signed_first_moment is not None:
             return self.signed_first_moment(chunk, group, param)
@@ -171,8 +172,7 @@ class Moments:
       :math:`\epsilon/\sqrt{1-\beta_2^t}`).
     """
 
-    estimates: Callable[[Mapping[str, torch.Tensor], Group, ParamState, Quantities],
-                        tuple[torch.Tensor, torch.Tensor]]
+    estimates: Callable[[Mapping[str, torch.Tensor], Group, ParamState, Quantities], tuple[torch.Tensor, torch.Tensor]]
     betas: Callable[[Group], tuple[float, float]]
     eps_root: Callable[[Group, float], float]
 
@@ -200,8 +200,9 @@ class Preconditioned:
     inverse_denominator_scale: float = 1.0
 
 
-def plain_preconditioned(numerator: torch.Tensor | None, second_moment: torch.Tensor, eps: float,
-                         scale: float = 1.0) -> Preconditioned:
+def plain_preconditioned(
+    numerator: torch.Tensor | None, second_moment: torch.Tensor, eps: float, scale: float = 1.0
+) -> Preconditioned:
     r"""An update :math:`n / (\sqrt{s \cdot scale} + \epsilon)` with its inverse denominator computed here.
 
     For families whose :math:`\epsilon` is added to an uncorrected (``scale=1``) or
@@ -214,8 +215,9 @@ def plain_preconditioned(numerator: torch.Tensor | None, second_moment: torch.Te
     """
     s = second_moment.float()
     inverse = s.mul(scale).sqrt_().add_(eps).reciprocal_() if scale != 1.0 else s.sqrt().add_(eps).reciprocal_()
-    return Preconditioned(numerator=numerator, second_moment=s, inverse_denominator=inverse, eps=float(eps),
-                          second_moment_scale=scale)
+    return Preconditioned(
+        numerator=numerator, second_moment=s, inverse_denominator=inverse, eps=float(eps), second_moment_scale=scale
+    )
 
 
 def group_has(group: Group, *keys: str) -> bool:
@@ -258,8 +260,10 @@ def explain_bad_state(param: ParamState, family: Family, group: Group | None = N
             f"its state keys: {', '.join(sorted(param.state)) or 'none'}",
         ) from None
     except (OverflowError, ZeroDivisionError) as e:
-        raise OstateError(f"'{param.name}': its state or hyperparameters are out of range ({e})",
-                          hint="the file may be damaged; `ostate doctor` lists what is wrong") from None
+        raise OstateError(
+            f"'{param.name}': its state or hyperparameters are out of range ({e})",
+            hint="the file may be damaged; `ostate doctor` lists what is wrong",
+        ) from None
 
 
 def _check_ranges(param: ParamState, group: Group) -> None:
@@ -271,8 +275,10 @@ def _check_ranges(param: ParamState, group: Group) -> None:
         # A negative step makes 1 - beta^t negative and its square root complex. NaN and
         # +inf give NaN or plain numbers and are reported as such (doctor: nonfinite-state).
         if step < 0:
-            raise OstateError(f"'{param.name}': step {param.step} is not a step count (a number >= 0)",
-                              hint="the file is damaged or was not written by a torch optimizer")
+            raise OstateError(
+                f"'{param.name}': step {param.step} is not a step count (a number >= 0)",
+                hint="the file is damaged or was not written by a torch optimizer",
+            )
     betas = group.get("betas")
     if isinstance(betas, (list, tuple)):
         for beta in betas:
@@ -281,5 +287,7 @@ def _check_ranges(param: ParamState, group: Group) -> None:
             except (OverflowError, TypeError, ValueError):
                 ok = False
             if not ok:
-                raise OstateError(f"param group {param.group}: betas {tuple(betas)} are not in [0, 1]",
-                                  hint="the file is damaged or was not written by a torch optimizer")
+                raise OstateError(
+                    f"param group {param.group}: betas {tuple(betas)} are not in [0, 1]",
+                    hint="the file is damaged or was not written by a torch optimizer",
+                )

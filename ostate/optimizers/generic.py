@@ -20,9 +20,9 @@ def quantities(chunk: Mapping[str, torch.Tensor], group: Group, param: ParamStat
 
 
 UNKNOWN = Family(
-        name="unknown",
-        label="unrecognised optimizer",
-        match=lambda state_keys, group: 0,
-        quantities=quantities,
-        hyperparameters=("lr", "initial_lr", "weight_decay"),
-    )
+    name="unknown",
+    label="unrecognised optimizer",
+    match=lambda state_keys, group: 0,
+    quantities=quantities,
+    hyperparameters=("lr", "initial_lr", "weight_decay"),
+)

@@ -152,19 +152,31 @@ def match(state_keys: frozenset[str], group: Group) -> int:
 
 
 HF_ADAFACTOR = Family(
-        name="hf_adafactor",
-        label="Adafactor (transformers)",
-        match=match,
-        quantities=quantities,
-        effective_lr=effective_lr,
-        next_update=next_update,
-        columns=columns,
-        display=("factored", "exp_avg_sq_mean", "next_lr", "eff_lr_min", "eff_lr_p50", "eff_lr_max"),
-        hyperparameters=("lr", "initial_lr", "relative_step", "scale_parameter", "warmup_init", "eps",
-                         "clip_threshold", "decay_rate", "beta1", "weight_decay"),
-        first_moment="exp_avg_abs",
-        second_moment="exp_avg_sq",
-        chunked=False,
-        notes=("Adafactor (transformers): with relative_step the group's lr is ignored; eff_lr uses the next "
-               "step's relative step size times max(eps2, saved RMS of the weights), before update clipping.",),
-    )
+    name="hf_adafactor",
+    label="Adafactor (transformers)",
+    match=match,
+    quantities=quantities,
+    effective_lr=effective_lr,
+    next_update=next_update,
+    columns=columns,
+    display=("factored", "exp_avg_sq_mean", "next_lr", "eff_lr_min", "eff_lr_p50", "eff_lr_max"),
+    hyperparameters=(
+        "lr",
+        "initial_lr",
+        "relative_step",
+        "scale_parameter",
+        "warmup_init",
+        "eps",
+        "clip_threshold",
+        "decay_rate",
+        "beta1",
+        "weight_decay",
+    ),
+    first_moment="exp_avg_abs",
+    second_moment="exp_avg_sq",
+    chunked=False,
+    notes=(
+        "Adafactor (transformers): with relative_step the group's lr is ignored; eff_lr uses the next "
+        "step's relative step size times max(eps2, saved RMS of the weights), before update clipping.",
+    ),
+)

@@ -48,8 +48,10 @@ def columns(param: ParamState, group: Group) -> dict:
     if "n_iter" not in state:
         return {}
     history = state.get("old_dirs")
-    scalar = {key: scalar_of(param, key) if state.get(key) is not None else float("nan")
-              for key in ("H_diag", "t", "prev_loss")}
+    scalar = {
+        key: scalar_of(param, key) if state.get(key) is not None else float("nan")
+        for key in ("H_diag", "t", "prev_loss")
+    }
     d = state.get("d")
     return {
         "n_iter": state["n_iter"],
@@ -73,15 +75,25 @@ def match(state_keys: frozenset[str], group: Group) -> int:
 
 
 LBFGS = Family(
-        name="lbfgs",
-        label="L-BFGS",
-        match=match,
-        quantities=quantities,
-        columns=columns,
-        display=("n_iter", "func_evals", "history", "H_diag", "step_length", "prev_loss", "grad_norm"),
-        hyperparameters=("lr", "initial_lr", "max_iter", "max_eval", "history_size", "line_search_fn",
-                         "tolerance_grad", "tolerance_change"),
-        notes=("L-BFGS: summary only. Its state is flat over all parameters and kept under the first one; the next "
-               "step re-evaluates the loss (closure, line search), so neither a per-coordinate effective lr nor "
-               "the next update can be computed from the state.",),
-    )
+    name="lbfgs",
+    label="L-BFGS",
+    match=match,
+    quantities=quantities,
+    columns=columns,
+    display=("n_iter", "func_evals", "history", "H_diag", "step_length", "prev_loss", "grad_norm"),
+    hyperparameters=(
+        "lr",
+        "initial_lr",
+        "max_iter",
+        "max_eval",
+        "history_size",
+        "line_search_fn",
+        "tolerance_grad",
+        "tolerance_change",
+    ),
+    notes=(
+        "L-BFGS: summary only. Its state is flat over all parameters and kept under the first one; the next "
+        "step re-evaluates the loss (closure, line search), so neither a per-coordinate effective lr nor "
+        "the next update can be computed from the state.",
+    ),
+)

@@ -70,18 +70,20 @@ def match(state_keys: frozenset[str], group: Group) -> int:
 
 
 LION = Family(
-        name="lion",
-        label="Lion (lion-pytorch)",
-        match=match,
-        quantities=quantities,
-        effective_lr=effective_lr,
-        next_update=next_update,
-        columns=columns,
-        display=("exp_avg_abs_mean", "exp_avg_abs_max", "zero_momentum_fraction", "eff_lr_p50"),
-        hyperparameters=("lr", "initial_lr", "betas", "weight_decay"),
-        first_moment="exp_avg_abs",
-        # bitsandbytes' Lion8bit keeps the momentum with the signed dynamic map (Optimizer1State).
-        quantized_moments={"exp_avg": True},
-        notes=("Lion: every coordinate moves by exactly lr (sign update). Lion(decoupled_weight_decay=True) is not "
-               "recorded in the state dict; the next update assumes it was off.",),
-    )
+    name="lion",
+    label="Lion (lion-pytorch)",
+    match=match,
+    quantities=quantities,
+    effective_lr=effective_lr,
+    next_update=next_update,
+    columns=columns,
+    display=("exp_avg_abs_mean", "exp_avg_abs_max", "zero_momentum_fraction", "eff_lr_p50"),
+    hyperparameters=("lr", "initial_lr", "betas", "weight_decay"),
+    first_moment="exp_avg_abs",
+    # bitsandbytes' Lion8bit keeps the momentum with the signed dynamic map (Optimizer1State).
+    quantized_moments={"exp_avg": True},
+    notes=(
+        "Lion: every coordinate moves by exactly lr (sign update). Lion(decoupled_weight_decay=True) is not "
+        "recorded in the state dict; the next update assumes it was off.",
+    ),
+)

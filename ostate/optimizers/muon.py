@@ -106,17 +106,28 @@ def match(state_keys: frozenset[str], group: Group) -> int:
 
 
 MUON = Family(
-        name="muon",
-        label="Muon",
-        match=match,
-        quantities=quantities,
-        effective_lr=effective_lr,
-        next_update=next_update,
-        columns=columns,
-        display=("momentum_buffer_abs_mean", "momentum_buffer_abs_rms", "adjusted_lr", "lr_ratio"),
-        hyperparameters=("lr", "initial_lr", "momentum", "nesterov", "weight_decay", "adjust_lr_fn", "ns_steps",
-                         "ns_coefficients", "eps"),
-        first_moment="momentum_buffer_abs",
-        notes=("Muon: the update is the orthogonalised momentum (unit singular values), so eff_lr is the "
-               "shape-adjusted lr of the whole matrix, not a per-coordinate rate.",),
-    )
+    name="muon",
+    label="Muon",
+    match=match,
+    quantities=quantities,
+    effective_lr=effective_lr,
+    next_update=next_update,
+    columns=columns,
+    display=("momentum_buffer_abs_mean", "momentum_buffer_abs_rms", "adjusted_lr", "lr_ratio"),
+    hyperparameters=(
+        "lr",
+        "initial_lr",
+        "momentum",
+        "nesterov",
+        "weight_decay",
+        "adjust_lr_fn",
+        "ns_steps",
+        "ns_coefficients",
+        "eps",
+    ),
+    first_moment="momentum_buffer_abs",
+    notes=(
+        "Muon: the update is the orthogonalised momentum (unit singular values), so eff_lr is the "
+        "shape-adjusted lr of the whole matrix, not a per-coordinate rate.",
+    ),
+)

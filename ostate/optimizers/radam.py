@@ -117,7 +117,13 @@ def next_update(param: ParamState, group: Group, grad: torch.Tensor, weight: tor
 
 
 def radam_momentum_update(
-    exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, *, lr: float, beta1: float, beta2: float, eps: float,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
     step: float,
 ) -> torch.Tensor:
     """The next step's change with a zero gradient and no weight decay (m -> beta1 m, v -> beta2 v)."""
@@ -182,28 +188,41 @@ def match(state_keys: frozenset[str], group: Group) -> int:
 
 
 RADAM = Family(
-        name="radam",
-        label="RAdam",
-        match=match,
-        quantities=quantities,
-        effective_lr=effective_lr,
-        next_update=next_update,
-        columns=columns,
-        display=("exp_avg_abs_mean", "exp_avg_sq_mean", "rectified", "rect_factor", "eff_lr_min", "eff_lr_p50",
-                 "eff_lr_max"),
-        hyperparameters=("lr", "initial_lr", "betas", "eps", "weight_decay", "decoupled_weight_decay", "maximize"),
-        first_moment="exp_avg_abs",
-        second_moment="exp_avg_sq",
-        moments=Moments(estimates=moment_estimates,
-                        betas=lambda group: cast("tuple[float, float]", tuple(map(float, group["betas"][:2]))),
-                        eps_root=eps_root),
-        preconditioned=preconditioned,
-        layout=StateLayout(
-            first_moment=("exp_avg",), second_moment=("exp_avg_sq",), counter=("step",),
-            fresh={"exp_avg": fresh_zeros, "exp_avg_sq": fresh_zeros, "step": fresh_zeros},
-            keep_v_refusal="RAdam does not use v at all for its first steps after a step reset (rectification "
-                           "while rho_t <= 5), so a kept v cannot act as a mature one; use reset-m (keeps v and step)",
-        ),
-        notes=("RAdam: rho, rectified and rect_factor are those of the next step (t+1); while not rectified "
-               "the step is lr times the bias-corrected momentum, with no adaptivity.",),
-    )
+    name="radam",
+    label="RAdam",
+    match=match,
+    quantities=quantities,
+    effective_lr=effective_lr,
+    next_update=next_update,
+    columns=columns,
+    display=(
+        "exp_avg_abs_mean",
+        "exp_avg_sq_mean",
+        "rectified",
+        "rect_factor",
+        "eff_lr_min",
+        "eff_lr_p50",
+        "eff_lr_max",
+    ),
+    hyperparameters=("lr", "initial_lr", "betas", "eps", "weight_decay", "decoupled_weight_decay", "maximize"),
+    first_moment="exp_avg_abs",
+    second_moment="exp_avg_sq",
+    moments=Moments(
+        estimates=moment_estimates,
+        betas=lambda group: cast("tuple[float, float]", tuple(map(float, group["betas"][:2]))),
+        eps_root=eps_root,
+    ),
+    preconditioned=preconditioned,
+    layout=StateLayout(
+        first_moment=("exp_avg",),
+        second_moment=("exp_avg_sq",),
+        counter=("step",),
+        fresh={"exp_avg": fresh_zeros, "exp_avg_sq": fresh_zeros, "step": fresh_zeros},
+        keep_v_refusal="RAdam does not use v at all for its first steps after a step reset (rectification "
+        "while rho_t <= 5), so a kept v cannot act as a mature one; use reset-m (keeps v and step)",
+    ),
+    notes=(
+        "RAdam: rho, rectified and rect_factor are those of the next step (t+1); while not rectified "
+        "the step is lr times the bias-corrected momentum, with no adaptivity.",
+    ),
+)

@@ -77,7 +77,9 @@ def get_family(name: str) -> Family:
     try:
         return _BY_NAME[name]
     except KeyError:
-        raise OstateError(f"unknown optimizer kind '{name}'", hint=f"known kinds: {', '.join(sorted(_BY_NAME))}") from None
+        raise OstateError(
+            f"unknown optimizer kind '{name}'", hint=f"known kinds: {', '.join(sorted(_BY_NAME))}"
+        ) from None
 
 
 def detect(state_keys: frozenset[str], groups: Sequence[Mapping[str, Any]]) -> tuple[str, str, list[str]]:

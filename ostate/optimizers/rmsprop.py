@@ -130,27 +130,28 @@ def match(state_keys: frozenset[str], group: Group) -> int:
 
 
 RMSPROP = Family(
-        name="rmsprop",
-        label="RMSprop",
-        match=match,
-        quantities=quantities,
-        effective_lr=effective_lr,
-        next_update=next_update,
-        columns=columns,
-        display=("square_avg_mean", "momentum_gain", "eff_lr_min", "eff_lr_p50", "eff_lr_max"),
-        hyperparameters=("lr", "initial_lr", "alpha", "eps", "centered", "momentum", "weight_decay", "maximize"),
-        first_moment="momentum_buffer_abs",
-        second_moment="square_avg",
-        preconditioned=preconditioned,
-        # bitsandbytes' RMSprop8bit keeps square_avg with the signed dynamic map (Optimizer1State).
-        quantized_moments={"square_avg": True},
-        # Centred RMSprop divides by sqrt(square_avg - grad_avg^2): grad_avg is part of the
-        # variance estimate, not a first moment, and goes with square_avg (zeroing only
-        # square_avg would make the variance negative and the weights NaN).
-        layout=StateLayout(
-            first_moment=("momentum_buffer",), second_moment=("square_avg", "grad_avg"), counter=("step",),
-            fresh={"momentum_buffer": fresh_zeros, "grad_avg": fresh_zeros, "square_avg": fresh_zeros,
-                   "step": fresh_zeros},
-            step_in_update=lambda group: False,
-        ),
-    )
+    name="rmsprop",
+    label="RMSprop",
+    match=match,
+    quantities=quantities,
+    effective_lr=effective_lr,
+    next_update=next_update,
+    columns=columns,
+    display=("square_avg_mean", "momentum_gain", "eff_lr_min", "eff_lr_p50", "eff_lr_max"),
+    hyperparameters=("lr", "initial_lr", "alpha", "eps", "centered", "momentum", "weight_decay", "maximize"),
+    first_moment="momentum_buffer_abs",
+    second_moment="square_avg",
+    preconditioned=preconditioned,
+    # bitsandbytes' RMSprop8bit keeps square_avg with the signed dynamic map (Optimizer1State).
+    quantized_moments={"square_avg": True},
+    # Centred RMSprop divides by sqrt(square_avg - grad_avg^2): grad_avg is part of the
+    # variance estimate, not a first moment, and goes with square_avg (zeroing only
+    # square_avg would make the variance negative and the weights NaN).
+    layout=StateLayout(
+        first_moment=("momentum_buffer",),
+        second_moment=("square_avg", "grad_avg"),
+        counter=("step",),
+        fresh={"momentum_buffer": fresh_zeros, "grad_avg": fresh_zeros, "square_avg": fresh_zeros, "step": fresh_zeros},
+        step_in_update=lambda group: False,
+    ),
+)

@@ -61,8 +61,10 @@ def next_update(param: ParamState, group: Group, grad: torch.Tensor, weight: tor
 
 def quantities(chunk: Mapping[str, torch.Tensor], group: Group, param: ParamState) -> dict:
     step_size = chunk["step_size"]
-    return {"eff_lr": step_size if step_size.dtype == torch.float64 else step_size.float(),
-            "prev_abs": chunk["prev"].abs()}
+    return {
+        "eff_lr": step_size if step_size.dtype == torch.float64 else step_size.float(),
+        "prev_abs": chunk["prev"].abs(),
+    }
 
 
 def columns(param: ParamState, group: Group) -> dict:
@@ -88,15 +90,17 @@ def match(state_keys: frozenset[str], group: Group) -> int:
 
 
 RPROP = Family(
-        name="rprop",
-        label="Rprop",
-        match=match,
-        quantities=quantities,
-        effective_lr=effective_lr,
-        next_update=next_update,
-        columns=columns,
-        display=("prev_abs_mean", "at_max_fraction", "at_min_fraction", "eff_lr_min", "eff_lr_p50", "eff_lr_max"),
-        hyperparameters=("lr", "initial_lr", "etas", "step_sizes", "maximize"),
-        notes=("Rprop: eff_lr is each coordinate's saved step size (in parameter units); the group's lr was only "
-               "the initial step size.",),
-    )
+    name="rprop",
+    label="Rprop",
+    match=match,
+    quantities=quantities,
+    effective_lr=effective_lr,
+    next_update=next_update,
+    columns=columns,
+    display=("prev_abs_mean", "at_max_fraction", "at_min_fraction", "eff_lr_min", "eff_lr_p50", "eff_lr_max"),
+    hyperparameters=("lr", "initial_lr", "etas", "step_sizes", "maximize"),
+    notes=(
+        "Rprop: eff_lr is each coordinate's saved step size (in parameter units); the group's lr was only "
+        "the initial step size.",
+    ),
+)

@@ -117,19 +117,28 @@ def match(state_keys: frozenset[str], group: Group) -> int:
 
 
 SCHEDULEFREE_ADAMW = Family(
-        name="schedulefree_adamw",
-        label="AdamW schedule-free",
-        match=match,
-        quantities=quantities,
-        effective_lr=effective_lr,
-        next_update=next_update,
-        columns=columns,
-        display=("k", "train_mode", "scheduled_lr", "averaging_weight", "exp_avg_sq_mean", "eff_lr_min",
-                 "eff_lr_p50", "eff_lr_max"),
-        hyperparameters=("lr", "betas", "eps", "weight_decay", "warmup_steps", "r", "weight_lr_power", "k",
-                         "train_mode"),
-        second_moment="exp_avg_sq",
-        preconditioned=preconditioned,
-        notes=("Schedule-free AdamW: the step counter k lives in the param groups; eff_lr uses the next step's "
-               "warmup-scheduled lr. The saved weights are x in eval mode and y in train mode.",),
-    )
+    name="schedulefree_adamw",
+    label="AdamW schedule-free",
+    match=match,
+    quantities=quantities,
+    effective_lr=effective_lr,
+    next_update=next_update,
+    columns=columns,
+    display=(
+        "k",
+        "train_mode",
+        "scheduled_lr",
+        "averaging_weight",
+        "exp_avg_sq_mean",
+        "eff_lr_min",
+        "eff_lr_p50",
+        "eff_lr_max",
+    ),
+    hyperparameters=("lr", "betas", "eps", "weight_decay", "warmup_steps", "r", "weight_lr_power", "k", "train_mode"),
+    second_moment="exp_avg_sq",
+    preconditioned=preconditioned,
+    notes=(
+        "Schedule-free AdamW: the step counter k lives in the param groups; eff_lr uses the next step's "
+        "warmup-scheduled lr. The saved weights are x in eval mode and y in train mode.",
+    ),
+)

@@ -70,7 +70,9 @@ def quantities(chunk: Mapping[str, torch.Tensor], group: Group, param: ParamStat
     if "momentum_buffer" in chunk:
         q["momentum_buffer_abs"] = chunk["momentum_buffer"].abs()
         q["update"] = sgd_momentum_update(
-            chunk["momentum_buffer"], lr=group["lr"], momentum=group.get("momentum", 0.0),
+            chunk["momentum_buffer"],
+            lr=group["lr"],
+            momentum=group.get("momentum", 0.0),
             nesterov=group.get("nesterov", False),
         )
     return q
@@ -79,7 +81,9 @@ def quantities(chunk: Mapping[str, torch.Tensor], group: Group, param: ParamStat
 def columns(param: ParamState, group: Group) -> dict:
     return {
         "steady_state_lr": steady_state_lr(
-            lr=group["lr"], momentum=group.get("momentum", 0.0), dampening=group.get("dampening", 0.0),
+            lr=group["lr"],
+            momentum=group.get("momentum", 0.0),
+            dampening=group.get("dampening", 0.0),
             nesterov=group.get("nesterov", False),
         )
     }
@@ -94,18 +98,18 @@ def _match(state_keys: frozenset[str], group: Group) -> int:
 
 
 SGD = Family(
-        name="sgd",
-        label="SGD",
-        match=_match,
-        quantities=quantities,
-        effective_lr=effective_lr,
-        next_update=next_update,
-        columns=columns,
-        display=("momentum_buffer_abs_mean", "momentum_buffer_abs_max", "eff_lr_p50", "steady_state_lr"),
-        hyperparameters=("lr", "initial_lr", "momentum", "dampening", "nesterov", "weight_decay", "maximize"),
-        first_moment="momentum_buffer_abs",
-        quantized_moments={"momentum_buffer": True},
-        # SGD's first step sets the buffer to the gradient itself: a fresh buffer is an absent one
-        # (a zero buffer would damp that step by 1 - dampening).
-        layout=StateLayout(first_moment=("momentum_buffer",), fresh={"momentum_buffer": fresh_absent}),
-    )
+    name="sgd",
+    label="SGD",
+    match=_match,
+    quantities=quantities,
+    effective_lr=effective_lr,
+    next_update=next_update,
+    columns=columns,
+    display=("momentum_buffer_abs_mean", "momentum_buffer_abs_max", "eff_lr_p50", "steady_state_lr"),
+    hyperparameters=("lr", "initial_lr", "momentum", "dampening", "nesterov", "weight_decay", "maximize"),
+    first_moment="momentum_buffer_abs",
+    quantized_moments={"momentum_buffer": True},
+    # SGD's first step sets the buffer to the gradient itself: a fresh buffer is an absent one
+    # (a zero buffer would damp that step by 1 - dampening).
+    layout=StateLayout(first_moment=("momentum_buffer",), fresh={"momentum_buffer": fresh_absent}),
+)

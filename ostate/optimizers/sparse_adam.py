@@ -90,8 +90,9 @@ def quantities(chunk: Mapping[str, torch.Tensor], group: Group, param: ParamStat
     beta1, beta2 = group["betas"]
     step = step_of(param)
     return {
-        "eff_lr": sparse_adam_effective_lr(chunk["exp_avg_sq"], lr=group["lr"], beta2=beta2, eps=group["eps"],
-                                           step=step),
+        "eff_lr": sparse_adam_effective_lr(
+            chunk["exp_avg_sq"], lr=group["lr"], beta2=beta2, eps=group["eps"], step=step
+        ),
         "exp_avg_abs": chunk["exp_avg"].abs(),
         "exp_avg_sq": chunk["exp_avg_sq"],
         "snr": adam_snr(chunk["exp_avg"], chunk["exp_avg_sq"], beta1=beta1, beta2=beta2, step=step),
@@ -126,19 +127,20 @@ def match(state_keys: frozenset[str], group: Group) -> int:
 
 
 SPARSE_ADAM = Family(
-        name="sparse_adam",
-        label="SparseAdam",
-        match=match,
-        quantities=quantities,
-        effective_lr=effective_lr,
-        next_update=next_update,
-        columns=columns,
-        display=("exp_avg_abs_mean", "exp_avg_sq_mean", "untouched_fraction", "eff_lr_min", "eff_lr_p50",
-                 "eff_lr_max"),
-        hyperparameters=("lr", "initial_lr", "betas", "eps", "maximize"),
-        first_moment="exp_avg_abs",
-        second_moment="exp_avg_sq",
-        preconditioned=preconditioned,
-        notes=("SparseAdam: step counts calls with a gradient, not how often each row was touched; "
-               "a zero gradient moves nothing, so there is no update column.",),
-    )
+    name="sparse_adam",
+    label="SparseAdam",
+    match=match,
+    quantities=quantities,
+    effective_lr=effective_lr,
+    next_update=next_update,
+    columns=columns,
+    display=("exp_avg_abs_mean", "exp_avg_sq_mean", "untouched_fraction", "eff_lr_min", "eff_lr_p50", "eff_lr_max"),
+    hyperparameters=("lr", "initial_lr", "betas", "eps", "maximize"),
+    first_moment="exp_avg_abs",
+    second_moment="exp_avg_sq",
+    preconditioned=preconditioned,
+    notes=(
+        "SparseAdam: step counts calls with a gradient, not how often each row was touched; "
+        "a zero gradient moves nothing, so there is no update column.",
+    ),
+)

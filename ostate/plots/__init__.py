@@ -46,8 +46,16 @@ from ostate.plots.series import PlotInput, Series, as_series
 from ostate.plots.style import save_figure
 
 __all__ = [
-    "PlotKind", "Series", "as_series", "get_kind", "plot", "plot_kinds", "plot_layer_profile", "plot_lr_histogram",
-    "plot_moments", "save_figure",
+    "PlotKind",
+    "Series",
+    "as_series",
+    "get_kind",
+    "plot",
+    "plot_kinds",
+    "plot_layer_profile",
+    "plot_lr_histogram",
+    "plot_moments",
+    "save_figure",
 ]
 
 

@@ -67,16 +67,27 @@ def compare_figure(result: Comparison) -> Figure:
         lr = {q: np.log10(1.0 + _column(table, f"eff_lr_relchange_{q}")) for q in ("p5", "p50", "p95")}
         _ranged(axes[2], x, lr["p50"], None, None, lr["p5"], lr["p95"], colour, label)
         axes[3].plot(x, _column(table, "unchanged_frac"), "o", color=colour, markersize=4, label=label)
-    titles = [("second moment", "log10(v_B / v_A)"), ("first moment", "cosine(m_A, m_B)"),
-              ("effective learning rate", "log10(η_B / η_A)"), ("state not changed", "fraction of coordinates")]
+    titles = [
+        ("second moment", "log10(v_B / v_A)"),
+        ("first moment", "cosine(m_A, m_B)"),
+        ("effective learning rate", "log10(η_B / η_A)"),
+        ("state not changed", "fraction of coordinates"),
+    ]
     for ax, (title, ylabel) in zip(axes, titles):
         ax.set_title(title)
         ax.set_ylabel(ylabel)
         ax.grid(True, alpha=0.3)
         if not any(np.isfinite(np.asarray(line.get_ydata(), dtype=float)).any() for line in ax.get_lines()):
             # e.g. plain SGD keeps no second moment, or no parameter has state in both checkpoints
-            ax.text(0.5, 0.5, f"nothing to draw: no {title} in both checkpoints", transform=ax.transAxes,
-                    ha="center", va="center", color="#555555")
+            ax.text(
+                0.5,
+                0.5,
+                f"nothing to draw: no {title} in both checkpoints",
+                transform=ax.transAxes,
+                ha="center",
+                va="center",
+                color="#555555",
+            )
     for ax in (axes[0], axes[2]):
         ax.axhline(0.0, color="#000000", linewidth=0.8)
     axes[1].set_ylim(-1.05, 1.05)
@@ -104,17 +115,25 @@ def draw(result: Comparison, *, by: str | None = None) -> Figure:
     or ``first``: ``compare(..., against=by)``).
     """
     if not (hasattr(result, "pairs") and hasattr(result, "against")):
-        raise OstateError(f"the compare plot draws a comparison, not a {type(result).__name__}",
-                          hint="compute one with ostate.compare.compute.compare(*paths), or give the paths to "
-                               "ostate.figures.plot")
+        raise OstateError(
+            f"the compare plot draws a comparison, not a {type(result).__name__}",
+            hint="compute one with ostate.compare.compute.compare(*paths), or give the paths to ostate.figures.plot",
+        )
     if by is not None and check_view(KIND, by) != result.against:
-        raise OstateError(f"this comparison pairs its checkpoints {result.against}, not {by}",
-                          hint=f"compare(..., against='{by}') makes the pairs")
+        raise OstateError(
+            f"this comparison pairs its checkpoints {result.against}, not {by}",
+            hint=f"compare(..., against='{by}') makes the pairs",
+        )
     return compare_figure(result)
 
 
-KIND = PlotKind(name="compare", summary="how each parameter's state moved between checkpoints (ostate compare)",
-                views=("consecutive", "first"), draw=draw, takes=COMPARISON)
+KIND = PlotKind(
+    name="compare",
+    summary="how each parameter's state moved between checkpoints (ostate compare)",
+    views=("consecutive", "first"),
+    draw=draw,
+    takes=COMPARISON,
+)
 
 
 def _column(table, name: str) -> np.ndarray:
@@ -125,8 +144,9 @@ def _column(table, name: str) -> np.ndarray:
 def _ranged(ax, x, middle, low, high, lowest, highest, colour, label) -> None:
     middle = np.asarray(middle, dtype=float)
     if lowest is not None:
-        ax.vlines(x, np.asarray(lowest, dtype=float), np.asarray(highest, dtype=float), color=colour, linewidth=0.8,
-                  alpha=0.6)
+        ax.vlines(
+            x, np.asarray(lowest, dtype=float), np.asarray(highest, dtype=float), color=colour, linewidth=0.8, alpha=0.6
+        )
     if low is not None:
         ax.vlines(x, np.asarray(low, dtype=float), np.asarray(high, dtype=float), color=colour, linewidth=2.5)
     ax.plot(x, middle, "o", color=colour, markersize=4, label=label)
@@ -135,4 +155,3 @@ def _ranged(ax, x, middle, low, high, lowest, highest, colour, label) -> None:
 def _short(path: str) -> str:
     name = os.path.basename(os.path.normpath(path))
     return name if len(name) <= 30 else name[:27] + "..."
-

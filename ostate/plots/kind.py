@@ -44,6 +44,7 @@ def check_view(kind: PlotKind, by: str | None) -> str:
     if by is None:
         return kind.views[0]
     if by not in kind.views:
-        raise OstateError(f"the {kind.name} plot cannot be split by={by}",
-                          hint=f"choose one of: {', '.join(kind.views)}")
+        raise OstateError(
+            f"the {kind.name} plot cannot be split by={by}", hint=f"choose one of: {', '.join(kind.views)}"
+        )
     return by

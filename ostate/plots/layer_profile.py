@@ -90,8 +90,9 @@ def draw(series: list[Series], *, by: str | None = None, title: str | None = Non
         for split, per_layer in _profiles(s, by).items():
             colour = _colour(by, split, split_styles) if by != "layer" else series_colour
             # Points only where the layer has such parameters; the line joins them across the others.
-            points = sorted((position[layer], p50, p_low, p_high) for layer, (p50, p_low, p_high) in per_layer.items()
-                            if p50 > 0)
+            points = sorted(
+                (position[layer], p50, p_low, p_high) for layer, (p50, p_low, p_high) in per_layer.items() if p50 > 0
+            )
             if not points:
                 continue
             xs, median, low, high = (np.array(v, dtype=float) for v in zip(*points))
@@ -99,22 +100,50 @@ def draw(series: list[Series], *, by: str | None = None, title: str | None = Non
             ax.vlines(xs, low, high, color=colour, alpha=0.5, linewidth=1.0)  # the band of an isolated point
             # Colour says the kind (or group): named once in the legend; line style says the checkpoint.
             name = _label(by, split) if by != "layer" else (s.label if overlay else "all parameters")
-            ax.plot(xs, median, color=colour, linestyle=dash if overlay else "-", marker="o", markersize=3.5,
-                    linewidth=1.5, label=name if name not in named else "_", gid=f"median|{s.label}|{split}")
+            ax.plot(
+                xs,
+                median,
+                color=colour,
+                linestyle=dash if overlay else "-",
+                marker="o",
+                markersize=3.5,
+                linewidth=1.5,
+                label=name if name not in named else "_",
+                gid=f"median|{s.label}|{split}",
+            )
             named.add(name)
         for groups, lr in group_lrs(s, s.rows("model")[0]) if s.rows("model") else []:
-            ax.axhline(lr, color=series_colour if overlay else "#555555", linestyle=":", linewidth=1.0,
-                       label=f"{s.label + ': ' if overlay else ''}lr of {groups}: {lr:.3g}", gid=f"lr|{s.label}")
+            ax.axhline(
+                lr,
+                color=series_colour if overlay else "#555555",
+                linestyle=":",
+                linewidth=1.0,
+                label=f"{s.label + ': ' if overlay else ''}lr of {groups}: {lr:.3g}",
+                gid=f"lr|{s.label}",
+            )
     if not any((line.get_gid() or "").startswith("median|") for line in ax.get_lines()):
         # every median is 0, negative or NaN (e.g. NaN state): say so rather than draw empty axes
-        ax.text(0.5, 0.75, "not drawn: no layer has a positive, finite median effective learning rate\n"
-                "(NaN or inf in the state, or an lr of 0; `ostate doctor` says which)", transform=ax.transAxes,
-                ha="center", va="center", color="#555555", fontsize=9)
+        ax.text(
+            0.5,
+            0.75,
+            "not drawn: no layer has a positive, finite median effective learning rate\n"
+            "(NaN or inf in the state, or an lr of 0; `ostate doctor` says which)",
+            transform=ax.transAxes,
+            ha="center",
+            va="center",
+            color="#555555",
+            fontsize=9,
+        )
     ax.set_yscale("log")
     ax.set_xlim(-0.5, len(layers) - 0.5)
     step = max(1, math.ceil(len(layers) / MAX_TICK_LABELS))
-    ax.set_xticks(x[::step], [layers[i] for i in x[::step]], rotation=60 if len(layers) > 6 else 0,
-                  ha="right" if len(layers) > 6 else "center", fontsize=8)
+    ax.set_xticks(
+        x[::step],
+        [layers[i] for i in x[::step]],
+        rotation=60 if len(layers) > 6 else 0,
+        ha="right" if len(layers) > 6 else "center",
+        fontsize=8,
+    )
     ax.set_xlabel("layer (model order)" + (f"; every {step}th named" if step > 1 else ""))
     ax.set_ylabel("effective learning rate $\\eta_i$\n(median, band p5-p95; log scale)")
     ax.grid(alpha=0.3)
@@ -141,8 +170,13 @@ def _profiles(s: Series, by: str) -> dict[Any, dict[str, tuple[float, float, flo
     """``{split: {layer: (p50, p5, p95)}}``: the layer view's own quantiles for ``by="layer"``, else
     quantiles of the merged sketches of each layer's parameters of one kind or group."""
     if by == "layer":
-        return {"all": {row.key: (row.row[f"{QUANTITY}_p50"], row.row[f"{QUANTITY}_p5"], row.row[f"{QUANTITY}_p95"])
-                        for row in s.rows("layer") if QUANTITY in row.sketches}}
+        return {
+            "all": {
+                row.key: (row.row[f"{QUANTITY}_p50"], row.row[f"{QUANTITY}_p5"], row.row[f"{QUANTITY}_p95"])
+                for row in s.rows("layer")
+                if QUANTITY in row.sketches
+            }
+        }
     column = {"kind": "param_kind", "group": "group"}[by]
     parts: dict[Any, dict[str, list[Sketch]]] = defaultdict(lambda: defaultdict(list))
     for row in s.rows("param"):

@@ -62,19 +62,24 @@ def plot_lr_histogram(
     return draw(series, by=by, per_decade=per_decade, title=title)
 
 
-def draw(series: list[Series], *, by: str | None = None, per_decade: int | None = None,
-         title: str | None = None) -> Figure:
+def draw(
+    series: list[Series], *, by: str | None = None, per_decade: int | None = None, title: str | None = None
+) -> Figure:
     """The figure for already analysed series (what ``ostate plot --kind lr-histogram`` draws)."""
     by = check_view(KIND, by)
     shown, total = panels(series, by)
-    sketches = [row.sketches[QUANTITY] for panel in shown for row in panel.rows
-                if row is not None and QUANTITY in row.sketches]
+    sketches = [
+        row.sketches[QUANTITY] for panel in shown for row in panel.rows if row is not None and QUANTITY in row.sketches
+    ]
     if not sketches:
-        raise OstateError("no effective learning rates to plot",
-                          hint="the optimizer has no state yet, or its family defines no effective learning rate")
+        raise OstateError(
+            "no effective learning rates to plot",
+            hint="the optimizer has no state yet, or its family defines no effective learning rate",
+        )
     parts = [Positive.of(s) for s in sketches]
-    edges = log_edges([v for p in parts if len(p.values) for v in (p.values.min(), p.values.max())],
-                      per_decade=per_decade)
+    edges = log_edges(
+        [v for p in parts if len(p.values) for v in (p.values.min(), p.values.max())], per_decade=per_decade
+    )
     fig, axes = panel_grid(len(shown), sharex=True, height=3.8)
     overlay = len(series) > 1
     for ax, panel in zip(axes, shown):
@@ -86,17 +91,37 @@ def draw(series: list[Series], *, by: str | None = None, per_decade: int | None 
             positive = Positive.of(row.sketches[QUANTITY])
             counts = rebin(positive.values, positive.counts, edges)
             # Each series' artists carry its label in their gid: f"histogram|{label}", ...
-            ax.stairs(counts, edges, fill=not overlay, color=colour, alpha=0.35 if not overlay else 1.0,
-                      linestyle=style, linewidth=1.4, label="_" if overlay else "coordinates",
-                      gid=f"histogram|{s.label}")
+            ax.stairs(
+                counts,
+                edges,
+                fill=not overlay,
+                color=colour,
+                alpha=0.35 if not overlay else 1.0,
+                linestyle=style,
+                linewidth=1.4,
+                label="_" if overlay else "coordinates",
+                gid=f"histogram|{s.label}",
+            )
             if not overlay:  # the filled histogram's outline
                 ax.stairs(counts, edges, color=colour, linewidth=1.0)
             median = row.row[f"{QUANTITY}_p50"]
-            ax.axvline(median, color=colour if overlay else "#000000", linestyle="--", linewidth=1.3,
-                       label=f"median {median:.3g}", gid=f"median|{s.label}")
+            ax.axvline(
+                median,
+                color=colour if overlay else "#000000",
+                linestyle="--",
+                linewidth=1.3,
+                label=f"median {median:.3g}",
+                gid=f"median|{s.label}",
+            )
             for groups, lr in group_lrs(s, row):
-                ax.axvline(lr, color=colour if overlay else "#555555", linestyle=":", linewidth=1.3,
-                           label=f"lr of {groups}: {lr:.3g}", gid=f"lr|{s.label}")
+                ax.axvline(
+                    lr,
+                    color=colour if overlay else "#555555",
+                    linestyle=":",
+                    linewidth=1.3,
+                    label=f"lr of {groups}: {lr:.3g}",
+                    gid=f"lr|{s.label}",
+                )
             if positive.left_out():
                 notes.append(f"{s.label}: {positive.left_out()}" if overlay else positive.left_out())
         ax.set_xscale("log")
@@ -104,16 +129,19 @@ def draw(series: list[Series], *, by: str | None = None, per_decade: int | None 
         ax.grid(alpha=0.3)
         handles, names = ax.get_legend_handles_labels()
         if overlay and ax is axes[0]:  # which colour and line style is which checkpoint
-            keys = [Line2D([], [], color=colour, linestyle=dash, linewidth=1.6)
-                    for colour, dash in map(series_style, range(len(series)))]
+            keys = [
+                Line2D([], [], color=colour, linestyle=dash, linewidth=1.6)
+                for colour, dash in map(series_style, range(len(series)))
+            ]
             handles = keys + handles
             names = [s.label for s in series] + names
         ax.legend(handles, names, fontsize=7, loc="upper left", framealpha=0.85, edgecolor="none")
         # Head room for the legend above the tallest bar (about a tenth of the height per entry).
         ax.set_ylim(0, ax.get_ylim()[1] * (1.15 + 0.1 * len(names)))
         if notes:
-            ax.text(0.99, 0.98, "\n".join(notes), transform=ax.transAxes, ha="right", va="top", fontsize=7,
-                    color="#444444")
+            ax.text(
+                0.99, 0.98, "\n".join(notes), transform=ax.transAxes, ha="right", va="top", fontsize=7, color="#444444"
+            )
     fig.supxlabel(XLABEL, fontsize=10)
     fig.supylabel(YLABEL, fontsize=10)
     what = series[0].describe() if not overlay else " vs ".join(s.label for s in series)

@@ -70,8 +70,9 @@ class Reference:
     @property
     def lines(self) -> tuple[float, float, float]:
         """The three lines as drawn (3 significant digits): equal lines are drawn once."""
-        return cast("tuple[float, float, float]",
-                    tuple(float(f"{v:.3g}") for v in (self.eps_root, self.noise, self.bound)))
+        return cast(
+            "tuple[float, float, float]", tuple(float(f"{v:.3g}") for v in (self.eps_root, self.noise, self.bound))
+        )
 
 
 def plot_moments(
@@ -121,8 +122,10 @@ def draw(series: list[Series], *, by: str | None = None, title: str | None = Non
     overlay = len(series) > 1
     fig, axes = panel_grid(len(shown), width=5.6 if not overlay else 5.0, height=4.4, columns=2)
     for ax, panel in zip(axes, shown):
-        references = [_reference(s, row, panel) if row is not None and JOINT in row.joints else None
-                      for s, row in zip(series, panel.rows)]
+        references = [
+            _reference(s, row, panel) if row is not None and JOINT in row.joints else None
+            for s, row in zip(series, panel.rows)
+        ]
         notes = []
         data_x: list[float] = []
         for index, (s, row) in enumerate(zip(series, panel.rows)):
@@ -135,9 +138,14 @@ def draw(series: list[Series], *, by: str | None = None, title: str | None = Non
                 if overlay:
                     _contours(ax, x_edges, y_edges, counts, series_style(index), s.label)
                 else:
-                    mesh = ax.pcolormesh(x_edges, y_edges, np.ma.masked_equal(counts.T, 0), cmap=SEQUENTIAL_COLORMAP,
-                                         norm=LogNorm(vmin=1, vmax=max(1, int(counts.max()))),
-                                         gid=f"joint|{s.label}")
+                    mesh = ax.pcolormesh(
+                        x_edges,
+                        y_edges,
+                        np.ma.masked_equal(counts.T, 0),
+                        cmap=SEQUENTIAL_COLORMAP,
+                        norm=LogNorm(vmin=1, vmax=max(1, int(counts.max()))),
+                        gid=f"joint|{s.label}",
+                    )
                     fig.colorbar(mesh, ax=ax, label="coordinates per cell", pad=0.01)
             left_out = _left_out(joint)
             if left_out:
@@ -151,13 +159,23 @@ def draw(series: list[Series], *, by: str | None = None, title: str | None = Non
         ax.grid(alpha=0.25)
         handles, names = ax.get_legend_handles_labels()
         if overlay:
-            handles += [Line2D([], [], color=series_style(i)[0], linestyle=series_style(i)[1])
-                        for i in range(len(series))]
+            handles += [
+                Line2D([], [], color=series_style(i)[0], linestyle=series_style(i)[1]) for i in range(len(series))
+            ]
             names += [f"{s.label}: 50% / 90% of coordinates" for s in series]
         ax.legend(handles, names, fontsize=7, frameon=True, framealpha=0.85, loc="upper left")
         if notes:
-            ax.text(0.99, 0.02, "\n".join(notes), transform=ax.transAxes, ha="right", va="bottom", fontsize=7,
-                    color="#333333", bbox={"facecolor": "white", "alpha": 0.8, "linewidth": 0})
+            ax.text(
+                0.99,
+                0.02,
+                "\n".join(notes),
+                transform=ax.transAxes,
+                ha="right",
+                va="bottom",
+                fontsize=7,
+                color="#333333",
+                bbox={"facecolor": "white", "alpha": 0.8, "linewidth": 0},
+            )
     what = series[0].describe() if not overlay else " vs ".join(s.label for s in series)
     shown_note = f" (first {len(shown)} of {total} panels)" if total > len(shown) else ""
     fig.suptitle(title or f"First against second moment per coordinate: {what}{shown_note}", fontsize=11)
@@ -170,11 +188,16 @@ def _reference(s: Series, row: ViewRow, panel: Panel) -> Reference:
     assert moments is not None  # the moments plot takes only families with moments
     step = row.row.get("step_max", row.row.get("step"))
     step = float(step) if step is not None else math.nan
-    found = {(moments.betas(s.analysis.optimizer.groups[g]), moments.eps_root(s.analysis.optimizer.groups[g], step))
-             for g in groups_of(s, row)}
+    found = {
+        (moments.betas(s.analysis.optimizer.groups[g]), moments.eps_root(s.analysis.optimizer.groups[g], step))
+        for g in groups_of(s, row)
+    }
     if len(found) > 1:
-        raise OstateError(f"the panel '{panel.title}' mixes param groups with different betas or eps, so it has no "
-                          "single set of reference lines", hint="split it with by=group")
+        raise OstateError(
+            f"the panel '{panel.title}' mixes param groups with different betas or eps, so it has no "
+            "single set of reference lines",
+            hint="split it with by=group",
+        )
     (beta1, beta2), eps_root = found.pop()
     return Reference(beta1, beta2, eps_root, step)
 
@@ -188,8 +211,9 @@ def _title(panel: Panel, references: list[Reference | None]) -> str:
     return f"{panel.title}: betas ({r.beta1:g}, {r.beta2:g}), eps {r.eps_root:.3g}, step {steps}"
 
 
-def _reference_lines(ax, series: list[Series], references: list[Reference | None], data_x: list[float],
-                     notes: list[str]) -> None:
+def _reference_lines(
+    ax, series: list[Series], references: list[Reference | None], data_x: list[float], notes: list[str]
+) -> None:
     if not data_x:
         return
     # One set of lines per distinct drawing (series whose lines look the same share them); black if only one.
@@ -198,8 +222,11 @@ def _reference_lines(ax, series: list[Series], references: list[Reference | None
         if r is not None:
             distinct.setdefault(r.lines, (index, r))
     lo, hi = min(data_x), max(data_x)
-    shown_eps = [r.eps_root for _, r in distinct.values()
-                 if math.isfinite(r.eps_root) and lo / 10**EPS_REACH_DECADES <= r.eps_root]
+    shown_eps = [
+        r.eps_root
+        for _, r in distinct.values()
+        if math.isfinite(r.eps_root) and lo / 10**EPS_REACH_DECADES <= r.eps_root
+    ]
     lo, hi = min([lo] + shown_eps), max([hi] + shown_eps)
     xs = np.array([lo / 1.5, hi * 1.5])
     ax.set_xlim(*xs)
@@ -208,35 +235,71 @@ def _reference_lines(ax, series: list[Series], references: list[Reference | None
         colour = "#000000" if len(distinct) == 1 else series_style(index)[0]
         prefix = "" if len(distinct) == 1 else f"{series[index].label}: "
         if eps in shown_eps:
-            ax.axvline(eps, color=colour, linestyle="-.", linewidth=1.2,
-                       label=f"{prefix}ε = {eps:.3g}: to the left ε dominates the step", gid="eps")
+            ax.axvline(
+                eps,
+                color=colour,
+                linestyle="-.",
+                linewidth=1.2,
+                label=f"{prefix}ε = {eps:.3g}: to the left ε dominates the step",
+                gid="eps",
+            )
         elif eps > 0:
             notes.append(f"{prefix}ε = {eps:.3g} lies far left of every √v̂ (off the axis)")
         if math.isfinite(noise):
-            ax.plot(xs, noise * xs, color=colour, linestyle="--", linewidth=1.2, scalex=False, scaley=False,
-                    label=f"{prefix}pure noise: |m̂| = {noise:.3g} √v̂", gid="noise")
+            ax.plot(
+                xs,
+                noise * xs,
+                color=colour,
+                linestyle="--",
+                linewidth=1.2,
+                scalex=False,
+                scaley=False,
+                label=f"{prefix}pure noise: |m̂| = {noise:.3g} √v̂",
+                gid="noise",
+            )
         if math.isfinite(bound):
-            ax.plot(xs, bound * xs, color=colour, linestyle=":", linewidth=1.4, scalex=False, scaley=False,
-                    label=f"{prefix}largest possible: |m̂| = {bound:.3g} √v̂", gid="bound")
+            ax.plot(
+                xs,
+                bound * xs,
+                color=colour,
+                linestyle=":",
+                linewidth=1.4,
+                scalex=False,
+                scaley=False,
+                label=f"{prefix}largest possible: |m̂| = {bound:.3g} √v̂",
+                gid="bound",
+            )
 
 
-def _contours(ax, x_edges: np.ndarray, y_edges: np.ndarray, counts: np.ndarray, style: tuple[str, str],
-              label: str) -> None:
+def _contours(
+    ax, x_edges: np.ndarray, y_edges: np.ndarray, counts: np.ndarray, style: tuple[str, str], label: str
+) -> None:
     """Outline the smallest sets of cells holding :data:`CONTOUR_FRACTIONS` of the coordinates."""
     # Density per unit of log-area, so that cells of different widths compare fairly.
     area = np.outer(np.diff(np.log2(x_edges)), np.diff(np.log2(y_edges)))
     density = counts / area
     order = np.argsort(density, axis=None)[::-1]
     cumulative = np.cumsum(counts.ravel()[order]) / counts.sum()
-    levels = sorted({float(density.ravel()[order][min(int(np.searchsorted(cumulative, f)), len(order) - 1)])
-                     for f in CONTOUR_FRACTIONS})
+    levels = sorted(
+        {
+            float(density.ravel()[order][min(int(np.searchsorted(cumulative, f)), len(order) - 1)])
+            for f in CONTOUR_FRACTIONS
+        }
+    )
     # A border of empty cells closes every contour.
     padded = np.pad(density, 1)
     x_centres = _padded_centres(x_edges)
     y_centres = _padded_centres(y_edges)
     colour, dash = style
-    contour = ax.contour(x_centres, y_centres, padded.T, levels=[lv * 0.999 for lv in levels], colors=colour,
-                         linestyles=dash, linewidths=[1.0, 1.8][-len(levels):])
+    contour = ax.contour(
+        x_centres,
+        y_centres,
+        padded.T,
+        levels=[lv * 0.999 for lv in levels],
+        colors=colour,
+        linestyles=dash,
+        linewidths=[1.0, 1.8][-len(levels) :],
+    )
     contour.set_gid(f"contours|{label}")
 
 
@@ -248,8 +311,11 @@ def _padded_centres(edges: np.ndarray) -> np.ndarray:
 
 
 def _left_out(joint: JointHistogram) -> str:
-    parts = [f"{n:,} with {what}" for n, what in ((joint.zero_x, "v̂ = 0"), (joint.zero_y_only, "m̂ = 0 < v̂"),
-                                                  (joint.nonfinite, "NaN/inf")) if n]
+    parts = [
+        f"{n:,} with {what}"
+        for n, what in ((joint.zero_x, "v̂ = 0"), (joint.zero_y_only, "m̂ = 0 < v̂"), (joint.nonfinite, "NaN/inf"))
+        if n
+    ]
     return "not drawn: " + ", ".join(parts) if parts else ""
 
 

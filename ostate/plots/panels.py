@@ -73,5 +73,6 @@ def group_lrs(s: Series, row: ViewRow) -> list[tuple[str, float]]:
         lr = lr.item() if hasattr(lr, "item") else lr  # torch allows a tensor lr
         if isinstance(lr, (int, float)) and not isinstance(lr, bool) and lr > 0:
             by_lr.setdefault(float(lr), []).append(g)
-    return [(("groups " if len(groups) > 1 else "group ") + ", ".join(map(str, groups)), lr)
-            for lr, groups in by_lr.items()]
+    return [
+        (("groups " if len(groups) > 1 else "group ") + ", ".join(map(str, groups)), lr) for lr, groups in by_lr.items()
+    ]

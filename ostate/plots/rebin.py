@@ -60,8 +60,11 @@ class Positive:
             >>> Positive(np.zeros(0), np.zeros(0, np.int64), 3, 0, 1).left_out()
             'not drawn: 3 zero, 1 NaN/inf'
         """
-        parts = [f"{n:,} {what}" for n, what in ((self.zeros, "zero"), (self.negative, "negative"),
-                                                  (self.nonfinite, "NaN/inf")) if n]
+        parts = [
+            f"{n:,} {what}"
+            for n, what in ((self.zeros, "zero"), (self.negative, "negative"), (self.nonfinite, "NaN/inf"))
+            if n
+        ]
         return "not drawn: " + ", ".join(parts) if parts else ""
 
 

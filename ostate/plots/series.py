@@ -81,10 +81,14 @@ def as_series(
     if labels is not None and len(labels) != len(items):
         raise OstateError(f"{len(labels)} labels for {len(items)} inputs", hint="give one label per input")
     if labels is None:
-        labels = [item.label if isinstance(item, Series) else f"checkpoint {i + 1}" if len(items) > 1 else ""
-                  for i, item in enumerate(items)]
-    return [Series(label, analysed(item, optimizer_index=optimizer_index, joint=joint))
-            for item, label in zip(items, labels)]
+        labels = [
+            item.label if isinstance(item, Series) else f"checkpoint {i + 1}" if len(items) > 1 else ""
+            for i, item in enumerate(items)
+        ]
+    return [
+        Series(label, analysed(item, optimizer_index=optimizer_index, joint=joint))
+        for item, label in zip(items, labels)
+    ]
 
 
 def as_list(inputs) -> list:
@@ -95,23 +99,26 @@ def as_list(inputs) -> list:
     return items
 
 
-def analysed(item: PlotInput, *, optimizer_index: int | None = None, joint: bool = False,
-             where: str | None = None) -> OptimizerAnalysis:
+def analysed(
+    item: PlotInput, *, optimizer_index: int | None = None, joint: bool = False, where: str | None = None
+) -> OptimizerAnalysis:
     """The optimizer analysis a figure draws for ``item`` (``where``: its path, for errors)."""
     if isinstance(item, Series):
         item = item.analysis
     elif isinstance(item, Analysis):
         item = _pick_analysed(item, optimizer_index)
     if not isinstance(item, OptimizerAnalysis):
-        raise OstateError(f"cannot plot a {type(item).__name__}",
-                          hint="give an analysis from summarize; ostate.figures reads paths, checkpoints and "
-                               "optimizers")
+        raise OstateError(
+            f"cannot plot a {type(item).__name__}",
+            hint="give an analysis from summarize; ostate.figures reads paths, checkpoints and optimizers",
+        )
     if joint:
         require_moments(item.optimizer.kind, where)
         if not any(s.joints for s in item.summaries) and any(s.row["has_state"] for s in item.summaries):
-            raise OstateError("this analysis has no joint histogram of the moments",
-                              hint="summarize the checkpoint with summarize(..., joint=True), or pass the checkpoint "
-                                   "itself")
+            raise OstateError(
+                "this analysis has no joint histogram of the moments",
+                hint="summarize the checkpoint with summarize(..., joint=True), or pass the checkpoint itself",
+            )
     return item
 
 
@@ -125,8 +132,7 @@ def require_moments(kind: str, where: str | None = None) -> None:
         f"{family.label} state has no pair of moving averages of the gradient and its square (m and v), "
         "so there is nothing to draw in a moments plot",
         where=where,
-        hint=f"the moments plot is for {with_moments}; for this checkpoint use kind=lr-histogram or "
-             "kind=layer-profile",
+        hint=f"the moments plot is for {with_moments}; for this checkpoint use kind=lr-histogram or kind=layer-profile",
     )
 
 
@@ -135,8 +141,10 @@ def _pick_analysed(analysis: Analysis, index: int | None) -> OptimizerAnalysis:
     if index is None:
         if len(analysis.optimizers) == 1:
             return analysis.optimizers[0]
-        raise OstateError(f"the analysis holds {len(analysis.optimizers)} optimizers",
-                          hint=f"choose one with optimizer_index=K ({found})")
+        raise OstateError(
+            f"the analysis holds {len(analysis.optimizers)} optimizers",
+            hint=f"choose one with optimizer_index=K ({found})",
+        )
     if not 0 <= index < len(analysis.optimizers):
         raise OstateError(f"no optimizer with index {index}", hint=f"found {found}")
     return analysis.optimizers[index]

@@ -39,8 +39,11 @@ def figure_format(path: str | os.PathLike) -> str:
     """
     fmt = os.path.splitext(os.fspath(path))[1].lstrip(".").lower()
     if fmt not in FORMATS:
-        raise OstateError("unsupported figure format", where=os.fspath(path),
-                          hint=f"name the output *.png, *.svg or *.pdf (one of: {', '.join(FORMATS)})")
+        raise OstateError(
+            "unsupported figure format",
+            where=os.fspath(path),
+            hint=f"name the output *.png, *.svg or *.pdf (one of: {', '.join(FORMATS)})",
+        )
     return fmt
 
 
@@ -53,8 +56,9 @@ def save_figure(fig: Figure, path: str | os.PathLike, *, dpi: int = DEFAULT_DPI)
     return path
 
 
-def panel_grid(n: int, *, width: float = 4.6, height: float = 3.4, columns: int = 3,
-               sharex: bool = False) -> tuple[Figure, list[Axes]]:
+def panel_grid(
+    n: int, *, width: float = 4.6, height: float = 3.4, columns: int = 3, sharex: bool = False
+) -> tuple[Figure, list[Axes]]:
     """A constrained-layout figure with ``n`` panels, ``columns`` to a row; unused cells hidden.
 
     Example:

@@ -94,8 +94,11 @@ class Strategy:
 
     def __post_init__(self) -> None:
         if self.name not in STRATEGIES:
-            raise OstateError(f"unknown strategy '{self.name}'", hint=f"choose one of: {', '.join(STRATEGIES)}, "
-                              "optionally as NAME:REGEX for the parameters whose names match")
+            raise OstateError(
+                f"unknown strategy '{self.name}'",
+                hint=f"choose one of: {', '.join(STRATEGIES)}, "
+                "optionally as NAME:REGEX for the parameters whose names match",
+            )
         if self.params is not None:
             try:
                 re.compile(self.params)
@@ -156,7 +159,9 @@ def detect_kind(state_dict: Mapping[str, Any]) -> str:
     return kind
 
 
-def param_names(state_dict: Mapping[str, Any], names: Mapping[Any, str] | Sequence[str] | None = None) -> dict[Any, str]:
+def param_names(
+    state_dict: Mapping[str, Any], names: Mapping[Any, str] | Sequence[str] | None = None
+) -> dict[Any, str]:
     """Each parameter index's name: from ``names`` (by index, or a list in index order) or the
     groups' ``param_names`` (saved by torch >= 2.6 when the optimizer was given named parameters)."""
     indices = [i for g in state_dict["param_groups"] for i in g["params"]]
@@ -171,8 +176,10 @@ def param_names(state_dict: Mapping[str, Any], names: Mapping[Any, str] | Sequen
         for i, name in zip(g["params"], g.get("param_names", [])):
             found[i] = name
     if len(found) != len(indices):
-        raise OstateError("the state dict does not name its parameters",
-                          hint="pass names=[...] (the model's named_parameters() order for a single group)")
+        raise OstateError(
+            "the state dict does not name its parameters",
+            hint="pass names=[...] (the model's named_parameters() order for a single group)",
+        )
     return found
 
 
@@ -202,7 +209,9 @@ def plan(
         matched = {i for i in indices if pattern.search(by_index[i])}
         if not matched:
             sample = ", ".join(list(by_index.values())[:6])
-            raise OstateError(f"strategy '{strategy}': the regex matches no parameter name", hint=f"names: {sample}, ...")
+            raise OstateError(
+                f"strategy '{strategy}': the regex matches no parameter name", hint=f"names: {sample}, ..."
+            )
         rest = "fresh" if strategy.name == "reload" else "reload"
         chosen = {i: strategy.name if i in matched else rest for i in indices}
     return {i: (name if state.get(i) else "none") for i, name in chosen.items()}
@@ -243,23 +252,35 @@ def apply_strategy(
     group_of = {i: g for g in groups for i in g["params"]}
     for action in sorted(partial):
         assert layout is not None  # partial: layout_of(kind), which raises for a kind without one
-        _check_applies(action, layout, kind, [group_of[i] for i, a in actions.items() if a == action],
-                       [state_dict["state"][i] for i, a in actions.items() if a == action])
+        _check_applies(
+            action,
+            layout,
+            kind,
+            [group_of[i] for i, a in actions.items() if a == action],
+            [state_dict["state"][i] for i, a in actions.items() if a == action],
+        )
     new_state: dict[Any, dict[str, Any]] = {}
     for index, saved in state_dict.get("state", {}).items():
         action = actions.get(index, "reload")
         new = _transform(dict(saved), action, layout, group_of.get(index, {}), explicit_fresh)
         if new or not (layout is None or layout.lazy_init):
             new_state[index] = new
-    _update_v_age(groups, state_dict.get("state", {}), actions, keep_v_needs_age=bool(layout and layout.v_bias_corrected))
+    _update_v_age(
+        groups, state_dict.get("state", {}), actions, keep_v_needs_age=bool(layout and layout.v_bias_corrected)
+    )
     out = {k: v for k, v in state_dict.items() if k not in ("state", "param_groups")}
     out["state"] = new_state
     out["param_groups"] = groups
     return out
 
 
-def _transform(state: dict[str, Any], action: str, layout: StateLayout | None, group: Mapping[str, Any],
-               explicit_fresh: bool = False) -> dict:
+def _transform(
+    state: dict[str, Any],
+    action: str,
+    layout: StateLayout | None,
+    group: Mapping[str, Any],
+    explicit_fresh: bool = False,
+) -> dict:
     if action in ("reload", "none"):
         return state
     if action == "fresh":
@@ -284,32 +305,53 @@ def _transform(state: dict[str, Any], action: str, layout: StateLayout | None, g
     return state
 
 
-def _check_applies(action: str, layout: StateLayout, kind: str, groups: list[Mapping[str, Any]],
-                   states: list[Mapping[str, Any]]) -> None:
+def _check_applies(
+    action: str, layout: StateLayout, kind: str, groups: list[Mapping[str, Any]], states: list[Mapping[str, Any]]
+) -> None:
     keys = {k for s in states for k in s}
-    role = {"reset-m": layout.first_moment, "reset-v": layout.second_moment, "reset-step": layout.counter,
-            "keep-v": layout.second_moment}[action]
+    role = {
+        "reset-m": layout.first_moment,
+        "reset-v": layout.second_moment,
+        "reset-step": layout.counter,
+        "keep-v": layout.second_moment,
+    }[action]
     if not states:
         return
     if not set(role) & keys:
-        what = {"reset-m": "first moment", "reset-v": "second moment", "reset-step": "step counter",
-                "keep-v": "second moment"}[action]
-        raise OstateError(f"strategy '{action}' does not apply to optimizer kind '{kind}': its state has no {what}",
-                          hint=f"its state keys: {', '.join(sorted(keys)) or '(none)'}")
+        what = {
+            "reset-m": "first moment",
+            "reset-v": "second moment",
+            "reset-step": "step counter",
+            "keep-v": "second moment",
+        }[action]
+        raise OstateError(
+            f"strategy '{action}' does not apply to optimizer kind '{kind}': its state has no {what}",
+            hint=f"its state keys: {', '.join(sorted(keys)) or '(none)'}",
+        )
     if action == "reset-step" and not any(layout.step_in_update(g) for g in groups):
-        raise OstateError(f"strategy 'reset-step' does not apply to optimizer kind '{kind}': its step count "
-                          "does not enter the update (with these hyperparameters), so resetting it changes nothing")
+        raise OstateError(
+            f"strategy 'reset-step' does not apply to optimizer kind '{kind}': its step count "
+            "does not enter the update (with these hyperparameters), so resetting it changes nothing"
+        )
     if action == "keep-v":
         if layout.keep_v_refusal:
-            raise OstateError(f"strategy 'keep-v' does not apply to optimizer kind '{kind}'",
-                              hint=layout.keep_v_refusal)
+            raise OstateError(
+                f"strategy 'keep-v' does not apply to optimizer kind '{kind}'", hint=layout.keep_v_refusal
+            )
         if not set(layout.first_moment) & keys:
-            raise OstateError(f"strategy 'keep-v' does not apply to optimizer kind '{kind}': its state has no "
-                              "first moment to reset", hint="use reset-step to restart its step count")
+            raise OstateError(
+                f"strategy 'keep-v' does not apply to optimizer kind '{kind}': its state has no first moment to reset",
+                hint="use reset-step to restart its step count",
+            )
 
 
-def _update_v_age(groups: list[dict[str, Any]], state: Mapping[Any, Mapping[str, Any]], actions: Mapping[Any, str],
-                  *, keep_v_needs_age: bool) -> None:
+def _update_v_age(
+    groups: list[dict[str, Any]],
+    state: Mapping[Any, Mapping[str, Any]],
+    actions: Mapping[Any, str],
+    *,
+    keep_v_needs_age: bool,
+) -> None:
     """Write (keep-v), keep (reload, reset-m) or drop (fresh, reset-v, reset-step) each group's
     second-moment age; refuse a group where one age cannot serve every parameter."""
     for number, group in enumerate(groups):
@@ -321,9 +363,10 @@ def _update_v_age(groups: list[dict[str, Any]], state: Mapping[Any, Mapping[str,
             raise OstateError(
                 f"the bias correction of a kept v is per param group, but group {number} would mix "
                 f"{' and '.join(sorted(done))} (e.g. parameter index {example}: {actions[example]}"
-                + (", i.e. it has no state: frozen or never stepped" if actions[example] == "none" else "") + ")",
+                + (", i.e. it has no state: frozen or never stepped" if actions[example] == "none" else "")
+                + ")",
                 hint="choose a regex that selects whole param groups, or put new or frozen parameters in a group of "
-                     "their own",
+                "their own",
             )
         action = done.pop()
         if action in ("fresh", "reset-v", "reset-step"):
@@ -331,8 +374,10 @@ def _update_v_age(groups: list[dict[str, Any]], state: Mapping[Any, Mapping[str,
         elif action == "keep-v" and keep_v_needs_age:
             ages = {_value(state[i]["step"]) for i in group["params"]}
             if len(ages) != 1:
-                raise OstateError(f"keep-v: the parameters of group {number} have different step counts "
-                                  f"{sorted(ages)}", hint="one age of v per param group is needed for its bias correction")
+                raise OstateError(
+                    f"keep-v: the parameters of group {number} have different step counts {sorted(ages)}",
+                    hint="one age of v per param group is needed for its bias correction",
+                )
             group[V_AGE_KEY] = ages.pop() + float(group.get(V_AGE_KEY, 0.0))
 
 
@@ -391,8 +436,7 @@ def attach(optimizer: torch.optim.Optimizer) -> Callable[[], None]:
             # Decoupled decay (AdamW; NAdam/Adam with decoupled_weight_decay) shrinks the weights
             # by lr * weight_decay, so it gets 1/c back; L2 decay (Adam's default) is added to
             # the gradient, which enters m and v unscaled, so it stays as it is.
-            if "weight_decay" in group and group.get("decoupled_weight_decay",
-                                                     isinstance(opt, torch.optim.AdamW)):
+            if "weight_decay" in group and group.get("decoupled_weight_decay", isinstance(opt, torch.optim.AdamW)):
                 group["weight_decay"] = group["weight_decay"] / c
 
     def after(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:

@@ -63,8 +63,10 @@ from ostate.state import Checkpoint, OptimizerState, ParamState, TensorRef
 
 FILE_FORMATS = ("torch", "lightning", "safetensors")
 DIRECTORY_FORMATS = ("hf-trainer", "accelerate", "dcp", "deepspeed", "deepspeed-universal")
-ATTACH_NOTE = ("keep-v: load this state with ostate.reset.strategies.attach(optimizer) after load_state_dict, or its first "
-               "steps are far too small (see docs/strategies.md)")
+ATTACH_NOTE = (
+    "keep-v: load this state with ostate.reset.strategies.attach(optimizer) after load_state_dict, or its first "
+    "steps are far too small (see docs/strategies.md)"
+)
 
 
 @dataclass
@@ -153,8 +155,11 @@ def reset(
     chosen_strategy = _strategy(strategy, params)
     checkpoint = load(source, trust_pickle=trust_pickle, optimizer=optimizer, format_hint=format_hint)
     if checkpoint.format not in FILE_FORMATS + DIRECTORY_FORMATS:
-        raise OstateError(f"ostate cannot write checkpoints in the '{checkpoint.format}' layout", where=source,
-                          hint=f"write its optimizer state with `ostate convert {source} OUT.safetensors` and reset that")
+        raise OstateError(
+            f"ostate cannot write checkpoints in the '{checkpoint.format}' layout",
+            where=source,
+            hint=f"write its optimizer state with `ostate convert {source} OUT.safetensors` and reset that",
+        )
     chosen = _chosen(checkpoint, optimizer_index)
     _check_regex_matches(chosen_strategy, chosen)
     check_output(out, [source], overwrite=overwrite, out_is_directory=checkpoint.format in DIRECTORY_FORMATS)
@@ -177,8 +182,9 @@ def reset(
     return result
 
 
-def reset_state_dict(state_dict: Mapping[str, Any], optimizer: OptimizerState, strategy: Strategy, *,
-                     explicit_fresh: bool = True) -> tuple[dict[str, Any], OptimizerReset]:
+def reset_state_dict(
+    state_dict: Mapping[str, Any], optimizer: OptimizerState, strategy: Strategy, *, explicit_fresh: bool = True
+) -> tuple[dict[str, Any], OptimizerReset]:
     """``state_dict`` (the saved form of ``optimizer``) with ``strategy`` applied, and the record of it.
 
     Parameter names come from ``optimizer`` (however ostate found them); an optimizer
@@ -213,8 +219,9 @@ def reset_state_dict(state_dict: Mapping[str, Any], optimizer: OptimizerState, s
 class _Transform:
     """The transform a format writer calls for each optimizer state dict it finds, by location."""
 
-    def __init__(self, optimizers: list[OptimizerState], strategy: Strategy, result: ResetResult, *,
-                 prefix: Any = None):
+    def __init__(
+        self, optimizers: list[OptimizerState], strategy: Strategy, result: ResetResult, *, prefix: Any = None
+    ):
         self.by_location = {o.location: o for o in optimizers}
         self.strategy = strategy
         self.result = result
@@ -230,28 +237,51 @@ class _Transform:
 
 
 # ------------------------------------------------------------------------------ formats
-def _reset_safetensors(checkpoint: Checkpoint, optimizer: OptimizerState, strategy: Strategy, out: str,
-                       result: ResetResult) -> None:
+def _reset_safetensors(
+    checkpoint: Checkpoint, optimizer: OptimizerState, strategy: Strategy, out: str, result: ResetResult
+) -> None:
     if not out.lower().endswith(".safetensors"):
         raise OstateError("the input is optimizer state in safetensors; name the output *.safetensors", where=out)
-    groups = [{**g, "params": [p.index for p in optimizer.params if p.group == i]}
-              for i, g in enumerate(optimizer.groups)]
-    state = {p.index: {k: v.read() if isinstance(v, TensorRef) else v for k, v in p.state.items()}
-             for p in optimizer.params if p.has_state}
+    groups = [
+        {**g, "params": [p.index for p in optimizer.params if p.group == i]} for i, g in enumerate(optimizer.groups)
+    ]
+    state = {
+        p.index: {k: v.read() if isinstance(v, TensorRef) else v for k, v in p.state.items()}
+        for p in optimizer.params
+        if p.has_state
+    }
     new, record = reset_state_dict({"state": state, "param_groups": groups}, optimizer, strategy)
-    params = [ParamState(p.index, p.name, p.name_source, p.group, p.shape, p.step,
-                         {k: TensorRef.of(v) if isinstance(v, torch.Tensor) else v
-                          for k, v in new["state"].get(p.index, {}).items()}, frozen=p.frozen)
-              for p in optimizer.params]
-    written = OptimizerState(optimizer.location, optimizer.kind, optimizer.kind_source,
-                             [{k: v for k, v in g.items() if k != "params"} for g in new["param_groups"]], params)
+    params = [
+        ParamState(
+            p.index,
+            p.name,
+            p.name_source,
+            p.group,
+            p.shape,
+            p.step,
+            {
+                k: TensorRef.of(v) if isinstance(v, torch.Tensor) else v
+                for k, v in new["state"].get(p.index, {}).items()
+            },
+            frozen=p.frozen,
+        )
+        for p in optimizer.params
+    ]
+    written = OptimizerState(
+        optimizer.location,
+        optimizer.kind,
+        optimizer.kind_source,
+        [{k: v for k, v in g.items() if k != "params"} for g in new["param_groups"]],
+        params,
+    )
     origin = checkpoint.metadata.get("source") or checkpoint.path
     safetensors_optim.write(written, out, source=f"{origin}, reset with {strategy}")
     result.optimizers.append(record)
 
 
-def _reset_optimizer_files(source: str, target: str, chosen: list[OptimizerState], strategy: Strategy,
-                           result: ResetResult, trust_pickle: bool) -> None:
+def _reset_optimizer_files(
+    source: str, target: str, chosen: list[OptimizerState], strategy: Strategy, result: ResetResult, trust_pickle: bool
+) -> None:
     """A Trainer or accelerate directory: copy it, then write each optimizer file holding a chosen optimizer."""
     wanted = {o.location for o in chosen}
     rewritten = []
@@ -259,8 +289,13 @@ def _reset_optimizer_files(source: str, target: str, chosen: list[OptimizerState
         if any(loc == src.name or loc.startswith((src.name + ":", src.name + "/")) for loc in wanted):
             rewritten.append(src)
     names = {src.name for src in rewritten}
-    shutil.copytree(source, target, symlinks=True, dirs_exist_ok=True,
-                    ignore=lambda folder, entries: [e for e in entries if folder == source and e in names])
+    shutil.copytree(
+        source,
+        target,
+        symlinks=True,
+        dirs_exist_ok=True,
+        ignore=lambda folder, entries: [e for e in entries if folder == source and e in names],
+    )
     for src in rewritten:
         transform = _Transform(chosen, strategy, result, prefix=lambda inner, s=src: accelerate.located(s, inner))
         if src.is_dcp:
@@ -269,13 +304,21 @@ def _reset_optimizer_files(source: str, target: str, chosen: list[OptimizerState
             rewrite_torch_file(src.path, os.path.join(target, src.name), transform, trust_pickle=trust_pickle)
 
 
-def _reset_dcp(source: str, target: str, chosen: list[OptimizerState], strategy: Strategy, result: ResetResult,
-               trust_pickle: bool) -> None:
+def _reset_dcp(
+    source: str, target: str, chosen: list[OptimizerState], strategy: Strategy, result: ResetResult, trust_pickle: bool
+) -> None:
     rewrite_dcp(source, target, _Transform(chosen, strategy, result), trust_pickle=trust_pickle)
 
 
-def _reset_deepspeed(checkpoint: Checkpoint, source: str, target: str, optimizer: OptimizerState,
-                     strategy: Strategy, result: ResetResult, trust_pickle: bool) -> None:
+def _reset_deepspeed(
+    checkpoint: Checkpoint,
+    source: str,
+    target: str,
+    optimizer: OptimizerState,
+    strategy: Strategy,
+    result: ResetResult,
+    trust_pickle: bool,
+) -> None:
     """A DeepSpeed folder: copy it, then write the chosen tag's optimizer files (see deepspeed_write)."""
     shutil.copytree(source, target, symlinks=True, dirs_exist_ok=True)
     tag_dir = checkpoint.path
@@ -284,15 +327,22 @@ def _reset_deepspeed(checkpoint: Checkpoint, source: str, target: str, optimizer
     if not is_universal(tag_dir) and not files.optim_files:  # ZeRO disabled: the optimizer is in the model file
         model_file = files.model_files[0]
         transform = _Transform([optimizer], strategy, result)
-        rewrite_torch_file(model_file, os.path.join(target_tag, os.path.basename(model_file)), transform,
-                           trust_pickle=trust_pickle, allowed_globals=DEEPSPEED_GLOBALS, pickle_module=DEEPSPEED_PICKLE)
+        rewrite_torch_file(
+            model_file,
+            os.path.join(target_tag, os.path.basename(model_file)),
+            transform,
+            trust_pickle=trust_pickle,
+            allowed_globals=DEEPSPEED_GLOBALS,
+            pickle_module=DEEPSPEED_PICKLE,
+        )
         return
     names = {p.index: p.name for p in optimizer.params}
     applied = _for_optimizer(strategy, optimizer)
     synthetic = {
         "state": {p.index: p.state for p in optimizer.params if p.has_state},
-        "param_groups": [{**g, "params": [p.index for p in optimizer.params if p.group == i]}
-                         for i, g in enumerate(optimizer.groups)],
+        "param_groups": [
+            {**g, "params": [p.index for p in optimizer.params if p.group == i]} for i, g in enumerate(optimizer.groups)
+        ],
     }
     actions = {names[i]: a for i, a in plan(synthetic, applied, names=names).items()}
 
@@ -333,7 +383,7 @@ def _check_regex_matches(strategy: Strategy, optimizers: list[OptimizerState]) -
         raise OstateError(
             f"cannot choose parameters by name: {len(unnamed)} parameters have no name (e.g. {unnamed[0]})",
             hint="`ostate inspect` shows how names were looked for; save the model beside the optimizer, "
-                 "or apply the strategy to every parameter",
+            "or apply the strategy to every parameter",
         )
     if not any(pattern.search(p.name) for o in optimizers for p in o.params):
         sample = ", ".join(p.name for o in optimizers for p in o.params[:6])

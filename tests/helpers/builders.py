@@ -43,20 +43,39 @@ class RandomTokens(torch.utils.data.Dataset):
 def tiny_gpt2():
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    return GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=32, n_embd=16, n_layer=2, n_head=2,
-                                      bos_token_id=0, eos_token_id=0))
+    return GPT2LMHeadModel(
+        GPT2Config(vocab_size=64, n_positions=32, n_embd=16, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0)
+    )
 
 
 def tiny_qwen2():
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    return Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                                        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
-                                        tie_word_embeddings=False, bos_token_id=0, eos_token_id=0))
+    return Qwen2ForCausalLM(
+        Qwen2Config(
+            vocab_size=64,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            max_position_embeddings=32,
+            tie_word_embeddings=False,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
+    )
 
 
-def train_with_trainer(output_dir: Path, model: nn.Module, *, steps: int = 4, save_steps: int = 2,
-                       freeze: tuple[str, ...] = (), trainer_class: Any = None) -> TrainerRun:
+def train_with_trainer(
+    output_dir: Path,
+    model: nn.Module,
+    *,
+    steps: int = 4,
+    save_steps: int = 2,
+    freeze: tuple[str, ...] = (),
+    trainer_class: Any = None,
+) -> TrainerRun:
     """A real ``transformers.Trainer`` run on random tokens that writes ``checkpoint-N/`` every ``save_steps``."""
     from transformers import Trainer, TrainingArguments
 
@@ -65,17 +84,33 @@ def train_with_trainer(output_dir: Path, model: nn.Module, *, steps: int = 4, sa
         if name in freeze:
             p.requires_grad_(False)
     args = TrainingArguments(
-        output_dir=str(output_dir), max_steps=steps + 4, save_steps=save_steps, per_device_train_batch_size=4,
-        learning_rate=1e-3, weight_decay=0.1, warmup_steps=1, lr_scheduler_type="linear", logging_steps=1,
-        report_to=[], use_cpu=True, disable_tqdm=True, seed=0,
+        output_dir=str(output_dir),
+        max_steps=steps + 4,
+        save_steps=save_steps,
+        per_device_train_batch_size=4,
+        learning_rate=1e-3,
+        weight_decay=0.1,
+        warmup_steps=1,
+        lr_scheduler_type="linear",
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
     )
     trainer = (trainer_class or Trainer)(model=model, args=args, train_dataset=RandomTokens(64))
     trainer.add_callback(_stop_after(steps))
     trainer.train()
     by_param = {id(p): n for n, p in model.named_parameters()}
     names = [by_param[id(p)] for g in trainer.optimizer.param_groups for p in g["params"]]
-    return TrainerRun(output_dir, output_dir / f"checkpoint-{steps}", model, names, trainer.state.global_step,
-                      list(trainer.lr_scheduler.get_last_lr()))
+    return TrainerRun(
+        output_dir,
+        output_dir / f"checkpoint-{steps}",
+        model,
+        names,
+        trainer.state.global_step,
+        list(trainer.lr_scheduler.get_last_lr()),
+    )
 
 
 def _stop_after(steps: int):
@@ -143,8 +178,9 @@ def save_with_accelerate(directory: Path) -> AccelerateRun:
     critic_opt = torch.optim.SGD(critic.parameters(), lr=0.1, momentum=0.9)
     schedule = torch.optim.lr_scheduler.StepLR(gen_opt, step_size=1, gamma=0.5)
     accelerator = Accelerator(cpu=True)
-    generator, critic, gen_opt, critic_opt, schedule = accelerator.prepare(generator, critic, gen_opt, critic_opt,
-                                                                           schedule)
+    generator, critic, gen_opt, critic_opt, schedule = accelerator.prepare(
+        generator, critic, gen_opt, critic_opt, schedule
+    )
     g = torch.Generator().manual_seed(1)
     for _ in range(3):
         loss = critic(generator(torch.randn(16, 4, generator=g))).square().mean()
@@ -156,8 +192,7 @@ def save_with_accelerate(directory: Path) -> AccelerateRun:
         schedule.step()
     accelerator.save_state(str(directory))
     accelerator.save_state(str(directory) + "-bin", safe_serialization=False)
-    return AccelerateRun(directory, Path(str(directory) + "-bin"), names,
-                         [gen_opt.optimizer, critic_opt.optimizer])
+    return AccelerateRun(directory, Path(str(directory) + "-bin"), names, [gen_opt.optimizer, critic_opt.optimizer])
 
 
 # ---------------------------------------------------------------- torch.distributed.checkpoint
@@ -179,8 +214,7 @@ def mlp_optimizer(model: nn.Module) -> torch.optim.Optimizer:
     """AdamW with a decay group (matrices) and a no-decay group (biases)."""
     decay = [p for n, p in model.named_parameters() if n.endswith("weight")]
     rest = [p for n, p in model.named_parameters() if not n.endswith("weight")]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
-                             lr=1e-2)
+    return torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}], lr=1e-2)
 
 
 def save_dcp_layouts(directory: Path, world_size: int) -> None:
@@ -228,21 +262,30 @@ def _dcp_worker(rank: int, world_size: int, directory: str) -> None:
             schedule.step()
         flat = StateDictOptions(flatten_optimizer_state_dict=True)
         model_sd = get_model_state_dict(model)
-        dcp.save({"model": model_sd, "optimizer": get_optimizer_state_dict(model, optimizer)},
-                 checkpoint_id=os.path.join(directory, "nested"))
-        dcp.save({"model": model_sd, "optimizer": get_optimizer_state_dict(model, optimizer, options=flat)},
-                 checkpoint_id=os.path.join(directory, "flat"))
+        dcp.save(
+            {"model": model_sd, "optimizer": get_optimizer_state_dict(model, optimizer)},
+            checkpoint_id=os.path.join(directory, "nested"),
+        )
+        dcp.save(
+            {"model": model_sd, "optimizer": get_optimizer_state_dict(model, optimizer, options=flat)},
+            checkpoint_id=os.path.join(directory, "flat"),
+        )
         titan = dict(model_sd)
-        titan.update({
-            "optimizer": get_optimizer_state_dict(model, optimizer, options=flat),
-            "lr_scheduler": schedule.state_dict(),
-            "train_state": {"step": torch.tensor(3, dtype=torch.int32)},
-        })
+        titan.update(
+            {
+                "optimizer": get_optimizer_state_dict(model, optimizer, options=flat),
+                "lr_scheduler": schedule.state_dict(),
+                "train_state": {"step": torch.tensor(3, dtype=torch.int32)},
+            }
+        )
         dcp.save(titan, checkpoint_id=os.path.join(directory, "torchtitan", "step-3"))
-        dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)},
-                 storage_writer=dcp.FileSystemWriter(os.path.join(directory, "accelerate", "optimizer_0")))
-        full = get_optimizer_state_dict(model, optimizer,
-                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        dcp.save(
+            {"optimizer": get_optimizer_state_dict(model, optimizer)},
+            storage_writer=dcp.FileSystemWriter(os.path.join(directory, "accelerate", "optimizer_0")),
+        )
+        full = get_optimizer_state_dict(
+            model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
         if rank == 0:
             torch.save({"optimizer": full, "lr": schedule.get_last_lr()}, os.path.join(directory, "oracle.pt"))
         dist.barrier()

@@ -73,7 +73,11 @@ def run_cli_process(*args: str, cwd: str | os.PathLike | None = None, env: dict 
     """Run the installed ``ostate`` command in a fresh process, as a user would."""
     full_env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
     done = subprocess.run(
-        [sys.executable, "-m", "ostate_cli.main", *args], capture_output=True, text=True, cwd=cwd, env=full_env,
+        [sys.executable, "-m", "ostate_cli.main", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=full_env,
         timeout=600,
     )
     return CliResult(done.returncode, done.stdout, done.stderr)

@@ -23,8 +23,16 @@ WORLD_SIZE = 2
 
 
 def worker(rank: int, world_size: int, port: int, checkpoint: str, case: str, out: str) -> None:
-    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
-                       "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    os.environ.update(
+        {
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(world_size),
+            "LOCAL_WORLD_SIZE": str(world_size),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+        }
+    )
     import deepspeed
     import deepspeed.comm as dist
 
@@ -48,8 +56,9 @@ def main(argv: list[str]) -> None:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     # Private build folder for DeepSpeed's C++ ops: see tests/test_deepspeed.py.
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", tempfile.mkdtemp(prefix="ostate-torch-ext-"))
-    torch.multiprocessing.spawn(worker, args=(WORLD_SIZE, free_port(), checkpoint, case, out), nprocs=WORLD_SIZE,
-                                join=True)
+    torch.multiprocessing.spawn(
+        worker, args=(WORLD_SIZE, free_port(), checkpoint, case, out), nprocs=WORLD_SIZE, join=True
+    )
 
 
 if __name__ == "__main__":

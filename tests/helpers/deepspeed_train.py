@@ -80,8 +80,10 @@ def config(case: str) -> dict:
         "train_micro_batch_size_per_gpu": 4,
         "gradient_accumulation_steps": 1,
         "steps_per_print": 10_000,
-        "optimizer": {"type": "AdamW", "params": {"lr": LR[0], "betas": [0.9, 0.999], "eps": 1e-8,
-                                                  "weight_decay": 0.01, "torch_adam": torch_adam}},
+        "optimizer": {
+            "type": "AdamW",
+            "params": {"lr": LR[0], "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.01, "torch_adam": torch_adam},
+        },
         "zero_allow_untested_optimizer": True,
         **spec,
     }
@@ -119,14 +121,24 @@ def unpartitioned_truth(opt, module: nn.Module) -> dict[str, dict[str, torch.Ten
     for name, p in module.named_parameters():
         if p.requires_grad:
             master = masters.get(id(p), p)
-            out[name] = {"fp32": master.detach().clone(),
-                         **{k: opt.state[master][k].clone() for k in ("exp_avg", "exp_avg_sq")}}
+            out[name] = {
+                "fp32": master.detach().clone(),
+                **{k: opt.state[master][k].clone() for k in ("exp_avg", "exp_avg_sq")},
+            }
     return out
 
 
 def worker(rank: int, world_size: int, port: int, out: str, cases: list[str]) -> None:
-    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
-                       "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    os.environ.update(
+        {
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(world_size),
+            "LOCAL_WORLD_SIZE": str(world_size),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+        }
+    )
     import deepspeed
     import deepspeed.comm as dist
 

@@ -44,9 +44,21 @@ def build_kernels(directory: str | os.PathLike) -> Build:
 
 
 def _with_setup_py(directory: Path) -> Build:
-    done = subprocess.run([sys.executable, "setup.py", "build_ext", "--build-lib", str(directory / "lib"),
-                           "--build-temp", str(directory / "temp")], cwd=REPO, capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "setup.py",
+            "build_ext",
+            "--build-lib",
+            str(directory / "lib"),
+            "--build-temp",
+            str(directory / "temp"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     # The extension is optional: a failed build still exits 0, without the file.
     built = sorted((directory / "lib" / "ostate" / "analysis" / "native").glob("_kernels.*"))
     return Build(built[0] if built else None, "setup.py build_ext", done.stdout + done.stderr)
@@ -59,8 +71,17 @@ def _with_compiler(directory: Path) -> Build:
     directory.mkdir(parents=True, exist_ok=True)
     out = directory / "_kernels.abi3.so"
     limited = [] if sysconfig.get_config_var("Py_GIL_DISABLED") else ["-DPy_LIMITED_API=0x030A0000"]  # as setup.py
-    command = [cc, "-O3", "-shared", "-fPIC", *limited, f"-I{sysconfig.get_paths()['include']}", str(SOURCE),
-               "-o", str(out)]
+    command = [
+        cc,
+        "-O3",
+        "-shared",
+        "-fPIC",
+        *limited,
+        f"-I{sysconfig.get_paths()['include']}",
+        str(SOURCE),
+        "-o",
+        str(out),
+    ]
     if sys.platform == "darwin":  # Python's symbols come from the interpreter that loads it
         command[1:1] = ["-undefined", "dynamic_lookup"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)

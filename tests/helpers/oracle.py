@@ -25,8 +25,9 @@ def relative_error(ours: torch.Tensor, theirs: torch.Tensor) -> float:
     return float((ours - theirs).abs().max() / scale)
 
 
-def saved_and_loaded(tmp_path, model: nn.Module, opt: torch.optim.Optimizer, *, kind: str | None = None,
-                     state_dict: dict | None = None) -> OptimizerState:
+def saved_and_loaded(
+    tmp_path, model: nn.Module, opt: torch.optim.Optimizer, *, kind: str | None = None, state_dict: dict | None = None
+) -> OptimizerState:
     """Save model and optimizer with torch.save, as a training script would, and load them through ostate."""
     path = tmp_path / "state.pt"
     torch.save({"model": model.state_dict(), "optimizer": state_dict or opt.state_dict()}, path)
@@ -88,8 +89,15 @@ def assert_matches(predicted: list[torch.Tensor], actual: list[torch.Tensor], to
         assert error <= tolerance, f"parameter {i}: relative error {error:.3g}"
 
 
-def check_next_update(tmp_path, make_opt: Callable, steps: int, *, kind: str | None = None,
-                      model: nn.Module | None = None, dtype: torch.dtype = torch.float32) -> OptimizerState:
+def check_next_update(
+    tmp_path,
+    make_opt: Callable,
+    steps: int,
+    *,
+    kind: str | None = None,
+    model: nn.Module | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> OptimizerState:
     """Train ``steps`` steps, save, load, and compare ostate's next update with the real next step."""
     torch.manual_seed(0)
     model = (model if model is not None else Net()).to(dtype)

@@ -48,8 +48,7 @@ def torch_zip(directory: Path) -> Specimen:
 def torch_legacy(directory: Path) -> Specimen:
     model, opt = _trained()
     path = directory / "legacy.pt"
-    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, path,
-               _use_new_zipfile_serialization=False)
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, path, _use_new_zipfile_serialization=False)
     return Specimen("torch-legacy", path, (path,))
 
 
@@ -70,8 +69,11 @@ def dcp(directory: Path) -> Specimen:
 
     model, opt = _trained()
     path = directory / "dcp"
-    dist_checkpoint.save({"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, opt)},
-                         checkpoint_id=str(path), no_dist=True)
+    dist_checkpoint.save(
+        {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, opt)},
+        checkpoint_id=str(path),
+        no_dist=True,
+    )
     return Specimen("dcp", path, _files(path))
 
 
@@ -159,7 +161,7 @@ def mutate(data: bytes, kind: str, a: int, b: int, c: int) -> bytes:
         return data[:i] + bytes(j - i) + data[j:]
     if kind == "overwrite":  # a field set to an extreme value
         out = bytearray(data)
-        out[a % n: a % n + 8] = (b"\xff" * 8 if b % 2 else b"\x7f" + b"\xff" * 7)[: n - a % n]
+        out[a % n : a % n + 8] = (b"\xff" * 8 if b % 2 else b"\x7f" + b"\xff" * 7)[: n - a % n]
         return bytes(out)
     k = c % (n + 1)  # splice: a slice of the file copied elsewhere
     return data[:k] + data[i:j] + data[k:]

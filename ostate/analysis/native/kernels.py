@@ -141,8 +141,9 @@ def sketch_add(values: torch.Tensor, hist: np.ndarray | None, sums: SketchSums) 
     ``hist``, a C-contiguous int64 array of 65,536 bucket counts (see :mod:`ostate.analysis.sketch`)."""
     flat = _float32(values)
     assert _LIB is not None  # callers check available()
-    _LIB.ostate_sketch_f32(flat.data_ptr(), flat.numel(), None if hist is None else hist.ctypes.data,
-                           ctypes.byref(sums))
+    _LIB.ostate_sketch_f32(
+        flat.data_ptr(), flat.numel(), None if hist is None else hist.ctypes.data, ctypes.byref(sums)
+    )
 
 
 def row_sums(rows: torch.Tensor) -> list[SketchSums]:
@@ -156,13 +157,16 @@ def row_sums(rows: torch.Tensor) -> list[SketchSums]:
 
 
 @overload
-def q8_blocks(blocks: torch.Tensor, signed: bool, lo: torch.Tensor, hi: torch.Tensor,
-              *, per_block: Literal[True]) -> tuple[np.ndarray, np.ndarray]: ...
+def q8_blocks(
+    blocks: torch.Tensor, signed: bool, lo: torch.Tensor, hi: torch.Tensor, *, per_block: Literal[True]
+) -> tuple[np.ndarray, np.ndarray]: ...
 @overload
-def q8_blocks(blocks: torch.Tensor, signed: bool, lo: torch.Tensor, hi: torch.Tensor,
-              *, per_block: Literal[False]) -> tuple[float, float]: ...
-def q8_blocks(blocks: torch.Tensor, signed: bool, lo: torch.Tensor, hi: torch.Tensor,
-              *, per_block: bool) -> tuple[np.ndarray, np.ndarray] | tuple[float, float]:
+def q8_blocks(
+    blocks: torch.Tensor, signed: bool, lo: torch.Tensor, hi: torch.Tensor, *, per_block: Literal[False]
+) -> tuple[float, float]: ...
+def q8_blocks(
+    blocks: torch.Tensor, signed: bool, lo: torch.Tensor, hi: torch.Tensor, *, per_block: bool
+) -> tuple[np.ndarray, np.ndarray] | tuple[float, float]:
     """The 8-bit round trip of each row of ``blocks`` (float32, one block per row) with the nearest-code
     tables ``lo`` and ``hi`` (:func:`ostate.analysis.quantize._candidate_tables`): per block (arrays) or
     summed (two floats), each block's squared error and squared norm in true units."""
@@ -171,9 +175,17 @@ def q8_blocks(blocks: torch.Tensor, signed: bool, lo: torch.Tensor, hi: torch.Te
     err, norm = (np.empty(count), np.empty(count)) if per_block else (None, None)
     totals = (ctypes.c_double * 2)(0.0, 0.0)
     assert _LIB is not None  # callers check available()
-    refused = _LIB.ostate_q8_blocks(flat.data_ptr(), count, length, int(signed), lo.data_ptr(), hi.data_ptr(),
-                                    None if err is None else err.ctypes.data,
-                                    None if norm is None else norm.ctypes.data, totals)
+    refused = _LIB.ostate_q8_blocks(
+        flat.data_ptr(),
+        count,
+        length,
+        int(signed),
+        lo.data_ptr(),
+        hi.data_ptr(),
+        None if err is None else err.ctypes.data,
+        None if norm is None else norm.ctypes.data,
+        totals,
+    )
     if refused:
         raise ValueError(f"blocks of at most 256 values, got {length}")
     if per_block:
@@ -189,9 +201,21 @@ def count_at_most(values: torch.Tensor, threshold: float) -> int:
     return int(_LIB.ostate_count_at_most(flat.data_ptr(), flat.numel(), threshold))
 
 
-def shared_rows(second_moment: torch.Tensor, numerator: torch.Tensor, inverse: torch.Tensor, n_scales: np.ndarray,
-                *, s_scale: float, eps: float, i_scale: float, reference: np.ndarray, moment: np.ndarray,
-                squares: np.ndarray, first: np.ndarray, second: np.ndarray) -> None:
+def shared_rows(
+    second_moment: torch.Tensor,
+    numerator: torch.Tensor,
+    inverse: torch.Tensor,
+    n_scales: np.ndarray,
+    *,
+    s_scale: float,
+    eps: float,
+    i_scale: float,
+    reference: np.ndarray,
+    moment: np.ndarray,
+    squares: np.ndarray,
+    first: np.ndarray,
+    second: np.ndarray,
+) -> None:
     """Add Adam-mini's per-row sums of ``rows`` rows (the tensors viewed as ``rows x length``) to the
     float64 arrays ``moment``, ``squares``, ``first``, ``second`` and fill the NaN entries of
     ``reference`` (see :class:`ostate.analysis.compress.SharedSecondMoment`). ``n_scales``: a
@@ -206,5 +230,15 @@ def shared_rows(second_moment: torch.Tensor, numerator: torch.Tensor, inverse: t
         raise ValueError(f"row arrays must be {rows} contiguous float64 values")
     scales = np.ascontiguousarray(n_scales, np.float32)
     assert _LIB is not None  # callers check available()
-    _LIB.ostate_shared_rows(s.data_ptr(), n.data_ptr(), inv.data_ptr(), rows, length, s_scale, eps,
-                            scales.ctypes.data, i_scale, *(a.ctypes.data for a in arrays))
+    _LIB.ostate_shared_rows(
+        s.data_ptr(),
+        n.data_ptr(),
+        inv.data_ptr(),
+        rows,
+        length,
+        s_scale,
+        eps,
+        scales.ctypes.data,
+        i_scale,
+        *(a.ctypes.data for a in arrays),
+    )

@@ -23,10 +23,18 @@ from ostate.formats.files.torchfile import TRUST_PICKLE_HINT
 
 _DCP_METADATA = "torch.distributed.checkpoint.metadata"
 _ALLOWED: dict[str, frozenset[str]] = {
-    _DCP_METADATA: frozenset({
-        "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
-        "TensorProperties", "_MEM_FORMAT_ENCODING", "StorageMeta", "MetadataIndex",
-    }),
+    _DCP_METADATA: frozenset(
+        {
+            "Metadata",
+            "TensorStorageMetadata",
+            "BytesStorageMetadata",
+            "ChunkStorageMetadata",
+            "TensorProperties",
+            "_MEM_FORMAT_ENCODING",
+            "StorageMeta",
+            "MetadataIndex",
+        }
+    ),
     "torch.distributed.checkpoint.filesystem": frozenset({"_StorageInfo", "_StoragePrefix"}),
     # torch < 2.2 kept these two in the sharded-tensor package.
     "torch.distributed._shard.sharded_tensor.metadata": frozenset({"TensorProperties", "MEM_FORMAT_ENCODING"}),
@@ -72,8 +80,9 @@ def read_metadata(path: str, *, trust_pickle: bool = False) -> Any:
     try:
         with open(path, "rb") as f:
             if trust_pickle:
-                warnings.warn(f"{path}: loading with --trust-pickle: any code pickled in this file runs now",
-                              stacklevel=2)
+                warnings.warn(
+                    f"{path}: loading with --trust-pickle: any code pickled in this file runs now", stacklevel=2
+                )
                 metadata = pickle.load(f)
             else:
                 metadata = _MetadataUnpickler(f).load()
@@ -86,14 +95,16 @@ def read_metadata(path: str, *, trust_pickle: bool = False) -> Any:
     except OSError as e:
         raise OstateError(f"cannot read: {e.strerror}", where=path) from None
     except Exception as e:  # any malformed pickle: truncated, wrong protocol, wrong state
-        raise OstateError(f"cannot read the DCP metadata: {type(e).__name__}: {e}"[:300], where=path,
-                          hint="the file may be truncated or corrupted") from None
+        raise OstateError(
+            f"cannot read the DCP metadata: {type(e).__name__}: {e}"[:300],
+            where=path,
+            hint="the file may be truncated or corrupted",
+        ) from None
     if not isinstance(metadata, Metadata):
         raise OstateError(f"the DCP metadata holds a {type(metadata).__name__}, not a Metadata object", where=path)
     problem = _malformed(metadata)
     if problem:
-        raise OstateError(f"the DCP metadata is malformed: {problem}", where=path,
-                          hint="the file may be corrupted")
+        raise OstateError(f"the DCP metadata is malformed: {problem}", where=path, hint="the file may be corrupted")
     return metadata
 
 
@@ -123,22 +134,27 @@ def _malformed(metadata: Any) -> str | None:
         if not isinstance(item, TensorStorageMetadata):
             return f"entry '{key}' is a {type(item).__name__}"
         properties = getattr(item, "properties", None)
-        if not isinstance(properties, TensorProperties) or not isinstance(getattr(properties, "dtype", None),
-                                                                           torch.dtype):
+        if not isinstance(properties, TensorProperties) or not isinstance(
+            getattr(properties, "dtype", None), torch.dtype
+        ):
             return f"entry '{key}' has no dtype"
         chunks = getattr(item, "chunks", None)
         if not _sizes(getattr(item, "size", None)) or not isinstance(chunks, list):
             return f"entry '{key}' has no valid size or chunk list"
         for chunk in chunks:
             if not isinstance(chunk, ChunkStorageMetadata) or not (
-                    _sizes(getattr(chunk, "offsets", None)) and _sizes(getattr(chunk, "sizes", None))):
+                _sizes(getattr(chunk, "offsets", None)) and _sizes(getattr(chunk, "sizes", None))
+            ):
                 return f"a chunk of '{key}' has no valid offsets or sizes"
     storage = getattr(metadata, "storage_data", None)
     if storage is not None and not isinstance(storage, dict):
         return "storage_data is not a dict"
     for info in (storage or {}).values():
-        if not (isinstance(getattr(info, "relative_path", None), str) and _count(getattr(info, "offset", None))
-                and _count(getattr(info, "length", None))):
+        if not (
+            isinstance(getattr(info, "relative_path", None), str)
+            and _count(getattr(info, "offset", None))
+            and _count(getattr(info, "length", None))
+        ):
             return "a storage record has no valid file, offset or length"
     return None
 

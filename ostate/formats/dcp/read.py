@@ -61,8 +61,9 @@ class Unread:
 def read(path: str, *, trust_pickle: bool = False) -> Checkpoint:
     """Read a DCP directory (see the module docstring for what is read, and when)."""
     if not os.path.isdir(path):
-        raise OstateError("not a directory; a torch.distributed.checkpoint is a directory with a .metadata file",
-                          where=path)
+        raise OstateError(
+            "not a directory; a torch.distributed.checkpoint is a directory with a .metadata file", where=path
+        )
     metadata_path = os.path.join(path, METADATA_FILE)
     if not os.path.isfile(metadata_path):
         raise OstateError("no .metadata file, so not a torch.distributed.checkpoint directory", where=path)
@@ -71,8 +72,11 @@ def read(path: str, *, trust_pickle: bool = False) -> Checkpoint:
 
     paths = list(optimizer_paths(tree))
     if not paths:
-        raise OstateError("no optimizer state found", where=path,
-                          hint=f"{discover.top_level_summary(tree)}; DCP entries: {len(storage.entries)}")
+        raise OstateError(
+            "no optimizer state found",
+            where=path,
+            hint=f"{discover.top_level_summary(tree)}; DCP entries: {len(storage.entries)}",
+        )
     for route in paths:
         storage.resolve(_get(tree, route), required=True)
     storage.resolve(tree, required=False)
@@ -146,8 +150,11 @@ class Storage:
                 n *= s
             covered += n
         if covered != total or any(len(o) != len(shape) for o, _, _ in chunks):
-            raise OstateError(f"the chunks of '{key}' cover {covered} of its {total} elements",
-                              where=self.directory, hint="the checkpoint is incomplete (a rank's file missing?)")
+            raise OstateError(
+                f"the chunks of '{key}' cover {covered} of its {total} elements",
+                where=self.directory,
+                hint="the checkpoint is incomplete (a rank's file missing?)",
+            )
         for _offsets, sizes, info in chunks:
             self._check_range(key, info, math.prod(sizes) * dtype.itemsize)
 
@@ -171,15 +178,19 @@ class Storage:
         with self._open(info) as (window, where):
             tensor = load_torch_stream(window, where=where, trust_pickle=self.trust_pickle, warn=False)
         if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != tuple(sizes) or tensor.dtype != dtype:
-            found = f"{tuple(tensor.shape)} {tensor.dtype}" if isinstance(tensor, torch.Tensor) else type(tensor).__name__
-            raise OstateError(f"a chunk of '{key}' holds {found}, the metadata says {tuple(sizes)} {dtype}",
-                              where=self.directory, hint="the checkpoint is inconsistent")
+            found = (
+                f"{tuple(tensor.shape)} {tensor.dtype}" if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+            )
+            raise OstateError(
+                f"a chunk of '{key}' holds {found}, the metadata says {tuple(sizes)} {dtype}",
+                where=self.directory,
+                hint="the checkpoint is inconsistent",
+            )
         return tensor
 
     def resolve(self, node: Any, *, required: bool) -> None:
         """Read the bytes entries inside ``node`` (all of them when ``required``, else the small ones)."""
-        places = [(parent, k, leaf) for parent, k, leaf in _unread(node)
-                  if required or leaf.length <= _SMALL_BYTES]
+        places = [(parent, k, leaf) for parent, k, leaf in _unread(node) if required or leaf.length <= _SMALL_BYTES]
         by_file: dict[str, list] = defaultdict(list)
         for place in places:
             info = self._info(place[2].key, None)
@@ -202,14 +213,23 @@ class Storage:
             try:
                 size = self._file_sizes[path] = os.path.getsize(path)
             except OSError as e:
-                raise OstateError(f"cannot read: {e.strerror}", where=path,
-                                  hint="a .distcp file listed in .metadata is missing or unreadable") from None
+                raise OstateError(
+                    f"cannot read: {e.strerror}",
+                    where=path,
+                    hint="a .distcp file listed in .metadata is missing or unreadable",
+                ) from None
         if info.offset + info.length > size:
-            raise OstateError(f"the data of '{key}' lies beyond the end of the file ({size} bytes)", where=path,
-                              hint="the file may be truncated")
+            raise OstateError(
+                f"the data of '{key}' lies beyond the end of the file ({size} bytes)",
+                where=path,
+                hint="the file may be truncated",
+            )
         if info.length < nbytes:
-            raise OstateError(f"a chunk of '{key}' claims {nbytes} bytes, its file range holds {info.length}",
-                              where=path, hint="the metadata is corrupted")
+            raise OstateError(
+                f"a chunk of '{key}' claims {nbytes} bytes, its file range holds {info.length}",
+                where=path,
+                hint="the metadata is corrupted",
+            )
 
     def _info(self, key: str, offsets: Any) -> Any:
         # start-up time: torch.distributed loads only for DCP checkpoints
@@ -218,8 +238,11 @@ class Storage:
         index = MetadataIndex(key, offsets)
         info = self.storage_data.get(index)
         if info is None:
-            raise OstateError(f"the metadata lists '{key}' but says nowhere where its data is", where=self.directory,
-                              hint="the checkpoint is incomplete")
+            raise OstateError(
+                f"the metadata lists '{key}' but says nowhere where its data is",
+                where=self.directory,
+                hint="the checkpoint is incomplete",
+            )
         return info
 
     def _open(self, info: Any) -> _OpenRange:
@@ -238,17 +261,26 @@ class _OpenRange:
         info = self.info
         where = f"{self.path} (bytes {info.offset}-{info.offset + info.length})"
         if getattr(info, "transform_descriptors", None):
-            raise OstateError(f"data stored through DCP extensions ({', '.join(info.transform_descriptors)})",
-                              where=where, hint="ostate reads uncompressed DCP checkpoints only")
+            raise OstateError(
+                f"data stored through DCP extensions ({', '.join(info.transform_descriptors)})",
+                where=where,
+                hint="ostate reads uncompressed DCP checkpoints only",
+            )
         try:
             self.file = open(self.path, "rb")
         except OSError as e:
-            raise OstateError(f"cannot read: {e.strerror}", where=self.path,
-                              hint="a .distcp file listed in .metadata is missing or unreadable") from None
+            raise OstateError(
+                f"cannot read: {e.strerror}",
+                where=self.path,
+                hint="a .distcp file listed in .metadata is missing or unreadable",
+            ) from None
         window = _Window(self.file, info.offset, info.length)
         if window.read(4) != _ZIP_MAGIC:
-            raise OstateError("the data is not a torch.save blob", where=where,
-                              hint="DCP written with serialization_format=SAFETENSORS is not supported")
+            raise OstateError(
+                "the data is not a torch.save blob",
+                where=where,
+                hint="DCP written with serialization_format=SAFETENSORS is not supported",
+            )
         window.seek(0)
         return cast(BinaryIO, window), where  # a binary stream to torch.load: read, readinto, seek, tell
 
@@ -303,16 +335,16 @@ def unflatten_optimizer(flat: Mapping[str, Any]) -> dict:
     hyper: dict[str, dict[str, Any]] = {}
     for key, value in flat.items():
         if key.startswith("param_groups."):
-            fqn, _, name = key[len("param_groups."):].rpartition(".")
+            fqn, _, name = key[len("param_groups.") :].rpartition(".")
             hyper.setdefault(fqn, {})[name] = value
     state: dict[str, dict[str, Any]] = {}
     for key, value in flat.items():
         if key.startswith("state."):
-            rest = key[len("state."):]
+            rest = key[len("state.") :]
             found = max((f for f in hyper if rest.startswith(f + ".")), key=len, default=None)
             # state of a parameter without hyperparameters: state keys have no dots
             fqn = found if found is not None else rest.rpartition(".")[0]
-            state.setdefault(fqn, {})[rest[len(fqn) + 1:]] = value
+            state.setdefault(fqn, {})[rest[len(fqn) + 1 :]] = value
     groups: list[dict[str, Any]] = []
     for fqn, values in hyper.items():
         for group in groups:
@@ -385,13 +417,19 @@ def optimizer_paths(node: Any, route: tuple = ()) -> Iterable[tuple]:
 def _is_optimizer_node(node: Any) -> bool:
     if is_flat_optimizer(node):
         return True
-    return (isinstance(node, dict) and isinstance(node.get("param_groups"), (dict, list, Unread))
-            and isinstance(node.get("state", {}), dict))
+    return (
+        isinstance(node, dict)
+        and isinstance(node.get("param_groups"), (dict, list, Unread))
+        and isinstance(node.get("state", {}), dict)
+    )
 
 
 def is_flat_optimizer(node: Any) -> bool:
-    return (isinstance(node, dict) and any(isinstance(k, str) and k.startswith("param_groups.") for k in node)
-            and all(isinstance(k, str) and k.startswith(("state.", "param_groups.")) for k in node))
+    return (
+        isinstance(node, dict)
+        and any(isinstance(k, str) and k.startswith("param_groups.") for k in node)
+        and all(isinstance(k, str) and k.startswith(("state.", "param_groups.")) for k in node)
+    )
 
 
 def normalise(node: Any, optimizers: set[tuple], route: tuple = (), *, unflatten: bool = True) -> Any:
@@ -414,7 +452,9 @@ def normalise(node: Any, optimizers: set[tuple], route: tuple = (), *, unflatten
 def _state_keys_as_listed(optimizer: dict) -> dict:
     """State keyed as the param groups list the parameters: DCP turns a raw state dict's int keys into strings."""
     groups = optimizer.get("param_groups")
-    listed = [pid for g in groups if isinstance(g, dict) for pid in g.get("params", ())] if isinstance(groups, list) else []
+    listed = (
+        [pid for g in groups if isinstance(g, dict) for pid in g.get("params", ())] if isinstance(groups, list) else []
+    )
     by_text = {str(pid): pid for pid in listed if not isinstance(pid, str)}
     return {by_text.get(k, k): v for k, v in optimizer["state"].items()}
 

@@ -55,8 +55,9 @@ def rewrite_dcp(source: str, target: str, transform: Transform, *, trust_pickle:
         ...     {**g, "lr": 0.5} for g in sd["param_groups"]]})
         ['optimizer']
     """
-    storage = Storage(source, read_metadata(os.path.join(source, METADATA_FILE), trust_pickle=trust_pickle),
-                      trust_pickle=trust_pickle)
+    storage = Storage(
+        source, read_metadata(os.path.join(source, METADATA_FILE), trust_pickle=trust_pickle), trust_pickle=trust_pickle
+    )
     tree = storage.tree()
     routes = list(optimizer_paths(tree))
     storage.resolve(tree, required=True)

@@ -33,8 +33,9 @@ FROZEN_GROUP = {"frozen": True}
 _DEEPSPEED_OPTIMIZER_SWITCHES = ("torch_adam", "adam_w_mode", "fused")
 
 
-def stage_3_frozen(model_states: Mapping[str, Any], files: TagFiles, world: int, *,
-                   trust_pickle: bool = False) -> dict[str, TensorRef]:
+def stage_3_frozen(
+    model_states: Mapping[str, Any], files: TagFiles, world: int, *, trust_pickle: bool = False
+) -> dict[str, TensorRef]:
     """Frozen parameters of a stage 3 save, joined from every rank's model file (rank 0's is ``model_states``)."""
     shapes = model_states.get("frozen_param_shapes") or {}
     if not shapes:
@@ -47,8 +48,9 @@ def stage_3_frozen(model_states: Mapping[str, Any], files: TagFiles, world: int,
             hint="copy every rank's zero_pp_rank_*_model_states.pt of this tag",
         )
     fragments = [model_states.get("frozen_param_fragments") or {}]
-    fragments += [load_file(f, trust_pickle=trust_pickle).get("frozen_param_fragments") or {}
-                  for f in files.model_files[1:]]
+    fragments += [
+        load_file(f, trust_pickle=trust_pickle).get("frozen_param_fragments") or {} for f in files.model_files[1:]
+    ]
     return stage_3_fragments(shapes, fragments)
 
 
@@ -117,8 +119,12 @@ def assemble(
     # shape_of gives None only where the module holds no torch.Tensor, so (in torch.load-ed module states) no entry.
     entries = [replace(e, shape=cast("tuple[int, ...]", shapes.get(e.name, e.shape))) for e in model_entries(module)]
 
-    opt = read_optimizer({"state": state, "param_groups": param_groups}, location, model=("module", entries),
-                         configured_kind=configured_kind(model_states.get("ds_config"), groups))
+    opt = read_optimizer(
+        {"state": state, "param_groups": param_groups},
+        location,
+        model=("module", entries),
+        configured_kind=configured_kind(model_states.get("ds_config"), groups),
+    )
     opt.warnings[:0] = group_warnings
     opt.extra = extra
     add_frozen(opt, frozen_names, shapes)
@@ -153,7 +159,9 @@ def add_frozen(opt: OptimizerState, names: Sequence[str], shapes: Mapping[str, t
         opt.params.append(ParamState(name, name, "fqn", group, shapes.get(name), None, {}, frozen=True))
 
 
-def inferred_frozen(module: Mapping[str, Any], model_states: Mapping[str, Any], trained: Mapping[str, Any]) -> list[str]:
+def inferred_frozen(
+    module: Mapping[str, Any], model_states: Mapping[str, Any], trained: Mapping[str, Any]
+) -> list[str]:
     """Module entries that are neither trained parameters, buffers nor tied copies: frozen parameters.
 
     Stage 1 and the BF16_Optimizer do not list frozen parameters; the module does hold them.

@@ -179,8 +179,11 @@ def resolve_tag_dir(path: str, tag: str | None = None) -> str:
     """
     if is_tag_dir(path):
         if tag is not None:
-            raise OstateError(f"is a DeepSpeed tag folder already; tag '{tag}' cannot be chosen inside it",
-                              where=path, hint="pass the folder that holds the tag folders")
+            raise OstateError(
+                f"is a DeepSpeed tag folder already; tag '{tag}' cannot be chosen inside it",
+                where=path,
+                hint="pass the folder that holds the tag folders",
+            )
         return path
     found = tag_dirs(path)
     listing = ", ".join(found) if found else "none"
@@ -237,17 +240,24 @@ def tag_files(tag_dir: str) -> TagFiles:
             _check_mp_rank(m.group(3), tag_dir, n)
             rank = int(m.group(2))
             if rank in optims:
-                raise OstateError(f"two optimizer files for data-parallel rank {rank} (with and without 'bf16_')",
-                                  where=tag_dir, hint="files of different runs are mixed in this folder")
+                raise OstateError(
+                    f"two optimizer files for data-parallel rank {rank} (with and without 'bf16_')",
+                    where=tag_dir,
+                    hint="files of different runs are mixed in this folder",
+                )
             optims[rank] = os.path.join(tag_dir, n)
             prefixes.add(bool(m.group(1)))
     if not models:
-        raise OstateError("no DeepSpeed model state file (*mp_rank_00_model_states.pt)", where=tag_dir,
-                          hint=f"found: {', '.join(names[:12]) or '(empty)'}")
+        raise OstateError(
+            "no DeepSpeed model state file (*mp_rank_00_model_states.pt)",
+            where=tag_dir,
+            hint=f"found: {', '.join(names[:12]) or '(empty)'}",
+        )
     _check_contiguous(models, tag_dir, "model state")
     _check_contiguous(optims, tag_dir, "optimizer state")
-    return TagFiles(tag_dir, [models[r] for r in sorted(models)], [optims[r] for r in sorted(optims)],
-                    bf16=prefixes == {True})
+    return TagFiles(
+        tag_dir, [models[r] for r in sorted(models)], [optims[r] for r in sorted(optims)], bf16=prefixes == {True}
+    )
 
 
 def _check_mp_rank(mp: str, tag_dir: str, name: str) -> None:

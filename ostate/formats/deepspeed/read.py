@@ -48,8 +48,16 @@ from ostate.formats.reader import Reader
 from ostate.state import Checkpoint, TensorRef
 
 # Keys of a ZeRO optimizer_state_dict that are plain settings worth keeping in OptimizerState.extra.
-_EXTRA_KEYS = ("zero_stage", "partition_count", "dynamic_loss_scale", "overflow", "clip_grad", "cur_scale",
-               "cur_iter", "ds_version")
+_EXTRA_KEYS = (
+    "zero_stage",
+    "partition_count",
+    "dynamic_loss_scale",
+    "overflow",
+    "clip_grad",
+    "cur_scale",
+    "cur_iter",
+    "ds_version",
+)
 
 
 def is_deepspeed_folder(path: str | os.PathLike) -> bool:
@@ -64,9 +72,7 @@ def is_deepspeed_folder(path: str | os.PathLike) -> bool:
     return os.path.isdir(path) and (is_tag_dir(path) or looks_like_run_dir(path))
 
 
-def read(
-    path: str | os.PathLike, *, trust_pickle: bool = False, tag: str | None = None
-) -> Checkpoint:
+def read(path: str | os.PathLike, *, trust_pickle: bool = False, tag: str | None = None) -> Checkpoint:
     """Read a DeepSpeed checkpoint folder into a :class:`~ostate.state.Checkpoint`.
 
     Args:
@@ -89,9 +95,12 @@ def read(
     except (KeyError, AttributeError, TypeError, IndexError, ValueError) as e:
         # The files unpickled (safely) but do not hold what DeepSpeed writes: a damaged or
         # hand-made file. The checks above name the common cases; this catches the rest.
-        raise OstateError(f"the files do not have the layout DeepSpeed writes ({type(e).__name__}: {e})",
-                          where=tag_dir, hint="a file may be damaged, or from a DeepSpeed version ostate does not "
-                          "know; rerun with --debug for where it failed") from e
+        raise OstateError(
+            f"the files do not have the layout DeepSpeed writes ({type(e).__name__}: {e})",
+            where=tag_dir,
+            hint="a file may be damaged, or from a DeepSpeed version ostate does not "
+            "know; rerun with --debug for where it failed",
+        ) from e
 
 
 def _read_tag(tag_dir: str, *, trust_pickle: bool) -> Checkpoint:
@@ -115,8 +124,9 @@ def _read_tag(tag_dir: str, *, trust_pickle: bool) -> Checkpoint:
     else:
         params = stage_1_2_params(_param_shapes(model_states, files.model_files[0]), shards, where)
         frozen = {name: TensorRef.of(t) for name, t in (model_states.get("frozen_param_fragments") or {}).items()}
-        groups = hyperparameters(shards[0].get("base_optimizer_state"), len(model_states["param_shapes"]),
-                                  model_states, where)
+        groups = hyperparameters(
+            shards[0].get("base_optimizer_state"), len(model_states["param_shapes"]), model_states, where
+        )
     extra = {k: _plain(shards[0][k]) for k in _EXTRA_KEYS if k in shards[0]}
     extra.update(_loss_scale(shards[0]))
     metadata = deepspeed_metadata(model_states, tag_dir, stage=stage, optimizer_class=optimizer_class(shards[0], stage))
@@ -160,22 +170,31 @@ def _read_stage_0(tag_dir: str, files: TagFiles, model_states: Mapping[str, Any]
 
 def _check_model_states(model_states: Any, where: str) -> None:
     if not isinstance(model_states, Mapping) or "module" not in model_states:
-        raise OstateError("not a DeepSpeed model state file (no 'module' entry)", where=where,
-                          hint=discover.top_level_summary(model_states))
+        raise OstateError(
+            "not a DeepSpeed model state file (no 'module' entry)",
+            where=where,
+            hint=discover.top_level_summary(model_states),
+        )
 
 
 def _optimizer_state_dict(obj: Any, where: str) -> Mapping[str, Any]:
     if not isinstance(obj, Mapping) or not isinstance(obj.get("optimizer_state_dict"), Mapping):
-        raise OstateError("not a DeepSpeed optimizer state file (no 'optimizer_state_dict' entry)", where=where,
-                          hint=discover.top_level_summary(obj))
+        raise OstateError(
+            "not a DeepSpeed optimizer state file (no 'optimizer_state_dict' entry)",
+            where=where,
+            hint=discover.top_level_summary(obj),
+        )
     return obj["optimizer_state_dict"]
 
 
 def _param_shapes(model_states: Mapping[str, Any], where: str) -> list[Mapping[str, Sequence[int]]]:
     shapes = model_states.get("param_shapes")
     if not isinstance(shapes, list):
-        raise OstateError("the model state file has no 'param_shapes' to name the ZeRO partitions", where=where,
-                          hint="it may come from a DeepSpeed version older than 0.3 or from another save")
+        raise OstateError(
+            "the model state file has no 'param_shapes' to name the ZeRO partitions",
+            where=where,
+            hint="it may come from a DeepSpeed version older than 0.3 or from another save",
+        )
     return shapes
 
 

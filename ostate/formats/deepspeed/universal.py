@@ -50,15 +50,17 @@ def read_universal(tag_dir: str, *, trust_pickle: bool = False) -> Checkpoint:
         raise OstateError("not a DeepSpeed universal optimizer_state.pt (not a dict)", where=state_path)
     param_shapes = model_states.get("param_shapes")
     if not isinstance(param_shapes, list):
-        raise OstateError("the model state file has no 'param_shapes' to name the parameters",
-                          where=files.model_files[0])
+        raise OstateError(
+            "the model state file has no 'param_shapes' to name the parameters", where=files.model_files[0]
+        )
     stage = zero_stage(settings, model_states)
     zero_dir = os.path.join(tag_dir, "zero")
 
     if stage == 3:
         inner = settings.get("optimizer_state_dict") or {}
-        sub_group_owner = user_groups_of_subgroups(inner.get("param_groups") or settings.get("param_groups") or [], len(param_shapes),
-                                  state_path)
+        sub_group_owner = user_groups_of_subgroups(
+            inner.get("param_groups") or settings.get("param_groups") or [], len(param_shapes), state_path
+        )
         groups = hyperparameters(settings, None, model_states, state_path)
     else:
         sub_group_owner = list(range(len(param_shapes)))
@@ -81,8 +83,10 @@ def read_universal(tag_dir: str, *, trust_pickle: bool = False) -> Checkpoint:
         world = int(settings.get("partition_count") or len(files.model_files))
         frozen = stage_3_frozen(model_states, files, world, trust_pickle=trust_pickle)
     else:
-        frozen = {name: _param_files(zero_dir, name, tuple(int(d) for d in shape), trust_pickle).get(_WEIGHT_FILE)
-                  for name, shape in (model_states.get("frozen_param_shapes") or {}).items()}
+        frozen = {
+            name: _param_files(zero_dir, name, tuple(int(d) for d in shape), trust_pickle).get(_WEIGHT_FILE)
+            for name, shape in (model_states.get("frozen_param_shapes") or {}).items()
+        }
 
     extra = {k: settings[k] for k in ("zero_stage", "partition_count", "clip_grad", "ds_version") if k in settings}
     extra["zero_stage"] = stage
@@ -96,8 +100,9 @@ def read_universal(tag_dir: str, *, trust_pickle: bool = False) -> Checkpoint:
         frozen=frozen,
         model_states=model_states,
         extra={k: (int(v) if isinstance(v, int) else v) for k, v in extra.items()},
-        metadata=deepspeed_metadata(model_states, tag_dir, stage=stage, optimizer_class=optimizer_class(settings, stage),
-                                    universal=True),
+        metadata=deepspeed_metadata(
+            model_states, tag_dir, stage=stage, optimizer_class=optimizer_class(settings, stage), universal=True
+        ),
     )
 
 
@@ -123,8 +128,7 @@ def _param_files(zero_dir: str, name: str, shape: tuple[int, ...], trust_pickle:
                 f"holds {tensor.numel()} values but param_shapes gives '{name}' the shape {shape}",
                 where=file,
                 hint="the universal checkpoint and its model file do not match (tensor-parallel or "
-                     "vocabulary-padded parameters are not supported)",
+                "vocabulary-padded parameters are not supported)",
             )
         out[entry] = TensorRef.of(tensor.reshape(shape))
     return out
-

@@ -51,8 +51,15 @@ UNCHANGED = ("reload", "none")
 GROUP_WIDE = ("fresh", "reset-step", "keep-v")
 
 
-def rewrite_partitions(tag_dir: str, target_tag_dir: str, actions: Mapping[str, str], apply_action: ApplyAction,
-                       groups: Sequence[Mapping[str, Any]], *, trust_pickle: bool = False) -> list[str]:
+def rewrite_partitions(
+    tag_dir: str,
+    target_tag_dir: str,
+    actions: Mapping[str, str],
+    apply_action: ApplyAction,
+    groups: Sequence[Mapping[str, Any]],
+    *,
+    trust_pickle: bool = False,
+) -> list[str]:
     """Write the transformed optimizer files of a ZeRO (1-3) or BF16_Optimizer tag folder into
     ``target_tag_dir`` (which already holds a copy of the folder); returns the files written.
 
@@ -76,8 +83,17 @@ def rewrite_partitions(tag_dir: str, target_tag_dir: str, actions: Mapping[str, 
 
     written = []
     for rank, (shard, state) in enumerate(zip(shards, states)):
-        new_state = _rewrite_rank(state, rank, stage, slots, owner, actions, apply_action, groups,
-                                  [_flat_lengths(s, stage, len(param_shapes)) for s in states])
+        new_state = _rewrite_rank(
+            state,
+            rank,
+            stage,
+            slots,
+            owner,
+            actions,
+            apply_action,
+            groups,
+            [_flat_lengths(s, stage, len(param_shapes)) for s in states],
+        )
         if new_state is None:
             continue
         target = os.path.join(target_tag_dir, os.path.basename(files.optim_files[rank]))
@@ -86,9 +102,17 @@ def rewrite_partitions(tag_dir: str, target_tag_dir: str, actions: Mapping[str, 
     return written
 
 
-def _rewrite_rank(state: Mapping[str, Any], rank: int, stage: int, slots: list[Slot], owner: list[int],
-                  actions: Mapping[str, str], apply_action: ApplyAction, groups: Sequence[Mapping[str, Any]],
-                  lengths: list[list[int]]) -> dict | None:
+def _rewrite_rank(
+    state: Mapping[str, Any],
+    rank: int,
+    stage: int,
+    slots: list[Slot],
+    owner: list[int],
+    actions: Mapping[str, str],
+    apply_action: ApplyAction,
+    groups: Sequence[Mapping[str, Any]],
+    lengths: list[list[int]],
+) -> dict | None:
     """One rank's new ``optimizer_state_dict``, or None when nothing on it changes."""
     if stage == 3:
         torch_sd = state["optimizer_state_dict"]
@@ -111,8 +135,10 @@ def _rewrite_rank(state: Mapping[str, Any], rank: int, stage: int, slots: list[S
             new, new_group = _whole(flat_states[flat_group], original, chosen.pop(), apply_action)
             before = {k: v for k, v in group.items() if k != "params"}
             if stage != 3 and isinstance(state["base_optimizer_state"], list) and new_group != before:
-                raise OstateError("keep-v cannot be written to an elastic DeepSpeed checkpoint: it keeps no "
-                                  "param groups to record the age of v in")
+                raise OstateError(
+                    "keep-v cannot be written to an elastic DeepSpeed checkpoint: it keeps no "
+                    "param groups to record the age of v in"
+                )
             params = group.get("params")
             group.clear()
             group.update(new_group)
@@ -138,20 +164,30 @@ def _rewrite_rank(state: Mapping[str, Any], rank: int, stage: int, slots: list[S
     return {**state, "base_optimizer_state": {**base, "state": flat_states, "param_groups": saved_groups}}
 
 
-def _whole(flat_state: Mapping[str, Any], group: Mapping[str, Any], action: str,
-           apply_action: ApplyAction) -> tuple[dict, dict]:
+def _whole(
+    flat_state: Mapping[str, Any], group: Mapping[str, Any], action: str, apply_action: ApplyAction
+) -> tuple[dict, dict]:
     """A whole flat group transformed as one parameter: its new state and its new param group."""
     sub = {"state": {0: dict(flat_state)}, "param_groups": [{**group, "params": [0]}]}
     new = apply_action(sub, action)
     state = dict(new["state"].get(0, {}))
     if not state:
-        raise OstateError(f"strategy '{action}' would remove this optimizer's state entirely, which a DeepSpeed "
-                          "checkpoint cannot hold", hint="DeepSpeed restores every saved key into its optimizer")
+        raise OstateError(
+            f"strategy '{action}' would remove this optimizer's state entirely, which a DeepSpeed "
+            "checkpoint cannot hold",
+            hint="DeepSpeed restores every saved key into its optimizer",
+        )
     return state, {k: v for k, v in new["param_groups"][0].items() if k != "params"}
 
 
-def _sliced(flat_state: Mapping[str, Any], group: Mapping[str, Any], members: list[Slot],
-            actions: Mapping[str, str], apply_action: ApplyAction, starts: Callable[[Slot], list[tuple[int, int]]]) -> dict:
+def _sliced(
+    flat_state: Mapping[str, Any],
+    group: Mapping[str, Any],
+    members: list[Slot],
+    actions: Mapping[str, str],
+    apply_action: ApplyAction,
+    starts: Callable[[Slot], list[tuple[int, int]]],
+) -> dict:
     """A flat group whose parameters get different elementwise strategies: each one's slices transformed."""
     out = dict(flat_state)
     copied: set[str] = set()
@@ -188,7 +224,9 @@ def _flat_lengths(state: Mapping[str, Any], stage: int, count: int) -> list[int]
     return out
 
 
-def _starts(lengths: list[list[int]], rank: int, flat_group: int, stage: int) -> Callable[[Slot], list[tuple[int, int]]]:
+def _starts(
+    lengths: list[list[int]], rank: int, flat_group: int, stage: int
+) -> Callable[[Slot], list[tuple[int, int]]]:
     """For a parameter, the ``(begin, end)`` ranges of its values within this rank's flat tensor."""
     mine = lengths[rank][flat_group]
     if stage == 3:
@@ -213,12 +251,19 @@ def _check_group_wide(slots: list[Slot], owner: list[int], actions: Mapping[str,
                 f"strategy '{sorted(wide)[0]}' would apply to only some parameters of param group {group}, whose "
                 "parameters share one step in a DeepSpeed checkpoint",
                 hint="choose params= to select whole param groups, or use reset-m / reset-v, which act on "
-                     "each coordinate",
+                "each coordinate",
             )
 
 
-def rewrite_universal(tag_dir: str, target_tag_dir: str, actions: Mapping[str, str], apply_action: ApplyAction,
-                      groups: Sequence[Mapping[str, Any]], *, trust_pickle: bool = False) -> list[str]:
+def rewrite_universal(
+    tag_dir: str,
+    target_tag_dir: str,
+    actions: Mapping[str, str],
+    apply_action: ApplyAction,
+    groups: Sequence[Mapping[str, Any]],
+    *,
+    trust_pickle: bool = False,
+) -> list[str]:
     """Write the transformed per-parameter files of a universal checkpoint into ``target_tag_dir``
     (a copy of the folder); returns the files written."""
     if not is_universal(tag_dir):
@@ -230,7 +275,9 @@ def rewrite_universal(tag_dir: str, target_tag_dir: str, actions: Mapping[str, s
     stage = zero_stage(settings, model_states)
     param_shapes = model_states["param_shapes"]
     inner = settings.get("optimizer_state_dict") or {}
-    saved_groups = inner.get("param_groups") if stage == 3 and inner.get("param_groups") else settings.get("param_groups")
+    saved_groups = (
+        inner.get("param_groups") if stage == 3 and inner.get("param_groups") else settings.get("param_groups")
+    )
     if stage == 3:
         owner = user_groups_of_subgroups(saved_groups or [], len(param_shapes), settings_path)
     else:
@@ -238,9 +285,12 @@ def rewrite_universal(tag_dir: str, target_tag_dir: str, actions: Mapping[str, s
     slots = stage_1_2_slots(param_shapes)
     _check_group_wide(slots, owner, actions)
     if stage == 3 and any(a in GROUP_WIDE for a in actions.values()):
-        raise OstateError("a stage 3 universal checkpoint keeps its steps per sub-group in zero/optimizer_state.pt; "
-                          "fresh, reset-step and keep-v are not written to it",
-                          where=tag_dir, hint="apply the strategy to the ZeRO checkpoint, then run ds_to_universal")
+        raise OstateError(
+            "a stage 3 universal checkpoint keeps its steps per sub-group in zero/optimizer_state.pt; "
+            "fresh, reset-step and keep-v are not written to it",
+            where=tag_dir,
+            hint="apply the strategy to the ZeRO checkpoint, then run ds_to_universal",
+        )
     new_groups = [dict(g) for g in (saved_groups or groups)]
     written = []
     for slot in slots:
@@ -248,8 +298,11 @@ def rewrite_universal(tag_dir: str, target_tag_dir: str, actions: Mapping[str, s
         if action in UNCHANGED:
             continue
         folder = os.path.join(tag_dir, "zero", slot.name)
-        saved = {name[:-3]: load_file(os.path.join(folder, name), trust_pickle=trust_pickle)
-                 for name in sorted(os.listdir(folder)) if name.endswith(".pt") and name != "fp32.pt"}
+        saved = {
+            name[:-3]: load_file(os.path.join(folder, name), trust_pickle=trust_pickle)
+            for name in sorted(os.listdir(folder))
+            if name.endswith(".pt") and name != "fp32.pt"
+        }
         values = {key: (obj["param"] if isinstance(obj, Mapping) else obj) for key, obj in saved.items()}
         group = new_groups[owner[slot.flat_group]]
         original = (saved_groups or groups)[owner[slot.flat_group]]  # each parameter from the saved values
@@ -259,13 +312,17 @@ def rewrite_universal(tag_dir: str, target_tag_dir: str, actions: Mapping[str, s
         for key, obj in saved.items():
             value = state.get(key)
             if value is None:
-                raise OstateError(f"strategy '{action}' would remove '{key}' of '{slot.name}', which a universal "
-                                  "checkpoint cannot leave out", where=folder)
+                raise OstateError(
+                    f"strategy '{action}' would remove '{key}' of '{slot.name}', which a universal "
+                    "checkpoint cannot leave out",
+                    where=folder,
+                )
             if value is values[key]:
                 continue
             target = os.path.join(target_tag_dir, "zero", slot.name, f"{key}.pt")
-            torch.save({**obj, "param": value} if isinstance(obj, Mapping) else value, target,
-                       pickle_module=DEEPSPEED_PICKLE)
+            torch.save(
+                {**obj, "param": value} if isinstance(obj, Mapping) else value, target, pickle_module=DEEPSPEED_PICKLE
+            )
             written.append(target)
         new_group = {k: v for k, v in new["param_groups"][0].items() if k != "params"}
         group.update(new_group)
@@ -280,4 +337,3 @@ def rewrite_universal(tag_dir: str, target_tag_dir: str, actions: Mapping[str, s
         torch.save(settings, target, pickle_module=DEEPSPEED_PICKLE)
         written.append(target)
     return written
-

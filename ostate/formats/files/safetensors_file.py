@@ -87,14 +87,18 @@ def read_header(path: str) -> Header:
             raise OstateError("not a safetensors file (shorter than its 8-byte header length)", where=path)
         (length,) = struct.unpack("<Q", head)
         if not 0 < length <= min(_MAX_HEADER_BYTES, size - 8):
-            raise OstateError("not a safetensors file (implausible header length)", where=path,
-                              hint="the file may be truncated or corrupted")
+            raise OstateError(
+                "not a safetensors file (implausible header length)",
+                where=path,
+                hint="the file may be truncated or corrupted",
+            )
         raw = f.read(length)
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise OstateError(f"safetensors header is not valid JSON ({e})", where=path,
-                          hint="the file may be truncated or corrupted") from None
+        raise OstateError(
+            f"safetensors header is not valid JSON ({e})", where=path, hint="the file may be truncated or corrupted"
+        ) from None
     if not isinstance(header, dict):
         raise OstateError("safetensors header is not a JSON object", where=path)
     metadata = header.pop("__metadata__", None) or {}
@@ -109,27 +113,39 @@ def read_header(path: str) -> Header:
             shape = tuple(int(d) for d in info["shape"])
             begin, end = (int(x) for x in info["data_offsets"])
         except (KeyError, TypeError, ValueError):
-            raise OstateError(f"safetensors header entry '{name}' is malformed", where=path,
-                              hint="dtype must be one of " + ", ".join(DTYPES)) from None
+            raise OstateError(
+                f"safetensors header entry '{name}' is malformed",
+                where=path,
+                hint="dtype must be one of " + ", ".join(DTYPES),
+            ) from None
         # The size a shape claims is checked against the file before anything is allocated.
         expected = dtype.itemsize
         for d in shape:
             expected *= d
         if min(shape, default=0) < 0 or not 0 <= begin <= end <= data_size or end - begin != expected:
-            raise OstateError(f"tensor '{name}' lies outside the file or has the wrong size", where=path,
-                              hint="the file may be truncated or corrupted")
+            raise OstateError(
+                f"tensor '{name}' lies outside the file or has the wrong size",
+                where=path,
+                hint="the file may be truncated or corrupted",
+            )
         tensors[name] = (dtype, shape)
         spans.append((begin, end))
     # As safetensors itself requires: the tensors tile the data buffer, no gaps, no overlaps.
     covered = 0
     for begin, end in sorted(spans):
         if begin != covered:
-            raise OstateError("safetensors tensors overlap or leave gaps in the data", where=path,
-                              hint="the file may be truncated or corrupted")
+            raise OstateError(
+                "safetensors tensors overlap or leave gaps in the data",
+                where=path,
+                hint="the file may be truncated or corrupted",
+            )
         covered = end
     if covered != data_size:
-        raise OstateError(f"safetensors data holds {data_size} bytes, its tensors {covered}", where=path,
-                          hint="the file may be truncated or corrupted")
+        raise OstateError(
+            f"safetensors data holds {data_size} bytes, its tensors {covered}",
+            where=path,
+            hint="the file may be truncated or corrupted",
+        )
     return Header(path, tensors, {str(k): str(v) for k, v in metadata.items()})
 
 
@@ -149,8 +165,9 @@ class SafetensorsFile:
         except OSError as e:
             raise OstateError(f"cannot read tensor '{name}': {e.strerror or e}", where=self.path) from None
         except Exception as e:  # safetensors' own error type: the file changed or is damaged
-            raise OstateError(f"cannot read tensor '{name}': {e}", where=self.path,
-                              hint="the file may be truncated or corrupted") from None
+            raise OstateError(
+                f"cannot read tensor '{name}': {e}", where=self.path, hint="the file may be truncated or corrupted"
+            ) from None
 
     def ref(self, name: str) -> TensorRef:
         """A :class:`TensorRef` for one tensor: shape and dtype from the header, data when read."""
@@ -190,8 +207,11 @@ def write_safetensors(
     header: dict[str, Any] = {"__metadata__": dict(metadata)}
     offset = 0
     for name, ref in tensors.items():
-        header[name] = {"dtype": dtype_code(ref.dtype), "shape": list(ref.shape),
-                        "data_offsets": [offset, offset + ref.nbytes]}
+        header[name] = {
+            "dtype": dtype_code(ref.dtype),
+            "shape": list(ref.shape),
+            "data_offsets": [offset, offset + ref.nbytes],
+        }
         offset += ref.nbytes
     blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
     blob += b" " * (-len(blob) % 8)  # the data buffer starts 8-byte aligned, as safetensors writes it

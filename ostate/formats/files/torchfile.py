@@ -100,8 +100,15 @@ def load_torch_stream(stream: BinaryIO, *, where: str, trust_pickle: bool = Fals
     return _load(stream, where=where, trust_pickle=trust_pickle, mmap=False, warn=warn)
 
 
-def _load(source: str | BinaryIO, *, trust_pickle: bool, mmap: bool, where: str | None = None,
-          warn: bool = True, allowed_globals: Sequence[AllowedGlobal] = ()) -> Any:
+def _load(
+    source: str | BinaryIO,
+    *,
+    trust_pickle: bool,
+    mmap: bool,
+    where: str | None = None,
+    warn: bool = True,
+    allowed_globals: Sequence[AllowedGlobal] = (),
+) -> Any:
     where = where or str(source)
     if trust_pickle and warn:
         warnings.warn(
@@ -220,6 +227,7 @@ def _legacy_globals(path: str) -> list[str]:
 
 def _torch_safe_globals() -> list[tuple[str, str]]:
     names = [("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "bytes"), ("builtins", "complex")]
-    names += [(g.__module__, g.__qualname__) for g in torch.serialization.get_safe_globals()  # type: ignore[union-attr]  # hasattr skips (callable, name) tuples
-              if hasattr(g, "__module__")]
+    for g in torch.serialization.get_safe_globals():
+        if not isinstance(g, tuple):  # (callable, name) pairs are skipped
+            names.append((g.__module__, g.__qualname__))
     return names

@@ -172,7 +172,12 @@ def scalar_metadata(obj: Any) -> dict[str, Any]:
     for key, value in obj.items():
         if isinstance(key, str) and isinstance(value, (int, float, str, bool)):
             out[key] = value
-        elif isinstance(key, str) and isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
+        elif (
+            isinstance(key, str)
+            and isinstance(value, torch.Tensor)
+            and value.numel() == 1
+            and not value.is_floating_point()
+        ):
             out[key] = int(value)
     return out
 

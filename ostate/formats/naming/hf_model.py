@@ -38,12 +38,27 @@ from ostate.formats.naming.model_order import ModelEntry
 
 # Classes appended to transformers.pytorch_utils.ALL_LAYERNORM_LAYERS by model files
 # (`ALL_LAYERNORM_LAYERS.append(...)`), the same set in transformers 4.48.0 and 4.51.0.
-LEGACY_LAYERNORM_CLASSES = frozenset({
-    "ChameleonRMSNorm", "CohereLayerNorm", "GraniteMoeRMSNorm", "IdeficsRMSNorm", "LlamaRMSNorm",
-    "LongT5LayerNorm", "MegaSequenceNorm", "MoshiRMSNorm", "NemotronLayerNorm1P", "Olmo2RMSNorm",
-    "OlmoeRMSNorm", "Pix2StructLayerNorm", "Pop2PianoLayerNorm", "RecurrentGemmaRMSNorm",
-    "SwitchTransformersLayerNorm", "T5LayerNorm", "ZambaRMSNorm",
-})
+LEGACY_LAYERNORM_CLASSES = frozenset(
+    {
+        "ChameleonRMSNorm",
+        "CohereLayerNorm",
+        "GraniteMoeRMSNorm",
+        "IdeficsRMSNorm",
+        "LlamaRMSNorm",
+        "LongT5LayerNorm",
+        "MegaSequenceNorm",
+        "MoshiRMSNorm",
+        "NemotronLayerNorm1P",
+        "Olmo2RMSNorm",
+        "OlmoeRMSNorm",
+        "Pix2StructLayerNorm",
+        "Pop2PianoLayerNorm",
+        "RecurrentGemmaRMSNorm",
+        "SwitchTransformersLayerNorm",
+        "T5LayerNorm",
+        "ZambaRMSNorm",
+    }
+)
 _NAME_PATTERNS = [re.compile(p) for p in (r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)")]
 
 
@@ -64,12 +79,21 @@ class DecayRule:
 
 
 DECAY_RULES: tuple[DecayRule, ...] = (
-    DecayRule("transformers>=4.53", (4, 53), None,
-              lambda name, in_norm: in_norm or any(p.search(name.lower()) for p in _NAME_PATTERNS), False),
-    DecayRule("transformers 4.49-4.52", (4, 49), (4, 52),
-              lambda name, in_norm: in_norm or any(s in name.lower() for s in ("bias", "layernorm", "rmsnorm")), True),
-    DecayRule("transformers<4.49", None, (4, 48),
-              lambda name, in_norm: in_norm or "bias" in name, True),
+    DecayRule(
+        "transformers>=4.53",
+        (4, 53),
+        None,
+        lambda name, in_norm: in_norm or any(p.search(name.lower()) for p in _NAME_PATTERNS),
+        False,
+    ),
+    DecayRule(
+        "transformers 4.49-4.52",
+        (4, 49),
+        (4, 52),
+        lambda name, in_norm: in_norm or any(s in name.lower() for s in ("bias", "layernorm", "rmsnorm")),
+        True,
+    ),
+    DecayRule("transformers<4.49", None, (4, 48), lambda name, in_norm: in_norm or "bias" in name, True),
 )
 
 
@@ -126,7 +150,10 @@ def rebuild(directory: str) -> tuple[ModuleOrder | None, str | None]:
     name = architectures[0] if architectures else None
     model_class = getattr(transformers, name, None) if name else None
     if name and model_class is None:
-        return None, f"the model class {name} is not part of transformers {transformers.__version__} (custom code is never run)"
+        return (
+            None,
+            f"the model class {name} is not part of transformers {transformers.__version__} (custom code is never run)",
+        )
     verbosity = transformers.logging.get_verbosity()
     try:
         transformers.logging.set_verbosity_error()
@@ -158,8 +185,11 @@ def decay_parameter_names(model: nn.Module, rule: DecayRule) -> list[str]:
         >>> decay_parameter_names(m, DECAY_RULES[0])
         ['0.weight']
     """
-    norms = {name for name, module in model.named_modules(remove_duplicate=False)
-             if name and _is_norm(module, rule.legacy_norms)}
+    norms = {
+        name
+        for name, module in model.named_modules(remove_duplicate=False)
+        if name and _is_norm(module, rule.legacy_norms)
+    }
     out = []
     for name, _ in model.named_parameters():
         parts = name.split(".")

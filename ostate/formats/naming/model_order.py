@@ -82,8 +82,10 @@ def match_model_order(
             if count2 == 1:
                 alignment, count, candidates = alignment2, count2, without_buffers
     if count == 0:
-        detail = _first_mismatch(param_shapes, candidates) if len(sizes) == 1 else (
-            f"each of the {len(sizes)} param groups was tried as a subsequence of the model's entries"
+        detail = (
+            _first_mismatch(param_shapes, candidates)
+            if len(sizes) == 1
+            else (f"each of the {len(sizes)} param groups was tried as a subsequence of the model's entries")
         )
         unnamed.warnings.append(
             f"the optimizer's parameter shapes do not follow the model state dict at '{where}' in order "
@@ -108,9 +110,7 @@ def match_model_order(
     return Naming([e.name for e in chosen], "model-order", [e.shape for e in chosen])
 
 
-def match_shapes(
-    param_shapes: Sequence[tuple[int, ...] | None], entries: Sequence[ModelEntry], where: str
-) -> Naming:
+def match_shapes(param_shapes: Sequence[tuple[int, ...] | None], entries: Sequence[ModelEntry], where: str) -> Naming:
     """Name parameters by shape alone, for model files that keep no order (safetensors sorts its keys).
 
     Every optimizer shape must be available among the model's floating-point entries

@@ -70,9 +70,7 @@ def read_optimizer(
             "param group and is ignored"
         )
 
-    state_keys = frozenset(
-        k for entry in entries.values() if isinstance(entry, Mapping) for k in _flat_entry(entry)
-    )
+    state_keys = frozenset(k for entry in entries.values() if isinstance(entry, Mapping) for k in _flat_entry(entry))
     params: list[ParamState] = []
     for g, pid, name in order:
         entry = entries.get(_key(pid))

@@ -48,8 +48,12 @@ def find_weights(directory: str, *, index: int = 0, trust_pickle: bool = False) 
     warning: the optimizer state is still worth showing.
     """
     suffix = "" if index == 0 else f"_{index}"
-    names = [f"model{suffix}.safetensors", f"model{suffix}.safetensors.index.json", f"pytorch_model{suffix}.bin",
-             f"pytorch_model{suffix}.bin.index.json"]
+    names = [
+        f"model{suffix}.safetensors",
+        f"model{suffix}.safetensors.index.json",
+        f"pytorch_model{suffix}.bin",
+        f"pytorch_model{suffix}.bin.index.json",
+    ]
     if index == 0:
         names += ["adapter_model.safetensors", "adapter_model.bin"]
     for name in names:
@@ -84,8 +88,11 @@ def read_model(path: str, *, trust_pickle: bool = False) -> Weights:
     if os.path.isdir(path):
         found = find_weights(path, trust_pickle=trust_pickle)
         if found is None:
-            raise OstateError("no model weights in this directory", where=path,
-                              hint="expected model.safetensors, pytorch_model.bin or a shard index")
+            raise OstateError(
+                "no model weights in this directory",
+                where=path,
+                hint="expected model.safetensors, pytorch_model.bin or a shard index",
+            )
         if not found.tensors:
             raise OstateError("; ".join(found.warnings) or "the model weights could not be read", where=path)
         return found
@@ -101,7 +108,7 @@ def model_indices(directory: str) -> list[int]:
         for prefix in ("model", "pytorch_model"):
             for ext in (".safetensors", ".bin"):
                 if name.startswith(prefix) and name.endswith(ext):
-                    middle = name[len(prefix):-len(ext)]
+                    middle = name[len(prefix) : -len(ext)]
                     if middle == "":
                         found.add(0)
                     elif middle.startswith("_") and middle[1:].isdigit():
@@ -131,8 +138,11 @@ def name_by_weights(optimizer: OptimizerState, weights: Weights) -> Naming:
 def name_unnamed_by(checkpoint: Checkpoint, weights: Weights) -> list[Naming]:
     """Name, by ``weights``, each optimizer of ``checkpoint`` none of whose parameters has a name
     (e.g. a bare optimizer file checked against the model it trains); returns what was tried."""
-    return [name_by_weights(o, weights) for o in checkpoint.optimizers
-            if o.params and all(p.name_source == "none" for p in o.params)]
+    return [
+        name_by_weights(o, weights)
+        for o in checkpoint.optimizers
+        if o.params and all(p.name_source == "none" for p in o.params)
+    ]
 
 
 def _safetensors(paths: list[str], location: str) -> Weights:

@@ -39,16 +39,24 @@ def builtin_task(name: str, *, pretrain_steps: int | None = None, progress: bool
     versions = f"py{sys.version_info[0]}.{sys.version_info[1]}-torch{torch.__version__.split('+')[0]}-s{steps}"
     if name == "code-to-prose":
         module: ModuleType = code_to_prose
-        parts: dict[str, Any] = dict(model=code_to_prose.TinyGPT, train_batches=code_to_prose.prose_batches,
-                     loss=code_to_prose.next_char_loss, evaluate=code_to_prose.evaluate_prose,
-                     description="character transformer: stdlib source code -> English help text",
-                     defaults={"lr": 1e-3, "batch_size": 32, "steps": 200, "eval_every": 20})
+        parts: dict[str, Any] = dict(
+            model=code_to_prose.TinyGPT,
+            train_batches=code_to_prose.prose_batches,
+            loss=code_to_prose.next_char_loss,
+            evaluate=code_to_prose.evaluate_prose,
+            description="character transformer: stdlib source code -> English help text",
+            defaults={"lr": 1e-3, "batch_size": 32, "steps": 200, "eval_every": 20},
+        )
     else:
         module = sans_to_serif
-        parts = dict(model=sans_to_serif.GlyphCNN, train_batches=sans_to_serif.target_batches,
-                     loss=sans_to_serif.classification_loss, evaluate=sans_to_serif.evaluate_target,
-                     description="glyph CNN: sans-serif fonts -> serif fonts (36 classes)",
-                     defaults={"lr": 1e-3, "batch_size": 32, "steps": 200, "eval_every": 20})
+        parts = dict(
+            model=sans_to_serif.GlyphCNN,
+            train_batches=sans_to_serif.target_batches,
+            loss=sans_to_serif.classification_loss,
+            evaluate=sans_to_serif.evaluate_target,
+            description="glyph CNN: sans-serif fonts -> serif fonts (36 classes)",
+            defaults={"lr": 1e-3, "batch_size": 32, "steps": 200, "eval_every": 20},
+        )
     return Task(
         name=name,
         pretrain=functools.partial(module.pretrain_source, steps=steps, progress=progress),

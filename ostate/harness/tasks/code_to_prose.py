@@ -82,8 +82,11 @@ def stdlib_code() -> torch.Tensor:
     directory = sysconfig.get_paths()["stdlib"]
     files = sorted(glob.glob(os.path.join(directory, "*.py")))
     if not files:
-        raise OstateError("this Python has no standard-library source files", where=directory,
-                          hint="the code-to-prose task needs the stdlib's .py files")
+        raise OstateError(
+            "this Python has no standard-library source files",
+            where=directory,
+            hint="the code-to-prose task needs the stdlib's .py files",
+        )
     parts = []
     for path in files:
         with open(path, encoding="utf-8", errors="replace") as f:
@@ -98,8 +101,10 @@ def help_prose() -> tuple[torch.Tensor, torch.Tensor]:
         # a large module, and some Pythons lack it: only for this task
         from pydoc_data.topics import topics
     except ImportError:
-        raise OstateError("this Python has no pydoc_data.topics (the interpreter's help text)",
-                          hint="the code-to-prose task needs it; try the sans-to-serif task") from None
+        raise OstateError(
+            "this Python has no pydoc_data.topics (the interpreter's help text)",
+            hint="the code-to-prose task needs it; try the sans-to-serif task",
+        ) from None
     names = sorted(topics)
     train = "\n\n".join(topics[n] for i, n in enumerate(names) if i % 5)
     held_out = "\n\n".join(topics[n] for i, n in enumerate(names) if i % 5 == 0)
@@ -147,7 +152,14 @@ def pretrain_source(path: str, *, steps: int, progress: bool = True) -> Any:
     """Pretrain the model on stdlib code and save the checkpoint at ``path``."""
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)
-    checkpoint = pretrain(TinyGPT(), code_batches(32, generator), next_char_loss, steps=steps, lr=3e-3,
-                          description="pretraining code-to-prose on stdlib code", progress=progress)
+    checkpoint = pretrain(
+        TinyGPT(),
+        code_batches(32, generator),
+        next_char_loss,
+        steps=steps,
+        lr=3e-3,
+        description="pretraining code-to-prose on stdlib code",
+        progress=progress,
+    )
     checkpoint["task"] = "code-to-prose"
     save_atomically(checkpoint, path)

@@ -144,7 +144,10 @@ def evaluate_target(model: nn.Module) -> dict[str, float]:
     """Cross-entropy and accuracy on the fixed target-domain eval set."""
     images, labels = eval_set()
     logits = model(images)
-    return {"loss": float(F.cross_entropy(logits, labels)), "accuracy": float((logits.argmax(1) == labels).float().mean())}
+    return {
+        "loss": float(F.cross_entropy(logits, labels)),
+        "accuracy": float((logits.argmax(1) == labels).float().mean()),
+    }
 
 
 def data_fingerprint() -> str:
@@ -158,8 +161,15 @@ def pretrain_source(path: str, *, steps: int, progress: bool = True) -> Any:
     """Pretrain the CNN on the sans-serif fonts and save the checkpoint at ``path``."""
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)
-    checkpoint = pretrain(GlyphCNN(), source_batches(64, generator), classification_loss, steps=steps, lr=3e-3,
-                          weight_decay=0.01, description="pretraining sans-to-serif on sans-serif fonts",
-                          progress=progress)
+    checkpoint = pretrain(
+        GlyphCNN(),
+        source_batches(64, generator),
+        classification_loss,
+        steps=steps,
+        lr=3e-3,
+        weight_decay=0.01,
+        description="pretraining sans-to-serif on sans-serif fonts",
+        progress=progress,
+    )
     checkpoint["task"] = "sans-to-serif"
     save_atomically(checkpoint, path)
