@@ -3,7 +3,8 @@
 The library raises errors that a Python caller can act on, so they name the keyword
 arguments of its functions. Before printing one, the CLI rewrites each parameter it has
 a flag for; anything else (``weight_decay=0.01`` in a message about a param group) is
-left as it is.
+left as it is, and so is a keyword argument inside a call the message shows as Python
+(``Task(optimizer=...)``, ``compare(a, b, against=...)``).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ FLAGS = {
 # Switches: ``name=True`` in a message is the bare flag.
 SWITCHES = {"overwrite": "--overwrite", "trust_pickle": "--trust-pickle"}
 
-_NAME = r"(?<![\w.-])({names})="
+_NAME = r"(?<![\w.-])(?<!\w\()(?<!, )({names})="
 _VALUED = re.compile(_NAME.format(names="|".join(sorted(FLAGS, key=len, reverse=True))))
 _SWITCH = re.compile(_NAME.format(names="|".join(sorted(SWITCHES, key=len, reverse=True))) + "True")
 
@@ -40,6 +41,8 @@ def as_flags(message: str) -> str:
         'pass --heads N or --head-dim D (weight_decay=0.01 stays)'
         >>> as_flags("rerun with trust_pickle=True only if you trust it; drop params= or the ':REGEX'")
         "rerun with --trust-pickle only if you trust it; drop --params or the ':REGEX'"
+        >>> as_flags("build it as Task(optimizer=...), or compare(a, b, against='first')")
+        "build it as Task(optimizer=...), or compare(a, b, against='first')"
     """
     message = _SWITCH.sub(lambda m: SWITCHES[m.group(1)], message)
     return _VALUED.sub(lambda m: FLAGS[m.group(1)] + ("" if _ends(message, m.end()) else " "), message)

@@ -31,7 +31,7 @@ from ostate.errors import OstateError
 from ostate.loading import IN_MEMORY, load, pick_optimizer
 from ostate.plots import layer_profile, lr_histogram, moments
 from ostate.plots import plot as draw
-from ostate.plots.kind import COMPARISON, check_view
+from ostate.plots.kind import COMPARISON, check_plot_view
 from ostate.plots.registry import get_kind
 from ostate.plots.series import Series, analysed, as_list, require_moments
 from ostate.state import Checkpoint, OptimizerState
@@ -61,7 +61,7 @@ def plot(
     checkpoints, oldest first (or a computed comparison).
     """
     chosen = get_kind(kind)
-    view = check_view(chosen, by)  # before any reading: a wrong option fails at once
+    view = check_plot_view(chosen, by)  # before any reading: a wrong option fails at once
     if chosen.takes == COMPARISON:
         if not isinstance(inputs, Comparison):
             inputs = _compared(

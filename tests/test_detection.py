@@ -6,7 +6,10 @@ import pytest
 import torch
 
 import ostate
+from ostate.formats.deepspeed.common import add_frozen
+from ostate.formats.naming.torch_optim import read_optimizer
 from ostate.optimizers import detect
+from ostate.optimizers.identify import identify
 from tests.helpers.common import run_cli
 from tests.helpers.families import FAMILIES, save, trained
 
@@ -28,6 +31,19 @@ def test_each_family_is_recognised_from_a_real_checkpoint(tmp_path, name):
     loaded = ostate.load(path).optimizers[0]
     assert loaded.kind == kind
     assert loaded.kind_source == ("assumed" if name in ASSUMED else "detected")
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_a_group_of_frozen_parameters_added_by_a_reader_does_not_change_the_family(name):
+    """DeepSpeed's readers add a group for frozen parameters (no hyperparameters); detection ignores it."""
+    kind = FAMILIES[name][0]
+    model, opt = trained(name)
+    read = read_optimizer(opt.state_dict(), "optimizer")
+    add_frozen(read, ["frozen.weight"], {"frozen.weight": (3, 2)})
+    identify(read)
+    assert read.kind == kind and read.is_frozen_group(len(read.groups) - 1)
+    assert read.kind_source == ("assumed" if name in ASSUMED else "detected")
+    assert not read.warnings or name in ASSUMED
 
 
 TORCH_FRESH = {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -129,3 +130,23 @@ def test_many_groups_with_too_many_possibilities_give_up_cleanly(monkeypatch):
     entries = [ModelEntry(f"e{i}", (4,)) for i in range(12)]
     naming = match_model_order([(4,)] * 6, entries, "m", group_sizes=[2, 2, 2])
     assert naming.source == "none" and "too many ways" in naming.warnings[0]
+
+
+def test_the_keys_that_tell_state_layouts_apart_are_the_families_own():
+    """The readers know these keys without importing the families; they must not drift apart."""
+    from ostate.formats.naming import torch_optim
+    from ostate.optimizers import adafactor, bnb8bit, hf_adafactor, lbfgs
+
+    assert torch_optim.ADAFACTOR_KEYS <= adafactor._STATE_KEYS
+    assert torch_optim.HF_ADAFACTOR_KEYS <= hf_adafactor._STATE_KEYS
+    assert torch_optim.BNB_KEYS <= bnb8bit._ONE_STATE_KEYS
+    assert torch_optim.LBFGS_KEYS <= lbfgs._STATE_KEYS
+
+
+@pytest.mark.parametrize("shape", [(), (5,), (3, 4), (2, 3, 4)])
+def test_a_parameter_of_any_shape_keeps_it_under_torch_adafactor(shape):
+    p = torch.nn.Parameter(torch.ones(shape))
+    opt = torch.optim.Adafactor([p], lr=0.01)
+    p.grad = torch.ones(shape)
+    opt.step()
+    assert ostate.from_state_dict(opt.state_dict()).optimizers[0].params[0].shape == shape

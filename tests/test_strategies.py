@@ -440,3 +440,13 @@ def test_the_hint_for_a_kind_without_a_layout_lists_the_families_that_have_one()
     assert info.value.hint == (
         "kinds with partial strategies: adadelta, adagrad, adam, adamax, adamw, nadam, radam, rmsprop, sgd"
     )
+
+
+def test_a_stepped_bitsandbytes_optimizer_is_its_family_once_its_nested_state_is_unwrapped():
+    """bitsandbytes nests its quantisation state in state_dict(); detection reads it as ostate.load does."""
+    bnb = pytest.importorskip("bitsandbytes")
+    p = nn.Parameter(torch.ones(4096))
+    optimizer = bnb.optim.Adam8bit([p], lr=1e-3)
+    p.grad = torch.ones(4096)
+    optimizer.step()
+    assert optimizer_kind(optimizer) == "bnb_adam"

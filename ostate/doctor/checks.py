@@ -133,7 +133,7 @@ def exit_code(diagnosis: Diagnosis, fail_on: str = "warning") -> int:
         (3, 0)
     """
     if fail_on not in FAIL_ON:
-        raise OstateError(f"unknown --fail-on '{fail_on}'", hint=f"choose one of: {', '.join(FAIL_ON)}")
+        raise OstateError(f"unknown fail_on='{fail_on}'", hint=f"choose one of: {', '.join(FAIL_ON)}")
     if fail_on == "never":
         return EXIT_OK
     floor = SEVERITIES.index(fail_on)

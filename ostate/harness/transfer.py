@@ -15,8 +15,7 @@ from torch import nn
 
 from ostate.errors import OstateError
 from ostate.harness.source import Source
-from ostate.optimizers import families
-from ostate.reset.strategies import V_AGE_KEY, optimizer_kind
+from ostate.reset.strategies import V_AGE_KEY, layout_or_none, optimizer_kind
 
 # The torch class of each optimizer family the default optimizer factory can rebuild.
 OPTIMIZER_CLASSES: dict[str, Callable[..., torch.optim.Optimizer]] = {  # classes; each takes lr=
@@ -106,8 +105,8 @@ def _hyperparameters(group: dict[str, Any]) -> dict[str, Any]:
 
 def _same_layout(a: str, b: str) -> bool:
     """Whether two families keep their state alike (Adam and AdamW), so one's state loads into the other."""
-    layout_a, layout_b = (getattr(families().get(kind), "layout", None) for kind in (a, b))
-    return layout_a is not None and layout_a is layout_b
+    layout_a = layout_or_none(a)
+    return layout_a is not None and layout_a is layout_or_none(b)
 
 
 def transfer_state(source: Source, optimizer: torch.optim.Optimizer, model: nn.Module) -> Transfer:

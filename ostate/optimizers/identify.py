@@ -32,7 +32,9 @@ def identify(optimizer: OptimizerState, kind: str | None = None) -> None:
     """
     configured = optimizer.kind if optimizer.kind_source == "ds_config" else None
     named, named_by = (kind, "user") if kind is not None else (configured, "ds_config")
-    state_keys, groups = optimizer.state_keys, optimizer.groups
+    state_keys = optimizer.state_keys
+    # A group a reader added for frozen parameters (DeepSpeed's) is not the optimizer's: it says nothing of the family.
+    groups = [g for i, g in enumerate(optimizer.groups) if not optimizer.is_frozen_group(i)]
     warnings: list[str] = []
     if named is not None:
         family = get_family(named)

@@ -37,7 +37,7 @@ from typing import Any, Sequence
 
 from matplotlib.figure import Figure
 
-from ostate.plots.kind import COMPARISON, PlotKind, check_view
+from ostate.plots.kind import COMPARISON, PlotKind, check_plot_view
 from ostate.plots.layer_profile import plot_layer_profile
 from ostate.plots.lr_histogram import plot_lr_histogram
 from ostate.plots.moments import plot_moments
@@ -78,5 +78,5 @@ def plot(
     chosen = get_kind(kind)
     if chosen.takes == COMPARISON:
         return chosen.draw(inputs, by=by)
-    by = check_view(chosen, by)
+    by = check_plot_view(chosen, by)
     return chosen.draw(as_series(inputs, labels=labels, optimizer_index=optimizer_index, joint=chosen.joint), by=by)

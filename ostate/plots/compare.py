@@ -21,7 +21,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from ostate.errors import OstateError
-from ostate.plots.kind import COMPARISON, PlotKind, check_view
+from ostate.plots.kind import COMPARISON, PlotKind, check_plot_view
 from ostate.plots.style import OKABE_ITO, save_figure
 
 if TYPE_CHECKING:
@@ -119,7 +119,7 @@ def draw(result: Comparison, *, by: str | None = None) -> Figure:
             f"the compare plot draws a comparison, not a {type(result).__name__}",
             hint="compute one with ostate.compare.compute.compare(*paths), or give the paths to ostate.figures.plot",
         )
-    if by is not None and check_view(KIND, by) != result.against:
+    if by is not None and check_plot_view(KIND, by) != result.against:
         raise OstateError(
             f"this comparison pairs its checkpoints {result.against}, not {by}",
             hint=f"compare(..., against='{by}') makes the pairs",

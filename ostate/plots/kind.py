@@ -39,7 +39,7 @@ class PlotKind:
     takes: str = SERIES
 
 
-def check_view(kind: PlotKind, by: str | None) -> str:
+def check_plot_view(kind: PlotKind, by: str | None) -> str:
     """``by``, or the kind's default view; a clear error for a view the kind does not draw."""
     if by is None:
         return kind.views[0]

@@ -26,7 +26,7 @@ from matplotlib.lines import Line2D
 from ostate.analysis import Sketch
 from ostate.analysis.params import PARAM_KINDS
 from ostate.errors import OstateError
-from ostate.plots.kind import PlotKind, check_view
+from ostate.plots.kind import PlotKind, check_plot_view
 from ostate.plots.panels import group_lrs
 from ostate.plots.series import PlotInput, Series, as_series
 from ostate.plots.style import OKABE_ITO, series_style
@@ -74,7 +74,7 @@ def plot_layer_profile(
 
 def draw(series: list[Series], *, by: str | None = None, title: str | None = None) -> Figure:
     """The figure for already analysed series (what ``ostate plot --kind layer-profile`` draws)."""
-    by = check_view(KIND, by)
+    by = check_plot_view(KIND, by)
     layers = _layers(series)
     if not layers:
         raise OstateError("no layers with effective learning rates to plot", hint="the optimizer has no state yet")

@@ -16,7 +16,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from ostate.errors import OstateError
-from ostate.plots.kind import PlotKind, check_view
+from ostate.plots.kind import PlotKind, check_plot_view
 from ostate.plots.panels import group_lrs, panels
 from ostate.plots.rebin import Positive, log_edges, rebin
 from ostate.plots.series import PlotInput, Series, as_series
@@ -66,7 +66,7 @@ def draw(
     series: list[Series], *, by: str | None = None, per_decade: int | None = None, title: str | None = None
 ) -> Figure:
     """The figure for already analysed series (what ``ostate plot --kind lr-histogram`` draws)."""
-    by = check_view(KIND, by)
+    by = check_plot_view(KIND, by)
     shown, total = panels(series, by)
     sketches = [
         row.sketches[QUANTITY] for panel in shown for row in panel.rows if row is not None and QUANTITY in row.sketches

@@ -36,7 +36,7 @@ from ostate.analysis import ViewRow
 from ostate.analysis.joint import JointHistogram
 from ostate.errors import OstateError
 from ostate.optimizers.adam import max_snr, pure_noise_snr
-from ostate.plots.kind import PlotKind, check_view
+from ostate.plots.kind import PlotKind, check_plot_view
 from ostate.plots.panels import Panel, groups_of, panels
 from ostate.plots.series import PlotInput, Series, as_series
 from ostate.plots.style import SEQUENTIAL_COLORMAP, panel_grid, series_style
@@ -114,7 +114,7 @@ def plot_moments(
 
 def draw(series: list[Series], *, by: str | None = None, title: str | None = None) -> Figure:
     """The figure for series summarised with ``joint=True`` (what ``ostate plot --kind moments`` draws)."""
-    by = check_view(KIND, by)
+    by = check_plot_view(KIND, by)
     shown, total = panels(series, by, whole_model=False)
     shown = [p for p in shown if any(row is not None and JOINT in row.joints for row in p.rows)]
     if not shown:

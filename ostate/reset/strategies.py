@@ -69,8 +69,10 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from ostate.errors import OstateError
-from ostate.optimizers import detect, families
+from ostate.formats.naming.torch_optim import read_optimizer
+from ostate.optimizers import families
 from ostate.optimizers.family import ABSENT, StateLayout
+from ostate.optimizers.identify import identify
 
 STRATEGIES = ("fresh", "reload", "reset-m", "reset-v", "reset-step", "keep-v")
 
@@ -119,7 +121,8 @@ class Strategy:
         return self.name if self.params is None else f"{self.name}:{self.params}"
 
 
-def _layout(kind: str) -> StateLayout | None:
+def layout_or_none(kind: str) -> StateLayout | None:
+    """The state layout of an optimizer family, or ``None`` for a kind without one."""
     family = families().get(kind)
     return family.layout if family is not None else None
 
@@ -127,7 +130,7 @@ def _layout(kind: str) -> StateLayout | None:
 def layout_of(kind: str) -> StateLayout:
     """The state layout of an optimizer family (its :attr:`~ostate.optimizers.family.Family.layout`;
     an OstateError for a kind without one)."""
-    layout = _layout(kind)
+    layout = layout_or_none(kind)
     if layout is None:
         with_layout = sorted(name for name, family in families().items() if family.layout is not None)
         raise OstateError(
@@ -152,11 +155,10 @@ def optimizer_kind(optimizer: torch.optim.Optimizer) -> str:
 
 
 def detect_kind(state_dict: Mapping[str, Any]) -> str:
-    """The optimizer family of a state dict, from ostate's family detection (``unknown`` if none fits)."""
-    keys = frozenset(k for s in state_dict.get("state", {}).values() for k in s)
-    groups = [{k: v for k, v in g.items() if k != "params"} for g in state_dict.get("param_groups", [])]
-    kind, _source, _also = detect(keys, groups)
-    return kind
+    """The optimizer family of a state dict, read and identified as :func:`ostate.load` does (``unknown`` if none fits)."""
+    optimizer = read_optimizer(state_dict, "optimizer")
+    identify(optimizer)
+    return optimizer.kind
 
 
 def param_names(
@@ -247,7 +249,7 @@ def apply_strategy(
     actions = plan(state_dict, strategy, names=names)
     kind = kind or detect_kind(state_dict)
     partial = {a for a in actions.values() if a not in ("fresh", "reload", "none")}
-    layout = layout_of(kind) if partial else _layout(kind)
+    layout = layout_of(kind) if partial else layout_or_none(kind)
     groups = [dict(g) for g in state_dict["param_groups"]]
     group_of = {i: g for g in groups for i in g["params"]}
     for action in sorted(partial):

@@ -136,29 +136,38 @@ def _step(value: Any) -> float | None:
 def param_shape(state: Mapping[str, Any]) -> tuple[int, ...] | None:
     """The parameter's shape as its saved state records it, or ``None`` when the state cannot tell.
 
-    Most optimizers keep a moment of the parameter's shape: the largest state tensor has
-    it (when only one shape has that size). A few state layouts say it otherwise, by keys
-    that only they use: a factored second moment (torch's Adafactor ``row_var`` and
-    ``col_var``; transformers' Adafactor ``exp_avg_sq_row`` and ``exp_avg_sq_col``) gives
-    rows times columns; bitsandbytes' ``state1`` has the parameter's shape beside smaller
-    quantisation tables; L-BFGS keeps one flat state for all parameters, which says
-    nothing of any one. A 0-dimensional state gives no shape (the model's entry does).
+    Most optimizers keep a moment of the parameter's shape: the largest state tensor of one
+    or more dimensions has it (when only one shape has that size). A few state layouts,
+    each told by keys only it uses, say it otherwise:
+
+    - torch's Adafactor: ``variance``, or the factored ``row_var`` and ``col_var``;
+    - transformers' Adafactor (``RMS``): ``exp_avg`` or ``exp_avg_sq``, or the factored
+      ``exp_avg_sq_row`` and ``exp_avg_sq_col``;
+    - bitsandbytes (``state1``): ``state1``, beside smaller quantisation tables;
+    - L-BFGS: one flat state for all parameters, which says nothing of any one.
+
+    tests/test_naming.py checks these keys against the families' own.
 
     Example:
         >>> row, col = TensorRef.of(torch.zeros(4)), TensorRef.of(torch.zeros(3))
-        >>> param_shape({"exp_avg_sq_row": row, "exp_avg_sq_col": col})
+        >>> param_shape({"RMS": 0.0, "exp_avg_sq_row": row, "exp_avg_sq_col": col})
         (4, 3)
     """
     tensors = {k: v for k, v in state.items() if isinstance(v, TensorRef)}
-    if _LBFGS_KEYS & set(state):
+    keys = set(state)
+    if keys & LBFGS_KEYS:
         return None
-    for key in ("variance", "exp_avg", "exp_avg_sq", "state1"):
-        if key in tensors and len(tensors[key].shape) >= 1:
-            return tuple(tensors[key].shape)
-    if "row_var" in tensors and "col_var" in tensors:
-        return tuple(tensors["row_var"].shape[:-1]) + tuple(tensors["col_var"].shape[-1:])
-    if "exp_avg_sq_row" in tensors and "exp_avg_sq_col" in tensors:
-        return tuple(tensors["exp_avg_sq_row"].shape) + tuple(tensors["exp_avg_sq_col"].shape[-1:])
+    if keys & ADAFACTOR_KEYS:
+        if "variance" in tensors:
+            return tuple(tensors["variance"].shape)
+        return _factored(tensors, "row_var", "col_var", rows=slice(None, -1))
+    if keys & HF_ADAFACTOR_KEYS:
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key in tensors:
+                return tuple(tensors[key].shape)
+        return _factored(tensors, "exp_avg_sq_row", "exp_avg_sq_col", rows=slice(None))
+    if keys & BNB_KEYS:
+        return tuple(tensors["state1"].shape) if "state1" in tensors else None
     shaped = [t for t in tensors.values() if len(t.shape) >= 1]
     if not shaped:
         return None
@@ -167,8 +176,17 @@ def param_shape(state: Mapping[str, Any]) -> tuple[int, ...] | None:
     return next(iter(shapes)) if len(shapes) == 1 else None
 
 
-# Keys only torch.optim.LBFGS keeps (its one flat state over every parameter).
-_LBFGS_KEYS = frozenset({"func_evals", "n_iter", "old_dirs", "old_stps", "prev_flat_grad"})
+def _factored(tensors: Mapping[str, TensorRef], row: str, col: str, rows: slice) -> tuple[int, ...] | None:
+    if row in tensors and col in tensors:
+        return tuple(tensors[row].shape[rows]) + tuple(tensors[col].shape[-1:])
+    return None
+
+
+# The keys that tell the state layouts apart whose shape is not their largest tensor's.
+ADAFACTOR_KEYS = frozenset({"variance", "row_var", "col_var"})  # torch.optim.Adafactor
+HF_ADAFACTOR_KEYS = frozenset({"RMS"})  # transformers.optimization.Adafactor
+BNB_KEYS = frozenset({"state1"})  # bitsandbytes' optimizers
+LBFGS_KEYS = frozenset({"func_evals", "n_iter", "old_dirs", "old_stps", "prev_flat_grad"})  # torch.optim.LBFGS
 
 
 def _name_params(params: list[ParamState], model, warnings: list[str]) -> None:
