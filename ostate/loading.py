@@ -106,17 +106,27 @@ def identified(checkpoint: Checkpoint, optimizer: str | None = None) -> Checkpoi
     return checkpoint
 
 
+def selected_optimizers(checkpoint: Checkpoint, index: int | None) -> list[OptimizerState]:
+    """Every optimizer of ``checkpoint``, or only the one at ``index``; an error naming them all for a wrong index."""
+    if index is None:
+        return list(checkpoint.optimizers)
+    if not 0 <= index < len(checkpoint.optimizers):
+        raise OstateError(
+            f"no optimizer with index {index}", where=checkpoint.path, hint=f"found {_listing(checkpoint)}"
+        )
+    return [checkpoint.optimizers[index]]
+
+
 def pick_optimizer(checkpoint: Checkpoint, index: int | None) -> OptimizerState:
     """The optimizer at ``index``, or the only one; an error naming them all otherwise."""
-    found = ", ".join(f"{i}: {o.location}" for i, o in enumerate(checkpoint.optimizers))
-    if index is None:
-        if len(checkpoint.optimizers) == 1:
-            return checkpoint.optimizers[0]
+    if index is None and len(checkpoint.optimizers) != 1:
         raise OstateError(
             f"holds {len(checkpoint.optimizers)} optimizers",
             where=checkpoint.path,
-            hint=f"choose one with optimizer_index=K ({found})",
+            hint=f"choose one with optimizer_index=K ({_listing(checkpoint)})",
         )
-    if not 0 <= index < len(checkpoint.optimizers):
-        raise OstateError(f"no optimizer with index {index}", where=checkpoint.path, hint=f"found {found}")
-    return checkpoint.optimizers[index]
+    return selected_optimizers(checkpoint, index)[0]
+
+
+def _listing(checkpoint: Checkpoint) -> str:
+    return ", ".join(f"{i}: {o.location}" for i, o in enumerate(checkpoint.optimizers))

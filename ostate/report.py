@@ -10,6 +10,7 @@ import pandas as pd
 from ostate.analysis import HeadLayout, describe, summarize
 from ostate.analysis.engine import check_view
 from ostate.errors import OstateError
+from ostate.loading import selected_optimizers
 from ostate.optimizers import get_family
 from ostate.render import (
     cells,
@@ -82,14 +83,7 @@ def inspect(
     :func:`ostate.analysis.summarize`.
     """
     check_view(by)
-    optimizers = checkpoint.optimizers
-    if optimizer_index is not None:
-        if not 0 <= optimizer_index < len(optimizers):
-            found = ", ".join(f"{i}: {o.location}" for i, o in enumerate(optimizers))
-            raise OstateError(
-                f"no optimizer with index {optimizer_index}", where=checkpoint.path, hint=f"found {found}"
-            )
-        optimizers = [optimizers[optimizer_index]]
+    optimizers = selected_optimizers(checkpoint, optimizer_index)
     report = Report(
         path=checkpoint.path,
         format=checkpoint.format,

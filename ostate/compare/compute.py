@@ -45,7 +45,7 @@ from ostate.analysis.engine import default_workers
 from ostate.analysis.params import READ_CHUNK, RELEASE_EVERY
 from ostate.analysis.sketch import Sketch
 from ostate.errors import OstateError
-from ostate.loading import load
+from ostate.loading import load, selected_optimizers
 from ostate.optimizers import Family, get_family
 from ostate.optimizers.family import explain_bad_state
 from ostate.state import Checkpoint, OptimizerState, ParamState, TensorRef
@@ -167,12 +167,8 @@ def compare(
 
 
 def _paired_optimizers(a: Checkpoint, b: Checkpoint, index: int | None) -> list[tuple[OptimizerState, OptimizerState]]:
-    for ckpt in (a, b):
-        if index is not None and not 0 <= index < len(ckpt.optimizers):
-            found = ", ".join(f"{i}: {o.location}" for i, o in enumerate(ckpt.optimizers))
-            raise OstateError(f"no optimizer with index {index}", where=ckpt.path, hint=f"found {found}")
     if index is not None:
-        return [(a.optimizers[index], b.optimizers[index])]
+        return [(selected_optimizers(a, index)[0], selected_optimizers(b, index)[0])]
     if len(a.optimizers) != len(b.optimizers):
         raise OstateError(
             f"the checkpoints hold {len(a.optimizers)} and {len(b.optimizers)} optimizers",

@@ -56,7 +56,7 @@ from ostate.formats.deepspeed.files import (
 )
 from ostate.formats.deepspeed.write import rewrite_partitions, rewrite_universal
 from ostate.formats.torch_save.write import rewrite_torch_file
-from ostate.loading import load
+from ostate.loading import load, selected_optimizers
 from ostate.outputs import atomic_directory, check_output
 from ostate.reset.strategies import V_AGE_KEY, Strategy, apply_strategy, layout_of, plan
 from ostate.state import Checkpoint, OptimizerState, ParamState, TensorRef
@@ -160,7 +160,7 @@ def reset(
             where=source,
             hint=f"write its optimizer state with `ostate convert {source} OUT.safetensors` and reset that",
         )
-    chosen = _chosen(checkpoint, optimizer_index)
+    chosen = selected_optimizers(checkpoint, optimizer_index)
     _check_regex_matches(chosen_strategy, chosen)
     check_output(out, [source], overwrite=overwrite, out_is_directory=checkpoint.format in DIRECTORY_FORMATS)
     result = ResetResult(source, out, checkpoint.format, str(chosen_strategy), [])
@@ -363,15 +363,6 @@ def _strategy(strategy: str | Strategy, params: str | None) -> Strategy:
     if parsed.params is not None:
         raise OstateError(f"the strategy '{parsed}' already names its parameters; drop params= or the ':REGEX'")
     return Strategy(parsed.name, params)
-
-
-def _chosen(checkpoint: Checkpoint, index: int | None) -> list[OptimizerState]:
-    if index is None:
-        return list(checkpoint.optimizers)
-    if not 0 <= index < len(checkpoint.optimizers):
-        found = ", ".join(f"{i}: {o.location}" for i, o in enumerate(checkpoint.optimizers))
-        raise OstateError(f"no optimizer with index {index}", where=checkpoint.path, hint=f"found {found}")
-    return [checkpoint.optimizers[index]]
 
 
 def _check_regex_matches(strategy: Strategy, optimizers: list[OptimizerState]) -> None:
