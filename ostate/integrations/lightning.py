@@ -1,0 +1,1 @@
+"""Callbacks for the Lightning ``Trainer`` (lightning is an optional extra)."""

@@ -1,0 +1,1 @@
+"""Callbacks for the Hugging Face ``transformers.Trainer`` (transformers is an optional extra)."""
