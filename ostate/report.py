@@ -34,6 +34,8 @@ _KEY_COLUMNS = {
     "kind": ("param_kind", "params", "numel", "step_min", "step_max"),
     "model": ("params", "params_with_state", "numel", "step_min", "step_max"),
 }
+# What the header and the table say of a parameter whose optimizer will create its state at the next step.
+FIRST_STEP = "no state yet (first step)"
 # Shown after the family's own columns whenever the table has them.
 _EXTRA_COLUMNS = ("update_to_weight_rms",)
 
@@ -184,6 +186,7 @@ def to_json(report: Report) -> dict[str, Any]:
                     "steps",
                     "params_with_state",
                     "params_without_state",
+                    "params_first_step",
                     "name_sources",
                     "state_bytes",
                     "state_dtypes",
@@ -252,9 +255,11 @@ def _optimizer_lines(o: OptimizerReport) -> list[str]:
         f"  state: {d['params_with_state']} of {d['params']} parameters; {format_bytes(d['state_bytes'])}"
         + (f" ({dtypes})" if dtypes else "")
     )
-    if missing:
-        shown = ", ".join(missing[:6]) + (f", ... ({len(missing)} in all)" if len(missing) > 6 else "")
-        lines.append(f"  without state (frozen or never stepped): {shown}")
+    first = set(d["params_first_step"])
+    if first:
+        lines.append(f"  {FIRST_STEP}: {_names([n for n in missing if n in first])}")
+    if len(missing) > len(first):
+        lines.append(f"  without state (frozen or never stepped): {_names([n for n in missing if n not in first])}")
     lines.append("  names: " + ", ".join(f"{k} {v}" for k, v in d["name_sources"].items()))
     lines.append(f"  note: {d['lr_note']}")
     for note in d["notes"]:
@@ -262,6 +267,25 @@ def _optimizer_lines(o: OptimizerReport) -> list[str]:
     for w in d["warnings"]:
         lines.append(f"  warning: {w}")
     return lines
+
+
+def _names(names: list[str]) -> str:
+    return ", ".join(names[:6]) + (f", ... ({len(names)} in all)" if len(names) > 6 else "")
+
+
+def _cells(o: OptimizerReport) -> list[list[str]]:
+    """The table's text cells; a parameter waiting for its first step says so instead of a row of gaps."""
+    rows = cells(o.table, o.columns)
+    first = set(o.description["params_first_step"])
+    stats = [i for i, c in enumerate(o.columns) if c not in _KEY_COLUMNS["param"]]
+    if not first or not stats or "name" not in o.table.columns:
+        return rows
+    for row, name in zip(rows, o.table["name"]):
+        if name in first:
+            row[stats[0]] = FIRST_STEP
+            for i in stats[1:]:
+                row[i] = ""
+    return rows
 
 
 def _render_text(report: Report, *, markdown: bool) -> str:
@@ -285,10 +309,10 @@ def _render_text(report: Report, *, markdown: bool) -> str:
 def _text_table(o: OptimizerReport) -> str:
     return text_table(
         list(o.columns),
-        cells(o.table, o.columns),
+        _cells(o),
         left={"name", "name_source", "layer", "param_kind", "shape", "dtype"},
     )
 
 
 def _markdown_table(o: OptimizerReport) -> str:
-    return markdown_table(list(o.columns), cells(o.table, o.columns))
+    return markdown_table(list(o.columns), _cells(o))

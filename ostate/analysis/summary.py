@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
+import torch
+
 from ostate.optimizers import get_family
 from ostate.state import OptimizerState
 
@@ -64,6 +66,7 @@ def describe(optimizer: OptimizerState) -> dict[str, Any]:
         "params": len(params),
         "params_with_state": len(with_state),
         "params_without_state": [p.name for p in params if not p.has_state],
+        "params_first_step": first_step_params(optimizer),
         "name_sources": dict(Counter(p.name_source for p in params)),
         "state_bytes": sum(dtype_bytes.values()),
         "state_dtypes": dict(dtype_bytes),
@@ -71,6 +74,28 @@ def describe(optimizer: OptimizerState) -> dict[str, Any]:
         "notes": list(family.notes),
         "warnings": list(optimizer.warnings),
     }
+
+
+def first_step_params(optimizer: OptimizerState) -> list[str]:
+    """The names of the parameters that have no state yet and whose first step the family predicts
+    (``Family.first_step``): not frozen, and of a family that keeps state (SGD without momentum
+    keeps none, so its parameters are not waiting for any).
+
+    Example:
+        >>> import ostate, torch
+        >>> opt = torch.optim.Adam([torch.nn.Parameter(torch.ones(2))])
+        >>> first_step_params(ostate.from_state_dict(opt.state_dict()).optimizers[0])
+        ['0']
+    """
+    family = get_family(optimizer.kind)
+    if family.first_step is None:
+        return []
+    keeps_state = any(p.has_state for p in optimizer.params) or any(
+        family.first_step.initial_state(torch.zeros(1), group)
+        for i, group in enumerate(optimizer.groups)
+        if not optimizer.is_frozen_group(i)
+    )
+    return [p.name for p in optimizer.params if keeps_state and not p.has_state and not p.frozen]
 
 
 def _is_plain(value: Any) -> bool:

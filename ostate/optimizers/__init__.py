@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from ostate.errors import OstateError
-from ostate.optimizers.family import Family, Group, explain_bad_state
+from ostate.optimizers.family import Family, Group, explain_bad_state, initial_param
 from ostate.optimizers.registry import FAMILIES, detect, families, get_family
 from ostate.state import ParamState
 
@@ -33,11 +33,18 @@ def family_for(param: ParamState, group: Group, kind: str | None = None) -> Fami
 
 
 def effective_lr(param: ParamState, group: Group, *, kind: str | None = None) -> torch.Tensor:
-    """The per-coordinate effective learning rate of ``param`` (a tensor of its shape).
+    r"""The per-coordinate effective learning rate of ``param`` (a tensor of its shape).
 
     ``kind`` names the optimizer family; by default it is detected from the state and
     the group. The formula for each family is in its module and in docs/optimizers.md.
     It uses the group's saved ``lr`` (after a scheduler step, usually the next step's lr).
+
+    A parameter without state (a new head, an optimizer saved before its first step) gets
+    the formula applied to the state its optimizer starts from, where the family
+    describes it (``Family.first_step``) and that state determines the first step's rate
+    (SGD, Lion, Muon, Rprop, Adagrad, ...); an adaptive family's first step divides by the
+    first gradient (Adam: :math:`-\gamma g/(|g|+\epsilon)`), which only
+    :func:`next_update` is given, and is refused with that explanation.
 
     Example:
         >>> import ostate, torch
@@ -52,6 +59,16 @@ def effective_lr(param: ParamState, group: Group, *, kind: str | None = None) ->
     family = family_for(param, group, kind)
     if family.effective_lr is None:
         raise OstateError(f"no effective learning rate is defined for optimizer kind '{family.name}'")
+    if not param.has_state and family.first_step is not None:
+        if family.first_step.effective_lr_refusal is not None:
+            raise OstateError(
+                f"'{param.name}' has no state yet (first step), and for optimizer kind '{family.name}' "
+                + family.first_step.effective_lr_refusal,
+                hint="ostate.next_update(param, group, grad, weight) predicts the first step from the gradient",
+            )
+        if param.shape is None:
+            raise OstateError(f"'{param.name}' has no state yet and ostate does not know its shape")
+        param = initial_param(param, family.first_step, group, torch.zeros(param.shape))
     with explain_bad_state(param, family, group):
         return family.effective_lr(param, group)
 
@@ -65,6 +82,11 @@ def next_update(
     the weight's dtype and in the library's order of operations, so it matches the real
     step to rounding. Families whose next step needs more (LBFGS re-evaluates the loss)
     raise :class:`~ostate.OstateError`.
+
+    A parameter without state (a new head, an optimizer saved before its first step) is
+    stepped from the state its optimizer creates at the first step (its documented
+    initial values, ``Family.first_step``), so its first step is predicted exactly too;
+    a family that does not describe that state refuses such a parameter.
 
     Example:
         >>> import ostate, torch
@@ -81,5 +103,7 @@ def next_update(
     family = family_for(param, group, kind)
     if family.next_update is None:
         raise OstateError(f"the next update of optimizer kind '{family.name}' cannot be computed from its state")
+    if not param.has_state and family.first_step is not None:
+        param = initial_param(param, family.first_step, group, weight.detach())
     with explain_bad_state(param, family, group):
         return family.next_update(param, group, grad, weight)

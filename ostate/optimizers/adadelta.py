@@ -28,7 +28,7 @@ from typing import Mapping
 
 import torch
 
-from ostate.optimizers.family import Family, Group, StateLayout, fresh_zeros, group_has
+from ostate.optimizers.family import Family, Group, StateLayout, adaptive_first_step, fresh_zeros, group_has, zeros_for
 from ostate.state import ParamState
 
 _STATE_KEYS = frozenset({"step", "square_avg", "acc_delta"})
@@ -75,6 +75,11 @@ def match(state_keys: frozenset[str], group: Group) -> int:
     return 3 if state_keys else 0
 
 
+def initial_state(weight: torch.Tensor, group: Group) -> dict:
+    """torch's Adadelta state before the first step: ``step`` 0, zero ``square_avg`` and ``acc_delta``."""
+    return {"step": torch.tensor(0.0), **zeros_for(weight, "square_avg", "acc_delta")}
+
+
 ADADELTA = Family(
     name="adadelta",
     label="Adadelta",
@@ -91,4 +96,5 @@ ADADELTA = Family(
         fresh={"square_avg": fresh_zeros, "acc_delta": fresh_zeros, "step": fresh_zeros},
         step_in_update=lambda group: False,
     ),
+    first_step=adaptive_first_step(initial_state, "-lr * sqrt(eps) * g / sqrt((1 - rho) g^2 + eps)"),
 )

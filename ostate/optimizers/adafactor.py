@@ -40,7 +40,7 @@ from typing import Mapping
 
 import torch
 
-from ostate.optimizers.family import Family, Group, group_has, step_of
+from ostate.optimizers.family import Family, Group, adaptive_first_step, group_has, step_of, zeros_for
 from ostate.state import ParamState
 
 _STATE_KEYS = frozenset({"step", "row_var", "col_var", "variance"})
@@ -133,6 +133,16 @@ def match(state_keys: frozenset[str], group: Group) -> int:
     return 3 if state_keys else 0
 
 
+def initial_state(weight: torch.Tensor, group: Group) -> dict:
+    """torch's Adafactor state before the first step: ``step`` 0 and zero factors ``row_var`` (``(..., n, 1)``)
+    and ``col_var`` (``(..., 1, m)``), or a zero ``variance`` for a vector."""
+    if weight.dim() < 2:
+        return {"step": torch.tensor(0.0), **zeros_for(weight, "variance")}
+    rows, cols = list(weight.shape), list(weight.shape)
+    rows[-1], cols[-2] = 1, 1
+    return {"step": torch.tensor(0.0), "row_var": weight.new_zeros(rows), "col_var": weight.new_zeros(cols)}
+
+
 ADAFACTOR = Family(
     name="adafactor",
     label="Adafactor (torch.optim)",
@@ -149,4 +159,5 @@ ADAFACTOR = Family(
         "Adafactor (torch.optim): eff_lr is relative, per unit of max(eps2, RMS(weights)), which the state "
         "does not record; it is rho_next / max(sqrt(V), eps1), before update clipping.",
     ),
+    first_step=adaptive_first_step(initial_state, "-lr * G / max(|G|, eps1), its second moment replaced by G^2"),
 )

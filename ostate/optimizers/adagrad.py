@@ -33,6 +33,7 @@ from ostate.optimizers.family import (
     Group,
     Preconditioned,
     StateLayout,
+    adaptive_first_step,
     fresh_zeros,
     group_has,
     plain_preconditioned,
@@ -115,6 +116,12 @@ def fresh_sum(value: Any, group: Group) -> torch.Tensor:
     return torch.full_like(value, float(group.get("initial_accumulator_value", 0.0)))
 
 
+def initial_state(weight: torch.Tensor, group: Group) -> dict:
+    """torch's Adagrad state (made in its constructor): ``step`` 0, ``sum`` full of ``initial_accumulator_value``."""
+    initial = group.get("initial_accumulator_value", 0.0)
+    return {"step": torch.tensor(0.0), "sum": torch.full_like(weight, initial, memory_format=torch.preserve_format)}
+
+
 ADAGRAD = Family(
     name="adagrad",
     label="Adagrad",
@@ -141,4 +148,5 @@ ADAGRAD = Family(
         "Adagrad: decayed_lr is the next step's lr / (1 + step * lr_decay); a zero gradient moves nothing, "
         "so there is no update column.",
     ),
+    first_step=adaptive_first_step(initial_state, "-lr * g / (sqrt(s0 + g^2) + eps)"),
 )

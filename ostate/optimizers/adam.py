@@ -40,9 +40,11 @@ from ostate.optimizers.family import (
     Moments,
     Preconditioned,
     StateLayout,
+    adaptive_first_step,
     fresh_zeros,
     group_has,
     step_of,
+    zeros_for,
 )
 from ostate.state import ParamState
 
@@ -361,6 +363,15 @@ ADAM_LAYOUT = StateLayout(
     v_bias_corrected=True,
 )
 
+
+def initial_state(weight: torch.Tensor, group: Group) -> dict:
+    """torch's Adam/AdamW state before the first step: ``step`` 0 and zero moments (AMSGrad: ``max_exp_avg_sq`` too)."""
+    keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if group.get("amsgrad", False) else ("exp_avg", "exp_avg_sq")
+    return {"step": torch.tensor(0.0), **zeros_for(weight, *keys)}
+
+
+ADAM_FIRST_STEP = adaptive_first_step(initial_state, "-lr * g / (|g| + eps)")
+
 ADAM = Family(
     name="adam",
     label="Adam",
@@ -377,6 +388,7 @@ ADAM = Family(
     quantized_moments=_QUANTIZED,
     moments=ADAM_MOMENTS,
     layout=ADAM_LAYOUT,
+    first_step=ADAM_FIRST_STEP,
 )
 
 
@@ -398,4 +410,5 @@ ADAMW = Family(
     layout=ADAM_LAYOUT,
     preferred=True,
     notes=("AdamW: weight decay is decoupled (theta <- theta * (1 - lr * weight_decay) before the Adam step).",),
+    first_step=ADAM_FIRST_STEP,
 )

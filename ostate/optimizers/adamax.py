@@ -27,7 +27,16 @@ from typing import Mapping
 
 import torch
 
-from ostate.optimizers.family import Family, Group, StateLayout, fresh_zeros, group_has, step_of
+from ostate.optimizers.family import (
+    Family,
+    Group,
+    StateLayout,
+    adaptive_first_step,
+    fresh_zeros,
+    group_has,
+    step_of,
+    zeros_for,
+)
 from ostate.state import ParamState
 
 _STATE_KEYS = frozenset({"step", "exp_avg", "exp_inf"})
@@ -105,6 +114,11 @@ def match(state_keys: frozenset[str], group: Group) -> int:
     return 0
 
 
+def initial_state(weight: torch.Tensor, group: Group) -> dict:
+    """torch's Adamax state before the first step: ``step`` 0, zero ``exp_avg`` and ``exp_inf``."""
+    return {"step": torch.tensor(0.0), **zeros_for(weight, "exp_avg", "exp_inf")}
+
+
 ADAMAX = Family(
     name="adamax",
     label="Adamax",
@@ -124,4 +138,5 @@ ADAMAX = Family(
         counter=("step",),
         fresh={"exp_avg": fresh_zeros, "exp_inf": fresh_zeros, "step": fresh_zeros},
     ),
+    first_step=adaptive_first_step(initial_state, "-lr * g / (|g| + eps)"),
 )

@@ -28,7 +28,7 @@ from typing import Mapping
 
 import torch
 
-from ostate.optimizers.family import Family, Group, group_has, scalar_of
+from ostate.optimizers.family import Family, FirstStep, Group, group_has, scalar_of, zeros_for
 from ostate.state import ParamState
 
 _STATE_KEYS = frozenset({"step", "eta", "mu", "ax"})
@@ -77,6 +77,16 @@ def match(state_keys: frozenset[str], group: Group) -> int:
     return 3 if state_keys else 0
 
 
+def initial_state(weight: torch.Tensor, group: Group) -> dict:
+    """torch's ASGD state before the first step: ``step`` 0, ``eta`` = lr, ``mu`` 1, zero ``ax``."""
+    return {
+        "step": torch.tensor(0.0),
+        "eta": torch.tensor(float(group["lr"])),
+        "mu": torch.tensor(1.0),
+        **zeros_for(weight, "ax"),
+    }
+
+
 ASGD = Family(
     name="asgd",
     label="ASGD",
@@ -88,4 +98,5 @@ ASGD = Family(
     display=("eta", "mu", "averaging", "decay_factor", "ax_rms"),
     hyperparameters=("lr", "initial_lr", "lambd", "alpha", "t0", "weight_decay", "maximize"),
     notes=("ASGD: eff_lr is the step size eta saved in the state for the next step, not the group's lr.",),
+    first_step=FirstStep(initial_state),
 )

@@ -63,7 +63,15 @@ from ostate.optimizers.adam import (
     adam_snr,
     bias_corrected_preconditioned,
 )
-from ostate.optimizers.family import Family, Group, Preconditioned, plain_preconditioned, step_of
+from ostate.optimizers.family import (
+    Family,
+    FirstStep,
+    Group,
+    Preconditioned,
+    adaptive_first_step,
+    plain_preconditioned,
+    step_of,
+)
 from ostate.state import ParamState
 
 QUANT_KEYS = frozenset({"qmap1", "qmap2", "absmax1", "absmax2", "max1", "max2", "new_max1", "new_max2"})
@@ -359,6 +367,20 @@ _NOTE = (
     "statistic; state_bits says which parameters kept 32-bit state.",
 )
 
+
+def _initial_state(keys: tuple[str, ...]) -> Callable[[torch.Tensor, Group], dict]:
+    def initial_state(weight: torch.Tensor, group: Group) -> dict:
+        """bitsandbytes' state before the first step: ``step`` 0 and zero states, in their 32-bit form.
+
+        Whether the optimizer keeps 8-bit state is not saved (``optim_bits`` and
+        ``min_8bit_size`` are its arguments, not the groups'); its first step is the same
+        either way up to rounding, as zero codes with zero scales dequantise to zeros.
+        """
+        return {"step": 0, **{key: torch.zeros(tuple(weight.shape), dtype=torch.float32) for key in keys}}
+
+    return initial_state
+
+
 BNB_ADAM = Family(
     name="bnb_adam",
     label="bitsandbytes Adam/AdamW",
@@ -384,6 +406,7 @@ BNB_ADAM = Family(
     preconditioned=_adam_preconditioned,
     signed_first_moment=_signed_state1,
     notes=(*_NOTE, "bitsandbytes Adam: weight decay is decoupled (AdamW-style) for Adam8bit too."),
+    first_step=adaptive_first_step(_initial_state(("state1", "state2")), "-lr * g / (|g| + eps)"),
 )
 BNB_LION = Family(
     name="bnb_lion",
@@ -400,6 +423,7 @@ BNB_LION = Family(
     preferred=True,
     signed_first_moment=_signed_state1,
     notes=_NOTE,
+    first_step=FirstStep(_initial_state(("state1",))),
 )
 BNB_MOMENTUM = Family(
     name="bnb_momentum",
@@ -415,6 +439,7 @@ BNB_MOMENTUM = Family(
     chunked=False,
     signed_first_moment=_signed_state1,
     notes=_NOTE,
+    first_step=FirstStep(_initial_state(("state1",))),
 )
 BNB_RMSPROP = Family(
     name="bnb_rmsprop",
@@ -430,6 +455,7 @@ BNB_RMSPROP = Family(
     chunked=False,
     preconditioned=_rms_preconditioned("square_avg"),
     notes=_NOTE,
+    first_step=adaptive_first_step(_initial_state(("state1",)), "-lr * g / (sqrt(1 - alpha) |g| + eps)"),
 )
 BNB_ADAGRAD = Family(
     name="bnb_adagrad",
@@ -445,4 +471,5 @@ BNB_ADAGRAD = Family(
     chunked=False,
     preconditioned=_rms_preconditioned("sum"),
     notes=_NOTE,
+    first_step=adaptive_first_step(_initial_state(("state1",)), "-lr * g / (|g| + eps)"),
 )

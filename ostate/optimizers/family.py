@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 
 from ostate.errors import OstateError
-from ostate.state import ParamState
+from ostate.state import ParamState, TensorRef
 
 Group = Mapping[str, Any]
 # Per-coordinate quantities of one chunk of a parameter: a tensor (one value per
@@ -72,6 +72,48 @@ class StateLayout:
     lazy_init: bool = True
 
 
+# The state an optimizer creates for a parameter at its first step, from the weight and the param group.
+InitialState = Callable[[torch.Tensor, Group], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class FirstStep:
+    r"""How a family's optimizer starts a parameter that has no state yet (a new head, an optimizer saved
+    before its first step): the hook that lets ``next_update`` and ``effective_lr`` predict the first step.
+
+    ``initial_state(weight, group)`` is the state the optimizer creates for a parameter like
+    ``weight`` before stepping it, with its documented initial values (torch: each
+    optimizer's ``_init_group``; zeros for moments, ``step`` 0, NAdam's ``mu_product`` 1,
+    Rprop's ``step_size`` full of ``lr``, schedule-free's ``z`` a copy of the weights). The
+    first step is then the family's own ``next_update`` applied to that state, exactly as the
+    optimizer takes it. Only schedule-free reads the weight's values; the others its shape
+    and dtype.
+
+    ``effective_lr_refusal`` says why the first step's effective learning rate is not a
+    function of the state, when it is not: an adaptive family divides its first step by
+    the first gradient itself (Adam: :math:`\Delta\theta = -\gamma g/(|g|+\epsilon)`), so
+    only ``next_update``, given the gradient, predicts it. None: ``effective_lr`` is the
+    family's formula applied to the initial state (SGD, Lion, Muon, Rprop, ...).
+    """
+
+    initial_state: InitialState
+    effective_lr_refusal: str | None = None
+
+
+def adaptive_first_step(initial_state: InitialState, formula: str) -> FirstStep:
+    """The :class:`FirstStep` of a family whose first update divides by the first gradient (``formula``)."""
+    return FirstStep(
+        initial_state,
+        effective_lr_refusal=f"its first step is {formula}: the effective learning rate of a first step is "
+        "the first gradient's, not a function of the state",
+    )
+
+
+def zeros_for(weight: torch.Tensor, *keys: str) -> dict[str, torch.Tensor]:
+    """One zero tensor like ``weight`` per key, as torch's ``torch.zeros_like(p)`` initialises moments."""
+    return {key: torch.zeros_like(weight, memory_format=torch.preserve_format) for key in keys}
+
+
 @dataclass(frozen=True)
 class Family:
     r"""One optimizer family: how to recognise it and the math to apply to its state.
@@ -122,6 +164,9 @@ class Family:
       counters, and how a fresh optimizer starts each (a :class:`StateLayout`); the
       strategies that reset part of a state (``reset-m``, ``reset-v``, ...) need it, and
       refuse a family without one.
+    - ``first_step`` says how the optimizer starts a parameter that has no state yet (a
+      :class:`FirstStep`): ``next_update`` and ``effective_lr`` then predict its first
+      step. Without it they refuse such a parameter (as for a state they cannot read).
     """
 
     name: str
@@ -145,6 +190,7 @@ class Family:
     moments: Moments | None = None
     signed_first_moment: Callable[[Mapping[str, torch.Tensor], Group, ParamState], torch.Tensor] | None = None
     layout: StateLayout | None = None
+    first_step: FirstStep | None = None
 
     def first_moment_values(
         self, chunk: Mapping[str, torch.Tensor], group: Group, param: ParamState
@@ -217,6 +263,29 @@ def plain_preconditioned(
     inverse = s.mul(scale).sqrt_().add_(eps).reciprocal_() if scale != 1.0 else s.sqrt().add_(eps).reciprocal_()
     return Preconditioned(
         numerator=numerator, second_moment=s, inverse_denominator=inverse, eps=float(eps), second_moment_scale=scale
+    )
+
+
+def initial_param(param: ParamState, first_step: FirstStep, group: Group, weight: torch.Tensor) -> ParamState:
+    """``param`` (which has no state) with the state its optimizer creates at the first step.
+
+    Example:
+        >>> p = ParamState(0, "head.bias", "fqn", 0, (2,), None)
+        >>> start = initial_param(p, FirstStep(lambda w, g: {"step": torch.tensor(0.0), **zeros_for(w, "m")}), {}, torch.ones(2))
+        >>> start.step, start.read("m").tolist()
+        (0.0, [0.0, 0.0])
+    """
+    state = first_step.initial_state(weight, group)
+    step = state.get("step")
+    return ParamState(
+        param.index,
+        param.name,
+        param.name_source,
+        param.group,
+        tuple(weight.shape),
+        None if step is None else float(step),
+        {k: TensorRef.of(v) if isinstance(v, torch.Tensor) else v for k, v in state.items()},
+        frozen=param.frozen,
     )
 
 

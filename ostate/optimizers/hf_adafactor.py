@@ -42,7 +42,7 @@ from typing import Mapping
 
 import torch
 
-from ostate.optimizers.family import Family, Group, group_has, scalar_of, step_of
+from ostate.optimizers.family import Family, Group, adaptive_first_step, group_has, scalar_of, step_of
 from ostate.state import ParamState
 
 _STATE_KEYS = frozenset({"step", "exp_avg", "exp_avg_sq", "exp_avg_sq_row", "exp_avg_sq_col", "RMS"})
@@ -151,6 +151,22 @@ def match(state_keys: frozenset[str], group: Group) -> int:
     return 3 if state_keys else 0
 
 
+def initial_state(weight: torch.Tensor, group: Group) -> dict:
+    """transformers' Adafactor state before the first step: ``step`` 0, ``RMS`` 0, zero ``exp_avg`` (with
+    ``beta1``), and zero ``exp_avg_sq_row``/``exp_avg_sq_col`` (two or more dimensions) or ``exp_avg_sq``."""
+    shape = tuple(weight.shape)
+    dtype = torch.float32 if weight.dtype in _LOW_PRECISION else weight.dtype
+    state: dict = {"step": 0, "RMS": 0}
+    if group.get("beta1") is not None:
+        state["exp_avg"] = torch.zeros(shape, dtype=dtype)
+    if len(shape) >= 2:
+        state["exp_avg_sq_row"] = torch.zeros(shape[:-1], dtype=dtype)
+        state["exp_avg_sq_col"] = torch.zeros(shape[:-2] + shape[-1:], dtype=dtype)
+    else:
+        state["exp_avg_sq"] = torch.zeros(shape, dtype=dtype)
+    return state
+
+
 HF_ADAFACTOR = Family(
     name="hf_adafactor",
     label="Adafactor (transformers)",
@@ -179,4 +195,5 @@ HF_ADAFACTOR = Family(
         "Adafactor (transformers): with relative_step the group's lr is ignored; eff_lr uses the next "
         "step's relative step size times max(eps2, saved RMS of the weights), before update clipping.",
     ),
+    first_step=adaptive_first_step(initial_state, "-lr * G / sqrt(G^2 + eps1), clipped to RMS 1"),
 )

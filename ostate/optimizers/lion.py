@@ -25,7 +25,7 @@ from typing import Mapping
 
 import torch
 
-from ostate.optimizers.family import Family, Group, group_has
+from ostate.optimizers.family import Family, FirstStep, Group, group_has, zeros_for
 from ostate.state import ParamState
 
 
@@ -69,6 +69,11 @@ def match(state_keys: frozenset[str], group: Group) -> int:
     return 0
 
 
+def initial_state(weight: torch.Tensor, group: Group) -> dict:
+    """lion-pytorch's state before the first step: a zero ``exp_avg``."""
+    return zeros_for(weight, "exp_avg")
+
+
 LION = Family(
     name="lion",
     label="Lion (lion-pytorch)",
@@ -86,4 +91,5 @@ LION = Family(
         "Lion: every coordinate moves by exactly lr (sign update). Lion(decoupled_weight_decay=True) is not "
         "recorded in the state dict; the next update assumes it was off.",
     ),
+    first_step=FirstStep(initial_state),
 )

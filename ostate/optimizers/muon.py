@@ -28,7 +28,7 @@ from typing import Mapping, Sequence
 import torch
 
 from ostate.errors import OstateError
-from ostate.optimizers.family import Family, Group, group_has
+from ostate.optimizers.family import Family, FirstStep, Group, group_has, zeros_for
 from ostate.state import ParamState
 
 
@@ -105,6 +105,11 @@ def match(state_keys: frozenset[str], group: Group) -> int:
     return 5 if group_has(group, "ns_coefficients", "ns_steps") else 0
 
 
+def initial_state(weight: torch.Tensor, group: Group) -> dict:
+    """torch's Muon state before the first step: a zero ``momentum_buffer``."""
+    return zeros_for(weight, "momentum_buffer")
+
+
 MUON = Family(
     name="muon",
     label="Muon",
@@ -130,4 +135,5 @@ MUON = Family(
         "Muon: the update is the orthogonalised momentum (unit singular values), so eff_lr is the "
         "shape-adjusted lr of the whole matrix, not a per-coordinate rate.",
     ),
+    first_step=FirstStep(initial_state),
 )

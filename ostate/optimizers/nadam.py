@@ -45,11 +45,13 @@ from ostate.optimizers.family import (
     Group,
     Preconditioned,
     StateLayout,
+    adaptive_first_step,
     fresh_ones,
     fresh_zeros,
     group_has,
     scalar_of,
     step_of,
+    zeros_for,
 )
 from ostate.state import ParamState
 
@@ -165,6 +167,11 @@ def match(state_keys: frozenset[str], group: Group) -> int:
     return 3 if state_keys else 0
 
 
+def initial_state(weight: torch.Tensor, group: Group) -> dict:
+    """torch's NAdam state before the first step: ``step`` 0, ``mu_product`` 1, zero moments."""
+    return {"step": torch.tensor(0.0), "mu_product": torch.tensor(1.0), **zeros_for(weight, "exp_avg", "exp_avg_sq")}
+
+
 NADAM = Family(
     name="nadam",
     label="NAdam",
@@ -204,4 +211,5 @@ NADAM = Family(
         v_bias_corrected=True,
     ),
     notes=("NAdam: step and mu_product must be reset together; mu_product_consistent says whether they agree.",),
+    first_step=adaptive_first_step(initial_state, "-lr * g / (|g| + eps) with Nesterov momentum"),
 )

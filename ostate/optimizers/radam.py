@@ -40,6 +40,7 @@ import torch
 from ostate.optimizers.adam import adam_snr, moment_estimates
 from ostate.optimizers.family import (
     Family,
+    FirstStep,
     Group,
     Moments,
     Preconditioned,
@@ -48,6 +49,7 @@ from ostate.optimizers.family import (
     group_has,
     plain_preconditioned,
     step_of,
+    zeros_for,
 )
 from ostate.state import ParamState
 
@@ -187,6 +189,11 @@ def match(state_keys: frozenset[str], group: Group) -> int:
     return 4 if "decoupled_weight_decay" in group else 2
 
 
+def initial_state(weight: torch.Tensor, group: Group) -> dict:
+    """torch's RAdam state before the first step: ``step`` 0, zero moments (the first steps are unrectified)."""
+    return {"step": torch.tensor(0.0), **zeros_for(weight, "exp_avg", "exp_avg_sq")}
+
+
 RADAM = Family(
     name="radam",
     label="RAdam",
@@ -225,4 +232,5 @@ RADAM = Family(
         "RAdam: rho, rectified and rect_factor are those of the next step (t+1); while not rectified "
         "the step is lr times the bias-corrected momentum, with no adaptivity.",
     ),
+    first_step=FirstStep(initial_state),
 )

@@ -39,9 +39,11 @@ from ostate.optimizers.family import (
     Group,
     Preconditioned,
     StateLayout,
+    adaptive_first_step,
     fresh_zeros,
     group_has,
     plain_preconditioned,
+    zeros_for,
 )
 from ostate.state import ParamState
 
@@ -129,6 +131,17 @@ def match(state_keys: frozenset[str], group: Group) -> int:
     return 2 if state_keys else 0
 
 
+def initial_state(weight: torch.Tensor, group: Group) -> dict:
+    """torch's RMSprop state before the first step: ``step`` 0, zero ``square_avg`` (and ``momentum_buffer``
+    with momentum, ``grad_avg`` when centered)."""
+    keys = ["square_avg"]
+    if group.get("momentum", 0) > 0:
+        keys.append("momentum_buffer")
+    if group.get("centered", False):
+        keys.append("grad_avg")
+    return {"step": torch.tensor(0.0), **zeros_for(weight, *keys)}
+
+
 RMSPROP = Family(
     name="rmsprop",
     label="RMSprop",
@@ -154,4 +167,5 @@ RMSPROP = Family(
         fresh={"momentum_buffer": fresh_zeros, "grad_avg": fresh_zeros, "square_avg": fresh_zeros, "step": fresh_zeros},
         step_in_update=lambda group: False,
     ),
+    first_step=adaptive_first_step(initial_state, "-lr * g / (sqrt(1 - alpha) |g| + eps)"),
 )

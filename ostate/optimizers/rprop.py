@@ -31,7 +31,7 @@ from typing import Mapping
 
 import torch
 
-from ostate.optimizers.family import Family, Group, group_has
+from ostate.optimizers.family import Family, FirstStep, Group, group_has, zeros_for
 from ostate.state import ParamState
 
 _STATE_KEYS = frozenset({"step", "prev", "step_size"})
@@ -89,6 +89,15 @@ def match(state_keys: frozenset[str], group: Group) -> int:
     return 3 if state_keys else 0
 
 
+def initial_state(weight: torch.Tensor, group: Group) -> dict:
+    """torch's Rprop state before the first step: ``step`` 0, zero ``prev``, ``step_size`` full of lr."""
+    return {
+        "step": torch.tensor(0.0),
+        **zeros_for(weight, "prev"),
+        "step_size": torch.full_like(weight, float(group["lr"]), memory_format=torch.preserve_format),
+    }
+
+
 RPROP = Family(
     name="rprop",
     label="Rprop",
@@ -103,4 +112,5 @@ RPROP = Family(
         "Rprop: eff_lr is each coordinate's saved step size (in parameter units); the group's lr was only "
         "the initial step size.",
     ),
+    first_step=FirstStep(initial_state),
 )

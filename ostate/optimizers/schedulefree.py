@@ -35,7 +35,15 @@ from typing import Mapping
 
 import torch
 
-from ostate.optimizers.family import Family, Group, Preconditioned, group_has, plain_preconditioned
+from ostate.optimizers.family import (
+    Family,
+    Group,
+    Preconditioned,
+    adaptive_first_step,
+    group_has,
+    plain_preconditioned,
+    zeros_for,
+)
 from ostate.state import ParamState
 
 _STATE_KEYS = frozenset({"z", "exp_avg_sq"})
@@ -116,6 +124,12 @@ def match(state_keys: frozenset[str], group: Group) -> int:
     return 0 if "silent_sgd_phase" in group or "decay_at_z" in group else 5
 
 
+def initial_state(weight: torch.Tensor, group: Group) -> dict:
+    """schedulefree's state before the first step: ``z`` a copy of the weights, a zero ``exp_avg_sq``
+    (its counters are in the param group)."""
+    return {"z": weight.detach().clone(), **zeros_for(weight, "exp_avg_sq")}
+
+
 SCHEDULEFREE_ADAMW = Family(
     name="schedulefree_adamw",
     label="AdamW schedule-free",
@@ -141,4 +155,5 @@ SCHEDULEFREE_ADAMW = Family(
         "Schedule-free AdamW: the step counter k lives in the param groups; eff_lr uses the next step's "
         "warmup-scheduled lr. The saved weights are x in eval mode and y in train mode.",
     ),
+    first_step=adaptive_first_step(initial_state, "-lr_1 * g / (|g| + eps)"),
 )

@@ -23,7 +23,7 @@ from typing import Mapping
 
 import torch
 
-from ostate.optimizers.family import Family, Group, StateLayout, fresh_absent, group_has
+from ostate.optimizers.family import Family, FirstStep, Group, StateLayout, fresh_absent, group_has
 from ostate.state import ParamState
 
 
@@ -97,6 +97,11 @@ def _match(state_keys: frozenset[str], group: Group) -> int:
     return 1 if state_keys else 0
 
 
+def initial_state(weight: torch.Tensor, group: Group) -> dict:
+    """SGD keeps nothing before its first step (that step sets the momentum buffer to the gradient)."""
+    return {}
+
+
 SGD = Family(
     name="sgd",
     label="SGD",
@@ -112,4 +117,5 @@ SGD = Family(
     # SGD's first step sets the buffer to the gradient itself: a fresh buffer is an absent one
     # (a zero buffer would damp that step by 1 - dampening).
     layout=StateLayout(first_moment=("momentum_buffer",), fresh={"momentum_buffer": fresh_absent}),
+    first_step=FirstStep(initial_state),
 )

@@ -33,7 +33,16 @@ import torch
 
 from ostate.errors import OstateError
 from ostate.optimizers.adam import adam_snr
-from ostate.optimizers.family import Family, Group, Preconditioned, group_has, plain_preconditioned, step_of
+from ostate.optimizers.family import (
+    Family,
+    Group,
+    Preconditioned,
+    adaptive_first_step,
+    group_has,
+    plain_preconditioned,
+    step_of,
+    zeros_for,
+)
 from ostate.state import ParamState
 
 _STATE_KEYS = frozenset({"step", "exp_avg", "exp_avg_sq"})
@@ -126,6 +135,11 @@ def match(state_keys: frozenset[str], group: Group) -> int:
     return 0
 
 
+def initial_state(weight: torch.Tensor, group: Group) -> dict:
+    """torch's SparseAdam state before the first step: ``step`` 0, zero moments."""
+    return {"step": 0, **zeros_for(weight, "exp_avg", "exp_avg_sq")}
+
+
 SPARSE_ADAM = Family(
     name="sparse_adam",
     label="SparseAdam",
@@ -143,4 +157,5 @@ SPARSE_ADAM = Family(
         "SparseAdam: step counts calls with a gradient, not how often each row was touched; "
         "a zero gradient moves nothing, so there is no update column.",
     ),
+    first_step=adaptive_first_step(initial_state, "-lr * g / (|g| + eps) on the rows of the gradient"),
 )
