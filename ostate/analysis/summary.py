@@ -85,7 +85,7 @@ def first_step_params(optimizer: OptimizerState) -> list[str]:
         >>> import ostate, torch
         >>> opt = torch.optim.Adam([torch.nn.Parameter(torch.ones(2))])
         >>> first_step_params(ostate.from_state_dict(opt.state_dict()).optimizers[0])
-        ['0']
+        ['param.0']
     """
     family = get_family(optimizer.kind)
     if family.first_step is None:
