@@ -6,6 +6,7 @@ import click
 
 from ostate.optimizers import families
 from ostate.reset.strategies import STRATEGIES
+from ostate.reset.write import SCHEDULER_CHOICES, lr_lines
 from ostate.reset.write import reset as reset_checkpoint
 from ostate_cli.common import format_hint_option, handle_errors, trust_pickle_option
 
@@ -47,11 +48,36 @@ from ostate_cli.common import format_hint_option, handle_errors, trust_pickle_op
     metavar="KIND",
     help="Treat the state as this optimizer family instead of detecting it.",
 )
+@click.option(
+    "--lr",
+    type=float,
+    metavar="LR",
+    help="Write LR as every param group's lr (and initial_lr, where the groups have one): the lr of the "
+    "resumed run's first step, since load_state_dict restores the saved one over the new optimizer's. "
+    "Default: keep the saved lr (the source run's last).",
+)
+@click.option(
+    "--initial-lr",
+    type=float,
+    metavar="LR",
+    help="Write LR as every param group's initial_lr, the base a LambdaLR built after loading takes "
+    "(default: --lr where given, else as saved).",
+)
+@click.option(
+    "--scheduler",
+    type=click.Choice(SCHEDULER_CHOICES),
+    default="keep",
+    show_default=True,
+    help="Keep the saved scheduler state, or drop it so that the resumed run's own scheduler starts afresh "
+    "(torch.save files, Lightning's lr_schedulers; a Trainer or accelerate folder needs its scheduler file).",
+)
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (never PATH).")
 @trust_pickle_option
 @format_hint_option
 @handle_errors
-def reset(path, strategy, params, out, optimizer_index, kind, overwrite, trust_pickle, format_hint):
+def reset(
+    path, strategy, params, out, optimizer_index, kind, lr, initial_lr, scheduler, overwrite, trust_pickle, format_hint
+):
     """Write checkpoint PATH to OUT with STRATEGY applied to its optimizer state.
 
     Everything else is kept as it was: the other entries of a torch.save or Lightning
@@ -62,6 +88,7 @@ def reset(path, strategy, params, out, optimizer_index, kind, overwrite, trust_p
     \b
     ostate reset ckpt.pt --strategy reset-v -o ckpt-reset-v.pt
     ostate reset out/checkpoint-500 --strategy fresh --params '^lm_head\\.' -o out/checkpoint-500-head
+    ostate reset last.ckpt --strategy reset-m --lr 1e-4 --scheduler drop -o finetune-start.ckpt
     """
     result = reset_checkpoint(
         path,
@@ -73,6 +100,9 @@ def reset(path, strategy, params, out, optimizer_index, kind, overwrite, trust_p
         trust_pickle=trust_pickle,
         format_hint=format_hint,
         overwrite=overwrite,
+        lr=lr,
+        initial_lr=initial_lr,
+        scheduler=scheduler,
     )
     click.echo(f"wrote {result.out} ({result.format}) with strategy {result.strategy}", err=True)
     for o in result.optimizers:
@@ -87,5 +117,7 @@ def reset(path, strategy, params, out, optimizer_index, kind, overwrite, trust_p
                 f"{', '.join('-' if a is None else f'{a:g}' for a in o.v_ages)}",
                 err=True,
             )
+    for line in lr_lines(result):
+        click.echo(f"  {line}", err=True)
     for note in result.notes:
         click.echo(f"note: {note}", err=True)

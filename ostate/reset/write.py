@@ -32,10 +32,20 @@ entry of a live optimizer (DCP, DeepSpeed) need; SGD's momentum buffer, whose fr
 form is its absence, is removed. ``keep-v`` records the age
 of the kept second moment in each param group (``ostate_v_age``): the optimizer that
 loads the result needs :func:`ostate.reset.strategies.attach` to honour it (docs/reset.md).
+
+**Learning rates and schedulers.** torch's ``load_state_dict`` restores each param group's
+hyperparameters, ``lr`` and ``initial_lr`` included, over those the new optimizer was built
+with, and a ``LambdaLR`` built after loading takes ``initial_lr`` as its base. So the saved
+``lr`` is the lr of the resumed run's first step, whatever the strategy. ``lr=`` sets it (and
+``initial_lr`` where the groups have one; ``initial_lr=`` sets that apart) in every param
+group; ``scheduler="drop"`` removes the saved scheduler states where the framework then
+starts its own scheduler afresh (a ``torch.save`` file's top-level scheduler entries,
+Lightning's ``lr_schedulers``). :func:`lr_lines` says which lr the resumed run will use.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import shutil
@@ -55,6 +65,7 @@ from ostate.formats.deepspeed.files import (
     tag_files,
 )
 from ostate.formats.deepspeed.write import rewrite_partitions, rewrite_universal
+from ostate.formats.naming.discover import is_scheduler_state_dict
 from ostate.formats.torch_save.write import rewrite_torch_file
 from ostate.loading import load, selected_optimizers
 from ostate.outputs import atomic_directory, check_output
@@ -63,6 +74,13 @@ from ostate.state import Checkpoint, OptimizerState, ParamState, TensorRef
 
 FILE_FORMATS = ("torch", "lightning", "safetensors")
 DIRECTORY_FORMATS = ("hf-trainer", "accelerate", "dcp", "deepspeed", "deepspeed-universal")
+SCHEDULER_CHOICES = ("keep", "drop")
+# Why a format's scheduler state cannot be dropped: what its loader does without it.
+_SCHEDULER_KEPT_BY = {
+    "hf-trainer": "the Trainer loads optimizer.pt only when scheduler.pt is beside it (resume_from_checkpoint "
+    "would start a new optimizer), and its resume continues the run's schedule at its global step",
+    "accelerate": "Accelerator.load_state reads a scheduler.bin for every scheduler it prepared",
+}
 ATTACH_NOTE = (
     "keep-v: load this state with ostate.reset.strategies.attach(optimizer) after load_state_dict, or its first "
     "steps are far too small (see docs/strategies.md)"
@@ -78,6 +96,9 @@ class OptimizerReset:
     kind: str
     actions: dict[str, str]
     v_ages: list[float | None] = field(default_factory=list)
+    # Each param group's lr and initial_lr as written (None: the group has no such key).
+    lrs: list[float | None] = field(default_factory=list)
+    initial_lrs: list[float | None] = field(default_factory=list)
 
     def counts(self) -> dict[str, int]:
         """How many parameters got each strategy."""
@@ -94,6 +115,10 @@ class ResetResult:
     strategy: str
     optimizers: list[OptimizerReset]
     notes: list[str] = field(default_factory=list)
+    # The scheduler states written to ``out`` (as ``ostate.load`` reads them) and those dropped.
+    schedulers: list[dict[str, Any]] = field(default_factory=list)
+    dropped_schedulers: list[str] = field(default_factory=list)
+    lr_set: bool = False
 
     @property
     def needs_attach(self) -> bool:
@@ -122,6 +147,9 @@ def reset(
     trust_pickle: bool = False,
     format_hint: str | None = None,
     overwrite: bool = False,
+    lr: float | None = None,
+    initial_lr: float | None = None,
+    scheduler: str = "keep",
 ) -> ResetResult:
     """Write the checkpoint at ``source`` to ``out`` with ``strategy`` applied to its optimizer state.
 
@@ -137,6 +165,16 @@ def reset(
             by default every optimizer.
         optimizer: the optimizer family, instead of detecting it.
         overwrite: replace an existing ``out`` (never ``source``).
+        lr: the lr written to every param group of the chosen optimizers: the lr of the
+            resumed run's first step (``load_state_dict`` restores it over the new
+            optimizer's). Groups that have an ``initial_lr`` get it too, so a scheduler
+            built after loading starts from it. None keeps the saved ones.
+        initial_lr: the ``initial_lr`` written to every param group (the base a
+            ``LambdaLR`` built after loading takes), when it should differ from ``lr``.
+        scheduler: ``keep`` the saved scheduler states, or ``drop`` them where the
+            framework then starts its own scheduler afresh (a ``torch.save`` file's
+            top-level scheduler entries, Lightning's ``lr_schedulers``); refused where the
+            loader needs them (Trainer, accelerate folders).
 
     Example:
         >>> import ostate, torch, tempfile, os
@@ -153,6 +191,9 @@ def reset(
     """
     source, out = os.fspath(source), os.fspath(out)
     chosen_strategy = _strategy(strategy, params)
+    rates = _LearningRates(_positive("lr", lr), _positive("initial_lr", initial_lr))
+    if scheduler not in SCHEDULER_CHOICES:
+        raise OstateError(f"scheduler='{scheduler}' is not one of: {', '.join(SCHEDULER_CHOICES)}")
     checkpoint = load(source, trust_pickle=trust_pickle, optimizer=optimizer, format_hint=format_hint)
     if checkpoint.format not in FILE_FORMATS + DIRECTORY_FORMATS:
         raise OstateError(
@@ -162,19 +203,25 @@ def reset(
         )
     chosen = selected_optimizers(checkpoint, optimizer_index)
     _check_regex_matches(chosen_strategy, chosen)
+    _check_rates_and_scheduler(checkpoint, rates, scheduler)
     check_output(out, [source], overwrite=overwrite, out_is_directory=checkpoint.format in DIRECTORY_FORMATS)
-    result = ResetResult(source, out, checkpoint.format, str(chosen_strategy), [])
+    result = ResetResult(source, out, checkpoint.format, str(chosen_strategy), [], lr_set=rates.lr is not None)
+    if scheduler == "drop":
+        result.dropped_schedulers = [_scheduler_location(s) for s in checkpoint.schedulers]
+    else:
+        result.schedulers = list(checkpoint.schedulers)
     if checkpoint.format in ("torch", "lightning"):
-        transform = _Transform(chosen, chosen_strategy, result)
-        rewrite_torch_file(source, out, transform, trust_pickle=trust_pickle)
+        transform = _Transform(chosen, chosen_strategy, result, rates=rates)
+        finish = _without_schedulers if scheduler == "drop" else None
+        rewrite_torch_file(source, out, transform, trust_pickle=trust_pickle, finish=finish)
     elif checkpoint.format == "safetensors":
-        _reset_safetensors(checkpoint, chosen[0], chosen_strategy, out, result)
+        _reset_safetensors(checkpoint, chosen[0], chosen_strategy, out, result, rates)
     else:
         with atomic_directory(out, overwrite=overwrite) as tmp:
             if checkpoint.format in ("hf-trainer", "accelerate"):
-                _reset_optimizer_files(source, tmp, chosen, chosen_strategy, result, trust_pickle)
+                _reset_optimizer_files(source, tmp, chosen, chosen_strategy, result, trust_pickle, rates)
             elif checkpoint.format == "dcp":
-                _reset_dcp(source, tmp, chosen, chosen_strategy, result, trust_pickle)
+                _reset_dcp(source, tmp, chosen, chosen_strategy, result, trust_pickle, rates)
             else:
                 _reset_deepspeed(checkpoint, source, tmp, chosen[0], chosen_strategy, result, trust_pickle)
     if result.needs_attach:
@@ -182,8 +229,39 @@ def reset(
     return result
 
 
+@dataclass(frozen=True)
+class _LearningRates:
+    """What to write to the param groups' ``lr`` and ``initial_lr`` (None: keep the saved value)."""
+
+    lr: float | None = None
+    initial_lr: float | None = None
+
+    def apply(self, groups: list[dict[str, Any]]) -> None:
+        for group in groups:
+            if self.lr is not None:
+                group["lr"] = self.lr
+                if "initial_lr" in group and self.initial_lr is None:
+                    group["initial_lr"] = self.lr
+            if self.initial_lr is not None:
+                group["initial_lr"] = self.initial_lr
+
+
+def _positive(name: str, value: float | None) -> float | None:
+    if value is None:
+        return None
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise OstateError(f"{name}={value!r} is not a learning rate", hint="give a finite number > 0")
+    return float(value)
+
+
 def reset_state_dict(
-    state_dict: Mapping[str, Any], optimizer: OptimizerState, strategy: Strategy, *, explicit_fresh: bool = True
+    state_dict: Mapping[str, Any],
+    optimizer: OptimizerState,
+    strategy: Strategy,
+    *,
+    explicit_fresh: bool = True,
+    lr: float | None = None,
+    initial_lr: float | None = None,
 ) -> tuple[dict[str, Any], OptimizerReset]:
     """``state_dict`` (the saved form of ``optimizer``) with ``strategy`` applied, and the record of it.
 
@@ -193,6 +271,7 @@ def reset_state_dict(
     parameter's state is written as the values a new optimizer starts from (torch steps
     it exactly as a missing entry, and loaders that need every entry, and ostate's own
     naming by shape, still find it); see :func:`~ostate.reset.strategies.apply_strategy`.
+    ``lr`` and ``initial_lr`` are written to every param group as :func:`reset` does.
 
     Example:
         >>> import ostate, torch
@@ -207,11 +286,14 @@ def reset_state_dict(
     applied = _for_optimizer(strategy, optimizer)
     actions = plan(state_dict, applied, names=names)
     new = apply_strategy(state_dict, applied, names=names, kind=optimizer.kind, explicit_fresh=explicit_fresh)
+    _LearningRates(_positive("lr", lr), _positive("initial_lr", initial_lr)).apply(new["param_groups"])
     record = OptimizerReset(
         location=optimizer.location,
         kind=optimizer.kind,
         actions={names.get(i, str(i)): a for i, a in actions.items()},
         v_ages=[g.get(V_AGE_KEY) for g in new["param_groups"]],
+        lrs=[_number(g.get("lr")) for g in new["param_groups"]],
+        initial_lrs=[_number(g.get("initial_lr")) for g in new["param_groups"]],
     )
     return new, record
 
@@ -220,25 +302,39 @@ class _Transform:
     """The transform a format writer calls for each optimizer state dict it finds, by location."""
 
     def __init__(
-        self, optimizers: list[OptimizerState], strategy: Strategy, result: ResetResult, *, prefix: Any = None
+        self,
+        optimizers: list[OptimizerState],
+        strategy: Strategy,
+        result: ResetResult,
+        *,
+        rates: _LearningRates,
+        prefix: Any = None,
     ):
         self.by_location = {o.location: o for o in optimizers}
         self.strategy = strategy
         self.result = result
+        self.rates = rates
         self.prefix = prefix  # the location an inner location has in the checkpoint (a file in a directory)
 
     def __call__(self, location: str, state_dict: Mapping[str, Any]) -> dict[str, Any] | None:
         optimizer = self.by_location.get(self.prefix(location) if self.prefix else location)
         if optimizer is None:
             return None
-        new, record = reset_state_dict(state_dict, optimizer, self.strategy)
+        new, record = reset_state_dict(
+            state_dict, optimizer, self.strategy, lr=self.rates.lr, initial_lr=self.rates.initial_lr
+        )
         self.result.optimizers.append(record)
         return new
 
 
 # ------------------------------------------------------------------------------ formats
 def _reset_safetensors(
-    checkpoint: Checkpoint, optimizer: OptimizerState, strategy: Strategy, out: str, result: ResetResult
+    checkpoint: Checkpoint,
+    optimizer: OptimizerState,
+    strategy: Strategy,
+    out: str,
+    result: ResetResult,
+    rates: _LearningRates,
 ) -> None:
     if not out.lower().endswith(".safetensors"):
         raise OstateError("the input is optimizer state in safetensors; name the output *.safetensors", where=out)
@@ -250,7 +346,9 @@ def _reset_safetensors(
         for p in optimizer.params
         if p.has_state
     }
-    new, record = reset_state_dict({"state": state, "param_groups": groups}, optimizer, strategy)
+    new, record = reset_state_dict(
+        {"state": state, "param_groups": groups}, optimizer, strategy, lr=rates.lr, initial_lr=rates.initial_lr
+    )
     params = [
         ParamState(
             p.index,
@@ -280,7 +378,13 @@ def _reset_safetensors(
 
 
 def _reset_optimizer_files(
-    source: str, target: str, chosen: list[OptimizerState], strategy: Strategy, result: ResetResult, trust_pickle: bool
+    source: str,
+    target: str,
+    chosen: list[OptimizerState],
+    strategy: Strategy,
+    result: ResetResult,
+    trust_pickle: bool,
+    rates: _LearningRates,
 ) -> None:
     """A Trainer or accelerate directory: copy it, then write each optimizer file holding a chosen optimizer."""
     wanted = {o.location for o in chosen}
@@ -297,7 +401,9 @@ def _reset_optimizer_files(
         ignore=lambda folder, entries: [e for e in entries if folder == source and e in names],
     )
     for src in rewritten:
-        transform = _Transform(chosen, strategy, result, prefix=lambda inner, s=src: accelerate.located(s, inner))
+        transform = _Transform(
+            chosen, strategy, result, rates=rates, prefix=lambda inner, s=src: accelerate.located(s, inner)
+        )
         if src.is_dcp:
             rewrite_dcp(src.path, os.path.join(target, src.name), transform, trust_pickle=trust_pickle)
         else:
@@ -305,9 +411,15 @@ def _reset_optimizer_files(
 
 
 def _reset_dcp(
-    source: str, target: str, chosen: list[OptimizerState], strategy: Strategy, result: ResetResult, trust_pickle: bool
+    source: str,
+    target: str,
+    chosen: list[OptimizerState],
+    strategy: Strategy,
+    result: ResetResult,
+    trust_pickle: bool,
+    rates: _LearningRates,
 ) -> None:
-    rewrite_dcp(source, target, _Transform(chosen, strategy, result), trust_pickle=trust_pickle)
+    rewrite_dcp(source, target, _Transform(chosen, strategy, result, rates=rates), trust_pickle=trust_pickle)
 
 
 def _reset_deepspeed(
@@ -326,7 +438,7 @@ def _reset_deepspeed(
     files = tag_files(tag_dir)
     if not is_universal(tag_dir) and not files.optim_files:  # ZeRO disabled: the optimizer is in the model file
         model_file = files.model_files[0]
-        transform = _Transform([optimizer], strategy, result)
+        transform = _Transform([optimizer], strategy, result, rates=_LearningRates())
         rewrite_torch_file(
             model_file,
             os.path.join(target_tag, os.path.basename(model_file)),
@@ -353,6 +465,105 @@ def _reset_deepspeed(
     trained_groups = [g for i, g in enumerate(optimizer.groups) if not optimizer.is_frozen_group(i)]
     writer(tag_dir, target_tag, actions, apply_action, trained_groups, trust_pickle=trust_pickle)
     result.optimizers.append(OptimizerReset(optimizer.location, optimizer.kind, actions))
+
+
+# ------------------------------------------------------------------- learning rates, schedulers
+def _check_rates_and_scheduler(checkpoint: Checkpoint, rates: _LearningRates, scheduler: str) -> None:
+    if (rates.lr is not None or rates.initial_lr is not None) and checkpoint.format.startswith("deepspeed"):
+        raise OstateError(
+            "ostate reset cannot write learning rates into a DeepSpeed checkpoint",
+            where=checkpoint.path,
+            hint="leave out lr/initial_lr and set the lr in the DeepSpeed config or after load_checkpoint",
+        )
+    if scheduler != "drop" or not checkpoint.schedulers:
+        return
+    if checkpoint.format in _SCHEDULER_KEPT_BY:
+        raise OstateError(
+            f"cannot drop the scheduler state of a {checkpoint.format} checkpoint: {_SCHEDULER_KEPT_BY[checkpoint.format]}",
+            where=checkpoint.path,
+            hint="keep it (scheduler keep); for a new schedule, load the model and optimizer files into your own "
+            "optimizer and scheduler instead of resuming (docs/reset.md)",
+        )
+    if checkpoint.format not in ("torch", "lightning"):
+        raise OstateError(
+            f"ostate reset cannot drop scheduler states from a {checkpoint.format} checkpoint",
+            where=checkpoint.path,
+            hint="keep them, and build your scheduler anew after loading",
+        )
+    nested = [
+        location
+        for location in map(_scheduler_location, checkpoint.schedulers)
+        if not location.startswith("lr_schedulers[") and ("." in location or "[" in location)
+    ]
+    if checkpoint.format == "torch" and nested:
+        raise OstateError(
+            f"the scheduler state at '{nested[0]}' is not a top-level entry; ostate drops only those",
+            where=checkpoint.path,
+            hint="keep the schedulers and do not load them",
+        )
+
+
+def _without_schedulers(obj: Any) -> Any:
+    """The loaded object without its scheduler states: Lightning's ``lr_schedulers`` emptied (Lightning then
+    restores none and keeps the ones ``configure_optimizers`` built), a torch file's top-level scheduler entries removed."""
+    if not isinstance(obj, Mapping):
+        return obj
+    out = dict(obj)
+    for key, value in obj.items():
+        if key == "lr_schedulers" and isinstance(value, list):
+            out[key] = []
+        elif is_scheduler_state_dict(value):
+            del out[key]
+    return out
+
+
+def _scheduler_location(scheduler: Mapping[str, Any]) -> str:
+    """Where a scheduler state of ``Checkpoint.schedulers`` was found (the readers' ``_location``)."""
+    return str(scheduler.get("_location", "?"))
+
+
+def _number(value: Any) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def lr_lines(result: ResetResult) -> list[str]:
+    """What the resumed run's learning rate will be, in words: one line per optimizer, and one per scheduler kept.
+
+    Example:
+        >>> r = ResetResult("a.pt", "b.pt", "torch", "fresh", [OptimizerReset("optimizer", "adamw", {}, [], [1e-4], [3e-4])])
+        >>> print("\\n".join(lr_lines(r)))
+        first step's lr after load_state_dict: 0.0001 (optimizer at 'optimizer', as saved: it replaces the lr the new optimizer was built with)
+        a LambdaLR built after loading takes initial_lr 0.0003 as its base (not the lr the optimizer was built with)
+    """
+
+    def listed(values: list[float | None]) -> str:
+        shown = [f"{v:g}" if v is not None else "-" for v in values]
+        return shown[0] if len(set(shown)) == 1 else ", ".join(f"group {i} {v}" for i, v in enumerate(shown))
+
+    how = "as set" if result.lr_set else "as saved: it replaces the lr the new optimizer was built with"
+    lines = []
+    for o in result.optimizers:
+        if not o.lrs:
+            continue
+        lines.append(f"first step's lr after load_state_dict: {listed(o.lrs)} (optimizer at '{o.location}', {how})")
+        if any(v is not None for v in o.initial_lrs):
+            lines.append(
+                f"a LambdaLR built after loading takes initial_lr {listed(o.initial_lrs)} as its base "
+                "(not the lr the optimizer was built with)"
+            )
+    for s in result.schedulers:
+        base = s.get("base_lrs")
+        lines.append(
+            f"scheduler state kept at '{_scheduler_location(s)}' (last_epoch={s.get('last_epoch')}"
+            + (f", base_lrs={listed([_number(b) for b in base])}" if isinstance(base, (list, tuple)) else "")
+            + "): loading it continues the saved schedule, which sets the lr from its first step() on"
+        )
+    for location in result.dropped_schedulers:
+        lines.append(f"scheduler state dropped at '{location}': a scheduler built for the resumed run starts afresh")
+    return lines
 
 
 # ------------------------------------------------------------------------------ choices

@@ -31,12 +31,14 @@ def rewrite_torch_file(
     trust_pickle: bool = False,
     allowed_globals: Sequence[AllowedGlobal] = (),
     pickle_module: Any = None,
+    finish: Callable[[Any], Any] | None = None,
 ) -> list[str]:
     """Write ``source`` to ``target`` with each optimizer state dict passed through ``transform``.
 
     Returns the locations that were replaced. ``allowed_globals`` and ``pickle_module``
     let a format reader load its own stand-in classes and write them back under their
-    original names (DeepSpeed's files).
+    original names (DeepSpeed's files). ``finish`` makes a last change to the whole object
+    before it is written (``ostate reset`` drops scheduler states with it).
 
     Example:
         >>> import tempfile, os
@@ -57,6 +59,8 @@ def rewrite_torch_file(
         if result is not None:
             new = replaced(new, route, result)
             changed.append(location)
+    if finish is not None:
+        new = finish(new)
     with atomic_file(target) as f:
         if pickle_module is None:
             torch.save(new, f)
