@@ -20,7 +20,7 @@ import torch
 import ostate
 from ostate.demo import CharMLP, make_demo_checkpoint, save_atomically
 from ostate.doctor.checks import diagnose, exit_code
-from ostate.reset.write import reset
+from ostate.reset.write import lr_lines, reset
 
 workdir = sys.argv[1] if len(sys.argv) > 1 else "doctor-demo"
 source = make_demo_checkpoint(os.path.join(workdir, "checkpoint.pt"), steps=60)
@@ -52,6 +52,8 @@ report(broken)
 repaired = os.path.join(workdir, "repaired.pt")
 result = reset(broken, repaired, "fresh", params=r"^head\.", overwrite=True)
 print(f"reset: {result.optimizers[0].counts()}")
+for line in lr_lines(result):  # which lr the resumed run takes: the saved one, restored by load_state_dict
+    print(f"  {line}")
 report(repaired)
 
 # It loads into the real model and optimizer (same param groups), and the next step is finite.

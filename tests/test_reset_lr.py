@@ -1,0 +1,264 @@
+"""What a checkpoint written by ``ostate reset`` does to the resumed run's learning rate, resumed as each
+framework resumes (plain torch, Lightning ``Trainer.fit(ckpt_path=...)``, the HF Trainer), against the
+first step of a harness trial of the same strategy.
+
+torch's ``load_state_dict`` restores the saved groups' ``lr`` and ``initial_lr``: without ``--lr`` the
+resumed run's first step uses the source run's last lr, and a new ``LambdaLR`` its ``initial_lr``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+from ostate.errors import OstateError
+from ostate.harness.source import load_source
+from ostate.harness.transfer import load_weights, optimizer_like_source, transfer_state
+from ostate.harness.trial import TrialConfig, lr_factor
+from ostate.reset.strategies import apply_strategy, attach, optimizer_kind
+from ostate.reset.write import lr_lines, reset
+from tests.helpers.common import Net, run_cli
+
+NEW_LR = 3e-4
+# The harness's schedule for the resumed run: 2 warmup steps, so its first step runs at half the peak lr.
+CONFIG = TrialConfig("reset-m", seed=0, lr=NEW_LR, warmup=2, steps=10, schedule="cosine")
+
+
+def loss_of(model, x):
+    return model(x).square().mean()
+
+
+def batch(seed=7):
+    return torch.randn(16, 4, generator=torch.Generator().manual_seed(seed))
+
+
+def source_run(tmp_path):
+    """A source run: AdamW under a decaying LambdaLR for 5 steps, saved with its scheduler."""
+    torch.manual_seed(0)
+    model = Net()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 / (1 + s))
+    for step in range(5):
+        opt.zero_grad()
+        loss_of(model, batch(step)).backward()
+        opt.step()
+        sched.step()
+    path = tmp_path / "source.pt"
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, path)
+    return path, opt.param_groups[0]["lr"]
+
+
+def harness_first_step(source_path, strategy: str, x, config=CONFIG) -> tuple[float, dict[str, torch.Tensor]]:
+    """The first step of a harness trial (the setup of ostate.harness.trial.run_trial, then its step 1)."""
+    source = load_source(source_path)
+    model = Net()
+    load_weights(model, source)
+    optimizer = optimizer_like_source(source)(model, config.lr)
+    transfer = transfer_state(source, optimizer, model)
+    optimizer.load_state_dict(
+        apply_strategy(transfer.state_dict, strategy, names=transfer.names, kind=optimizer_kind(optimizer))
+    )
+    attach(optimizer)
+    for group in optimizer.param_groups:
+        group["lr"] = group["lr"] * lr_factor(1, config)
+    return first_step(model, optimizer, x)
+
+
+def first_step(model, optimizer, x) -> tuple[float, dict[str, torch.Tensor]]:
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    lr = optimizer.param_groups[0]["lr"]
+    optimizer.zero_grad()
+    loss_of(model, x).backward()
+    optimizer.step()
+    return lr, {n: p.detach() - before[n] for n, p in model.named_parameters()}
+
+
+def assert_same_step(ours, harness):
+    assert ours[0] == pytest.approx(harness[0], rel=1e-12)
+    for name, update in harness[1].items():
+        torch.testing.assert_close(ours[1][name], update, rtol=1e-6, atol=0, msg=name)
+
+
+def resume_plain_torch(path, *, built_with: float):
+    """A plain torch resume: a new optimizer at the new lr, load_state_dict, then a new LambdaLR."""
+    saved = torch.load(path, weights_only=True)
+    model = Net()
+    model.load_state_dict(saved["model"])
+    opt = torch.optim.AdamW(model.parameters(), lr=built_with, weight_decay=0.01)
+    opt.load_state_dict(saved["optimizer"])
+    torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s + 1, CONFIG))
+    return model, opt
+
+
+def test_plain_torch_resume_with_lr_set_takes_the_harness_trials_first_step(tmp_path):
+    source, _last_lr = source_run(tmp_path)
+    out = tmp_path / "reset.pt"
+    result = reset(source, out, "reset-m", lr=NEW_LR, scheduler="drop")
+    assert "scheduler" not in torch.load(out, weights_only=True)
+    assert result.dropped_schedulers == ["scheduler"]
+    groups = torch.load(out, weights_only=True)["optimizer"]["param_groups"]
+    assert [(g["lr"], g["initial_lr"]) for g in groups] == [(NEW_LR, NEW_LR)]
+    model, opt = resume_plain_torch(out, built_with=NEW_LR)
+    ours = first_step(model, opt, batch())
+    assert ours[0] == pytest.approx(NEW_LR * lr_factor(1, CONFIG))
+    assert_same_step(ours, harness_first_step(source, "reset-m", batch()))
+
+
+def test_without_lr_the_resumed_run_takes_the_saved_learning_rates_and_says_so(tmp_path, capsys):
+    source, last_lr = source_run(tmp_path)
+    out = tmp_path / "reset.pt"
+    done = run_cli("reset", str(source), "--strategy", "fresh", "-o", str(out))
+    assert done.returncode == 0, done.stderr
+    assert f"first step's lr after load_state_dict: {last_lr:g}" in done.stderr
+    assert "takes initial_lr 0.001 as its base" in done.stderr
+    assert "scheduler state kept at 'scheduler' (last_epoch=5" in done.stderr
+    # Whatever lr the new optimizer is built with, a new LambdaLR starts from the saved initial_lr.
+    model, opt = resume_plain_torch(out, built_with=NEW_LR)
+    lr, _ = first_step(model, opt, batch())
+    assert lr == pytest.approx(1e-3 * lr_factor(1, CONFIG))
+    # Without a new scheduler, the saved lr itself.
+    saved = torch.load(out, weights_only=True)
+    plain = torch.optim.AdamW(Net().parameters(), lr=NEW_LR)
+    plain.load_state_dict(saved["optimizer"])
+    assert plain.param_groups[0]["lr"] == pytest.approx(last_lr)
+
+
+def test_initial_lr_is_set_apart_and_lr_lines_say_which(tmp_path):
+    source, _ = source_run(tmp_path)
+    result = reset(source, tmp_path / "r.pt", "reload", lr=1e-4, initial_lr=5e-4)
+    assert (result.optimizers[0].lrs, result.optimizers[0].initial_lrs) == ([1e-4], [5e-4])
+    lines = lr_lines(result)
+    assert lines[0].startswith("first step's lr after load_state_dict: 0.0001") and "as set" in lines[0]
+    assert "initial_lr 0.0005" in lines[1]
+
+
+@pytest.mark.parametrize("bad", [0.0, -1e-3, float("nan")])
+def test_a_learning_rate_that_is_not_one_is_refused_before_anything_is_written(tmp_path, bad):
+    source, _ = source_run(tmp_path)
+    with pytest.raises(OstateError, match="is not a learning rate"):
+        reset(source, tmp_path / "r.pt", "fresh", lr=bad)
+    assert not (tmp_path / "r.pt").exists()
+
+
+L = pytest.importorskip("lightning.pytorch")
+
+
+class Module(L.LightningModule):
+    def __init__(self, lr: float, factor):
+        super().__init__()
+        self.net = Net()
+        self.lr, self.factor = lr, factor
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        return loss_of(self.net, batch[0])
+
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW(self.net.parameters(), lr=self.lr, weight_decay=0.01)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, self.factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+class FirstStep(L.Callback):
+    """The lr, batch and update of the first optimizer step of a fit."""
+
+    def __init__(self):
+        self.lr = self.batch = self.before = self.update = None
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if self.batch is None:
+            self.batch = batch[0].clone()
+            self.before = {n: p.detach().clone() for n, p in module.net.named_parameters()}
+
+    def on_before_optimizer_step(self, trainer, module, optimizer):
+        if self.lr is None:
+            self.lr = optimizer.param_groups[0]["lr"]
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if self.update is None:
+            self.update = {n: p.detach() - self.before[n] for n, p in module.net.named_parameters()}
+
+
+def fit(module, steps, *, ckpt_path=None, callbacks=()):
+    torch.manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(64, 4))
+    trainer = L.Trainer(
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        callbacks=list(callbacks),
+    )
+    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=16), ckpt_path=ckpt_path)
+    return trainer
+
+
+@pytest.mark.slow
+def test_lightning_resume_with_lr_set_and_scheduler_dropped_takes_the_harness_trials_first_step(tmp_path):
+    trainer = fit(Module(1e-3, lambda s: 1 / (1 + s)), 4)
+    source = tmp_path / "source.ckpt"
+    trainer.save_checkpoint(source)
+    out = tmp_path / "reset.ckpt"
+    done = run_cli(
+        "reset", str(source), "--strategy", "reset-m", "--lr", str(NEW_LR), "--scheduler", "drop", "-o", str(out)
+    )
+    assert done.returncode == 0, done.stderr
+    assert f"first step's lr after load_state_dict: {NEW_LR:g}" in done.stderr
+    assert "scheduler state dropped at 'lr_schedulers[0]'" in done.stderr
+    assert torch.load(out, weights_only=False)["lr_schedulers"] == []
+    # The resumed run's own schedule: constant (Lightning builds it before restoring the optimizer, whose
+    # load_state_dict then sets the first step's lr: the one written by --lr).
+    seen = FirstStep()
+    fit(Module(NEW_LR, lambda s: 1.0), 5, ckpt_path=out, callbacks=[seen])
+    assert seen.lr == pytest.approx(NEW_LR)
+    # A harness trial at the same lr with a constant schedule (lr_factor 1 at the first step).
+    constant = TrialConfig("reset-m", seed=0, lr=NEW_LR, schedule="constant")
+    assert lr_factor(1, constant) == 1.0
+    flat = tmp_path / "source.pt"
+    ckpt = torch.load(source, weights_only=False)
+    model_state = {k.removeprefix("net."): v for k, v in ckpt["state_dict"].items()}
+    torch.save({"model": model_state, "optimizer": ckpt["optimizer_states"][0]}, flat)
+    assert_same_step((seen.lr, seen.update), harness_first_step(flat, "reset-m", seen.batch, constant))
+
+
+@pytest.mark.slow
+def test_a_trainer_checkpoint_keeps_its_scheduler_and_its_first_step_takes_the_lr_written(tmp_path):
+    pytest.importorskip("transformers")
+    from transformers import Trainer, TrainingArguments
+
+    from tests.helpers.builders import RandomTokens, tiny_gpt2, train_with_trainer
+
+    run = train_with_trainer(tmp_path / "run", tiny_gpt2(), steps=2, save_steps=2)
+    done = run_cli(
+        "reset", str(run.checkpoint), "--strategy", "fresh", "--scheduler", "drop", "-o", str(tmp_path / "x")
+    )
+    assert done.returncode == 2 and "needs" not in done.stdout
+    assert "optimizer.pt only when scheduler.pt is beside it" in done.stderr and not (tmp_path / "x").exists()
+    out = tmp_path / "reset"
+    done = run_cli("reset", str(run.checkpoint), "--strategy", "reset-m", "--lr", str(NEW_LR), "-o", str(out))
+    assert done.returncode == 0, done.stderr
+    assert f"first step's lr after load_state_dict: {NEW_LR:g}" in done.stderr
+    assert "scheduler state kept at 'scheduler.pt" in done.stderr
+    seen = []
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "resumed"),
+        max_steps=3,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,  # the resumed optimizer's own lr: replaced by the checkpoint's on load
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        save_strategy="no",
+    )
+    trainer = Trainer(model=tiny_gpt2(), args=args, train_dataset=RandomTokens(64))
+    hook = register_optimizer_step_pre_hook(lambda opt, *_: seen.append([g["lr"] for g in opt.param_groups]))
+    try:
+        trainer.train(resume_from_checkpoint=str(out))
+    finally:
+        hook.remove()
+    assert seen[0] == pytest.approx([NEW_LR, NEW_LR])
