@@ -88,6 +88,7 @@ def reset(
     \b
     ostate reset ckpt.pt --strategy reset-v -o ckpt-reset-v.pt
     ostate reset out/checkpoint-500 --strategy fresh --params '^lm_head\\.' -o out/checkpoint-500-head
+    ostate reset last.ckpt --strategy reset-m --lr 1e-4 --scheduler drop -o start.ckpt
     ostate reset last.ckpt --strategy reset-m --lr 1e-4 --scheduler drop -o finetune-start.ckpt
     """
     result = reset_checkpoint(
