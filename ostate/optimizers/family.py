@@ -122,6 +122,8 @@ class Family:
       counters, and how a fresh optimizer starts each (a :class:`StateLayout`); the
       strategies that reset part of a state (``reset-m``, ``reset-v``, ...) need it, and
       refuse a family without one.
+    - ``lr_scale`` names the param-group key of a learned step size that multiplies the
+      lr (Prodigy's and D-Adaptation's ``d``); ``ostate doctor`` reports it per group.
     """
 
     name: str
@@ -145,6 +147,7 @@ class Family:
     moments: Moments | None = None
     signed_first_moment: Callable[[Mapping[str, torch.Tensor], Group, ParamState], torch.Tensor] | None = None
     layout: StateLayout | None = None
+    lr_scale: str | None = None
 
     def first_moment_values(
         self, chunk: Mapping[str, torch.Tensor], group: Group, param: ParamState
