@@ -31,6 +31,7 @@ from ostate.optimizers import (
     schedulefree,
     sgd,
     sparse_adam,
+    torchao_adam,
 )
 from ostate.optimizers.family import Family
 
@@ -61,6 +62,8 @@ FAMILIES: tuple[Family, ...] = (
     rprop.RPROP,
     schedulefree.SCHEDULEFREE_ADAMW,
     sgd.SGD,
+    torchao_adam.TORCHAO_ADAM,
+    torchao_adam.TORCHAO_ADAMW,
 )
 _BY_NAME: dict[str, Family] = {f.name: f for f in FAMILIES}
 

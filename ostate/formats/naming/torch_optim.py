@@ -17,6 +17,7 @@ import torch
 
 from ostate.errors import OstateError
 from ostate.formats.files.pages import page_releaser
+from ostate.formats.files.torchao_state import quant_of, unwrap
 from ostate.formats.naming.model_order import ModelEntry, Naming, match_model_order
 from ostate.state import UNIDENTIFIED, OptimizerState, ParamState, TensorRef
 
@@ -60,7 +61,7 @@ def read_optimizer(
             hint="the optimizer state dict is inconsistent",
         )
 
-    groups = [{k: v for k, v in group.items() if k not in _GROUP_LISTS} for group in raw_groups]
+    groups = [{k: _number(v) for k, v in group.items() if k not in _GROUP_LISTS} for group in raw_groups]
     entries = {_key(pid): entry for pid, entry in raw_state.items()}
     listed = {_key(pid) for _, pid, _ in order}
     orphans = [str(pid) for pid in entries if pid not in listed]
@@ -94,6 +95,14 @@ def read_optimizer(
     return OptimizerState(location, kind, kind_source, groups, params, warnings, extra, model_order, state_keys)
 
 
+def _number(value: Any) -> Any:
+    """A one-element tensor hyperparameter as a Python number (torchao and capturable optimizers keep lr as a
+    0-d tensor), anything else as it is."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
+        return value.item()
+    return value
+
+
 def _key(pid: Any) -> Any:
     return int(pid) if isinstance(pid, torch.Tensor) else pid
 
@@ -110,6 +119,9 @@ def _flat_entry(entry: Mapping[str, Any]) -> dict[str, Any]:
     nested = flat.pop(BNB_NESTED_KEY, None)
     if isinstance(nested, Mapping):
         flat.update(nested)
+    for key, value in list(flat.items()):
+        if quant_of(value) is not None:  # torchao's low-bit state: its dequantised values and its quantisation
+            flat.update(unwrap(key, value))
     return flat
 
 
