@@ -49,6 +49,8 @@ def read_optimizer(
     order: list[tuple[int, Any, str | None]] = []
     for g, group in enumerate(raw_groups):
         names = group.get("param_names")
+        if names is None and isinstance(group.get("name"), str) and len(group["params"]) == 1:
+            names = [group["name"]]  # Adam-mini: one parameter per group, which it names after the parameter
         for j, pid in enumerate(group["params"]):
             name = names[j] if isinstance(names, (list, tuple)) and j < len(names) else None
             order.append((g, pid, name))
@@ -156,6 +158,8 @@ def param_shape(state: Mapping[str, Any]) -> tuple[int, ...] | None:
     - transformers' Adafactor (``RMS``): ``exp_avg`` or ``exp_avg_sq``, or the factored
       ``exp_avg_sq_row`` and ``exp_avg_sq_col``;
     - bitsandbytes (``state1``): ``state1``, beside smaller quantisation tables;
+    - Adam-mini's per-head blocks (``head_per_gpu``): ``m`` is viewed as (heads, head size),
+      so the state does not tell (the model's entry of the same name does);
     - L-BFGS: one flat state for all parameters, which says nothing of any one.
 
     tests/test_naming.py checks these keys against the families' own.
@@ -167,7 +171,7 @@ def param_shape(state: Mapping[str, Any]) -> tuple[int, ...] | None:
     """
     tensors = {k: v for k, v in state.items() if isinstance(v, TensorRef)}
     keys = set(state)
-    if keys & LBFGS_KEYS:
+    if keys & LBFGS_KEYS or keys & ADAM_MINI_HEAD_KEYS:
         return None
     if keys & ADAFACTOR_KEYS:
         if "variance" in tensors:
@@ -199,6 +203,7 @@ ADAFACTOR_KEYS = frozenset({"variance", "row_var", "col_var"})  # torch.optim.Ad
 HF_ADAFACTOR_KEYS = frozenset({"RMS"})  # transformers.optimization.Adafactor
 BNB_KEYS = frozenset({"state1"})  # bitsandbytes' optimizers
 LBFGS_KEYS = frozenset({"func_evals", "n_iter", "old_dirs", "old_stps", "prev_flat_grad"})  # torch.optim.LBFGS
+ADAM_MINI_HEAD_KEYS = frozenset({"head_per_gpu"})  # adam_mini.Adam_mini's query and key blocks
 
 
 def _name_params(params: list[ParamState], model, warnings: list[str]) -> None:
