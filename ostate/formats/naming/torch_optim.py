@@ -16,6 +16,8 @@ from typing import Any, Mapping, Sequence, cast
 import torch
 
 from ostate.errors import OstateError
+from ostate.formats.files.galore_state import is_projector
+from ostate.formats.files.galore_state import unwrap as unwrap_projector
 from ostate.formats.files.pages import page_releaser
 from ostate.formats.files.torchao_state import quant_of, unwrap
 from ostate.formats.naming.model_order import ModelEntry, Naming, match_model_order
@@ -124,6 +126,9 @@ def _flat_entry(entry: Mapping[str, Any]) -> dict[str, Any]:
     for key, value in list(flat.items()):
         if quant_of(value) is not None:  # torchao's low-bit state: its dequantised values and its quantisation
             flat.update(unwrap(key, value))
+        elif is_projector(value):  # GaLore's projector: its matrix and settings
+            del flat[key]
+            flat.update(unwrap_projector(key, value))
     return flat
 
 
@@ -158,6 +163,7 @@ def param_shape(state: Mapping[str, Any]) -> tuple[int, ...] | None:
     - transformers' Adafactor (``RMS``): ``exp_avg`` or ``exp_avg_sq``, or the factored
       ``exp_avg_sq_row`` and ``exp_avg_sq_col``;
     - bitsandbytes (``state1``): ``state1``, beside smaller quantisation tables;
+    - GaLore (``projector_ortho``): the projected ``exp_avg`` and the projection matrix;
     - Adam-mini's per-head blocks (``head_per_gpu``): ``m`` is viewed as (heads, head size),
       so the state does not tell (the model's entry of the same name does);
     - L-BFGS: one flat state for all parameters, which says nothing of any one.
@@ -173,6 +179,8 @@ def param_shape(state: Mapping[str, Any]) -> tuple[int, ...] | None:
     keys = set(state)
     if keys & LBFGS_KEYS or keys & ADAM_MINI_HEAD_KEYS:
         return None
+    if "projector_ortho" in tensors and "exp_avg" in tensors:
+        return _galore_shape(tensors["exp_avg"].shape, tensors["projector_ortho"].shape, state.get("projector_rank"))
     if keys & ADAFACTOR_KEYS:
         if "variance" in tensors:
             return tuple(tensors["variance"].shape)
@@ -190,6 +198,18 @@ def param_shape(state: Mapping[str, Any]) -> tuple[int, ...] | None:
     largest = max(t.numel for t in shaped)
     shapes = {t.shape for t in shaped if t.numel == largest}
     return next(iter(shapes)) if len(shapes) == 1 else None
+
+
+def _galore_shape(moment: tuple[int, ...], ortho: tuple[int, ...], rank: Any) -> tuple[int, ...] | None:
+    """A GaLore parameter's shape from its projected moment and projection: (m, r) and (r, n) project
+    from the right, (r, n) and (m, r) from the left."""
+    if len(moment) != 2 or len(ortho) != 2:
+        return None
+    if moment[1] == ortho[0] == rank:
+        return (moment[0], ortho[1])
+    if moment[0] == ortho[1] == rank:
+        return (ortho[0], moment[1])
+    return None
 
 
 def _factored(tensors: Mapping[str, TensorRef], row: str, col: str, rows: slice) -> tuple[int, ...] | None:
