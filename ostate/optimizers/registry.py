@@ -33,6 +33,7 @@ from ostate.optimizers import (
     rprop,
     schedulefree,
     sgd,
+    soap,
     sparse_adam,
     torchao_adam,
 )
@@ -68,6 +69,7 @@ FAMILIES: tuple[Family, ...] = (
     rprop.RPROP,
     schedulefree.SCHEDULEFREE_ADAMW,
     sgd.SGD,
+    soap.SOAP,
     torchao_adam.TORCHAO_ADAM,
     torchao_adam.TORCHAO_ADAMW,
 )
