@@ -4,7 +4,7 @@ For each optimizer: train 30 steps, save a checkpoint with torch.save, load it w
 ostate, print the recognised family, the median effective learning rate over all
 coordinates, a family-specific column, and check ``ostate.next_update`` against the
 optimizer's own next step. Third-party optimizers (transformers, bitsandbytes,
-lion-pytorch, schedulefree) are included when installed.
+lion-pytorch, prodigyopt, dadaptation, came-pytorch, pytorch-optimizer) are included when installed.
 
 Run: python examples/compare_optimizers.py [WORKDIR]
 """
@@ -61,6 +61,30 @@ def optimizers() -> dict:
         found["Lion"] = lambda ps: Lion(ps, lr=1e-4)
     except ImportError:
         print("(lion-pytorch not installed: skipping Lion)")
+    try:
+        import prodigyopt
+
+        found["Prodigy"] = lambda ps: prodigyopt.Prodigy(ps, lr=1.0)
+    except ImportError:
+        print("(prodigyopt not installed: skipping Prodigy)")
+    try:
+        import dadaptation
+
+        found["DAdaptAdam"] = lambda ps: dadaptation.DAdaptAdam(ps, lr=1.0)
+    except ImportError:
+        print("(dadaptation not installed: skipping DAdaptAdam)")
+    try:
+        from came_pytorch import CAME
+
+        found["CAME"] = lambda ps: CAME(ps, lr=2e-4)
+    except ImportError:
+        print("(came-pytorch not installed: skipping CAME)")
+    try:
+        import pytorch_optimizer
+
+        found["SOAP (pytorch-optimizer)"] = lambda ps: pytorch_optimizer.SOAP(ps, lr=3e-3)
+    except ImportError:
+        print("(pytorch-optimizer not installed: skipping SOAP)")
     return found
 
 
@@ -87,6 +111,10 @@ FAMILY_COLUMN = {
     "bnb_adam": "state_bits",
     "lion": "zero_momentum_fraction",
     "adamw": "bias_correction2",
+    "prodigy": "d",
+    "dadapt_adam": "d",
+    "came": "instability_mean",
+    "soap": "preconditioned_dims",
 }
 
 print(f"{'optimizer':26s} {'recognised as':26s} {'median eff_lr':>13s}  {'family column':28s} next_update")

@@ -45,6 +45,7 @@ CODES = (
     "lr-zero",
     "schedule-finished",
     "lr-decayed",
+    "learned-step-size",
     "empty-state",
     "params-without-state",
     "frozen-params",
@@ -463,6 +464,41 @@ def check_learning_rate(ctx: Context) -> list[Finding]:
     return out
 
 
+def check_learned_step_size(ctx: Context) -> list[Finding]:
+    """The learned step size (Prodigy's and D-Adaptation's d) of every param group (info)."""
+    out = []
+    for result in ctx.analysis.optimizers:
+        o = result.optimizer
+        key = get_family(o.kind).lr_scale if o.kind else None
+        if key is None:
+            continue
+        evidence = []
+        for g, group in enumerate(o.groups):
+            value = group.get(key)
+            if o.is_frozen_group(g) or not isinstance(value, (int, float)):
+                continue
+            lr = group.get("lr")
+            detail = f"{key}={value:.4g}" + (f", {key}*lr={value * lr:.4g}" if isinstance(lr, (int, float)) else "")
+            if isinstance(group.get(f"{key}0"), (int, float)) and group[f"{key}0"]:
+                detail += f", {value / group[f'{key}0']:.3g} x its start {key}0={group[f'{key}0']:.3g}"
+            members = [p for p in o.params if p.group == g and p.has_state]
+            evidence.append(Evidence(f"group {g}", sum(p.numel or 0 for p in members), None, detail))
+        if evidence:
+            out.append(
+                Finding(
+                    "info",
+                    "learned-step-size",
+                    f"the optimizer learned a step size {key} that multiplies lr",
+                    evidence,
+                    f"It lives in the param groups and sets the step size more than lr does; a fresh optimizer "
+                    f"starts again from {key}0 and re-learns it over its first steps. Keep the saved groups to "
+                    f"continue with it.",
+                    o.location,
+                )
+            )
+    return out
+
+
 def _finished_schedules(ctx: Context) -> list[Finding]:
     evidence = []
     meta = ctx.checkpoint.metadata
@@ -841,6 +877,7 @@ CHECKS: tuple[Callable[[Context], list[Finding]], ...] = (
     check_nonfinite,
     check_model_agreement,
     check_learning_rate,
+    check_learned_step_size,
     check_empty_or_missing_state,
     check_second_moment_zero,
     check_eps_dominated,

@@ -167,6 +167,8 @@ class Family:
     - ``first_step`` says how the optimizer starts a parameter that has no state yet (a
       :class:`FirstStep`): ``next_update`` and ``effective_lr`` then predict its first
       step. Without it they refuse such a parameter (as for a state they cannot read).
+    - ``lr_scale`` names the param-group key of a learned step size that multiplies the
+      lr (Prodigy's and D-Adaptation's ``d``); ``ostate doctor`` reports it per group.
     """
 
     name: str
@@ -191,6 +193,7 @@ class Family:
     signed_first_moment: Callable[[Mapping[str, torch.Tensor], Group, ParamState], torch.Tensor] | None = None
     layout: StateLayout | None = None
     first_step: FirstStep | None = None
+    lr_scale: str | None = None
 
     def first_moment_values(
         self, chunk: Mapping[str, torch.Tensor], group: Group, param: ParamState

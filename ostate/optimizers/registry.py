@@ -15,9 +15,13 @@ from ostate.optimizers import (
     adafactor,
     adagrad,
     adam,
+    adam_mini,
     adamax,
     asgd,
     bnb8bit,
+    came,
+    dadapt,
+    galore,
     generic,
     hf_adafactor,
     lbfgs,
@@ -29,7 +33,9 @@ from ostate.optimizers import (
     rprop,
     schedulefree,
     sgd,
+    soap,
     sparse_adam,
+    torchao_adam,
 )
 from ostate.optimizers.family import Family
 
@@ -38,6 +44,7 @@ FAMILIES: tuple[Family, ...] = (
     adafactor.ADAFACTOR,
     adam.ADAM,
     adam.ADAMW,
+    adam_mini.ADAM_MINI,
     sparse_adam.SPARSE_ADAM,
     adagrad.ADAGRAD,
     adamax.ADAMAX,
@@ -47,6 +54,10 @@ FAMILIES: tuple[Family, ...] = (
     bnb8bit.BNB_MOMENTUM,
     bnb8bit.BNB_RMSPROP,
     bnb8bit.BNB_ADAGRAD,
+    came.CAME,
+    dadapt.DADAPT_ADAM,
+    dadapt.PRODIGY,
+    galore.GALORE_ADAMW,
     generic.UNKNOWN,
     hf_adafactor.HF_ADAFACTOR,
     lbfgs.LBFGS,
@@ -58,6 +69,9 @@ FAMILIES: tuple[Family, ...] = (
     rprop.RPROP,
     schedulefree.SCHEDULEFREE_ADAMW,
     sgd.SGD,
+    soap.SOAP,
+    torchao_adam.TORCHAO_ADAM,
+    torchao_adam.TORCHAO_ADAMW,
 )
 _BY_NAME: dict[str, Family] = {f.name: f for f in FAMILIES}
 

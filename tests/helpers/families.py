@@ -81,6 +81,18 @@ def _lion(params):
     return lion_pytorch.Lion(params, lr=1e-4, weight_decay=0.1)
 
 
+def _prodigy(params):
+    import prodigyopt
+
+    return prodigyopt.Prodigy(params, lr=1.0, weight_decay=0.01)
+
+
+def _dadapt_adam(params):
+    import dadaptation
+
+    return dadaptation.DAdaptAdam(params, lr=1.0)
+
+
 def _hf_adafactor(params):
     from transformers.optimization import Adafactor
 
@@ -116,6 +128,8 @@ FAMILIES: dict[str, tuple[str, Callable[[], nn.Module], Callable]] = {
     "transformers.Adafactor": ("hf_adafactor", Net, _hf_adafactor),
     "lion_pytorch.Lion": ("lion", Net, _lion),
     "schedulefree.AdamWScheduleFree": ("schedulefree_adamw", Net, _schedulefree),
+    "prodigyopt.Prodigy": ("prodigy", Net, _prodigy),
+    "dadaptation.DAdaptAdam": ("dadapt_adam", Net, _dadapt_adam),
     "bitsandbytes.AdamW8bit": ("bnb_adam", Big, _bnb("AdamW8bit", lr=1e-3)),
     "bitsandbytes.Lion8bit": ("bnb_lion", Big, _bnb("Lion8bit", lr=1e-4)),
     "bitsandbytes.SGD8bit": ("bnb_momentum", Big, _bnb("SGD8bit", lr=0.01, momentum=0.9)),

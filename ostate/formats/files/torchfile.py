@@ -3,7 +3,8 @@
 ``torch.load(weights_only=True)`` refuses every pickled global outside torch's allow
 list, so a hostile file cannot run code. When a file needs more, the error names the
 globals that block it (read from the pickle's opcodes, never executed) and the opt-in
-that allows them. Zip-format files (every ``torch.save`` since 1.6) are memory-mapped:
+that allows them. torchao's low-bit optimizer states and GaLore's projector are admitted as
+inert stand-ins (``torchao_state.py``, ``galore_state.py``). Zip-format files (every ``torch.save`` since 1.6) are memory-mapped:
 a tensor's bytes are read when it is touched, not when the file is opened.
 """
 
@@ -20,6 +21,8 @@ from typing import Any, BinaryIO, Callable, Sequence, cast
 import torch
 
 from ostate.errors import OstateError
+from ostate.formats.files.galore_state import GALORE_GLOBALS
+from ostate.formats.files.torchao_state import TORCHAO_GLOBALS
 
 _ZIP_MAGIC = b"PK\x03\x04"
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # torch.serialization.MAGIC_NUMBER
@@ -115,6 +118,9 @@ def _load(
             f"{where}: loading with --trust-pickle: any code pickled in this file runs now",
             stacklevel=3,
         )
+    # torchao's low-bit optimizer state classes and GaLore's projector, always admitted as inert stand-ins
+    # (torchao_state.py, galore_state.py).
+    allowed_globals = (*allowed_globals, *TORCHAO_GLOBALS, *GALORE_GLOBALS)
     allowed = {name for _obj, name in allowed_globals}
     try:
         with torch.serialization.safe_globals(list(allowed_globals)):

@@ -16,7 +16,10 @@ from typing import Any, Mapping, Sequence, cast
 import torch
 
 from ostate.errors import OstateError
+from ostate.formats.files.galore_state import is_projector
+from ostate.formats.files.galore_state import unwrap as unwrap_projector
 from ostate.formats.files.pages import page_releaser
+from ostate.formats.files.torchao_state import quant_of, unwrap
 from ostate.formats.naming.model_order import ModelEntry, Naming, match_model_order
 from ostate.state import UNIDENTIFIED, OptimizerState, ParamState, TensorRef
 
@@ -48,6 +51,8 @@ def read_optimizer(
     order: list[tuple[int, Any, str | None]] = []
     for g, group in enumerate(raw_groups):
         names = group.get("param_names")
+        if names is None and isinstance(group.get("name"), str) and len(group["params"]) == 1:
+            names = [group["name"]]  # Adam-mini: one parameter per group, which it names after the parameter
         for j, pid in enumerate(group["params"]):
             name = names[j] if isinstance(names, (list, tuple)) and j < len(names) else None
             order.append((g, pid, name))
@@ -60,7 +65,7 @@ def read_optimizer(
             hint="the optimizer state dict is inconsistent",
         )
 
-    groups = [{k: v for k, v in group.items() if k not in _GROUP_LISTS} for group in raw_groups]
+    groups = [{k: _number(v) for k, v in group.items() if k not in _GROUP_LISTS} for group in raw_groups]
     entries = {_key(pid): entry for pid, entry in raw_state.items()}
     listed = {_key(pid) for _, pid, _ in order}
     orphans = [str(pid) for pid in entries if pid not in listed]
@@ -94,6 +99,14 @@ def read_optimizer(
     return OptimizerState(location, kind, kind_source, groups, params, warnings, extra, model_order, state_keys)
 
 
+def _number(value: Any) -> Any:
+    """A one-element tensor hyperparameter as a Python number (torchao and capturable optimizers keep lr as a
+    0-d tensor), anything else as it is."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
+        return value.item()
+    return value
+
+
 def _key(pid: Any) -> Any:
     return int(pid) if isinstance(pid, torch.Tensor) else pid
 
@@ -110,6 +123,12 @@ def _flat_entry(entry: Mapping[str, Any]) -> dict[str, Any]:
     nested = flat.pop(BNB_NESTED_KEY, None)
     if isinstance(nested, Mapping):
         flat.update(nested)
+    for key, value in list(flat.items()):
+        if quant_of(value) is not None:  # torchao's low-bit state: its dequantised values and its quantisation
+            flat.update(unwrap(key, value))
+        elif is_projector(value):  # GaLore's projector: its matrix and settings
+            del flat[key]
+            flat.update(unwrap_projector(key, value))
     return flat
 
 
@@ -144,6 +163,9 @@ def param_shape(state: Mapping[str, Any]) -> tuple[int, ...] | None:
     - transformers' Adafactor (``RMS``): ``exp_avg`` or ``exp_avg_sq``, or the factored
       ``exp_avg_sq_row`` and ``exp_avg_sq_col``;
     - bitsandbytes (``state1``): ``state1``, beside smaller quantisation tables;
+    - GaLore (``projector_ortho``): the projected ``exp_avg`` and the projection matrix;
+    - Adam-mini's per-head blocks (``head_per_gpu``): ``m`` is viewed as (heads, head size),
+      so the state does not tell (the model's entry of the same name does);
     - L-BFGS: one flat state for all parameters, which says nothing of any one.
 
     tests/test_naming.py checks these keys against the families' own.
@@ -155,8 +177,10 @@ def param_shape(state: Mapping[str, Any]) -> tuple[int, ...] | None:
     """
     tensors = {k: v for k, v in state.items() if isinstance(v, TensorRef)}
     keys = set(state)
-    if keys & LBFGS_KEYS:
+    if keys & LBFGS_KEYS or keys & ADAM_MINI_HEAD_KEYS:
         return None
+    if "projector_ortho" in tensors and "exp_avg" in tensors:
+        return _galore_shape(tensors["exp_avg"].shape, tensors["projector_ortho"].shape, state.get("projector_rank"))
     if keys & ADAFACTOR_KEYS:
         if "variance" in tensors:
             return tuple(tensors["variance"].shape)
@@ -176,6 +200,18 @@ def param_shape(state: Mapping[str, Any]) -> tuple[int, ...] | None:
     return next(iter(shapes)) if len(shapes) == 1 else None
 
 
+def _galore_shape(moment: tuple[int, ...], ortho: tuple[int, ...], rank: Any) -> tuple[int, ...] | None:
+    """A GaLore parameter's shape from its projected moment and projection: (m, r) and (r, n) project
+    from the right, (r, n) and (m, r) from the left."""
+    if len(moment) != 2 or len(ortho) != 2:
+        return None
+    if moment[1] == ortho[0] == rank:
+        return (moment[0], ortho[1])
+    if moment[0] == ortho[1] == rank:
+        return (ortho[0], moment[1])
+    return None
+
+
 def _factored(tensors: Mapping[str, TensorRef], row: str, col: str, rows: slice) -> tuple[int, ...] | None:
     if row in tensors and col in tensors:
         return tuple(tensors[row].shape[rows]) + tuple(tensors[col].shape[-1:])
@@ -187,6 +223,7 @@ ADAFACTOR_KEYS = frozenset({"variance", "row_var", "col_var"})  # torch.optim.Ad
 HF_ADAFACTOR_KEYS = frozenset({"RMS"})  # transformers.optimization.Adafactor
 BNB_KEYS = frozenset({"state1"})  # bitsandbytes' optimizers
 LBFGS_KEYS = frozenset({"func_evals", "n_iter", "old_dirs", "old_stps", "prev_flat_grad"})  # torch.optim.LBFGS
+ADAM_MINI_HEAD_KEYS = frozenset({"head_per_gpu"})  # adam_mini.Adam_mini's query and key blocks
 
 
 def _name_params(params: list[ParamState], model, warnings: list[str]) -> None:

@@ -1,0 +1,308 @@
+r"""Learning-rate-free Adam: Prodigy (``prodigyopt.Prodigy``) and D-Adaptation (``dadaptation.DAdaptAdam``).
+
+Both learn a step-size estimate :math:`d` that **multiplies the learning rate**
+:math:`\gamma` (``lr``, usually 1.0). :math:`d` and the step counter :math:`k` live in
+the *param groups* (every group holds the same values), with the sums the estimate is
+made of; the per-parameter state holds the moments and the running sum :math:`s`. When
+fine-tuning from such a checkpoint, :math:`d` decides the step size more than anything
+else: it grows from ``d0`` (1e-6) by orders of magnitude over the first steps, and a
+fresh optimizer starts from ``d0`` again. With :math:`c = \sqrt{1-\beta_2^{k+1}}/(1-\beta_1^{k+1})`
+when ``use_bias_correction`` (1 otherwise), the next step (:math:`k+1`) takes
+:math:`d_{lr} = d\,\gamma\,c` with the *saved* :math:`d` (sources: prodigyopt 1.1
+``prodigy.py``, dadaptation 3.2 ``dadapt_adam.py``).
+
+**Prodigy** (state ``step``, ``s`` and ``p0``: every ``slice_p``-th coordinate of the
+flattened parameter, ``exp_avg`` when :math:`\beta_1 > 0`, ``exp_avg_sq``). Its moments
+carry :math:`d`:
+
+.. math::
+    g &\leftarrow g + \lambda\theta \quad\text{(unless decouple)} \\
+    m &\leftarrow \beta_1 m + d(1-\beta_1) g, \qquad v \leftarrow \beta_2 v + d^2(1-\beta_2) g^2 \\
+    d' &= \text{the new estimate (from every parameter's gradient: }
+        \hat d = d_{coef}\,\frac{\sum\text{numerators}}{\sum_i \lVert s_i\rVert_1}\text{, }
+        d' = \min(\max(d_{max}, \hat d),\ d\cdot\text{growth\_rate})) \\
+    \theta &\leftarrow \theta - \lambda d_{lr}\theta \quad\text{(decouple)}, \qquad
+        \theta \leftarrow \theta - d_{lr}\,\frac{m}{\sqrt v + d'\epsilon}
+        \quad\left(\beta_1 = 0:\ \theta - d_{lr} d'\,\frac{g}{\sqrt v + d'\epsilon}\right)
+
+**D-Adaptation Adam**: state ``step``, ``s``, ``exp_avg``, ``exp_avg_sq``; the group's
+``layer_scale`` :math:`r` scales its parameters' steps. Its first moment carries
+:math:`d_{lr}`:
+
+.. math::
+    m &\leftarrow \beta_1 m + r\,d_{lr}(1-\beta_1) g, \qquad
+        v \leftarrow \beta_2 v + (1-\beta_2) g^2 \\
+    \theta &\leftarrow \theta - \lambda d_{lr}\theta \quad\text{(decouple)}, \qquad
+        \theta \leftarrow \theta - \frac{m}{\sqrt v + \epsilon}
+
+The **effective learning rate** of coordinate :math:`i` is, as for Adam, the factor
+that multiplies a bias-corrected first moment *in gradient units* in the next step,
+from the saved state and the saved :math:`d`:
+
+.. math::
+    \text{Prodigy:}\ \eta_i = \frac{d\,\gamma\sqrt{c_2}}{\sqrt{v_i}/d + \epsilon}, \qquad
+    \text{D-Adaptation:}\ \eta_i = \frac{r\,d\,\gamma\sqrt{c_2}}{\sqrt{v_i} + \epsilon}
+
+with :math:`c_2 = 1-\beta_2^{k+1}` under bias correction (1 otherwise); Prodigy's
+:math:`\sqrt v/d` is :math:`v` back in gradient units. ``d_lr`` is the column
+:math:`d\gamma c`.
+
+``next_update`` is D-Adaptation's next step exactly. Prodigy's next step divides by
+:math:`\sqrt v + d'\epsilon`, where :math:`d'` depends on every parameter's next
+gradient; a per-parameter prediction uses the saved :math:`d` there (everything else is
+exact; :func:`prodigy_step` takes :math:`d'` when it is known): the two differ by
+:math:`(d'-d)\epsilon` in a denominator of size :math:`\sqrt v \approx d|g|`, which
+matters only where :math:`\epsilon` does (coordinates with gradients near
+:math:`\epsilon`, e.g. of a LayerNorm followed by a BatchNorm). Without a first moment
+(:math:`\beta_1 = 0`) the step is also proportional to :math:`d'`, so the per-parameter
+prediction is :math:`d/d'` times the real step. The ``update`` quantity (next step with a zero gradient)
+is exact for both: with zero gradients :math:`d'` follows from the group's saved sums.
+A group whose ``lr`` is 0 next to groups with another lr is stepped with the other
+groups' lr, which its group does not record: ``next_update`` refuses it.
+
+**Strategies.** ``reset-m`` and ``reset-v`` zero the moments (the estimate of
+:math:`d` and its sums in the groups stay as saved); the state's ``step`` does not
+enter the update (the group's :math:`k` does), so ``reset-step`` and ``keep-v`` are
+refused; ``fresh`` clears the per-parameter state, but the estimate :math:`d` lives in
+the param groups, which the strategies do not change.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+
+from ostate.errors import OstateError
+from ostate.optimizers.family import Family, Group, StateLayout, fresh_zeros, group_has
+from ostate.state import ParamState
+
+_PRODIGY_STATE = frozenset({"step", "s", "p0", "exp_avg", "exp_avg_sq"})
+_DADAPT_ADAM_STATE = frozenset({"step", "s", "exp_avg", "exp_avg_sq"})
+
+
+def next_step_correction(group: Group) -> tuple[float, float]:
+    r""":math:`(c, c_2)`: the next step's bias correction :math:`\sqrt{1-\beta_2^{k+1}}/(1-\beta_1^{k+1})`
+    and :math:`1-\beta_2^{k+1}` (both 1 without ``use_bias_correction``).
+
+    Example:
+        >>> next_step_correction({"betas": (0.9, 0.99), "k": 0, "use_bias_correction": True})
+        (1.0, 0.010000000000000009)
+    """
+    if not group.get("use_bias_correction", False):
+        return 1.0, 1.0
+    beta1, beta2 = group["betas"][:2]
+    step = group["k"] + 1
+    c2 = 1 - beta2**step
+    return c2**0.5 / (1 - beta1**step), c2
+
+
+def d_lr(group: Group) -> float:
+    r""":math:`d\,\gamma\,c`: the step size of the next step (the saved :math:`d` times lr, bias-corrected)."""
+    return group["d"] * group["lr"] * next_step_correction(group)[0]
+
+
+def prodigy_next_d_zero_gradient(group: Group) -> float:
+    r"""The estimate :math:`d'` that Prodigy's next step makes when every gradient is zero.
+
+    Then every numerator term is 0 and every :math:`s` decays by :math:`\beta_3`, so
+    :math:`\hat d` is the saved :math:`d_{coef}\,` ``d_numerator`` / ``d_denom``.
+    """
+    d, d0 = group["d"], group["d0"]
+    if group["lr"] <= 0 or not group.get("d_denom"):
+        return d
+    d_hat = group["d_coef"] * group["d_numerator"] / group["d_denom"]
+    if d == d0:
+        d = max(d, d_hat)
+    d_max = max(group["d_max"], d_hat)
+    return min(d_max, d * group["growth_rate"])
+
+
+def _float(values: torch.Tensor) -> torch.Tensor:
+    return values if values.dtype == torch.float64 else values.float()
+
+
+def prodigy_effective_lr(exp_avg_sq: torch.Tensor, group: Group) -> torch.Tensor:
+    d = group["d"]
+    _c, c2 = next_step_correction(group)
+    return _float(exp_avg_sq).sqrt().div_(d).add_(group["eps"]).reciprocal_().mul_(d * group["lr"] * c2**0.5)
+
+
+def dadapt_adam_effective_lr(exp_avg_sq: torch.Tensor, group: Group) -> torch.Tensor:
+    _c, c2 = next_step_correction(group)
+    scale = group.get("layer_scale", 1.0) * group["d"] * group["lr"] * c2**0.5
+    return _float(exp_avg_sq).sqrt().add_(group["eps"]).reciprocal_().mul_(scale)
+
+
+def _refuse_zero_lr(param: ParamState, group: Group) -> None:
+    if group["lr"] == 0:
+        raise OstateError(
+            f"'{param.name}': its param group has lr 0, and these optimizers step such a group with the other "
+            "groups' lr, which its group does not record",
+            hint="the effective learning rate is still defined; the next update cannot be computed per group",
+        )
+
+
+def prodigy_step(
+    param: ParamState, group: Group, grad: torch.Tensor, weight: torch.Tensor, *, next_d: float
+) -> torch.Tensor:
+    """Prodigy's next change of ``weight`` given the step's new estimate ``next_d`` (:math:`d'`), in its order."""
+    _refuse_zero_lr(param, group)
+    beta1, beta2 = group["betas"][:2]
+    d, eps, decay = group["d"], group["eps"], group["weight_decay"]
+    dlr = d_lr(group)
+    theta = weight.detach().clone()
+    g = grad.add(theta, alpha=decay) if decay != 0 and not group["decouple"] else grad
+    exp_avg_sq = param.read("exp_avg_sq").to(theta.dtype).mul(beta2).addcmul_(g, g, value=d * d * (1 - beta2))
+    denom = exp_avg_sq.sqrt().add_(next_d * eps)
+    if decay != 0 and group["decouple"]:
+        theta.add_(theta, alpha=-decay * dlr)
+    if beta1 > 0:
+        exp_avg = param.read("exp_avg").to(theta.dtype).mul(beta1).add_(g, alpha=d * (1 - beta1))
+        theta.addcdiv_(exp_avg, denom, value=-dlr)
+    else:
+        theta.addcdiv_(g, denom, value=-dlr * next_d)  # prodigyopt multiplies by the new d here
+    return theta - weight
+
+
+def prodigy_next_update(param: ParamState, group: Group, grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Prodigy's next change of ``weight`` with the saved d in the eps term (see the module docstring)."""
+    return prodigy_step(param, group, grad, weight, next_d=group["d"])
+
+
+def dadapt_adam_next_update(param: ParamState, group: Group, grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """D-Adaptation Adam's next change of ``weight``, in its order of operations."""
+    _refuse_zero_lr(param, group)
+    beta1, beta2 = group["betas"][:2]
+    eps, decay, r = group["eps"], group["weight_decay"], group.get("layer_scale", 1.0)
+    dlr = d_lr(group)
+    theta = weight.detach().clone()
+    g = grad.add(theta, alpha=decay) if decay != 0 and not group["decouple"] else grad
+    exp_avg = param.read("exp_avg").to(theta.dtype).mul(beta1).add_(g, alpha=r * dlr * (1 - beta1))
+    exp_avg_sq = param.read("exp_avg_sq").to(theta.dtype).mul(beta2).addcmul_(g, g, value=1 - beta2)
+    denom = exp_avg_sq.sqrt().add_(eps)
+    if decay != 0 and group["decouple"]:
+        theta.add_(theta, alpha=-decay * dlr)
+    theta.addcdiv_(exp_avg, denom, value=-1)
+    return theta - weight
+
+
+def prodigy_quantities(chunk: Mapping[str, torch.Tensor], group: Group, param: ParamState) -> dict:
+    v = _float(chunk["exp_avg_sq"])
+    q: dict = {"eff_lr": prodigy_effective_lr(v, group), "exp_avg_sq": v}
+    beta1, beta2 = group["betas"][:2]
+    if "exp_avg" in chunk and beta1 > 0:
+        m = _float(chunk["exp_avg"])
+        q["exp_avg_abs"] = m.abs()
+        d_next = prodigy_next_d_zero_gradient(group)
+        q["update"] = m.mul(-d_lr(group) * beta1).div_(v.mul(beta2).sqrt_().add_(d_next * group["eps"]))
+    return q
+
+
+def dadapt_adam_quantities(chunk: Mapping[str, torch.Tensor], group: Group, param: ParamState) -> dict:
+    v, m = _float(chunk["exp_avg_sq"]), _float(chunk["exp_avg"])
+    beta1, beta2 = group["betas"][:2]
+    return {
+        "eff_lr": dadapt_adam_effective_lr(v, group),
+        "exp_avg_abs": m.abs(),
+        "exp_avg_sq": v,
+        "update": m.mul(-beta1).div_(v.mul(beta2).sqrt_().add_(group["eps"])),
+    }
+
+
+def columns(param: ParamState, group: Group) -> dict:
+    """The learned step size: ``d``, ``d_lr`` (the next step's d * lr * bias correction) and, for Prodigy, d / d0."""
+    out = {"d": group["d"], "d_lr": d_lr(group)}
+    if group.get("d0"):
+        out["d_over_d0"] = group["d"] / group["d0"]
+    return out
+
+
+def _prodigy_match(state_keys: frozenset[str], group: Group) -> int:
+    if state_keys and not ({"s", "exp_avg_sq"} <= state_keys <= _PRODIGY_STATE):
+        return 0
+    return 6 if group_has(group, "d", "d0", "d_coef", "d_max", "d_numerator", "k", "betas", "eps") else 0
+
+
+def _dadapt_adam_match(state_keys: frozenset[str], group: Group) -> int:
+    if state_keys and not ({"s", "exp_avg", "exp_avg_sq"} <= state_keys <= _DADAPT_ADAM_STATE):
+        return 0
+    return 6 if group_has(group, "d", "k", "layer_scale", "numerator_weighted", "betas", "eps") else 0
+
+
+_REFUSAL = (
+    "the state's step count does not enter the update (the param groups' k does, with the estimate d); "
+    "use reset-m, or 'fresh' to clear the moments"
+)
+_LAYOUT = StateLayout(
+    first_moment=("exp_avg",),
+    second_moment=("exp_avg_sq",),
+    counter=("step",),
+    fresh={"exp_avg": fresh_zeros, "exp_avg_sq": fresh_zeros, "step": fresh_zeros},
+    step_in_update=lambda group: False,
+    keep_v_refusal=_REFUSAL,
+)
+_DISPLAY = ("d", "d_lr", "exp_avg_sq_mean", "eff_lr_min", "eff_lr_p50", "eff_lr_max")
+_NOTE = (
+    "the learned step size d multiplies lr (d_lr = d * lr * bias correction is the next step's size) and lives "
+    "in the param groups: a fresh optimizer starts again from d0; eff_lr includes d"
+)
+
+PRODIGY = Family(
+    name="prodigy",
+    label="Prodigy",
+    match=_prodigy_match,
+    quantities=prodigy_quantities,
+    effective_lr=lambda param, group: prodigy_effective_lr(param.read("exp_avg_sq"), group),
+    next_update=prodigy_next_update,
+    columns=columns,
+    display=("d_over_d0", *_DISPLAY),
+    hyperparameters=(
+        "lr",
+        "d",
+        "d0",
+        "d_max",
+        "k",
+        "betas",
+        "beta3",
+        "eps",
+        "weight_decay",
+        "decouple",
+        "use_bias_correction",
+        "growth_rate",
+        "d_coef",
+    ),
+    first_moment="exp_avg_abs",
+    second_moment="exp_avg_sq",
+    layout=_LAYOUT,
+    lr_scale="d",
+    notes=("Prodigy: " + _NOTE,),
+)
+
+DADAPT_ADAM = Family(
+    name="dadapt_adam",
+    label="D-Adaptation Adam",
+    match=_dadapt_adam_match,
+    quantities=dadapt_adam_quantities,
+    effective_lr=lambda param, group: dadapt_adam_effective_lr(param.read("exp_avg_sq"), group),
+    next_update=dadapt_adam_next_update,
+    columns=columns,
+    display=_DISPLAY,
+    hyperparameters=(
+        "lr",
+        "d",
+        "k",
+        "betas",
+        "eps",
+        "weight_decay",
+        "decouple",
+        "use_bias_correction",
+        "growth_rate",
+        "layer_scale",
+    ),
+    first_moment="exp_avg_abs",
+    second_moment="exp_avg_sq",
+    layout=_LAYOUT,
+    lr_scale="d",
+    notes=("D-Adaptation Adam: " + _NOTE + "; the first moment already carries d * lr",),
+)
