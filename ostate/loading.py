@@ -22,7 +22,7 @@ from ostate.formats.naming.objects import from_object
 from ostate.optimizers.identify import identify
 from ostate.state import Checkpoint, OptimizerState
 
-__all__ = ["load", "from_state_dict"]
+__all__ = ["as_checkpoint", "load", "from_state_dict"]
 
 
 def load(
@@ -62,6 +62,22 @@ def load(
     path = os.fspath(path)
     checkpoint = registry.read(path, trust_pickle=trust_pickle, format_hint=format_hint)
     return identified(checkpoint, optimizer)
+
+
+def as_checkpoint(target: Checkpoint | str | os.PathLike, **options: Any) -> Checkpoint:
+    """``target`` itself when already loaded, else :func:`load` of the path (``options`` go to it).
+
+    For the public functions that take a checkpoint (``ostate.report.inspect``,
+    ``ostate.doctor.diagnose``): a path works as well as what ``load`` returns.
+    """
+    if isinstance(target, (str, os.PathLike)):
+        return load(target, **options)
+    if not isinstance(target, Checkpoint):
+        raise OstateError(
+            f"expected a checkpoint or its path, not a {type(target).__name__}",
+            hint="pass a path or what ostate.load(path) returns",
+        )
+    return target
 
 
 # The path of a checkpoint made by from_state_dict, which has no file.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -10,7 +11,7 @@ import pandas as pd
 from ostate.analysis import HeadLayout, describe, summarize
 from ostate.analysis.engine import check_view
 from ostate.errors import OstateError
-from ostate.loading import selected_optimizers
+from ostate.loading import as_checkpoint, selected_optimizers
 from ostate.optimizers import get_family
 from ostate.render import (
     cells,
@@ -62,7 +63,7 @@ class Report:
 
 
 def inspect(
-    checkpoint: Checkpoint,
+    checkpoint: Checkpoint | str | os.PathLike,
     *,
     by: str = "param",
     sort: str | None = None,
@@ -74,7 +75,7 @@ def inspect(
     workers: int | None = None,
     heads: HeadLayout | None = None,
 ) -> Report:
-    """Build the report for a loaded checkpoint.
+    """Build the report for a checkpoint (loaded, or its path).
 
     ``sort`` orders rows by a column (largest first unless ``ascending``), ``top``
     keeps the first N rows, ``optimizer_index`` picks one optimizer when the file
@@ -83,6 +84,7 @@ def inspect(
     :func:`ostate.analysis.summarize`.
     """
     check_view(by)
+    checkpoint = as_checkpoint(checkpoint)
     optimizers = selected_optimizers(checkpoint, optimizer_index)
     report = Report(
         path=checkpoint.path,

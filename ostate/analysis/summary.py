@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
+from ostate.analysis.engine import check_loaded
 from ostate.optimizers import get_family
 from ostate.state import OptimizerState
 
@@ -25,6 +26,7 @@ def describe(optimizer: OptimizerState) -> dict[str, Any]:
         >>> d["kind"], d["params_with_state"], d["steps"]["min"]
         ('adamw', 2, 1.0)
     """
+    check_loaded(optimizer, "ostate.describe", (OptimizerState,))
     family = get_family(optimizer.kind)
     params = optimizer.params
     with_state = [p for p in params if p.has_state]
