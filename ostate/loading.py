@@ -19,6 +19,7 @@ import torch
 from ostate.errors import OstateError
 from ostate.formats import registry
 from ostate.formats.naming.objects import from_object
+from ostate.formats.naming.prefixes import drop_wrapper_prefixes
 from ostate.optimizers.identify import identify
 from ostate.state import Checkpoint, OptimizerState
 
@@ -61,7 +62,7 @@ def load(
     """
     path = os.fspath(path)
     checkpoint = registry.read(path, trust_pickle=trust_pickle, format_hint=format_hint)
-    return identified(checkpoint, optimizer)
+    return identified(drop_wrapper_prefixes(checkpoint), optimizer)
 
 
 def as_checkpoint(target: Checkpoint | str | os.PathLike, **options: Any) -> Checkpoint:
@@ -108,7 +109,7 @@ def from_state_dict(
         checkpoint = from_object(obj, path=IN_MEMORY, model=("model", dict(model)))
     else:
         checkpoint = from_object(obj, path=IN_MEMORY)
-    return identified(checkpoint, optimizer)
+    return identified(drop_wrapper_prefixes(checkpoint), optimizer)
 
 
 def identified(checkpoint: Checkpoint, optimizer: str | None = None) -> Checkpoint:

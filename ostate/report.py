@@ -257,7 +257,11 @@ def _optimizer_lines(o: OptimizerReport) -> list[str]:
     if missing:
         shown = ", ".join(missing[:6]) + (f", ... ({len(missing)} in all)" if len(missing) > 6 else "")
         lines.append(f"  without state (frozen or never stepped): {shown}")
-    lines.append("  names: " + ", ".join(f"{k} {v}" for k, v in d["name_sources"].items()))
+    lines.append(
+        "  names: "
+        + ", ".join(f"{k} {v}" for k, v in d["name_sources"].items())
+        + "".join(f"; {note}" for note in d.get("name_notes", ()))
+    )
     lines.append(f"  note: {d['lr_note']}")
     for note in d["notes"]:
         lines.append(f"  note: {note}")

@@ -151,6 +151,8 @@ class OptimizerState:
     # model (layers are listed in this order).
     model_order: list[str] = field(default_factory=list)
     state_keys: frozenset[str] = frozenset()
+    # How the names were adjusted after they were found (a wrapper's prefix dropped, ...), for the header.
+    name_notes: list[str] = field(default_factory=list)
 
     def group_of(self, param: ParamState) -> dict[str, Any]:
         return self.groups[param.group]

@@ -67,6 +67,7 @@ def describe(optimizer: OptimizerState) -> dict[str, Any]:
         "params_with_state": len(with_state),
         "params_without_state": [p.name for p in params if not p.has_state],
         "name_sources": dict(Counter(p.name_source for p in params)),
+        "name_notes": list(optimizer.name_notes),
         "state_bytes": sum(dtype_bytes.values()),
         "state_dtypes": dict(dtype_bytes),
         "lr_note": LR_NOTE,
