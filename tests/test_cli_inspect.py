@@ -157,7 +157,7 @@ def test_truncated_and_empty_files(tmp_path, adamw_checkpoint):
     path, _, _ = adamw_checkpoint
     cut = tmp_path / "cut.pt"
     cut.write_bytes(path.read_bytes()[:500])
-    one_error_line(run_cli("inspect", str(cut)), "truncated or corrupted")
+    one_error_line(run_cli("inspect", str(cut)), "the zip archive ends early", "copy or save it again")
     empty = tmp_path / "empty.pt"
     empty.write_bytes(b"")
     one_error_line(run_cli("inspect", str(empty)), "file is empty")
