@@ -232,3 +232,19 @@ def test_the_plots_package_draws_a_computed_comparison_and_checks_its_pairing(tm
         ostate.plots.plot("compare", result, by="consecutive")
     with pytest.raises(ostate.OstateError, match="cannot be split by=layer"):
         ostate.plots.plot("compare", result, by="layer")
+
+
+def test_two_checkpoints_without_a_parameter_in_common_warn_and_exit_2(tmp_path):
+    paths = []
+    for name, model in (("a.pt", torch.nn.Linear(3, 2)), ("b.pt", torch.nn.Sequential(torch.nn.Linear(3, 2)))):
+        opt = torch.optim.AdamW(model.parameters())
+        model(torch.randn(2, 3)).sum().backward()
+        opt.step()
+        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, tmp_path / name)
+        paths.append(str(tmp_path / name))
+    pair = compare(*paths).pairs[0]
+    assert pair.no_common_parameter() is not None and pair.no_common_parameter() in pair.warnings
+    result = run_cli("compare", *paths)
+    assert result.returncode == 2
+    assert result.stderr.startswith("ostate: error: ") and "no parameter name in common" in result.stderr
+    assert "A: weight, bias; B: 0.weight, 0.bias" in result.stderr

@@ -83,6 +83,22 @@ class PairComparison:
         """One row per parameter (both checkpoints' parameters, in B's order then A's leftovers)."""
         return pd.DataFrame([p.row for p in self.params])
 
+    def no_common_parameter(self) -> str | None:
+        """What to say when no parameter name is in both optimizers (nothing was compared), else None."""
+        statuses = [p.row["status"] for p in self.params]
+        if any(s not in ("only in A", "only in B") for s in statuses):
+            return None
+        only_a = [p.row["name"] for p in self.params if p.row["status"] == "only in A"]
+        only_b = [p.row["name"] for p in self.params if p.row["status"] == "only in B"]
+
+        def sample(names: list[str]) -> str:
+            return ", ".join(names[:3]) + (f", ... ({len(names)} in all)" if len(names) > 3 else "") or "none"
+
+        return (
+            f"{self.a} and {self.b} have no parameter name in common (A: {sample(only_a)}; B: {sample(only_b)}); "
+            "nothing was compared: are they checkpoints of the same model?"
+        )
+
     def movers(self, top: int = 10) -> pd.DataFrame:
         """The ``top`` parameters whose state moved most (see the module docstring for the ranking)."""
         table = self.table()
@@ -232,7 +248,10 @@ def compare_optimizers(
             with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ostate-compare") as pool:
                 params = list(pool.map(one, order))
     model = _merged("(model)", [p for p in params if p.row["status"] == "both"])
-    return PairComparison(label_a, label_b, a.location, b.location, a.kind, b.kind, params, model, warnings)
+    pair = PairComparison(label_a, label_b, a.location, b.location, a.kind, b.kind, params, model, warnings)
+    if (nothing := pair.no_common_parameter()) is not None:
+        pair.warnings.append(nothing)
+    return pair
 
 
 # ------------------------------------------------------------------------------ one parameter
