@@ -10,7 +10,6 @@ import sys
 from typing import Any, Iterator
 
 import click
-from click.utils import make_default_short_help
 
 import ostate
 from ostate.analysis.native import library
@@ -68,7 +67,7 @@ class LazyGroup(click.Group):
         rows = []
         for name in names:
             if name in SUMMARIES and name not in self.commands:
-                rows.append((name, make_default_short_help(SUMMARIES[name], limit)))
+                rows.append((name, click.Command(name, help=SUMMARIES[name]).get_short_help_str(limit)))
             elif (command := self.get_command(ctx, name)) is not None and not command.hidden:
                 rows.append((name, command.get_short_help_str(limit)))
         with formatter.section("Commands"):

@@ -7,7 +7,7 @@ import click
 from ostate.optimizers import families
 from ostate.reset.strategies import STRATEGIES
 from ostate.reset.write import reset as reset_checkpoint
-from ostate_cli.common import format_hint_option, handle_errors, trust_pickle_option
+from ostate_cli.common import base_config_option, format_hint_option, handle_errors, trust_pickle_option
 
 
 @click.command()
@@ -50,8 +50,9 @@ from ostate_cli.common import format_hint_option, handle_errors, trust_pickle_op
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (never PATH).")
 @trust_pickle_option
 @format_hint_option
+@base_config_option
 @handle_errors
-def reset(path, strategy, params, out, optimizer_index, kind, overwrite, trust_pickle, format_hint):
+def reset(path, strategy, params, out, optimizer_index, kind, overwrite, trust_pickle, format_hint, base_config):
     """Write checkpoint PATH to OUT with STRATEGY applied to its optimizer state.
 
     Everything else is kept as it was: the other entries of a torch.save or Lightning
@@ -72,6 +73,7 @@ def reset(path, strategy, params, out, optimizer_index, kind, overwrite, trust_p
         optimizer=kind,
         trust_pickle=trust_pickle,
         format_hint=format_hint,
+        base_config=base_config,
         overwrite=overwrite,
     )
     click.echo(f"wrote {result.out} ({result.format}) with strategy {result.strategy}", err=True)

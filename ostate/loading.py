@@ -17,7 +17,7 @@ from typing import Any, Mapping
 import torch
 
 from ostate.errors import OstateError
-from ostate.formats import registry
+from ostate.formats import hf_trainer, registry
 from ostate.formats.naming.objects import from_object
 from ostate.formats.naming.prefixes import drop_wrapper_prefixes
 from ostate.optimizers.identify import identify
@@ -32,6 +32,7 @@ def load(
     trust_pickle: bool = False,
     optimizer: str | None = None,
     format_hint: str | None = None,
+    base_config: str | os.PathLike | None = None,
 ) -> Checkpoint:
     """Read the optimizer state (and what else is there) from a checkpoint file or directory.
 
@@ -47,6 +48,9 @@ def load(
         optimizer: the optimizer family (``adamw``, ``sgd``, ...) instead of detecting it.
         format_hint: the layout's reader (``hf-trainer``, ``accelerate``, ``dcp``,
             ``safetensors``, ``torch``) instead of recognising it.
+        base_config: for a Trainer checkpoint of a PEFT (LoRA) model, the folder holding
+            the base model's ``config.json``, to name the adapter's parameters (by default
+            looked for locally from ``adapter_config.json``; never downloaded).
 
     Example:
         >>> import ostate, torch, tempfile, os
@@ -61,7 +65,10 @@ def load(
         ('torch', 'optimizer', 'adamw', ['weight', 'bias'])
     """
     path = os.fspath(path)
-    checkpoint = registry.read(path, trust_pickle=trust_pickle, format_hint=format_hint)
+    if base_config is not None and format_hint in (None, hf_trainer.READER.name):
+        checkpoint = hf_trainer.read(path, trust_pickle=trust_pickle, base_config=base_config)
+    else:
+        checkpoint = registry.read(path, trust_pickle=trust_pickle, format_hint=format_hint)
     return identified(drop_wrapper_prefixes(checkpoint), optimizer)
 
 

@@ -59,6 +59,8 @@ LEGACY_LAYERNORM_CLASSES = frozenset(
         "ZambaRMSNorm",
     }
 )
+# Why names are missing when transformers is not there (``ostate reset --params`` repeats it).
+NO_TRANSFORMERS = "transformers is not installed (pip install 'ostate[hf]')"
 _NAME_PATTERNS = [re.compile(p) for p in (r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)")]
 
 
@@ -133,6 +135,29 @@ def rebuild(directory: str) -> tuple[ModuleOrder | None, str | None]:
     Returns ``(order, None)``, or ``(None, reason)`` when it cannot be rebuilt (no
     config, transformers not installed, a model class outside transformers).
     """
+    built, why = build_on_meta(directory)
+    if built is None:
+        return None, why
+    model, raw, architecture = built
+    return module_order(model, architecture, raw.get("transformers_version")), None
+
+
+def module_order(
+    model: nn.Module, architecture: str, version: str | None, rename: Callable[[str], str] = str
+) -> ModuleOrder:
+    """A model's trainable parameters in ``named_parameters()`` order with each decay rule's choice.
+
+    ``rename`` maps a parameter's name in the model to the name the checkpoint uses (PEFT
+    saves adapter weights without the adapter's name).
+    """
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    entries = [ModelEntry(rename(n), tuple(p.shape)) for n, p in trainable]
+    decay = {rule.name: frozenset(rename(n) for n in decay_parameter_names(model, rule)) for rule in DECAY_RULES}
+    return ModuleOrder(architecture, entries, decay, version)
+
+
+def build_on_meta(directory: str) -> tuple[tuple[nn.Module, dict[str, Any], str] | None, str | None]:
+    """``((model, config.json as read, architecture), None)`` for ``directory/config.json``, or ``(None, reason)``."""
     config_path = os.path.join(directory, "config.json")
     if not os.path.isfile(config_path):
         return None, "no config.json to rebuild the model from"
@@ -145,7 +170,7 @@ def rebuild(directory: str) -> tuple[ModuleOrder | None, str | None]:
         # optional dependency (ostate[hf])
         import transformers
     except ImportError:
-        return None, "transformers is not installed (pip install 'ostate[hf]')"
+        return None, NO_TRANSFORMERS
     architectures = raw.get("architectures") or []
     name = architectures[0] if architectures else None
     model_class = getattr(transformers, name, None) if name else None
@@ -166,10 +191,7 @@ def rebuild(directory: str) -> tuple[ModuleOrder | None, str | None]:
         return None, f"transformers could not rebuild the model from config.json ({type(e).__name__}: {e})"[:300]
     finally:
         transformers.logging.set_verbosity(verbosity)
-    entries = [ModelEntry(n, tuple(p.shape)) for n, p in model.named_parameters()]
-    decay = {rule.name: frozenset(decay_parameter_names(model, rule)) for rule in DECAY_RULES}
-    architecture = name or type(model).__name__
-    return ModuleOrder(architecture, entries, decay, raw.get("transformers_version")), None
+    return (model, raw, name or type(model).__name__), None
 
 
 def decay_parameter_names(model: nn.Module, rule: DecayRule) -> list[str]:
