@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -203,7 +204,18 @@ def test_the_compare_figure_of_plain_sgd_says_what_it_cannot_draw(tmp_path):
     fig = compare_figure(compare(*paths))
     notes = [t.get_text() for t in fig.axes[0].texts]
     assert notes == ["nothing to draw: no second moment in both checkpoints"]
+    # No zero line through the text (the only line is the all-NaN series).
+    assert not any(np.isfinite(np.asarray(line.get_ydata(), dtype=float)).any() for line in fig.axes[0].get_lines())
     assert not fig.axes[1].texts  # momentum buffers are first moments: their cosine is drawn
+    # Two checkpoints: the pair is named, on the first panel that has data.
+    assert fig.axes[0].get_legend() is None
+    assert [t.get_text() for t in fig.axes[1].get_legend().get_texts()] == ["sgd0.pt → sgd1.pt"]
+
+
+def test_the_compare_figure_of_two_checkpoints_names_them(tmp_path):
+    _, paths, _ = run(tmp_path, steps=(2, 4))
+    fig = compare_figure(compare(*paths))
+    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == [f"{paths[0].name} → {paths[1].name}"]
 
 
 def test_compare_plot_never_writes_over_or_into_an_input(tmp_path):
