@@ -285,3 +285,19 @@ def test_a_file_too_large_for_a_private_mapping_is_mapped_shared(tmp_path, monke
     assert loaded["w"].tolist() == [1.0] * 4
     assert seen[-1] == mmap_module.MAP_SHARED
     assert torch.serialization.get_default_mmap_options() != mmap_module.MAP_SHARED  # restored
+
+
+def test_public_functions_given_a_path_say_how_to_load_it_or_take_it(tmp_path, adamw_checkpoint):
+    from ostate.doctor import diagnose
+    from ostate.report import inspect
+
+    path, _, _ = adamw_checkpoint
+    with pytest.raises(OstateError, match=r"ostate.analyze takes a loaded checkpoint, not a path \(load it first"):
+        ostate.analyze(str(path))
+    with pytest.raises(OstateError, match=r"ostate.describe\(ostate.load\(.*\).optimizers\[0\]\)"):
+        ostate.describe(path)
+    with pytest.raises(OstateError, match="takes a Checkpoint or OptimizerState, not a dict"):
+        ostate.analyze({"state": {}})
+    # The tools above the reader take a path as well as a loaded checkpoint.
+    assert inspect(path).optimizers[0].table.equals(inspect(ostate.load(path)).optimizers[0].table)
+    assert diagnose(path).checked == diagnose(ostate.load(path)).checked
