@@ -37,6 +37,7 @@ _KEY_COLUMNS = {
 }
 # Shown after the family's own columns whenever the table has them.
 _EXTRA_COLUMNS = ("update_to_weight_rms",)
+_PRECONDITIONER_COLUMNS = ("precond_min", "precond_p50", "precond_max")
 
 
 @dataclass
@@ -131,6 +132,8 @@ def _shown_columns(kind: str, by: str, table: pd.DataFrame, requested: list[str]
         return requested
     family = get_family(kind)
     stats = list(family.display) or [c for c in table.columns if c.endswith(("_mean", "_rms"))]
+    # A group at lr 0 (a finished schedule) has eff_lr 0: its preconditioner says what carries over.
+    stats += [c for c in _PRECONDITIONER_COLUMNS if c in table.columns and table[c].notna().any()]
     return [c for c in (*_KEY_COLUMNS[by], *stats, *_EXTRA_COLUMNS) if c in table.columns]
 
 

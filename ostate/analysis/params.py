@@ -28,7 +28,7 @@ from ostate.analysis.native import kernels
 from ostate.analysis.quantize import BLOCK, BlockwiseError
 from ostate.analysis.sketch import Sketch
 from ostate.optimizers import Family
-from ostate.optimizers.family import explain_bad_state
+from ostate.optimizers.family import Preconditioned, explain_bad_state
 from ostate.state import OptimizerState, ParamState, TensorRef
 
 # Elements per chunk: a multiple of the 8-bit block, and small enough (1 MiB of float32)
@@ -206,6 +206,8 @@ def _stream(
             if shared is not None:
                 assert family.preconditioned is not None  # shared exists only for preconditioned families
                 pre = family.preconditioned(chunk, group, param, quantities)
+                if not group.get("lr"):  # a finished schedule: eff_lr is 0, the preconditioner still tells
+                    sketches.setdefault(PRECONDITIONER, Sketch()).add(preconditioner(pre))
                 # sqrt(s_hat) <= eps, with s_hat = second_moment * scale
                 eps_dominated += _count_at_most(pre.second_moment, pre.eps**2 / pre.second_moment_scale)
                 if pre.numerator is not None:  # a gradient numerator (Adagrad, RMSprop) is not in the state
@@ -237,6 +239,15 @@ def _stream(
     if "weight" in sketches and "update" in sketches:
         sums["ratio_update_sq"] = sketches["update"].sumsq
         sums["ratio_weight_sq"] = sketches["weight"].sumsq
+
+
+# The quantity 1/(sqrt(s_hat) + eps) of an adaptive family, summarised where a group's lr is 0 (docs/columns.md).
+PRECONDITIONER = "precond"
+
+
+def preconditioner(pre: Preconditioned) -> torch.Tensor:
+    r"""The update's preconditioner :math:`1/(\sqrt{\hat s} + \epsilon)` per coordinate: the effective lr without the lr."""
+    return pre.inverse_denominator * pre.inverse_denominator_scale
 
 
 def _count_at_most(values: torch.Tensor, threshold: float) -> int:
