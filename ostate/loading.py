@@ -18,6 +18,7 @@ import torch
 
 from ostate.errors import OstateError
 from ostate.formats import hf_trainer, registry
+from ostate.formats.naming.module_kinds import module_kinds
 from ostate.formats.naming.objects import from_object
 from ostate.formats.naming.prefixes import drop_wrapper_prefixes
 from ostate.optimizers.identify import identify
@@ -112,6 +113,9 @@ def from_state_dict(
     if isinstance(model, torch.nn.Module):
         weights = {name: p.detach() for name, p in model.named_parameters()}
         checkpoint = from_object(obj, path=IN_MEMORY, model=("model", weights))
+        kinds = module_kinds(model)  # the model at hand: its module types say which parameters are norms
+        for o in checkpoint.optimizers:
+            o.param_kinds = dict(kinds)
     elif model is not None:
         checkpoint = from_object(obj, path=IN_MEMORY, model=("model", dict(model)))
     else:

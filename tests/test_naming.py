@@ -150,3 +150,19 @@ def test_a_parameter_of_any_shape_keeps_it_under_torch_adafactor(shape):
     p.grad = torch.ones(shape)
     opt.step()
     assert ostate.from_state_dict(opt.state_dict()).optimizers[0].params[0].shape == shape
+
+
+def test_the_models_module_types_decide_the_kind_when_the_model_is_at_hand():
+    from ostate.demo import CharMLP
+
+    model = CharMLP(45, 8)  # its LayerNorms are blocks.N.0: the name rule calls their weights 'other'
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randint(0, 45, (4, 8))).sum().backward()
+    opt.step()
+    by_name = ostate.analyze(ostate.from_state_dict(opt.state_dict(), model=model)).set_index("name")["param_kind"]
+    norms = [n for n, m in model.named_modules() if isinstance(m, nn.LayerNorm)]
+    assert norms and all(by_name[f"{n}.weight"] == "norm" and by_name[f"{n}.bias"] == "norm" for n in norms)
+    assert by_name["embed.weight"] == "embedding" and by_name["head.weight"] == "weight"
+    # Without the model (a file), the name rule: a 1-D scale named blocks.0.0.weight stays 'other'.
+    plain = ostate.analyze(ostate.from_state_dict(opt.state_dict(), model=model.state_dict())).set_index("name")
+    assert plain.loc[f"{norms[0]}.weight", "param_kind"] == "other"

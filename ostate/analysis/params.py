@@ -67,8 +67,11 @@ def layer_of(name: str, name_source: str = "param_names") -> str:
 PARAM_KINDS = ("embedding", "weight", "norm", "bias", "other")
 
 
-def param_kind(name: str, shape: tuple[int, ...] | None) -> str:
+def param_kind(name: str, shape: tuple[int, ...] | None, known: str | None = None) -> str:
     """``embedding``, ``norm``, ``bias``, ``weight`` or ``other``, from the name and the shape.
+
+    ``known`` is the kind the model's module types give (:attr:`OptimizerState.param_kinds`,
+    when the model was at hand): it is used as it is, and the name rule only otherwise.
 
     A name-based rule (documented in docs/columns.md): ``embed``/``wte``/``wpe`` in the
     name is an embedding; ``norm``, ``ln_`` or a last module named ``ln``/``ln<digit>``
@@ -82,6 +85,8 @@ def param_kind(name: str, shape: tuple[int, ...] | None) -> str:
         >>> param_kind("h.0.mlp.c_fc.bias", (32,)), param_kind("h.0.mlp.c_fc.weight", (8, 32))
         ('bias', 'weight')
     """
+    if known is not None:
+        return known
     lowered = name.lower()
     parts = lowered.split(".")
     module = parts[-2] if len(parts) > 1 else ""
@@ -107,7 +112,7 @@ def base_row(optimizer: OptimizerState, param: ParamState) -> dict[str, Any]:
         "index": param.index,
         "group": param.group,
         "layer": layer_of(param.name, param.name_source),
-        "param_kind": param_kind(param.name, param.shape)
+        "param_kind": param_kind(param.name, param.shape, optimizer.param_kinds.get(param.name))
         if param.name_source != "none"
         else ("weight" if param.shape is not None and len(param.shape) >= 2 else "other"),
         "shape": tuple(param.shape) if param.shape is not None else None,

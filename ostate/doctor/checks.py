@@ -572,7 +572,7 @@ def check_weight_decay_targets(ctx: Context) -> list[Finding]:
             if p.shape is not None and len(p.shape) <= 1:
                 by_shape.append((o, _evidence(p, p.numel, detail)))
             continue
-        kind = param_kind(p.name, p.shape)
+        kind = param_kind(p.name, p.shape, o.param_kinds.get(p.name))
         if kind in ("norm", "bias"):
             norms.append((o, _evidence(p, p.numel, f"{kind}, {detail}")))
         elif kind == "embedding":

@@ -153,12 +153,14 @@ def name_trainer_params(
             order = None
     if order is not None:
         if _name_by_decay_rule(optimizer, order):
+            optimizer.param_kinds = dict(order.kinds)
             return
         sizes = [sum(1 for p in optimizer.params if p.group == g) for g in range(len(optimizer.groups))]
         naming = match_model_order([p.shape for p in optimizer.params], order.entries, order.where, sizes)
         if naming.source != "none":
             apply_naming(optimizer.params, naming)
             optimizer.model_order = [e.name for e in order.entries]
+            optimizer.param_kinds = dict(order.kinds)
             return
         optimizer.warnings.extend(naming.warnings)
     elif why:

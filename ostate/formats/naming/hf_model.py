@@ -28,13 +28,14 @@ import json
 import os
 import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from ostate.formats.naming.model_order import ModelEntry
+from ostate.formats.naming.module_kinds import module_kinds
 
 # Classes appended to transformers.pytorch_utils.ALL_LAYERNORM_LAYERS by model files
 # (`ALL_LAYERNORM_LAYERS.append(...)`), the same set in transformers 4.48.0 and 4.51.0.
@@ -107,6 +108,7 @@ class ModuleOrder:
     entries: list[ModelEntry]
     decay: dict[str, frozenset[str]]  # rule name -> names that get weight decay
     version: str | None  # transformers_version recorded in config.json
+    kinds: dict[str, str] = field(default_factory=dict)  # norm / embedding, from the module types
 
     @property
     def where(self) -> str:
@@ -153,7 +155,8 @@ def module_order(
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     entries = [ModelEntry(rename(n), tuple(p.shape)) for n, p in trainable]
     decay = {rule.name: frozenset(rename(n) for n in decay_parameter_names(model, rule)) for rule in DECAY_RULES}
-    return ModuleOrder(architecture, entries, decay, version)
+    kinds = {rename(n): kind for n, kind in module_kinds(model).items()}
+    return ModuleOrder(architecture, entries, decay, version, kinds)
 
 
 def build_on_meta(directory: str) -> tuple[tuple[nn.Module, dict[str, Any], str] | None, str | None]:

@@ -46,6 +46,9 @@ def drop_wrapper_prefixes(checkpoint: Checkpoint) -> Checkpoint:
             if p.name_source != "none":
                 p.name = p.name[len(whole) :]
         optimizer.model_order = [n[len(whole) :] if n.startswith(whole) else n for n in optimizer.model_order]
+        optimizer.param_kinds = {
+            k[len(whole) :] if k.startswith(whole) else k: v for k, v in optimizer.param_kinds.items()
+        }
         named = sum(p.name_source != "none" for p in optimizer.params)
         for prefix in prefixes:
             optimizer.name_notes.append(
