@@ -49,6 +49,17 @@ def workers_option(fn: Callable) -> Callable:
     )(fn)
 
 
+def base_config_option(fn: Callable) -> Callable:
+    """``--base-config DIR``: the base model's folder, to name a PEFT adapter checkpoint's parameters."""
+    return click.option(
+        "--base-config",
+        type=click.Path(exists=True),
+        metavar="DIR",
+        help="For a PEFT (LoRA) Trainer checkpoint: the base model's folder (its config.json), to name the "
+        "adapter's parameters. Never downloaded.",
+    )(fn)
+
+
 def format_hint_option(fn: Callable) -> Callable:
     """``--format-hint NAME``: read PATH with this reader instead of recognising its layout."""
     names = reader_names()

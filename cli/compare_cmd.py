@@ -10,6 +10,8 @@ from ostate.compare.output import render
 from ostate.outputs import check_output
 from ostate.render import FORMATS
 from ostate_cli.common import (
+    EXIT_BAD_INPUT,
+    fail,
     format_hint_option,
     handle_errors,
     progress_enabled,
@@ -99,6 +101,9 @@ def compare(
         ),
         nl=False,
     )
+    nothing = [n for pair in result.pairs if (n := pair.no_common_parameter()) is not None]
+    if nothing:
+        fail(nothing[0], EXIT_BAD_INPUT)
     if plot_path:
         # start-up time: matplotlib only when --plot is given
         from ostate.plots.compare import save_compare_figure

@@ -12,6 +12,7 @@ from ostate.doctor.output import FORMATS, render
 from ostate.formats.naming.weights import name_unnamed_by, read_model
 from ostate.optimizers import families
 from ostate_cli.common import (
+    base_config_option,
     format_hint_option,
     handle_errors,
     progress_enabled,
@@ -50,8 +51,9 @@ from ostate_cli.common import (
 @workers_option
 @trust_pickle_option
 @format_hint_option
+@base_config_option
 @handle_errors
-def doctor(path, fmt, model_path, fail_on, ignored, kind, workers, trust_pickle, format_hint):
+def doctor(path, fmt, model_path, fail_on, ignored, kind, workers, trust_pickle, format_hint, base_config):
     """Check the optimizer state in the checkpoint at PATH and say what to do about each finding.
 
     Each finding has a severity (info, warning, error), a code, the parameters and
@@ -60,7 +62,9 @@ def doctor(path, fmt, model_path, fail_on, ignored, kind, workers, trust_pickle,
     4 (an error); 2 means PATH could not be read.
     """
     ignore = sorted(check_codes(c.strip() for c in ignored.split(",") if c.strip())) if ignored else []
-    checkpoint = ostate.load(path, trust_pickle=trust_pickle, optimizer=kind, format_hint=format_hint)
+    checkpoint = ostate.load(
+        path, trust_pickle=trust_pickle, optimizer=kind, format_hint=format_hint, base_config=base_config
+    )
     model = read_model(model_path, trust_pickle=trust_pickle) if model_path else None
     if model is not None:  # a bare optimizer file gets its names from the model it is checked against
         name_unnamed_by(checkpoint, model)

@@ -14,6 +14,7 @@ import re
 # Python keyword argument -> the flag that sets it, for every flag a library message mentions.
 FLAGS = {
     "against": "--against",
+    "base_config": "--base-config",
     "by": "--by",
     "fail_on": "--fail-on",
     "format_hint": "--format-hint",

@@ -11,6 +11,7 @@ from ostate.render import FORMATS
 from ostate.report import inspect as build_report
 from ostate.report import render
 from ostate_cli.common import (
+    base_config_option,
     format_hint_option,
     handle_errors,
     progress_enabled,
@@ -64,6 +65,7 @@ from ostate_cli.common import (
 )
 @trust_pickle_option
 @format_hint_option
+@base_config_option
 @handle_errors
 def inspect(
     path,
@@ -80,6 +82,7 @@ def inspect(
     head_dim,
     trust_pickle,
     format_hint,
+    base_config,
 ):
     """Show the optimizer state in the checkpoint at PATH.
 
@@ -89,7 +92,9 @@ def inspect(
     checkpoint folder (the save folder, or one tag folder inside it), or optimizer
     state in .safetensors. The layout is recognised from the contents.
     """
-    checkpoint = ostate.load(path, trust_pickle=trust_pickle, optimizer=kind, format_hint=format_hint)
+    checkpoint = ostate.load(
+        path, trust_pickle=trust_pickle, optimizer=kind, format_hint=format_hint, base_config=base_config
+    )
     report = build_report(
         checkpoint,
         by=by,

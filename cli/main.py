@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import importlib
 import os
 import sys
+from typing import Any, Iterator
 
 import click
 
 import ostate
-from ostate.analysis.native import kernels
+from ostate.analysis.native import library
 
 # Every command: its name and the module that defines it (as the function of the same
 # name). Modules are imported only when their command runs (or for `ostate --help`), so
@@ -27,8 +29,27 @@ COMMANDS = {
 }
 
 
+# Each command's one-line summary, for `ostate --help` without importing the commands (and
+# torch with them); tests/test_cli_flags.py checks each against its command's own help.
+SUMMARIES = {
+    "ablate": "Compare what to do with a checkpoint's optimizer state when fine-tuning.",
+    "compare": "Compare the optimizer state of checkpoints A, B, ... parameter by parameter (matched by name).",
+    "convert": "Write the optimizer state of checkpoint IN to OUT.",
+    "demo": "Train a tiny character model on the Zen of Python, save a checkpoint, and inspect it.",
+    "doctor": "Check the optimizer state in the checkpoint at PATH and say what to do about each finding.",
+    "inspect": "Show the optimizer state in the checkpoint at PATH.",
+    "plot": "Draw the optimizer state of the checkpoint(s) at PATH... into the figure OUT.",
+    "reset": "Write checkpoint PATH to OUT with STRATEGY applied to its optimizer state.",
+}
+
+
 class LazyGroup(click.Group):
-    """A click group that imports a command's module the first time the command is asked for."""
+    """A click group that imports a command's module the first time the command is asked for.
+
+    ``ostate --help`` lists the commands from :data:`SUMMARIES`, importing none of them; a
+    usage error (an unknown option, a bad value) is one line, like ostate's own errors, with
+    click's exit code (2).
+    """
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted({*COMMANDS, *super().list_commands(ctx)})
@@ -38,10 +59,75 @@ class LazyGroup(click.Group):
             self.add_command(getattr(importlib.import_module(COMMANDS[name]), name), name)
         return super().get_command(ctx, name)
 
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        names = self.list_commands(ctx)
+        if not names:
+            return
+        limit = formatter.width - 6 - max(len(name) for name in names)
+        rows = []
+        for name in names:
+            if name in SUMMARIES and name not in self.commands:
+                rows.append((name, click.Command(name, help=SUMMARIES[name]).get_short_help_str(limit)))
+            elif (command := self.get_command(ctx, name)) is not None and not command.hidden:
+                rows.append((name, command.get_short_help_str(limit)))
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+    def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
+        with one_line_usage_errors():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        with one_line_usage_errors():
+            return super().invoke(ctx)
+
+
+class OneLineError(click.ClickException):
+    """A click error shown as ``ostate: error: ...`` on one line, with the same exit code (2 for usage)."""
+
+    def __init__(self, error: click.ClickException):
+        super().__init__(usage_error_line(error))
+        self.exit_code = error.exit_code
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"ostate: error: {self.message}", err=True)
+
+
+# `ostate` alone shows the help (click's NoArgsIsHelpError, a UsageError): that stays as click shows it.
+_HELP_ERRORS = tuple(getattr(click.exceptions, n) for n in ("NoArgsIsHelpError",) if hasattr(click.exceptions, n))
+
+
+@contextlib.contextmanager
+def one_line_usage_errors() -> Iterator[None]:
+    """Turn click's errors (an unknown option, a bad value) into :class:`OneLineError`."""
+    try:
+        yield
+    except (OneLineError, *_HELP_ERRORS):
+        raise
+    except click.ClickException as e:
+        raise OneLineError(e) from e
+
+
+def usage_error_line(error: click.ClickException) -> str:
+    """A click usage error as one line: its message, the command it concerns, and where to read more.
+
+    Example:
+        >>> usage_error_line(click.UsageError("No such option: --bye"))
+        'No such option: --bye (see ostate --help)'
+    """
+    message = " ".join(error.format_message().split())
+    context = getattr(error, "ctx", None)
+    command = context.command_path if context is not None else "ostate"
+    return f"{message} (see {command} --help)"
+
 
 def version_line() -> str:
     """What ``ostate --version`` prints: the version, and whether the compiled loops are in use."""
-    return f"ostate {ostate.__version__} (compiled loops: {kernels.status()})"
+    # Said without importing torch: the loops already loaded in this process (a test's build), else
+    # whether the installed library would load.
+    kernels = sys.modules.get("ostate.analysis.native.kernels")
+    status = kernels.status() if kernels is not None else library.status()
+    return f"ostate {ostate.__version__} (compiled loops: {status})"
 
 
 def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:

@@ -8,7 +8,7 @@ from ostate.optimizers import families
 from ostate.reset.strategies import STRATEGIES
 from ostate.reset.write import SCHEDULER_CHOICES, lr_lines
 from ostate.reset.write import reset as reset_checkpoint
-from ostate_cli.common import format_hint_option, handle_errors, trust_pickle_option
+from ostate_cli.common import base_config_option, format_hint_option, handle_errors, trust_pickle_option
 
 
 @click.command()
@@ -74,9 +74,22 @@ from ostate_cli.common import format_hint_option, handle_errors, trust_pickle_op
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (never PATH).")
 @trust_pickle_option
 @format_hint_option
+@base_config_option
 @handle_errors
 def reset(
-    path, strategy, params, out, optimizer_index, kind, lr, initial_lr, scheduler, overwrite, trust_pickle, format_hint
+    path,
+    strategy,
+    params,
+    out,
+    optimizer_index,
+    kind,
+    lr,
+    initial_lr,
+    scheduler,
+    overwrite,
+    trust_pickle,
+    format_hint,
+    base_config,
 ):
     """Write checkpoint PATH to OUT with STRATEGY applied to its optimizer state.
 
@@ -100,6 +113,7 @@ def reset(
         optimizer=kind,
         trust_pickle=trust_pickle,
         format_hint=format_hint,
+        base_config=base_config,
         overwrite=overwrite,
         lr=lr,
         initial_lr=initial_lr,

@@ -17,12 +17,14 @@ from typing import Any, Mapping
 import torch
 
 from ostate.errors import OstateError
-from ostate.formats import registry
+from ostate.formats import hf_trainer, registry
+from ostate.formats.naming.module_kinds import module_kinds
 from ostate.formats.naming.objects import from_object
+from ostate.formats.naming.prefixes import drop_wrapper_prefixes
 from ostate.optimizers.identify import identify
 from ostate.state import Checkpoint, OptimizerState
 
-__all__ = ["load", "from_state_dict"]
+__all__ = ["as_checkpoint", "load", "from_state_dict"]
 
 
 def load(
@@ -31,6 +33,7 @@ def load(
     trust_pickle: bool = False,
     optimizer: str | None = None,
     format_hint: str | None = None,
+    base_config: str | os.PathLike | None = None,
 ) -> Checkpoint:
     """Read the optimizer state (and what else is there) from a checkpoint file or directory.
 
@@ -46,6 +49,9 @@ def load(
         optimizer: the optimizer family (``adamw``, ``sgd``, ...) instead of detecting it.
         format_hint: the layout's reader (``hf-trainer``, ``accelerate``, ``dcp``,
             ``safetensors``, ``torch``) instead of recognising it.
+        base_config: for a Trainer checkpoint of a PEFT (LoRA) model, the folder holding
+            the base model's ``config.json``, to name the adapter's parameters (by default
+            looked for locally from ``adapter_config.json``; never downloaded).
 
     Example:
         >>> import ostate, torch, tempfile, os
@@ -60,8 +66,27 @@ def load(
         ('torch', 'optimizer', 'adamw', ['weight', 'bias'])
     """
     path = os.fspath(path)
-    checkpoint = registry.read(path, trust_pickle=trust_pickle, format_hint=format_hint)
-    return identified(checkpoint, optimizer)
+    if base_config is not None and format_hint in (None, hf_trainer.READER.name):
+        checkpoint = hf_trainer.read(path, trust_pickle=trust_pickle, base_config=base_config)
+    else:
+        checkpoint = registry.read(path, trust_pickle=trust_pickle, format_hint=format_hint)
+    return identified(drop_wrapper_prefixes(checkpoint), optimizer)
+
+
+def as_checkpoint(target: Checkpoint | str | os.PathLike, **options: Any) -> Checkpoint:
+    """``target`` itself when already loaded, else :func:`load` of the path (``options`` go to it).
+
+    For the public functions that take a checkpoint (``ostate.report.inspect``,
+    ``ostate.doctor.diagnose``): a path works as well as what ``load`` returns.
+    """
+    if isinstance(target, (str, os.PathLike)):
+        return load(target, **options)
+    if not isinstance(target, Checkpoint):
+        raise OstateError(
+            f"expected a checkpoint or its path, not a {type(target).__name__}",
+            hint="pass a path or what ostate.load(path) returns",
+        )
+    return target
 
 
 # The path of a checkpoint made by from_state_dict, which has no file.
@@ -88,11 +113,14 @@ def from_state_dict(
     if isinstance(model, torch.nn.Module):
         weights = {name: p.detach() for name, p in model.named_parameters()}
         checkpoint = from_object(obj, path=IN_MEMORY, model=("model", weights))
+        kinds = module_kinds(model)  # the model at hand: its module types say which parameters are norms
+        for o in checkpoint.optimizers:
+            o.param_kinds = dict(kinds)
     elif model is not None:
         checkpoint = from_object(obj, path=IN_MEMORY, model=("model", dict(model)))
     else:
         checkpoint = from_object(obj, path=IN_MEMORY)
-    return identified(checkpoint, optimizer)
+    return identified(drop_wrapper_prefixes(checkpoint), optimizer)
 
 
 def identified(checkpoint: Checkpoint, optimizer: str | None = None) -> Checkpoint:

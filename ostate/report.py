@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -10,7 +11,7 @@ import pandas as pd
 from ostate.analysis import HeadLayout, describe, summarize
 from ostate.analysis.engine import check_view
 from ostate.errors import OstateError
-from ostate.loading import selected_optimizers
+from ostate.loading import as_checkpoint, selected_optimizers
 from ostate.optimizers import get_family
 from ostate.render import (
     cells,
@@ -38,6 +39,7 @@ _KEY_COLUMNS = {
 FIRST_STEP = "no state yet (first step)"
 # Shown after the family's own columns whenever the table has them.
 _EXTRA_COLUMNS = ("update_to_weight_rms",)
+_PRECONDITIONER_COLUMNS = ("precond_min", "precond_p50", "precond_max")
 
 
 @dataclass
@@ -64,7 +66,7 @@ class Report:
 
 
 def inspect(
-    checkpoint: Checkpoint,
+    checkpoint: Checkpoint | str | os.PathLike,
     *,
     by: str = "param",
     sort: str | None = None,
@@ -76,7 +78,7 @@ def inspect(
     workers: int | None = None,
     heads: HeadLayout | None = None,
 ) -> Report:
-    """Build the report for a loaded checkpoint.
+    """Build the report for a checkpoint (loaded, or its path).
 
     ``sort`` orders rows by a column (largest first unless ``ascending``), ``top``
     keeps the first N rows, ``optimizer_index`` picks one optimizer when the file
@@ -85,6 +87,7 @@ def inspect(
     :func:`ostate.analysis.summarize`.
     """
     check_view(by)
+    checkpoint = as_checkpoint(checkpoint)
     optimizers = selected_optimizers(checkpoint, optimizer_index)
     report = Report(
         path=checkpoint.path,
@@ -131,6 +134,8 @@ def _shown_columns(kind: str, by: str, table: pd.DataFrame, requested: list[str]
         return requested
     family = get_family(kind)
     stats = list(family.display) or [c for c in table.columns if c.endswith(("_mean", "_rms"))]
+    # A group at lr 0 (a finished schedule) has eff_lr 0: its preconditioner says what carries over.
+    stats += [c for c in _PRECONDITIONER_COLUMNS if c in table.columns and table[c].notna().any()]
     return [c for c in (*_KEY_COLUMNS[by], *stats, *_EXTRA_COLUMNS) if c in table.columns]
 
 
@@ -260,7 +265,11 @@ def _optimizer_lines(o: OptimizerReport) -> list[str]:
         lines.append(f"  {FIRST_STEP}: {_names([n for n in missing if n in first])}")
     if len(missing) > len(first):
         lines.append(f"  without state (frozen or never stepped): {_names([n for n in missing if n not in first])}")
-    lines.append("  names: " + ", ".join(f"{k} {v}" for k, v in d["name_sources"].items()))
+    lines.append(
+        "  names: "
+        + ", ".join(f"{k} {v}" for k, v in d["name_sources"].items())
+        + "".join(f"; {note}" for note in d.get("name_notes", ()))
+    )
     lines.append(f"  note: {d['lr_note']}")
     for note in d["notes"]:
         lines.append(f"  note: {note}")

@@ -151,6 +151,11 @@ class OptimizerState:
     # model (layers are listed in this order).
     model_order: list[str] = field(default_factory=list)
     state_keys: frozenset[str] = frozenset()
+    # How the names were adjusted after they were found (a wrapper's prefix dropped, ...), for the header.
+    name_notes: list[str] = field(default_factory=list)
+    # Kinds (``norm``, ``embedding``) that the model's module types give, by parameter name, when
+    # the model was at hand (a module passed in Python, a model rebuilt from its config); else the name rule.
+    param_kinds: dict[str, str] = field(default_factory=dict)
 
     def group_of(self, param: ParamState) -> dict[str, Any]:
         return self.groups[param.group]

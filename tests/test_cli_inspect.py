@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 
+import ostate
 from tests.helpers.common import Net, run_cli, run_cli_process, sha256, train
 
 
@@ -157,7 +158,7 @@ def test_truncated_and_empty_files(tmp_path, adamw_checkpoint):
     path, _, _ = adamw_checkpoint
     cut = tmp_path / "cut.pt"
     cut.write_bytes(path.read_bytes()[:500])
-    one_error_line(run_cli("inspect", str(cut)), "truncated or corrupted")
+    one_error_line(run_cli("inspect", str(cut)), "the zip archive ends early", "copy or save it again")
     empty = tmp_path / "empty.pt"
     empty.write_bytes(b"")
     one_error_line(run_cli("inspect", str(empty)), "file is empty")
@@ -210,3 +211,31 @@ def test_unknown_layout_suggests_the_optimizer_option(tmp_path):
     assert "unrecognised optimizer state (state keys: weird)" in result.stdout
     assert "--optimizer KIND" in result.stdout
     assert "weird_mean" in result.stdout
+
+
+def test_a_checkpoint_at_lr_0_shows_its_preconditioner_instead_of_zeros_only(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(30, 40), torch.nn.Linear(40, 2))  # a large and a tiny parameter
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(2):
+        model(torch.randn(8, 30)).square().sum().backward()
+        opt.step()
+        opt.zero_grad()
+    opt.param_groups[0]["lr"] = 0.0  # the end of a schedule
+    path = tmp_path / "end.pt"
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, path)
+    table = ostate.analyze(ostate.load(path)).set_index("name")
+    beta2, eps = opt.param_groups[0]["betas"][1], opt.param_groups[0]["eps"]
+    for name, p in model.named_parameters():
+        state = opt.state[p]
+        v_hat = state["exp_avg_sq"].double() / (1 - beta2 ** float(state["step"]))
+        expected = 1.0 / (v_hat.sqrt() + eps)
+        assert table.loc[name, "eff_lr_max"] == 0.0
+        assert table.loc[name, "precond_max"] == pytest.approx(expected.max().item(), rel=1e-5)
+        assert table.loc[name, "precond_p50"] == pytest.approx(expected.median().item(), rel=0.02)
+    result = run_cli("inspect", str(path))
+    assert "precond_p50" in result.stdout.splitlines()[-6]
+    # With a non-zero lr there is no such column: eff_lr says it.
+    opt.param_groups[0]["lr"] = 1e-3
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, path)
+    assert "precond_p50" not in ostate.analyze(ostate.load(path)).columns

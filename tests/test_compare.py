@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -203,7 +204,18 @@ def test_the_compare_figure_of_plain_sgd_says_what_it_cannot_draw(tmp_path):
     fig = compare_figure(compare(*paths))
     notes = [t.get_text() for t in fig.axes[0].texts]
     assert notes == ["nothing to draw: no second moment in both checkpoints"]
+    # No zero line through the text (the only line is the all-NaN series).
+    assert not any(np.isfinite(np.asarray(line.get_ydata(), dtype=float)).any() for line in fig.axes[0].get_lines())
     assert not fig.axes[1].texts  # momentum buffers are first moments: their cosine is drawn
+    # Two checkpoints: the pair is named, on the first panel that has data.
+    assert fig.axes[0].get_legend() is None
+    assert [t.get_text() for t in fig.axes[1].get_legend().get_texts()] == ["sgd0.pt → sgd1.pt"]
+
+
+def test_the_compare_figure_of_two_checkpoints_names_them(tmp_path):
+    _, paths, _ = run(tmp_path, steps=(2, 4))
+    fig = compare_figure(compare(*paths))
+    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == [f"{paths[0].name} → {paths[1].name}"]
 
 
 def test_compare_plot_never_writes_over_or_into_an_input(tmp_path):
@@ -232,3 +244,58 @@ def test_the_plots_package_draws_a_computed_comparison_and_checks_its_pairing(tm
         ostate.plots.plot("compare", result, by="consecutive")
     with pytest.raises(ostate.OstateError, match="cannot be split by=layer"):
         ostate.plots.plot("compare", result, by="layer")
+
+
+def test_two_checkpoints_without_a_parameter_in_common_warn_and_exit_2(tmp_path):
+    paths = []
+    for name, model in (("a.pt", torch.nn.Linear(3, 2)), ("b.pt", torch.nn.Sequential(torch.nn.Linear(3, 2)))):
+        opt = torch.optim.AdamW(model.parameters())
+        model(torch.randn(2, 3)).sum().backward()
+        opt.step()
+        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, tmp_path / name)
+        paths.append(str(tmp_path / name))
+    pair = compare(*paths).pairs[0]
+    assert pair.no_common_parameter() is not None and pair.no_common_parameter() in pair.warnings
+    result = run_cli("compare", *paths)
+    assert result.returncode == 2
+    assert result.stderr.startswith("ostate: error: ") and "no parameter name in common" in result.stderr
+    assert "A: weight, bias; B: 0.weight, 0.bias" in result.stderr
+
+
+def _finished_schedule(tmp_path):
+    """Three saves of AdamW whose schedule reaches lr = 0 at the last one (a 40x30 weight: not batched as tiny)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(30, 40), nn.Linear(40, 2))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: max(0.0, 1 - t / 3))
+    paths = []
+    for step in range(3):
+        model(torch.randn(8, 30)).square().sum().backward()
+        opt.step()
+        schedule.step()
+        opt.zero_grad()
+        paths.append(tmp_path / f"s{step}.pt")
+        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, paths[-1])
+    assert opt.param_groups[0]["lr"] == 0.0
+    return paths
+
+
+def _preconditioner(path, name):
+    sd = torch.load(path, weights_only=True)["optimizer"]
+    index = ["0.weight", "0.bias", "1.weight", "1.bias"].index(name)
+    state, beta2 = sd["state"][index], sd["param_groups"][0]["betas"][1]
+    v_hat = state["exp_avg_sq"].double() / (1 - beta2 ** float(state["step"]))
+    return 1.0 / (v_hat.sqrt() + sd["param_groups"][0]["eps"])
+
+
+def test_a_finished_schedule_compares_the_preconditioner_and_says_why_eff_lr_is_blank(tmp_path):
+    paths = _finished_schedule(tmp_path)
+    pair = compare(paths[1], paths[2]).pairs[0]
+    assert any("is 0 in some param group (a finished schedule)" in w for w in pair.warnings)
+    assert pair.mover_metric() == "precond_log10_rms"
+    table = pair.table().set_index("name")
+    assert table["eff_lr_relchange_p50"].isna().all()
+    change = (_preconditioner(paths[2], "0.weight") / _preconditioner(paths[1], "0.weight")).median().item() - 1
+    assert table.loc["0.weight", "precond_relchange_p50"] == pytest.approx(change, rel=0.02, abs=1e-3)
+    text = run_cli("compare", str(paths[1]), str(paths[2])).stdout
+    assert "largest movers (by precond_log10_rms)" in text and "finished schedule" in text

@@ -196,6 +196,22 @@ def test_universal_checkpoint_from_ds_to_universal_equals_the_ground_truth(deeps
     assert deepspeed.read(run_dir, tag=f"{TAG}_universal").format == "deepspeed-universal"
 
 
+def test_a_universal_checkpoint_of_a_cpu_adam_run_whose_step_is_a_plain_int_is_read(deepspeed_runs, tmp_path):
+    # DeepSpeedCPUAdam (ZeRO-Offload) keeps state['step'] as a Python int (deepspeed/ops/adam/cpu_adam.py),
+    # and ds_to_universal saves it as is (_save_checkpoint of the value: step.pt holds an int, not a
+    # tensor). Running CPUAdam here needs its C++ op built (minutes), so the zero2 run's universal
+    # output is given exactly that layout: every step.pt rewritten as the int it holds.
+    universal = tmp_path / f"{TAG}_universal"
+    shutil.copytree(deepspeed_runs / "zero2" / f"{TAG}_universal", universal)
+    steps = sorted(universal.glob("zero/*/step.pt"))
+    assert steps
+    for step in steps:
+        torch.save(int(torch.load(step, weights_only=True)), step)
+    ckpt = ostate.load(universal)
+    assert_matches_truth(ckpt, truth(deepspeed_runs / "zero2"))
+    assert {p.step for p in ckpt.optimizers[0].params if p.has_state} == {float(STEPS)}
+
+
 def test_a_folder_with_only_latest_universal_reads_the_universal_save(deepspeed_runs, tmp_path):
     # ds_to_universal writes latest_universal beside its output folder, which may be a folder of its own.
     source = deepspeed_runs / "zero3"

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import ostate
-from ostate.analysis.native import kernels
+from ostate.analysis.native import kernels, library
 from ostate.analysis.quantize import BLOCK, BlockwiseError, dynamic_map
 from ostate.analysis.sketch import Sketch
 from tests.helpers.common import run_cli, run_cli_process
@@ -56,8 +56,8 @@ def test_setup_py_builds_the_loops_for_the_stable_abi(tmp_path):
     if not sys.platform.startswith("win") and not sysconfig.get_config_var("Py_GIL_DISABLED"):
         assert build.path.name == "_kernels.abi3.so"
     assert build.path.name.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES))  # kernels.py finds it
-    lib = kernels._open(str(build.path))
-    assert lib is not None and lib.ostate_kernels_abi() == kernels.ABI
+    lib = library.open_library(str(build.path))
+    assert lib is not None and lib.ostate_kernels_abi() == library.ABI
 
 
 def test_load_library_takes_only_a_build_of_this_c_file_and_not_when_switched_off(tmp_path, monkeypatch):
@@ -83,7 +83,7 @@ def test_the_version_says_whether_the_compiled_loops_are_in_use(monkeypatch):
     assert (kernels.status() == "active") == kernels.available()
     monkeypatch.delenv("OSTATE_KERNELS", raising=False)
     monkeypatch.setattr(kernels, "_LIB", None)
-    monkeypatch.setattr(kernels.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(library.importlib.util, "find_spec", lambda name: None)
     assert run_cli("--version").stdout == version + "not built, using torch ops)\n"
     switched_off = run_cli_process("--version", env={"OSTATE_KERNELS": "0"})
     assert switched_off.returncode == 0
@@ -210,15 +210,15 @@ def test_a_zero_extreme_is_positive_zero_whichever_zero_comes_first(values, arit
 
 
 def test_a_library_built_from_another_version_of_the_c_file_is_not_used(monkeypatch):
-    monkeypatch.setattr(kernels, "ABI", kernels.ABI + 1)
-    assert kernels._load() is None
+    monkeypatch.setattr(library, "ABI", library.ABI + 1)
+    assert library.load() is None
     # A shared library without ostate's functions at all (a stale build from before one was added).
     other = importlib.util.find_spec("numpy._core._multiarray_umath") or importlib.util.find_spec(
         "numpy.core._multiarray_umath"
     )
-    monkeypatch.setattr(kernels.importlib.util, "find_spec", lambda name: other)
-    monkeypatch.setattr(kernels, "ABI", kernels.ABI - 1)
-    assert kernels._load() is None
+    monkeypatch.setattr(library.importlib.util, "find_spec", lambda name: other)
+    monkeypatch.setattr(library, "ABI", library.ABI - 1)
+    assert library.load() is None
 
 
 def test_the_c_file_refuses_to_build_under_fast_math(tmp_path):

@@ -199,8 +199,14 @@ def test_truncated_checkpoint_is_reported_as_such(tmp_path, adamw_checkpoint):
     data = path.read_bytes()
     cut = tmp_path / "cut.pt"
     cut.write_bytes(data[: len(data) // 2])
-    with pytest.raises(OstateError, match="truncated or corrupted"):
+    with pytest.raises(OstateError) as e:
         ostate.load(cut)
+    # In ostate's words (torch's own message is cut mid-sentence): what, where, what to do.
+    assert str(e.value) == (
+        f"{cut}: cannot read as a torch checkpoint: the zip archive ends early ({len(data) // 2:,} bytes): the "
+        "index that torch.save writes last is missing (the file is truncated: an interrupted save, or an "
+        "incomplete copy or download; copy or save it again)"
+    )
 
 
 def test_missing_path_and_directory_are_clear_errors(tmp_path):
@@ -279,3 +285,19 @@ def test_a_file_too_large_for_a_private_mapping_is_mapped_shared(tmp_path, monke
     assert loaded["w"].tolist() == [1.0] * 4
     assert seen[-1] == mmap_module.MAP_SHARED
     assert torch.serialization.get_default_mmap_options() != mmap_module.MAP_SHARED  # restored
+
+
+def test_public_functions_given_a_path_say_how_to_load_it_or_take_it(tmp_path, adamw_checkpoint):
+    from ostate.doctor import diagnose
+    from ostate.report import inspect
+
+    path, _, _ = adamw_checkpoint
+    with pytest.raises(OstateError, match=r"ostate.analyze takes a loaded checkpoint, not a path \(load it first"):
+        ostate.analyze(str(path))
+    with pytest.raises(OstateError, match=r"ostate.describe\(ostate.load\(.*\).optimizers\[0\]\)"):
+        ostate.describe(path)
+    with pytest.raises(OstateError, match="takes a Checkpoint or OptimizerState, not a dict"):
+        ostate.analyze({"state": {}})
+    # The tools above the reader take a path as well as a loaded checkpoint.
+    assert inspect(path).optimizers[0].table.equals(inspect(ostate.load(path)).optimizers[0].table)
+    assert diagnose(path).checked == diagnose(ostate.load(path)).checked

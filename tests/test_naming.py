@@ -47,9 +47,18 @@ def test_names_skip_frozen_parameters_left_out_of_the_optimizer(tmp_path):
 
 def test_frozen_parameters_among_same_shaped_ones_make_names_ambiguous(tmp_path):
     # norm.weight/bias are frozen among five other 8-element entries: shapes cannot tell which were left out.
-    _, names, sources, warnings = frozen_run(tmp_path, "norm")
-    assert sources == {"none"}
-    assert any("more than one way" in w for w in warnings)
+    # What every reading agrees on is named; the rest are listed with how to name them.
+    trainable, names, sources, warnings = frozen_run(tmp_path, "norm")
+    assert sources == {"model-order", "none"}
+    expected = [n for n, _ in trainable]
+    certain = {"inp.weight", "hidden.weight", "hidden.bias", "head.weight", "head.bias"}
+    assert [n if n in certain else None for n in expected] == [n if n in certain else None for n in names]
+    assert [i for i, n in enumerate(names) if n.startswith("param.")] == [
+        i for i, n in enumerate(expected) if n not in certain
+    ]
+    [warning] = [w for w in warnings if "more than one way" in w]
+    assert "5 of 8 are the same in every reading" in warning and "index 1 (8)" in warning
+    assert "param_names" in warning and "from_state_dict(state_dict, model=module)" in warning
 
 
 def test_decay_and_no_decay_groups_that_interleave_are_named(tmp_path):
@@ -129,7 +138,7 @@ def test_many_groups_with_too_many_possibilities_give_up_cleanly(monkeypatch):
     monkeypatch.setattr(naming_module, "_MAX_GROUP_STATES", 3)
     entries = [ModelEntry(f"e{i}", (4,)) for i in range(12)]
     naming = match_model_order([(4,)] * 6, entries, "m", group_sizes=[2, 2, 2])
-    assert naming.source == "none" and "too many ways" in naming.warnings[0]
+    assert naming.source == "none" and "more than one way" in naming.warnings[0]
 
 
 def test_the_keys_that_tell_state_layouts_apart_are_the_families_own():
@@ -150,3 +159,34 @@ def test_a_parameter_of_any_shape_keeps_it_under_torch_adafactor(shape):
     p.grad = torch.ones(shape)
     opt.step()
     assert ostate.from_state_dict(opt.state_dict()).optimizers[0].params[0].shape == shape
+
+
+def test_the_models_module_types_decide_the_kind_when_the_model_is_at_hand():
+    from ostate.demo import CharMLP
+
+    model = CharMLP(45, 8)  # its LayerNorms are blocks.N.0: the name rule calls their weights 'other'
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randint(0, 45, (4, 8))).sum().backward()
+    opt.step()
+    by_name = ostate.analyze(ostate.from_state_dict(opt.state_dict(), model=model)).set_index("name")["param_kind"]
+    norms = [n for n, m in model.named_modules() if isinstance(m, nn.LayerNorm)]
+    assert norms and all(by_name[f"{n}.weight"] == "norm" and by_name[f"{n}.bias"] == "norm" for n in norms)
+    assert by_name["embed.weight"] == "embedding" and by_name["head.weight"] == "weight"
+    # Without the model (a file), the name rule: a 1-D scale named blocks.0.0.weight stays 'other'.
+    plain = ostate.analyze(ostate.from_state_dict(opt.state_dict(), model=model.state_dict())).set_index("name")
+    assert plain.loc[f"{norms[0]}.weight", "param_kind"] == "other"
+
+
+def test_group_structure_names_what_every_reading_of_each_group_agrees_on():
+    # Two groups (decay: the matrices; no decay: the vectors); a frozen 4-vector sits among the vectors.
+    entries = [
+        ModelEntry("a.weight", (4, 3)),
+        ModelEntry("a.bias", (4,)),
+        ModelEntry("frozen.weight", (4,)),
+        ModelEntry("b.weight", (2, 4)),
+        ModelEntry("b.bias", (2,)),
+    ]
+    naming = match_model_order([(4, 3), (2, 4), (4,), (2,)], entries, "m", group_sizes=[2, 2])
+    # a.bias or frozen.weight: the vector group cannot tell; everything else is certain in every reading.
+    assert naming.names == ["a.weight", "b.weight", None, "b.bias"] and naming.source == "model-order"
+    assert "index 2 (4)" in naming.warnings[0] and "3 of 4" in naming.warnings[0]

@@ -394,3 +394,31 @@ def test_no_module_of_the_plots_package_reads_checkpoints():
             )
         ], name
     assert [kind.name for kind in ostate.plots.registry.KINDS] == sorted(plot_kinds())
+
+
+@pytest.mark.parametrize("make", [lambda p: torch.optim.Adagrad(p, lr=0.1), lambda p: torch.optim.RMSprop(p, lr=0.01)])
+def test_the_lr_histogram_of_a_family_without_m_hat_says_what_eta_multiplies(make):
+    from ostate.analysis import summarize
+    from ostate.plots import plot_lr_histogram
+
+    model = torch.nn.Linear(4, 3)
+    opt = make(model.parameters())
+    model(torch.randn(8, 4)).square().sum().backward()
+    opt.step()
+    fig = plot_lr_histogram(summarize(ostate.from_state_dict(opt.state_dict(), model=model)))
+    label = fig._supxlabel.get_text()
+    assert "gradient or momentum buffer" in label and "hat m" not in label
+
+
+def test_an_sgd_lr_histogram_says_every_coordinate_is_at_lr_instead_of_a_flat_block():
+    from ostate.analysis import summarize
+    from ostate.plots import plot_lr_histogram
+
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    model(torch.randn(8, 4)).square().sum().backward()
+    opt.step()
+    fig = plot_lr_histogram(summarize(ostate.from_state_dict(opt.state_dict(), model=model)))
+    whole = fig.axes[0]
+    assert [t.get_text() for t in whole.texts] == ["every coordinate is at lr = 0.05"]
+    assert not whole.patches  # no histogram drawn

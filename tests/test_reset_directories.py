@@ -10,6 +10,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ import ostate
 from ostate import OstateError
 from ostate.reset.write import reset
 from tests.helpers.builders import Mlp, mlp_optimizer
-from tests.helpers.common import REPO, sha256
+from tests.helpers.common import REPO, run_cli, sha256
 
 
 def files(directory):
@@ -171,6 +172,20 @@ def test_dcp_checkpoint_loads_with_dcp_load_and_set_state_dict(tmp_path, flatten
         ), name
         assert float(new["step"]) == (0.0 if strategy in ("fresh", "keep-v") else 3.0), name
     assert ostate.load(out).metadata["step"] == 3  # train_state kept
+
+
+def test_reset_of_a_dcp_checkpoint_prints_no_library_noise(tmp_path):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model, opt = _trained_mlp()
+    model_sd, optim_sd = get_state_dict(model, opt)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(tmp_path / "in"), no_dist=True)
+    result = run_cli("reset", str(tmp_path / "in"), "--strategy", "reset-v", "-o", str(tmp_path / "out"))
+    assert result.returncode == 0 and result.stderr.startswith("wrote "), result.stderr
+    assert "warning" not in result.stderr  # torch's "torch.distributed is disabled, ..." on every save
 
 
 def test_keep_v_age_survives_dcp_when_the_live_group_has_the_key(tmp_path):

@@ -10,16 +10,37 @@ one-call table.
 
 from __future__ import annotations
 
-import pandas as pd
+import importlib
+from typing import TYPE_CHECKING, Any
 
-from ostate.analysis.columns import STATS
-from ostate.analysis.engine import Analysis, OptimizerAnalysis, check_view, default_workers, summaries, summarize
-from ostate.analysis.heads import HeadLayout
-from ostate.analysis.params import ParamSummary
-from ostate.analysis.sketch import Sketch
-from ostate.analysis.summary import describe
-from ostate.analysis.views import VIEWS, ViewRow
-from ostate.state import Checkpoint, OptimizerState
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from ostate.analysis.columns import STATS
+    from ostate.analysis.engine import Analysis, OptimizerAnalysis, default_workers, summaries, summarize
+    from ostate.analysis.heads import HeadLayout
+    from ostate.analysis.params import ParamSummary
+    from ostate.analysis.sketch import Sketch
+    from ostate.analysis.summary import describe
+    from ostate.analysis.views import VIEWS, ViewRow
+    from ostate.state import Checkpoint, OptimizerState
+
+# Each name and the module that defines it, imported on first use (PEP 562): importing
+# ostate.analysis.native (``ostate --version``) must not pay for torch and pandas.
+_PUBLIC = {
+    "Analysis": "ostate.analysis.engine",
+    "HeadLayout": "ostate.analysis.heads",
+    "OptimizerAnalysis": "ostate.analysis.engine",
+    "ParamSummary": "ostate.analysis.params",
+    "STATS": "ostate.analysis.columns",
+    "Sketch": "ostate.analysis.sketch",
+    "VIEWS": "ostate.analysis.views",
+    "ViewRow": "ostate.analysis.views",
+    "default_workers": "ostate.analysis.engine",
+    "describe": "ostate.analysis.summary",
+    "summaries": "ostate.analysis.engine",
+    "summarize": "ostate.analysis.engine",
+}
 
 __all__ = [
     "Analysis",
@@ -36,6 +57,14 @@ __all__ = [
     "summaries",
     "summarize",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'ostate.analysis' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_PUBLIC[name]), name)
+    globals()[name] = value
+    return value
 
 
 def analyze(
@@ -69,5 +98,8 @@ def analyze(
         >>> list(df["name"]), bool((df["eff_lr_p50"] > 0).all())
         (['weight', 'bias'], True)
     """
+    from ostate.analysis.engine import check_loaded, check_view, summarize  # on use: see _PUBLIC
+
+    check_loaded(target, "ostate.analyze")
     check_view(by)
     return summarize(target, progress=progress, workers=workers, heads=heads).table(by)

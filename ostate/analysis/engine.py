@@ -96,6 +96,29 @@ def check_view(by: str) -> None:
         raise OstateError(f"unknown view '{by}'", hint=f"choose one of: {', '.join(VIEWS)}")
 
 
+def check_loaded(target: object, call: str, accepted: tuple[type, ...] = (Checkpoint, OptimizerState)) -> None:
+    """Refuse anything but a loaded checkpoint or optimizer, saying how to get one from a path.
+
+    Example:
+        >>> check_loaded("run/ckpt.pt", "ostate.analyze")
+        Traceback (most recent call last):
+        ...
+        ostate.errors.OstateError: run/ckpt.pt: ostate.analyze takes a loaded checkpoint, not a path (load it first: ostate.analyze(ostate.load('run/ckpt.pt')))
+    """
+    if isinstance(target, (str, os.PathLike)):
+        path = str(os.fspath(target))
+        loaded = f"ostate.load({path!r})" + ("" if Checkpoint in accepted else ".optimizers[0]")
+        raise OstateError(
+            f"{call} takes a loaded checkpoint, not a path", where=path, hint=f"load it first: {call}({loaded})"
+        )
+    if not isinstance(target, accepted):
+        names = " or ".join(t.__name__ for t in accepted)
+        raise OstateError(
+            f"{call} takes a {names}, not a {type(target).__name__}",
+            hint="load a checkpoint with ostate.load(path) or ostate.from_state_dict(state_dict)",
+        )
+
+
 def summarize(
     target: Checkpoint | OptimizerState,
     *,
@@ -127,6 +150,7 @@ def summarize(
             families that declare their moments (Adam, AdamW, NAdam, RAdam, bitsandbytes
             Adam). Off by default: it costs a few more passes over each chunk.
     """
+    check_loaded(target, "ostate.analysis.summarize")
     if isinstance(target, Checkpoint):
         optimizers = target.optimizers
         weights = target.weights if weights is None else weights

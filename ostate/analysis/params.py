@@ -28,7 +28,7 @@ from ostate.analysis.native import kernels
 from ostate.analysis.quantize import BLOCK, BlockwiseError
 from ostate.analysis.sketch import Sketch
 from ostate.optimizers import Family
-from ostate.optimizers.family import explain_bad_state
+from ostate.optimizers.family import Preconditioned, explain_bad_state
 from ostate.state import OptimizerState, ParamState, TensorRef
 
 # Elements per chunk: a multiple of the 8-bit block, and small enough (1 MiB of float32)
@@ -67,8 +67,11 @@ def layer_of(name: str, name_source: str = "param_names") -> str:
 PARAM_KINDS = ("embedding", "weight", "norm", "bias", "other")
 
 
-def param_kind(name: str, shape: tuple[int, ...] | None) -> str:
+def param_kind(name: str, shape: tuple[int, ...] | None, known: str | None = None) -> str:
     """``embedding``, ``norm``, ``bias``, ``weight`` or ``other``, from the name and the shape.
+
+    ``known`` is the kind the model's module types give (:attr:`OptimizerState.param_kinds`,
+    when the model was at hand): it is used as it is, and the name rule only otherwise.
 
     A name-based rule (documented in docs/columns.md): ``embed``/``wte``/``wpe`` in the
     name is an embedding; ``norm``, ``ln_`` or a last module named ``ln``/``ln<digit>``
@@ -82,6 +85,8 @@ def param_kind(name: str, shape: tuple[int, ...] | None) -> str:
         >>> param_kind("h.0.mlp.c_fc.bias", (32,)), param_kind("h.0.mlp.c_fc.weight", (8, 32))
         ('bias', 'weight')
     """
+    if known is not None:
+        return known
     lowered = name.lower()
     parts = lowered.split(".")
     module = parts[-2] if len(parts) > 1 else ""
@@ -107,7 +112,7 @@ def base_row(optimizer: OptimizerState, param: ParamState) -> dict[str, Any]:
         "index": param.index,
         "group": param.group,
         "layer": layer_of(param.name, param.name_source),
-        "param_kind": param_kind(param.name, param.shape)
+        "param_kind": param_kind(param.name, param.shape, optimizer.param_kinds.get(param.name))
         if param.name_source != "none"
         else ("weight" if param.shape is not None and len(param.shape) >= 2 else "other"),
         "shape": tuple(param.shape) if param.shape is not None else None,
@@ -206,6 +211,8 @@ def _stream(
             if shared is not None:
                 assert family.preconditioned is not None  # shared exists only for preconditioned families
                 pre = family.preconditioned(chunk, group, param, quantities)
+                if not group.get("lr"):  # a finished schedule: eff_lr is 0, the preconditioner still tells
+                    sketches.setdefault(PRECONDITIONER, Sketch()).add(preconditioner(pre))
                 # sqrt(s_hat) <= eps, with s_hat = second_moment * scale
                 eps_dominated += _count_at_most(pre.second_moment, pre.eps**2 / pre.second_moment_scale)
                 if pre.numerator is not None:  # a gradient numerator (Adagrad, RMSprop) is not in the state
@@ -237,6 +244,15 @@ def _stream(
     if "weight" in sketches and "update" in sketches:
         sums["ratio_update_sq"] = sketches["update"].sumsq
         sums["ratio_weight_sq"] = sketches["weight"].sumsq
+
+
+# The quantity 1/(sqrt(s_hat) + eps) of an adaptive family, summarised where a group's lr is 0 (docs/columns.md).
+PRECONDITIONER = "precond"
+
+
+def preconditioner(pre: Preconditioned) -> torch.Tensor:
+    r"""The update's preconditioner :math:`1/(\sqrt{\hat s} + \epsilon)` per coordinate: the effective lr without the lr."""
+    return pre.inverse_denominator * pre.inverse_denominator_scale
 
 
 def _count_at_most(values: torch.Tensor, threshold: float) -> int:

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from ostate.analysis.engine import check_loaded
 from ostate.optimizers import get_family
 from ostate.state import OptimizerState
 
@@ -27,6 +28,7 @@ def describe(optimizer: OptimizerState) -> dict[str, Any]:
         >>> d["kind"], d["params_with_state"], d["steps"]["min"]
         ('adamw', 2, 1.0)
     """
+    check_loaded(optimizer, "ostate.describe", (OptimizerState,))
     family = get_family(optimizer.kind)
     params = optimizer.params
     with_state = [p for p in params if p.has_state]
@@ -68,6 +70,7 @@ def describe(optimizer: OptimizerState) -> dict[str, Any]:
         "params_without_state": [p.name for p in params if not p.has_state],
         "params_first_step": first_step_params(optimizer),
         "name_sources": dict(Counter(p.name_source for p in params)),
+        "name_notes": list(optimizer.name_notes),
         "state_bytes": sum(dtype_bytes.values()),
         "state_dtypes": dict(dtype_bytes),
         "lr_note": LR_NOTE,

@@ -25,7 +25,7 @@ import torch
 from ostate.analysis.columns import derived_columns, sketch_columns_of
 from ostate.analysis.compress import shared_sums_of
 from ostate.analysis.heads import HeadLayout
-from ostate.analysis.params import ParamSummary, base_row
+from ostate.analysis.params import PRECONDITIONER, ParamSummary, base_row, preconditioner
 from ostate.analysis.quantize import BLOCK, BlockwiseError
 from ostate.analysis.sketch import Sketch
 from ostate.optimizers import Family
@@ -126,6 +126,9 @@ def summarize_tiny(
             mine["nonfinite_coords"] = bad
         if family.preconditioned is not None:
             pre = family.preconditioned(chunk, group, first, quantities)
+            if not group.get("lr"):  # as summarize_param does: a finished schedule's preconditioner
+                for own, sketch in zip(sketches, Sketch.of_rows(preconditioner(pre).reshape(count, numel))):
+                    own[PRECONDITIONER] = sketch
             dominated = (pre.second_moment <= pre.eps**2 / pre.second_moment_scale).reshape(count, numel).sum(1)
             shared = shared_sums_of(count, shape, pre) if pre.numerator is not None else None
             for i, (mine, n) in enumerate(zip(sums, dominated.tolist())):

@@ -18,6 +18,11 @@ a time (never the whole checkpoint), and only sums and sketches are kept:
   monotone map :math:`10^x - 1`); ``eff_lr_log10_rms`` is
   :math:`\sqrt{\mathrm{mean}(\log_{10}(\eta_B/\eta_A)^2)}`, the typical change in decades
   (0.3 is a factor of 2);
+- ``precond_relchange_*`` and ``precond_log10_rms``: the same for the preconditioner
+  :math:`1/(\sqrt{\hat v}+\epsilon)` (adaptive families), the effective learning rate
+  without the lr: what carries over when fine-tuning resets the lr, and what still
+  compares when one checkpoint's lr is 0 (a finished schedule: its :math:`\eta` is 0,
+  so its ratios are undefined, shown ``-``, and the movers are ranked by this instead);
 - ``unchanged_frac``: the fraction of coordinates at which every state tensor both
   checkpoints hold is bit-for-bit equal (NaN equal to NaN).
 
@@ -36,13 +41,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
+import numpy as np
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
 from ostate.analysis.columns import QUANTILES
 from ostate.analysis.engine import default_workers
-from ostate.analysis.params import READ_CHUNK, RELEASE_EVERY
+from ostate.analysis.params import READ_CHUNK, RELEASE_EVERY, preconditioner
 from ostate.analysis.sketch import Sketch
 from ostate.errors import OstateError
 from ostate.loading import load, selected_optimizers
@@ -52,6 +58,8 @@ from ostate.state import Checkpoint, OptimizerState, ParamState, TensorRef
 
 AGAINST = ("consecutive", "first")
 MOVER_METRIC = "eff_lr_log10_rms"
+# Movers when the effective lr cannot rank them (a side's lr is 0): the preconditioner's change.
+PRECOND_MOVER_METRIC = "precond_log10_rms"
 STATUSES = ("both", "only in A", "only in B", "shape differs", "no state in A", "no state in B", "no state")
 _REPORTED = ("p5", "p25", "p50", "p75", "p95")
 
@@ -83,15 +91,40 @@ class PairComparison:
         """One row per parameter (both checkpoints' parameters, in B's order then A's leftovers)."""
         return pd.DataFrame([p.row for p in self.params])
 
+    def no_common_parameter(self) -> str | None:
+        """What to say when no parameter name is in both optimizers (nothing was compared), else None."""
+        statuses = [p.row["status"] for p in self.params]
+        if any(s not in ("only in A", "only in B") for s in statuses):
+            return None
+        only_a = [p.row["name"] for p in self.params if p.row["status"] == "only in A"]
+        only_b = [p.row["name"] for p in self.params if p.row["status"] == "only in B"]
+
+        def sample(names: list[str]) -> str:
+            return ", ".join(names[:3]) + (f", ... ({len(names)} in all)" if len(names) > 3 else "") or "none"
+
+        return (
+            f"{self.a} and {self.b} have no parameter name in common (A: {sample(only_a)}; B: {sample(only_b)}); "
+            "nothing was compared: are they checkpoints of the same model?"
+        )
+
     def movers(self, top: int = 10) -> pd.DataFrame:
         """The ``top`` parameters whose state moved most (see the module docstring for the ranking)."""
         table = self.table()
-        if table.empty or MOVER_METRIC not in table.columns:
+        metric = self.mover_metric()
+        if table.empty or metric not in table.columns:
             return table.head(0)
         ranked = table[table["status"] == "both"].sort_values(
-            [MOVER_METRIC, "m_cosine"], ascending=[False, True], na_position="last", kind="stable"
+            [metric, "m_cosine"], ascending=[False, True], na_position="last", kind="stable"
         )
         return ranked.head(top).reset_index(drop=True)
+
+    def mover_metric(self) -> str:
+        """What ranks the movers: the effective lr's change, or the preconditioner's where no lr ratio is defined."""
+        table = self.table()
+        for metric in (MOVER_METRIC, PRECOND_MOVER_METRIC):
+            if metric in table.columns and np.isfinite(table[metric].to_numpy(dtype=float)).any():
+                return metric
+        return MOVER_METRIC
 
 
 @dataclass
@@ -214,6 +247,13 @@ def compare_optimizers(
         )
     if any(p.name_source == "none" for p in [*a.params, *b.params]):
         warnings.append("some parameters have no name: they are matched by their position (param.<index>)")
+    stopped = [label for label, o in ((label_a, a), (label_b, b)) if _has_zero_lr(o)]
+    if stopped:
+        warnings.append(
+            f"the lr of {' and '.join(stopped)} is 0 in some param group (a finished schedule): its effective lr is 0 "
+            "there, so the effective-lr changes are '-'; precond_relchange_* compares the preconditioner "
+            "1/(sqrt(v_hat)+eps) without the lr, which is what carries over when fine-tuning resets the lr"
+        )
     workers = default_workers() if workers is None else workers
     total = sum((by_name_a[n].numel or 0) for n in order if n in by_name_a and n in by_name_b)
 
@@ -232,7 +272,14 @@ def compare_optimizers(
             with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ostate-compare") as pool:
                 params = list(pool.map(one, order))
     model = _merged("(model)", [p for p in params if p.row["status"] == "both"])
-    return PairComparison(label_a, label_b, a.location, b.location, a.kind, b.kind, params, model, warnings)
+    pair = PairComparison(label_a, label_b, a.location, b.location, a.kind, b.kind, params, model, warnings)
+    if (nothing := pair.no_common_parameter()) is not None:
+        pair.warnings.append(nothing)
+    return pair
+
+
+def _has_zero_lr(optimizer: OptimizerState) -> bool:
+    return any("lr" in g and not g["lr"] for i, g in enumerate(optimizer.groups) if not optimizer.is_frozen_group(i))
 
 
 # ------------------------------------------------------------------------------ one parameter
@@ -262,7 +309,7 @@ def _compare_param(
     if row["status"] != "both":
         return ParamComparison(row)
     assert pa is not None and pb is not None  # "both": each side has the parameter
-    sketches = {"log10_v_ratio": Sketch(), "log10_eff_lr_ratio": Sketch()}
+    sketches = {"log10_v_ratio": Sketch(), "log10_eff_lr_ratio": Sketch(), "log10_precond_ratio": Sketch()}
     sums = {
         "dot": 0.0,
         "norm_a": 0.0,
@@ -342,6 +389,14 @@ def _stream_pair(
                 sums,
             )
             _add_ratio(qa.get("eff_lr"), qb.get("eff_lr"), stop - start, sketches["log10_eff_lr_ratio"])
+            if family_a.preconditioned is not None and family_b.preconditioned is not None:
+                # The lr left out: what carries over when fine-tuning resets the lr (and all a finished schedule's lr of 0 leaves).
+                _add_ratio(
+                    preconditioner(family_a.preconditioned(chunk_a, group_a, pa, qa)),
+                    preconditioner(family_b.preconditioned(chunk_b, group_b, pb, qb)),
+                    stop - start,
+                    sketches["log10_precond_ratio"],
+                )
             if common:
                 sums["unchanged"] += _unchanged(flat_a, flat_b, common, start, stop)
             if stop - released >= RELEASE_EVERY:
@@ -424,6 +479,11 @@ def _columns(sketches: Mapping[str, Sketch], sums: Mapping[str, float]) -> dict[
     for q in ("p5", "p50", "p95"):
         out[f"eff_lr_relchange_{q}"] = 10.0 ** eff_quantiles[q] - 1.0 if eff.count else math.nan
     out[MOVER_METRIC] = eff.rms
+    pre = sketches.get("log10_precond_ratio")
+    pre_quantiles = dict(zip(QUANTILES, pre.quantiles(QUANTILES.values()))) if pre is not None and pre.count else {}
+    for q in ("p5", "p50", "p95"):
+        out[f"precond_relchange_{q}"] = 10.0 ** pre_quantiles[q] - 1.0 if pre_quantiles else math.nan
+    out[PRECOND_MOVER_METRIC] = pre.rms if pre is not None and pre.count else math.nan
     coords = sums.get("coords", 0)
     out["unchanged_frac"] = sums["unchanged"] / coords if coords and sums.get("compared_keys") else math.nan
     return out
@@ -433,7 +493,7 @@ def _merged(name: str, members: list[ParamComparison]) -> ParamComparison:
     """One row for several parameters: sketches merged, sums added (never an average of the rows)."""
     sketches = {
         key: Sketch.merged([m.sketches[key] for m in members if key in m.sketches])
-        for key in ("log10_v_ratio", "log10_eff_lr_ratio")
+        for key in ("log10_v_ratio", "log10_eff_lr_ratio", "log10_precond_ratio")
     }
     sums: dict[str, float] = {}
     for m in members:

@@ -7,7 +7,7 @@ from typing import Any
 
 import pandas as pd
 
-from ostate.compare.compute import MOVER_METRIC, Comparison, PairComparison
+from ostate.compare.compute import MOVER_METRIC, PRECOND_MOVER_METRIC, Comparison, PairComparison
 from ostate.errors import OstateError
 from ostate.render import cells, format_value, jsonable, markdown_table, text_table
 from ostate.render import render as render_as
@@ -118,6 +118,11 @@ def _pair_header(pair: PairComparison) -> list[str]:
             + format_value(model.get("eff_lr_relchange_p50"))
             + ", unchanged "
             + format_value(model.get("unchanged_frac"))
+            + (
+                ", preconditioner change median " + format_value(model.get("precond_relchange_p50"))
+                if pair.mover_metric() == PRECOND_MOVER_METRIC
+                else ""
+            )
         )
     lines += [f"warning: {w}" for w in pair.warnings]
     return lines
@@ -145,10 +150,14 @@ def _text(
         if not movers.empty:
             out += [
                 "",
-                f"largest movers (by {MOVER_METRIC}):" if not markdown else f"### Largest movers (by {MOVER_METRIC})",
+                f"largest movers (by {pair.mover_metric()}):"
+                if not markdown
+                else f"### Largest movers (by {pair.mover_metric()})",
                 "",
             ]
             head = [c for c in MOVER_COLUMNS if c in movers.columns]
+            if pair.mover_metric() != MOVER_METRIC:  # ranked by the preconditioner: show its change
+                head[1:1] = [c for c in (PRECOND_MOVER_METRIC, "precond_relchange_p50") if c in movers.columns]
             out.append(
                 markdown_table(head, cells(movers, head))
                 if markdown

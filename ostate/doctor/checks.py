@@ -23,6 +23,7 @@ The exit code of the command reflects the worst finding (:func:`exit_code`).
 from __future__ import annotations
 
 import math
+import os
 from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping
@@ -30,6 +31,7 @@ from typing import Callable, Iterable, Mapping
 from ostate.analysis import Analysis, ParamSummary, summarize
 from ostate.analysis.params import param_kind
 from ostate.errors import OstateError
+from ostate.loading import as_checkpoint
 from ostate.optimizers import get_family
 from ostate.state import Checkpoint, OptimizerState, ParamState, TensorRef
 
@@ -180,7 +182,7 @@ def check_codes(codes: Iterable[str]) -> set[str]:
 
 
 def diagnose(
-    checkpoint: Checkpoint,
+    checkpoint: Checkpoint | str | os.PathLike,
     *,
     model: Mapping[str, TensorRef] | None = None,
     model_location: str | None = None,
@@ -188,7 +190,7 @@ def diagnose(
     workers: int | None = None,
     progress: bool = False,
 ) -> Diagnosis:
-    """Run every check on ``checkpoint``, reading each tensor once.
+    """Run every check on ``checkpoint`` (loaded, or its path), reading each tensor once.
 
     ``model`` is the model to check the optimizer against (the current model's weights,
     e.g. from :func:`ostate.formats.naming.weights.read_model`); by default the checkpoint's own.
@@ -203,6 +205,7 @@ def diagnose(
         >>> [(f.severity, f.code) for f in d.findings]
         [('warning', 'weight-decay-on-norms-or-biases')]
     """
+    checkpoint = as_checkpoint(checkpoint)
     skip = check_codes(ignore)
     weights = model if model is not None else checkpoint.weights
     location = model_location if model is not None else checkpoint.weights_location
@@ -605,7 +608,7 @@ def check_weight_decay_targets(ctx: Context) -> list[Finding]:
             if p.shape is not None and len(p.shape) <= 1:
                 by_shape.append((o, _evidence(p, p.numel, detail)))
             continue
-        kind = param_kind(p.name, p.shape)
+        kind = param_kind(p.name, p.shape, o.param_kinds.get(p.name))
         if kind in ("norm", "bias"):
             norms.append((o, _evidence(p, p.numel, f"{kind}, {detail}")))
         elif kind == "embedding":

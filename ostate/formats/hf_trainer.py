@@ -30,6 +30,7 @@ from ostate.errors import OstateError
 from ostate.formats import accelerate
 from ostate.formats.naming.hf_model import ModuleOrder, parse_version, rebuild
 from ostate.formats.naming.model_order import Naming, match_model_order
+from ostate.formats.naming.peft_model import ADAPTER_CONFIG, find_base_config, is_adapter_checkpoint, rebuild_adapter
 from ostate.formats.naming.torch_optim import apply_naming
 from ostate.formats.naming.weights import Weights, find_weights, name_by_weights
 from ostate.formats.reader import Reader
@@ -48,8 +49,12 @@ def sniff(path: str) -> int:
     return 1 if TRAINER_STATE in names else 0
 
 
-def read(path: str, *, trust_pickle: bool = False) -> Checkpoint:
-    """Read a Trainer ``checkpoint-N/`` directory (see the module docstring)."""
+def read(path: str, *, trust_pickle: bool = False, base_config: str | os.PathLike | None = None) -> Checkpoint:
+    """Read a Trainer ``checkpoint-N/`` directory (see the module docstring).
+
+    ``base_config``: for a PEFT adapter checkpoint, the folder of the base model's
+    ``config.json`` (:mod:`ostate.formats.naming.peft_model` says where it is looked for otherwise).
+    """
     if not os.path.isdir(path):
         raise OstateError("not a directory; the Trainer saves checkpoint-N/ directories", where=path)
     sources = accelerate.optimizer_sources(path)
@@ -64,8 +69,14 @@ def read(path: str, *, trust_pickle: bool = False) -> Checkpoint:
     if weights is not None:
         warnings.extend(weights.warnings)
     optimizers = [o for source in sources for o in accelerate.read_source(source, trust_pickle=trust_pickle)]
+    if base_config is not None and not is_adapter_checkpoint(path):
+        raise OstateError(
+            f"base_config names the base model of a PEFT adapter checkpoint, but there is no {ADAPTER_CONFIG} here",
+            where=path,
+            hint="leave base_config out: the model is rebuilt from the config.json beside the optimizer",
+        )
     if any(p.name_source == "none" for o in optimizers for p in o.params):
-        order, why = rebuild(path)
+        order, why = trainer_model_order(path, base_config)
         for o in optimizers:
             name_trainer_params(o, order, why, weights)
     schedulers, scheduler_warnings = accelerate.read_schedulers(path, trust_pickle=trust_pickle)
@@ -81,6 +92,18 @@ def read(path: str, *, trust_pickle: bool = False) -> Checkpoint:
         metadata=metadata,
         warnings=warnings + scheduler_warnings,
     )
+
+
+def trainer_model_order(
+    directory: str, base_config: str | os.PathLike | None = None
+) -> tuple[ModuleOrder | None, str | None]:
+    """The order of the model the Trainer trained: from ``config.json``, or a PEFT model's from its base's."""
+    if not is_adapter_checkpoint(directory):
+        return rebuild(directory)
+    folder, found = find_base_config(directory, base_config)
+    if folder is None:
+        return None, found
+    return rebuild_adapter(directory, folder)
 
 
 def trainer_metadata(directory: str) -> tuple[dict[str, Any], list[str]]:
@@ -130,12 +153,14 @@ def name_trainer_params(
             order = None
     if order is not None:
         if _name_by_decay_rule(optimizer, order):
+            optimizer.param_kinds = dict(order.kinds)
             return
         sizes = [sum(1 for p in optimizer.params if p.group == g) for g in range(len(optimizer.groups))]
         naming = match_model_order([p.shape for p in optimizer.params], order.entries, order.where, sizes)
         if naming.source != "none":
             apply_naming(optimizer.params, naming)
             optimizer.model_order = [e.name for e in order.entries]
+            optimizer.param_kinds = dict(order.kinds)
             return
         optimizer.warnings.extend(naming.warnings)
     elif why:

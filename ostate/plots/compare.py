@@ -73,11 +73,14 @@ def compare_figure(result: Comparison) -> Figure:
         ("effective learning rate", "log10(η_B / η_A)"),
         ("state not changed", "fraction of coordinates"),
     ]
+    drawn = []
     for ax, (title, ylabel) in zip(axes, titles):
         ax.set_title(title)
         ax.set_ylabel(ylabel)
         ax.grid(True, alpha=0.3)
-        if not any(np.isfinite(np.asarray(line.get_ydata(), dtype=float)).any() for line in ax.get_lines()):
+        has_data = any(np.isfinite(np.asarray(line.get_ydata(), dtype=float)).any() for line in ax.get_lines())
+        drawn.append(has_data)
+        if not has_data:
             # e.g. plain SGD keeps no second moment, or no parameter has state in both checkpoints
             ax.text(
                 0.5,
@@ -88,8 +91,9 @@ def compare_figure(result: Comparison) -> Figure:
                 va="center",
                 color="#555555",
             )
-    for ax in (axes[0], axes[2]):
-        ax.axhline(0.0, color="#000000", linewidth=0.8)
+    for k in (0, 2):
+        if drawn[k]:  # a reference line only under data: it would cross the "nothing to draw" text
+            axes[k].axhline(0.0, color="#000000", linewidth=0.8)
     axes[1].set_ylim(-1.05, 1.05)
     axes[3].set_ylim(-0.05, 1.05)
     for ax in axes[2:]:
@@ -97,8 +101,10 @@ def compare_figure(result: Comparison) -> Figure:
             ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
         else:
             ax.set_xlabel("parameter (position in the later checkpoint)")
-    if len(pairs) > 1:
-        axes[0].legend(fontsize=8)
+    # Which checkpoints (one pair: A -> B; several: one colour each), on the first panel with data.
+    keyed = next((ax for ax, has_data in zip(axes, drawn) if has_data), None)
+    if pairs and keyed is not None:
+        keyed.legend(fontsize=8)
     fig.suptitle("optimizer state, parameter by parameter" + (f" ({len(names)} parameters)" if names else ""))
     return fig
 

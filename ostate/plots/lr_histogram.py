@@ -24,6 +24,15 @@ from ostate.plots.style import panel_grid, series_style
 
 QUANTITY = "eff_lr"
 XLABEL = "effective learning rate $\\eta_i$ (step per unit of $\\hat m_i$; log scale)"
+# Families without m̂ (Adagrad, RMSprop, SGD, ...): eta multiplies the gradient or a momentum buffer.
+XLABEL_DIRECTION = "effective learning rate $\\eta_i$ (step per unit of the gradient or momentum buffer; log scale)"
+
+
+def xlabel(series: Sequence[Series]) -> str:
+    """What the x axis measures: a step per unit of m̂ for Adam-style families, of the update direction otherwise."""
+    return XLABEL if all(s.family.moments is not None for s in series) else XLABEL_DIRECTION
+
+
 YLABEL = "coordinates per bin"
 
 
@@ -88,7 +97,13 @@ def draw(
             if row is None or QUANTITY not in row.sketches:
                 continue
             colour, style = series_style(index)
-            positive = Positive.of(row.sketches[QUANTITY])
+            sketch = row.sketches[QUANTITY]
+            if not overlay and sketch.count and sketch.min == sketch.max:
+                # SGD: every coordinate steps at the group's lr; one flat block would say less than this
+                ax.text(0.5, 0.5, f"every coordinate is at lr = {sketch.min:.3g}", transform=ax.transAxes,
+                        ha="center", va="center", fontsize=9, gid=f"constant|{s.label}")  # fmt: skip
+                continue
+            positive = Positive.of(sketch)
             counts = rebin(positive.values, positive.counts, edges)
             # Each series' artists carry its label in their gid: f"histogram|{label}", ...
             ax.stairs(
@@ -142,7 +157,7 @@ def draw(
             ax.text(
                 0.99, 0.98, "\n".join(notes), transform=ax.transAxes, ha="right", va="top", fontsize=7, color="#444444"
             )
-    fig.supxlabel(XLABEL, fontsize=10)
+    fig.supxlabel(xlabel(series), fontsize=10)
     fig.supylabel(YLABEL, fontsize=10)
     what = series[0].describe() if not overlay else " vs ".join(s.label for s in series)
     shown_note = f" (first {len(shown)} of {total} panels; --by kind or group for fewer)" if total > len(shown) else ""

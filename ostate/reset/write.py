@@ -150,6 +150,7 @@ def reset(
     lr: float | None = None,
     initial_lr: float | None = None,
     scheduler: str = "keep",
+    base_config: str | os.PathLike | None = None,
 ) -> ResetResult:
     """Write the checkpoint at ``source`` to ``out`` with ``strategy`` applied to its optimizer state.
 
@@ -194,7 +195,9 @@ def reset(
     rates = _LearningRates(_positive("lr", lr), _positive("initial_lr", initial_lr))
     if scheduler not in SCHEDULER_CHOICES:
         raise OstateError(f"scheduler='{scheduler}' is not one of: {', '.join(SCHEDULER_CHOICES)}")
-    checkpoint = load(source, trust_pickle=trust_pickle, optimizer=optimizer, format_hint=format_hint)
+    checkpoint = load(
+        source, trust_pickle=trust_pickle, optimizer=optimizer, format_hint=format_hint, base_config=base_config
+    )
     if checkpoint.format not in FILE_FORMATS + DIRECTORY_FORMATS:
         raise OstateError(
             f"ostate cannot write checkpoints in the '{checkpoint.format}' layout",
@@ -576,16 +579,25 @@ def _strategy(strategy: str | Strategy, params: str | None) -> Strategy:
     return Strategy(parsed.name, params)
 
 
+# The readers' warnings that say why parameters were left unnamed.
+_NAMING_WARNING = re.compile(r"order was not rebuilt|were not named|left unnamed|were not used for names")
+
+
 def _check_regex_matches(strategy: Strategy, optimizers: list[OptimizerState]) -> None:
     if strategy.params is None:
         return
     pattern = re.compile(strategy.params)
     unnamed = [p.name for o in optimizers for p in o.params if p.name_source == "none"]
     if unnamed:
+        # Why the names are missing, as the reader said it (transformers not installed, no base model for
+        # an adapter, shapes that fit more than one way), before the general advice.
+        why = [w for o in optimizers for w in o.warnings if _NAMING_WARNING.search(w)]
         raise OstateError(
             f"cannot choose parameters by name: {len(unnamed)} parameters have no name (e.g. {unnamed[0]})",
-            hint="`ostate inspect` shows how names were looked for; save the model beside the optimizer, "
-            "or apply the strategy to every parameter",
+            hint=(f"{why[0]}; " if why else "")
+            + "`ostate inspect` shows how names were looked for; "
+            + ("" if why else "save the model beside the optimizer, or ")
+            + "apply the strategy to every parameter",
         )
     if not any(pattern.search(p.name) for o in optimizers for p in o.params):
         sample = ", ".join(p.name for o in optimizers for p in o.params[:6])

@@ -25,73 +25,16 @@ Example:
 from __future__ import annotations
 
 import ctypes
-import importlib.util
-import math
 import os
 from typing import Literal, overload
 
 import numpy as np
 import torch
 
-# The OSTATE_KERNELS_ABI this module is written for (ostate/analysis/native/_kernels.c).
-ABI = 1
+from ostate.analysis.native import library
+from ostate.analysis.native.library import SketchSums
 
-
-class SketchSums(ctypes.Structure):
-    """What ``ostate_sketch_f32`` adds to (the C struct ``ostate_sketch_sums``)."""
-
-    _fields_ = [
-        ("total", ctypes.c_double),
-        ("sumsq", ctypes.c_double),
-        ("min", ctypes.c_double),
-        ("max", ctypes.c_double),
-        ("count", ctypes.c_int64),
-        ("zeros", ctypes.c_int64),
-        ("nan", ctypes.c_int64),
-        ("posinf", ctypes.c_int64),
-        ("neginf", ctypes.c_int64),
-    ]
-
-    @classmethod
-    def empty(cls) -> SketchSums:
-        return cls(0.0, 0.0, math.inf, -math.inf, 0, 0, 0, 0, 0)
-
-
-def _load() -> ctypes.CDLL | None:
-    """The library built beside this file at install (``_kernels.abi3.so`` or a per-version name), if usable."""
-    if os.environ.get("OSTATE_KERNELS", "1") == "0":
-        return None
-    spec = importlib.util.find_spec("ostate.analysis.native._kernels")
-    if spec is None or spec.origin is None:
-        return None
-    return _open(spec.origin)
-
-
-def _open(path: str) -> ctypes.CDLL | None:
-    """The shared library at ``path`` with its functions' signatures declared, or None when it is not
-    a build of this version of ``_kernels.c``."""
-    try:
-        lib = ctypes.CDLL(path)
-        if lib.ostate_kernels_abi() != ABI:  # built from another version of _kernels.c
-            return None
-    except (OSError, AttributeError):  # unloadable, or a stale build without some function
-        return None
-    pointer, i64, f64p = ctypes.c_void_p, ctypes.c_int64, ctypes.POINTER(ctypes.c_double)
-    lib.ostate_sketch_f32.argtypes = [pointer, i64, pointer, ctypes.POINTER(SketchSums)]
-    lib.ostate_sketch_f32.restype = None
-    lib.ostate_sketch_rows_f32.argtypes = [pointer, i64, i64, pointer]
-    lib.ostate_sketch_rows_f32.restype = None
-    lib.ostate_q8_blocks.argtypes = [pointer, i64, i64, ctypes.c_int, pointer, pointer, pointer, pointer, f64p]
-    lib.ostate_q8_blocks.restype = ctypes.c_int
-    lib.ostate_count_at_most.argtypes = [pointer, i64, ctypes.c_float]
-    lib.ostate_count_at_most.restype = ctypes.c_int64
-    f64 = ctypes.c_double
-    lib.ostate_shared_rows.argtypes = [pointer, pointer, pointer, i64, i64, f64, f64, pointer, f64, *[pointer] * 5]
-    lib.ostate_shared_rows.restype = None
-    return lib
-
-
-_LIB = _load()
+_LIB = library.load()
 
 
 def available() -> bool:
@@ -100,15 +43,8 @@ def available() -> bool:
 
 
 def status() -> str:
-    """Whether the compiled loops are in use, in words (``ostate --version``): ``active``, or why not."""
-    if _LIB is not None:
-        return "active"
-    if os.environ.get("OSTATE_KERNELS", "1") == "0":
-        return "off by OSTATE_KERNELS=0, using torch ops"
-    spec = importlib.util.find_spec("ostate.analysis.native._kernels")
-    if spec is None or spec.origin is None:
-        return "not built, using torch ops"
-    return f"{os.path.basename(spec.origin)} not usable (built from another version?), using torch ops"
+    """Whether the compiled loops are in use, in words: ``active``, or why not."""
+    return "active" if _LIB is not None else library.why_unused()
 
 
 def load_library(path: str | os.PathLike) -> bool:
@@ -120,7 +56,7 @@ def load_library(path: str | os.PathLike) -> bool:
     of ``_kernels.c``.
     """
     global _LIB
-    lib = None if os.environ.get("OSTATE_KERNELS", "1") == "0" else _open(os.fspath(path))
+    lib = None if os.environ.get("OSTATE_KERNELS", "1") == "0" else library.open_library(os.fspath(path))
     if lib is not None:
         _LIB = lib
     return lib is not None

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import warnings
 from typing import Any, Callable, Mapping
 
 from ostate.formats.dcp.metadata import read_metadata
@@ -88,7 +89,10 @@ def _save(tree: dict, target: str) -> None:
     import torch.distributed.checkpoint as dcp
 
     os.makedirs(target, exist_ok=True)
-    dcp.save(tree, storage_writer=dcp.FileSystemWriter(target), no_dist=True)
+    with warnings.catch_warnings():
+        # torch warns that it "assumes a single process" even when told so (no_dist=True): not the user's concern.
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        dcp.save(tree, storage_writer=dcp.FileSystemWriter(target), no_dist=True)
 
 
 def _materialise(node: Any) -> Any:

@@ -107,7 +107,7 @@ def read_universal(tag_dir: str, *, trust_pickle: bool = False) -> Checkpoint:
 
 
 def _param_files(zero_dir: str, name: str, shape: tuple[int, ...], trust_pickle: bool) -> dict[str, Any]:
-    """A parameter's files by file name: tensors reshaped to the parameter (step as its 0-d tensor)."""
+    """A parameter's files by file name: tensors reshaped to the parameter (step as saved: a 0-d tensor, or an int)."""
     folder = os.path.join(zero_dir, name)
     if not os.path.isdir(folder):
         return {}
@@ -118,6 +118,10 @@ def _param_files(zero_dir: str, name: str, shape: tuple[int, ...], trust_pickle:
         file = os.path.join(folder, entry)
         obj = load_file(file, trust_pickle=trust_pickle)
         tensor = obj.get("param") if isinstance(obj, Mapping) else obj
+        if entry == _STEP_FILE and isinstance(tensor, (int, float)) and not isinstance(tensor, bool):
+            # DeepSpeedCPUAdam (ZeRO-Offload) counts steps in a Python int, which ds_to_universal saves as is.
+            out[entry] = tensor
+            continue
         if not isinstance(tensor, torch.Tensor):
             raise OstateError("expected a tensor (or a dict with 'param')", where=file)
         if entry == _STEP_FILE:

@@ -152,13 +152,25 @@ def _load(
         ) from None
     except Exception as e:  # a damaged file fails anywhere in torch.load, with any exception type
         reason = _first_line(e) or type(e).__name__
+        hint = "the file may be truncated or corrupted"
         if "storage that is not resizable" in reason or "does not match expected size" in reason:
             reason = "a tensor claims more data than the file holds for it"
-        raise OstateError(
-            f"cannot read as a torch checkpoint: {reason}",
-            where=where,
-            hint="the file may be truncated or corrupted",
-        ) from None
+        elif isinstance(source, str) and file_kind(source) == "zip" and not _zip_has_end(source):
+            size = os.path.getsize(source)
+            reason = f"the zip archive ends early ({size:,} bytes): the index that torch.save writes last is missing"
+            hint = (
+                "the file is truncated: an interrupted save, or an incomplete copy or download; copy or save it again"
+            )
+        elif "PytorchStreamReader failed" in reason:  # torch's message is cut mid-sentence in its first line
+            reason = "a record inside the zip archive cannot be read"
+        raise OstateError(f"cannot read as a torch checkpoint: {reason}", where=where, hint=hint) from None
+
+
+def _zip_has_end(path: str) -> bool:
+    """Whether the file ends with a zip archive's end record (torch.save writes it last; a cut file lacks it)."""
+    with open(path, "rb") as f:
+        f.seek(max(0, os.path.getsize(path) - 65_557))  # the record (22 bytes) and a comment of up to 64 KiB
+        return b"PK\x05\x06" in f.read()
 
 
 def _blockers(source: str | BinaryIO) -> list[str]:

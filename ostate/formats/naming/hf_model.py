@@ -28,13 +28,14 @@ import json
 import os
 import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from ostate.formats.naming.model_order import ModelEntry
+from ostate.formats.naming.module_kinds import module_kinds
 
 # Classes appended to transformers.pytorch_utils.ALL_LAYERNORM_LAYERS by model files
 # (`ALL_LAYERNORM_LAYERS.append(...)`), the same set in transformers 4.48.0 and 4.51.0.
@@ -59,6 +60,8 @@ LEGACY_LAYERNORM_CLASSES = frozenset(
         "ZambaRMSNorm",
     }
 )
+# Why names are missing when transformers is not there (``ostate reset --params`` repeats it).
+NO_TRANSFORMERS = "transformers is not installed (pip install 'ostate[hf]')"
 _NAME_PATTERNS = [re.compile(p) for p in (r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)")]
 
 
@@ -105,6 +108,7 @@ class ModuleOrder:
     entries: list[ModelEntry]
     decay: dict[str, frozenset[str]]  # rule name -> names that get weight decay
     version: str | None  # transformers_version recorded in config.json
+    kinds: dict[str, str] = field(default_factory=dict)  # norm / embedding, from the module types
 
     @property
     def where(self) -> str:
@@ -133,6 +137,30 @@ def rebuild(directory: str) -> tuple[ModuleOrder | None, str | None]:
     Returns ``(order, None)``, or ``(None, reason)`` when it cannot be rebuilt (no
     config, transformers not installed, a model class outside transformers).
     """
+    built, why = build_on_meta(directory)
+    if built is None:
+        return None, why
+    model, raw, architecture = built
+    return module_order(model, architecture, raw.get("transformers_version")), None
+
+
+def module_order(
+    model: nn.Module, architecture: str, version: str | None, rename: Callable[[str], str] = str
+) -> ModuleOrder:
+    """A model's trainable parameters in ``named_parameters()`` order with each decay rule's choice.
+
+    ``rename`` maps a parameter's name in the model to the name the checkpoint uses (PEFT
+    saves adapter weights without the adapter's name).
+    """
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    entries = [ModelEntry(rename(n), tuple(p.shape)) for n, p in trainable]
+    decay = {rule.name: frozenset(rename(n) for n in decay_parameter_names(model, rule)) for rule in DECAY_RULES}
+    kinds = {rename(n): kind for n, kind in module_kinds(model).items()}
+    return ModuleOrder(architecture, entries, decay, version, kinds)
+
+
+def build_on_meta(directory: str) -> tuple[tuple[nn.Module, dict[str, Any], str] | None, str | None]:
+    """``((model, config.json as read, architecture), None)`` for ``directory/config.json``, or ``(None, reason)``."""
     config_path = os.path.join(directory, "config.json")
     if not os.path.isfile(config_path):
         return None, "no config.json to rebuild the model from"
@@ -145,7 +173,7 @@ def rebuild(directory: str) -> tuple[ModuleOrder | None, str | None]:
         # optional dependency (ostate[hf])
         import transformers
     except ImportError:
-        return None, "transformers is not installed (pip install 'ostate[hf]')"
+        return None, NO_TRANSFORMERS
     architectures = raw.get("architectures") or []
     name = architectures[0] if architectures else None
     model_class = getattr(transformers, name, None) if name else None
@@ -166,10 +194,7 @@ def rebuild(directory: str) -> tuple[ModuleOrder | None, str | None]:
         return None, f"transformers could not rebuild the model from config.json ({type(e).__name__}: {e})"[:300]
     finally:
         transformers.logging.set_verbosity(verbosity)
-    entries = [ModelEntry(n, tuple(p.shape)) for n, p in model.named_parameters()]
-    decay = {rule.name: frozenset(decay_parameter_names(model, rule)) for rule in DECAY_RULES}
-    architecture = name or type(model).__name__
-    return ModuleOrder(architecture, entries, decay, raw.get("transformers_version")), None
+    return (model, raw, name or type(model).__name__), None
 
 
 def decay_parameter_names(model: nn.Module, rule: DecayRule) -> list[str]:

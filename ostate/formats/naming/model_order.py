@@ -92,22 +92,80 @@ def match_model_order(
             f"({detail}); parameters were not named"
         )
         return unnamed
-    if count < 0:
-        unnamed.warnings.append(
-            f"too many ways to match the optimizer's {len(sizes)} param groups to the model state dict at "
-            f"'{where}' to check that the match is unique; parameters were not named"
-        )
-        return unnamed
-    if count > 1:
-        skipped = len(candidates) - n
-        unnamed.warnings.append(
-            f"the optimizer's {n} parameters fit the {len(candidates)} entries of the model state dict at "
-            f"'{where}' in more than one way ({skipped} entries are not in the optimizer and shapes repeat); "
-            "parameters were not named"
-        )
-        return unnamed
+    if count < 0 or count > 1:
+        # Name what every reading agrees on; say which parameters stay open and how to close them.
+        without_buffers = [e for e in candidates if not e.name.endswith(_NORM_BUFFER_SUFFIXES)]
+        return _partly_named(param_shapes, without_buffers if len(without_buffers) >= n else candidates, sizes, where)
     chosen = [candidates[k] for k in alignment]
     return Naming([e.name for e in chosen], "model-order", [e.shape for e in chosen])
+
+
+AMBIGUITY_HINT = (
+    "to name them, save the names with the optimizer (torch >= 2.6 keeps param_names when the optimizer is "
+    "built from model.named_parameters()) or pass the model in Python: ostate.from_state_dict(state_dict, model=module)"
+)
+
+
+def _partly_named(
+    param_shapes: Sequence[tuple[int, ...] | None], entries: Sequence[ModelEntry], sizes: Sequence[int], where: str
+) -> Naming:
+    """The parameters whose model entry is the same in every alignment, named; the others listed as open.
+
+    Every alignment of a group lies between its leftmost and its rightmost alignment, position
+    by position, so where the two agree the entry is certain. Each group is aligned on its own
+    (an alignment of all groups together is one of each group's), so the names hold for the
+    interleaved groups too.
+    """
+    names: list[str | None] = []
+    shapes: list[tuple[int, ...] | None] = []
+    start = 0
+    for size in sizes:
+        group = param_shapes[start : start + size]
+        for position in _certain(group, entries):
+            names.append(entries[position].name if position is not None else None)
+            shapes.append(entries[position].shape if position is not None else None)
+        start += size
+    named = [name for name in names if name is not None]
+    open_ = [i for i, name in enumerate(names) if name is None]
+    if len(set(named)) != len(named):  # two groups certain of one entry cannot be: name nothing
+        named, open_ = [], list(range(len(names)))
+        names = [None] * len(names)
+    shown = ", ".join(f"index {i} ({_shape_text(param_shapes[i])})" for i in open_[:6])
+    more = f", ... ({len(open_)} in all)" if len(open_) > 6 else ""
+    warning = (
+        f"the optimizer's parameters fit the model state dict at '{where}' in more than one way (shapes repeat and "
+        f"entries not in the optimizer could be any of them); {len(named)} of {len(names)} are the same in every "
+        f"reading and were named; {len(open_)} were not: {shown}{more}; {AMBIGUITY_HINT}"
+    )
+    return Naming(names, "model-order" if named else "none", shapes if named else list(param_shapes), [warning])
+
+
+def _certain(shapes: Sequence[tuple[int, ...] | None], entries: Sequence[ModelEntry]) -> list[int | None]:
+    """Per parameter, its entry when the leftmost and rightmost order-preserving alignments agree, else None."""
+    n, k = len(shapes), len(entries)
+
+    def fits(i: int, j: int) -> bool:
+        return shapes[i] is None or tuple(shapes[i]) == entries[j].shape  # type: ignore[arg-type]
+
+    left: list[int] = []
+    j = 0
+    for i in range(n):
+        while j < k and not fits(i, j):
+            j += 1
+        if j >= k:
+            return [None] * n
+        left.append(j)
+        j += 1
+    right = [0] * n
+    j = k - 1
+    for i in range(n - 1, -1, -1):
+        while j >= 0 and not fits(i, j):
+            j -= 1
+        if j < 0:
+            return [None] * n
+        right[i] = j
+        j -= 1
+    return [a if a == b else None for a, b in zip(left, right)]
 
 
 def match_shapes(param_shapes: Sequence[tuple[int, ...] | None], entries: Sequence[ModelEntry], where: str) -> Naming:
@@ -235,6 +293,10 @@ def _first_mismatch(shapes: Sequence[tuple[int, ...] | None], entries: Sequence[
         if shape is not None and tuple(shape) != entry.shape:
             return f"first difference: optimizer index {i} has shape {_fmt(shape)}, model entry '{entry.name}' {_fmt(entry.shape)}"
     return "the model runs out of matching entries"
+
+
+def _shape_text(shape: Sequence[int] | None) -> str:
+    return _fmt(shape) if shape is not None else "shape unknown"
 
 
 def _fmt(shape: Sequence[int]) -> str:
