@@ -8,12 +8,14 @@ The public surface:
 - :func:`analyze` turns one into a table (per parameter, group, layer or model).
 - :func:`describe` summarises one optimizer (kind, groups, steps, sizes).
 - :func:`effective_lr` and :func:`next_update` apply an optimizer family's exact math.
+- :class:`Monitor` summarises a live optimizer's state every N steps while it trains.
 """
 
 from ostate.analysis import analyze, describe
 from ostate.convert import convert
 from ostate.errors import OstateError
 from ostate.loading import from_state_dict, load
+from ostate.monitor import Monitor
 from ostate.optimizers import effective_lr, next_update
 from ostate.state import Checkpoint, OptimizerState, ParamState, TensorRef
 
@@ -21,6 +23,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Checkpoint",
+    "Monitor",
     "OptimizerState",
     "OstateError",
     "ParamState",
