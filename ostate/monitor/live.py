@@ -107,7 +107,8 @@ def live_checkpoint(
 ) -> Checkpoint:
     """The live optimizer's state as a :class:`~ostate.state.Checkpoint` (one optimizer), its weights beside it.
 
-    ``names`` maps ``id(parameter)`` to its name (:func:`parameter_names`); parameters not in
+    ``names`` maps ``id(parameter)`` to its name (:func:`parameter_names`; name source
+    ``model-order``, as :func:`ostate.from_state_dict` names them from a module); parameters not in
     it keep the names the optimizer's groups give (``param_names``, torch >= 2.5) or
     ``param.<index>``. ``kind`` names the family instead of detecting it.
 
@@ -123,13 +124,16 @@ def live_checkpoint(
     groups: list[dict[str, Any]] = []
     weights: dict[str, TensorRef] = {}
     index = 0
+    from_model: set[int] = set()
     for group in optimizer.param_groups:
         params = group["params"]
         given = group.get("param_names")
         ids, group_names = [], []
         for j, p in enumerate(params):
             name = names.get(id(p))
-            if name is None:
+            if name is not None:
+                from_model.add(index)
+            else:
                 name = given[j] if isinstance(given, (list, tuple)) and j < len(given) else f"param.{index}"
             entry = optimizer.state.get(p)
             if entry:
@@ -141,6 +145,9 @@ def live_checkpoint(
         hyper = {k: v for k, v in group.items() if k not in ("params", "param_names")}
         groups.append({**hyper, "params": ids, "param_names": group_names})
     record: OptimizerState = read_optimizer({"state": state, "param_groups": groups}, location)
+    for param in record.params:  # named by the model, as ostate.from_state_dict(..., model=module) names them
+        if param.index in from_model:
+            param.name_source = "model-order"
     record.model_order = list(names.values()) if names else [n for g in groups for n in g["param_names"]]
     checkpoint = Checkpoint(IN_MEMORY, "live", [record], weights=weights, weights_location="model")
     return identified(checkpoint, kind)

@@ -52,9 +52,10 @@ def gathered(summaries: list[ParamSummary]) -> list[list[ParamSummary]] | None:
 
 
 def merged(per_rank: list[list[ParamSummary]], kind: str, shapes: dict[str, tuple[int, ...]]) -> list[ParamSummary]:
-    """One summary per parameter name from every rank's summaries of its shards, in first-seen order.
+    """One summary per parameter name from every rank's summaries of its shards.
 
-    ``shapes`` gives the whole parameter's shape by name (a shard's row has its own).
+    ``shapes`` gives the whole parameter's shape by name (a shard's row has its own), in
+    the model's order: the summaries come in that order (any others after them).
 
     Example:
         >>> import torch
@@ -76,7 +77,9 @@ def merged(per_rank: list[list[ParamSummary]], kind: str, shapes: dict[str, tupl
         for s in summaries:
             by_name[s.row["name"]].append(s)
     second_moment = get_family(kind).second_moment
-    return [_merge(parts, second_moment, shapes.get(name)) for name, parts in by_name.items()]
+    position = {name: i for i, name in enumerate(shapes)}
+    order = sorted(by_name, key=lambda name: position.get(name, len(position)))
+    return [_merge(by_name[name], second_moment, shapes.get(name)) for name in order]
 
 
 def _merge(parts: list[ParamSummary], second_moment: str | None, shape: tuple[int, ...] | None) -> ParamSummary:

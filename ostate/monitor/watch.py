@@ -7,7 +7,7 @@ where the check is the same (docs/doctor.md), and new ones for what happens over
 
 - ``nonfinite-state``: NaN or ±inf in a row's state (``nonfinite_frac > 0``);
 - ``eps-dominated``: eps dominates at least :data:`~ostate.doctor.checks.EPS_WARN` of a
-  row's coordinates, newly (it was below at the previous monitored step);
+  row's coordinates with :math:`v > 0` (as ``ostate doctor`` counts), newly (it was below at the previous monitored step);
 - ``eps-dominated-jump``: the fraction rose by at least :data:`EPS_JUMP` since the previous
   monitored step;
 - ``second-moment-collapse``: the median second moment fell by a factor of at least
@@ -58,7 +58,7 @@ def check_rows(
         bad = _number(row.get("nonfinite_frac"))
         if bad and bad > 0:
             out.append(f"{prefix}nonfinite-state: {bad:.2%} of {key}'s coordinates hold NaN or inf in the state")
-        eps, eps_before = _number(row.get("eps_dominated_frac")), _number((before or {}).get("eps_dominated_frac"))
+        eps, eps_before = _active_eps(row), _active_eps(before or {})
         if eps is not None and eps >= EPS_WARN and (eps_before is None or eps_before < EPS_WARN):
             was = f" ({eps_before:.0%} at the previous check)" if eps_before is not None else ""
             out.append(f"{prefix}eps-dominated: eps dominates {eps:.0%} of {key}'s coordinates{was}")
@@ -88,6 +88,15 @@ def warn(lines: list[str]) -> None:
     """Each line as a :class:`MonitorWarning`."""
     for line in lines:
         warnings.warn(line, MonitorWarning, stacklevel=5)
+
+
+def _active_eps(row: Row) -> float | None:
+    """The eps-dominated fraction of the coordinates with v > 0 (as ``ostate doctor`` counts it: a coordinate
+    whose second moment is exactly 0 never had a gradient, and eps is all its denominator has)."""
+    eps, zero = _number(row.get("eps_dominated_frac")), _number(row.get("second_moment_zero_frac")) or 0.0
+    if eps is None or zero >= 1.0:
+        return None
+    return max(eps - zero, 0.0) / (1.0 - zero)
 
 
 def _number(value: Any) -> float | None:

@@ -159,7 +159,9 @@ def read_log(path: str | os.PathLike) -> pd.DataFrame:
     """A monitor log as a table: one row per (step, optimizer, view, key), one column per logged column.
 
     ``path`` is the CSV or a folder holding ``ostate_monitor.csv``. A resumed run that logged
-    a step twice keeps the later numbers.
+    a step twice keeps the later numbers. The ``param`` view's own ``step`` column (the
+    parameter's step count in the state) is named ``state_step`` here, beside the
+    training ``step`` at which it was logged.
     """
     path = os.fspath(path)
     if os.path.isdir(path):
@@ -174,6 +176,7 @@ def read_log(path: str | os.PathLike) -> pd.DataFrame:
         )
     if long.empty:
         raise OstateError("the monitor log holds no records yet", where=path)
+    long["column"] = long["column"].where(long["column"] != "step", "state_step")
     wide = long.pivot_table(
         index=["step", "optimizer", "view", "key"], columns="column", values="value", aggfunc="last", sort=False
     )
