@@ -319,3 +319,48 @@ def test_timeline_plot_of_checkpoints_places_each_at_its_global_step(tmp_path):
         assert list(lines[f"median|{kind}"].get_ydata()) == [expected[s].loc[kind, "eff_lr_p50"] for s in (2, 4, 6)]
         ratios = [expected[s].loc[kind, "update_to_weight_rms"] for s in (2, 4, 6)]
         assert list(lines[f"ratio|{kind}"].get_ydata()) == pytest.approx(ratios)
+
+
+@pytest.mark.parametrize("family", ["adamw", "sgd", "adagrad"])
+def test_the_accelerator_path_gives_the_hosts_numbers(family, monkeypatch, tmp_path):
+    # No GPU here: the path a CUDA tensor takes (torch ops on its device, only the sketches' counts and sums
+    # brought back; no compiled loops, no numpy on the tensors, no batching of tiny parameters) is forced for
+    # host tensors by declaring them off the host. Counts and quantiles agree exactly, sums to rounding.
+    from ostate.analysis.native import kernels
+
+    model, optimizer = _trained(family)
+    host = Monitor(optimizer, model, by="param", writer=[]).summarize(3)
+    monkeypatch.setattr(kernels, "on_host", lambda x: False)
+    device = Monitor(optimizer, model, by="param", writer=[]).summarize(3)
+    assert host is not None and device is not None
+    a, b = host.table, device.table
+    assert list(a.columns) == list(b.columns)
+    for column in a.columns:
+        if a[column].dtype.kind in "fc" and not column.endswith(("_p1", "_p5", "_p25", "_p50", "_p75", "_p95", "_p99")):
+            assert b[column].tolist() == pytest.approx(a[column].tolist(), rel=1e-5, nan_ok=True), column
+        else:
+            assert b[column].tolist() == a[column].tolist() or a[column].equals(b[column]), column
+    for kind, sketch in host.eff_lr.items():
+        assert device.eff_lr[kind].count == sketch.count
+        assert device.eff_lr[kind].buckets.tolist() == sketch.buckets.tolist()
+        assert device.eff_lr[kind].counts.tolist() == sketch.counts.tolist()
+
+
+def test_a_sketch_filled_on_the_device_path_equals_the_hosts(monkeypatch):
+    from ostate.analysis import Sketch
+    from ostate.analysis.native import kernels
+
+    values = torch.cat([torch.randn(5000) * 1e-3, torch.zeros(7), torch.tensor([math.nan, math.inf, -math.inf, -0.0])])
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        host = Sketch()
+        host.add(values.to(dtype))
+        monkeypatch.setattr(kernels, "on_host", lambda x: False)
+        device = Sketch()
+        device.add(values.to(dtype))
+        device.add(values[:3].to(dtype))
+        monkeypatch.undo()
+        host.add(values[:3].to(dtype))
+        fields = ("count", "zeros", "nan", "posinf", "neginf", "min", "max")
+        assert [getattr(device, f) for f in fields] == [getattr(host, f) for f in fields], dtype
+        assert device.total == pytest.approx(host.total, rel=1e-12) and device.sumsq == pytest.approx(host.sumsq)
+        assert device.buckets.tolist() == host.buckets.tolist() and device.counts.tolist() == host.counts.tolist()

@@ -28,7 +28,7 @@ import ctypes
 import importlib.util
 import math
 import os
-from typing import Literal, overload
+from typing import Any, Literal, overload
 
 import numpy as np
 import torch
@@ -97,6 +97,18 @@ _LIB = _load()
 def available() -> bool:
     """Whether the compiled loops are in use (built, and not switched off by ``OSTATE_KERNELS=0``)."""
     return _LIB is not None
+
+
+def on_host(x: Any) -> bool:
+    """Whether ``x`` (a tensor, or a :class:`~ostate.state.TensorRef`) is in host memory, where these loops
+    and numpy reach it; a GPU tensor is summarised with torch ops on its device instead."""
+    device = x.device
+    return getattr(device, "type", device) == "cpu"
+
+
+def usable(*tensors: Any) -> bool:
+    """Whether the compiled loops are in use and every one of ``tensors`` is in host memory."""
+    return _LIB is not None and all(on_host(t) for t in tensors)
 
 
 def status() -> str:
