@@ -84,10 +84,15 @@ def train_step(model, optimizer, batch: int, seq: int, vocab: int) -> float:
     return time.perf_counter() - start
 
 
-def timed(fn) -> float:
+def timed(fn, *args) -> float:
     start = time.perf_counter()
-    fn()
+    fn(*args)
     return time.perf_counter() - start
+
+
+def old_way(optimizer, model) -> None:
+    """What examples/monitor_training.py did before the monitor: a state dict, wrapped and analysed."""
+    ostate.analyze(ostate.from_state_dict(optimizer.state_dict(), model=model), by="layer", workers=1)
 
 
 def overhead(args) -> None:
@@ -101,7 +106,7 @@ def overhead(args) -> None:
     for i in range(args.steps):
         steps.append(train_step(model, optimizer, args.batch, args.seq, args.vocab))
         if (i + 1) % per_call == 0 and len(calls) < args.calls:
-            calls.append(timed(lambda: monitor.summarize(i)))
+            calls.append(timed(monitor.summarize, i))
     step, call = statistics.median(steps), statistics.median(calls)
     print(
         f"model: {params / 1e6:.2f}M parameters ({args.layers} blocks, width {args.width}), "
@@ -122,14 +127,8 @@ def sizes(args) -> None:
         monitor.summarize(0)
         call, old = [], []
         for _ in range(args.calls):  # alternately: the same load on both
-            call.append(timed(lambda: monitor.summarize(0)))
-            old.append(
-                timed(
-                    lambda: ostate.analyze(
-                        ostate.from_state_dict(optimizer.state_dict(), model=model), by="layer", workers=1
-                    )
-                )
-            )
+            call.append(timed(monitor.summarize, 0))
+            old.append(timed(old_way, optimizer, model))
         params = sum(p.numel() for p in model.parameters())
         c, o = statistics.median(call), statistics.median(old)
         print(
