@@ -14,7 +14,10 @@ where the check is the same (docs/doctor.md), and new ones for what happens over
   :data:`V_COLLAPSE` since the previous monitored step, or the step count went back: the
   state was reset or reloaded (a reset second moment re-grows from
   :math:`(1-\\beta_2)g^2`, so the first steps after it are up to :math:`1/\\sqrt{1-\\beta_2}`
-  times larger).
+  times larger);
+- ``update-jump``: the update-to-weight RMS ratio rose by a factor of at least
+  :data:`UPDATE_JUMP` since the previous monitored step (what a lost second moment, or an
+  lr spike, does to the weights next).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from ostate.optimizers import get_family
 
 EPS_JUMP = 0.2
 V_COLLAPSE = 10.0
+UPDATE_JUMP = 10.0
 
 
 class MonitorWarning(UserWarning):
@@ -68,6 +72,12 @@ def check_rows(
             )
         if before is None:
             continue
+        ratio, ratio_before = _number(row.get("update_to_weight_rms")), _number(before.get("update_to_weight_rms"))
+        if ratio is not None and ratio_before and ratio >= UPDATE_JUMP * ratio_before:
+            out.append(
+                f"{prefix}update-jump: {key}'s update/weight RMS rose from {ratio_before:.3g} to {ratio:.3g} "
+                f"({ratio / ratio_before:.0f}x)"
+            )
         steps, steps_before = _number(row.get("step_max")), _number(before.get("step_max"))
         if steps is not None and steps_before is not None and steps < steps_before:
             out.append(
