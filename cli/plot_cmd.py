@@ -79,7 +79,9 @@ def plot(paths, out, kind, by, optimizer_index, kind_name, workers, dpi, trust_p
     """Draw the optimizer state of the checkpoint(s) at PATH... into the figure OUT.
 
     Each PATH is anything `ostate inspect` reads; several are drawn on the same axes,
-    labelled by their paths (e.g. checkpoint-500 and checkpoint-1000). Every number is
+    labelled by their paths (e.g. checkpoint-500 and checkpoint-1000). For --kind
+    timeline, PATH is the monitor's log (ostate_monitor.csv, or the folder holding it)
+    or several checkpoints, drawn over their steps. Every number is
     taken from the same sketches as `ostate inspect`'s tables, so plotting costs about
     what inspecting does. OUT is written atomically and may replace an earlier figure,
     but never an input.
@@ -89,6 +91,8 @@ def plot(paths, out, kind, by, optimizer_index, kind_name, workers, dpi, trust_p
       ostate plot out/checkpoint-1000 -o lr.png
       ostate plot out/checkpoint-1000 -o profile.svg --kind layer-profile
       ostate plot out/checkpoint-500 out/checkpoint-1000 -o moments.pdf --kind moments
+      ostate plot out/ostate_monitor.csv -o timeline.png --kind timeline
+      ostate plot out/checkpoint-* -o timeline.png --kind timeline
     """
     figure_format(out)  # a wrong extension fails before any reading
     check_output(out, paths, overwrite=True)

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from ostate.convert import convert
     from ostate.errors import OstateError
     from ostate.loading import from_state_dict, load
+    from ostate.monitor import Monitor
     from ostate.optimizers import effective_lr, next_update
     from ostate.state import Checkpoint, OptimizerState, ParamState, TensorRef
 
@@ -34,6 +35,7 @@ __version__ = "0.1.0"
 _PUBLIC = {
     "Checkpoint": "ostate.state",
     "OptimizerState": "ostate.state",
+    "Monitor": "ostate.monitor",
     "OstateError": "ostate.errors",
     "ParamState": "ostate.state",
     "TensorRef": "ostate.state",
@@ -48,6 +50,7 @@ _PUBLIC = {
 
 __all__ = [
     "Checkpoint",
+    "Monitor",
     "OptimizerState",
     "OstateError",
     "ParamState",

@@ -23,20 +23,25 @@ from __future__ import annotations
 import os
 from typing import Sequence, Union
 
+import pandas as pd
 from matplotlib.figure import Figure
 
 from ostate.analysis import Analysis, OptimizerAnalysis, summarize
 from ostate.compare.compute import Comparison, compare
 from ostate.errors import OstateError
 from ostate.loading import IN_MEMORY, load, pick_optimizer
+from ostate.monitor.writers import is_log, read_log
 from ostate.plots import layer_profile, lr_histogram, moments
 from ostate.plots import plot as draw
-from ostate.plots.kind import COMPARISON, check_plot_view
+from ostate.plots.kind import COMPARISON, TIMELINE, check_plot_view
 from ostate.plots.registry import get_kind
 from ostate.plots.series import Series, analysed, as_list, require_moments
+from ostate.plots.timeline import Timeline
 from ostate.state import Checkpoint, OptimizerState
 
 FigureInput = Union[str, os.PathLike, Checkpoint, OptimizerState, Analysis, OptimizerAnalysis, Series]
+# The view a timeline of checkpoints shows when none is asked for.
+TIMELINE_VIEW = "kind"
 
 
 def plot(
@@ -61,6 +66,22 @@ def plot(
     checkpoints, oldest first (or a computed comparison).
     """
     chosen = get_kind(kind)
+    if chosen.takes == TIMELINE:
+        if by is not None:
+            check_plot_view(chosen, by)  # before any reading: a wrong option fails at once
+        return chosen.draw(
+            timeline_of(
+                inputs,  # type: ignore[arg-type]
+                by=by,
+                optimizer_index=optimizer_index,
+                workers=workers,
+                progress=progress,
+                trust_pickle=trust_pickle,
+                format_hint=format_hint,
+                optimizer=optimizer,
+            ),
+            by=by,
+        )
     view = check_plot_view(chosen, by)  # before any reading: a wrong option fails at once
     if chosen.takes == COMPARISON:
         if not isinstance(inputs, Comparison):
@@ -132,6 +153,69 @@ def plot_moments(
     (those read here are summarised with the joint histogram of the moments)."""
     series = as_series(inputs, labels=labels, optimizer_index=optimizer_index, joint=True)
     return moments.draw(series, by=by, title=title)
+
+
+def timeline_of(
+    inputs: FigureInput | Timeline | Sequence[FigureInput],
+    *,
+    by: str | None = None,
+    optimizer_index: int | None = None,
+    workers: int | None = None,
+    progress: bool = False,
+    trust_pickle: bool = False,
+    format_hint: str | None = None,
+    optimizer: str | None = None,
+) -> Timeline:
+    """The rows of view ``by`` over steps, from a monitor log or from several checkpoints.
+
+    ``inputs`` is a :class:`~ostate.plots.timeline.Timeline`, the path of a monitor log
+    (``ostate_monitor.csv`` or the folder holding it: its view unless ``by`` names another
+    it holds), or checkpoints (paths or loaded), each analysed once at view ``by``
+    (default ``kind``) and placed at its step: the checkpoint's ``global_step`` when it
+    records one, else the largest step count in its state.
+    """
+    if isinstance(inputs, Timeline):
+        return inputs
+    items = as_list(inputs)
+    if len(items) == 1 and isinstance(items[0], (str, os.PathLike)) and is_log(items[0]):
+        return _logged_timeline(os.fspath(items[0]), by)
+    view = by or TIMELINE_VIEW
+    tables: list[tuple[float, pd.DataFrame, str | None]] = []
+    for item in items:
+        where = _path_of(item)
+        if isinstance(item, (str, os.PathLike)):
+            item = load(item, trust_pickle=trust_pickle, optimizer=optimizer, format_hint=format_hint)
+        if not isinstance(item, Checkpoint):
+            raise OstateError(
+                f"a timeline of checkpoints takes their paths or ostate.load results, not a {type(item).__name__}",
+                hint="or pass the monitor's log (ostate_monitor.csv)",
+            )
+        chosen = pick_optimizer(item, optimizer_index)
+        table = summarize(chosen, weights=item.weights, workers=workers, progress=progress).table(view)
+        step = item.metadata.get("global_step")
+        if not isinstance(step, (int, float)) or isinstance(step, bool):
+            steps = table["step_max"].dropna() if "step_max" in table else []
+            step = float(max(steps)) if len(steps) else float(len(tables))
+        tables.append((step, table, where))
+    tables.sort(key=lambda t: t[0])
+    source = ", ".join(w for _, _, w in tables if w) if len(tables) <= 3 else f"{len(tables)} checkpoints"
+    return Timeline.of_tables([(step, table) for step, table, _ in tables], view, source)
+
+
+def _logged_timeline(path: str, by: str | None) -> Timeline:
+    frame = read_log(path)
+    views = list(dict.fromkeys(frame["view"]))
+    view = by if by is not None else views[-1]
+    if view not in views:
+        raise OstateError(
+            f"the monitor log holds the {', '.join(views)} view{'s' if len(views) > 1 else ''}, not {view}",
+            where=path,
+            hint=f"pass --by {views[-1]}",
+        )
+    frame = frame[frame["view"] == view].drop(columns="view")
+    if frame["optimizer"].nunique() > 1:  # several optimizers: their rows apart
+        frame = frame.assign(key=frame["optimizer"] + ":" + frame["key"])
+    return Timeline(frame.reset_index(drop=True), view, path)
 
 
 def as_series(

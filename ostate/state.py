@@ -33,6 +33,8 @@ class TensorRef:
     dtype: torch.dtype
     _reader: Callable[[], torch.Tensor] = field(repr=False)
     _release: Callable[[int, int | None], None] | None = field(default=None, repr=False)
+    # Where the data is: ``cpu`` for files and host memory, the accelerator for a live GPU tensor.
+    device: str = field(default="cpu", compare=False)
 
     @classmethod
     def of(cls, tensor: torch.Tensor, release: Callable[[int, int | None], None] | None = None) -> TensorRef:
@@ -41,7 +43,7 @@ class TensorRef:
         ``release(start, stop)`` gives back the memory of elements ``start:stop`` of the
         flattened tensor (``stop=None``: to the end); see :meth:`release`.
         """
-        return cls(tuple(tensor.shape), tensor.dtype, lambda: tensor, release)
+        return cls(tuple(tensor.shape), tensor.dtype, lambda: tensor, release, tensor.device.type)
 
     @property
     def numel(self) -> int:

@@ -103,7 +103,7 @@ class SharedSecondMoment:
         s_scale, i_scale = chunk.second_moment_scale, chunk.inverse_denominator_scale
         assert chunk.numerator is not None
         rows = slice(row, row + count)
-        if kernels.available():
+        if kernels.usable(chunk.second_moment, chunk.numerator, chunk.inverse_denominator):
             kernels.shared_rows(
                 chunk.second_moment[piece],
                 chunk.numerator[piece],
@@ -119,7 +119,8 @@ class SharedSecondMoment:
                 second=self.second[rows],
             )
             return
-        moment_sums = chunk.second_moment[piece].reshape(count, -1).sum(1).double().numpy() * s_scale
+        # Per-row sums come to the host (.cpu(): nothing to do for host tensors); the rows stay where they are.
+        moment_sums = chunk.second_moment[piece].reshape(count, -1).sum(1).double().cpu().numpy() * s_scale
         self.second_moment[rows] += moment_sums
         reference = self.reference[rows]
         unset = np.isnan(reference)
@@ -131,12 +132,13 @@ class SharedSecondMoment:
         n2 = numerator.mul(self.numerator_scale or 1.0).square_()
         # a - a0 = i_scale * (i - a0 / i_scale): one pass, rescaled in the sums below.
         deviation = (
-            chunk.inverse_denominator[piece].reshape(count, -1) - torch.from_numpy(reference / i_scale).float()[:, None]
+            chunk.inverse_denominator[piece].reshape(count, -1)
+            - torch.from_numpy(reference / i_scale).float().to(numerator.device)[:, None]
         )
         weighted = n2 * deviation
-        self.squares[rows] += n2.sum(1).double().numpy()
-        self.first[rows] += weighted.sum(1).double().numpy() * i_scale
-        self.second[rows] += weighted.mul_(deviation).sum(1).double().numpy() * (i_scale * i_scale)
+        self.squares[rows] += n2.sum(1).double().cpu().numpy()
+        self.first[rows] += weighted.sum(1).double().cpu().numpy() * i_scale
+        self.second[rows] += weighted.mul_(deviation).sum(1).double().cpu().numpy() * (i_scale * i_scale)
 
     # ------------------------------------------------------------------ results
     def _block_error(self, block_rows: int) -> float:

@@ -257,7 +257,7 @@ def preconditioner(pre: Preconditioned) -> torch.Tensor:
 
 def _count_at_most(values: torch.Tensor, threshold: float) -> int:
     """How many of ``values`` are ``<= threshold`` (the threshold rounded to the values' float32 first)."""
-    if kernels.available() and values.dtype == torch.float32:
+    if kernels.usable(values) and values.dtype == torch.float32:
         return kernels.count_at_most(values, threshold)
     return int(torch.count_nonzero(values <= threshold))
 

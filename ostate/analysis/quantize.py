@@ -132,7 +132,7 @@ class BlockwiseError:
             self._add_blocks(x[full:].view(1, -1))
 
     def _add_blocks(self, blocks: torch.Tensor) -> None:
-        if kernels.available():
+        if kernels.usable(blocks):
             error_sq, norm_sq = kernels.q8_blocks(blocks, self.signed, *self._tables, per_block=False)
             self.error_sq += error_sq
             self.norm_sq += norm_sq
@@ -154,7 +154,7 @@ class BlockwiseError:
         if rows.shape[1] > BLOCK:
             raise ValueError(f"rows of at most {BLOCK} values, got {rows.shape[1]}")
         rows = rows if rows.dtype == torch.float32 else rows.float()
-        if kernels.available():
+        if kernels.usable(rows):
             error_sq, norm_sq = kernels.q8_blocks(rows, self.signed, *self._tables, per_block=True)
             return error_sq.tolist(), norm_sq.tolist()
         per_block, norms, weights = self._block_terms(rows)
@@ -174,6 +174,8 @@ class BlockwiseError:
             ids = torch.bitwise_right_shift(y.view(torch.int32), 16)
             if int(ids.min()) < 0:
                 ids = bucket_ids(y)
+        if self._tables[0].device != ids.device:  # a tensor on an accelerator: the tables go there, once
+            self._tables = (self._tables[0].to(ids.device), self._tables[1].to(ids.device))
         near_lo, near_hi = self._tables
         lo_err = near_lo.index_select(0, ids)
         hi_err = near_hi.index_select(0, ids)

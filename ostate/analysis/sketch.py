@@ -122,6 +122,9 @@ class Sketch:
         flat = values.detach().reshape(-1)
         if flat.dtype != torch.float32 and flat.dtype != torch.bfloat16:
             flat = flat.to(torch.float32)
+        if not kernels.on_host(flat):
+            self._add_on_device(flat)
+            return
         if kernels.available():
             self._add_compiled(flat)
             return
@@ -143,6 +146,49 @@ class Sketch:
             kernels.sketch_add(flat, None, sums)
             self._merge_buckets(*_sparse_counts(flat))
         self._add_sums(sums)
+
+    def _add_on_device(self, flat: torch.Tensor) -> None:
+        """:meth:`add` for a tensor on an accelerator: counts, float64 sums, extremes and the bucket counts
+        computed there by torch ops; only those (a few numbers and 65,536 counts) come back to the host."""
+        values = flat.float() if flat.dtype == torch.bfloat16 else flat
+        finite = torch.isfinite(values)
+        nan = torch.isnan(values).sum()
+        posinf = (values == math.inf).sum()
+        neginf = (values == -math.inf).sum()
+        kept = values[finite]
+        wide = kept.double()
+        count = torch.tensor(kept.numel(), device=values.device)
+        nonzero = kept != 0
+        extremes = torch.aminmax(kept) if kept.numel() else (wide.new_full((), math.inf), wide.new_full((), -math.inf))
+        numbers = torch.stack(
+            [
+                count.double(),
+                (~nonzero).sum().double(),
+                nan.double(),
+                posinf.double(),
+                neginf.double(),
+                wide.sum(),
+                wide.square().sum(),
+                extremes[0].double(),
+                extremes[1].double(),
+            ]
+        ).cpu()
+        n, zeros, nans, pos, neg, total, sumsq, lo, hi = numbers.tolist()
+        self.count += int(n)
+        if self.with_histogram:
+            self.zeros += int(zeros)
+            ids = bucket_ids(kept[nonzero] if flat.dtype != torch.bfloat16 else flat[finite][nonzero])
+            counts = torch.bincount(ids, minlength=_NBUCKETS).cpu().numpy()
+            if self._dense is None:
+                self._dense = counts.astype(np.int64)
+            else:
+                np.add(self._dense, counts, out=self._dense)
+        self.nan, self.posinf, self.neginf = self.nan + int(nans), self.posinf + int(pos), self.neginf + int(neg)
+        self.total += total
+        self.sumsq += sumsq
+        if n:
+            self.min = min(self.min, lo + 0.0)
+            self.max = max(self.max, hi + 0.0)
 
     def _add_sums(self, sums: kernels.SketchSums) -> None:
         self.count += sums.count

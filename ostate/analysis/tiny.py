@@ -25,6 +25,7 @@ import torch
 from ostate.analysis.columns import derived_columns, sketch_columns_of
 from ostate.analysis.compress import shared_sums_of
 from ostate.analysis.heads import HeadLayout
+from ostate.analysis.native import kernels
 from ostate.analysis.params import PRECONDITIONER, ParamSummary, base_row, preconditioner
 from ostate.analysis.quantize import BLOCK, BlockwiseError
 from ostate.analysis.sketch import Sketch
@@ -55,6 +56,9 @@ def batch_key(
         (0, 3.0, (4,), (('exp_avg', torch.float32), ('exp_avg_sq', torch.float32)), None)
     """
     if joint or not family.chunked or not param.has_state or param.shape is None:
+        return None
+    refs = [*param.tensors().values(), *([weight] if weight is not None else [])]
+    if not all(kernels.on_host(ref) for ref in refs):  # batched rows are read on the host
         return None
     shape = tuple(param.shape)
     # A scalar parameter's 0-d state entries (NAdam's mu_product, ASGD's eta) would count as aligned.

@@ -11,7 +11,9 @@ The kinds (one module each, listed in :data:`ostate.plots.registry.KINDS`):
 - ``layer-profile`` (:func:`plot_layer_profile`): the effective learning rate layer by layer;
 - ``moments`` (:func:`plot_moments`): |m̂| against √v̂ with reference lines (Adam family);
 - ``compare`` (:func:`ostate.plots.compare.compare_figure`): how each parameter's state
-  moved between checkpoints (``--by consecutive`` or ``first``, as ``ostate compare --against``).
+  moved between checkpoints (``--by consecutive`` or ``first``, as ``ostate compare --against``);
+- ``timeline`` (:mod:`ostate.plots.timeline`): the state over training steps, from the monitor's
+  log or several checkpoints (a :class:`~ostate.plots.timeline.Timeline`).
 
 Each function takes one or more analyses or series (several are overlaid) and returns a
 :class:`matplotlib.figure.Figure` built without pyplot (no display needed);
@@ -37,7 +39,7 @@ from typing import Any, Sequence
 
 from matplotlib.figure import Figure
 
-from ostate.plots.kind import COMPARISON, PlotKind, check_plot_view
+from ostate.plots.kind import COMPARISON, TIMELINE, PlotKind, check_plot_view
 from ostate.plots.layer_profile import plot_layer_profile
 from ostate.plots.lr_histogram import plot_lr_histogram
 from ostate.plots.moments import plot_moments
@@ -71,12 +73,13 @@ def plot(
 
     ``inputs`` are one or more analyses (:func:`ostate.analysis.summarize`; for ``moments``
     with ``joint=True``) or :class:`Series`, overlaid; for ``compare`` a
-    :class:`~ostate.compare.compute.Comparison`. ``by`` splits the figure (each kind's
+    :class:`~ostate.compare.compute.Comparison`; for ``timeline`` a
+    :class:`~ostate.plots.timeline.Timeline`. ``by`` splits the figure (each kind's
     default when ``None``; for ``compare`` it must be the comparison's pairing when given).
     :func:`ostate.figures.plot` takes paths, checkpoints and optimizers as well.
     """
     chosen = get_kind(kind)
-    if chosen.takes == COMPARISON:
+    if chosen.takes in (COMPARISON, TIMELINE):
         return chosen.draw(inputs, by=by)
     by = check_plot_view(chosen, by)
     return chosen.draw(as_series(inputs, labels=labels, optimizer_index=optimizer_index, joint=chosen.joint), by=by)

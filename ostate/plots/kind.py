@@ -16,6 +16,8 @@ from ostate.errors import OstateError
 # What a kind's ``draw`` takes: one analysed Series per checkpoint, or a computed comparison.
 SERIES = "series"
 COMPARISON = "comparison"
+# ... or a :class:`~ostate.plots.timeline.Timeline`: rows of a view over training steps.
+TIMELINE = "timeline"
 
 
 @dataclass(frozen=True)
@@ -28,7 +30,8 @@ class PlotKind:
     :data:`SERIES`, a list of :class:`~ostate.plots.series.Series` (one per checkpoint),
     for which ``joint`` says whether they must be summarised with the joint histogram of
     the moments; or :data:`COMPARISON`, a :class:`~ostate.compare.compute.Comparison` of
-    pairs of checkpoints (``compare``, whose views are how the pairs were made).
+    pairs of checkpoints (``compare``, whose views are how the pairs were made); or
+    :data:`TIMELINE`, a :class:`~ostate.plots.timeline.Timeline` (``timeline``).
     """
 
     name: str

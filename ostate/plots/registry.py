@@ -8,7 +8,7 @@ a kind here, so adding a kind is adding a module and listing its ``KIND``.
 from __future__ import annotations
 
 from ostate.errors import OstateError
-from ostate.plots import compare, layer_profile, lr_histogram, moments
+from ostate.plots import compare, layer_profile, lr_histogram, moments, timeline
 from ostate.plots.kind import PlotKind
 
 # By name: the order --help, errors and plot_kinds() list them in.
@@ -17,6 +17,7 @@ KINDS: tuple[PlotKind, ...] = (
     layer_profile.KIND,
     lr_histogram.KIND,
     moments.KIND,
+    timeline.KIND,
 )
 
 
@@ -25,7 +26,7 @@ def plot_kinds() -> dict[str, PlotKind]:
 
     Example:
         >>> sorted(plot_kinds())
-        ['compare', 'layer-profile', 'lr-histogram', 'moments']
+        ['compare', 'layer-profile', 'lr-histogram', 'moments', 'timeline']
     """
     return {kind.name: kind for kind in KINDS}
 

@@ -75,6 +75,7 @@ def train_with_trainer(
     save_steps: int = 2,
     freeze: tuple[str, ...] = (),
     trainer_class: Any = None,
+    callbacks: list | None = None,
 ) -> TrainerRun:
     """A real ``transformers.Trainer`` run on random tokens that writes ``checkpoint-N/`` every ``save_steps``."""
     from transformers import Trainer, TrainingArguments
@@ -98,7 +99,7 @@ def train_with_trainer(
         disable_tqdm=True,
         seed=0,
     )
-    trainer = (trainer_class or Trainer)(model=model, args=args, train_dataset=RandomTokens(64))
+    trainer = (trainer_class or Trainer)(model=model, args=args, train_dataset=RandomTokens(64), callbacks=callbacks)
     trainer.add_callback(_stop_after(steps))
     trainer.train()
     by_param = {id(p): n for n, p in model.named_parameters()}

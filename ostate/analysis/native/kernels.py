@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import ctypes
 import os
-from typing import Literal, overload
+from typing import Any, Literal, overload
 
 import numpy as np
 import torch
@@ -40,6 +40,18 @@ _LIB = library.load()
 def available() -> bool:
     """Whether the compiled loops are in use (built, and not switched off by ``OSTATE_KERNELS=0``)."""
     return _LIB is not None
+
+
+def on_host(x: Any) -> bool:
+    """Whether ``x`` (a tensor, or a :class:`~ostate.state.TensorRef`) is in host memory, where these loops
+    and numpy reach it; a GPU tensor is summarised with torch ops on its device instead."""
+    device = x.device
+    return getattr(device, "type", device) == "cpu"
+
+
+def usable(*tensors: Any) -> bool:
+    """Whether the compiled loops are in use and every one of ``tensors`` is in host memory."""
+    return _LIB is not None and all(on_host(t) for t in tensors)
 
 
 def status() -> str:
