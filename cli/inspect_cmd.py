@@ -47,7 +47,17 @@ from ostate_cli.common import (
     metavar="KIND",
     help=f"Treat the state as this optimizer family instead of detecting it: {', '.join(sorted(families()))}.",
 )
-@click.option("--columns", metavar="A,B,...", help="Columns for table/markdown output ('all' for every column).")
+@click.option(
+    "--columns",
+    metavar="A,B,...",
+    help="Columns for table/markdown output ('all' for every column, computing every statistic).",
+)
+@click.option(
+    "--compressibility",
+    is_flag=True,
+    help="Also compute Adam-mini compressibility (vmean_*_relchange) and the 8-bit error (*_q8_relerr): "
+    "about as costly as the default statistics together; --columns naming one of them does it too.",
+)
 @workers_option
 @click.option(
     "--heads",
@@ -75,6 +85,7 @@ def inspect(
     optimizer_index,
     kind,
     columns,
+    compressibility,
     workers,
     heads,
     head_dim,
@@ -100,6 +111,7 @@ def inspect(
         columns=[c.strip() for c in columns.split(",") if c.strip()] if columns else None,
         progress=progress_enabled(),
         workers=workers,
+        compressibility=compressibility,
         heads=HeadLayout(head_dim=head_dim, source="--head-dim")
         if head_dim
         else (HeadLayout(num_heads=heads, source="--heads") if heads else None),

@@ -217,8 +217,8 @@ def _analysed(
     if isinstance(item, OptimizerState):
         if joint:  # before the work of summarising: say at once that there is nothing to draw
             require_moments(item.kind, where)
-        # Plots use no weight statistics: the model's tensors are not read.
-        item = summarize(item, weights={}, joint=joint, workers=workers, progress=progress).optimizers[0]
+        # Plots use no weight statistics (the model's tensors are not read) and no optional statistics.
+        item = summarize(item, weights={}, joint=joint, workers=workers, progress=progress, statistics=()).optimizers[0]
     if not isinstance(item, (Series, Analysis, OptimizerAnalysis)):
         raise OstateError(
             f"cannot plot a {type(item).__name__}",

@@ -8,6 +8,7 @@ from typing import Any
 import pandas as pd
 
 from ostate.analysis import HeadLayout, describe, summarize
+from ostate.analysis.columns import CORE, OPTIONAL_STATISTICS, statistic_of
 from ostate.analysis.engine import check_view
 from ostate.errors import OstateError
 from ostate.loading import selected_optimizers
@@ -59,6 +60,8 @@ class Report:
     optimizers: list[OptimizerReport] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    # The statistic families the tables hold ("core", and "compressibility", "q8" when computed).
+    statistics: tuple[str, ...] = (CORE,)
 
 
 def inspect(
@@ -73,6 +76,7 @@ def inspect(
     progress: bool = False,
     workers: int | None = None,
     heads: HeadLayout | None = None,
+    compressibility: bool = False,
 ) -> Report:
     """Build the report for a loaded checkpoint.
 
@@ -81,6 +85,11 @@ def inspect(
     holds several, ``columns`` replaces the default columns of the text renderings
     (``["all"]`` shows every column). ``workers`` and ``heads`` go to
     :func:`ostate.analysis.summarize`.
+
+    Only the statistics that the shown columns need are computed: the core (every
+    quantity's sketch, trouble fractions, weights) always; Adam-mini compressibility
+    (``vmean_*``) and the 8-bit error (``*_q8_relerr``) when ``columns`` or ``sort``
+    name one of their columns, ``columns == ["all"]``, or ``compressibility`` (both).
     """
     check_view(by)
     optimizers = selected_optimizers(checkpoint, optimizer_index)
@@ -102,8 +111,10 @@ def inspect(
         checkpoint.weights_location,
         config=checkpoint.config,
     )
-    analysis = summarize(chosen, heads=heads, workers=workers, progress=progress)
+    statistics = needed_statistics(columns, sort, compressibility)
+    analysis = summarize(chosen, heads=heads, workers=workers, progress=progress, statistics=statistics)
     report.notes = analysis.notes
+    report.statistics = analysis.statistics
     for optimizer, result in zip(optimizers, analysis.optimizers):
         table = result.table(by)
         if sort is not None:
@@ -117,6 +128,21 @@ def inspect(
         shown = _shown_columns(optimizer.kind, by, table, columns)
         report.optimizers.append(OptimizerReport(describe(optimizer), table.reset_index(drop=True), shown))
     return report
+
+
+def needed_statistics(columns: list[str] | None, sort: str | None, compressibility: bool) -> frozenset[str]:
+    """The optional statistic families an inspect report must compute for these columns and sort key.
+
+    Example:
+        >>> sorted(needed_statistics(None, None, False)), sorted(needed_statistics(["name", "exp_avg_q8_relerr"], None, False))
+        ([], ['q8'])
+        >>> sorted(needed_statistics(["all"], None, False)) == sorted(needed_statistics(None, None, True))
+        True
+    """
+    if compressibility or columns == ["all"]:
+        return frozenset(OPTIONAL_STATISTICS)
+    named = [*(columns or ()), *([sort] if sort else [])]
+    return frozenset(statistic_of(c) for c in named) - {CORE}
 
 
 def _shown_columns(kind: str, by: str, table: pd.DataFrame, requested: list[str] | None) -> list[str]:
@@ -165,6 +191,7 @@ def to_json(report: Report) -> dict[str, Any]:
         "schedulers": report.schedulers,
         "warnings": report.warnings,
         "notes": report.notes,
+        "statistics": list(report.statistics),
         "optimizers": [],
     }
     for o in report.optimizers:

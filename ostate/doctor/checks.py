@@ -205,7 +205,8 @@ def diagnose(
     skip = check_codes(ignore)
     weights = model if model is not None else checkpoint.weights
     location = model_location if model is not None else checkpoint.weights_location
-    analysis = summarize(checkpoint, weights=weights, workers=workers, progress=progress)
+    # The checks read core statistics only: compressibility and the 8-bit error are not computed.
+    analysis = summarize(checkpoint, weights=weights, workers=workers, progress=progress, statistics=())
     context = Context(checkpoint, analysis, weights, location, model is not None)
     findings = [f for check in CHECKS for f in check(context) if f.code not in skip]
     findings.sort(key=lambda f: -SEVERITIES.index(f.severity))  # stable: checks keep their order within a severity
