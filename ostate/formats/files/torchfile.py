@@ -5,6 +5,11 @@ list, so a hostile file cannot run code. When a file needs more, the error names
 globals that block it (read from the pickle's opcodes, never executed) and the opt-in
 that allows them. Zip-format files (every ``torch.save`` since 1.6) are memory-mapped:
 a tensor's bytes are read when it is touched, not when the file is opened.
+
+A zip file is first read by ostate's own reader (:mod:`ostate.formats.files.torch_pickle`:
+tensors and plain containers only, many times faster than torch's when a file holds
+tens of thousands of tensors); what it does not accept goes to ``torch.load`` as above,
+which reads a few more globals or refuses the file with the reasons below.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from typing import Any, BinaryIO, Callable, Sequence, cast
 import torch
 
 from ostate.errors import OstateError
+from ostate.formats.files.torch_pickle import Unsupported, read_torch_zip
 
 _ZIP_MAGIC = b"PK\x03\x04"
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # torch.serialization.MAGIC_NUMBER
@@ -116,6 +122,11 @@ def _load(
             stacklevel=3,
         )
     allowed = {name for _obj, name in allowed_globals}
+    if mmap and isinstance(source, str) and not trust_pickle and not allowed_globals:
+        try:
+            return read_torch_zip(source)
+        except Unsupported:
+            pass  # torch's own safe reader decides, and its errors say why
     try:
         with torch.serialization.safe_globals(list(allowed_globals)):
             try:
