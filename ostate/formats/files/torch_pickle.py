@@ -9,10 +9,13 @@ most of the time ``ostate inspect`` takes. This reader understands only what
 then hands the file to torch's own safe reader, which accepts a few more globals or
 says clearly why it refuses the file):
 
-- opcodes: those the pickler writes for dicts, lists, tuples, strings, bytes, numbers,
-  booleans and ``None`` with protocols 2 to 4, memo gets and puts, a ``GLOBAL`` (or
-  ``STACK_GLOBAL``), ``REDUCE`` and ``BINPERSID``. Any other opcode (``BUILD``, ``INST``,
-  ``OBJ``, ``NEWOBJ``, the text forms, ...) is refused.
+- opcodes: those the pickler writes with protocol 2 (torch.save's) for dicts, lists,
+  tuples, strings, numbers, booleans and ``None``, memo gets and puts, ``GLOBAL``,
+  ``REDUCE``, ``BINPERSID``, and ``BUILD`` only to set the plain
+  attributes of an ``OrderedDict`` (a module's ``state_dict()`` carries its
+  ``_metadata`` so). Any other opcode (``INST``, ``OBJ``, ``NEWOBJ``, the text forms,
+  ``FRAME``, ``STACK_GLOBAL``, ...) is refused, the opcodes of later protocols
+  (which torch's safe reader does not read either) included.
 - globals: a name is looked up in :data:`_GLOBALS` (``collections.OrderedDict``,
   ``torch._utils._rebuild_tensor_v2`` and ``_rebuild_parameter``, the typed storage
   classes, ``_codecs.encode`` for bytes), which maps it to a function of this module;
@@ -78,7 +81,7 @@ class _Storage:
     location: str
 
 
-class _Archive:
+class TorchArchive:
     """The records of a memory-mapped zip archive, each a view of the file's bytes."""
 
     def __init__(self, path: str):
@@ -164,36 +167,41 @@ def read_torch_zip(path: str) -> Any:
         >>> loaded["w"].tolist(), loaded["lr"]
         ([0.0, 1.0, 2.0, 3.0], 0.1)
     """
-    archive = _Archive(path)
+    archive = TorchArchive(path)
     return unpickle(archive.pickle(), archive.storage)
 
 
 # ------------------------------------------------------------------------------ the unpickler
 def _rebuild_tensor(storage: Any, offset: Any, size: Any, stride: Any, requires_grad: Any, hooks: Any, *rest: Any):
-    if not isinstance(storage, _Storage) or not _is_int(offset) or offset < 0:
+    if type(storage) is not _Storage or type(offset) is not int or offset < 0 or requires_grad not in (True, False):
         raise Unsupported("_rebuild_tensor_v2 with arguments torch.save does not write")
-    if not _int_tuple(size) or not _int_tuple(stride) or len(size) != len(stride) or requires_grad not in (True, False):
-        raise Unsupported("_rebuild_tensor_v2 with a size or stride that is not a tuple of integers")
-    if hooks != OrderedDict() or (rest and rest != (None,) and rest != ({},)) or len(rest) > 1:
+    if type(size) is not tuple or type(stride) is not tuple or len(size) != len(stride):
+        raise Unsupported("_rebuild_tensor_v2 with a size or stride that is not a tuple")
+    if hooks != _NO_HOOKS or len(rest) > 1 or (rest and rest[0] not in (None, {})):
         raise Unsupported("a tensor with backward hooks or metadata")
-    if any(d < 0 for d in size) or any(s < 0 for s in stride):
-        raise Unsupported("a tensor of negative size or stride")
     data = storage.data
-    if 0 not in size:
-        last = offset + sum((d - 1) * s for d, s in zip(size, stride))
-        if last >= data.numel():
-            raise Unsupported(
-                f"a tensor of size {tuple(size)} at offset {offset} reaches element {last}; "
-                f"its storage holds {data.numel()}"
-            )
-    tensor = torch.as_strided(data, size, stride, data.storage_offset() + offset)
+    last = offset
+    empty = False
+    for d, s in zip(size, stride):
+        if type(d) is not int or type(s) is not int or d < 0 or s < 0:
+            raise Unsupported("a tensor whose size or stride is not a tuple of non-negative integers")
+        empty = empty or d == 0
+        last += (d - 1) * s
+    if not empty and last >= data.numel():
+        raise Unsupported(
+            f"a tensor of size {size} at offset {offset} reaches element {last}; its storage holds {data.numel()}"
+        )
+    tensor = torch.as_strided(data, size, stride, offset)
     if requires_grad:
         tensor.requires_grad_(True)
     return tensor
 
 
+_NO_HOOKS: OrderedDict = OrderedDict()
+
+
 def _rebuild_parameter(data: Any, requires_grad: Any, hooks: Any) -> torch.nn.Parameter:
-    if not isinstance(data, torch.Tensor) or requires_grad not in (True, False) or hooks != OrderedDict():
+    if not isinstance(data, torch.Tensor) or requires_grad not in (True, False) or hooks != _NO_HOOKS:
         raise Unsupported("_rebuild_parameter with arguments torch.save does not write")
     return torch.nn.Parameter(data, requires_grad)
 
@@ -224,14 +232,6 @@ _GLOBALS: dict[str, Callable[..., Any]] = {
 }
 
 
-def _is_int(x: Any) -> bool:
-    return type(x) is int
-
-
-def _int_tuple(x: Any) -> bool:
-    return type(x) is tuple and all(type(d) is int for d in x)
-
-
 def _global(module: str, name: str) -> _Global:
     qualified = f"{module}.{name}"
     if qualified not in _GLOBALS:
@@ -240,21 +240,19 @@ def _global(module: str, name: str) -> _Global:
 
 
 # Opcodes, by byte value (pickletools' names).
-_PROTO, _FRAME, _STOP = 0x80, 0x95, ord(".")
+_PROTO, _STOP = 0x80, ord(".")
 _MARK, _EMPTY_DICT, _EMPTY_LIST, _EMPTY_TUPLE = ord("("), ord("}"), ord("]"), ord(")")
 _TUPLE, _TUPLE1, _TUPLE2, _TUPLE3 = ord("t"), 0x85, 0x86, 0x87
 _SETITEM, _SETITEMS, _APPEND, _APPENDS = ord("s"), ord("u"), ord("a"), ord("e")
-_BINPUT, _LONG_BINPUT, _MEMOIZE, _BINGET, _LONG_BINGET = ord("q"), ord("r"), 0x94, ord("h"), ord("j")
+_BINPUT, _LONG_BINPUT, _BINGET, _LONG_BINGET = ord("q"), ord("r"), ord("h"), ord("j")
 _BININT, _BININT1, _BININT2, _LONG1, _LONG4 = ord("J"), ord("K"), ord("M"), 0x8A, 0x8B
 _BINFLOAT, _NONE, _NEWTRUE, _NEWFALSE = ord("G"), ord("N"), 0x88, 0x89
-_BINUNICODE, _SHORT_BINUNICODE, _BINBYTES, _SHORT_BINBYTES = ord("X"), 0x8C, ord("B"), ord("C")
-_GLOBAL, _STACK_GLOBAL, _REDUCE, _BINPERSID = ord("c"), 0x93, ord("R"), ord("Q")
+_BINUNICODE, _GLOBAL, _REDUCE, _BINPERSID, _BUILD = ord("X"), ord("c"), ord("R"), ord("Q"), ord("b")
 
 _unpack_int = struct.Struct("<i").unpack_from
 _unpack_uint = struct.Struct("<I").unpack_from
 _unpack_short = struct.Struct("<H").unpack_from
 _unpack_double = struct.Struct(">d").unpack_from
-_unpack_frame = struct.Struct("<Q").unpack_from
 
 
 def unpickle(data: bytes, storage: Callable[[str, torch.dtype, int], torch.Tensor]) -> Any:
@@ -299,13 +297,9 @@ def _unpickle(data: bytes, storage: Callable[[str, torch.dtype, int], torch.Tens
         elif op == _BININT1:
             push(data[pos])
             pos += 1
-        elif op == _BINUNICODE or op == _SHORT_BINUNICODE:
-            if op == _BINUNICODE:
-                (n,) = _unpack_uint(data, pos)
-                pos += 4
-            else:
-                n = data[pos]
-                pos += 1
+        elif op == _BINUNICODE:
+            (n,) = _unpack_uint(data, pos)
+            pos += 4
             if pos + n > end:
                 raise Unsupported(f"a string of {n} bytes runs past the end of the pickle")
             push(data[pos : pos + n].decode("utf-8", "surrogatepass"))
@@ -402,19 +396,15 @@ def _unpickle(data: bytes, storage: Callable[[str, torch.dtype, int], torch.Tens
         elif op == _LONG_BINGET:
             push(memo[_unpack_uint(data, pos)[0]])
             pos += 4
-        elif op == _MEMOIZE:
-            memo[len(memo)] = stack[-1]
-        elif op == _BINBYTES or op == _SHORT_BINBYTES:
-            if op == _BINBYTES:
-                (n,) = _unpack_uint(data, pos)
-                pos += 4
-            else:
-                n = data[pos]
-                pos += 1
-            if pos + n > end:
-                raise Unsupported(f"bytes of length {n} run past the end of the pickle")
-            push(bytes(data[pos : pos + n]))
-            pos += n
+        elif op == _BUILD:
+            # Only what a module's state dict carries: its OrderedDict's ``_metadata`` attribute.
+            state = stack.pop()
+            target = stack[-1]
+            if type(target) is not OrderedDict or type(state) is not dict:
+                raise Unsupported("BUILD of something other than an OrderedDict's attributes")
+            if any(type(k) is not str or k.startswith("__") for k in state):
+                raise Unsupported("BUILD setting an attribute that is not a plain name")
+            target.__dict__.update(state)
         elif op == _GLOBAL:
             stop = data.index(b"\n", pos)
             module = data[pos:stop].decode("ascii")
@@ -422,18 +412,10 @@ def _unpickle(data: bytes, storage: Callable[[str, torch.dtype, int], torch.Tens
             name = data[stop + 1 : after].decode("ascii")
             pos = after + 1
             push(_global(module, name))
-        elif op == _STACK_GLOBAL:
-            name = stack.pop()
-            module = stack.pop()
-            if type(module) is not str or type(name) is not str:
-                raise Unsupported("STACK_GLOBAL of something that is not two strings")
-            push(_global(module, name))
         elif op == _PROTO:
-            if data[pos] > 4:
+            if not 2 <= data[pos] <= 4:
                 raise Unsupported(f"pickle protocol {data[pos]}")
             pos += 1
-        elif op == _FRAME:
-            pos += 8
         elif op == _STOP:
             if len(stack) != 1 or marks:
                 raise Unsupported("a pickle that does not end with one object")
@@ -449,7 +431,7 @@ def _persistent(pid: Any, storage: Callable[[str, torch.dtype, int], torch.Tenso
     _kind, cls, key, location, numel = pid
     if type(cls) is not _Global or not cls.name.startswith("torch.") or cls.name[6:] not in _STORAGE_DTYPES:
         raise Unsupported("a storage of a class torch.save does not write")
-    if type(key) is not str or type(location) is not str or not _is_int(numel):
+    if type(key) is not str or type(location) is not str or type(numel) is not int:
         raise Unsupported("a storage id with a key, location or size of the wrong type")
     if not location.startswith("cpu") and not location.startswith("cuda"):
         raise Unsupported(f"a storage on {location!r}")
