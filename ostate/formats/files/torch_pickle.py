@@ -341,12 +341,12 @@ def _unpickle(data: bytes, storage: Callable[[str, torch.dtype, int], torch.Tens
             target = stack[k - 1]
             if type(target) is not dict and type(target) is not OrderedDict:
                 raise Unsupported("SETITEMS on something that is not a dict")
-            items = stack[k:]
+            pairs = stack[k:]
             del stack[k:]
-            if len(items) % 2:
+            if len(pairs) % 2:
                 raise Unsupported("SETITEMS with a key without a value")
-            for i in range(0, len(items), 2):
-                target[items[i]] = items[i + 1]
+            for i in range(0, len(pairs), 2):
+                target[pairs[i]] = pairs[i + 1]
         elif op == _SETITEM:
             value = stack.pop()
             key = stack.pop()
