@@ -110,3 +110,16 @@ def test_what_ostates_reader_refuses_goes_to_torch_s_safe_reader(tmp_path):
         read_torch_zip(str(path))
     loaded = torchfile.load_torch_file(str(path))
     assert loaded["shape"] == torch.Size([2, 3]) and loaded["w"].tolist() == [1.0, 1.0]
+
+
+def test_a_zip_directory_that_zipfile_cannot_read_is_refused_and_left_to_torch(tmp_path):
+    # Found by benchmarks/fuzz_readers.py: zipfile raises NotImplementedError for an unknown version.
+    path = tmp_path / "w.pt"
+    torch.save({"w": torch.ones(3)}, path)
+    data = bytearray(path.read_bytes())
+    entry = data.index(b"PK\x01\x02")
+    data[entry + 6 : entry + 8] = b"\xff\x00"  # "version needed to extract": 25.5
+    path.write_bytes(bytes(data))
+    with pytest.raises(Unsupported, match="not a readable zip archive"):
+        read_torch_zip(str(path))
+    assert torchfile.load_torch_file(str(path))["w"].tolist() == [1.0] * 3  # torch ignores that field

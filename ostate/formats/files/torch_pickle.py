@@ -89,8 +89,8 @@ class TorchArchive:
             try:
                 self.zip = zipfile.ZipFile(f)
                 infos = self.zip.infolist()
-            except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
-                raise Unsupported(f"not a readable zip archive ({e})") from None
+            except Exception as e:  # a damaged directory fails in zipfile with many types (NotImplementedError too)
+                raise Unsupported(f"not a readable zip archive ({type(e).__name__}: {e})") from None
             try:
                 # Private and writable: a tensor changed in place never changes the file. A mapping
                 # larger than memory + swap is refused by Linux; torch's reader then maps it shared.
