@@ -12,9 +12,11 @@ from ostate.doctor.output import FORMATS, render
 from ostate.formats.naming.weights import name_unnamed_by, read_model
 from ostate.optimizers import families
 from ostate_cli.common import (
+    executor_options,
     format_hint_option,
     handle_errors,
     progress_enabled,
+    ray_executor,
     trust_pickle_option,
     workers_option,
 )
@@ -48,10 +50,11 @@ from ostate_cli.common import (
     help="Treat the state as this optimizer family instead of detecting it.",
 )
 @workers_option
+@executor_options
 @trust_pickle_option
 @format_hint_option
 @handle_errors
-def doctor(path, fmt, model_path, fail_on, ignored, kind, workers, trust_pickle, format_hint):
+def doctor(path, fmt, model_path, fail_on, ignored, kind, workers, executor, address, trust_pickle, format_hint):
     """Check the optimizer state in the checkpoint at PATH and say what to do about each finding.
 
     Each finding has a severity (info, warning, error), a code, the parameters and
@@ -71,6 +74,7 @@ def doctor(path, fmt, model_path, fail_on, ignored, kind, workers, trust_pickle,
         ignore=ignore,
         workers=workers,
         progress=progress_enabled(),
+        executor=ray_executor(executor, address, trust_pickle=trust_pickle, optimizer=kind, format_hint=format_hint),
     )
     click.echo(render(diagnosis, fmt, fail_on=fail_on), nl=False)
     sys.exit(exit_code(diagnosis, fail_on))

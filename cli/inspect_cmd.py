@@ -11,9 +11,11 @@ from ostate.render import FORMATS
 from ostate.report import inspect as build_report
 from ostate.report import render
 from ostate_cli.common import (
+    executor_options,
     format_hint_option,
     handle_errors,
     progress_enabled,
+    ray_executor,
     trust_pickle_option,
     warn,
     workers_option,
@@ -59,6 +61,7 @@ from ostate_cli.common import (
     "about as costly as the default statistics together; --columns naming one of them does it too.",
 )
 @workers_option
+@executor_options
 @click.option(
     "--heads",
     type=click.IntRange(min=1),
@@ -87,6 +90,8 @@ def inspect(
     columns,
     compressibility,
     workers,
+    executor,
+    address,
     heads,
     head_dim,
     trust_pickle,
@@ -112,6 +117,7 @@ def inspect(
         progress=progress_enabled(),
         workers=workers,
         compressibility=compressibility,
+        executor=ray_executor(executor, address, trust_pickle=trust_pickle, optimizer=kind, format_hint=format_hint),
         heads=HeadLayout(head_dim=head_dim, source="--head-dim")
         if head_dim
         else (HeadLayout(num_heads=heads, source="--heads") if heads else None),

@@ -10,6 +10,7 @@ import pandas as pd
 from ostate.analysis import HeadLayout, describe, summarize
 from ostate.analysis.columns import CORE, OPTIONAL_STATISTICS, statistic_of
 from ostate.analysis.engine import check_view
+from ostate.distributed import RayExecutor, summarize_on_ray
 from ostate.errors import OstateError
 from ostate.loading import selected_optimizers
 from ostate.optimizers import get_family
@@ -77,6 +78,7 @@ def inspect(
     workers: int | None = None,
     heads: HeadLayout | None = None,
     compressibility: bool = False,
+    executor: RayExecutor | None = None,
 ) -> Report:
     """Build the report for a loaded checkpoint.
 
@@ -90,6 +92,8 @@ def inspect(
     quantity's sketch, trouble fractions, weights) always; Adam-mini compressibility
     (``vmean_*``) and the 8-bit error (``*_q8_relerr``) when ``columns`` or ``sort``
     name one of their columns, ``columns == ["all"]``, or ``compressibility`` (both).
+
+    ``executor`` runs the analysis on Ray (:mod:`ostate.distributed`); the report is the same.
     """
     check_view(by)
     optimizers = selected_optimizers(checkpoint, optimizer_index)
@@ -112,7 +116,11 @@ def inspect(
         config=checkpoint.config,
     )
     statistics = needed_statistics(columns, sort, compressibility)
-    analysis = summarize(chosen, heads=heads, workers=workers, progress=progress, statistics=statistics)
+    if executor is not None:
+        positions = [i for i, o in enumerate(checkpoint.optimizers) if any(o is s for s in optimizers)]
+        analysis = summarize_on_ray(checkpoint, executor, optimizers=positions, heads=heads, statistics=statistics)
+    else:
+        analysis = summarize(chosen, heads=heads, workers=workers, progress=progress, statistics=statistics)
     report.notes = analysis.notes
     report.statistics = analysis.statistics
     for optimizer, result in zip(optimizers, analysis.optimizers):

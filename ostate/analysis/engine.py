@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Collection, Iterator, Mapping
+from typing import Collection, Iterator, Mapping, Sequence
 
 import pandas as pd
 import torch
@@ -165,8 +165,22 @@ def summarize(
                     ),
                 )
             )
+    return analysis_of(optimizers, [r.summaries for r in results], heads, statistics)
+
+
+def analysis_of(
+    optimizers: Sequence[OptimizerState],
+    summaries: Sequence[list[ParamSummary]],
+    heads: HeadLayout | None,
+    statistics: Collection[str] | None,
+) -> Analysis:
+    """The :class:`Analysis` of ``optimizers`` from their parameters' summaries, however they were computed
+    (in this process, or by workers elsewhere: :mod:`ostate.distributed`)."""
+    chosen = optional_statistics(statistics)
     held = (CORE, *(s for s in OPTIONAL_STATISTICS if s in chosen))
-    return Analysis(results, _notes(optimizers, heads) if "compressibility" in chosen else [], held)
+    results = [OptimizerAnalysis(o, list(s)) for o, s in zip(optimizers, summaries)]
+    notes = _notes(list(optimizers), heads) if "compressibility" in chosen else []
+    return Analysis(results, notes, held)
 
 
 def summaries(
