@@ -63,6 +63,8 @@ def doctor(path, fmt, model_path, fail_on, ignored, kind, workers, executor, add
     4 (an error); 2 means PATH could not be read.
     """
     ignore = sorted(check_codes(c.strip() for c in ignored.split(",") if c.strip())) if ignored else []
+    # --executor and --address are checked before any reading
+    on_ray = ray_executor(executor, address, trust_pickle=trust_pickle, optimizer=kind, format_hint=format_hint)
     checkpoint = ostate.load(path, trust_pickle=trust_pickle, optimizer=kind, format_hint=format_hint)
     model = read_model(model_path, trust_pickle=trust_pickle) if model_path else None
     if model is not None:  # a bare optimizer file gets its names from the model it is checked against
@@ -74,7 +76,7 @@ def doctor(path, fmt, model_path, fail_on, ignored, kind, workers, executor, add
         ignore=ignore,
         workers=workers,
         progress=progress_enabled(),
-        executor=ray_executor(executor, address, trust_pickle=trust_pickle, optimizer=kind, format_hint=format_hint),
+        executor=on_ray,
     )
     click.echo(render(diagnosis, fmt, fail_on=fail_on), nl=False)
     sys.exit(exit_code(diagnosis, fail_on))

@@ -105,6 +105,8 @@ def inspect(
     checkpoint folder (the save folder, or one tag folder inside it), or optimizer
     state in .safetensors. The layout is recognised from the contents.
     """
+    # --executor and --address are checked before any reading
+    on_ray = ray_executor(executor, address, trust_pickle=trust_pickle, optimizer=kind, format_hint=format_hint)
     checkpoint = ostate.load(path, trust_pickle=trust_pickle, optimizer=kind, format_hint=format_hint)
     report = build_report(
         checkpoint,
@@ -117,7 +119,7 @@ def inspect(
         progress=progress_enabled(),
         workers=workers,
         compressibility=compressibility,
-        executor=ray_executor(executor, address, trust_pickle=trust_pickle, optimizer=kind, format_hint=format_hint),
+        executor=on_ray,
         heads=HeadLayout(head_dim=head_dim, source="--head-dim")
         if head_dim
         else (HeadLayout(num_heads=heads, source="--heads") if heads else None),
