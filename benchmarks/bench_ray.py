@@ -126,7 +126,7 @@ def measure(path: Path, size: int, args: argparse.Namespace) -> None:
     load = os.getloadavg()
     print(
         f"checkpoint: {path} ({bench_inspect.gb(size)}, {args.layers} x Linear({args.width}, {args.width}), "
-        f"{params} parameters); local Ray cluster of {args.cpus} CPUs on a machine of {os.cpu_count()} cores; "
+        f"{sum(len(o.summaries) for o in local.optimizers)} parameters); local Ray cluster of {args.cpus} CPUs on a machine of {os.cpu_count()} cores; "
         f"load average {load[0]:.1f} at the end"
     )
     print()
