@@ -268,7 +268,7 @@ def unpickle(data: bytes, storage: Callable[[str, torch.dtype, int], torch.Tenso
         >>> unpickle(pickle.dumps(print, protocol=2), lambda *a: None)
         Traceback (most recent call last):
         ...
-        ostate.formats.files.torch_pickle.Unsupported: global builtins.print is not one torch.save writes for tensors and plain containers
+        ostate.formats.files.torch_pickle.Unsupported: global __builtin__.print is not one torch.save writes for tensors and plain containers
     """
     try:
         return _unpickle(data, storage)
