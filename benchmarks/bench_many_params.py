@@ -8,15 +8,28 @@ model and optimizer in one ``torch.save``), then measures whole processes (wall 
 CPU time and peak resident memory, from ``wait4``'s rusage, as
 benchmarks/bench_inspect.py does):
 
+- ``ostate inspect CKPT`` (the default table, a row per parameter);
 - ``ostate inspect CKPT --format json`` (every parameter's row);
 - ``ostate inspect CKPT --by model`` (the table a person reads first);
+- ``torch.load(weights_only=True)`` alone, what ostate read with before its own reader;
 - the floor: ``torch.load(mmap=True)`` and one ``torch.sum`` of every tensor;
 - ``ostate.load`` and ``ostate.analyze`` timed apart, in one process of their own
   (``--phases``: the split between reading and statistics), inside ``tuned_process()`` as
   the ``ostate`` program runs them.
 
+``--moe LAYERS EXPERTS`` writes a mixture of experts instead: a transformers
+``Qwen2MoeForCausalLM`` built from a small config (hidden size 16, expert size 8, a
+shared expert) with LAYERS layers of EXPERTS experts, trained by two real AdamW steps
+with each expert's three matrices as parameters of their own, named as transformers
+4.x named them (``model.layers.L.mlp.experts.E.gate_proj.weight``, ``up_proj``,
+``down_proj``). transformers 5 keeps each layer's experts fused in two 3-D
+parameters (``mlp.experts.gate_up_proj``, ``down_proj``), so this layout is built
+explicitly from the model's own tensors: slices of the fused ones, one expert each.
+``--moe 32 512`` gives 49,152 expert matrices and 49,697 parameters in all.
+
 Usage:
     python benchmarks/bench_many_params.py [--params 100000] [--numel 4] [--repeat 3] [--dir /tmp/ostate-bench]
+    python benchmarks/bench_many_params.py --moe 32 512 [--repeat 1]
 """
 
 from __future__ import annotations
@@ -47,6 +60,67 @@ def write_checkpoint(path: Path, params: int, numel: int, seed: int = 0) -> None
         opt.step()
     model = {f"blocks.{i // 4}.p{i % 4}": w.detach() for i, w in enumerate(weights)}
     save_atomically({"model": model, "optimizer": opt.state_dict()}, str(path))
+
+
+def moe_parameters(layers: int, experts: int, seed: int = 0) -> dict:
+    """A small Qwen2-MoE's parameters with every expert's matrices apart, in the model's order (module doc)."""
+    import torch
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen2MoeConfig(
+        vocab_size=256,
+        hidden_size=16,
+        intermediate_size=32,
+        moe_intermediate_size=8,
+        shared_expert_intermediate_size=16,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        num_experts=experts,
+        num_experts_per_tok=2,
+    )
+    model = Qwen2MoeForCausalLM(config)
+    out: dict = {}
+    fused: dict = {}
+    for name, p in model.named_parameters():
+        if name.endswith("mlp.experts.gate_up_proj") or name.endswith("mlp.experts.down_proj"):
+            fused[name] = p.detach()
+            prefix = name.rsplit(".", 1)[0]
+            if f"{prefix}.gate_up_proj" in fused and f"{prefix}.down_proj" in fused:
+                gate_up, down = fused[f"{prefix}.gate_up_proj"], fused[f"{prefix}.down_proj"]
+                half = gate_up.shape[1] // 2  # (experts, 2 * expert size, hidden)
+                for e in range(gate_up.shape[0]):
+                    out[f"{prefix}.{e}.gate_proj.weight"] = gate_up[e, :half].clone()
+                    out[f"{prefix}.{e}.up_proj.weight"] = gate_up[e, half:].clone()
+                    out[f"{prefix}.{e}.down_proj.weight"] = down[e].clone()
+        else:
+            out[name] = p.detach().clone()
+    return out
+
+
+def write_moe_checkpoint(path: Path, layers: int, experts: int, seed: int = 0) -> None:
+    """The MoE layout after two real AdamW steps, model and optimizer in one torch.save."""
+    import torch
+
+    from ostate.demo import save_atomically
+
+    tensors = moe_parameters(layers, experts, seed)
+    weights = {name: torch.nn.Parameter(t) for name, t in tensors.items()}
+    opt = torch.optim.AdamW(weights.values(), lr=1e-3, weight_decay=0.1, foreach=True)
+    for _ in range(2):
+        for w in weights.values():
+            w.grad = torch.randn_like(w)
+        opt.step()
+    model = {name: w.detach() for name, w in weights.items()}
+    save_atomically({"model": model, "optimizer": opt.state_dict()}, str(path))
+
+
+def torch_load_alone(path: str) -> None:
+    import torch
+
+    sd = torch.load(path, weights_only=True, map_location="cpu")
+    print(len(sd))
 
 
 def floor(path: str) -> None:
@@ -89,7 +163,11 @@ def main() -> None:
     parser.add_argument("--numel", type=int, default=4)
     parser.add_argument("--repeat", type=int, default=3, help="runs per measurement (the median is shown)")
     parser.add_argument("--keep", action="store_true", help="keep the checkpoint (reused by the next run)")
+    parser.add_argument(
+        "--moe", nargs=2, type=int, metavar=("LAYERS", "EXPERTS"), help="a mixture-of-experts layout instead"
+    )
     parser.add_argument("--write", metavar="PATH", help=argparse.SUPPRESS)
+    parser.add_argument("--torch-load", metavar="PATH", help=argparse.SUPPRESS)
     parser.add_argument("--floor", metavar="PATH", help=argparse.SUPPRESS)
     parser.add_argument(
         "--phases",
@@ -98,7 +176,13 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.write:
-        write_checkpoint(Path(args.write), args.params, args.numel)
+        if args.moe:
+            write_moe_checkpoint(Path(args.write), *args.moe)
+        else:
+            write_checkpoint(Path(args.write), args.params, args.numel)
+        return
+    if args.torch_load:
+        torch_load_alone(args.torch_load)
         return
     if args.floor:
         floor(args.floor)
@@ -106,24 +190,30 @@ def main() -> None:
 
     directory = Path(args.dir)
     directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"adamw-{args.params}x{args.numel}.pt"
+    if args.moe:
+        path = directory / f"moe-{args.moe[0]}x{args.moe[1]}.pt"
+        layout = ["--moe", *map(str, args.moe)]
+        what = f"Qwen2-MoE layout, {args.moe[0]} layers x {args.moe[1]} experts x 3 matrices apart"
+    else:
+        path = directory / f"adamw-{args.params}x{args.numel}.pt"
+        layout = ["--params", str(args.params), "--numel", str(args.numel)]
+        what = f"{args.params:,} parameters of {args.numel} elements"
     if not path.exists():
         print(f"writing {path} ...", file=sys.stderr)
         # A process of its own, so that this one stays small (a child's peak RSS starts from its parent's).
-        subprocess.run(
-            [sys.executable, __file__, "--write", str(path), "--params", str(args.params), "--numel", str(args.numel)],
-            check=True,
-        )
+        subprocess.run([sys.executable, __file__, "--write", str(path), *layout], check=True)
     python = sys.executable
     commands = {
         "floor: mmap + torch.sum of every tensor": [python, __file__, "--floor", str(path)],
+        "torch.load(weights_only=True) alone": [python, __file__, "--torch-load", str(path)],
+        "ostate inspect": [python, "-m", "ostate_cli.main", "inspect", str(path)],
         "ostate inspect --format json": [python, "-m", "ostate_cli.main", "inspect", str(path), "--format", "json"],
         "ostate inspect --by model": [python, "-m", "ostate_cli.main", "inspect", str(path), "--by", "model"],
     }
     try:
         print(
-            f"checkpoint: {path} ({os.path.getsize(path) / 1e6:.0f} MB; {args.params:,} parameters of "
-            f"{args.numel} elements, AdamW); {os.cpu_count()} cores, median of {args.repeat} warm-cache runs"
+            f"checkpoint: {path} ({os.path.getsize(path) / 1e6:.0f} MB; {what}, AdamW); "
+            f"{os.cpu_count()} cores, median of {args.repeat} warm-cache runs"
         )
         print()
         print(f"| {'measurement':<40} | {'wall s':>7} | {'CPU s':>7} | {'peak RSS':>9} |")

@@ -1,7 +1,9 @@
 """Fuzz ostate's readers for longer than CI does: mutated real checkpoints of every layout.
 
 The same search as tests/test_fuzz_readers.py (one mutated file per input: truncation,
-bit flips, a zeroed range, an overwritten field, a spliced slice; tests/helpers/specimens.py),
+bit flips, a zeroed range, an overwritten field, a spliced slice; tests/helpers/specimens.py;
+and, as the layout ``torch-pickle``, the same mutations of a real torch.save file's pickle
+read by ostate's own reader, where ``error`` is its one-line refusal),
 with more inputs, each read and analysed in this process under an address-space limit
 and a per-input alarm. Every outcome is counted: ``ok`` (a result), ``error`` (a
 one-line OstateError), and the bugs: ``exception`` (anything else), ``hang`` (past
@@ -38,7 +40,7 @@ if "--atheris" in sys.argv:  # coverage instrumentation has to wrap the first im
 
     with atheris.instrument_imports(include=["ostate"]):
         import ostate  # noqa: F401
-from tests import specimens  # noqa: E402  (the checkpoints and mutations the fuzz test uses)
+from tests.helpers import specimens  # noqa: E402  (the checkpoints and mutations the fuzz test uses)
 
 _ALARM_S = 60
 _ADDRESS_SPACE = 6 << 30
@@ -74,14 +76,42 @@ def try_one(spec: specimens.Specimen, work: Path, file_index: int, kind: str, a:
     return outcome
 
 
+PICKLE = "torch-pickle"
+
+
+def try_pickle(archive, data: bytes, kind: str, a: int, b: int, c: int) -> str:
+    """The outcome of one mutated pickle read by ostate's own reader (``error``: refused in one line)."""
+    mutated = specimens.mutate(data, kind, a, b, c)
+    signal.alarm(_ALARM_S)
+    try:
+        return "ok" if specimens.pickle_outcome(mutated, archive) == "ok" else "error"
+    except _Hang:
+        return "hang"
+    except MemoryError:
+        return "memory"
+    except Exception:
+        print(f"\n{PICKLE} {kind} ({a}, {b}, {c}):", file=sys.stderr)
+        traceback.print_exc(limit=-4)
+        return "exception"
+    finally:
+        signal.alarm(0)
+
+
 def run_random(built: dict[str, specimens.Specimen], work: Path, inputs: int, seed: int) -> collections.Counter:
+    from ostate.formats.files.torch_pickle import TorchArchive
+
+    archive = TorchArchive(str(built["torch-zip"].path))
+    index = archive.pickle()
     rng = random.Random(seed)
     counts: collections.Counter = collections.Counter()
-    names = list(built)
+    names = [*built, PICKLE]
     for i in range(inputs):
         name = names[i % len(names)]
         kind = rng.choice(specimens.MUTATIONS)
         args = [rng.randrange(1 << 20) for _ in range(3)]
+        if name == PICKLE:
+            counts[(name, try_pickle(archive, index, kind, *args))] += 1
+            continue
         counts[(name, try_one(built[name], work, rng.randrange(64), kind, *args))] += 1
         if (i + 1) % 100 == 0:
             print(f"{i + 1} inputs", file=sys.stderr, flush=True)

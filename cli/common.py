@@ -13,6 +13,7 @@ import click
 
 from ostate.analysis import default_workers
 from ostate.analysis.native.tuning import tuned_process
+from ostate.distributed import EXECUTORS, RayExecutor, checked_executor
 from ostate.errors import OstateError
 from ostate.formats.registry import reader_names
 from ostate_cli.flags import as_flags
@@ -58,6 +59,46 @@ def base_config_option(fn: Callable) -> Callable:
         help="For a PEFT (LoRA) Trainer checkpoint: the base model's folder (its config.json), to name the "
         "adapter's parameters. Never downloaded.",
     )(fn)
+
+
+def executor_options(fn: Callable) -> Callable:
+    """``--executor local|ray`` and ``--address ADDR``: where the analysis runs (docs/performance.md)."""
+    fn = click.option(
+        "--address",
+        metavar="ADDR",
+        help="With --executor ray: the Ray cluster to join (auto, host:6379, ray://host:10001); "
+        "default: a local Ray on this machine.",
+    )(fn)
+    return click.option(
+        "--executor",
+        type=click.Choice(EXECUTORS),
+        default="local",
+        show_default=True,
+        help="Where the parameters are analysed: threads here, or Ray tasks (each reads its share of "
+        "the checkpoint's files; the result is the same). Ray: pip install 'ostate[ray]'.",
+    )(fn)
+
+
+def ray_executor(
+    executor: str,
+    address: str | None,
+    *,
+    trust_pickle: bool = False,
+    optimizer: str | None = None,
+    format_hint: str | None = None,
+    base_config: str | None = None,
+) -> RayExecutor | None:
+    """The :class:`RayExecutor` that ``--executor``/``--address`` ask for (None: run here), loading as the driver does."""
+    checked_executor(executor, address)
+    if executor != "ray":
+        return None
+    return RayExecutor(
+        address=address,
+        trust_pickle=trust_pickle,
+        optimizer=optimizer,
+        format_hint=format_hint,
+        base_config=base_config,
+    )
 
 
 def format_hint_option(fn: Callable) -> Callable:

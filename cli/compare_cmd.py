@@ -12,9 +12,11 @@ from ostate.render import FORMATS
 from ostate_cli.common import (
     EXIT_BAD_INPUT,
     fail,
+    executor_options,
     format_hint_option,
     handle_errors,
     progress_enabled,
+    ray_executor,
     trust_pickle_option,
     workers_option,
 )
@@ -61,11 +63,25 @@ from ostate_cli.common import (
     help="Also draw the comparison (PNG, SVG or PDF, from the extension).",
 )
 @workers_option
+@executor_options
 @trust_pickle_option
 @format_hint_option
 @handle_errors
 def compare(
-    paths, against, fmt, top, sort, ascending, columns, optimizer_index, plot_path, workers, trust_pickle, format_hint
+    paths,
+    against,
+    fmt,
+    top,
+    sort,
+    ascending,
+    columns,
+    optimizer_index,
+    plot_path,
+    workers,
+    executor,
+    address,
+    trust_pickle,
+    format_hint,
 ):
     """Compare the optimizer state of checkpoints A, B, ... parameter by parameter (matched by name).
 
@@ -89,6 +105,7 @@ def compare(
         format_hint=format_hint,
         workers=workers,
         progress=progress_enabled(),
+        executor=ray_executor(executor, address, trust_pickle=trust_pickle, format_hint=format_hint),
     )
     click.echo(
         render(

@@ -13,9 +13,11 @@ from ostate.formats.naming.weights import name_unnamed_by, read_model
 from ostate.optimizers import families
 from ostate_cli.common import (
     base_config_option,
+    executor_options,
     format_hint_option,
     handle_errors,
     progress_enabled,
+    ray_executor,
     trust_pickle_option,
     workers_option,
 )
@@ -49,11 +51,14 @@ from ostate_cli.common import (
     help="Treat the state as this optimizer family instead of detecting it.",
 )
 @workers_option
+@executor_options
 @trust_pickle_option
 @format_hint_option
 @base_config_option
 @handle_errors
-def doctor(path, fmt, model_path, fail_on, ignored, kind, workers, trust_pickle, format_hint, base_config):
+def doctor(
+    path, fmt, model_path, fail_on, ignored, kind, workers, executor, address, trust_pickle, format_hint, base_config
+):
     """Check the optimizer state in the checkpoint at PATH and say what to do about each finding.
 
     Each finding has a severity (info, warning, error), a code, the parameters and
@@ -62,6 +67,10 @@ def doctor(path, fmt, model_path, fail_on, ignored, kind, workers, trust_pickle,
     4 (an error); 2 means PATH could not be read.
     """
     ignore = sorted(check_codes(c.strip() for c in ignored.split(",") if c.strip())) if ignored else []
+    # --executor and --address are checked before any reading
+    on_ray = ray_executor(
+        executor, address, trust_pickle=trust_pickle, optimizer=kind, format_hint=format_hint, base_config=base_config
+    )
     checkpoint = ostate.load(
         path, trust_pickle=trust_pickle, optimizer=kind, format_hint=format_hint, base_config=base_config
     )
@@ -75,6 +84,7 @@ def doctor(path, fmt, model_path, fail_on, ignored, kind, workers, trust_pickle,
         ignore=ignore,
         workers=workers,
         progress=progress_enabled(),
+        executor=on_ray,
     )
     click.echo(render(diagnosis, fmt, fail_on=fail_on), nl=False)
     sys.exit(exit_code(diagnosis, fail_on))

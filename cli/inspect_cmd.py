@@ -12,9 +12,11 @@ from ostate.report import inspect as build_report
 from ostate.report import render
 from ostate_cli.common import (
     base_config_option,
+    executor_options,
     format_hint_option,
     handle_errors,
     progress_enabled,
+    ray_executor,
     trust_pickle_option,
     warn,
     workers_option,
@@ -48,8 +50,19 @@ from ostate_cli.common import (
     metavar="KIND",
     help=f"Treat the state as this optimizer family instead of detecting it: {', '.join(sorted(families()))}.",
 )
-@click.option("--columns", metavar="A,B,...", help="Columns for table/markdown output ('all' for every column).")
+@click.option(
+    "--columns",
+    metavar="A,B,...",
+    help="Columns for table/markdown output ('all' for every column, computing every statistic).",
+)
+@click.option(
+    "--compressibility",
+    is_flag=True,
+    help="Also compute Adam-mini compressibility (vmean_*_relchange) and the 8-bit error (*_q8_relerr): "
+    "about as costly as the default statistics together; --columns naming one of them does it too.",
+)
 @workers_option
+@executor_options
 @click.option(
     "--heads",
     type=click.IntRange(min=1),
@@ -77,7 +90,10 @@ def inspect(
     optimizer_index,
     kind,
     columns,
+    compressibility,
     workers,
+    executor,
+    address,
     heads,
     head_dim,
     trust_pickle,
@@ -92,9 +108,6 @@ def inspect(
     checkpoint folder (the save folder, or one tag folder inside it), or optimizer
     state in .safetensors. The layout is recognised from the contents.
     """
-    checkpoint = ostate.load(
-        path, trust_pickle=trust_pickle, optimizer=kind, format_hint=format_hint, base_config=base_config
-    )
     report = build_report(
         checkpoint,
         by=by,
@@ -105,6 +118,8 @@ def inspect(
         columns=[c.strip() for c in columns.split(",") if c.strip()] if columns else None,
         progress=progress_enabled(),
         workers=workers,
+        compressibility=compressibility,
+        executor=on_ray,
         heads=HeadLayout(head_dim=head_dim, source="--head-dim")
         if head_dim
         else (HeadLayout(num_heads=heads, source="--heads") if heads else None),

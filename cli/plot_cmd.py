@@ -10,9 +10,11 @@ from ostate.outputs import check_output
 from ostate.plots import plot_kinds, save_figure
 from ostate.plots.style import DEFAULT_DPI, figure_format
 from ostate_cli.common import (
+    executor_options,
     format_hint_option,
     handle_errors,
     progress_enabled,
+    ray_executor,
     trust_pickle_option,
     workers_option,
 )
@@ -64,6 +66,7 @@ _VIEWS = sorted({view for kind in _KINDS.values() for view in kind.views})
     help="Treat the state as this optimizer family instead of detecting it (see `ostate inspect --help`).",
 )
 @workers_option
+@executor_options
 @click.option(
     "--dpi",
     type=click.IntRange(min=20, max=1200),
@@ -75,7 +78,7 @@ _VIEWS = sorted({view for kind in _KINDS.values() for view in kind.views})
 @trust_pickle_option
 @format_hint_option
 @handle_errors
-def plot(paths, out, kind, by, optimizer_index, kind_name, workers, dpi, trust_pickle, format_hint):
+def plot(paths, out, kind, by, optimizer_index, kind_name, workers, executor, address, dpi, trust_pickle, format_hint):
     """Draw the optimizer state of the checkpoint(s) at PATH... into the figure OUT.
 
     Each PATH is anything `ostate inspect` reads; several are drawn on the same axes,
@@ -106,6 +109,9 @@ def plot(paths, out, kind, by, optimizer_index, kind_name, workers, dpi, trust_p
         trust_pickle=trust_pickle,
         format_hint=format_hint,
         optimizer=kind_name,
+        executor=ray_executor(
+            executor, address, trust_pickle=trust_pickle, optimizer=kind_name, format_hint=format_hint
+        ),
     )
     save_figure(figure, out, dpi=dpi)
     click.echo(f"wrote {out}: {kind} of {len(paths)} checkpoint{'s' if len(paths) > 1 else ''}", err=True)

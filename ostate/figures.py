@@ -28,6 +28,7 @@ from matplotlib.figure import Figure
 
 from ostate.analysis import Analysis, OptimizerAnalysis, summarize
 from ostate.compare.compute import Comparison, compare
+from ostate.distributed import RayExecutor, summarize_on_ray
 from ostate.errors import OstateError
 from ostate.loading import IN_MEMORY, load, pick_optimizer
 from ostate.monitor.writers import is_log, read_log
@@ -56,13 +57,15 @@ def plot(
     trust_pickle: bool = False,
     format_hint: str | None = None,
     optimizer: str | None = None,
+    executor: RayExecutor | None = None,
 ) -> Figure:
     """The figure of plot kind ``kind`` (see :func:`ostate.plots.plot_kinds`) for one or more checkpoints.
 
     ``by`` splits the figure (each kind's default when ``None``; for ``compare``, how the
     checkpoints are paired); ``workers`` and ``progress`` go to
     :func:`ostate.analysis.summarize`; ``trust_pickle``, ``format_hint`` and ``optimizer``
-    to :func:`ostate.load` for path inputs. The ``compare`` kind takes the paths of the
+    to :func:`ostate.load` for path inputs; ``executor`` analyses checkpoints on Ray
+    (:mod:`ostate.distributed`), with the same figure. The ``compare`` kind takes the paths of the
     checkpoints, oldest first (or a computed comparison).
     """
     chosen = get_kind(kind)
@@ -93,6 +96,7 @@ def plot(
                 progress=progress,
                 trust_pickle=trust_pickle,
                 format_hint=format_hint,
+                executor=executor,
             )
         return draw(kind, inputs, by=by)
     if isinstance(inputs, Comparison):
@@ -110,6 +114,7 @@ def plot(
         trust_pickle=trust_pickle,
         format_hint=format_hint,
         optimizer=optimizer,
+        executor=executor,
     )
     return chosen.draw(series, by=view)
 
@@ -229,6 +234,7 @@ def as_series(
     trust_pickle: bool = False,
     format_hint: str | None = None,
     optimizer: str | None = None,
+    executor: RayExecutor | None = None,
 ) -> list[Series]:
     """One :class:`~ostate.plots.Series` per input, each loaded and summarised once.
 
@@ -242,6 +248,7 @@ def as_series(
             needs it); an analysis made without it is refused then.
         workers, progress: as for :func:`ostate.analysis.summarize`.
         trust_pickle, format_hint, optimizer: as for :func:`ostate.load`, for path inputs.
+        executor: analyse checkpoints on Ray (:func:`ostate.distributed.summarize_on_ray`).
     """
     items = as_list(inputs)
     if labels is not None and len(labels) != len(items):
@@ -269,6 +276,7 @@ def as_series(
             trust_pickle=trust_pickle,
             format_hint=format_hint,
             optimizer=optimizer,
+            executor=executor,
         )
         out.append(Series(label, analysis))
     return out
@@ -293,16 +301,27 @@ def _analysed(
     trust_pickle: bool,
     format_hint: str | None,
     optimizer: str | None,
+    executor: RayExecutor | None = None,
 ) -> OptimizerAnalysis:
     if isinstance(item, (str, os.PathLike)):
         item = load(item, trust_pickle=trust_pickle, optimizer=optimizer, format_hint=format_hint)
     if isinstance(item, Checkpoint):
-        item = pick_optimizer(item, optimizer_index)
+        picked = pick_optimizer(item, optimizer_index)
+        if executor is not None:
+            if joint:
+                require_moments(picked.kind, where)
+            position = next(i for i, o in enumerate(item.optimizers) if o is picked)
+            # Plots use no weight statistics and no optional statistics (as below).
+            item = summarize_on_ray(
+                item, executor, optimizers=[position], use_weights=False, joint=joint, statistics=()
+            ).optimizers[0]
+        else:
+            item = picked
     if isinstance(item, OptimizerState):
         if joint:  # before the work of summarising: say at once that there is nothing to draw
             require_moments(item.kind, where)
-        # Plots use no weight statistics: the model's tensors are not read.
-        item = summarize(item, weights={}, joint=joint, workers=workers, progress=progress).optimizers[0]
+        # Plots use no weight statistics (the model's tensors are not read) and no optional statistics.
+        item = summarize(item, weights={}, joint=joint, workers=workers, progress=progress, statistics=()).optimizers[0]
     if not isinstance(item, (Series, Analysis, OptimizerAnalysis)):
         raise OstateError(
             f"cannot plot a {type(item).__name__}",
@@ -320,6 +339,7 @@ def _compared(
     progress: bool,
     trust_pickle: bool,
     format_hint: str | None,
+    executor: RayExecutor | None = None,
 ) -> Comparison:
     """``ostate plot --kind compare``: compare the checkpoints at the given paths, oldest first."""
     paths = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
@@ -336,6 +356,7 @@ def _compared(
         format_hint=format_hint,
         workers=workers,
         progress=progress,
+        executor=executor,
     )
 
 

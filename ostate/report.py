@@ -9,7 +9,9 @@ from typing import Any
 import pandas as pd
 
 from ostate.analysis import HeadLayout, describe, summarize
+from ostate.analysis.columns import CORE, OPTIONAL_STATISTICS, statistic_of
 from ostate.analysis.engine import check_view
+from ostate.distributed import RayExecutor, summarize_on_ray
 from ostate.errors import OstateError
 from ostate.loading import as_checkpoint, selected_optimizers
 from ostate.optimizers import get_family
@@ -63,6 +65,8 @@ class Report:
     optimizers: list[OptimizerReport] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    # The statistic families the tables hold ("core", and "compressibility", "q8" when computed).
+    statistics: tuple[str, ...] = (CORE,)
 
 
 def inspect(
@@ -77,6 +81,8 @@ def inspect(
     progress: bool = False,
     workers: int | None = None,
     heads: HeadLayout | None = None,
+    compressibility: bool = False,
+    executor: RayExecutor | None = None,
 ) -> Report:
     """Build the report for a checkpoint (loaded, or its path).
 
@@ -85,6 +91,13 @@ def inspect(
     holds several, ``columns`` replaces the default columns of the text renderings
     (``["all"]`` shows every column). ``workers`` and ``heads`` go to
     :func:`ostate.analysis.summarize`.
+
+    Only the statistics that the shown columns need are computed: the core (every
+    quantity's sketch, trouble fractions, weights) always; Adam-mini compressibility
+    (``vmean_*``) and the 8-bit error (``*_q8_relerr``) when ``columns`` or ``sort``
+    name one of their columns, ``columns == ["all"]``, or ``compressibility`` (both).
+
+    ``executor`` runs the analysis on Ray (:mod:`ostate.distributed`); the report is the same.
     """
     check_view(by)
     checkpoint = as_checkpoint(checkpoint)
@@ -107,8 +120,14 @@ def inspect(
         checkpoint.weights_location,
         config=checkpoint.config,
     )
-    analysis = summarize(chosen, heads=heads, workers=workers, progress=progress)
+    statistics = needed_statistics(columns, sort, compressibility)
+    if executor is not None:
+        positions = [i for i, o in enumerate(checkpoint.optimizers) if any(o is s for s in optimizers)]
+        analysis = summarize_on_ray(checkpoint, executor, optimizers=positions, heads=heads, statistics=statistics)
+    else:
+        analysis = summarize(chosen, heads=heads, workers=workers, progress=progress, statistics=statistics)
     report.notes = analysis.notes
+    report.statistics = analysis.statistics
     for optimizer, result in zip(optimizers, analysis.optimizers):
         table = result.table(by)
         if sort is not None:
@@ -122,6 +141,21 @@ def inspect(
         shown = _shown_columns(optimizer.kind, by, table, columns)
         report.optimizers.append(OptimizerReport(describe(optimizer), table.reset_index(drop=True), shown))
     return report
+
+
+def needed_statistics(columns: list[str] | None, sort: str | None, compressibility: bool) -> frozenset[str]:
+    """The optional statistic families an inspect report must compute for these columns and sort key.
+
+    Example:
+        >>> sorted(needed_statistics(None, None, False)), sorted(needed_statistics(["name", "exp_avg_q8_relerr"], None, False))
+        ([], ['q8'])
+        >>> sorted(needed_statistics(["all"], None, False)) == sorted(needed_statistics(None, None, True))
+        True
+    """
+    if compressibility or columns == ["all"]:
+        return frozenset(OPTIONAL_STATISTICS)
+    named = [*(columns or ()), *([sort] if sort else [])]
+    return frozenset(statistic_of(c) for c in named) - {CORE}
 
 
 def _shown_columns(kind: str, by: str, table: pd.DataFrame, requested: list[str] | None) -> list[str]:
@@ -172,6 +206,7 @@ def to_json(report: Report) -> dict[str, Any]:
         "schedulers": report.schedulers,
         "warnings": report.warnings,
         "notes": report.notes,
+        "statistics": list(report.statistics),
         "optimizers": [],
     }
     for o in report.optimizers:

@@ -53,3 +53,23 @@ def test_mutated_checkpoints_end_in_a_clear_error_or_a_result(built, layout):
             shutil.rmtree(work)
 
     check()
+
+
+@pytest.mark.slow
+def test_mutated_pickles_are_read_or_refused_by_ostates_own_reader(built):
+    # The index of a real torch.save file, mutated at the pickle level (the zip around it stays
+    # valid): ostate's reader returns an object or refuses in one line, nothing else.
+    from ostate.formats.files.torch_pickle import TorchArchive
+
+    archive = TorchArchive(str(built["torch-zip"].path))
+    data = archive.pickle()
+    outcomes = []
+
+    @settings(max_examples=400, derandomize=True, deadline=5_000, database=None)
+    @given(kind=st.sampled_from(specimens.MUTATIONS), a=POSITIONS, b=POSITIONS, c=POSITIONS)
+    def check(kind, a, b, c):
+        outcomes.append(specimens.pickle_outcome(specimens.mutate(data, kind, a, b, c), archive))
+
+    check()
+    assert specimens.pickle_outcome(data, archive) == "ok"
+    assert "refused" in outcomes  # the mutations reach the reader's checks

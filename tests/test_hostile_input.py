@@ -607,3 +607,117 @@ def test_deepspeed_files_that_unpickle_but_lack_deepspeeds_layout_are_one_clear_
     del saved["optimizer_state_dict"]["fp32_flat_groups"]
     torch.save(saved, optim)
     assert_clear_error(run_cli("inspect", str(folder)))
+
+
+# ---------------------------------------------------------------- ostate's own pickle reader
+def _refused(data: bytes, fragment: str, storage=None) -> None:
+    from ostate.formats.files.torch_pickle import Unsupported, unpickle
+
+    with pytest.raises(Unsupported, match=fragment):
+        unpickle(data, storage or (lambda key, dtype, numel: torch.zeros(4, dtype=dtype)[:numel]))
+
+
+@pytest.mark.parametrize(
+    ("opcodes", "refused"),
+    [
+        (b"\x80\x02]}b.", "BUILD of something other than an OrderedDict"),
+        (b"\x80\x02ccollections\nOrderedDict\n)R}X\t\x00\x00\x00__class__K\x01sb.", "not a plain name"),
+        (b"\x80\x02(cos\nsystem\nX\x02\x00\x00\x00lsi.", "global os.system"),  # INST names its class in place
+        (b"\x80\x02(c__builtin__\nobject\no.", "global __builtin__.object"),
+        (b"\x80\x02c__builtin__\nobject\n)\x81.", "global __builtin__.object"),  # NEWOBJ
+        (b"\x80\x02I1\n.", "opcode INT"),  # the text forms are refused too
+        (b"\x80\x02X\x01\x00\x00\x00aX\x01\x00\x00\x00b\x93.", "opcode STACK_GLOBAL"),
+        (b"\x80\x05N.", "pickle protocol 5"),
+        (b"\x80\x02)0N.", "opcode POP"),
+        (
+            b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\n(NK\x00))\x89ccollections\nOrderedDict\n)RtR.",
+            "arguments torch.save does not write",
+        ),
+        (b"\x80\x02ccollections\nOrderedDict\nK\x01\x85R.", "OrderedDict built from arguments"),
+        (b"\x80\x02ctorch\nFloatStorage\n)R.", "storage class called"),
+        (b"\x80\x02X\x01\x00\x00\x00aQ.", "persistent id that is not a storage"),
+        (b"\x80\x02]K\x01K\x02s.", "SETITEM on something that is not a dict"),
+    ],
+    ids=lambda x: x if isinstance(x, str) else None,
+)
+def test_ostates_pickle_reader_refuses_opcodes_and_globals_torch_save_does_not_write(opcodes, refused):
+    _refused(opcodes, refused)
+
+
+def test_ostates_pickle_reader_never_runs_a_payload_and_the_file_still_ends_in_one_clear_line(tmp_path):
+    marker = tmp_path / "ran"
+    _refused(pickle.dumps(Payload(str(marker)), protocol=2), "global posix.mkdir")
+    path = _hostile_torch_zip(tmp_path, marker)
+    from ostate.formats.files.torch_pickle import Unsupported, read_torch_zip
+
+    with pytest.raises(Unsupported, match="posix.mkdir"):
+        read_torch_zip(str(path))
+    assert_clear_error(run_cli("inspect", str(path)), "needs pickled Python objects", "posix.mkdir")
+    assert not marker.exists()
+
+
+def test_ostates_pickle_reader_refuses_every_truncation_of_a_real_index(tmp_path):
+    from ostate.formats.files.torch_pickle import TorchArchive
+
+    path = tmp_path / "ckpt.pt"
+    _, opt = _trained()
+    torch.save({"optimizer": opt.state_dict()}, path)
+    archive = TorchArchive(str(path))
+    data = archive.pickle()
+    for end in range(len(data)):
+        _refused(data[:end], "truncated|damaged|runs past|does not end", archive.storage)
+
+
+@pytest.mark.parametrize(
+    ("opcodes", "refused"),
+    [
+        (b"\x80\x02X\xff\xff\xff\xffab.", "string of 4294967295 bytes"),
+        (b"\x80\x02\x8b\xff\xff\xff\x7f.", "integer of 2147483647 bytes"),
+        (b"\x80\x02j\xff\xff\xff\xff.", "damaged"),  # a memo entry that was never put
+        (b"\x80\x02(((((t.", "does not end with one object"),
+    ],
+    ids=["string", "long4", "memo", "marks"],
+)
+def test_ostates_pickle_reader_refuses_huge_counts_without_allocating(opcodes, refused):
+    _refused(opcodes, refused)
+
+
+def _storage_pid(numel: int) -> bytes:
+    return (
+        b"(X\x07\x00\x00\x00storagectorch\nFloatStorage\nX\x01\x00\x00\x000X\x03\x00\x00\x00cpu\x8a\x08"
+        + struct.pack("<q", numel)
+        + b"tQ"
+    )
+
+
+def test_ostates_pickle_reader_checks_every_tensor_against_its_storage_record(tmp_path):
+    from ostate.formats.files.torch_pickle import TorchArchive, Unsupported, unpickle
+
+    path = tmp_path / "w.pt"
+    torch.save({"w": torch.arange(6.0)}, path)
+    rebuild = b"ctorch._utils\n_rebuild_tensor_v2\n"
+    hooks = b"ccollections\nOrderedDict\n)R"
+
+    def tensor(numel: int, size: tuple[int, ...], stride: tuple[int, ...], offset: int = 0) -> bytes:
+        ints = lambda xs: b"(" + b"".join(b"J" + struct.pack("<i", x) for x in xs) + b"t"  # noqa: E731
+        return (
+            b"\x80\x02"
+            + rebuild
+            + b"("
+            + _storage_pid(numel)
+            + b"J"
+            + struct.pack("<i", offset)
+            + ints(size)
+            + (ints(stride) + b"\x89" + hooks + b"tR.")
+        )
+
+    assert unpickle(tensor(6, (2, 3), (3, 1)), TorchArchive(str(path)).storage).tolist() == [[0, 1, 2], [3, 4, 5]]
+    for data, refused in [
+        (tensor(1 << 40, (1,), (1,)), "claims 1099511627776 elements"),
+        (tensor(6, (1 << 20, 1 << 20), (1 << 20, 1)), "reaches element"),
+        (tensor(6, (2, 3), (3, 1), offset=1), "reaches element 6"),
+        (tensor(6, (3,), (-1,)), "non-negative"),
+        (tensor(-1, (1,), (1,)), "claims -1 elements"),
+    ]:
+        with pytest.raises(Unsupported, match=refused):
+            unpickle(data, TorchArchive(str(path)).storage)

@@ -267,8 +267,12 @@ def test_a_file_too_large_for_a_private_mapping_is_mapped_shared(tmp_path, monke
     allocate memory'); the loader then maps the file shared, which is not charged against memory."""
     import mmap as mmap_module
 
-    from ostate.formats.files import torchfile
+    from ostate.formats.files import torch_pickle, torchfile
 
+    def refused(_fileno):
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(torch_pickle, "map_privately", refused)  # ostate's own reader maps privately too
     path = tmp_path / "big.pt"
     torch.save({"state": {}, "param_groups": [{"params": [], "lr": 0.1}], "w": torch.ones(4)}, path)
     real_load = torch.load

@@ -219,7 +219,7 @@ def test_head_size_comes_from_a_config_json_beside_the_checkpoint(tmp_path):
     model, opt = train_attention()
     path = saved(tmp_path, model, opt)
     (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 32, "num_attention_heads": 4}))
-    result = run_cli("inspect", str(path), "--format", "json")
+    result = run_cli("inspect", str(path), "--format", "json", "--compressibility")
     data = json.loads(result.stdout)
     rows = {r["name"]: r for r in data["optimizers"][0]["params"]}
     assert rows["q_proj.weight"]["vmean_head_relchange"] is not None
@@ -230,9 +230,11 @@ def test_head_size_comes_from_a_config_json_beside_the_checkpoint(tmp_path):
 def test_without_a_head_size_the_report_says_how_to_give_one(tmp_path):
     model, opt = train_attention()
     path = saved(tmp_path, model, opt)
-    out = run_cli("inspect", str(path), "--by", "layer").stdout
+    out = run_cli("inspect", str(path), "--by", "layer", "--columns", "layer,vmean_head_relchange").stdout
     assert "note: vmean_head_relchange needs the attention head size" in out and "--heads N" in out
-    data = json.loads(run_cli("inspect", str(path), "--format", "json", "--heads", "4", "--by", "kind").stdout)
+    data = json.loads(
+        run_cli("inspect", str(path), "--format", "json", "--heads", "4", "--by", "kind", "--columns", "all").stdout
+    )
     weight = {r["param_kind"]: r for r in data["optimizers"][0]["rows"]}["weight"]
     assert weight["vmean_head_relchange"] is not None
 
@@ -256,3 +258,41 @@ def test_a_state_saved_at_step_zero_gives_empty_figures_not_a_crash(tmp_path):
     table = ostate.analyze(ostate.load(saved(tmp_path, model, opt))).set_index("name")
     assert len(table) == len(list(model.parameters()))
     assert math.isnan(table.loc["q_proj.weight", "snr_p50"]) and table["exp_avg_abs_mean"].notna().all()
+
+
+def test_default_inspect_computes_only_the_core_and_says_so(tmp_path):
+    # Compressibility and the 8-bit error are computed only when asked for; the core numbers
+    # are the same either way, and the JSON names the statistic families it holds.
+    model, opt = train_attention()
+    path = str(saved(tmp_path, model, opt))
+    default = json.loads(run_cli("inspect", path, "--format", "json", "--heads", "4").stdout)
+    assert default["statistics"] == ["core"]
+    row = default["optimizers"][0]["params"][0]
+    assert not [c for c in row if c.startswith("vmean_") or c.endswith("_q8_relerr")]
+    assert "eps_dominated_frac" in row and "eff_lr_p50" in row
+    full = json.loads(run_cli("inspect", path, "--format", "json", "--heads", "4", "--compressibility").stdout)
+    assert full["statistics"] == ["core", "compressibility", "q8"]
+    assert json.loads(run_cli("inspect", path, "--format", "json", "--heads", "4", "--columns", "all").stdout) == full
+    for small, large in zip(default["optimizers"][0]["params"], full["optimizers"][0]["params"]):
+        assert {k: large[k] for k in small} == small
+        assert large["exp_avg_sq_q8_relerr"] is not None and "vmean_row_relchange" in large
+    named = json.loads(run_cli("inspect", path, "--format", "json", "--columns", "name,exp_avg_q8_relerr").stdout)
+    assert named["statistics"] == ["core", "q8"]
+    assert "exp_avg_q8_relerr" in named["optimizers"][0]["params"][0]
+    assert "vmean_row_relchange" not in named["optimizers"][0]["params"][0]
+    by_sort = json.loads(run_cli("inspect", path, "--format", "json", "--sort", "vmean_row_relchange").stdout)
+    assert by_sort["statistics"] == ["core", "compressibility"]
+
+
+def test_summarize_core_only_matches_the_full_analysis_where_both_have_columns(tmp_path):
+    model, opt = train_attention()
+    checkpoint = ostate.load(saved(tmp_path, model, opt))
+    core = summarize(checkpoint, statistics=())
+    full = summarize(checkpoint)
+    assert core.statistics == ("core",) and full.statistics == ("core", "compressibility", "q8")
+    for by in ("param", "model"):
+        small, large = core.table(by), full.table(by)
+        assert "exp_avg_q8_relerr" in large.columns and "exp_avg_q8_relerr" not in small.columns
+        pd.testing.assert_frame_equal(small, large[list(small.columns)])
+    with pytest.raises(ostate.OstateError, match="unknown statistics"):
+        summarize(checkpoint, statistics=["q4"])

@@ -11,12 +11,12 @@ one-call table.
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Collection
 
 if TYPE_CHECKING:
     import pandas as pd
 
-    from ostate.analysis.columns import STATS
+    from ostate.analysis.columns import OPTIONAL_STATISTICS, STATS
     from ostate.analysis.engine import Analysis, OptimizerAnalysis, default_workers, summaries, summarize
     from ostate.analysis.heads import HeadLayout
     from ostate.analysis.params import ParamSummary
@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 _PUBLIC = {
     "Analysis": "ostate.analysis.engine",
     "HeadLayout": "ostate.analysis.heads",
+    "OPTIONAL_STATISTICS": "ostate.analysis.columns",
     "OptimizerAnalysis": "ostate.analysis.engine",
     "ParamSummary": "ostate.analysis.params",
     "STATS": "ostate.analysis.columns",
@@ -45,6 +46,7 @@ _PUBLIC = {
 __all__ = [
     "Analysis",
     "HeadLayout",
+    "OPTIONAL_STATISTICS",
     "OptimizerAnalysis",
     "ParamSummary",
     "STATS",
@@ -74,6 +76,7 @@ def analyze(
     progress: bool = False,
     workers: int | None = None,
     heads: HeadLayout | None = None,
+    statistics: Collection[str] | None = None,
 ) -> pd.DataFrame:
     """A table of optimizer-state statistics, one row per parameter, group, layer, kind or model.
 
@@ -85,6 +88,8 @@ def analyze(
         progress: show a progress bar on stderr for long work.
         workers: threads working on different parameters (default ``min(4, cores)``).
         heads: how to find attention heads (default: the checkpoint's model config).
+        statistics: the optional statistic families besides the core (``compressibility``,
+            ``q8``); ``None``, the default, computes every one (see :func:`summarize`).
 
     Columns are described in docs/columns.md; quantity columns are named
     ``{quantity}_{stat}`` with stat in mean, rms, min, max, p1, p5, p25, p50, p75, p95, p99.
@@ -102,4 +107,4 @@ def analyze(
 
     check_loaded(target, "ostate.analyze")
     check_view(by)
-    return summarize(target, progress=progress, workers=workers, heads=heads).table(by)
+    return summarize(target, progress=progress, workers=workers, heads=heads, statistics=statistics).table(by)

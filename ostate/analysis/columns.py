@@ -8,13 +8,54 @@ the members' ratios. The formulas are in docs/columns.md.
 from __future__ import annotations
 
 import math
-from typing import Mapping
+from typing import Collection, Mapping
 
 from ostate.analysis.compress import relative_change
 from ostate.analysis.sketch import Sketch, quantiles_of
+from ostate.errors import OstateError
 
 QUANTILES = {"p1": 0.01, "p5": 0.05, "p25": 0.25, "p50": 0.5, "p75": 0.75, "p95": 0.95, "p99": 0.99}
 STATS = ("mean", "rms", "min", "max", *QUANTILES)
+
+# Statistic families beyond the core (every quantity's sketch, the trouble fractions and the
+# weights' ratio): each costs about as much as the core again and is computed only when asked for.
+OPTIONAL_STATISTICS = {
+    "compressibility": "Adam-mini's shared second moment: vmean_tensor/row/head_relchange",
+    "q8": "8-bit blockwise quantization error of each moment: {key}_q8_relerr",
+}
+CORE = "core"
+
+
+def statistic_of(column: str) -> str:
+    """The statistic family a table column belongs to: ``core``, ``compressibility`` or ``q8``.
+
+    Example:
+        >>> statistic_of("eff_lr_p50"), statistic_of("vmean_row_relchange"), statistic_of("exp_avg_q8_relerr")
+        ('core', 'compressibility', 'q8')
+    """
+    if column.startswith("vmean_") and column.endswith("_relchange"):
+        return "compressibility"
+    if column.endswith("_q8_relerr"):
+        return "q8"
+    return CORE
+
+
+def optional_statistics(requested: Collection[str] | None) -> frozenset[str]:
+    """The optional statistic families named in ``requested`` (``None``: every one).
+
+    Example:
+        >>> sorted(optional_statistics(None)), sorted(optional_statistics(["q8"]))
+        (['compressibility', 'q8'], ['q8'])
+    """
+    if requested is None:
+        return frozenset(OPTIONAL_STATISTICS)
+    chosen = frozenset(requested)
+    unknown = sorted(chosen - set(OPTIONAL_STATISTICS))
+    if unknown:
+        raise OstateError(
+            f"unknown statistics {', '.join(unknown)}", hint=f"choose from: {', '.join(OPTIONAL_STATISTICS)}"
+        )
+    return chosen
 
 
 def sketch_columns(quantity: str, sketch: Sketch) -> dict[str, float]:

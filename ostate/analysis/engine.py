@@ -16,12 +16,13 @@ from __future__ import annotations
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Iterator, Mapping
+from typing import Collection, Iterator, Mapping, Sequence
 
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from ostate.analysis.columns import CORE, OPTIONAL_STATISTICS, optional_statistics
 from ostate.analysis.heads import HeadLayout, is_attention_projection, layout_from_config
 from ostate.analysis.params import ParamSummary, summarize_param
 from ostate.analysis.tiny import batch_key, summarize_tiny
@@ -79,6 +80,8 @@ class Analysis:
 
     optimizers: list[OptimizerAnalysis]
     notes: list[str] = field(default_factory=list)
+    # The statistic families the summaries hold: "core" and the optional ones computed.
+    statistics: tuple[str, ...] = (CORE, *OPTIONAL_STATISTICS)
 
     def rows(self, by: str = "param") -> list[ViewRow]:
         """Every optimizer's rows of view ``by``, one optimizer after the other."""
@@ -127,6 +130,7 @@ def summarize(
     workers: int | None = None,
     progress: bool = False,
     joint: bool = False,
+    statistics: Collection[str] | None = None,
 ) -> Analysis:
     """Summarise every parameter of every optimizer in ``target``, reading each tensor once.
 
@@ -158,6 +162,7 @@ def summarize(
     else:
         optimizers = [target]
     refs = {name: w if isinstance(w, TensorRef) else TensorRef.of(w) for name, w in (weights or {}).items()}
+    chosen = optional_statistics(statistics)
     workers = default_workers() if workers is None else workers
     if workers < 1:
         raise OstateError(f"workers must be at least 1, got {workers}")
@@ -171,10 +176,35 @@ def summarize(
             results.append(
                 OptimizerAnalysis(
                     optimizer,
-                    list(summaries(optimizer, weights=refs, heads=heads, workers=workers, bar=bar, joint=joint)),
+                    list(
+                        summaries(
+                            optimizer,
+                            weights=refs,
+                            heads=heads,
+                            workers=workers,
+                            bar=bar,
+                            joint=joint,
+                            statistics=chosen,
+                        )
+                    ),
                 )
             )
-    return Analysis(results, _notes(optimizers, heads))
+    return analysis_of(optimizers, [r.summaries for r in results], heads, statistics)
+
+
+def analysis_of(
+    optimizers: Sequence[OptimizerState],
+    summaries: Sequence[list[ParamSummary]],
+    heads: HeadLayout | None,
+    statistics: Collection[str] | None,
+) -> Analysis:
+    """The :class:`Analysis` of ``optimizers`` from their parameters' summaries, however they were computed
+    (in this process, or by workers elsewhere: :mod:`ostate.distributed`)."""
+    chosen = optional_statistics(statistics)
+    held = (CORE, *(s for s in OPTIONAL_STATISTICS if s in chosen))
+    results = [OptimizerAnalysis(o, list(s)) for o, s in zip(optimizers, summaries)]
+    notes = _notes(list(optimizers), heads) if "compressibility" in chosen else []
+    return Analysis(results, notes, held)
 
 
 def summaries(
@@ -185,9 +215,11 @@ def summaries(
     workers: int = 1,
     bar: tqdm | None = None,
     joint: bool = False,
+    statistics: frozenset[str] = frozenset(OPTIONAL_STATISTICS),
 ) -> Iterator[ParamSummary]:
     """Each parameter's summary in the optimizer's order, computed by ``workers`` threads
-    (``joint``: with the joint histogram of its moments, see :func:`summarize`)."""
+    (``joint``: with the joint histogram of its moments; ``statistics``: the optional
+    families to compute; see :func:`summarize`)."""
     family = get_family(optimizer.kind)
     weights = weights or {}
 
@@ -200,11 +232,15 @@ def summaries(
             weight = weights.get(param.name)
             key = batch_key(param, family, weight, heads, joint)
             if key is None:
-                out[i] = summarize_param(optimizer, param, family, weight=weight, heads=heads, joint=joint)
+                out[i] = summarize_param(
+                    optimizer, param, family, weight=weight, heads=heads, joint=joint, statistics=statistics
+                )
             else:
                 together.setdefault(key, []).append(i)
         for members in together.values():
-            for i, summary in zip(members, summarize_tiny(optimizer, [params[i] for i in members], family, weights)):
+            for i, summary in zip(
+                members, summarize_tiny(optimizer, [params[i] for i in members], family, weights, statistics)
+            ):
                 out[i] = summary
         if bar is not None:
             bar.update(sum(p.numel or 0 for p in params if p.has_state))

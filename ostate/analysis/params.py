@@ -20,7 +20,7 @@ from typing import Any, Mapping
 
 import torch
 
-from ostate.analysis.columns import derived_columns, sketch_columns
+from ostate.analysis.columns import OPTIONAL_STATISTICS, derived_columns, sketch_columns
 from ostate.analysis.compress import SharedSecondMoment
 from ostate.analysis.heads import HeadLayout
 from ostate.analysis.joint import JointHistogram
@@ -132,13 +132,16 @@ def summarize_param(
     weight: TensorRef | None = None,
     heads: HeadLayout | None = None,
     joint: bool = False,
+    statistics: frozenset[str] = frozenset(OPTIONAL_STATISTICS),
 ) -> ParamSummary:
     """The row, sketches and sums of one parameter.
 
     ``weight`` is the parameter's tensor from the checkpoint's model (used only when
     its shape is the parameter's); ``heads`` says how to split attention projections
     into heads for ``vmean_head_relchange``; ``joint`` also counts the family's moment
-    pairs in a joint histogram (families that declare ``moments`` only).
+    pairs in a joint histogram (families that declare ``moments`` only);
+    ``statistics`` are the optional statistic families to compute besides the core
+    (:data:`~ostate.analysis.columns.OPTIONAL_STATISTICS`).
     """
     group = optimizer.groups[param.group]
     row = base_row(optimizer, param)
@@ -161,7 +164,18 @@ def summarize_param(
                 rows_per_head = heads.rows_per_head(param.name, shape) if heads is not None else None
                 if joint and family.moments is not None:
                     joints["moments"] = JointHistogram()
-                _stream(param, group, family, aligned, weight, rows_per_head, sketches, sums, joints.get("moments"))
+                _stream(
+                    param,
+                    group,
+                    family,
+                    aligned,
+                    weight,
+                    rows_per_head,
+                    sketches,
+                    sums,
+                    joints.get("moments"),
+                    statistics,
+                )
     for quantity, sketch in sketches.items():
         row.update(sketch_columns(quantity, sketch))
     row.update(derived_columns(sketches, sums, family.second_moment))
@@ -178,13 +192,19 @@ def _stream(
     sketches: dict[str, Sketch],
     sums: dict[str, float],
     moments: JointHistogram | None,
+    statistics: frozenset[str],
 ) -> None:
     assert param.shape is not None  # summarize_param streams only parameters with a shape
     refs = list(aligned.values()) + ([weight] if weight is not None else [])
     numel = param.numel or 0
     step = READ_CHUNK if family.chunked else max(numel, 1)
     shared = SharedSecondMoment.for_shape(tuple(param.shape)) if family.preconditioned is not None else None
-    quantized = {key: BlockwiseError(signed) for key, signed in family.quantized_moments.items() if key in aligned}
+    compress = "compressibility" in statistics
+    quantized = {
+        key: BlockwiseError(signed)
+        for key, signed in family.quantized_moments.items()
+        if key in aligned and "q8" in statistics
+    }
     nonfinite = eps_dominated = 0
     released = 0
     compressible = False
@@ -215,7 +235,9 @@ def _stream(
                     sketches.setdefault(PRECONDITIONER, Sketch()).add(preconditioner(pre))
                 # sqrt(s_hat) <= eps, with s_hat = second_moment * scale
                 eps_dominated += _count_at_most(pre.second_moment, pre.eps**2 / pre.second_moment_scale)
-                if pre.numerator is not None:  # a gradient numerator (Adagrad, RMSprop) is not in the state
+                if (
+                    compress and pre.numerator is not None
+                ):  # a gradient numerator (Adagrad, RMSprop) is not in the state
                     shared.add(start, pre)
                     compressible = True
             for key, accumulator in quantized.items():

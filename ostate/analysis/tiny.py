@@ -22,7 +22,7 @@ from typing import Any, Hashable, Mapping, Sequence
 
 import torch
 
-from ostate.analysis.columns import derived_columns, sketch_columns_of
+from ostate.analysis.columns import OPTIONAL_STATISTICS, derived_columns, sketch_columns_of
 from ostate.analysis.compress import shared_sums_of
 from ostate.analysis.heads import HeadLayout
 from ostate.analysis.native import kernels
@@ -83,8 +83,10 @@ def summarize_tiny(
     params: Sequence[ParamState],
     family: Family,
     weights: Mapping[str, TensorRef],
+    statistics: frozenset[str] = frozenset(OPTIONAL_STATISTICS),
 ) -> list[ParamSummary]:
-    """The summaries of ``params`` (all with the same :func:`batch_key`), in their order."""
+    """The summaries of ``params`` (all with the same :func:`batch_key`), in their order
+    (``statistics``: the optional statistic families to compute, as for ``summarize_param``)."""
     first = params[0]
     group = optimizer.groups[first.group]
     assert first.shape is not None  # batch_key admits only parameters with a shape
@@ -134,14 +136,15 @@ def summarize_tiny(
                 for own, sketch in zip(sketches, Sketch.of_rows(preconditioner(pre).reshape(count, numel))):
                     own[PRECONDITIONER] = sketch
             dominated = (pre.second_moment <= pre.eps**2 / pre.second_moment_scale).reshape(count, numel).sum(1)
-            shared = shared_sums_of(count, shape, pre) if pre.numerator is not None else None
+            compress = "compressibility" in statistics and pre.numerator is not None
+            shared = shared_sums_of(count, shape, pre) if compress else None
             for i, (mine, n) in enumerate(zip(sums, dominated.tolist())):
                 mine["eps_dominated"] = n
                 mine["eps_coords"] = numel
                 if shared is not None:
                     mine.update(shared[i])
     for key, signed in family.quantized_moments.items():
-        if key in chunk:
+        if key in chunk and "q8" in statistics:
             errors, norms = BlockwiseError(signed).row_sums(chunk[key].reshape(count, numel))
             for mine, error, norm in zip(sums, errors, norms):
                 mine[f"{key}_q8_err_sq"] = error

@@ -48,8 +48,10 @@ from tqdm.auto import tqdm
 
 from ostate.analysis.columns import QUANTILES
 from ostate.analysis.engine import default_workers
+from ostate.analysis.native.tuning import tuned_process
 from ostate.analysis.params import READ_CHUNK, RELEASE_EVERY, preconditioner
 from ostate.analysis.sketch import Sketch
+from ostate.distributed import RayExecutor, cluster_cpus, map_on_ray, slices
 from ostate.errors import OstateError
 from ostate.loading import load, selected_optimizers
 from ostate.optimizers import Family, get_family
@@ -153,6 +155,7 @@ def compare(
     format_hint: str | None = None,
     workers: int | None = None,
     progress: bool = False,
+    executor: RayExecutor | None = None,
 ) -> Comparison:
     """Compare the optimizer state of two or more checkpoints (any format :func:`ostate.load` reads).
 
@@ -162,6 +165,8 @@ def compare(
         optimizer_index: the optimizer to compare when the checkpoints hold several
             (by default optimizer ``i`` of one is compared with optimizer ``i`` of the other).
         workers: threads working on different parameters (default ``min(4, cores)``).
+        executor: compare on Ray instead (:mod:`ostate.distributed`: each task reads its
+            share of the parameters from both checkpoints); the result is the same.
 
     Example:
         >>> import ostate, torch, tempfile, os
@@ -193,9 +198,12 @@ def compare(
     for i, j in pairs:
         a, b = checkpoint(i), checkpoint(j)
         for oa, ob in _paired_optimizers(a, b, optimizer_index):
-            results.append(
-                compare_optimizers(oa, ob, a_label=texts[i], b_label=texts[j], workers=workers, progress=progress)
-            )
+            if executor is not None:
+                results.append(_compare_on_ray(a, b, oa, ob, texts[i], texts[j], executor))
+            else:
+                results.append(
+                    compare_optimizers(oa, ob, a_label=texts[i], b_label=texts[j], workers=workers, progress=progress)
+                )
     return Comparison(texts, against, results)
 
 
@@ -238,22 +246,7 @@ def compare_optimizers(
     family_a, family_b = get_family(a.kind), get_family(b.kind)
     by_name_a = {p.name: p for p in a.params}
     by_name_b = {p.name: p for p in b.params}
-    order = [p.name for p in b.params] + [p.name for p in a.params if p.name not in by_name_b]
-    warnings = []
-    if a.kind != b.kind:
-        warnings.append(
-            f"the optimizers are of different kinds ({a.kind}, {b.kind}): each one's effective lr and "
-            "moments follow its own family"
-        )
-    if any(p.name_source == "none" for p in [*a.params, *b.params]):
-        warnings.append("some parameters have no name: they are matched by their position (param.<index>)")
-    stopped = [label for label, o in ((label_a, a), (label_b, b)) if _has_zero_lr(o)]
-    if stopped:
-        warnings.append(
-            f"the lr of {' and '.join(stopped)} is 0 in some param group (a finished schedule): its effective lr is 0 "
-            "there, so the effective-lr changes are '-'; precond_relchange_* compares the preconditioner "
-            "1/(sqrt(v_hat)+eps) without the lr, which is what carries over when fine-tuning resets the lr"
-        )
+    order = _order(a, b)
     workers = default_workers() if workers is None else workers
     total = sum((by_name_a[n].numel or 0) for n in order if n in by_name_a and n in by_name_b)
 
@@ -271,6 +264,33 @@ def compare_optimizers(
         else:
             with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ostate-compare") as pool:
                 params = list(pool.map(one, order))
+    return _pair(a, b, label_a, label_b, params)
+
+
+def _order(a: OptimizerState, b: OptimizerState) -> list[str]:
+    """The parameters compared, by name: B's in B's order, then A's that B lacks."""
+    in_b = {p.name for p in b.params}
+    return [p.name for p in b.params] + [p.name for p in a.params if p.name not in in_b]
+
+
+def _pair(
+    a: OptimizerState, b: OptimizerState, label_a: str, label_b: str, params: list[ParamComparison]
+) -> PairComparison:
+    warnings = []
+    if a.kind != b.kind:
+        warnings.append(
+            f"the optimizers are of different kinds ({a.kind}, {b.kind}): each one's effective lr and "
+            "moments follow its own family"
+        )
+    if any(p.name_source == "none" for p in [*a.params, *b.params]):
+        warnings.append("some parameters have no name: they are matched by their position (param.<index>)")
+    stopped = [label for label, o in ((label_a, a), (label_b, b)) if _has_zero_lr(o)]
+    if stopped:
+        warnings.append(
+            f"the lr of {' and '.join(stopped)} is 0 in some param group (a finished schedule): its effective lr is 0 "
+            "there, so the effective-lr changes are '-'; precond_relchange_* compares the preconditioner "
+            "1/(sqrt(v_hat)+eps) without the lr, which is what carries over when fine-tuning resets the lr"
+        )
     model = _merged("(model)", [p for p in params if p.row["status"] == "both"])
     pair = PairComparison(label_a, label_b, a.location, b.location, a.kind, b.kind, params, model, warnings)
     if (nothing := pair.no_common_parameter()) is not None:
@@ -280,6 +300,44 @@ def compare_optimizers(
 
 def _has_zero_lr(optimizer: OptimizerState) -> bool:
     return any("lr" in g and not g["lr"] for i, g in enumerate(optimizer.groups) if not optimizer.is_frozen_group(i))
+
+
+def _compare_on_ray(
+    a: Checkpoint,
+    b: Checkpoint,
+    oa: OptimizerState,
+    ob: OptimizerState,
+    label_a: str,
+    label_b: str,
+    executor: RayExecutor,
+) -> PairComparison:
+    """:func:`compare_optimizers` of ``oa`` and ``ob`` with the parameters shared out among Ray tasks."""
+    position_a = next(i for i, o in enumerate(a.optimizers) if o is oa)
+    position_b = next(i for i, o in enumerate(b.optimizers) if o is ob)
+    order = _order(oa, ob)
+    sizes_by_name = {p.name: p.numel or 0 for p in oa.params}
+    sizes = [sizes_by_name.get(name, 0) for name in order]
+    calls = [
+        (executor, os.path.abspath(a.path), os.path.abspath(b.path), position_a, position_b, tuple(order[i:j]))
+        for i, j in slices(sizes, cluster_cpus(executor))
+    ]
+    params = [p for part in map_on_ray(compare_slice, calls, executor) for p in part]
+    return _pair(oa, ob, label_a, label_b, params)
+
+
+def compare_slice(
+    executor: RayExecutor, path_a: str, path_b: str, position_a: int, position_b: int, names: tuple[str, ...]
+) -> list[ParamComparison]:
+    """On a Ray worker: the comparisons of the parameters ``names`` (one thread, as the program runs)."""
+    with tuned_process():
+        a, b = executor.load(path_a).optimizers, executor.load(path_b).optimizers
+        if position_a >= len(a) or position_b >= len(b):
+            raise OstateError("a Ray worker read other checkpoints than the driver's", where=f"{path_a}, {path_b}")
+        oa, ob = a[position_a], b[position_b]
+        by_name_a = {p.name: p for p in oa.params}
+        by_name_b = {p.name: p for p in ob.params}
+        family_a, family_b = get_family(oa.kind), get_family(ob.kind)
+        return [_compare_param(n, by_name_a.get(n), by_name_b.get(n), oa, ob, family_a, family_b) for n in names]
 
 
 # ------------------------------------------------------------------------------ one parameter

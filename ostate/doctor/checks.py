@@ -30,6 +30,7 @@ from typing import Callable, Iterable, Mapping
 
 from ostate.analysis import Analysis, ParamSummary, summarize
 from ostate.analysis.params import param_kind
+from ostate.distributed import RayExecutor, summarize_on_ray
 from ostate.errors import OstateError
 from ostate.loading import as_checkpoint
 from ostate.optimizers import get_family
@@ -189,12 +190,14 @@ def diagnose(
     ignore: Iterable[str] = (),
     workers: int | None = None,
     progress: bool = False,
+    executor: RayExecutor | None = None,
 ) -> Diagnosis:
     """Run every check on ``checkpoint`` (loaded, or its path), reading each tensor once.
 
     ``model`` is the model to check the optimizer against (the current model's weights,
     e.g. from :func:`ostate.formats.naming.weights.read_model`); by default the checkpoint's own.
-    Findings whose code is in ``ignore`` are left out.
+    Findings whose code is in ``ignore`` are left out. ``executor`` runs the analysis on
+    Ray (:mod:`ostate.distributed`) with the same findings.
 
     Example:
         >>> import ostate, torch
@@ -209,7 +212,16 @@ def diagnose(
     skip = check_codes(ignore)
     weights = model if model is not None else checkpoint.weights
     location = model_location if model is not None else checkpoint.weights_location
-    analysis = summarize(checkpoint, weights=weights, workers=workers, progress=progress)
+    # The checks read core statistics only: compressibility and the 8-bit error are not computed.
+    if executor is not None:  # the same analysis on Ray (ostate.distributed)
+        if model is not None:
+            raise OstateError(
+                "--executor ray checks against the checkpoint's own model only",
+                hint="leave out --model, or run locally",
+            )
+        analysis = summarize_on_ray(checkpoint, executor, statistics=())
+    else:
+        analysis = summarize(checkpoint, weights=weights, workers=workers, progress=progress, statistics=())
     context = Context(checkpoint, analysis, weights, location, model is not None)
     findings = [f for check in CHECKS for f in check(context) if f.code not in skip]
     findings.sort(key=lambda f: -SEVERITIES.index(f.severity))  # stable: checks keep their order within a severity

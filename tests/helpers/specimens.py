@@ -179,3 +179,16 @@ def mutated_copy(spec: Specimen, target: Path, file_index: int, kind: str, a: in
     path = copy / relative if relative is not None else copy
     path.write_bytes(mutate(path.read_bytes(), kind, a, b, c))
     return copy
+
+
+def pickle_outcome(data: bytes, archive) -> str:
+    """Read a (mutated) ``data.pkl`` with ostate's own reader against a real archive's storages:
+    ``ok`` for a result, ``refused`` for its one-line refusal; anything else propagates (a bug)."""
+    from ostate.formats.files.torch_pickle import Unsupported, unpickle
+
+    try:
+        unpickle(data, archive.storage)
+    except Unsupported as e:
+        assert str(e) and "\n" not in str(e), str(e)
+        return "refused"
+    return "ok"

@@ -6,6 +6,11 @@ globals that block it (read from the pickle's opcodes, never executed) and the o
 that allows them. torchao's low-bit optimizer states and GaLore's projector are admitted as
 inert stand-ins (``torchao_state.py``, ``galore_state.py``). Zip-format files (every ``torch.save`` since 1.6) are memory-mapped:
 a tensor's bytes are read when it is touched, not when the file is opened.
+
+A zip file is first read by ostate's own reader (:mod:`ostate.formats.files.torch_pickle`:
+tensors and plain containers only, many times faster than torch's when a file holds
+tens of thousands of tensors); what it does not accept goes to ``torch.load`` as above,
+which reads a few more globals or refuses the file with the reasons below.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import torch
 from ostate.errors import OstateError
 from ostate.formats.files.galore_state import GALORE_GLOBALS
 from ostate.formats.files.torchao_state import TORCHAO_GLOBALS
+from ostate.formats.files.torch_pickle import Unsupported, read_torch_zip
 
 _ZIP_MAGIC = b"PK\x03\x04"
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # torch.serialization.MAGIC_NUMBER
@@ -120,6 +126,11 @@ def _load(
         )
     # torchao's low-bit optimizer state classes and GaLore's projector, always admitted as inert stand-ins
     # (torchao_state.py, galore_state.py).
+    if mmap and isinstance(source, str) and not trust_pickle and not allowed_globals:
+        try:
+            return read_torch_zip(source)
+        except Unsupported:
+            pass  # torch's own safe reader decides (with the stand-ins below), and its errors say why
     allowed_globals = (*allowed_globals, *TORCHAO_GLOBALS, *GALORE_GLOBALS)
     allowed = {name for _obj, name in allowed_globals}
     try:
