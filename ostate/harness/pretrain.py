@@ -14,7 +14,8 @@ from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+
+from ostate.harness.progress import Progress
 
 
 def decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -54,7 +55,7 @@ def pretrain(
     weight_decay: float = 0.1,
     betas: tuple[float, float] = (0.9, 0.999),
     description: str = "pretraining",
-    progress: bool = True,
+    progress: bool | str = True,
 ) -> dict[str, Any]:
     """Train ``model`` for ``steps`` steps on ``batches`` and return the checkpoint dict.
 
@@ -70,15 +71,14 @@ def pretrain(
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, warmup=warmup, steps=steps))
     stream = iter(batches)
     model.train()
-    with tqdm(total=steps, desc=description, unit="step", disable=not progress, leave=False, delay=1.0) as bar:
+    with Progress(steps, description, enabled=progress, unit="step") as bar:
         for _ in range(steps):
             value = loss(model, next(stream))
             optimizer.zero_grad(set_to_none=True)
             value.backward()
             optimizer.step()
             schedule.step()
-            bar.update(1)
-            bar.set_postfix(loss=f"{value.item():.3f}", refresh=False)
+            bar.update(f"loss {value.item():.3f}")
     return {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),

@@ -37,6 +37,17 @@ class Task:
     - ``defaults``: sweep values the command line uses unless told otherwise
       (``lr``, ``batch_size``, ``steps``, ...).
 
+    Optional parts (every built-in task has them; a user's task may leave them out):
+
+    - ``source_evaluate(model)``: the loss (or mapping with ``loss``) on held-out *source*
+      data, called at every eval step beside ``evaluate`` and recorded as ``source_loss``
+      (``source_<name>``): the forgetting side of the answer;
+    - ``source_batches(batch_size, generator)``: source training batches, for
+      ``TrialConfig.replay`` (a fraction of the steps trains on a source batch);
+    - ``validate(model)``: a validation split, recorded as ``val_loss`` (``val_<name>``);
+      ``ostate ablate --tune`` selects each strategy's learning rate on it and reports
+      ``evaluate`` (then the test split) at the selected one.
+
     Functions must be importable (defined at module level) for the local process pool;
     Ray also accepts closures.
     """
@@ -52,6 +63,9 @@ class Task:
     fingerprint: str = ""
     description: str = ""
     defaults: Mapping[str, Any] = field(default_factory=dict)
+    source_evaluate: Evaluate | None = None
+    source_batches: Batches | None = None
+    validate: Evaluate | None = None
 
 
 def default_cache_dir() -> str:

@@ -26,7 +26,7 @@ TASKS = ("code-to-prose", "sans-to-serif")
 PRETRAIN_STEPS = {"code-to-prose": 1500, "sans-to-serif": 600}
 
 
-def builtin_task(name: str, *, pretrain_steps: int | None = None, progress: bool = True) -> Task:
+def builtin_task(name: str, *, pretrain_steps: int | None = None, progress: bool | str = True) -> Task:
     """A built-in task by name; ``pretrain_steps`` sets how long its source model trains.
 
     Example:
@@ -44,6 +44,9 @@ def builtin_task(name: str, *, pretrain_steps: int | None = None, progress: bool
             train_batches=code_to_prose.prose_batches,
             loss=code_to_prose.next_char_loss,
             evaluate=code_to_prose.evaluate_prose,
+            source_evaluate=code_to_prose.evaluate_code,
+            source_batches=code_to_prose.code_batches,
+            validate=code_to_prose.validate_prose,
             description="character transformer: stdlib source code -> English help text",
             defaults={"lr": 1e-3, "batch_size": 32, "steps": 200, "eval_every": 20},
         )
@@ -54,6 +57,9 @@ def builtin_task(name: str, *, pretrain_steps: int | None = None, progress: bool
             train_batches=sans_to_serif.target_batches,
             loss=sans_to_serif.classification_loss,
             evaluate=sans_to_serif.evaluate_target,
+            source_evaluate=sans_to_serif.evaluate_source,
+            source_batches=sans_to_serif.source_batches,
+            validate=sans_to_serif.validate_target,
             description="glyph CNN: sans-serif fonts -> serif fonts (36 classes)",
             defaults={"lr": 1e-3, "batch_size": 32, "steps": 200, "eval_every": 20},
         )
