@@ -11,8 +11,8 @@ from ostate.outputs import check_output
 from ostate.render import FORMATS
 from ostate_cli.common import (
     EXIT_BAD_INPUT,
-    fail,
     executor_options,
+    fail,
     format_hint_option,
     handle_errors,
     progress_enabled,

@@ -108,6 +108,13 @@ def inspect(
     checkpoint folder (the save folder, or one tag folder inside it), or optimizer
     state in .safetensors. The layout is recognised from the contents.
     """
+    # --executor and --address are checked before any reading
+    on_ray = ray_executor(
+        executor, address, trust_pickle=trust_pickle, optimizer=kind, format_hint=format_hint, base_config=base_config
+    )
+    checkpoint = ostate.load(
+        path, trust_pickle=trust_pickle, optimizer=kind, format_hint=format_hint, base_config=base_config
+    )
     report = build_report(
         checkpoint,
         by=by,

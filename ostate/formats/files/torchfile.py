@@ -27,8 +27,8 @@ import torch
 
 from ostate.errors import OstateError
 from ostate.formats.files.galore_state import GALORE_GLOBALS
-from ostate.formats.files.torchao_state import TORCHAO_GLOBALS
 from ostate.formats.files.torch_pickle import Unsupported, read_torch_zip
+from ostate.formats.files.torchao_state import TORCHAO_GLOBALS
 
 _ZIP_MAGIC = b"PK\x03\x04"
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # torch.serialization.MAGIC_NUMBER
