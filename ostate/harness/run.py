@@ -129,7 +129,7 @@ def run(spec: Spec) -> Results:
     configs = spec.sweep.configs()  # bad settings fail here, before any pretraining
     task = spec.task
     source_path = resolve_source(task, spec.cache_dir)
-    source = load_source(source_path)
+    source = load_source(source_path, optimizer_index=task.source_optimizer)
     check_strategies(task, source, [c.strategy for c in configs])
     workers = spec.workers or (os.cpu_count() or 1)
     threads = spec.threads or (default_threads(workers) if spec.executor == "local" else 1)

@@ -28,9 +28,10 @@ class Task:
     - ``evaluate(model)``: the eval loss, a float, or a mapping with ``loss`` and any
       other metrics (recorded as ``eval_<name>``); called under ``torch.no_grad()``
       with the model in eval mode;
-    - ``source``: the source checkpoint (weights and optimizer state), or ``None``
-      with ``pretrain(path)`` that writes one (the harness caches it, keyed by
-      ``fingerprint``);
+    - ``source``: the source checkpoint (weights and optimizer state: any file or
+      folder ``ostate.load`` reads), or ``None`` with ``pretrain(path)`` that writes
+      one (the harness caches it, keyed by ``fingerprint``); ``source_optimizer``
+      chooses the optimizer of a source holding several (by index, as ``ostate inspect`` lists them);
     - ``optimizer(model, lr)``: the fine-tuning optimizer; by default one of the
       source's class with the source's param groups (new parameters in a group of
       their own), every group at the trial's peak lr;
@@ -49,6 +50,7 @@ class Task:
     source: str | os.PathLike | None = None
     pretrain: Callable[[str], Any] | None = None
     optimizer: OptimizerFactory | None = None
+    source_optimizer: int | None = None
     fingerprint: str = ""
     description: str = ""
     defaults: Mapping[str, Any] = field(default_factory=dict)

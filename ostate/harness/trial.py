@@ -97,7 +97,7 @@ def run_trial(task: Task, source: Source | str, config: TrialConfig, *, threads:
     if threads is not None:
         torch.set_num_threads(threads)
     torch.manual_seed(config.seed)
-    source = load_source(source) if isinstance(source, str) else source
+    source = load_source(source, optimizer_index=task.source_optimizer) if isinstance(source, str) else source
 
     model = task.model()
     new_weights = load_weights(model, source)
@@ -140,6 +140,8 @@ def run_trial(task: Task, source: Source | str, config: TrialConfig, *, threads:
         "actions": dict(Counter(actions.values())),
         "carried": len(transfer.carried),
         "started_fresh": transfer.started_fresh,
+        "reshaped": transfer.reshaped,
+        "naming": source.naming_summary(),
         "new_weights": new_weights,
         "diverged_at": diverged_at,
         "threads": torch.get_num_threads(),
