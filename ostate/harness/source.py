@@ -66,9 +66,7 @@ class Source:
         return ", ".join(f"{n} by {how}" for how, n in counts.most_common())
 
 
-def load_source(
-    path: str | os.PathLike, *, optimizer_index: int | None = None, trust_pickle: bool = False
-) -> Source:
+def load_source(path: str | os.PathLike, *, optimizer_index: int | None = None, trust_pickle: bool = False) -> Source:
     """Read a source checkpoint: one optimizer's state and the model's weights, by name.
 
     ``optimizer_index`` chooses the optimizer of a checkpoint holding several (an
@@ -87,7 +85,9 @@ def load_source(
     path = os.fspath(path)
     checkpoint = load(path, trust_pickle=trust_pickle)
     if optimizer_index is None and len(checkpoint.optimizers) > 1:
-        listing = ", ".join(f"{i}: {o.location} ({o.kind}, {len(o.params)} params)" for i, o in enumerate(checkpoint.optimizers))
+        listing = ", ".join(
+            f"{i}: {o.location} ({o.kind}, {len(o.params)} params)" for i, o in enumerate(checkpoint.optimizers)
+        )
         raise OstateError(
             f"holds {len(checkpoint.optimizers)} optimizers; an ablation fine-tunes with one",
             where=path,
