@@ -17,7 +17,7 @@ from ostate.integrations.live import apply_to_optimizer
 from ostate.reset.strategies import Strategy
 
 
-class StrategyCallback(TrainerCallback):  # type: ignore[misc]
+class StrategyCallback(TrainerCallback):
     """Apply ``strategy`` (``fresh``, ``reload``, ``reset-m``, ``reset-v``, ``reset-step``,
     ``keep-v``, or ``NAME:REGEX``) to the optimizer state when training resumes from a checkpoint.
 

@@ -183,17 +183,17 @@ def _dataset(checkpoint: str, path: str, block_size: int) -> dict[str, torch.Ten
         encoded = tok(texts, truncation=True, max_length=block_size, padding="longest", return_tensors="pt")
         names = {str(k): int(v) for k, v in (getattr(config, "label2id", None) or {}).items()}
         try:
-            ids = [int(x) if not isinstance(x, str) or x not in names else names[x] for x in labels]
+            classes = [int(x) if not isinstance(x, str) or x not in names else names[x] for x in labels]
         except (TypeError, ValueError):
             raise OstateError(
                 f"labels must be integers or names of the config's label2id ({', '.join(names)})", where=path
             ) from None
-        if not all(0 <= i < config.num_labels for i in ids):
+        if not all(0 <= i < config.num_labels for i in classes):
             raise OstateError(f"a label lies outside 0..{config.num_labels - 1} (the model's classes)", where=path)
         return {
             "input_ids": encoded["input_ids"],
             "attention_mask": encoded["attention_mask"],
-            "labels": torch.tensor(ids),
+            "labels": torch.tensor(classes),
         }
     end = tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id
     ids: list[int] = []
