@@ -130,7 +130,8 @@ def run(spec: Spec) -> Results:
     task = spec.task
     source_path = resolve_source(task, spec.cache_dir)
     source = load_source(source_path, optimizer_index=task.source_optimizer)
-    check_strategies(task, source, [c.strategy for c in configs])
+    if task.trainer is None:  # a trainer task's model is built by its trainer, in the trial
+        check_strategies(task, source, [c.strategy for c in configs])
     workers = spec.workers or (os.cpu_count() or 1)
     threads = spec.threads or (default_threads(workers) if spec.executor == "local" else 1)
 

@@ -38,6 +38,13 @@ class Task:
     - ``defaults``: sweep values the command line uses unless told otherwise
       (``lr``, ``batch_size``, ``steps``, ...).
 
+    Trials run by one's own trainer (:mod:`ostate.harness.trainers`): ``trainer(config,
+    callbacks)`` builds a Hugging Face ``Trainer`` (``trainer_kind="hf"``) or returns
+    Lightning's ``(trainer, module, *fit_args)`` (``trainer_kind="lightning"``) with
+    ``callbacks`` added; each trial resumes it from ``source``. ``model``,
+    ``train_batches`` and ``loss`` are then the trainer's business: :func:`trainer_task`
+    builds such a task.
+
     Functions must be importable (defined at module level) for the local process pool;
     Ray also accepts closures.
     """
@@ -51,6 +58,8 @@ class Task:
     pretrain: Callable[[str], Any] | None = None
     optimizer: OptimizerFactory | None = None
     source_optimizer: int | None = None
+    trainer: Callable[[Any, list[Any]], Any] | None = None
+    trainer_kind: str = ""
     fingerprint: str = ""
     description: str = ""
     defaults: Mapping[str, Any] = field(default_factory=dict)
@@ -85,3 +94,35 @@ def resolve_source(task: Task, cache_dir: str | None = None) -> str:
     if not os.path.exists(path):
         task.pretrain(path)
     return path
+
+
+def trainer_task(
+    name: str,
+    trainer: Callable[[Any, list[Any]], Any],
+    evaluate: Evaluate,
+    source: str | os.PathLike,
+    *,
+    kind: str,
+    source_optimizer: int | None = None,
+    defaults: Mapping[str, Any] | None = None,
+) -> Task:
+    """A task whose trials are run by one's own trainer (``kind``: ``hf`` or ``lightning``),
+    resumed from the checkpoint ``source`` that trainer wrote."""
+    if kind not in ("hf", "lightning"):
+        raise OstateError(f"unknown trainer kind '{kind}'", hint="hf (transformers.Trainer) or lightning")
+    return Task(
+        name=name,
+        model=_trainers_part,
+        train_batches=_trainers_part,
+        loss=_trainers_part,
+        evaluate=evaluate,
+        source=source,
+        source_optimizer=source_optimizer,
+        trainer=trainer,
+        trainer_kind=kind,
+        defaults=dict(defaults or {}),
+    )
+
+
+def _trainers_part(*args: Any) -> Any:
+    raise OstateError("in a trainer task the trainer builds the model, draws the batches and computes the loss")

@@ -98,6 +98,11 @@ def run_trial(task: Task, source: Source | str, config: TrialConfig, *, threads:
         torch.set_num_threads(threads)
     torch.manual_seed(config.seed)
     source = load_source(source, optimizer_index=task.source_optimizer) if isinstance(source, str) else source
+    if task.trainer is not None:  # the user's own Trainer runs the trial (start-up time: imported when used)
+        from ostate.harness.trainers import run_with_trainer
+
+        done = run_with_trainer(task, source.path, config, evaluate)
+        return TrialResult(config.trial_id(task.name, source.fingerprint), task.name, config, **done)
 
     model = task.model()
     new_weights = load_weights(model, source)
