@@ -8,8 +8,8 @@ from typing import Any
 from transformers import Trainer, TrainerCallback
 
 from ostate.errors import OstateError
+from ostate.harness.recorder import StepRecorder
 from ostate.harness.task import Task
-from ostate.harness.trainers import StepRecorder
 from ostate.integrations.hf_strategy import StrategyCallback
 from ostate.reset.strategies import Strategy
 

@@ -9,8 +9,8 @@ from typing import Any
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 from ostate.errors import OstateError
+from ostate.harness.recorder import StepRecorder
 from ostate.harness.task import Task
-from ostate.harness.trainers import StepRecorder
 from ostate.integrations.lightning_strategy import StrategyCallback
 from ostate.reset.strategies import Strategy
 
