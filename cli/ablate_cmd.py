@@ -123,6 +123,7 @@ def _numbers(text: str | None, kind: type, option: str) -> list | None:
     type=click.Path(readable=False, file_okay=False, path_type=str),
     help="Where pretrained sources are cached (default ~/.cache/ostate, or $OSTATE_CACHE_DIR).",
 )
+@click.option("--new-head", is_flag=True, help="gpt-code-to-prose: fine-tune a new output layer (no state carried).")
 @click.option("--pretrain-steps", type=click.IntRange(min=1), help="Pretraining steps of a built-in task's source.")
 @click.option(
     "--export",
@@ -158,6 +159,7 @@ def ablate(
     block_size,
     optimizer_index,
     cache_dir,
+    new_head,
     pretrain_steps,
     export,
     plot_format,
@@ -190,9 +192,10 @@ def ablate(
     progress = progress_enabled()
     if spec_file:
         spec = load_spec(spec_file)
-        if pretrain_steps is not None or source is not None or optimizer_index is not None:
+        if pretrain_steps is not None or source is not None or optimizer_index is not None or new_head:
             raise click.UsageError(
-                "--source, --optimizer-index and --pretrain-steps apply to --task; set them in SPEC.toml instead"
+                "--source, --optimizer-index, --new-head and --pretrain-steps apply to --task; "
+                "set them in SPEC.toml instead"
             )
     else:
         if text_mode:
@@ -210,7 +213,7 @@ def ablate(
                 optimizer_index=optimizer_index,
             )
         else:
-            task = builtin_task(task_name, pretrain_steps=pretrain_steps, progress=progress)
+            task = builtin_task(task_name, pretrain_steps=pretrain_steps, progress=progress, new_head=new_head)
             if source is not None:
                 task.source = source
             task.source_optimizer = optimizer_index
@@ -220,6 +223,7 @@ def ablate(
             task=task,
             sweep=Sweep(
                 lr=[defaults["lr"]],
+                warmup=[defaults.get("warmup", 0)],
                 batch_size=[defaults["batch_size"]],
                 steps=defaults["steps"],
                 eval_every=defaults["eval_every"],
