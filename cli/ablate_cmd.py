@@ -58,8 +58,8 @@ def _numbers(text: str | None, kind: type, option: str) -> list | None:
 @click.option(
     "--strategies",
     metavar="A,B,...",
-    help="Strategies to compare: fresh, reload, reset-m, reset-v, reset-step, keep-v, or NAME:REGEX "
-    "(default: all six).",
+    help="Strategies to compare: fresh, reload, reset-m, reset-v, reset-step (adam-rel), keep-v, the age-correct "
+    "reset-m-ac and reset-v-ac, or NAME:REGEX (default: the first six).",
 )
 @click.option("--seeds", metavar="0,1,2", help="Seeds (default 0,1,2).")
 @click.option("--steps", type=click.IntRange(min=1), help="Fine-tuning steps per trial (default 200).")
@@ -67,7 +67,21 @@ def _numbers(text: str | None, kind: type, option: str) -> list | None:
 @click.option("--lr", "lrs", metavar="LR,...", help="Peak learning rates (default: the task's).")
 @click.option("--warmup", "warmups", metavar="N,...", help="Linear warmup lengths in steps (default 0).")
 @click.option("--batch-size", "batch_sizes", metavar="N,...", help="Batch sizes (default: the task's).")
-@click.option("--schedule", type=click.Choice(SCHEDULES), help="After warmup: constant, or cosine to 10% (default).")
+@click.option(
+    "--schedule",
+    type=click.Choice(SCHEDULES),
+    help="After warmup: cosine to 10% (default), constant, wsd (warmup-stable-decay), or continue "
+    "(the source's own lr, constant).",
+)
+@click.option("--grad-clip", "grad_clips", metavar="NORM,...", help="Clip the gradients' norm (default 0: off).")
+@click.option("--beta2", "beta2s", metavar="B,...", help="Fine-tuning optimizer's beta2 (default: its own).")
+@click.option("--replay", "replays", metavar="F,...", help="Fraction of steps on source data (default 0).")
+@click.option(
+    "--tune",
+    is_flag=True,
+    help="Compare each strategy at its own best lr and warmup (chosen on the validation split, reported on "
+    "the test split); default grid: the task's lr x 1/3, 1, 3.",
+)
 @click.option("--target-loss", type=float, help="Loss for steps-to-target (default: the baseline's mean final loss).")
 @click.option("--baseline", default=None, metavar="STRATEGY", help="Strategy the others are compared with (reload).")
 @click.option("--workers", type=click.IntRange(min=1), help="Trials at once (default: one per core).")
@@ -144,6 +158,10 @@ def ablate(
     warmups,
     batch_sizes,
     schedule,
+    grad_clips,
+    beta2s,
+    replays,
+    tune,
     target_loss,
     baseline,
     workers,
@@ -189,7 +207,7 @@ def ablate(
         raise click.UsageError("give SPEC.toml, --task NAME, or --source HF_FOLDER --train FILE --eval FILE")
     if not text_mode and (source_eval_file or block_size):
         raise click.UsageError("--source-eval and --block-size go with --train and --eval")
-    progress = progress_enabled()
+    progress = "bar" if progress_enabled() else "lines"  # a log (nohup, CI) gets plain lines now and then
     if spec_file:
         spec = load_spec(spec_file)
         if pretrain_steps is not None or source is not None or optimizer_index is not None or new_head:
@@ -224,6 +242,7 @@ def ablate(
             sweep=Sweep(
                 lr=[defaults["lr"]],
                 warmup=[defaults.get("warmup", 0)],
+                grad_clip=[defaults.get("grad_clip", 0.0)],
                 batch_size=[defaults["batch_size"]],
                 steps=defaults["steps"],
                 eval_every=defaults["eval_every"],
@@ -241,7 +260,15 @@ def ablate(
         steps=steps,
         eval_every=eval_every,
         schedule=schedule,
+        grad_clip=_numbers(grad_clips, float, "--grad-clip"),
+        beta2=_numbers(beta2s, float, "--beta2"),
+        replay=_numbers(replays, float, "--replay"),
     )
+    if tune:
+        spec.tune = True
+        if lrs is None:
+            base = list(spec.sweep.lr)[0]
+            spec.sweep.lr = [base / 3, base, base * 3]
     for key, value in dict(
         target_loss=target_loss,
         baseline=baseline,
@@ -274,8 +301,9 @@ def ablate(
         sys.exit(EXIT_INTERRUPTED)
 
     click.echo(
-        f"{spec.task.name}: {results.ran} trials ran, {results.skipped} were already in {results.store}; "
-        f"source {results.source}",
+        f"{spec.task.name}: {results.ran} trials ran, {results.skipped} were already in {results.store}"
+        + (f", {results.busy} are being run by another process on it" if results.busy else "")
+        + f"; source {results.source}",
         err=True,
     )
     for config, error in results.failed:

@@ -40,18 +40,29 @@ def main() -> None:
         loss=mytask.loss,
         evaluate=mytask.evaluate,
         source=source,
+        source_evaluate=mytask.evaluate_source,  # forgetting: the source loss beside the target's
+        validate=mytask.validate,  # the validation split tune=True selects on
     )
     sweep = Sweep(
-        strategies=["fresh", "reload", "reset-m", "reset-v", "reset-step", "keep-v"],
+        strategies=["fresh", "reload", "reset-v-ac", "keep-v"],
         seeds=[0, 1, 2],
-        lr=[1e-3],
+        lr=[3e-4, 1e-3],  # tune=True: each strategy at its own best lr (validation), reported on the test split
         steps=30,
         eval_every=5,
     )
 
     # 3. Run (workers=1: in this process; leave it out for one worker per core) and read the answer.
     results = run(
-        Spec(task, sweep, store=os.path.join(OUT, "results.sqlite"), out=OUT, workers=1, threads=1, progress=False)
+        Spec(
+            task,
+            sweep,
+            store=os.path.join(OUT, "results.sqlite"),
+            out=OUT,
+            workers=1,
+            threads=1,
+            progress=False,
+            tune=True,
+        )
     )
     print(render_summary(results.summary))
     print(f"{results.ran} trials ran, {results.skipped} were already in {results.store}")

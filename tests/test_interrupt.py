@@ -112,7 +112,10 @@ def test_ctrl_c_during_inspect_prints_no_partial_table(tmp_path, checkpoint):
 
 
 @pytest.mark.slow
-def test_ctrl_c_during_ablate_keeps_only_complete_trials_in_the_store(tmp_path):
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_ctrl_c_during_ablate_keeps_only_complete_trials_in_the_store(tmp_path, workers):
+    """With one worker the trials run in the process; with two, on the default process pool,
+    whose workers get the terminal's SIGINT too: still exit 130 at once, no traceback."""
     import shutil
 
     shutil.copytree(REPO / "examples" / "ablation", tmp_path / "ablation-example")
@@ -141,6 +144,8 @@ def test_ctrl_c_during_ablate_keeps_only_complete_trials_in_the_store(tmp_path):
         "--eval-every",
         "5",
         "--workers",
+        workers,
+        "--threads",
         "1",
         "--store",
         str(store),

@@ -14,6 +14,8 @@ from torch import nn
 from ostate.errors import OstateError
 from ostate.optimizers import families
 from ostate.reset.strategies import (
+    AGE_OFFSETS_KEY,
+    ALL_STRATEGIES,
     STRATEGIES,
     V_AGE_KEY,
     Strategy,
@@ -72,11 +74,11 @@ def kind_of(name: str) -> str:
 def applicable(name: str) -> list[str]:
     """The strategies that apply to each configured optimizer (the others must be refused)."""
     return {
-        "adam": list(STRATEGIES),
-        "adamw": list(STRATEGIES),
-        "amsgrad": list(STRATEGIES),
-        "nadam": list(STRATEGIES),
-        "radam": ["fresh", "reload", "reset-m", "reset-v", "reset-step"],
+        "adam": list(ALL_STRATEGIES),
+        "adamw": list(ALL_STRATEGIES),
+        "amsgrad": list(ALL_STRATEGIES),
+        "nadam": list(ALL_STRATEGIES),
+        "radam": list(ALL_STRATEGIES),
         "adamax": list(STRATEGIES),
         "sgd": ["fresh", "reload", "reset-m"],
         "rmsprop": ["fresh", "reload", "reset-m", "reset-v", "keep-v"],
@@ -86,7 +88,7 @@ def applicable(name: str) -> list[str]:
 
 
 @pytest.mark.parametrize("name", OPTIMIZERS)
-@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("strategy", ALL_STRATEGIES)
 def test_every_strategy_loads_into_the_real_optimizer_or_is_refused_with_a_reason(name, strategy):
     model, opt = model_and_optimizer(name)
     saved = opt.state_dict()
@@ -294,10 +296,11 @@ def test_keep_v_without_the_hook_would_make_the_first_step_far_too_small():
     assert right / small > 10
 
 
-def test_keep_v_refuses_a_group_that_mixes_kept_and_reloaded_parameters():
+def test_keep_v_of_part_of_a_group_records_per_parameter_ages():
     _, opt = model_and_optimizer("adam")
-    with pytest.raises(OstateError, match="per param group"):
-        apply_strategy(opt.state_dict(), "keep-v:^0\\.", names=["0.weight", "0.bias", "2.weight", "2.bias"])
+    new = apply_strategy(opt.state_dict(), "keep-v:^0\\.", names=["0.weight", "0.bias", "2.weight", "2.bias"])
+    assert V_AGE_KEY not in new["param_groups"][0]
+    assert new["param_groups"][0][AGE_OFFSETS_KEY] == {"m": [0.0] * 4, "v": [20.0, 20.0, 0.0, 0.0]}
 
 
 def test_keep_v_of_whole_groups_selected_by_regex_is_accepted():
@@ -450,3 +453,141 @@ def test_a_stepped_bitsandbytes_optimizer_is_its_family_once_its_nested_state_is
     p.grad = torch.ones(4096)
     optimizer.step()
     assert optimizer_kind(optimizer) == "bnb_adam"
+
+
+def _adam_part(delta, theta, group, decoupled):
+    return delta + (group["lr"] * group["weight_decay"] * theta if decoupled else 0)
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw", "amsgrad"])
+@pytest.mark.parametrize("strategy", ["reset-m-ac", "reset-v-ac", "keep-v"])
+def test_age_correct_strategies_correct_each_moment_by_its_own_age(name, strategy):
+    """The oracle: a fresh (F) and a reloaded (R) real optimizer fed the same gradients. A restarted
+    moment equals F's, a kept one R's; the age-correct step is m / (1 - beta1^a_m) over
+    sqrt(v / (1 - beta2^a_v)) + eps with each moment's own age (restarted: s, kept: T + s)."""
+    model, opt = model_and_optimizer(name, steps=30, dtype=torch.float64)
+    saved = opt.state_dict()
+    T = float(saved["state"][0]["step"])
+    models = [copy.deepcopy(model) for _ in range(3)]
+    fresh, reloaded, tested = (OPTIMIZERS[name](m.parameters()) for m in models)
+    reloaded.load_state_dict(copy.deepcopy(saved))
+    tested.load_state_dict(copy.deepcopy(apply_strategy(saved, strategy, kind=optimizer_kind(opt))))
+    attach(tested)
+    group = tested.param_groups[0]
+    lr, eps, wd, (beta1, beta2) = group["lr"], group["eps"], group["weight_decay"], group["betas"]
+    decoupled = name == "adamw"
+    second = "max_exp_avg_sq" if group.get("amsgrad") else "exp_avg_sq"
+    m_fresh = strategy in ("reset-m-ac", "keep-v")
+    for s in range(1, 6):
+        grads = fixed_grads(model, 10 + s)
+        theta = [p.detach().clone() for p in models[2].parameters()]
+        step_with(models[0], fresh, grads), step_with(models[1], reloaded, grads)
+        d_t = step_with(models[2], tested, grads)
+        for i in range(len(d_t)):
+            p_f, p_r = list(models[0].parameters())[i], list(models[1].parameters())[i]
+            m = (fresh.state[p_f] if m_fresh else reloaded.state[p_r])["exp_avg"]
+            v = (reloaded.state[p_r] if m_fresh else fresh.state[p_f])[second]
+            a_m, a_v = (s, T + s) if m_fresh else (T + s, s)
+            expected = -lr * (m / (1 - beta1**a_m)) / ((v / (1 - beta2**a_v)).sqrt() + eps)
+            expected = expected - (lr * wd * theta[i] if decoupled else 0)
+            torch.testing.assert_close(d_t[i], expected, rtol=1e-9, atol=1e-14)
+    assert group["lr"] == lr and group["eps"] == eps and group["weight_decay"] == wd
+
+
+def _radam_rect(t, beta2):
+    rho_inf = 2 / (1 - beta2) - 1
+    rho = rho_inf - 2 * t * beta2**t / (1 - beta2**t)
+    if rho <= 5:
+        return None
+    return ((rho - 4) * (rho - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho)) ** 0.5
+
+
+@pytest.mark.parametrize("strategy", ["reset-v-ac", "keep-v", "reset-m-ac", "reset-step"])
+def test_radam_rectification_follows_the_age_of_v(strategy):
+    """RAdam, stepped for real: the step is lr m/(1 - beta1^a_m) * r(a_v) sqrt(1 - beta2^a_v)/(sqrt(v) + eps)
+    once rho(a_v) > 5, else lr m/(1 - beta1^a_m) with no adaptivity. reset-v-ac: v is new (a_v = s), so
+    the first steps are un-rectified; keep-v keeps v's age (rectified at once); reset-step (Adam-Rel)
+    restarts both ages, so its first steps are un-rectified although v is mature."""
+    model, opt = model_and_optimizer("radam", steps=30, dtype=torch.float64)
+    saved = opt.state_dict()
+    T = float(saved["state"][0]["step"])
+    models = [copy.deepcopy(model) for _ in range(3)]
+    fresh, reloaded, tested = (OPTIMIZERS["radam"](m.parameters()) for m in models)
+    reloaded.load_state_dict(copy.deepcopy(saved))
+    tested.load_state_dict(copy.deepcopy(apply_strategy(saved, strategy, kind="radam")))
+    attach(tested)
+    group = tested.param_groups[0]
+    lr, eps, (beta1, beta2) = group["lr"], group["eps"], group["betas"]
+    m_fresh = strategy in ("reset-m-ac", "keep-v")
+    v_fresh = strategy == "reset-v-ac"
+    rectified_seen = set()
+    for s in range(1, 8):
+        grads = fixed_grads(model, 10 + s)
+        step_with(models[0], fresh, grads), step_with(models[1], reloaded, grads)
+        d_t = step_with(models[2], tested, grads)
+        a_m = s if (m_fresh or strategy == "reset-step") else T + s
+        a_v = s if (v_fresh or strategy == "reset-step") else T + s
+        r = _radam_rect(a_v, beta2)
+        rectified_seen.add(r is not None)
+        for i in range(len(d_t)):
+            p_f, p_r = list(models[0].parameters())[i], list(models[1].parameters())[i]
+            m = (fresh.state[p_f] if m_fresh else reloaded.state[p_r])["exp_avg"]
+            v = (fresh.state[p_f] if v_fresh else reloaded.state[p_r])["exp_avg_sq"]
+            expected = -lr * m / (1 - beta1**a_m)
+            if r is not None:
+                expected = expected * r * (1 - beta2**a_v) ** 0.5 / (v.sqrt() + eps)
+            torch.testing.assert_close(d_t[i], expected, rtol=1e-9, atol=1e-14)
+        assert (
+            float(tested.state[list(models[2].parameters())[0]]["step"])
+            == (0 if strategy in ("keep-v", "reset-step") else T) + s
+        )
+    assert rectified_seen == ({True} if strategy in ("keep-v", "reset-m-ac") else {False, True})
+
+
+def test_keep_v_corrects_each_parameter_from_its_own_step():
+    """A parameter that skipped steps (an MoE expert without tokens) has its own age: keep-v on a
+    group whose parameters have different step counts gives each the correction of its own age."""
+    torch.manual_seed(0)
+    a, b = nn.Parameter(torch.randn(3, dtype=torch.float64)), nn.Parameter(torch.randn(3, dtype=torch.float64))
+    opt = torch.optim.Adam([a, b], lr=1e-2)
+    for k in range(12):
+        a.grad = torch.randn(3, dtype=torch.float64)
+        b.grad = torch.randn(3, dtype=torch.float64) if k % 3 == 0 else None  # b steps 4 times only
+        opt.step()
+    saved = opt.state_dict()
+    new = apply_strategy(saved, "keep-v")
+    assert new["param_groups"][0][AGE_OFFSETS_KEY]["v"] == [12.0, 4.0]
+    opt.load_state_dict(copy.deepcopy(new))
+    attach(opt)
+    g = torch.randn(3, dtype=torch.float64)
+    for p, T in ((a, 12), (b, 4)):
+        before = p.detach().clone()
+        v = 0.999 * saved["state"][0 if p is a else 1]["exp_avg_sq"] + 0.001 * g * g
+        a.grad, b.grad = (g.clone(), None) if p is a else (None, g.clone())
+        opt.step()
+        expected = -1e-2 * g / ((v / (1 - 0.999 ** (T + 1))).sqrt() + 1e-8)
+        torch.testing.assert_close(p.detach() - before, expected, rtol=1e-9, atol=1e-15)
+
+
+def test_adam_rel_is_reset_step_and_age_correct_names_parse():
+    assert str(Strategy.parse("adam-rel")) == "reset-step"
+    assert str(Strategy.parse("reset-v-age-correct:embed")) == "reset-v-ac:embed"
+
+
+def test_age_correct_strategies_are_refused_where_no_moment_has_an_age():
+    _, opt = model_and_optimizer("adamax")
+    with pytest.raises(OstateError, match="no bias correction by age"):
+        apply_strategy(opt.state_dict(), "reset-v-ac", kind="adamax")
+
+
+def test_adadelta_reset_v_is_fresh():
+    """Adadelta's state is its two averages and a step that does not enter the update: reset-v
+    resets both averages, so it steps exactly like fresh."""
+    model, opt = model_and_optimizer("adadelta")
+    twin, twin_opt = copy.deepcopy(model), OPTIMIZERS["adadelta"](copy.deepcopy(model).parameters())
+    twin_opt = OPTIMIZERS["adadelta"](twin.parameters())
+    opt.load_state_dict(apply_strategy(opt.state_dict(), "reset-v", kind="adadelta"))
+    twin_opt.load_state_dict(apply_strategy(twin_opt.state_dict(), "fresh", kind="adadelta"))
+    for k in range(3):
+        grads = fixed_grads(model, k)
+        assert all(torch.equal(x, y) for x, y in zip(step_with(model, opt, grads), step_with(twin, twin_opt, grads)))

@@ -13,6 +13,7 @@ _g = torch.Generator().manual_seed(0)
 SOURCE_MAP = torch.randn(16, 4, generator=_g)
 TARGET_MAP = SOURCE_MAP + 0.5 * torch.randn(16, 4, generator=_g)
 EVAL_X = torch.randn(512, 16, generator=_g)
+VALIDATION_X = torch.randn(512, 16, generator=_g)
 
 
 def make_model() -> nn.Module:
@@ -37,6 +38,21 @@ def loss(model: nn.Module, batch) -> torch.Tensor:
 
 def evaluate(model: nn.Module) -> float:
     return float(loss(model, (EVAL_X, EVAL_X @ TARGET_MAP)))
+
+
+def evaluate_source(model: nn.Module) -> float:
+    """Forgetting: the loss on the source map (optional; every eval step, as source_loss)."""
+    return float(loss(model, (EVAL_X, EVAL_X @ SOURCE_MAP)))
+
+
+def source_batches(batch_size: int, generator: torch.Generator):
+    """Source-task batches, for replay (optional)."""
+    return _batches(SOURCE_MAP, batch_size, generator)
+
+
+def validate(model: nn.Module) -> float:
+    """A validation split apart from evaluate's test data, for --tune (optional)."""
+    return float(loss(model, (VALIDATION_X, VALIDATION_X @ TARGET_MAP)))
 
 
 def pretrain(path: str) -> None:

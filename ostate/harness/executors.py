@@ -10,13 +10,19 @@ caller stores each one at once.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
+import functools
 import hashlib
 import multiprocessing
 import os
 import pickle
+import signal
+import sys
+import sysconfig
 import tempfile
 import traceback
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any, Iterator, Sequence
 
 from ostate.errors import OstateError
@@ -78,15 +84,31 @@ def run_local(jobs: Sequence[Job], *, workers: int) -> Iterator[Outcome]:
             "workers=1 or the Ray executor",
         ) from None
     context = multiprocessing.get_context("spawn")
-    pool = concurrent.futures.ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=context)
+    pool = concurrent.futures.ProcessPoolExecutor(
+        max_workers=min(workers, len(jobs)), mp_context=context, initializer=_ignore_interrupts
+    )
     try:
         futures = [pool.submit(run_job, job) for job in jobs]
         for future in concurrent.futures.as_completed(futures):
             yield future.result()
     except BaseException:
+        # Ctrl-C (or an error here): the workers ignore SIGINT, so the parent alone decides;
+        # it stops them at once, which ends their unfinished trials (none of which is stored).
+        processes = list((getattr(pool, "_processes", None) or {}).values())
         pool.shutdown(wait=False, cancel_futures=True)
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            process.join(timeout=10)
         raise
     pool.shutdown(wait=True)
+
+
+def _ignore_interrupts() -> None:
+    """In a pool worker: leave Ctrl-C to the parent (a terminal sends SIGINT to the whole
+    process group; a worker that raised KeyboardInterrupt would print a traceback and leave
+    the pool waiting for a result that never comes)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def run_ray(jobs: Sequence[Job], *, address: str | None = None, num_cpus: int | None = None) -> Iterator[Outcome]:
@@ -113,6 +135,10 @@ def run_ray(jobs: Sequence[Job], *, address: str | None = None, num_cpus: int | 
         )
     pending: dict[Any, Job] = {}
     try:
+        for module in user_modules(jobs[0].task) if jobs else ():
+            # the workers may not have the user's task module (a spec's folder is on this
+            # process's sys.path only): its functions travel by value with each job
+            ray.cloudpickle.register_pickle_by_value(module)
         sources = {path: ray.put(_read(path)) for path in {job.source for job in jobs}}
         remote = ray.remote(_run_on_ray)
         pending = {remote.options(num_cpus=job.threads).remote(job, sources[job.source]): job for job in jobs}
@@ -131,6 +157,29 @@ def run_ray(jobs: Sequence[Job], *, address: str | None = None, num_cpus: int | 
     finally:
         if started:
             ray.shutdown()
+
+
+def user_modules(task: Task) -> list[ModuleType]:
+    """The modules of a task's parts that are the user's own: neither ostate's nor installed
+    (site-packages) nor the standard library's. Ray ships these by value to its workers."""
+    installed = {os.path.realpath(p) for p in (sysconfig.get_paths()["purelib"], sysconfig.get_paths()["stdlib"])}
+    found: dict[str, ModuleType] = {}
+    for field in dataclasses.fields(task):
+        part = getattr(task, field.name)
+        while isinstance(part, functools.partial):
+            part = part.func
+        if not callable(part):
+            continue
+        name = getattr(part, "__module__", None) or ""
+        module = sys.modules.get(name)
+        path = getattr(module, "__file__", None)
+        if module is None or not path or name.split(".")[0] in ("ostate", "ostate_cli", "__main__"):
+            continue
+        real = os.path.realpath(path)
+        if any(real.startswith(root + os.sep) for root in installed):
+            continue
+        found[name] = module
+    return list(found.values())
 
 
 def _read(path: str) -> bytes:

@@ -16,7 +16,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from ostate.errors import OstateError
-from ostate.harness.summary import CELL, Summary
+from ostate.harness.summary import CELL, Summary, _cell_label
 from ostate.plots.style import LINESTYLES, OKABE_ITO, panel_grid, save_figure
 
 MAX_PANELS = 12
@@ -39,14 +39,13 @@ def colours(strategies: Sequence[str], baseline: str) -> dict[str, tuple[str, st
     return out
 
 
-def _cells(frame: pd.DataFrame) -> list[tuple]:
-    cells = sorted({tuple(row) for row in frame[list(CELL)].itertuples(index=False, name=None)})
+def _cells(frame: pd.DataFrame, keys: Sequence[str] = CELL) -> list[tuple]:
+    cells = sorted({tuple(row) for row in frame[list(keys)].itertuples(index=False, name=None)})
     return cells[:MAX_PANELS]
 
 
-def _cell_title(cell: tuple) -> str:
-    lr, warmup, batch, schedule, steps = cell
-    return f"lr={lr:g}, warmup={warmup}, batch={batch}, {schedule}"
+def _cell_title(cell: tuple, keys: Sequence[str] = CELL) -> str:
+    return _cell_label({k: v for k, v in zip(keys, cell) if k != "steps"})
 
 
 def _strategies(summary: Summary) -> list[str]:
@@ -98,10 +97,10 @@ def _line_panels(
     if curves.empty:
         raise OstateError("nothing to plot: no finished trials")
     style = colours(_strategies(summary), summary.baseline)
-    cells = _cells(curves)
+    cells = _cells(curves, summary.cell)
     fig, axes = panel_grid(len(cells))
     for ax, cell in zip(axes, cells):
-        mine = curves[(curves[list(CELL)] == pd.Series(cell, index=list(CELL))).all(axis=1)]
+        mine = curves[(curves[list(summary.cell)] == pd.Series(cell, index=list(summary.cell))).all(axis=1)]
         start = mine[mine["step"] == mine["step"].min()]["mean"].max()
         top = start + 0.1 * (start - mine["mean"].min()) if cap_at_start else math.inf
         for strategy, line in mine.groupby("strategy", sort=False):
@@ -113,7 +112,7 @@ def _line_panels(
             inside = mine.groupby("strategy").filter(lambda line, top=top: line["mean"].max() <= top)
             bottom = min(inside["mean"].min(), inside["lo"].min() if inside["lo"].notna().any() else math.inf)
             ax.set_ylim(bottom - 0.05 * (top - bottom), top)
-        ax.set_title(_cell_title(cell), fontsize=9)
+        ax.set_title(_cell_title(cell, summary.cell), fontsize=9)
         ax.set_xlabel("fine-tuning step")
         ax.set_ylabel(ylabel)
         if log:
@@ -133,13 +132,15 @@ def plot_final(summary: Summary, path: str | os.PathLike, *, title: str = "") ->
     if table.empty:
         raise OstateError("nothing to plot: no finished trials")
     style = colours(_strategies(summary), summary.baseline)
-    cells = _cells(table)
+    cells = _cells(table, summary.cell)
     fig = Figure(
         figsize=(9.5, 0.6 + 0.42 * len(_strategies(summary)) * len(cells) + 0.8 * len(cells)), layout="constrained"
     )
     axes = fig.subplots(len(cells), 2, squeeze=False)
     for (left, right), cell in zip(axes, cells):
-        mine = table[(table[list(CELL)] == pd.Series(cell, index=list(CELL))).all(axis=1)].reset_index(drop=True)
+        mine = table[(table[list(summary.cell)] == pd.Series(cell, index=list(summary.cell))).all(axis=1)].reset_index(
+            drop=True
+        )
         names = list(mine["strategy"])
         ys = list(range(len(names)))[::-1]
         for y, (_, row) in zip(ys, mine.iterrows()):
@@ -148,12 +149,13 @@ def plot_final(summary: Summary, path: str | os.PathLike, *, title: str = "") ->
             left.errorbar(row["final_mean"], y, xerr=err if row["n"] > 1 else None, fmt="o", color=colour, capsize=3)
         left.set_yticks(ys, names)
         left.set_xlabel("final eval loss (mean, 95% CI)")
-        left.set_title(_cell_title(cell), fontsize=9)
+        left.set_title(_cell_title(cell, summary.cell), fontsize=9)
         left.grid(axis="x", alpha=0.3)
         paired = summary.paired
         if not paired.empty:
             paired = paired[
-                (paired["quantity"] == "final") & (paired[list(CELL)] == pd.Series(cell, index=list(CELL))).all(axis=1)
+                (paired["quantity"] == "final")
+                & (paired[list(summary.cell)] == pd.Series(cell, index=list(summary.cell))).all(axis=1)
             ]
         for y, name in zip(ys, names):
             row = paired[paired["strategy"] == name] if not paired.empty else paired
@@ -178,11 +180,48 @@ def plot_final(summary: Summary, path: str | os.PathLike, *, title: str = "") ->
     return save_figure(fig, path)
 
 
+def plot_pareto(summary: Summary, path: str | os.PathLike, *, title: str = "") -> str:
+    """Forgetting against learning, per cell: each strategy's final target loss (x) and final
+    source loss (y), mean and 95% CI over seeds. Down and to the left is better on both; a
+    strategy to the left of the baseline but above it won on the target by forgetting more."""
+    table = summary.strategies
+    if "source_final_mean" not in table:
+        raise OstateError("nothing to plot: the trials have no source evaluation")
+    cells = _cells(table, summary.cell)
+    fig, axes = panel_grid(len(cells))
+    style = colours(_strategies(summary), summary.baseline)
+    for ax, cell in zip(axes, cells):
+        mine = table[(table[list(summary.cell)] == pd.Series(cell, index=list(summary.cell))).all(axis=1)]
+        for _, row in mine.iterrows():
+            colour, _ = style[row["strategy"]]
+            x, y = row["final_mean"], row["source_final_mean"]
+            xerr = [[x - row["final_lo"]], [row["final_hi"] - x]] if not math.isnan(row["final_lo"]) else None
+            yerr = (
+                [[y - row["source_final_lo"]], [row["source_final_hi"] - y]]
+                if not math.isnan(row["source_final_lo"])
+                else None
+            )
+            ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt="o", color=colour, capsize=3, label=row["strategy"])
+        ax.set_xlabel("final target (eval) loss")
+        ax.set_ylabel("final source loss (forgetting)")
+        ax.set_title(_cell_title(cell, summary.cell), fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title or "Target against source loss (mean, 95% CI over seeds)", fontsize=11)
+    return save_figure(fig, path)
+
+
 def write_plots(summary: Summary, directory: str | os.PathLike, *, fmt: str = "png", title: str = "") -> list[str]:
-    """All three figures into ``directory``: ``eval_loss.<fmt>``, ``final_loss.<fmt>``, ``update_rms.<fmt>``."""
+    """The figures into ``directory``: ``eval_loss.<fmt>``, ``final_loss.<fmt>``, ``update_rms.<fmt>``
+    and, where the trials evaluated on source data, ``pareto.<fmt>`` (target against source loss)."""
     directory = os.fspath(directory)
     prefix = f"{title}: " if title else ""
-    return [
+    pareto = []
+    if "source_final_mean" in summary.strategies and summary.strategies["source_final_mean"].notna().any():
+        pareto = [
+            plot_pareto(summary, os.path.join(directory, f"pareto.{fmt}"), title=f"{prefix}target against source loss")
+        ]
+    return pareto + [
         plot_curves(
             summary, os.path.join(directory, f"eval_loss.{fmt}"), title=f"{prefix}eval loss (mean, 95% CI over seeds)"
         ),

@@ -14,7 +14,8 @@ from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+
+from ostate.harness.progress import Progress
 
 
 def decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -55,7 +56,7 @@ def pretrain(
     betas: tuple[float, float] = (0.9, 0.999),
     clip: float | None = None,
     description: str = "pretraining",
-    progress: bool = True,
+    progress: bool | str = True,
 ) -> dict[str, Any]:
     """Train ``model`` for ``steps`` steps on ``batches`` and return the checkpoint dict
     (``clip``: the gradients' global norm is clipped to it, as LLM training does).
@@ -72,7 +73,7 @@ def pretrain(
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, warmup=warmup, steps=steps))
     stream = iter(batches)
     model.train()
-    with tqdm(total=steps, desc=description, unit="step", disable=not progress, leave=False, delay=1.0) as bar:
+    with Progress(steps, description, enabled=progress, unit="step") as bar:
         for _ in range(steps):
             value = loss(model, next(stream))
             optimizer.zero_grad(set_to_none=True)
@@ -81,8 +82,7 @@ def pretrain(
                 torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
             optimizer.step()
             schedule.step()
-            bar.update(1)
-            bar.set_postfix(loss=f"{value.item():.3f}", refresh=False)
+            bar.update(f"loss {value.item():.3f}")
     return {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),

@@ -7,16 +7,17 @@ import os
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from tqdm.auto import tqdm
+import torch
 
 from ostate.errors import OstateError
 from ostate.harness.executors import EXECUTORS, Job, default_threads, execute
+from ostate.harness.progress import Progress
 from ostate.harness.source import Source, load_source
 from ostate.harness.store import ResultsStore
 from ostate.harness.summary import Summary, summarize_trials
 from ostate.harness.task import Task, resolve_source
 from ostate.harness.transfer import load_weights, optimizer_like_source, transfer_state
-from ostate.harness.trial import TrialConfig
+from ostate.harness.trial import TrialConfig, trial_context
 from ostate.outputs import atomic_path
 from ostate.reset.strategies import STRATEGIES, Strategy, apply_strategy, optimizer_kind
 
@@ -25,8 +26,9 @@ DEFAULT_STRATEGIES = STRATEGIES
 
 @dataclass
 class Sweep:
-    """The grid of trials: every strategy x seed x lr x warmup x batch size, each run for
-    ``steps`` steps with evaluation every ``eval_every`` steps."""
+    """The grid of trials: every strategy x seed x lr x warmup x batch size (x grad_clip x beta2
+    x replay, the knobs of :class:`TrialConfig`, 0 meaning off), each run for ``steps`` steps
+    with evaluation every ``eval_every`` steps."""
 
     strategies: Sequence[str] = DEFAULT_STRATEGIES
     seeds: Sequence[int] = (0, 1, 2)
@@ -36,6 +38,9 @@ class Sweep:
     steps: int = 200
     eval_every: int = 20
     schedule: str = "cosine"
+    grad_clip: Sequence[float] = (0.0,)
+    beta2: Sequence[float] = (0.0,)
+    replay: Sequence[float] = (0.0,)
 
     def configs(self) -> list[TrialConfig]:
         """Every trial of the grid, strategies outermost.
@@ -57,8 +62,13 @@ class Sweep:
                 steps=self.steps,
                 eval_every=self.eval_every,
                 schedule=self.schedule,
+                grad_clip=float(clip),
+                beta2=float(beta2),
+                replay=float(replay),
             )
-            for s, lr, w, b, seed in itertools.product(strategies, self.lr, self.warmup, self.batch_size, self.seeds)
+            for s, lr, w, b, clip, beta2, replay, seed in itertools.product(
+                strategies, self.lr, self.warmup, self.batch_size, self.grad_clip, self.beta2, self.replay, self.seeds
+            )
         ]
 
 
@@ -72,7 +82,9 @@ class Spec:
     ``workers``, default one per core) or
     ``ray`` (``address`` to join a cluster); ``threads`` torch threads per trial
     (default: cores / workers locally, 1 on Ray); ``target_loss`` for steps-to-target
-    (default: the baseline's mean final eval loss).
+    (default: the baseline's mean final eval loss); ``tune`` compares each strategy at its
+    own best ``lr`` and ``warmup`` of the sweep (selected on the task's validation split,
+    reported on its test split: :func:`~ostate.harness.summary.select_tuned`).
     """
 
     task: Task
@@ -88,12 +100,14 @@ class Spec:
     baseline: str = "reload"
     plots: bool = True
     plot_format: str = "png"
-    progress: bool = True
+    tune: bool = False
+    progress: bool | str = True  # "bar", "lines" (plain lines for a log) or False
 
 
 @dataclass
 class Results:
-    """What :func:`run` did: how many trials ran or were skipped, which failed, the summary and files."""
+    """What :func:`run` did: how many trials ran, were skipped (done before) or left to another
+    process on the same store (``busy``), which failed, the summary and files."""
 
     store: str
     source: str
@@ -102,6 +116,7 @@ class Results:
     failed: list[tuple[TrialConfig, str]]
     summary: Summary | None
     files: list[str] = field(default_factory=list)
+    busy: int = 0  # trials another process on the same store had claimed (it runs them)
 
 
 def run(spec: Spec) -> Results:
@@ -124,40 +139,51 @@ def run(spec: Spec) -> Results:
         >>> run(spec).ran  # finished trials are skipped
         0
     """
+    if spec.tune and spec.task.validate is None:
+        raise OstateError(
+            f"--tune selects on a validation split, but task '{spec.task.name}' has none",
+            hint="give the task validate(model) (TOML: validate = 'module:function'); every built-in task has one",
+        )
     if spec.executor not in EXECUTORS:
         raise OstateError(f"unknown executor '{spec.executor}'", hint=f"choose one of: {', '.join(EXECUTORS)}")
     configs = spec.sweep.configs()  # bad settings fail here, before any pretraining
     task = spec.task
     source_path = resolve_source(task, spec.cache_dir)
     source = load_source(source_path, optimizer_index=task.source_optimizer)
-    if task.trainer is None:  # a trainer task's model is built by its trainer, in the trial
-        check_strategies(task, source, [c.strategy for c in configs])
+    # a trainer task's model is built by its trainer, in the trial
+    optimizer = check_strategies(task, source, [c.strategy for c in configs]) if task.trainer is None else None
     workers = spec.workers or (os.cpu_count() or 1)
     threads = spec.threads or (default_threads(workers) if spec.executor == "local" else 1)
+    context = trial_context(task, optimizer, threads)
 
-    ids = {c: c.trial_id(task.name, source.fingerprint) for c in configs}
+    ids = {c: c.trial_id(task.name, source.fingerprint, context) for c in configs}
     failed: list[tuple[TrialConfig, str]] = []
     with ResultsStore(spec.store) as store:
         done = store.done_ids()
         todo = [c for c in configs if ids[c] not in done]
+        claimed = set(store.claim([ids[c] for c in todo]))
+        busy = [c for c in todo if ids[c] not in claimed]  # another process runs them
+        todo = [c for c in todo if ids[c] in claimed]
         jobs = [Job(task, source_path, c, threads) for c in todo]
-        bar = tqdm(total=len(jobs), desc=f"{task.name} trials", unit="trial", disable=not spec.progress or not jobs)
-        with bar:
-            for outcome in execute(jobs, executor=spec.executor, workers=workers, address=spec.address):
-                config = outcome.job.config
-                if outcome.result is not None:
-                    store.save(outcome.result, source=source.fingerprint)
-                else:
-                    store.save_failure(
-                        ids[config],
-                        task.name,
-                        config,
-                        source=source.fingerprint,
-                        error=outcome.error or "unknown error",
-                    )
-                    failed.append((config, outcome.error or "unknown error"))
-                bar.update(1)
-                bar.set_postfix_str(f"{config.strategy} seed {config.seed}", refresh=False)
+        try:
+            with Progress(len(jobs), f"{task.name} trials", enabled=spec.progress) as bar:
+                for outcome in execute(jobs, executor=spec.executor, workers=workers, address=spec.address):
+                    config = outcome.job.config
+                    if outcome.result is not None:
+                        store.save(outcome.result, source=source.fingerprint)
+                    else:
+                        store.save_failure(
+                            ids[config],
+                            task.name,
+                            config,
+                            source=source.fingerprint,
+                            error=outcome.error or "unknown error",
+                        )
+                        failed.append((config, outcome.error or "unknown error"))
+                    store.release([ids[config]])
+                    bar.update(f"{config.strategy} seed {config.seed}")
+        finally:
+            store.release()
         wanted = set(ids.values())
         trials = store.trials()
         trials = trials[trials["trial_id"].isin(wanted)]
@@ -172,17 +198,20 @@ def run(spec: Spec) -> Results:
             baseline=spec.baseline,
             target=spec.target_loss,
             order=[str(Strategy.parse(s)) for s in spec.sweep.strategies],
+            tune=spec.tune,
         )
         if spec.out is not None:
             files = write_outputs(summary, spec.out, fmt=spec.plot_format if spec.plots else None, title=task.name)
     ran = len(todo) - len(failed)
-    return Results(os.fspath(spec.store), source_path, ran, len(configs) - len(todo), failed, summary, files)
+    skipped = len(configs) - len(todo) - len(busy)
+    return Results(os.fspath(spec.store), source_path, ran, skipped, failed, summary, files, busy=len(busy))
 
 
-def check_strategies(task: Task, source: Source, strategies: Sequence[str]) -> None:
+def check_strategies(task: Task, source: Source, strategies: Sequence[str]) -> torch.optim.Optimizer:
     """Apply each strategy once to the source state, before any trial runs, so that a strategy
     that cannot apply (``reset-v`` on SGD, a regex that matches nothing) stops the ablation
-    with one clear error instead of failing in every trial."""
+    with one clear error instead of failing in every trial. Returns the fine-tuning optimizer
+    it built (its hyperparameters enter the trial ids)."""
     model = task.model()
     load_weights(model, source)
     optimizer = (task.optimizer or optimizer_like_source(source))(model, 1e-3)
@@ -192,6 +221,7 @@ def check_strategies(task: Task, source: Source, strategies: Sequence[str]) -> N
             apply_strategy(transfer.state_dict, strategy, names=transfer.names, kind=optimizer_kind(optimizer))
         except OstateError as e:
             raise OstateError(f"strategy '{strategy}': {e}", where=source.path) from None
+    return optimizer
 
 
 def write_outputs(

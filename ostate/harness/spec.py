@@ -11,6 +11,9 @@
     source = "source.pt"         # weights + optimizer state: any checkpoint ostate inspect reads
     source_optimizer = 0         # which optimizer, when the source holds several
     optimizer = "mytask:make_optimizer"   # optional
+    source_evaluate = "mytask:evaluate_source"   # optional: held-out source data (forgetting)
+    source_batches = "mytask:source_batches"     # optional: source data for replay
+    validate = "mytask:validate"                 # optional: a validation split (for --tune)
     # or a built-in task:  builtin = "code-to-prose"   (pretrain_steps = 1500)
 
     [sweep]                      # every key optional
@@ -21,7 +24,10 @@
     batch_size = [32]
     steps = 200
     eval_every = 20
-    schedule = "cosine"
+    schedule = "cosine"          # constant, wsd, continue
+    grad_clip = 0                # max gradient norm (0: off); a list sweeps it
+    beta2 = 0                    # the fine-tuning optimizer's beta2 (0: its own)
+    replay = 0                   # fraction of steps on source data
 
     [run]                        # every key optional
     store = "ablation/results.sqlite"
@@ -53,7 +59,17 @@ from ostate.harness.run import Spec, Sweep
 from ostate.harness.task import Task
 from ostate.harness.tasks import builtin_task
 
-_TASK_CALLABLES = ("model", "train_batches", "loss", "evaluate", "optimizer", "pretrain")
+_TASK_CALLABLES = (
+    "model",
+    "train_batches",
+    "loss",
+    "evaluate",
+    "optimizer",
+    "pretrain",
+    "source_evaluate",
+    "source_batches",
+    "validate",
+)
 _TASK_KEYS = {
     "name",
     "source",
@@ -67,7 +83,7 @@ _TASK_KEYS = {
 }
 _SWEEP_KEYS = {f.name for f in dataclasses.fields(Sweep)}
 _RUN_KEYS = {f.name for f in dataclasses.fields(Spec)} - {"task", "sweep"}
-_LISTS = ("strategies", "seeds", "lr", "warmup", "batch_size")
+_LISTS = ("strategies", "seeds", "lr", "warmup", "batch_size", "grad_clip", "beta2", "replay")
 
 
 def load_spec(path: str | os.PathLike) -> Spec:

@@ -12,12 +12,21 @@ Two tables (stdlib ``sqlite3``, no server):
 
 A trial is written in one transaction when it finishes, so an interrupted run leaves
 only whole trials behind, and a rerun skips every ``done`` trial (failed ones run again).
+
+A third table, ``claims`` (``trial_id`` key, ``owner`` = ``host:pid``, ``claimed``), makes
+two processes on one store share the work: a process runs only the trials it claimed
+(one ``INSERT`` each, atomic in SQLite), and releases its claims when it stops; a claim
+of a process that is gone (same host, no such pid) is taken over.
+
+Columns added by later versions (the knobs ``grad_clip``, ``beta2``, ``replay``) are
+added to an older store on opening, with 0 (off) for its trials.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import socket
 import sqlite3
 import time
 from dataclasses import asdict, fields
@@ -31,7 +40,15 @@ from ostate.outputs import atomic_path
 
 SCHEMA_VERSION = 1
 CONFIG_COLUMNS = tuple(f.name for f in fields(TrialConfig))
-_SQL_TYPES = {"strategy": "TEXT", "schedule": "TEXT", "lr": "REAL"}
+_SQL_TYPES = {
+    "strategy": "TEXT",
+    "schedule": "TEXT",
+    "lr": "REAL",
+    "grad_clip": "REAL",
+    "beta2": "REAL",
+    "replay": "REAL",
+}
+_ADDED_COLUMNS = ("grad_clip", "beta2", "replay")  # columns newer than the first schema (default 0)
 
 
 class ResultsStore:
@@ -71,7 +88,15 @@ class ResultsStore:
                 "metric TEXT NOT NULL, grp INTEGER NOT NULL, value REAL)"
             )
             self._db.execute("CREATE INDEX IF NOT EXISTS records_by_trial ON records (trial_id, metric)")
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS claims (trial_id TEXT PRIMARY KEY, owner TEXT NOT NULL, claimed REAL NOT NULL)"
+            )
+            have = {row[1] for row in self._db.execute("PRAGMA table_info(trials)")}
+            for column in _ADDED_COLUMNS:
+                if column not in have:
+                    self._db.execute(f"ALTER TABLE trials ADD COLUMN {column} {_SQL_TYPES[column]} NOT NULL DEFAULT 0")
             self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        self.owner = f"{socket.gethostname()}:{os.getpid()}"
 
     def close(self) -> None:
         self._db.close()
@@ -81,6 +106,35 @@ class ResultsStore:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+    def claim(self, trial_ids: list[str]) -> list[str]:
+        """Claim trials for this process; returns those it got (not done, not claimed by a live
+        process). Each claim is one atomic insert, so two processes never get the same trial."""
+        got = []
+        for trial_id in trial_ids:
+            with self._db:
+                self._db.execute("BEGIN IMMEDIATE")
+                row = self._db.execute("SELECT owner FROM claims WHERE trial_id = ?", (trial_id,)).fetchone()
+                if row is not None and row[0] != self.owner and _alive(row[0]):
+                    continue
+                done = self._db.execute(
+                    "SELECT 1 FROM trials WHERE trial_id = ? AND status = 'done'", (trial_id,)
+                ).fetchone()
+                if done:
+                    continue
+                self._db.execute("INSERT OR REPLACE INTO claims VALUES (?, ?, ?)", (trial_id, self.owner, time.time()))
+                got.append(trial_id)
+        return got
+
+    def release(self, trial_ids: Iterable[str] | None = None) -> None:
+        """Give back this process's claims (all of them when ``trial_ids`` is None)."""
+        with self._db:
+            if trial_ids is None:
+                self._db.execute("DELETE FROM claims WHERE owner = ?", (self.owner,))
+            else:
+                self._db.executemany(
+                    "DELETE FROM claims WHERE trial_id = ? AND owner = ?", [(t, self.owner) for t in trial_ids]
+                )
 
     def done_ids(self) -> set[str]:
         """The ids of the trials that finished."""
@@ -129,9 +183,9 @@ class ResultsStore:
         return pd.read_sql_query(query + " ORDER BY r.rowid", self._db, params=params)
 
     def table(self) -> pd.DataFrame:
-        """Every record with its trial's task, source and settings: the export's layout."""
-        trials = self.trials()[["trial_id", "task", "source", *CONFIG_COLUMNS]]
-        return trials.merge(self.records(), on="trial_id", how="inner")
+        """Every record with its trial's columns (task, source, settings, status, info,
+        finished): the export's layout."""
+        return self.trials().merge(self.records(), on="trial_id", how="inner")
 
     def export(self, path: str | os.PathLike) -> str:
         """Write :meth:`table` to ``path`` (``.csv`` or ``.parquet``, atomically); returns the path."""
@@ -155,3 +209,17 @@ class ResultsStore:
                         "writing Parquet needs pyarrow", where=path, hint="pip install pyarrow (or export to .csv)"
                     ) from None
         return path
+
+
+def _alive(owner: str) -> bool:
+    """Whether the process that holds a claim still runs (a claim from another host counts as alive)."""
+    host, _, pid = owner.rpartition(":")
+    if host != socket.gethostname():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except (ProcessLookupError, ValueError):
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -38,6 +38,17 @@ class Task:
     - ``defaults``: sweep values the command line uses unless told otherwise
       (``lr``, ``batch_size``, ``steps``, ...).
 
+    Optional parts (every built-in task has them; a user's task may leave them out):
+
+    - ``source_evaluate(model)``: the loss (or mapping with ``loss``) on held-out *source*
+      data, called at every eval step beside ``evaluate`` and recorded as ``source_loss``
+      (``source_<name>``): the forgetting side of the answer;
+    - ``source_batches(batch_size, generator)``: source training batches, for
+      ``TrialConfig.replay`` (a fraction of the steps trains on a source batch);
+    - ``validate(model)``: a validation split, recorded as ``val_loss`` (``val_<name>``);
+      ``ostate ablate --tune`` selects each strategy's learning rate on it and reports
+      ``evaluate`` (then the test split) at the selected one.
+
     Trials run by one's own trainer (:mod:`ostate.harness.trainers`): ``trainer(config,
     callbacks)`` builds a Hugging Face ``Trainer`` (``trainer_kind="hf"``) or returns
     Lightning's ``(trainer, module, *fit_args)`` (``trainer_kind="lightning"``) with
@@ -63,6 +74,9 @@ class Task:
     fingerprint: str = ""
     description: str = ""
     defaults: Mapping[str, Any] = field(default_factory=dict)
+    source_evaluate: Evaluate | None = None
+    source_batches: Batches | None = None
+    validate: Evaluate | None = None
 
 
 def default_cache_dir() -> str:
@@ -104,10 +118,12 @@ def trainer_task(
     *,
     kind: str,
     source_optimizer: int | None = None,
+    source_evaluate: Evaluate | None = None,
     defaults: Mapping[str, Any] | None = None,
 ) -> Task:
     """A task whose trials are run by one's own trainer (``kind``: ``hf`` or ``lightning``),
-    resumed from the checkpoint ``source`` that trainer wrote."""
+    resumed from the checkpoint ``source`` that trainer wrote; ``evaluate(model)`` (and
+    ``source_evaluate``, the forgetting side) are called at the eval steps."""
     if kind not in ("hf", "lightning"):
         raise OstateError(f"unknown trainer kind '{kind}'", hint="hf (transformers.Trainer) or lightning")
     return Task(
@@ -120,6 +136,7 @@ def trainer_task(
         source_optimizer=source_optimizer,
         trainer=trainer,
         trainer_kind=kind,
+        source_evaluate=source_evaluate,
         defaults=dict(defaults or {}),
     )
 

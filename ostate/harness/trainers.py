@@ -35,6 +35,13 @@ def run_with_trainer(task: Task, source: str, config: Any, evaluate: Callable[..
     """Run one trial with the task's trainer; its records and what happened (``info``)."""
     if task.trainer is None:
         raise OstateError(f"task '{task.name}' has no trainer")
+    knobs = [k for k in ("grad_clip", "beta2", "replay") if getattr(config, k, 0)]
+    if knobs:
+        raise OstateError(
+            f"{', '.join(knobs)} cannot be set for a trial run by the task's own trainer",
+            hint="set them in the trainer (TrainingArguments(max_grad_norm=..., adam_beta2=...), "
+            "Lightning's gradient_clip_val)",
+        )
     started = time.perf_counter()
     recorder = StepRecorder(task, config.steps, config.eval_every, evaluate)
     strategy = Strategy.parse(config.strategy)

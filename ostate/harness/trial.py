@@ -6,25 +6,36 @@ swappable part (the task's callables, the strategy, the schedule).
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import inspect
 import json
 import math
+import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 
 from ostate.errors import OstateError
-from ostate.harness.metrics import ALL, Record, evaluation_records, median_effective_lr, rms_by_group
+from ostate.harness.metrics import (
+    ALL,
+    Record,
+    evaluation_records,
+    gradient_to_second_moment,
+    median_effective_lr,
+    rms_by_group,
+)
 from ostate.harness.source import Source, load_source
 from ostate.harness.task import Task
 from ostate.harness.transfer import load_weights, optimizer_like_source, transfer_state
-from ostate.reset.strategies import Strategy, apply_strategy, attach, optimizer_kind, plan
+from ostate.reset.strategies import Strategy, apply_strategy, attach, layout_or_none, optimizer_kind, plan
 
-SCHEDULES = ("constant", "cosine")
+SCHEDULES = ("cosine", "constant", "wsd", "continue")
 COSINE_FLOOR = 0.1
+WSD_DECAY = 0.2  # warmup-stable-decay: the last fifth of the steps decays linearly to the floor
 
 
 @dataclass(frozen=True)
@@ -32,9 +43,19 @@ class TrialConfig:
     """One point of the sweep.
 
     ``lr`` is the peak learning rate, reached after ``warmup`` steps of linear warmup;
-    with ``schedule="cosine"`` it then decays to a tenth of the peak at the last step.
-    The model is evaluated before the first step and every ``eval_every`` steps (and
-    after the last).
+    then ``schedule``: ``cosine`` decays to a tenth of the peak at the last step,
+    ``constant`` stays at the peak, ``wsd`` (warmup-stable-decay, Hägele et al. 2024)
+    stays at the peak and decays linearly to a tenth over the last fifth of the steps,
+    ``continue`` ignores ``lr`` and ``warmup`` and keeps each group at the learning rate
+    the source's optimizer had reached (its saved ``lr``): the "carry on as if nothing
+    changed" baseline. The model is evaluated before the first step and every
+    ``eval_every`` steps (and after the last).
+
+    Knobs: ``grad_clip`` clips the gradients' global norm (HF Trainer clips at 1.0);
+    ``beta2`` sets the fine-tuning optimizer's second beta (LLM practice: 0.95);
+    ``replay`` is the fraction of steps that train on a batch of *source* data
+    (the task's ``source_batches``) instead of target data, drawn per step with the
+    trial's seed.
     """
 
     strategy: str
@@ -45,6 +66,9 @@ class TrialConfig:
     steps: int = 200
     eval_every: int = 20
     schedule: str = "cosine"
+    grad_clip: float = 0.0
+    beta2: float = 0.0
+    replay: float = 0.0
 
     def __post_init__(self) -> None:
         Strategy.parse(self.strategy)
@@ -54,11 +78,77 @@ class TrialConfig:
             raise OstateError(
                 f"invalid trial settings: {self}", hint="steps, eval_every and batch_size >= 1; warmup >= 0; lr > 0"
             )
+        if self.grad_clip < 0 or not 0 <= self.beta2 < 1 or not 0 <= self.replay <= 1:
+            raise OstateError(
+                f"invalid trial settings: {self}",
+                hint="grad_clip >= 0 (0: no clipping); beta2 in [0, 1) (0: the optimizer's own); replay in [0, 1]",
+            )
 
-    def trial_id(self, task: str, source_fingerprint: str) -> str:
-        """A stable identifier of this trial of this task on this source (16 hex digits)."""
-        text = json.dumps({"task": task, "source": source_fingerprint, **asdict(self)}, sort_keys=True)
+    def trial_id(self, task: str, source_fingerprint: str, context: Mapping[str, Any] | None = None) -> str:
+        """A stable identifier of this trial of this task on this source (16 hex digits), with
+        ``context`` (:func:`trial_context`: the task's code, the optimizer's hyperparameters,
+        torch threads and version): everything that changes the trial's numbers."""
+        fields = asdict(self)
+        for knob in ("grad_clip", "beta2", "replay"):  # off: the id of a trial from before the knobs
+            if not fields[knob]:
+                del fields[knob]
+        text = json.dumps(
+            {"task": task, "source": source_fingerprint, **fields, **dict(context or {})}, sort_keys=True, default=str
+        )
         return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def task_code_hash(task: Task) -> str:
+    """A hash of the source code of the modules that define the task's parts (12 hex digits):
+    a change of the task's code gives its trials new ids (``''`` for parts without a file)."""
+    digest = hashlib.sha256()
+    files: set[str] = set()
+    for part in (
+        task.model,
+        task.train_batches,
+        task.loss,
+        task.evaluate,
+        task.optimizer,
+        task.source_evaluate,
+        task.source_batches,
+        task.validate,
+        task.pretrain,
+        task.trainer,
+    ):
+        while isinstance(part, functools.partial):
+            part = part.func
+        module = sys.modules.get(getattr(part, "__module__", "") or "")
+        try:
+            path = inspect.getsourcefile(module) if module is not None else None
+        except TypeError:
+            path = None
+        if path:
+            files.add(path)
+    for path in sorted(files):
+        with open(path, "rb") as f:
+            digest.update(f.read())
+    return digest.hexdigest()[:12] if files else ""
+
+
+def optimizer_hyperparameters(optimizer: torch.optim.Optimizer | None) -> list[dict[str, Any]]:
+    """The fine-tuning optimizer's param groups without their parameters and learning rates
+    (the hyperparameters a trial id covers: betas, eps, weight decay, ...); none for a trainer
+    task, whose trainer builds its optimizer."""
+    if optimizer is None:
+        return []
+    skip = {"params", "param_names", "lr", "initial_lr"}
+    return [{k: v for k, v in group.items() if k not in skip} for group in optimizer.param_groups]
+
+
+def trial_context(task: Task, optimizer: torch.optim.Optimizer | None, threads: int) -> dict[str, Any]:
+    """What besides its settings changes a trial's numbers: the task's code, the optimizer's
+    hyperparameters (before a trial's ``beta2``), torch's thread count and version."""
+    return {
+        "task_code": task_code_hash(task),
+        "optimizer_hyperparameters": optimizer_hyperparameters(optimizer),
+        "threads": threads,
+        "torch_version": torch.__version__,
+    }
 
 
 def lr_factor(step: int, config: TrialConfig) -> float:
@@ -68,11 +158,22 @@ def lr_factor(step: int, config: TrialConfig) -> float:
         >>> c = TrialConfig("reload", 0, 1e-3, warmup=4, steps=10)
         >>> [round(lr_factor(s, c), 3) for s in (1, 4, 5, 10)]
         [0.25, 1.0, 1.0, 0.1]
+        >>> w = TrialConfig("reload", 0, 1e-3, steps=20, schedule="wsd")
+        >>> [round(lr_factor(s, w), 3) for s in (1, 16, 17, 20)]
+        [1.0, 1.0, 0.775, 0.1]
     """
+    if config.schedule == "continue":
+        return 1.0
     if step <= config.warmup:
         return step / config.warmup
     if config.schedule == "constant":
         return 1.0
+    if config.schedule == "wsd":
+        decay = max(1, round(WSD_DECAY * (config.steps - config.warmup)))
+        start = config.steps - decay  # the last stable step
+        if step <= start:
+            return 1.0
+        return 1.0 - (1.0 - COSINE_FLOOR) * (step - start) / decay
     progress = (step - config.warmup - 1) / max(1, config.steps - config.warmup - 1)
     return COSINE_FLOOR + (1 - COSINE_FLOOR) * 0.5 * (1 + math.cos(math.pi * progress))
 
@@ -92,6 +193,8 @@ def run_trial(task: Task, source: Source | str, config: TrialConfig, *, threads:
     """Fine-tune ``task``'s model from ``source`` under ``config``; every record in the result.
 
     With the same ``threads`` (torch's intra-op threads) the result is the same on every run.
+    ``info`` holds what happened, with ``g2_over_v``: each parameter's new gradient square
+    over its loaded second moment at the first step (:func:`gradient_to_second_moment`).
     """
     started = time.perf_counter()
     if threads is not None:
@@ -101,29 +204,63 @@ def run_trial(task: Task, source: Source | str, config: TrialConfig, *, threads:
     if task.trainer is not None:  # the user's own Trainer runs the trial (start-up time: imported when used)
         from ostate.harness.trainers import run_with_trainer
 
+        context = trial_context(task, None, torch.get_num_threads())
         done = run_with_trainer(task, source.path, config, evaluate)
-        return TrialResult(config.trial_id(task.name, source.fingerprint), task.name, config, **done)
+        done["info"].update(context)
+        return TrialResult(config.trial_id(task.name, source.fingerprint, context), task.name, config, **done)
+    if config.replay and task.source_batches is None:
+        raise OstateError(
+            f"replay {config.replay:g} needs source data, but task '{task.name}' has no source_batches",
+            hint="give the task source_batches(batch_size, generator) (TOML: source_batches = 'module:function')",
+        )
 
     model = task.model()
     new_weights = load_weights(model, source)
     optimizer = (task.optimizer or optimizer_like_source(source))(model, config.lr)
+    context = trial_context(task, optimizer, torch.get_num_threads())
+    if config.beta2:
+        for group in optimizer.param_groups:
+            if "betas" not in group:
+                raise OstateError(f"beta2 {config.beta2:g}: the fine-tuning optimizer has no betas")
+            group["betas"] = (group["betas"][0], config.beta2)
     kind = optimizer_kind(optimizer)
     transfer = transfer_state(source, optimizer, model)
     actions = plan(transfer.state_dict, config.strategy, names=transfer.names)
     optimizer.load_state_dict(apply_strategy(transfer.state_dict, config.strategy, names=transfer.names, kind=kind))
     attach(optimizer)
-    peak_lrs = [group["lr"] for group in optimizer.param_groups]
+    if config.schedule == "continue":
+        source_lrs = [g.get("lr") for g in source.optimizer_state["param_groups"]]
+        peak_lrs = [float(source_lrs[min(i, len(source_lrs) - 1)]) for i in range(len(optimizer.param_groups))]
+    else:
+        peak_lrs = [group["lr"] for group in optimizer.param_groups]
+    layout = layout_or_none(kind)
+    v_key = layout.second_moment[0] if layout is not None and layout.second_moment else None
+    name_of = {id(p): n for n, p in model.named_parameters()}
 
     records: list[Record] = []
     batches = endless(task.train_batches, config.batch_size, torch.Generator().manual_seed(config.seed))
+    source_stream = (
+        endless(task.source_batches, config.batch_size, torch.Generator().manual_seed(config.seed + 7919))
+        if config.replay and task.source_batches is not None
+        else None
+    )
+    coin = torch.Generator().manual_seed(config.seed + 104729)
     records += evaluate(task, model, optimizer, kind, step=0)
     diverged_at = None
+    g2_over_v: dict[str, float] = {}
+    replayed = 0
     for step in range(1, config.steps + 1):
         for group, peak in zip(optimizer.param_groups, peak_lrs):
             group["lr"] = peak * lr_factor(step, config)
-        loss = task.loss(model, next(batches))
+        replay = source_stream is not None and float(torch.rand((), generator=coin)) < config.replay
+        replayed += replay
+        loss = task.loss(model, next(source_stream if replay and source_stream is not None else batches))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if config.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        if step == 1:
+            g2_over_v = gradient_to_second_moment(optimizer, name_of, v_key)
         before = [[p.detach().clone() for p in group["params"]] for group in optimizer.param_groups]
         grads = [[p.grad for p in group["params"] if p.grad is not None] for group in optimizer.param_groups]
         optimizer.step()
@@ -149,22 +286,33 @@ def run_trial(task: Task, source: Source | str, config: TrialConfig, *, threads:
         "naming": source.naming_summary(),
         "new_weights": new_weights,
         "diverged_at": diverged_at,
+        "replayed_steps": replayed,
+        "g2_over_v": g2_over_v,
+        **context,
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "wall_s": time.perf_counter() - started,
     }
-    return TrialResult(config.trial_id(task.name, source.fingerprint), task.name, config, records, info)
+    return TrialResult(config.trial_id(task.name, source.fingerprint, context), task.name, config, records, info)
 
 
 def evaluate(
     task: Task, model: torch.nn.Module, optimizer: torch.optim.Optimizer, kind: str, *, step: int
 ) -> list[Record]:
-    """Eval-step records: the task's eval metrics and each group's median effective LR."""
+    """Eval-step records: the task's eval metrics (``eval_``), those on held-out source data
+    (``source_``) and on the validation split (``val_``) where the task has them, and each
+    group's median effective LR."""
     model.eval()
+    records: list[Record] = []
     with torch.no_grad():
-        result = task.evaluate(model)
+        for prefix, part, function in (
+            ("eval", "evaluate", task.evaluate),
+            ("source", "source_evaluate", task.source_evaluate),
+            ("val", "validate", task.validate),
+        ):
+            if function is not None:
+                records += evaluation_records(step, function(model), prefix, part)
     model.train()
-    records = evaluation_records(step, result)
     if step > 0:  # before the first step a reset state may have step 0, where bias correction is undefined
         records += [(step, "eff_lr_p50", g, v) for g, v in median_effective_lr(optimizer, model, kind).items()]
     return records

@@ -218,8 +218,6 @@ RADAM = Family(
         second_moment=("exp_avg_sq",),
         counter=("step",),
         fresh={"exp_avg": fresh_zeros, "exp_avg_sq": fresh_zeros, "step": fresh_zeros},
-        keep_v_refusal="RAdam does not use v at all for its first steps after a step reset (rectification "
-        "while rho_t <= 5), so a kept v cannot act as a mature one; use reset-m (keeps v and step)",
     ),
     notes=(
         "RAdam: rho, rectified and rect_factor are those of the next step (t+1); while not rectified "

@@ -54,10 +54,19 @@ after the change, the step is exactly
 :math:`\hat m_s = m_s/(1-\beta_1^s)`: a fresh, bias-corrected first moment over a
 second moment that keeps its age. Decoupled weight decay :math:`\gamma\lambda` is
 unchanged; L2 weight decay (Adam's and NAdam's default, added to the gradient) is not
-scaled at all. Because the change is per group, every parameter of a group that keep-v
-touches must share one age (the strategy is refused otherwise). Adamax's
-infinity norm has no bias correction, so keep-v needs no hook there; RAdam ignores
-:math:`v` for its first steps after a step reset (rectification), so keep-v is refused.
+scaled at all. The correction is per parameter, from its own step count
+(:func:`attach`). Adamax's infinity norm has no bias correction, so keep-v needs no
+hook there; on RAdam the hook runs the step at v's age, so its rectification follows
+v's age.
+
+**Age-correct strategies.** ``reset-m-ac`` and ``reset-v-ac`` restart one moment and
+bias-correct each moment by its own age (a restarted one from 0, a kept one from its
+saved age), so that the comparison with ``reload`` is not also a comparison of
+effective learning rates; ``keep-v`` is the age-correct form of resetting m and the
+step. The ages are recorded in the param groups (:data:`V_AGE_KEY`,
+:data:`AGE_OFFSETS_KEY`) and applied by :func:`attach`; docs/strategies.md gives the
+first-step arithmetic. ``adam-rel`` (Ellis et al. 2024) is another name of
+``reset-step``; ``fresh`` is the full reset of Asadi et al. 2023.
 """
 
 from __future__ import annotations
@@ -75,9 +84,25 @@ from ostate.optimizers.family import ABSENT, StateLayout
 from ostate.optimizers.identify import identify
 
 STRATEGIES = ("fresh", "reload", "reset-m", "reset-v", "reset-step", "keep-v")
+# The age-correct variants (each moment bias-corrected by its own age; see "Age-correct
+# strategies" below). keep-v is the age-correct form of resetting m and the step.
+AGE_CORRECT_STRATEGIES = ("reset-m-ac", "reset-v-ac")
+ALL_STRATEGIES = STRATEGIES + AGE_CORRECT_STRATEGIES
+# Other names of the same strategies: reset-step is Adam-Rel (Ellis et al. 2024); fresh is
+# the full reset of Asadi et al. 2023.
+ALIASES = {"adam-rel": "reset-step", "reset-m-age-correct": "reset-m-ac", "reset-v-age-correct": "reset-v-ac"}
 
 # The param-group key that records the age of a kept second moment (see keep-v above).
 V_AGE_KEY = "ostate_v_age"
+# The param-group key with per-parameter age offsets, ``{"m": [...], "v": [...]}`` in the
+# order of the group's ``params``: a moment's age is the step counter plus its offset. Written
+# where one group-wide ``ostate_v_age`` cannot say it (age-correct variants, parameters of one
+# group with different step counts); read by :func:`attach`.
+AGE_OFFSETS_KEY = "ostate_age_offsets"
+# How :func:`attach` corrects ages, per optimizer kind: "adam" scales lr, eps and decoupled decay;
+# "nadam" the same with m's correction left to mu_product; "radam" runs the step at v's age
+# (its rectification) and scales lr for m's age.
+AGE_MECHANISM = {"adam": "adam", "adamw": "adam", "nadam": "nadam", "radam": "radam"}
 
 
 @dataclass(frozen=True)
@@ -95,10 +120,12 @@ class Strategy:
     params: str | None = None
 
     def __post_init__(self) -> None:
-        if self.name not in STRATEGIES:
+        if self.name in ALIASES:
+            object.__setattr__(self, "name", ALIASES[self.name])
+        if self.name not in ALL_STRATEGIES:
             raise OstateError(
                 f"unknown strategy '{self.name}'",
-                hint=f"choose one of: {', '.join(STRATEGIES)}, "
+                hint=f"choose one of: {', '.join(ALL_STRATEGIES)} (or {', '.join(ALIASES)}), "
                 "optionally as NAME:REGEX for the parameters whose names match",
             )
         if self.params is not None:
@@ -267,9 +294,7 @@ def apply_strategy(
         new = _transform(dict(saved), action, layout, group_of.get(index, {}), explicit_fresh)
         if new or not (layout is None or layout.lazy_init):
             new_state[index] = new
-    _update_v_age(
-        groups, state_dict.get("state", {}), actions, keep_v_needs_age=bool(layout and layout.v_bias_corrected)
-    )
+    _update_v_age(groups, state_dict.get("state", {}), actions, kind=kind)
     out = {k: v for k, v in state_dict.items() if k not in ("state", "param_groups")}
     out["state"] = new_state
     out["param_groups"] = groups
@@ -296,6 +321,9 @@ def _transform(
             "reset-v": layout.second_moment,
             "reset-step": layout.counter,
             "keep-v": layout.first_moment + layout.counter,
+            # m restarts with its own age: NAdam's mu_product (its m correction) goes with it
+            "reset-m-ac": layout.first_moment + tuple(k for k in layout.counter if k != "step"),
+            "reset-v-ac": layout.second_moment,
         }[action]
     for key in keys:
         if key in state:
@@ -316,15 +344,26 @@ def _check_applies(
         "reset-v": layout.second_moment,
         "reset-step": layout.counter,
         "keep-v": layout.second_moment,
+        "reset-m-ac": layout.first_moment,
+        "reset-v-ac": layout.second_moment,
     }[action]
     if not states:
         return
+    if action in AGE_CORRECT_STRATEGIES and kind not in AGE_MECHANISM:
+        raise OstateError(
+            f"strategy '{action}' does not apply to optimizer kind '{kind}': its moments have no "
+            "bias correction by age to make correct",
+            hint=f"the age-correct strategies apply to: {', '.join(sorted(AGE_MECHANISM))} (AMSGrad too); "
+            f"use {action.removesuffix('-ac')} here",
+        )
     if not set(role) & keys:
         what = {
             "reset-m": "first moment",
             "reset-v": "second moment",
             "reset-step": "step counter",
             "keep-v": "second moment",
+            "reset-m-ac": "first moment",
+            "reset-v-ac": "second moment",
         }[action]
         raise OstateError(
             f"strategy '{action}' does not apply to optimizer kind '{kind}': its state has no {what}",
@@ -352,35 +391,69 @@ def _update_v_age(
     state: Mapping[Any, Mapping[str, Any]],
     actions: Mapping[Any, str],
     *,
-    keep_v_needs_age: bool,
+    kind: str,
 ) -> None:
-    """Write (keep-v), keep (reload, reset-m) or drop (fresh, reset-v, reset-step) each group's
-    second-moment age; refuse a group where one age cannot serve every parameter."""
-    for number, group in enumerate(groups):
-        done = {actions[i] for i in group["params"]}
-        if "keep-v" not in done and V_AGE_KEY not in group:
+    """Each parameter's moment ages after the strategy, written into its group.
+
+    A moment's age is the step counter plus an offset. Per action, from the offsets the
+    state had (``m0``, ``v0``) and the parameter's saved step ``T``: reload keeps both;
+    fresh, reset-step (its bias correction restarts with the counter: Adam-Rel) and a
+    parameter with no state get none; reset-m keeps ``v0`` (torch's one counter then
+    corrects m), reset-v keeps ``m0``; keep-v gives v ``T + v0`` (the counter restarts
+    at 0, v keeps its age); reset-m-ac gives m ``-T`` and reset-v-ac gives v ``-T`` (the
+    counter goes on from ``T``, the reset moment starts at age 0). NAdam's m age is its
+    own ``mu_product`` (reset with m by reset-m-ac), so its m offset stays 0.
+
+    Where every parameter of a group has m offset 0 and one v offset, the group gets
+    ``ostate_v_age`` (the form keep-v always wrote); otherwise ``ostate_age_offsets``.
+    Kinds without bias correction by age (SGD, Adamax, ...) get neither.
+    """
+    mechanism = AGE_MECHANISM.get(kind)
+    for group in groups:
+        old = age_offsets(group)
+        new: list[tuple[float, float]] = []
+        for k, index in enumerate(group["params"]):
+            m0, v0 = old[k]
+            action = actions[index]
+            saved_step = _value(state[index]["step"]) if "step" in state.get(index, {}) else 0.0
+            if action in ("reload",):
+                offsets = (m0, v0)
+            elif action == "reset-m":
+                offsets = (0.0, v0)
+            elif action == "reset-v":
+                offsets = (m0, 0.0)
+            elif action == "keep-v":
+                offsets = (0.0, saved_step + v0)
+            elif action == "reset-m-ac":
+                offsets = (0.0 if mechanism == "nadam" else m0 - saved_step, v0)
+            elif action == "reset-v-ac":
+                offsets = (m0, v0 - saved_step)
+            else:  # fresh, reset-step, none
+                offsets = (0.0, 0.0)
+            new.append(offsets)
+        group.pop(V_AGE_KEY, None)
+        group.pop(AGE_OFFSETS_KEY, None)
+        if mechanism is None or all(o == (0.0, 0.0) for o in new):
             continue
-        if len(done) > 1:
-            example = next(i for i in group["params"] if actions[i] != "keep-v")
-            raise OstateError(
-                f"the bias correction of a kept v is per param group, but group {number} would mix "
-                f"{' and '.join(sorted(done))} (e.g. parameter index {example}: {actions[example]}"
-                + (", i.e. it has no state: frozen or never stepped" if actions[example] == "none" else "")
-                + ")",
-                hint="choose a regex that selects whole param groups, or put new or frozen parameters in a group of "
-                "their own",
-            )
-        action = done.pop()
-        if action in ("fresh", "reset-v", "reset-step"):
-            group.pop(V_AGE_KEY, None)
-        elif action == "keep-v" and keep_v_needs_age:
-            ages = {_value(state[i]["step"]) for i in group["params"]}
-            if len(ages) != 1:
-                raise OstateError(
-                    f"keep-v: the parameters of group {number} have different step counts {sorted(ages)}",
-                    hint="one age of v per param group is needed for its bias correction",
-                )
-            group[V_AGE_KEY] = ages.pop() + float(group.get(V_AGE_KEY, 0.0))
+        if all(m == 0 for m, _ in new) and len({v for _, v in new}) == 1:
+            group[V_AGE_KEY] = new[0][1]
+        else:
+            group[AGE_OFFSETS_KEY] = {"m": [m for m, _ in new], "v": [v for _, v in new]}
+
+
+def age_offsets(group: Mapping[str, Any]) -> list[tuple[float, float]]:
+    """Each parameter's ``(m, v)`` age offsets in ``group`` (zeros where none are recorded).
+
+    Example:
+        >>> age_offsets({"params": [0, 1], V_AGE_KEY: 20.0})
+        [(0.0, 20.0), (0.0, 20.0)]
+    """
+    n = len(group["params"])
+    base = float(group.get(V_AGE_KEY, 0.0) or 0.0)
+    table = group.get(AGE_OFFSETS_KEY) or {}
+    ms = [float(x) for x in table.get("m", [0.0] * n)]
+    vs = [float(x) for x in table.get("v", [0.0] * n)]
+    return [(m, base + v) for m, v in zip(ms, vs)]
 
 
 def _value(x: Any) -> float:
@@ -402,21 +475,21 @@ def v_age_factor(group: Mapping[str, Any], step: float) -> float:
     return ((1 - beta2 ** (age + step)) / (1 - beta2**step)) ** 0.5
 
 
-@dataclass
-class _Saved:
-    lr: Any
-    eps: Any
-    weight_decay: Any
-
-
 def attach(optimizer: torch.optim.Optimizer) -> Callable[[], None]:
-    """Make ``optimizer`` honour ``ostate_v_age`` (written by keep-v) exactly; returns a
-    function that detaches the hooks. Groups without the key are not touched.
+    """Make ``optimizer`` bias-correct each moment by its own age (the ages keep-v and the
+    age-correct strategies record in the param groups); returns a function that detaches
+    the hooks. Parameters without a recorded age are stepped exactly as torch steps them.
 
-    Call it once after ``load_state_dict``; it reads the key at every step, so it also
-    serves a state loaded later. Each step it scales the group's ``lr`` and ``eps`` by
-    :func:`v_age_factor` and a decoupled ``weight_decay`` (AdamW's) by its inverse, and
-    restores them after.
+    Call it once after ``load_state_dict``; it reads the ages at every step, so it also
+    serves a state loaded later. For each parameter, with torch's counter ``t`` for the
+    step about to be taken and ages ``a_m = t + m offset``, ``a_v = t + v offset``
+    (:func:`age_offsets`), the step runs in a temporary param group of its own with
+    (Adam, AdamW, AMSGrad) ``lr * k * c``, ``eps * c`` and a decoupled ``weight_decay / (k c)``
+    where ``k = (1 - beta1^t) / (1 - beta1^a_m)`` and ``c = sqrt((1 - beta2^a_v) / (1 - beta2^t))``;
+    NAdam the same with ``k = 1`` (its m is corrected by its own ``mu_product``); RAdam
+    with its counter set to ``a_v`` for the step (so the rectification follows v's age),
+    ``lr * (1 - beta1^a_v) / (1 - beta1^a_m)`` and the decoupled decay divided by the same.
+    The groups and counters are restored after the step. See docs/strategies.md.
 
     Example:
         >>> p = torch.nn.Parameter(torch.ones(2)); opt = torch.optim.Adam([p])
@@ -424,30 +497,51 @@ def attach(optimizer: torch.optim.Optimizer) -> Callable[[], None]:
         >>> opt.load_state_dict(apply_strategy(opt.state_dict(), "keep-v"))
         >>> detach = attach(opt); p.grad = torch.ones(2); opt.step(); detach()
     """
-    saved: dict[int, _Saved] = {}
+    mechanism = AGE_MECHANISM.get(optimizer_kind(optimizer))
+    saved_groups: list[list[dict[str, Any]]] = []
+    counters: list[tuple[Any, float]] = []
 
     def before(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        for number, group in enumerate(opt.param_groups):
-            if not group.get(V_AGE_KEY):
+        if mechanism is None or not any(V_AGE_KEY in g or AGE_OFFSETS_KEY in g for g in opt.param_groups):
+            return
+        decoupled_default = isinstance(opt, torch.optim.AdamW)
+        new_groups: list[dict[str, Any]] = []
+        for group in opt.param_groups:
+            if not (group.get(V_AGE_KEY) or group.get(AGE_OFFSETS_KEY)):
+                new_groups.append(group)
                 continue
-            steps = [opt.state[p]["step"] for p in group["params"] if "step" in opt.state.get(p, {})]
-            c = v_age_factor(group, _value(steps[0]) + 1 if steps else 1.0)
-            saved[number] = _Saved(group["lr"], group["eps"], group.get("weight_decay", 0.0))
-            group["lr"] = group["lr"] * c
-            group["eps"] = group["eps"] * c
-            # Decoupled decay (AdamW; NAdam/Adam with decoupled_weight_decay) shrinks the weights
-            # by lr * weight_decay, so it gets 1/c back; L2 decay (Adam's default) is added to
-            # the gradient, which enters m and v unscaled, so it stays as it is.
-            if "weight_decay" in group and group.get("decoupled_weight_decay", isinstance(opt, torch.optim.AdamW)):
-                group["weight_decay"] = group["weight_decay"] / c
+            beta1, beta2 = group["betas"]
+            parts: dict[tuple[float, float], list[Any]] = {}
+            for p, (m_off, v_off) in zip(group["params"], age_offsets(group)):
+                state = opt.state.get(p, {})
+                t = _value(state["step"]) + 1 if "step" in state else 1.0
+                a_m, a_v = t + m_off, t + v_off
+                if mechanism == "radam":
+                    if a_v != t:
+                        counters.append((p, t - 1))
+                        _set_step(state, a_v - 1)
+                    k, c = (1 - beta1**a_v) / (1 - beta1**a_m), 1.0
+                else:
+                    k = 1.0 if mechanism == "nadam" else (1 - beta1**t) / (1 - beta1**a_m)
+                    c = ((1 - beta2**a_v) / (1 - beta2**t)) ** 0.5
+                parts.setdefault((k, c), []).append(p)
+            for (k, c), params in parts.items():
+                part = {**group, "params": params, "lr": group["lr"] * k * c, "eps": group["eps"] * c}
+                # Decoupled decay (AdamW; decoupled_weight_decay=True) shrinks the weights by lr * weight_decay,
+                # so it gets 1/(k c) back; L2 decay (Adam's default) is added to the gradient, which enters
+                # m and v unscaled, so it stays as it is.
+                if "weight_decay" in group and group.get("decoupled_weight_decay", decoupled_default):
+                    part["weight_decay"] = group["weight_decay"] / (k * c)
+                new_groups.append(part)
+        saved_groups.append(opt.param_groups)
+        opt.param_groups = new_groups
 
     def after(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        for number, values in saved.items():
-            group = opt.param_groups[number]
-            group["lr"], group["eps"] = values.lr, values.eps
-            if "weight_decay" in group:
-                group["weight_decay"] = values.weight_decay
-        saved.clear()
+        if saved_groups:
+            opt.param_groups = saved_groups.pop()
+        for p, step in counters:
+            _set_step(opt.state[p], step + 1)
+        counters.clear()
 
     handles = [optimizer.register_step_pre_hook(before), optimizer.register_step_post_hook(after)]
 
@@ -456,3 +550,10 @@ def attach(optimizer: torch.optim.Optimizer) -> Callable[[], None]:
             handle.remove()
 
     return detach
+
+
+def _set_step(state: dict[str, Any], value: float) -> None:
+    if isinstance(state["step"], torch.Tensor):
+        state["step"].fill_(value)
+    else:
+        state["step"] = value

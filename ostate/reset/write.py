@@ -58,7 +58,7 @@ from ostate.formats.deepspeed.write import rewrite_partitions, rewrite_universal
 from ostate.formats.torch_save.write import rewrite_torch_file
 from ostate.loading import load, selected_optimizers
 from ostate.outputs import atomic_directory, check_output
-from ostate.reset.strategies import V_AGE_KEY, Strategy, apply_strategy, layout_of, plan
+from ostate.reset.strategies import AGE_MECHANISM, V_AGE_KEY, Strategy, apply_strategy, layout_of, plan
 from ostate.state import Checkpoint, OptimizerState, ParamState, TensorRef
 
 FILE_FORMATS = ("torch", "lightning", "safetensors")
@@ -101,7 +101,8 @@ class ResetResult:
 
         Only keep-v of a family whose ``v`` is bias-corrected records one (Adamax's infinity
         norm and RMSprop's average have no bias correction: nothing to attach)."""
-        return any("keep-v" in o.actions.values() and _records_v_age(o.kind) for o in self.optimizers)
+        aged = {"keep-v", "reset-m-ac", "reset-v-ac"}
+        return any(aged & set(o.actions.values()) and o.kind in AGE_MECHANISM for o in self.optimizers)
 
 
 def _records_v_age(kind: str) -> bool:

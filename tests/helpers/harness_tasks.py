@@ -83,3 +83,17 @@ def failing_batches(batch_size: int, generator: torch.Generator) -> Iterator:
     if generator.initial_seed() == 1:
         raise RuntimeError("data for seed 1 is unavailable")
     return target_batches(batch_size, generator)
+
+
+def source_batches(batch_size: int, generator: torch.Generator) -> Iterator:
+    return batches(W_SOURCE, batch_size, generator)
+
+
+def evaluate_source(model: nn.Module) -> float:
+    """Forgetting: the loss on the source map."""
+    return float(mse(model, (EVAL_X, EVAL_X @ W_SOURCE)))
+
+
+def validate(model: nn.Module) -> float:
+    x = EVAL_X.flip(0) * 0.5
+    return float(mse(model, (x, x @ W_TARGET)))

@@ -30,7 +30,7 @@ PRETRAIN_STEPS = {"code-to-prose": 1500, "gpt-code-to-prose": 1000, "sans-to-ser
 
 
 def builtin_task(
-    name: str, *, pretrain_steps: int | None = None, progress: bool = True, new_head: bool = False
+    name: str, *, pretrain_steps: int | None = None, progress: bool | str = True, new_head: bool = False
 ) -> Task:
     """A built-in task by name; ``pretrain_steps`` sets how long its source model trains;
     ``new_head`` fine-tunes a new output layer (``gpt-code-to-prose`` only).
@@ -52,6 +52,9 @@ def builtin_task(
             train_batches=code_to_prose.prose_batches,
             loss=code_to_prose.next_char_loss,
             evaluate=code_to_prose.evaluate_prose,
+            source_evaluate=code_to_prose.evaluate_code,
+            source_batches=code_to_prose.code_batches,
+            validate=code_to_prose.validate_prose,
             description="character transformer: stdlib source code -> English help text",
             defaults={"lr": 1e-3, "batch_size": 32, "steps": 200, "eval_every": 20},
         )
@@ -62,9 +65,12 @@ def builtin_task(
             train_batches=gpt_code_to_prose.prose_batches,
             loss=code_to_prose.next_char_loss,
             evaluate=gpt_code_to_prose.evaluate_prose,
+            source_evaluate=gpt_code_to_prose.evaluate_code,
+            source_batches=gpt_code_to_prose.code_batches,
+            validate=gpt_code_to_prose.validate_prose,
             description="GPT-style transformer (4.8 M parameters, LLM settings): stdlib source code -> English help text"
             + (", new output layer" if new_head else ""),
-            defaults={"lr": 3e-4, "batch_size": 16, "steps": 200, "eval_every": 20, "warmup": 20},
+            defaults={"lr": 3e-4, "batch_size": 16, "steps": 200, "eval_every": 20, "warmup": 20, "grad_clip": 1.0},
         )
     else:
         module = sans_to_serif
@@ -73,6 +79,9 @@ def builtin_task(
             train_batches=sans_to_serif.target_batches,
             loss=sans_to_serif.classification_loss,
             evaluate=sans_to_serif.evaluate_target,
+            source_evaluate=sans_to_serif.evaluate_source,
+            source_batches=sans_to_serif.source_batches,
+            validate=sans_to_serif.validate_target,
             description="glyph CNN: sans-serif fonts -> serif fonts (36 classes)",
             defaults={"lr": 1e-3, "batch_size": 32, "steps": 200, "eval_every": 20},
         )

@@ -1,15 +1,18 @@
 """Built-in task ``code-to-prose``: a character model pretrained on Python code, fine-tuned on English.
 
 Source domain: the Python standard library's own ``.py`` files (the top-level modules
-of this interpreter's stdlib, about 4.7 MB on CPython 3.11). Target domain: the
-English prose of the interpreter's help topics (``pydoc_data.topics``, the text
-``help('assert')`` shows: about 0.46 MB). Both ship with every CPython, so the task
-runs offline. Text is read as ASCII (other characters become ``?``); every fifth
-help topic (sorted by name) is held out for evaluation.
+of this interpreter's stdlib, about 4.7 MB on CPython 3.11); every tenth file (sorted
+by name) is held out of pretraining, and the forgetting eval (``source_loss``) is on
+it. Target domain: the English prose of the interpreter's help topics
+(``pydoc_data.topics``, the text ``help('assert')`` shows: about 0.46 MB). Both ship
+with every CPython, so the task runs offline. Text is read as ASCII (other characters
+become ``?``); every fifth help topic (sorted by name) is held out of fine-tuning, and
+those alternate between the test split (``evaluate``) and the validation split
+(``validate``, for ``--tune``).
 
 The model is a small causal transformer (2 blocks, width 64, 4 heads, 64 characters
 of context, about 110k parameters); the eval loss is the mean cross-entropy in nats
-per character over 64 fixed windows (4,096 characters) of the held-out topics.
+per character over 64 fixed windows (4,096 characters) of the held-out text.
 """
 
 from __future__ import annotations
@@ -76,9 +79,10 @@ def encode(text: str) -> torch.Tensor:
     return torch.frombuffer(bytearray(text.encode("ascii", errors="replace")), dtype=torch.uint8).long()
 
 
-@functools.lru_cache(maxsize=1)
-def stdlib_code() -> torch.Tensor:
-    """The top-level modules of this interpreter's standard library, concatenated in name order."""
+@functools.lru_cache(maxsize=2)
+def stdlib_code(held_out: bool = False) -> torch.Tensor:
+    """The top-level modules of this interpreter's standard library, concatenated in name order:
+    every tenth file (``held_out=True``) or the others (pretraining data)."""
     directory = sysconfig.get_paths()["stdlib"]
     files = sorted(glob.glob(os.path.join(directory, "*.py")))
     if not files:
@@ -88,15 +92,16 @@ def stdlib_code() -> torch.Tensor:
             hint="the code-to-prose task needs the stdlib's .py files",
         )
     parts = []
-    for path in files:
+    for path in [f for i, f in enumerate(files) if (i % 10 == 0) == held_out]:
         with open(path, encoding="utf-8", errors="replace") as f:
             parts.append(f.read())
     return encode("\n\n".join(parts))
 
 
 @functools.lru_cache(maxsize=1)
-def help_prose() -> tuple[torch.Tensor, torch.Tensor]:
-    """``(train, eval)``: the interpreter's help topics, every fifth topic held out for evaluation."""
+def help_prose() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(train, test, validation)``: the interpreter's help topics; every fifth topic is held
+    out, the held-out ones alternating between test and validation."""
     try:
         # a large module, and some Pythons lack it: only for this task
         from pydoc_data.topics import topics
@@ -107,8 +112,9 @@ def help_prose() -> tuple[torch.Tensor, torch.Tensor]:
         ) from None
     names = sorted(topics)
     train = "\n\n".join(topics[n] for i, n in enumerate(names) if i % 5)
-    held_out = "\n\n".join(topics[n] for i, n in enumerate(names) if i % 5 == 0)
-    return encode(train), encode(held_out)
+    test = "\n\n".join(topics[n] for i, n in enumerate(names) if i % 10 == 0)
+    validation = "\n\n".join(topics[n] for i, n in enumerate(names) if i % 10 == 5)
+    return encode(train), encode(test), encode(validation)
 
 
 def random_windows(text: torch.Tensor, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
@@ -131,24 +137,39 @@ def code_batches(batch_size: int, generator: torch.Generator) -> Iterator[torch.
     return random_windows(stdlib_code(), batch_size, generator)
 
 
-def evaluate_prose(model: nn.Module) -> dict[str, float]:
-    """Mean next-character cross-entropy (nats) over fixed, evenly spaced held-out windows."""
-    held_out = help_prose()[1]
+def held_out_loss(model: nn.Module, held_out: torch.Tensor) -> dict[str, float]:
+    """Mean next-character cross-entropy (nats) over fixed, evenly spaced windows of ``held_out``."""
     starts = torch.linspace(0, len(held_out) - CONTEXT - 2, EVAL_WINDOWS).long()
     batch = torch.stack([held_out[s : s + CONTEXT + 1] for s in starts.tolist()])
     return {"loss": float(next_char_loss(model, batch))}
+
+
+def evaluate_prose(model: nn.Module) -> dict[str, float]:
+    """The test split: held-out help topics."""
+    return held_out_loss(model, help_prose()[1])
+
+
+def validate_prose(model: nn.Module) -> dict[str, float]:
+    """The validation split: other held-out help topics."""
+    return held_out_loss(model, help_prose()[2])
+
+
+def evaluate_code(model: nn.Module) -> dict[str, float]:
+    """Forgetting: the source domain's held-out files (never pretrained on)."""
+    return held_out_loss(model, stdlib_code(held_out=True))
 
 
 def data_fingerprint() -> str:
     """Identifies this interpreter's data (the cached source model depends on it)."""
     digest = hashlib.sha256()
     digest.update(stdlib_code().numpy().tobytes())
+    digest.update(stdlib_code(held_out=True).numpy().tobytes())
     for part in help_prose():
         digest.update(part.numpy().tobytes())
     return digest.hexdigest()[:12]
 
 
-def pretrain_source(path: str, *, steps: int, progress: bool = True) -> Any:
+def pretrain_source(path: str, *, steps: int, progress: bool | str = True) -> Any:
     """Pretrain the model on stdlib code and save the checkpoint at ``path``."""
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)

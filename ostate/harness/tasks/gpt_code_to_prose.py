@@ -1,8 +1,9 @@
 """Built-in task ``gpt-code-to-prose``: the code-to-prose transfer at a realistic shape and with LLM settings.
 
-The same data as ``code-to-prose`` (source: the Python standard library's own code;
-target: the English prose of the interpreter's help topics, every fifth topic held
-out; both ship with CPython, :mod:`ostate.harness.tasks.code_to_prose`), with a
+The same data and splits as ``code-to-prose`` (source: the Python standard library's
+own code, every tenth file held out for the forgetting eval; target: the English prose
+of the interpreter's help topics, every fifth topic held out, alternately test and
+validation; both ship with CPython, :mod:`ostate.harness.tasks.code_to_prose`), with a
 GPT-style model of about 4.8 M parameters (6 pre-norm blocks, width 256, 8 heads,
 128 characters of context) trained the way language models are: AdamW with
 beta2 = 0.95 and weight decay 0.1 (none on biases and norms), linear warmup then
@@ -77,18 +78,21 @@ def _held_out_loss(model: nn.Module, text: torch.Tensor) -> dict[str, float]:
 
 
 def evaluate_prose(model: nn.Module) -> dict[str, float]:
-    """Mean next-character cross-entropy (nats) over fixed, evenly spaced windows of the held-out topics."""
+    """The test split (held-out help topics, as code-to-prose's): mean next-character cross-entropy in nats."""
     return _held_out_loss(model, help_prose()[1])
 
 
+def validate_prose(model: nn.Module) -> dict[str, float]:
+    """The validation split: other held-out help topics."""
+    return _held_out_loss(model, help_prose()[2])
+
+
 def evaluate_code(model: nn.Module) -> dict[str, float]:
-    """The same on the source domain: the last 5% of the stdlib code, which pretraining samples too
-    (so it measures how much of what the model knew the fine-tuning forgets)."""
-    code = stdlib_code()
-    return _held_out_loss(model, code[int(len(code) * 0.95) :])
+    """Forgetting: the source domain's held-out stdlib files (never pretrained on)."""
+    return _held_out_loss(model, stdlib_code(held_out=True))
 
 
-def pretrain_source(path: str, *, steps: int, progress: bool = True) -> Any:
+def pretrain_source(path: str, *, steps: int, progress: bool | str = True) -> Any:
     """Pretrain the model on stdlib code with LLM settings and save the checkpoint at ``path``."""
     torch.manual_seed(0)
     checkpoint = pretrain(

@@ -118,7 +118,7 @@ def hf_text_task(
         description=f"{kind} from {checkpoint}: {os.path.basename(parts.train)} -> {os.path.basename(parts.eval)}",
         defaults={"lr": 5e-5, "batch_size": 8, "steps": 200, "eval_every": 20},
     )
-    if parts.source_eval and hasattr(task, "source_evaluate"):
+    if parts.source_eval:
         task.source_evaluate = parts.source_evaluate
     return task
 

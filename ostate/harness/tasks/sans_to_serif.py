@@ -10,7 +10,10 @@ Each glyph is rendered once (FreeType, via matplotlib's ``FT2Font``), cropped an
 centred on a 28 x 28 canvas; batches apply a random affine map (rotation within
 +-12 degrees, scale 0.85-1.15, shear, shift) and pixel noise, so every batch is new.
 The eval loss is the cross-entropy on 720 fixed target-domain samples (20 per class,
-drawn with a seed no trial uses); the accuracy is recorded beside it.
+drawn with a seed no trial uses); the accuracy is recorded beside it. The validation
+split (``validate``, for ``--tune``) is 720 other target samples (another seed); the
+forgetting eval (``source_loss``) is 720 fixed source-domain samples drawn with a
+seed pretraining never used (new augmentations of the source fonts).
 
 The model is a small CNN (two 3x3 conv layers, a 64-unit hidden layer; about 106k parameters).
 """
@@ -38,6 +41,8 @@ TARGET_FONTS = ("DejaVuSerif.ttf", "STIXGeneral.ttf", "cmr10.ttf", "cmb10.ttf")
 SIZE = 28
 EVAL_PER_CLASS = 20
 EVAL_SEED = 1_000_003
+VALIDATION_SEED = 1_000_033
+SOURCE_EVAL_SEED = 1_000_037
 
 
 class GlyphCNN(nn.Module):
@@ -131,23 +136,37 @@ def classification_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tenso
     return F.cross_entropy(model(images), labels)
 
 
-@functools.lru_cache(maxsize=1)
-def eval_set() -> tuple[torch.Tensor, torch.Tensor]:
-    images, labels = glyphs("target")
-    generator = torch.Generator().manual_seed(EVAL_SEED)
+@functools.lru_cache(maxsize=3)
+def eval_set(domain: str = "target", seed: int = EVAL_SEED) -> tuple[torch.Tensor, torch.Tensor]:
+    """``EVAL_PER_CLASS`` fixed augmented samples per class of a domain, drawn with ``seed``."""
+    images, labels = glyphs(domain)
+    generator = torch.Generator().manual_seed(seed)
     per_class = [torch.nonzero(labels == c).flatten() for c in range(len(CLASSES))]
     pick = torch.cat([rows[torch.randint(len(rows), (EVAL_PER_CLASS,), generator=generator)] for rows in per_class])
     return augment(images[pick], generator), labels[pick]
 
 
-def evaluate_target(model: nn.Module) -> dict[str, float]:
-    """Cross-entropy and accuracy on the fixed target-domain eval set."""
-    images, labels = eval_set()
+def _scores(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
     logits = model(images)
     return {
         "loss": float(F.cross_entropy(logits, labels)),
         "accuracy": float((logits.argmax(1) == labels).float().mean()),
     }
+
+
+def evaluate_target(model: nn.Module) -> dict[str, float]:
+    """Cross-entropy and accuracy on the fixed target-domain eval set (the test split)."""
+    return _scores(model, *eval_set("target", EVAL_SEED))
+
+
+def validate_target(model: nn.Module) -> dict[str, float]:
+    """The same on the validation split (other target samples)."""
+    return _scores(model, *eval_set("target", VALIDATION_SEED))
+
+
+def evaluate_source(model: nn.Module) -> dict[str, float]:
+    """Forgetting: the same on fixed source-domain samples."""
+    return _scores(model, *eval_set("source", SOURCE_EVAL_SEED))
 
 
 def data_fingerprint() -> str:
@@ -157,7 +176,7 @@ def data_fingerprint() -> str:
     return digest.hexdigest()[:12]
 
 
-def pretrain_source(path: str, *, steps: int, progress: bool = True) -> Any:
+def pretrain_source(path: str, *, steps: int, progress: bool | str = True) -> Any:
     """Pretrain the CNN on the sans-serif fonts and save the checkpoint at ``path``."""
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)
