@@ -165,3 +165,14 @@ def test_a_model_that_does_not_fit_the_source_is_refused_naming_both_sides(tmp_p
     torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, tmp_path / "ckpt.pt")
     with pytest.raises(OstateError, match=r"none of the fine-tuning model's 4 parameters.*model has 0\.weight"):
         ablate(tmp_path, tmp_path / "ckpt.pt", lambda: nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 3)), 4)
+
+
+def test_a_folder_source_travels_to_ray_workers_as_an_archive_and_reads_the_same(gpt2_run):
+    from ostate.harness.executors import _read, local_source
+
+    packed = _read(str(gpt2_run.checkpoint))
+    here = local_source(packed)
+    assert local_source(packed) == here  # written once per content
+    original, copy = load_source(gpt2_run.checkpoint), load_source(here)
+    assert original.fingerprint == copy.fingerprint
+    assert sorted(original.names.values()) == sorted(copy.names.values())
