@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,8 +76,15 @@ def make_hf_folder(directory: Path, *, steps: int = 6, tokenizer_in_checkpoint: 
 
     torch.manual_seed(0)
     tok = train_tokenizer(directory / "tokenizer")
-    config = GPT2Config(vocab_size=len(tok), n_positions=64, n_embd=32, n_layer=2, n_head=2)
-    config.bos_token_id = config.eos_token_id = tok.eos_token_id
+    config = GPT2Config(
+        vocab_size=len(tok),
+        n_positions=64,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        bos_token_id=tok.eos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
     model = GPT2LMHeadModel(config)
     ids = tok(python_code())["input_ids"]
     args = TrainingArguments(
@@ -126,6 +132,24 @@ def make_hf_folder(directory: Path, *, steps: int = 6, tokenizer_in_checkpoint: 
     )
 
 
-def free_env() -> dict[str, str]:
-    """The environment for a subprocess that must not reach any hub."""
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+def classifier_folder(directory: Path) -> Path:
+    """A GPT-2 sequence classifier (3 labels, named) saved with its tokenizer, and a .jsonl of labelled texts."""
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    tok = train_tokenizer(directory)
+    config = GPT2Config(
+        vocab_size=len(tok),
+        n_positions=64,
+        n_embd=16,
+        n_layer=1,
+        n_head=2,
+        num_labels=3,
+        id2label={0: "code", 1: "prose", 2: "other"},
+        label2id={"code": 0, "prose": 1, "other": 2},
+        pad_token_id=tok.pad_token_id,
+    )
+    GPT2ForSequenceClassification(config).save_pretrained(directory)
+    with open(directory / "labelled.jsonl", "w") as f:
+        for i, line in enumerate(python_code(2_000).splitlines()[:12]):
+            f.write(json.dumps({"text": line or "pass", "label": "code" if i % 2 else 2}) + "\n")
+    return directory
