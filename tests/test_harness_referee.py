@@ -303,4 +303,5 @@ def test_the_ray_executor_ships_a_task_module_the_workers_cannot_import(source, 
         )
     )
     assert result.ran == 1 and not result.failed, result.failed
+    assert list(result.summary.strategies["strategy"]) == ["reload"]  # stored under this process's id
     sys.modules.pop("my_referee_task", None)

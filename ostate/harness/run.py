@@ -170,6 +170,9 @@ def run(spec: Spec) -> Results:
                 for outcome in execute(jobs, executor=spec.executor, workers=workers, address=spec.address):
                     config = outcome.job.config
                     if outcome.result is not None:
+                        # this process's id is the one claimed and summarised (a Ray worker that got the
+                        # task's module by value cannot hash its file)
+                        outcome.result.trial_id = ids[config]
                         store.save(outcome.result, source=source.fingerprint)
                     else:
                         store.save_failure(
