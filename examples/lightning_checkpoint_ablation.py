@@ -7,7 +7,7 @@ on a nearby map, keep the optimizer state or reset it?
 1. ``StrategyCallback`` alone: resume your own ``Trainer.fit(ckpt_path=...)`` with the
    strategy applied to the restored optimizer state (what you would do in production);
 2. the harness running your Trainer for each trial (``trainer_task(kind="lightning")``),
-   two strategies x two seeds, with the statistics;
+   two strategies, one seed;
 3. the same checkpoint with the harness's own loop (any checkpoint ostate reads is a source).
 
 Runs in well under a minute on a CPU; every file goes under ./lightning-ablation-example.
@@ -103,7 +103,7 @@ def main() -> None:
     # 2. The harness runs your Trainer for each trial: Trainer.fit(ckpt_path=checkpoint).
     spec = Spec(
         trainer_task("regressor-lightning", make_trainer, target_loss, checkpoint, kind="lightning"),
-        Sweep(strategies=["reload", "fresh"], seeds=[0, 1], steps=30, eval_every=10),
+        Sweep(strategies=["reload", "fresh"], seeds=[0], steps=30, eval_every=10),
         store=os.path.join(OUT, "trainer", "results.sqlite"),
         out=None,
         workers=1,
