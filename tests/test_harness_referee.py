@@ -305,3 +305,9 @@ def test_the_ray_executor_ships_a_task_module_the_workers_cannot_import(source, 
     assert result.ran == 1 and not result.failed, result.failed
     assert list(result.summary.strategies["strategy"]) == ["reload"]  # stored under this process's id
     sys.modules.pop("my_referee_task", None)
+
+
+def test_the_continue_schedule_keeps_the_sources_learning_rate_per_group(source):
+    result = run_trial(_task(source), source, TrialConfig("reload", 0, 1e-3, steps=2, schedule="continue"), threads=1)
+    lrs = {(step, g): v for step, name, g, v in result.records if name == "lr"}
+    assert lrs == {(1, 0): 1e-2, (1, 1): 1e-2, (2, 0): 1e-2, (2, 1): 1e-2}  # the source's AdamW ran at 1e-2

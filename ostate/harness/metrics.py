@@ -93,7 +93,7 @@ def gradient_to_second_moment(
     Example:
         >>> p = torch.nn.Parameter(torch.zeros(2)); opt = torch.optim.Adam([p])
         >>> p.grad = torch.ones(2); opt.step(); p.grad = torch.full((2,), 2.0)
-        >>> gradient_to_second_moment(opt, {id(p): "w"}, "exp_avg_sq")  # v = 0.001 at age 1: v_hat = 1
+        >>> {k: round(v, 4) for k, v in gradient_to_second_moment(opt, {id(p): "w"}, "exp_avg_sq").items()}
         {'w': 4.0}
     """
     out: dict[str, float] = {}

@@ -201,7 +201,8 @@ def plot_pareto(summary: Summary, path: str | os.PathLike, *, title: str = "") -
                 if not math.isnan(row["source_final_lo"])
                 else None
             )
-            ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt="o", color=colour, capsize=3, label=row["strategy"])
+            label = row["strategy"] + (f" ({row['failed']}/{row['n']} failed)" if row["failed"] else "")
+            ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt="o", color=colour, capsize=3, label=label)
         ax.set_xlabel("final target (eval) loss")
         ax.set_ylabel("final source loss (forgetting)")
         ax.set_title(_cell_title(cell, summary.cell), fontsize=9)

@@ -228,9 +228,13 @@ def run_trial(task: Task, source: Source | str, config: TrialConfig, *, threads:
     actions = plan(transfer.state_dict, config.strategy, names=transfer.names)
     optimizer.load_state_dict(apply_strategy(transfer.state_dict, config.strategy, names=transfer.names, kind=kind))
     attach(optimizer)
-    if config.schedule == "continue":
-        source_lrs = [g.get("lr") for g in source.optimizer_state["param_groups"]]
-        peak_lrs = [float(source_lrs[min(i, len(source_lrs) - 1)]) for i in range(len(optimizer.param_groups))]
+    if config.schedule == "continue":  # each group at the saved lr of the source group its parameters were in
+        source_lrs = [float(g["lr"]) for g in source.optimizer_state["param_groups"]]
+        group_of, name_of_param = source.group_by_name(), {id(p): n for n, p in model.named_parameters()}
+        peak_lrs = []
+        for group in optimizer.param_groups:
+            saved = [group_of[name_of_param[id(p)]] for p in group["params"] if name_of_param[id(p)] in group_of]
+            peak_lrs.append(source_lrs[saved[0]] if saved else source_lrs[0])
     else:
         peak_lrs = [group["lr"] for group in optimizer.param_groups]
     layout = layout_or_none(kind)
