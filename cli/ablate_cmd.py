@@ -104,14 +104,40 @@ def _numbers(text: str | None, kind: type, option: str) -> list | None:
 )
 @click.option(
     "--source",
+    type=click.Path(readable=False, path_type=str),
+    help="The source checkpoint (any file or folder ostate inspect reads): for a built-in task "
+    "(default: pretrain one and cache it), or a Hugging Face checkpoint folder with --train and --eval.",
+)
+@click.option(
+    "--train",
+    "train_file",
     type=click.Path(readable=False, dir_okay=False, path_type=str),
-    help="The source checkpoint for a built-in task (default: pretrain one and cache it).",
+    help="With --source HF_FOLDER: the fine-tuning text (.txt, or .jsonl with 'text' [and 'label']).",
+)
+@click.option(
+    "--eval",
+    "eval_file",
+    type=click.Path(readable=False, dir_okay=False, path_type=str),
+    help="With --source HF_FOLDER: held-out target text for the eval loss.",
+)
+@click.option(
+    "--source-eval",
+    "source_eval_file",
+    type=click.Path(readable=False, dir_okay=False, path_type=str),
+    help="With --source HF_FOLDER: held-out source-domain text (how much the fine-tuning forgets).",
+)
+@click.option("--block-size", type=click.IntRange(min=2), help="With --source HF_FOLDER: tokens per window (128).")
+@click.option(
+    "--optimizer-index",
+    type=click.IntRange(min=0),
+    help="The source's optimizer when it holds several (as ostate inspect lists them).",
 )
 @click.option(
     "--cache-dir",
     type=click.Path(readable=False, file_okay=False, path_type=str),
     help="Where pretrained sources are cached (default ~/.cache/ostate, or $OSTATE_CACHE_DIR).",
 )
+@click.option("--new-head", is_flag=True, help="gpt-code-to-prose: fine-tune a new output layer (no state carried).")
 @click.option("--pretrain-steps", type=click.IntRange(min=1), help="Pretraining steps of a built-in task's source.")
 @click.option(
     "--export",
@@ -145,7 +171,13 @@ def ablate(
     store,
     out,
     source,
+    train_file,
+    eval_file,
+    source_eval_file,
+    block_size,
+    optimizer_index,
     cache_dir,
+    new_head,
     pretrain_steps,
     export,
     plot_format,
@@ -162,25 +194,55 @@ def ablate(
         ostate ablate --task code-to-prose --seeds 0,1,2 \\
             --strategies fresh,reload,reset-v,keep-v
 
-    or one's own, described in SPEC.toml (see docs/harness.md).
+    or a Hugging Face checkpoint folder fine-tuned on text files (no code to write):
+
+    \b
+        ostate ablate --source out/checkpoint-500 --train target.txt \\
+            --eval target-eval.txt --strategies reload,fresh,keep-v
+
+    or one's own task, described in SPEC.toml (see docs/harness.md).
     """
-    if bool(spec_file) == bool(task_name):
-        raise click.UsageError("give either SPEC.toml or --task NAME")
+    text_mode = train_file is not None or eval_file is not None
+    if sum(map(bool, (spec_file, task_name, text_mode))) != 1:
+        raise click.UsageError("give SPEC.toml, --task NAME, or --source HF_FOLDER --train FILE --eval FILE")
+    if not text_mode and (source_eval_file or block_size):
+        raise click.UsageError("--source-eval and --block-size go with --train and --eval")
     progress = "bar" if progress_enabled() else "lines"  # a log (nohup, CI) gets plain lines now and then
     if spec_file:
         spec = load_spec(spec_file)
-        if pretrain_steps is not None or source is not None:
-            raise click.UsageError("--source and --pretrain-steps apply to --task; set them in SPEC.toml instead")
+        if pretrain_steps is not None or source is not None or optimizer_index is not None or new_head:
+            raise click.UsageError(
+                "--source, --optimizer-index, --new-head and --pretrain-steps apply to --task; "
+                "set them in SPEC.toml instead"
+            )
     else:
-        task = builtin_task(task_name, pretrain_steps=pretrain_steps, progress=progress)
-        if source is not None:
-            task.source = source
+        if text_mode:
+            if not (source and train_file and eval_file):
+                raise click.UsageError("a Hugging Face checkpoint as a task needs --source, --train and --eval")
+            # start-up time: the text task imports transformers
+            from ostate.harness.tasks.hf_text import hf_text_task
+
+            task = hf_text_task(
+                source,
+                train_file,
+                eval_file,
+                source_eval=source_eval_file,
+                block_size=block_size,
+                optimizer_index=optimizer_index,
+            )
+        else:
+            task = builtin_task(task_name, pretrain_steps=pretrain_steps, progress=progress, new_head=new_head)
+            if source is not None:
+                task.source = source
+            task.source_optimizer = optimizer_index
         defaults = task.defaults
-        out_dir = out or f"ablation-{task_name}"
+        out_dir = out or f"ablation-{task.name}"
         spec = Spec(
             task=task,
             sweep=Sweep(
                 lr=[defaults["lr"]],
+                warmup=[defaults.get("warmup", 0)],
+                grad_clip=[defaults.get("grad_clip", 0.0)],
                 batch_size=[defaults["batch_size"]],
                 steps=defaults["steps"],
                 eval_every=defaults["eval_every"],

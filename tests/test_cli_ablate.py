@@ -95,7 +95,10 @@ def test_ablate_ones_own_task_from_the_example_spec(tmp_path):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["ablate"], "give either SPEC.toml or --task NAME"),
+        (["ablate"], "give SPEC.toml, --task NAME, or --source HF_FOLDER --train FILE --eval FILE"),
+        (["ablate", "--task", "sans-to-serif", "--source-eval", "x.txt"], "--source-eval and --block-size go with"),
+        (["ablate", "--train", "t.txt", "--eval", "e.txt"], "needs --source, --train and --eval"),
+        (["ablate", "--task", "code-to-prose", "--new-head"], "task 'code-to-prose' has no new-head variant"),
         (["ablate", "--task", "sans-to-serif", "--strategies", "reload,reset"], "unknown strategy 'reset'"),
         (["ablate", "--task", "sans-to-serif", "--seeds", "a,b"], "expected comma-separated int values"),
         (["ablate", "--task", "sans-to-serif", "--address", "auto"], "--address needs --executor ray"),

@@ -16,7 +16,7 @@ from ostate.harness.run import Results, Spec, Sweep, run
 from ostate.harness.spec import load_spec
 from ostate.harness.store import ResultsStore
 from ostate.harness.summary import Summary, summarize_trials
-from ostate.harness.task import Task
+from ostate.harness.task import Task, trainer_task
 from ostate.harness.tasks import TASKS, builtin_task
 from ostate.harness.trial import TrialConfig, TrialResult, run_trial
 
@@ -35,4 +35,5 @@ __all__ = [
     "run",
     "run_trial",
     "summarize_trials",
+    "trainer_task",
 ]

@@ -13,12 +13,14 @@ import concurrent.futures
 import dataclasses
 import functools
 import hashlib
+import io
 import multiprocessing
 import os
 import pickle
 import signal
 import sys
 import sysconfig
+import tarfile
 import tempfile
 import traceback
 from dataclasses import dataclass
@@ -28,7 +30,7 @@ from typing import Any, Iterator, Sequence
 from ostate.errors import OstateError
 from ostate.harness.task import Task
 from ostate.harness.trial import TrialConfig, TrialResult, run_trial
-from ostate.outputs import atomic_path
+from ostate.outputs import atomic_directory, atomic_path
 
 EXECUTORS = ("local", "ray")
 
@@ -183,19 +185,39 @@ def user_modules(task: Task) -> list[ModuleType]:
 
 
 def _read(path: str) -> bytes:
+    """A source checkpoint as bytes: a file's content, or a folder as an uncompressed tar archive."""
+    if os.path.isdir(path):
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w") as archive:
+            archive.add(path, arcname=".")
+        return _FOLDER + buffer.getvalue()
     with open(path, "rb") as f:
         return f.read()
 
 
-def _run_on_ray(job: Job, source_bytes: bytes) -> Outcome:
-    """On a Ray worker: write the source checkpoint to a local file named by its content
-    (once per node; the path on the driver may not exist here, or hold another file), then run."""
+_FOLDER = b"ostate-folder\0"
+
+
+def local_source(source_bytes: bytes) -> str:
+    """Where :func:`_read`'s bytes are on this machine: written once per content (a file, or a
+    folder unpacked with tarfile's ``data`` filter: no links out, no absolute paths)."""
     digest = hashlib.sha256(source_bytes).hexdigest()[:16]
-    path = os.path.join(tempfile.gettempdir(), f"ostate-source-{digest}.pt")
-    if not os.path.exists(path):
+    path = os.path.join(tempfile.gettempdir(), f"ostate-source-{digest}")
+    if os.path.exists(path):
+        return path
+    if source_bytes.startswith(_FOLDER):
+        with atomic_directory(path) as tmp, tarfile.open(fileobj=io.BytesIO(source_bytes[len(_FOLDER) :])) as archive:
+            archive.extractall(tmp, filter="data")
+    else:
         with atomic_path(path) as tmp, open(tmp, "wb") as f:
             f.write(source_bytes)
-    return run_job(Job(job.task, path, job.config, job.threads))
+    return path
+
+
+def _run_on_ray(job: Job, source_bytes: bytes) -> Outcome:
+    """On a Ray worker: write the source checkpoint to a local file or folder named by its content
+    (once per node; the path on the driver may not exist here, or hold another file), then run."""
+    return run_job(Job(job.task, local_source(source_bytes), job.config, job.threads))
 
 
 def execute(

@@ -54,10 +54,12 @@ def pretrain(
     warmup: int | None = None,
     weight_decay: float = 0.1,
     betas: tuple[float, float] = (0.9, 0.999),
+    clip: float | None = None,
     description: str = "pretraining",
     progress: bool | str = True,
 ) -> dict[str, Any]:
-    """Train ``model`` for ``steps`` steps on ``batches`` and return the checkpoint dict.
+    """Train ``model`` for ``steps`` steps on ``batches`` and return the checkpoint dict
+    (``clip``: the gradients' global norm is clipped to it, as LLM training does).
 
     Example:
         >>> m = nn.Linear(3, 1)
@@ -76,6 +78,8 @@ def pretrain(
             value = loss(model, next(stream))
             optimizer.zero_grad(set_to_none=True)
             value.backward()
+            if clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
             optimizer.step()
             schedule.step()
             bar.update(f"loss {value.item():.3f}")

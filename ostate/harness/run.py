@@ -149,8 +149,9 @@ def run(spec: Spec) -> Results:
     configs = spec.sweep.configs()  # bad settings fail here, before any pretraining
     task = spec.task
     source_path = resolve_source(task, spec.cache_dir)
-    source = load_source(source_path)
-    optimizer = check_strategies(task, source, [c.strategy for c in configs])
+    source = load_source(source_path, optimizer_index=task.source_optimizer)
+    # a trainer task's model is built by its trainer, in the trial
+    optimizer = check_strategies(task, source, [c.strategy for c in configs]) if task.trainer is None else None
     workers = spec.workers or (os.cpu_count() or 1)
     threads = spec.threads or (default_threads(workers) if spec.executor == "local" else 1)
     context = trial_context(task, optimizer, threads)

@@ -8,7 +8,8 @@
     train_batches = "mytask:train_batches"
     loss = "mytask:loss"
     evaluate = "mytask:evaluate"
-    source = "source.pt"         # weights + optimizer state
+    source = "source.pt"         # weights + optimizer state: any checkpoint ostate inspect reads
+    source_optimizer = 0         # which optimizer, when the source holds several
     optimizer = "mytask:make_optimizer"   # optional
     source_evaluate = "mytask:evaluate_source"   # optional: held-out source data (forgetting)
     source_batches = "mytask:source_batches"     # optional: source data for replay
@@ -69,7 +70,17 @@ _TASK_CALLABLES = (
     "source_batches",
     "validate",
 )
-_TASK_KEYS = {"name", "source", "fingerprint", "description", "builtin", "pretrain_steps", *_TASK_CALLABLES}
+_TASK_KEYS = {
+    "name",
+    "source",
+    "source_optimizer",
+    "fingerprint",
+    "description",
+    "builtin",
+    "pretrain_steps",
+    "new_head",
+    *_TASK_CALLABLES,
+}
 _SWEEP_KEYS = {f.name for f in dataclasses.fields(Sweep)}
 _RUN_KEYS = {f.name for f in dataclasses.fields(Spec)} - {"task", "sweep"}
 _LISTS = ("strategies", "seeds", "lr", "warmup", "batch_size", "grad_clip", "beta2", "replay")
@@ -124,12 +135,17 @@ def load_spec(path: str | os.PathLike) -> Spec:
 
 def _task(table: dict[str, Any], base: str, path: str) -> Task:
     if "builtin" in table:
-        extra = set(table) - {"builtin", "pretrain_steps", "source"}
+        extra = set(table) - {"builtin", "pretrain_steps", "source", "source_optimizer", "new_head"}
         if extra:
             raise OstateError(
-                f"[task] with builtin takes only pretrain_steps and source, not {', '.join(sorted(extra))}", where=path
+                f"[task] with builtin takes only pretrain_steps, source, source_optimizer and new_head, "
+                f"not {', '.join(sorted(extra))}",
+                where=path,
             )
-        task = builtin_task(table["builtin"], pretrain_steps=table.get("pretrain_steps"))
+        task = builtin_task(
+            table["builtin"], pretrain_steps=table.get("pretrain_steps"), new_head=bool(table.get("new_head", False))
+        )
+        task.source_optimizer = table.get("source_optimizer")
         if "source" in table:
             task.source = _relative(table["source"], base)
         return task
@@ -147,6 +163,7 @@ def _task(table: dict[str, Any], base: str, path: str) -> Task:
     return Task(
         name=table["name"],
         source=source,
+        source_optimizer=table.get("source_optimizer"),
         fingerprint=str(table.get("fingerprint", "")),
         description=str(table.get("description", "")),
         **parts,

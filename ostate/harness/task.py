@@ -28,9 +28,10 @@ class Task:
     - ``evaluate(model)``: the eval loss, a float, or a mapping with ``loss`` and any
       other metrics (recorded as ``eval_<name>``); called under ``torch.no_grad()``
       with the model in eval mode;
-    - ``source``: the source checkpoint (weights and optimizer state), or ``None``
-      with ``pretrain(path)`` that writes one (the harness caches it, keyed by
-      ``fingerprint``);
+    - ``source``: the source checkpoint (weights and optimizer state: any file or
+      folder ``ostate.load`` reads), or ``None`` with ``pretrain(path)`` that writes
+      one (the harness caches it, keyed by ``fingerprint``); ``source_optimizer``
+      chooses the optimizer of a source holding several (by index, as ``ostate inspect`` lists them);
     - ``optimizer(model, lr)``: the fine-tuning optimizer; by default one of the
       source's class with the source's param groups (new parameters in a group of
       their own), every group at the trial's peak lr;
@@ -48,6 +49,13 @@ class Task:
       ``ostate ablate --tune`` selects each strategy's learning rate on it and reports
       ``evaluate`` (then the test split) at the selected one.
 
+    Trials run by one's own trainer (:mod:`ostate.harness.trainers`): ``trainer(config,
+    callbacks)`` builds a Hugging Face ``Trainer`` (``trainer_kind="hf"``) or returns
+    Lightning's ``(trainer, module, *fit_args)`` (``trainer_kind="lightning"``) with
+    ``callbacks`` added; each trial resumes it from ``source``. ``model``,
+    ``train_batches`` and ``loss`` are then the trainer's business: :func:`trainer_task`
+    builds such a task.
+
     Functions must be importable (defined at module level) for the local process pool;
     Ray also accepts closures.
     """
@@ -60,6 +68,9 @@ class Task:
     source: str | os.PathLike | None = None
     pretrain: Callable[[str], Any] | None = None
     optimizer: OptimizerFactory | None = None
+    source_optimizer: int | None = None
+    trainer: Callable[[Any, list[Any]], Any] | None = None
+    trainer_kind: str = ""
     fingerprint: str = ""
     description: str = ""
     defaults: Mapping[str, Any] = field(default_factory=dict)
@@ -97,3 +108,38 @@ def resolve_source(task: Task, cache_dir: str | None = None) -> str:
     if not os.path.exists(path):
         task.pretrain(path)
     return path
+
+
+def trainer_task(
+    name: str,
+    trainer: Callable[[Any, list[Any]], Any],
+    evaluate: Evaluate,
+    source: str | os.PathLike,
+    *,
+    kind: str,
+    source_optimizer: int | None = None,
+    source_evaluate: Evaluate | None = None,
+    defaults: Mapping[str, Any] | None = None,
+) -> Task:
+    """A task whose trials are run by one's own trainer (``kind``: ``hf`` or ``lightning``),
+    resumed from the checkpoint ``source`` that trainer wrote; ``evaluate(model)`` (and
+    ``source_evaluate``, the forgetting side) are called at the eval steps."""
+    if kind not in ("hf", "lightning"):
+        raise OstateError(f"unknown trainer kind '{kind}'", hint="hf (transformers.Trainer) or lightning")
+    return Task(
+        name=name,
+        model=_trainers_part,
+        train_batches=_trainers_part,
+        loss=_trainers_part,
+        evaluate=evaluate,
+        source=source,
+        source_optimizer=source_optimizer,
+        trainer=trainer,
+        trainer_kind=kind,
+        source_evaluate=source_evaluate,
+        defaults=dict(defaults or {}),
+    )
+
+
+def _trainers_part(*args: Any) -> Any:
+    raise OstateError("in a trainer task the trainer builds the model, draws the batches and computes the loss")

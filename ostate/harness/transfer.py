@@ -43,6 +43,7 @@ class Transfer:
     names: list[str]  # the new optimizer's parameter names, in index order
     carried: list[str] = field(default_factory=list)
     started_fresh: list[str] = field(default_factory=list)  # no state carried (new, reshaped or never stepped)
+    reshaped: list[str] = field(default_factory=list)  # in the source with another shape (a new head, a new vocabulary)
 
 
 def load_weights(model: nn.Module, source: Source) -> list[str]:
@@ -134,6 +135,8 @@ def transfer_state(source: Source, optimizer: torch.optim.Optimizer, model: nn.M
             name = name_of[id(p)]
             names.append(name)
             weight = source.weights.get(name)
+            if weight is not None and tuple(weight.shape) != tuple(p.shape):
+                out.reshaped.append(f"{name} {tuple(weight.shape)} -> {tuple(p.shape)}")
             if name in saved and weight is not None and tuple(weight.shape) == tuple(p.shape):
                 state[index] = {
                     k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in saved[name].items()
@@ -144,4 +147,16 @@ def transfer_state(source: Source, optimizer: torch.optim.Optimizer, model: nn.M
                     state[index] = fresh["state"][index]
                 out.started_fresh.append(name)
             index += 1
+    if saved and not out.carried:
+        raise OstateError(
+            f"none of the fine-tuning model's {len(names)} parameters matches a source parameter by name and shape",
+            where=source.path,
+            hint=f"the model has {_examples(names)}; the source has {_examples(list(saved))}"
+            + (f"; other shapes: {_examples(out.reshaped)}" if out.reshaped else "")
+            + "; fine-tune the source's architecture, its parameters named alike",
+        )
     return out
+
+
+def _examples(names: list[str]) -> str:
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")

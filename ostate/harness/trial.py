@@ -113,6 +113,7 @@ def task_code_hash(task: Task) -> str:
         task.source_batches,
         task.validate,
         task.pretrain,
+        task.trainer,
     ):
         while isinstance(part, functools.partial):
             part = part.func
@@ -129,14 +130,17 @@ def task_code_hash(task: Task) -> str:
     return digest.hexdigest()[:12] if files else ""
 
 
-def optimizer_hyperparameters(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
+def optimizer_hyperparameters(optimizer: torch.optim.Optimizer | None) -> list[dict[str, Any]]:
     """The fine-tuning optimizer's param groups without their parameters and learning rates
-    (the hyperparameters a trial id covers: betas, eps, weight decay, ...)."""
+    (the hyperparameters a trial id covers: betas, eps, weight decay, ...); none for a trainer
+    task, whose trainer builds its optimizer."""
+    if optimizer is None:
+        return []
     skip = {"params", "param_names", "lr", "initial_lr"}
     return [{k: v for k, v in group.items() if k not in skip} for group in optimizer.param_groups]
 
 
-def trial_context(task: Task, optimizer: torch.optim.Optimizer, threads: int) -> dict[str, Any]:
+def trial_context(task: Task, optimizer: torch.optim.Optimizer | None, threads: int) -> dict[str, Any]:
     """What besides its settings changes a trial's numbers: the task's code, the optimizer's
     hyperparameters (before a trial's ``beta2``), torch's thread count and version."""
     return {
@@ -196,7 +200,14 @@ def run_trial(task: Task, source: Source | str, config: TrialConfig, *, threads:
     if threads is not None:
         torch.set_num_threads(threads)
     torch.manual_seed(config.seed)
-    source = load_source(source) if isinstance(source, str) else source
+    source = load_source(source, optimizer_index=task.source_optimizer) if isinstance(source, str) else source
+    if task.trainer is not None:  # the user's own Trainer runs the trial (start-up time: imported when used)
+        from ostate.harness.trainers import run_with_trainer
+
+        context = trial_context(task, None, torch.get_num_threads())
+        done = run_with_trainer(task, source.path, config, evaluate)
+        done["info"].update(context)
+        return TrialResult(config.trial_id(task.name, source.fingerprint, context), task.name, config, **done)
     if config.replay and task.source_batches is None:
         raise OstateError(
             f"replay {config.replay:g} needs source data, but task '{task.name}' has no source_batches",
@@ -275,6 +286,8 @@ def run_trial(task: Task, source: Source | str, config: TrialConfig, *, threads:
         "actions": dict(Counter(actions.values())),
         "carried": len(transfer.carried),
         "started_fresh": transfer.started_fresh,
+        "reshaped": transfer.reshaped,
+        "naming": source.naming_summary(),
         "new_weights": new_weights,
         "diverged_at": diverged_at,
         "replayed_steps": replayed,
