@@ -20,6 +20,7 @@ import functools
 import itertools
 import math
 from dataclasses import dataclass
+from statistics import NormalDist
 from typing import Sequence
 
 import numpy as np
@@ -307,6 +308,10 @@ def norm_quantile(p: float) -> float:
     return (lo + hi) / 2
 
 
+# Beyond this many pairs, seeds_needed says inf (no study runs them).
+MAX_SEEDS = 100_000
+
+
 def seeds_needed(mean: float, std: float, *, alpha: float = 0.05, power: float = 0.8) -> float:
     r"""Pairs a two-sided paired t-test needs to detect a mean difference ``mean`` with
     standard deviation ``std`` at level ``alpha`` with probability ``power``: the smallest
@@ -324,7 +329,13 @@ def seeds_needed(mean: float, std: float, *, alpha: float = 0.05, power: float =
     if std == 0:
         return 2
     ratio = std / abs(mean)
-    for n in range(2, 100_000):
+    # The normal quantiles are below the t ones, so the normal answer is a lower bound: start there
+    # (a near-zero effect would otherwise count up through every n, evaluating t quantiles each time).
+    normal = NormalDist()
+    start = max(2, math.ceil(((normal.inv_cdf(1 - alpha / 2) + normal.inv_cdf(power)) * ratio) ** 2))
+    if start > MAX_SEEDS:
+        return math.inf
+    for n in range(start, MAX_SEEDS + 1):
         need = ((t_quantile(1 - alpha / 2, n - 1) + t_quantile(power, n - 1)) * ratio) ** 2
         if n >= need:
             return n
