@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import warnings
 from typing import Any, Callable, Mapping
 
 from ostate.formats.dcp.metadata import read_metadata
@@ -88,7 +89,9 @@ def _save(tree: dict, target: str) -> None:
     import torch.distributed.checkpoint as dcp
 
     os.makedirs(target, exist_ok=True)
-    dcp.save(tree, storage_writer=dcp.FileSystemWriter(target), no_dist=True)
+    with warnings.catch_warnings():  # "torch.distributed is disabled ... assuming ... a single process": as meant
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save(tree, storage_writer=dcp.FileSystemWriter(target), no_dist=True)
 
 
 def _materialise(node: Any) -> Any:
