@@ -94,6 +94,7 @@ def _commands(inputs: dict[str, Path], folder: Path, mode: str) -> dict[str, tup
             ["compare", str(inputs["ckpt"]), str(inputs["other"]), "--plot", str(folder / "c.png")],
             folder / "c.png",
         ),
+        "demo": (["demo", "--dir", str(folder), "--steps", "2"], folder / "checkpoint.pt"),
         # a full disk: the store (elsewhere) keeps the trials, the tables and plots fail; else the store fails
         "ablate": (ablate, folder / "out" if mode == "full" else ablate_store),
     }
@@ -122,6 +123,9 @@ def _run(inputs: dict[str, Path], work: Path, mode: str) -> dict[str, tuple[conf
 
 def _assert_refused(name: str, outcome: confined.Outcome, folder: Path, output: Path, mode: str) -> None:
     lines = outcome.stderr.strip().splitlines()
+    if name == "demo":  # it says first what it is about to do
+        assert lines[0].startswith("training a small model for 2 steps and saving"), lines
+        lines = lines[1:]
     assert outcome.returncode == 2, (name, outcome.stderr)
     assert len(lines) == 1 and lines[0].startswith("ostate: error: "), (name, outcome.stderr)
     line = lines[0]
@@ -248,3 +252,27 @@ def test_the_monitor_and_other_non_atomic_writers_get_the_same_line(tmp_path):
         with refused_writes(log), open(log, "w") as f:
             f.write("step,loss\n")
             raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_the_command_lines_last_resort_for_a_refusal_met_elsewhere():
+    """A write outside ostate.outputs that the disk refuses is still one line and exit 2; a permission
+    error there stays an internal error (reading can cause it too, so it is not called a refused write)."""
+    import click
+    from click.testing import CliRunner
+
+    from ostate_cli.common import handle_errors
+
+    @click.command()
+    @click.argument("code", type=int)
+    @handle_errors
+    def writes(code):
+        raise OSError(code, os.strerror(code), "/data/log.csv")
+
+    full = CliRunner().invoke(writes, [str(errno.ENOSPC)])
+    assert full.exit_code == 2
+    assert full.stderr == (
+        "ostate: error: /data/log.csv: cannot write: no space left on the device "
+        "(free space on that file system, or choose an output path on another one)\n"
+    )
+    denied = CliRunner().invoke(writes, [str(errno.EACCES)])
+    assert denied.exit_code == 1 and "internal error" in denied.stderr
