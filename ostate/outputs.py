@@ -153,16 +153,16 @@ def unattributed_refusal(error: BaseException) -> WriteRefused | None:
     """A :class:`WriteRefused` for a refusal that only a write can cause (no space, a quota, the file
     size limit, a read-only file system, a short write, SQLite's full or read-only database), from a
     write that did not go through this module; it names the file the error names, else "an output".
-    The command line's last resort: permission errors are left alone, since reading can cause them too.
+    The command line's last resort: permission and path errors are left alone, since reading can
+    cause them too.
 
     Example:
         >>> str(unattributed_refusal(OSError(30, "Read-only file system", "/ro/x.csv")))
         '/ro/x.csv: cannot write: the file system is read-only (choose an output path on a writable file system)'
     """
     refusal = write_refusal(error)
-    if refusal is None or refusal[0] in (_REFUSALS[errno.EACCES][0], _REFUSALS[errno.EPERM][0]):
-        return None
-    if refusal in (_REFUSALS[errno.EISDIR], _REFUSALS[errno.ENOTDIR], _SQLITE["SQLITE_CANTOPEN"]):
+    reading_too = [_REFUSALS[e] for e in (errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOTDIR)]
+    if refusal is None or refusal in reading_too or refusal == _SQLITE["SQLITE_CANTOPEN"]:
         return None
     named = [c.filename for c in _causes(error) if isinstance(c, OSError) and c.filename is not None]
     return WriteRefused(os.fsdecode(named[0]) if named else "an output", *refusal)
