@@ -45,7 +45,20 @@ def _trained() -> tuple[Net, torch.optim.Optimizer]:
 # ---------------------------------------------------------------- the rule itself
 @pytest.mark.parametrize(
     "name",
-    ["../x.distcp", "a/../../x", "..", "/etc/passwd", "\\\\server\\share\\x", "C:\\x.bin", "c:x.bin", "a\x00b", "", 3],
+    [
+        "../x.distcp",
+        "a/../../x",
+        "..",
+        "/etc/passwd",
+        "\\\\server\\share\\x",
+        "C:\\x.bin",
+        "c:x.bin",
+        "a\x00b",
+        "",
+        ".",
+        "./",
+        3,
+    ],
 )
 def test_names_leaving_the_folder_are_refused_with_the_entry_named(name):
     assert unsafe_reason(name) is not None
@@ -53,7 +66,7 @@ def test_names_leaving_the_folder_are_refused_with_the_entry_named(name):
         member_path("ckpt", name, listed_in="ckpt/.metadata", entry="w")
 
 
-@pytest.mark.parametrize("name", ["__0_0.distcp", "shards/model-00001.bin", "./a.bin", "a..b.bin", "..hidden"])
+@pytest.mark.parametrize("name", ["__0_0.distcp", "shards/model-00001.bin", "./a.bin", "a..b.bin", "..hidden", "..."])
 def test_relative_names_inside_the_folder_are_joined(name):
     assert member_path("ckpt", name, listed_in="i", entry="w") == os.path.join("ckpt", name)
 

@@ -43,7 +43,7 @@ def unsafe_reason(name: object) -> str | None:
     """
     if not isinstance(name, str):
         return f"not a file name but {type(name).__name__}"
-    if not name or not name.strip("/\\."):
+    if not name:
         return "an empty name"
     if "\x00" in name:
         return "a name with a NUL character"
@@ -51,8 +51,11 @@ def unsafe_reason(name: object) -> str | None:
         return "an absolute path"
     if _DRIVE.match(name):
         return "a path with a drive letter"
-    if ".." in re.split(r"[/\\]", name):
+    parts = re.split(r"[/\\]", name)
+    if ".." in parts:
         return "a path with a '..' component"
+    if all(part in ("", ".") for part in parts):
+        return "the folder itself, not a file in it"
     return None
 
 
