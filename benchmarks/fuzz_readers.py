@@ -1,13 +1,15 @@
 """Fuzz ostate's readers for longer than CI does: mutated real checkpoints of every layout.
 
 The same search as tests/test_fuzz_readers.py (one mutated file per input: truncation,
-bit flips, a zeroed range, an overwritten field, a spliced slice; tests/helpers/specimens.py;
-and, as the layout ``torch-pickle``, the same mutations of a real torch.save file's pickle
-read by ostate's own reader, where ``error`` is its one-line refusal),
+bit flips, a zeroed range, an overwritten field, a spliced slice, or a file name from the
+checkpoint's metadata rewritten to leave its folder; tests/helpers/specimens.py; and, as the
+layout ``torch-pickle``, the same mutations of a real torch.save file's pickle read by ostate's
+own reader, where ``error`` is its one-line refusal),
 with more inputs, each read and analysed in this process under an address-space limit
 and a per-input alarm. Every outcome is counted: ``ok`` (a result), ``error`` (a
 one-line OstateError), and the bugs: ``exception`` (anything else), ``hang`` (past
-the alarm), ``memory`` (MemoryError under the limit). The first few bugs are shown
+the alarm), ``memory`` (MemoryError under the limit), ``escaped`` (a result from a
+checkpoint whose metadata names a file outside its folder). The first few bugs are shown
 with the input that caused them, which is kept under ``--dir``.
 
 With ``--atheris`` (``pip install atheris``), atheris picks the mutations, guided by
@@ -55,7 +57,7 @@ def _alarm(*_args) -> None:
 
 
 def try_one(spec: specimens.Specimen, work: Path, file_index: int, kind: str, a: int, b: int, c: int) -> str:
-    """The outcome of one mutated input: ``ok``, ``error``, ``exception``, ``hang`` or ``memory``."""
+    """The outcome of one mutated input: ``ok``, ``error``, ``exception``, ``hang``, ``memory`` or ``escaped``."""
     target = Path(tempfile.mkdtemp(prefix="input-", dir=work))
     copy = specimens.mutated_copy(spec, target, file_index, kind, a, b, c)
     signal.alarm(_ALARM_S)
@@ -71,6 +73,9 @@ def try_one(spec: specimens.Specimen, work: Path, file_index: int, kind: str, a:
         traceback.print_exc(limit=-4)
     finally:
         signal.alarm(0)
+    if outcome == "ok" and kind == "escape" and spec.format in specimens.ESCAPING:
+        outcome = "escaped"
+        print(f"\n{spec.format} escape ({a}, {b}) was followed outside the folder, kept in {target}", file=sys.stderr)
     if outcome in ("ok", "error"):
         shutil.rmtree(target)
     return outcome
@@ -143,7 +148,7 @@ def run_atheris(built: dict[str, specimens.Specimen], work: Path, inputs: int, s
 
 
 def report(counts: collections.Counter, seconds: float, driver: str) -> None:
-    outcomes = ("ok", "error", "exception", "hang", "memory")
+    outcomes = ("ok", "error", "exception", "hang", "memory", "escaped")
     total = sum(counts.values())
     print(f"{total} inputs in {seconds:.0f} s ({driver}); alarm {_ALARM_S} s, address space {_ADDRESS_SPACE >> 30} GiB")
     print()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+from typing import Iterator
 
 import click
 
@@ -13,6 +15,7 @@ from ostate.harness.executors import EXECUTORS
 from ostate.harness.store import ResultsStore
 from ostate.harness.text import render_summary
 from ostate.harness.trial import SCHEDULES
+from ostate.outputs import WriteRefused, refused_writes
 from ostate.plots.style import FORMATS
 from ostate_cli.common import EXIT_INTERRUPTED, handle_errors, progress_enabled, warn
 
@@ -292,7 +295,8 @@ def ablate(
         raise click.UsageError("--address needs --executor ray")
 
     try:
-        results = run(spec)
+        with _keeping_trials(spec.store):
+            results = run(spec)
     except KeyboardInterrupt:
         click.echo(
             f"ostate: interrupted; every finished trial is saved in {spec.store} (rerun the same command to continue)",
@@ -311,13 +315,29 @@ def ablate(
     if results.summary is not None:
         click.echo(render_summary(results.summary), nl=False)
     if export:
-        with ResultsStore(spec.store) as opened:
+        with _keeping_trials(spec.store), ResultsStore(spec.store) as opened:
             opened.export(export)
         results.files.append(export)
     for path in results.files:
         click.echo(f"wrote {path}", err=True)
     if results.failed:
         raise OstateError(f"{len(results.failed)} trial(s) failed (see the warnings above); rerun to retry them")
+
+
+@contextlib.contextmanager
+def _keeping_trials(store: str | os.PathLike) -> Iterator[None]:
+    """A full or unwritable disk (the store's SQLite writes, the tables, the plots, the export) ends in
+    one line that says the finished trials are kept, and how to continue."""
+    try:
+        with refused_writes(store, inside=[os.path.dirname(os.path.abspath(store))]):
+            yield
+    except WriteRefused as e:
+        raise WriteRefused(
+            e.path,
+            e.what.removeprefix("cannot write: "),
+            f"{e.hint}; every finished trial is kept in {os.fspath(store)}: then rerun the same command to "
+            "continue (finished trials are skipped)",
+        ) from e
 
 
 def _override(spec: Spec, **values) -> None:

@@ -16,6 +16,7 @@ from ostate.analysis.native.tuning import tuned_process
 from ostate.distributed import EXECUTORS, RayExecutor, checked_executor
 from ostate.errors import OstateError
 from ostate.formats.registry import reader_names
+from ostate.outputs import unattributed_refusal
 from ostate_cli.flags import as_flags
 
 EXIT_BAD_INPUT = 2
@@ -115,6 +116,11 @@ def format_hint_option(fn: Callable) -> Callable:
 def handle_errors(fn: Callable | None = None, *, tuned: bool = True) -> Callable:
     """Run a command: an OstateError prints one line and exits 2; tracebacks only with --debug.
 
+    An output the environment refuses (no space, read-only, no permission) arrives here as an
+    OstateError from :mod:`ostate.outputs` (:class:`~ostate.outputs.WriteRefused`); a refusal
+    from a write outside that module that only a write can cause (no space, a quota, read-only)
+    is still one line and exit 2 (:func:`~ostate.outputs.unattributed_refusal`), not an internal error.
+
     Every command goes through here once, so this is where the ``ostate`` program tunes its
     process: the command runs inside :func:`~ostate.analysis.native.tuning.tuned_process` (one
     torch intra-op thread, since ostate runs its own worker threads; glibc keeping freed memory;
@@ -149,6 +155,9 @@ def handle_errors(fn: Callable | None = None, *, tuned: bool = True) -> Callable
             except Exception as e:  # a bug in ostate: still one line, and how to get the details
                 if debug:
                     raise
+                refused = unattributed_refusal(e)  # a full or read-only disk met outside ostate.outputs
+                if refused is not None:
+                    fail(as_flags(str(refused)), EXIT_BAD_INPUT)
                 fail(
                     f"internal error: {type(e).__name__}: {e} (this is a bug in ostate; rerun with --debug "
                     "for the traceback)",

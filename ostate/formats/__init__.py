@@ -7,7 +7,8 @@
   :mod:`~ostate.formats.accelerate`, :mod:`~ostate.formats.dcp`,
   :mod:`~ostate.formats.deepspeed`, :mod:`~ostate.formats.safetensors_optim`.
 - :mod:`~ostate.formats.files`: low-level file access (a ``torch.save`` file opened
-  safely, safetensors headers and tensors, memory-mapped pages given back).
+  safely, safetensors headers and tensors, memory-mapped pages given back, file names from a
+  checkpoint's metadata checked to stay inside its folder).
 - :mod:`~ostate.formats.naming`: from loaded objects to named parameters (finding the
   state dicts in a checkpoint, reading one optimizer, naming by the model's order,
   weights beside the optimizer, a Hugging Face model's order from its config).

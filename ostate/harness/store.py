@@ -36,7 +36,7 @@ import pandas as pd
 
 from ostate.errors import OstateError
 from ostate.harness.trial import TrialConfig, TrialResult
-from ostate.outputs import atomic_path
+from ostate.outputs import WriteRefused, atomic_path, folder_refusal, write_refusal
 
 SCHEMA_VERSION = 1
 CONFIG_COLUMNS = tuple(f.name for f in fields(TrialConfig))
@@ -71,6 +71,8 @@ class ResultsStore:
             self._db = sqlite3.connect(self.path, timeout=60)
             version = self._db.execute("PRAGMA user_version").fetchone()[0]
         except sqlite3.DatabaseError as e:
+            if refusal := write_refusal(e):  # a folder it cannot be created in, not a damaged store
+                raise WriteRefused(self.path, *(folder_refusal(directory) or refusal)) from None
             raise OstateError(f"not a results store ({e})", where=self.path) from None
         if version not in (0, SCHEMA_VERSION):
             raise OstateError(

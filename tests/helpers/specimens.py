@@ -9,6 +9,9 @@ accelerate), except DeepSpeed, whose checkpoints come from tests/fixtures/deepsp
 
 from __future__ import annotations
 
+import json
+import os
+import pickle
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,7 +139,10 @@ def inspect_outcome(path: Path) -> str:
     return "ok"
 
 
-MUTATIONS = ("truncate", "flip", "splice", "zero", "overwrite")
+MUTATIONS = ("truncate", "flip", "splice", "zero", "overwrite", "escape")
+# "escape" is not a byte mutation: it rewrites a file name that the checkpoint's own metadata supplies
+# (DCP's storage records, DeepSpeed's latest, a Hugging Face shard index) to one leaving the folder.
+ESCAPING = ("dcp", "deepspeed", "hf-trainer")
 
 
 def mutate(data: bytes, kind: str, a: int, b: int, c: int) -> bytes:
@@ -174,6 +180,10 @@ def mutated_copy(spec: Specimen, target: Path, file_index: int, kind: str, a: in
         shutil.copytree(spec.path, copy, symlinks=True)
     else:
         shutil.copy(spec.path, copy)
+    if kind == "escape":
+        if spec.format in ESCAPING:
+            escape(spec.format, copy, a, b)
+        return copy
     victim = spec.files[file_index % len(spec.files)]
     relative = victim.relative_to(spec.path) if spec.path.is_dir() else None
     path = copy / relative if relative is not None else copy
@@ -192,3 +202,40 @@ def pickle_outcome(data: bytes, archive) -> str:
         assert str(e) and "\n" not in str(e), str(e)
         return "refused"
     return "ok"
+
+
+def _escaping_name(copy: Path, real: Path, a: int) -> str:
+    """A name for ``real`` (a file or folder of ``copy``) that leaves ``copy``; the ``..`` and absolute
+    names point at a moved, intact ``real``, so a reader that followed them would succeed."""
+    outside = copy.parent / f"outside-{real.name}"
+    choice = a % 5
+    if choice < 2:
+        shutil.move(real, outside)
+        return os.path.relpath(outside, real.parent) if choice == 0 else str(outside)
+    return ("C:\\\\" + real.name, real.name + "\x00", "sub/../../" + real.name)[choice - 2]
+
+
+def escape(layout: str, copy: Path, a: int, b: int) -> None:
+    """Rewrite one file name supplied by ``copy``'s metadata to one leaving the folder."""
+    if layout == "dcp":
+        metadata = pickle.loads((copy / ".metadata").read_bytes())  # our own file: a plain pickle is fine
+        records = sorted(metadata.storage_data.items(), key=lambda item: str(item[0]))
+        chosen = records[b % len(records)][1].relative_path
+        name = _escaping_name(copy, copy / chosen, a)
+        for _, info in records:
+            if info.relative_path == chosen:
+                info.relative_path = name
+        (copy / ".metadata").write_bytes(pickle.dumps(metadata))
+    elif layout == "deepspeed":
+        tag = (copy / "latest").read_text().strip()
+        (copy / "latest").write_text(_escaping_name(copy, copy / tag, a))
+    elif layout == "hf-trainer":  # its weights as a one-shard index, the shard named outside
+        from safetensors import safe_open
+
+        shard = copy / "model-00001-of-00001.safetensors"
+        (copy / "model.safetensors").rename(shard)
+        with safe_open(shard, "pt") as f:
+            keys = list(f.keys())
+        name = _escaping_name(copy, shard, a)
+        index = {"metadata": {}, "weight_map": {k: name for k in keys}}
+        (copy / "model.safetensors.index.json").write_text(json.dumps(index))

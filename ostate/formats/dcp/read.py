@@ -34,6 +34,7 @@ import torch
 
 from ostate.errors import OstateError
 from ostate.formats.dcp.metadata import read_metadata
+from ostate.formats.files.members import member_path
 from ostate.formats.files.torchfile import load_torch_stream
 from ostate.formats.naming import discover
 from ostate.formats.naming.objects import from_object
@@ -106,6 +107,15 @@ class Storage:
         planner = metadata.planner_data
         self.routes: Mapping[str, Any] = planner if isinstance(planner, Mapping) else {}
         self._file_sizes: dict[str, int] = {}
+        # Every file the metadata names, checked to lie inside the directory before anything is read.
+        self._paths: dict[str, str] = {}
+        listed_in = os.path.join(directory, METADATA_FILE)
+        for index, info in self.storage_data.items():
+            if info.relative_path not in self._paths:
+                entry = f"{getattr(index, 'fqn', index)}"
+                self._paths[info.relative_path] = member_path(
+                    directory, info.relative_path, listed_in=listed_in, entry=entry
+                )
 
     def route(self, key: str) -> tuple:
         """The entry's path in the saved (nested) state dict; a key without planner data stays whole."""
@@ -207,7 +217,7 @@ class Storage:
 
     def _check_range(self, key: str, info: Any, nbytes: int) -> None:
         """A chunk's byte range must lie in its file and hold its elements: checked before anything is allocated."""
-        path = os.path.join(self.directory, info.relative_path)
+        path = self._paths[info.relative_path]
         size = self._file_sizes.get(path)
         if size is None:
             try:
@@ -246,15 +256,15 @@ class Storage:
         return info
 
     def _open(self, info: Any) -> _OpenRange:
-        return _OpenRange(self.directory, info)
+        return _OpenRange(self._paths[info.relative_path], info)
 
 
 class _OpenRange:
     """``with`` a byte range of a ``.distcp`` file as a seekable stream, checked to be a torch.save blob."""
 
-    def __init__(self, directory: str, info: Any):
+    def __init__(self, path: str, info: Any):
         self.info = info
-        self.path = os.path.join(directory, info.relative_path)
+        self.path = path
         self.file: io.BufferedReader | None = None
 
     def __enter__(self) -> tuple[BinaryIO, str]:

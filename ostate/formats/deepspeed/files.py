@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ostate.errors import OstateError
+from ostate.formats.files.members import member_path, unsafe_reason
 from ostate.formats.files.torchfile import TRUST_PICKLE_HINT, AllowedGlobal, load_torch_file
 
 LATEST = "latest"
@@ -188,6 +189,13 @@ def resolve_tag_dir(path: str, tag: str | None = None) -> str:
     found = tag_dirs(path)
     listing = ", ".join(found) if found else "none"
     if tag is not None:
+        reason = unsafe_reason(tag)
+        if reason is not None:
+            raise OstateError(
+                f"the tag '{tag}' is {reason}",
+                where=path,
+                hint=f"a tag is a folder inside it; tag folders here: {listing}",
+            )
         chosen = os.path.join(path, tag)
         if not os.path.isdir(chosen):
             raise OstateError(f"no tag folder '{tag}'", where=path, hint=f"tag folders here: {listing}")
@@ -197,7 +205,7 @@ def resolve_tag_dir(path: str, tag: str | None = None) -> str:
         if os.path.isfile(marker_path):
             with open(marker_path, encoding="utf-8", errors="replace") as f:
                 named = f.read().strip()
-            chosen = os.path.join(path, named)
+            chosen = member_path(path, named, listed_in=marker_path, entry="tag") if named else path
             if not named or not os.path.isdir(chosen):
                 raise OstateError(
                     f"'{marker}' names the tag '{named}', which is not here",

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ostate.errors import OstateError
+from ostate.formats.files.members import OutsideCheckpointError, member_path
 from ostate.formats.files.safetensors_file import SafetensorsFile, read_header
 from ostate.formats.files.torchfile import load_torch_file
 from ostate.formats.naming import discover
@@ -45,7 +46,8 @@ def find_weights(directory: str, *, index: int = 0, trust_pickle: bool = False) 
     """The weights of model ``index`` in a checkpoint directory, or ``None`` when there are none.
 
     A weights file that cannot be read gives a :class:`Weights` with no tensors and a
-    warning: the optimizer state is still worth showing.
+    warning: the optimizer state is still worth showing. A shard index naming a file
+    outside ``directory`` is refused (:class:`OutsideCheckpointError`), never a warning.
     """
     suffix = "" if index == 0 else f"_{index}"
     names = [
@@ -66,6 +68,8 @@ def find_weights(directory: str, *, index: int = 0, trust_pickle: bool = False) 
             if name.endswith(".safetensors"):
                 return _safetensors([path], name)
             return _torch([path], name, trust_pickle)
+        except OutsideCheckpointError:
+            raise
         except OstateError as e:
             return Weights(name, {}, [], False, [f"model weights not read: {e}"])
     return None
@@ -171,13 +175,14 @@ def _sharded(directory: str, name: str, trust_pickle: bool) -> Weights:
     try:
         with open(path, encoding="utf-8") as f:
             weight_map = json.load(f)["weight_map"]
-        files = sorted(set(weight_map.values()))
+        by_file = {file: tensor for tensor, file in weight_map.items()}
+        files = sorted(by_file)
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise OstateError(f"not a shard index with a 'weight_map' ({type(e).__name__})", where=path) from None
-    missing = [f for f in files if not os.path.isfile(os.path.join(directory, f))]
+    shards = [member_path(directory, f, listed_in=path, entry=f"weight_map[{by_file[f]!r}]") for f in files]
+    missing = [f for f, shard in zip(files, shards) if not os.path.isfile(shard)]
     if missing:
         raise OstateError(f"the shard index lists missing files: {', '.join(missing[:3])}", where=path)
-    shards = [os.path.join(directory, f) for f in files]
     location = f"{name} ({len(files)} files)"
     if name.startswith("model"):
         return _safetensors(shards, location)
