@@ -138,7 +138,7 @@ def test_a_log_that_cannot_be_written_is_one_clear_error(tmp_path):
     model, optimizer = _trained()
     blocker = tmp_path / "file"
     blocker.write_text("")
-    with pytest.raises(OstateError, match="cannot write the monitor's log"):
+    with pytest.raises(OstateError, match="cannot write"):
         Monitor(optimizer, model, every=1, writer=str(blocker / "log.csv")).step(1)
 
 

@@ -103,14 +103,21 @@ def parameter_names(model: torch.nn.Module | None) -> dict[int, str]:
 
 
 def live_checkpoint(
-    optimizer: torch.optim.Optimizer, names: Mapping[int, str], *, location: str = "optimizer", kind: str | None = None
+    optimizer: torch.optim.Optimizer,
+    names: Mapping[int, str],
+    *,
+    location: str = "optimizer",
+    kind: str | None = None,
+    kinds: Mapping[str, str] | None = None,
 ) -> Checkpoint:
     """The live optimizer's state as a :class:`~ostate.state.Checkpoint` (one optimizer), its weights beside it.
 
     ``names`` maps ``id(parameter)`` to its name (:func:`parameter_names`; name source
     ``model-order``, as :func:`ostate.from_state_dict` names them from a module); parameters not in
     it keep the names the optimizer's groups give (``param_names``, torch >= 2.5) or
-    ``param.<index>``. ``kind`` names the family instead of detecting it.
+    ``param.<index>``. ``kind`` names the family instead of detecting it. ``kinds`` maps
+    names to the parameter kinds the model's module types give (``ostate.formats.naming.module_kinds``), as
+    :func:`ostate.from_state_dict` takes them from a module.
 
     Example:
         >>> m = torch.nn.Linear(3, 2); opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
@@ -149,5 +156,6 @@ def live_checkpoint(
         if param.index in from_model:
             param.name_source = "model-order"
     record.model_order = list(names.values()) if names else [n for g in groups for n in g["param_names"]]
+    record.param_kinds = dict(kinds or {})
     checkpoint = Checkpoint(IN_MEMORY, "live", [record], weights=weights, weights_location="model")
     return identified(checkpoint, kind)

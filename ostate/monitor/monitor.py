@@ -21,6 +21,7 @@ import torch
 from ostate.analysis import OptimizerAnalysis, summaries
 from ostate.analysis.engine import check_view
 from ostate.errors import OstateError
+from ostate.formats.naming.module_kinds import module_kinds
 from ostate.monitor import ranks
 from ostate.monitor.live import is_sharded_parameter, live_checkpoint, parameter_names, unwrap
 from ostate.monitor.watch import check_rows, warn
@@ -132,7 +133,8 @@ class Monitor:
         if not sharded and rank != 0:
             return None
         names = parameter_names(self.model)
-        checkpoint = live_checkpoint(live.optimizer, names, kind=self.kind)
+        kinds = module_kinds(self.model) if self.model is not None else None
+        checkpoint = live_checkpoint(live.optimizer, names, kind=self.kind, kinds=kinds)
         optimizer = checkpoint.optimizers[0]
         with torch.no_grad():
             mine = list(summaries(optimizer, weights=checkpoint.weights, workers=self.workers))

@@ -27,6 +27,7 @@ import pandas as pd
 
 from ostate.analysis import Sketch
 from ostate.errors import OstateError
+from ostate.outputs import refused_writes
 
 LOG_NAME = "ostate_monitor.csv"
 LOG_COLUMNS = ("step", "optimizer", "view", "key", "column", "value")
@@ -87,14 +88,6 @@ class Writer(Protocol):
     def close(self) -> None: ...
 
 
-def _write_error(path: str, error: OSError) -> OstateError:
-    return OstateError(
-        f"cannot write the monitor's log: {error.strerror or error}",
-        where=path,
-        hint="choose a writable folder with enough space (writer=CSVWriter(PATH))",
-    )
-
-
 class CSVWriter:
     """The long CSV log ``step,optimizer,view,key,column,value``, appended and flushed at every record.
 
@@ -127,13 +120,13 @@ class CSVWriter:
                 raise OstateError(
                     "exists and is not an ostate monitor log", where=self.path, hint="choose another path for the log"
                 )
-        try:
-            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        folder = os.path.dirname(os.path.abspath(self.path))
+        with refused_writes(self.path, inside=[folder]):
+            if not os.path.lexists(folder):  # a file in its place: open() below says so (ENOTDIR)
+                os.makedirs(folder, exist_ok=True)
             f = open(self.path, "a", newline="")
             if not exists:
                 f.write(",".join(LOG_COLUMNS) + "\n")
-        except OSError as error:
-            raise _write_error(self.path, error) from error
         return f
 
     def write(self, record: Record) -> None:
@@ -143,11 +136,9 @@ class CSVWriter:
             (record.step, optimizer, record.view, key, column, repr(value))
             for optimizer, key, column, value in record.entries()
         ]
-        try:
+        with refused_writes(self.path):  # a full disk or a lost folder: one line naming the log
             csv.writer(self._file, lineterminator="\n").writerows(lines)
             self._file.flush()
-        except OSError as error:
-            raise _write_error(self.path, error) from error
 
     def close(self) -> None:
         if self._file is not None:
