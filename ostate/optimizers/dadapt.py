@@ -74,7 +74,7 @@ from typing import Mapping
 import torch
 
 from ostate.errors import OstateError
-from ostate.optimizers.family import Family, Group, StateLayout, fresh_zeros, group_has
+from ostate.optimizers.family import Family, Group, StateLayout, adaptive_first_step, fresh_zeros, group_has, zeros_for
 from ostate.state import ParamState
 
 _PRODIGY_STATE = frozenset({"step", "s", "p0", "exp_avg", "exp_avg_sq"})
@@ -248,6 +248,25 @@ _NOTE = (
     "in the param groups: a fresh optimizer starts again from d0; eff_lr includes d"
 )
 
+
+def prodigy_initial_state(weight: torch.Tensor, group: Group) -> dict:
+    """prodigyopt's state before the first step: ``step`` 0, ``s`` zeros and ``p0`` the weights' every
+    ``slice_p``-th coordinate (a 0-dim zero for an all-zero weight), ``exp_avg`` (when beta1 > 0) and
+    ``exp_avg_sq`` zeros. At that step ``p == p0`` and ``s`` is 0, so the estimate of d is 0 and d stays
+    as the group holds it: the first step is exactly :func:`prodigy_next_update` of this state."""
+    slice_p = int(group.get("slice_p", 1) or 1)
+    flat = weight.detach().flatten()[::slice_p]
+    p0 = flat.clone() if bool(weight.any()) else torch.tensor(0, dtype=weight.dtype)
+    keys = ("exp_avg", "exp_avg_sq") if group["betas"][0] > 0 else ("exp_avg_sq",)
+    return {"step": 0, "s": torch.zeros_like(flat), "p0": p0, **zeros_for(weight, *keys)}
+
+
+def dadapt_adam_initial_state(weight: torch.Tensor, group: Group) -> dict:
+    """dadaptation's DAdaptAdam state before the first step: ``step`` 0 and zero ``s``, ``exp_avg``,
+    ``exp_avg_sq`` (with ``s`` 0 the estimate of d is 0: d stays as the group holds it)."""
+    return {"step": 0, **zeros_for(weight, "s", "exp_avg", "exp_avg_sq")}
+
+
 PRODIGY = Family(
     name="prodigy",
     label="Prodigy",
@@ -277,6 +296,7 @@ PRODIGY = Family(
     layout=_LAYOUT,
     lr_scale="d",
     notes=("Prodigy: " + _NOTE,),
+    first_step=adaptive_first_step(prodigy_initial_state, "-d * lr * g / (|g| + d * eps)"),
 )
 
 DADAPT_ADAM = Family(
@@ -305,4 +325,5 @@ DADAPT_ADAM = Family(
     layout=_LAYOUT,
     lr_scale="d",
     notes=("D-Adaptation Adam: " + _NOTE + "; the first moment already carries d * lr",),
+    first_step=adaptive_first_step(dadapt_adam_initial_state, "-d * lr * g / (|g| + eps)"),
 )
