@@ -86,8 +86,9 @@ def next_step_correction(group: Group) -> tuple[float, float]:
     and :math:`1-\beta_2^{k+1}` (both 1 without ``use_bias_correction``).
 
     Example:
-        >>> next_step_correction({"betas": (0.9, 0.99), "k": 0, "use_bias_correction": True})
-        (1.0, 0.010000000000000009)
+        >>> c, c2 = next_step_correction({"betas": (0.9, 0.99), "k": 0, "use_bias_correction": True})
+        >>> round(c, 12), round(c2, 12)
+        (1.0, 0.01)
     """
     if not group.get("use_bias_correction", False):
         return 1.0, 1.0
@@ -296,7 +297,7 @@ PRODIGY = Family(
     layout=_LAYOUT,
     lr_scale="d",
     notes=("Prodigy: " + _NOTE,),
-    first_step=adaptive_first_step(prodigy_initial_state, "-d * lr * g / (|g| + d * eps)"),
+    first_step=adaptive_first_step(prodigy_initial_state, "-d * lr * g / (|g| + eps)"),
 )
 
 DADAPT_ADAM = Family(
