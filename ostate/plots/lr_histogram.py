@@ -10,6 +10,7 @@ colour and line style each; one checkpoint as a filled histogram.
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 from matplotlib.figure import Figure
@@ -98,8 +99,9 @@ def draw(
                 continue
             colour, style = series_style(index)
             sketch = row.sketches[QUANTITY]
-            if not overlay and sketch.count and sketch.min == sketch.max:
+            if not overlay and sketch.count and sketch.min == sketch.max and 0 < sketch.min < math.inf:
                 # SGD: every coordinate steps at the group's lr; one flat block would say less than this
+                # (all zero, lr = 0 at the end of a schedule: counted below as not drawn, as for any family)
                 ax.text(0.5, 0.5, f"every coordinate is at lr = {sketch.min:.3g}", transform=ax.transAxes,
                         ha="center", va="center", fontsize=9, gid=f"constant|{s.label}")  # fmt: skip
                 continue
