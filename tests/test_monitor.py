@@ -142,6 +142,15 @@ def test_a_log_that_cannot_be_written_is_one_clear_error(tmp_path):
         Monitor(optimizer, model, every=1, writer=str(blocker / "log.csv")).step(1)
 
 
+def test_a_tensorboard_folder_that_cannot_be_written_is_one_clear_error(tmp_path):
+    pytest.importorskip("tensorboard")
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(OstateError, match="cannot write: a part of the path is a file") as refused:
+        TensorBoardWriter(str(blocker / "tb"))
+    assert str(blocker / "tb") in str(refused.value) and "\n" not in str(refused.value)
+
+
 def test_tensorboard_files_read_back_with_tensorboards_own_reader(tmp_path):
     accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
     model, optimizer = _trained()

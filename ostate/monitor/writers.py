@@ -229,14 +229,22 @@ class TensorBoardWriter:
                 raise OstateError(
                     "the TensorBoard writer needs the tensorboard package", hint="pip install tensorboard"
                 ) from error
-            self.writer = SummaryWriter(os.fspath(target))
+            self.path = os.fspath(target)
+            with refused_writes(self.path):  # a file in its place, a read-only or full disk: one line
+                self.writer = SummaryWriter(self.path)
             self._owned = True
         else:
             self.writer = target
+            self.path = str(getattr(target, "log_dir", "the SummaryWriter's folder"))
             self._owned = False
         self.columns = columns
 
     def write(self, record: Record) -> None:
+        # TensorBoard writes on a thread of its own and raises its failure at the next add or flush.
+        with refused_writes(self.path):
+            self._write(record)
+
+    def _write(self, record: Record) -> None:
         for tag, value in record.scalars(self.columns).items():
             self.writer.add_scalar(tag, value, global_step=record.step)
         for kind, sketch in record.eff_lr.items():
@@ -257,10 +265,11 @@ class TensorBoardWriter:
         self.writer.flush()
 
     def close(self) -> None:
-        if self._owned:
-            self.writer.close()
-        else:
-            self.writer.flush()
+        with refused_writes(self.path):
+            if self._owned:
+                self.writer.close()
+            else:
+                self.writer.flush()
 
 
 class WandbWriter:
