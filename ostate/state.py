@@ -16,7 +16,7 @@ import torch
 UNIDENTIFIED = "unidentified"
 
 # How a parameter's name was found, from most to least certain.
-NAME_SOURCES = ("param_names", "fqn", "model-order", "hf-decay-rule", "shape-match", "none")
+NAME_SOURCES = ("param_names", "fqn", "model-order", "group-order", "hf-decay-rule", "shape-match", "none")
 
 
 @dataclass(frozen=True, eq=False)

@@ -49,7 +49,7 @@ def test_frozen_parameters_among_same_shaped_ones_make_names_ambiguous(tmp_path)
     # norm.weight/bias are frozen among five other 8-element entries: shapes cannot tell which were left out.
     # What every reading agrees on is named; the rest are listed with how to name them.
     trainable, names, sources, warnings = frozen_run(tmp_path, "norm")
-    assert sources == {"model-order", "none"}
+    assert sources == {"group-order", "none"}  # its own provenance: named where every reading agrees
     expected = [n for n, _ in trainable]
     certain = {"inp.weight", "hidden.weight", "hidden.bias", "head.weight", "head.bias"}
     assert [n if n in certain else None for n in expected] == [n if n in certain else None for n in names]
@@ -188,5 +188,5 @@ def test_group_structure_names_what_every_reading_of_each_group_agrees_on():
     ]
     naming = match_model_order([(4, 3), (2, 4), (4,), (2,)], entries, "m", group_sizes=[2, 2])
     # a.bias or frozen.weight: the vector group cannot tell; everything else is certain in every reading.
-    assert naming.names == ["a.weight", "b.weight", None, "b.bias"] and naming.source == "model-order"
+    assert naming.names == ["a.weight", "b.weight", None, "b.bias"] and naming.source == "group-order"
     assert "index 2 (4)" in naming.warnings[0] and "3 of 4" in naming.warnings[0]

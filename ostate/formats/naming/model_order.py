@@ -137,7 +137,7 @@ def _partly_named(
         f"entries not in the optimizer could be any of them); {len(named)} of {len(names)} are the same in every "
         f"reading and were named; {len(open_)} were not: {shown}{more}; {AMBIGUITY_HINT}"
     )
-    return Naming(names, "model-order" if named else "none", shapes if named else list(param_shapes), [warning])
+    return Naming(names, "group-order" if named else "none", shapes if named else list(param_shapes), [warning])
 
 
 def _certain(shapes: Sequence[tuple[int, ...] | None], entries: Sequence[ModelEntry]) -> list[int | None]:
