@@ -49,7 +49,7 @@ def test_format_hint_forces_a_reader_and_its_error_is_specific(pt_file):
     with pytest.raises(OstateError, match="not a directory"):
         ostate.load(pt_file, format_hint="dcp")
     with pytest.raises(
-        OstateError, match="unknown format 'nope'.*hf-trainer, accelerate, dcp, deepspeed, megatron, safetensors, torch"
+        OstateError, match="unknown format 'nope'.*hf-trainer, accelerate, megatron, dcp, deepspeed, safetensors, torch"
     ):
         ostate.load(pt_file, format_hint="nope")
 

@@ -22,9 +22,9 @@ from ostate.state import Checkpoint
 READERS: tuple[Reader, ...] = (
     hf_trainer.READER,
     accelerate.READER,
+    megatron.READER,
     dcp.READER,
     deepspeed.READER,
-    megatron.READER,
     safetensors_optim.READER,
     torch_save.READER,
 )
@@ -37,7 +37,7 @@ def reader_names() -> list[str]:
 
     Example:
         >>> reader_names()
-        ['hf-trainer', 'accelerate', 'dcp', 'deepspeed', 'megatron', 'safetensors', 'torch']
+        ['hf-trainer', 'accelerate', 'megatron', 'dcp', 'deepspeed', 'safetensors', 'torch']
     """
     return [r.name for r in READERS]
 

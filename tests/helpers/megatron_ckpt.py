@@ -187,3 +187,82 @@ def write(
     with open(os.path.join(save_dir, "latest_checkpointed_iteration.txt"), "w") as f:
         f.write(str(steps))
     return model, opt, rank_dir
+
+
+def trained(steps: int = 3) -> tuple[nn.Module, torch.optim.AdamW]:
+    """The tiny model after ``steps`` AdamW steps (the same every call)."""
+    torch.manual_seed(0)
+    model = tiny_gpt()
+    return model, train(model, steps)
+
+
+def sharded_key(name: str) -> tuple[str, int | None]:
+    """megatron-core's sharded key of a parameter, and its layer (layers are stacked on a leading axis)."""
+    head, sep, rest = name.partition("decoder.layers.")
+    if not sep:
+        return name, None
+    layer, _, tail = rest.partition(".")
+    return f"{head}decoder.layers.{tail}", int(layer)
+
+
+def save_torch_dist(out: str, steps: int = 3) -> None:
+    """Save with megatron-core's real ``dist_checkpointing.save`` (torch_dist backend, gloo, one rank).
+
+    The sharded state dict is what ``GPTModel.sharded_state_dict`` and
+    ``DistributedOptimizer.sharded_state_dict(sharding_type='fully_sharded_model_space')`` give
+    with one data-parallel rank: the model's ShardedTensors (layers stacked on axis 0 through
+    ``prepend_axis_num=1``), and for each, ``optimizer.state.<key>.<sharded key>`` made by
+    ``dataclasses.replace`` of the model's ShardedTensor (the flattened range of one rank
+    covers the whole parameter, so it is saved unflattened here). The optimizer's
+    ``state_dict()`` and the iteration go to common.pt.
+    """
+    import dataclasses
+
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing import ShardedTensor
+
+    # megatron's saver calls torch.cuda.synchronize() and puts a status flag on torch.cuda.current_device();
+    # with CPU-only torch these become a no-op and the CPU (gloo broadcasts CPU tensors).
+    torch.cuda.synchronize = lambda *a, **k: None
+    torch.cuda.current_device = lambda: "cpu"  # type: ignore[assignment,return-value]
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    model, opt = trained(steps)
+    model_sd: dict = {}
+    param_state: dict = {}
+    for i, (name, p) in enumerate(model.named_parameters()):
+        key, layer = sharded_key(name)
+        if layer is None:
+            sh = ShardedTensor.from_rank_offsets(key, p.detach(), replica_id=(0, 0, 0))
+        else:
+            sh = ShardedTensor.from_rank_offsets(
+                key, p.detach(), (0, layer, LAYERS), replica_id=(0, 0, 0), prepend_axis_num=1
+            )
+        model_sd[f"{name}"] = sh
+        tensors = {"fp32_param": p.detach().clone(), **{k: opt.state[p][k] for k in ("exp_avg", "exp_avg_sq")}}
+        param_state[i] = {
+            k: dataclasses.replace(sh, key=f"optimizer.state.{k}.{key}", data=t, dtype=t.dtype)
+            for k, t in tensors.items()
+        }
+    state = {
+        "model": model_sd,
+        "optimizer": {
+            **optimizer_state_dict(opt),
+            "param_state": param_state,
+            "param_state_sharding_type": "fully_sharded_model_space",
+        },
+        "iteration": steps,
+        "checkpoint_version": 3.0,
+        "opt_param_scheduler": {"max_lr": 1e-2, "num_steps": steps, "lr_decay_style": "constant"},
+    }
+    os.makedirs(out, exist_ok=True)
+    dist_checkpointing.save(state, out)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":  # dist_checkpointing writes through worker processes (spawn): keep this guard
+    import sys
+
+    save_torch_dist(sys.argv[1])

@@ -25,8 +25,10 @@ import torch
 
 from ostate.errors import OstateError
 from ostate.formats.deepspeed.zero import RankPieces
-from ostate.formats.files.torchfile import AllowedGlobal, load_torch_file
+from ostate.formats.files.torchfile import load_torch_file
+from ostate.formats.megatron import dist
 from ostate.formats.megatron.buckets import Slot, layout_for_total
+from ostate.formats.megatron.groups import MEGATRON_GLOBALS, param_groups
 from ostate.formats.naming import discover
 from ostate.formats.naming.objects import model_entries
 from ostate.formats.naming.torch_optim import read_optimizer
@@ -41,18 +43,11 @@ _STATE_KEYS = ("exp_avg", "exp_avg_sq")
 _MAX_TRACKER_BYTES = 64
 
 
-class Namespace:
-    """Stand-in for ``argparse.Namespace`` (Megatron-LM saves its ``args``): its attributes, nothing else."""
-
-
-MEGATRON_GLOBALS: tuple[AllowedGlobal, ...] = ((Namespace, "argparse.Namespace"),)
-
-
 def sniff(path: str) -> int:
     """3 for a rank folder holding ``distrib_optim.pt`` or an iteration folder of such rank folders, 2 for a save folder."""
     if not os.path.isdir(path):
         return 0
-    if os.path.isfile(os.path.join(path, OPTIM_FILE)):
+    if os.path.isfile(os.path.join(path, OPTIM_FILE)) or dist.is_torch_dist(path):
         return 3
     if any(os.path.isfile(os.path.join(path, r, OPTIM_FILE)) for r in _rank_dirs(path)):
         return 3
@@ -61,7 +56,10 @@ def sniff(path: str) -> int:
 
 def read(path: str, *, trust_pickle: bool = False) -> Checkpoint:
     """Read a Megatron save folder, one ``iter_*`` folder, or its ``mp_rank_00`` folder."""
-    rank_dir = resolve_rank_dir(os.fspath(path))
+    path = iteration_dir(os.fspath(path))
+    if dist.is_torch_dist(path):
+        return dist.read(path, trust_pickle=trust_pickle)
+    rank_dir = resolve_rank_dir(path)
     model_path = os.path.join(rank_dir, MODEL_FILE)
     optim_path = os.path.join(rank_dir, OPTIM_FILE)
     for f in (model_path, optim_path):
@@ -104,7 +102,7 @@ def _read(rank_dir: str, saved: Any, optim: Any, model_path: str, optim_path: st
         if isinstance(t, torch.Tensor) and t.is_floating_point() and not name.endswith("_extra_state")
     ]
     slots = _slots(trainable, optim, optim_path)
-    groups, assignment, warnings = _groups(saved, [(s.name, s.shape) for s, _ in slots], model_path)
+    groups, assignment, warnings = param_groups(saved, [(s.name, s.shape) for s, _ in slots], model_path)
     step = groups[0].get("step") if groups else None
 
     state: dict[str, dict[str, Any]] = {}
@@ -116,12 +114,12 @@ def _read(rank_dir: str, saved: Any, optim: Any, model_path: str, optim_path: st
         state[slot.name] = entry
         weights[slot.name] = buffer["param"].ref(slot.offset, slot.shape)
     names = [name for name, _ in trainable]
-    param_groups = [
+    groups_with_params = [
         dict({k: v for k, v in g.items() if k != "params"}, params=[n for n in names if assignment[n] == i])
         for i, g in enumerate(groups)
     ]
     entries = model_entries({n: model[n] for n in names})
-    opt = read_optimizer({"state": state, "param_groups": param_groups}, OPTIM_FILE, model=("model", entries))
+    opt = read_optimizer({"state": state, "param_groups": groups_with_params}, OPTIM_FILE, model=("model", entries))
     opt.warnings[:0] = warnings
     opt.extra = {k: v for k, v in (saved.get("optimizer") or {}).items() if k == "grad_scaler"}
     for name, t in model.items():
@@ -178,58 +176,23 @@ def _slots(
     return out
 
 
-def _groups(
-    saved: Mapping[str, Any], params: Sequence[tuple[str, tuple[int, ...]]], where: str
-) -> tuple[list[dict[str, Any]], dict[str, int], list[str]]:
-    """The param groups' hyperparameters and each parameter's group.
-
-    Megatron saves the groups without their parameters. Its default grouping
-    (``optimizer/__init__.py::_get_param_groups`` with ``get_standard_config_overrides``)
-    puts biases and 1-D parameters in a group with ``wd_mult`` 0, the rest in one with
-    ``wd_mult`` 1; that rule places the parameters here.
-    """
-    wrapper = saved.get("optimizer")
-    inner = wrapper.get("optimizer") if isinstance(wrapper, Mapping) else None
-    groups = inner.get("param_groups") if isinstance(inner, Mapping) else None
-    if not isinstance(groups, list) or not groups or not all(isinstance(g, Mapping) for g in groups):
-        raise OstateError(
-            "the model file holds no optimizer param groups ('optimizer' -> 'optimizer' -> 'param_groups')",
-            where=where,
-            hint="it was saved without the optimizer (--no-save-optim?)",
-        )
-    groups = [dict(g) for g in groups]
-    no_wd = {name: len(shape) == 1 or name.endswith(".bias") for name, shape in params}
-    mults = [g.get("wd_mult") for g in groups]
-    if len(groups) == 1:
-        return groups, {name: 0 for name, _ in params}, []
-    if len(groups) == 2 and sorted(mults) == [0.0, 1.0] and not any(g.get("is_expert_parallel") for g in groups):
-        zero = mults.index(0.0)
-        assignment = {name: zero if no_wd[name] else 1 - zero for name, _ in params}
-        note = (
-            "Megatron does not save which parameters each param group holds; they are placed by its default "
-            "rule (biases and 1-D parameters in the group with wd_mult 0)"
-        )
-        return groups, assignment, [note]
-    raise OstateError(
-        f"{len(groups)} param groups (wd_mult {mults}) that Megatron's default grouping does not explain",
-        where=where,
-        hint="Megatron does not save which parameters each group holds; ostate reads one group, or the default "
-        "two (wd_mult 1 and 0)",
-    )
-
-
-def resolve_rank_dir(path: str) -> str:
-    """The ``mp_rank_00`` folder of ``path`` (a save folder, an ``iter_*`` folder or the rank folder itself)."""
+def iteration_dir(path: str) -> str:
+    """The iteration folder a save folder's tracker file names; any other folder as it is."""
     if not os.path.isdir(path):
         raise OstateError("not a directory; a Megatron checkpoint is a folder", where=path)
-    if os.path.isfile(os.path.join(path, OPTIM_FILE)) or os.path.isfile(os.path.join(path, MODEL_FILE)):
-        return path
     if os.path.isfile(os.path.join(path, TRACKER)):
         path = os.path.join(path, _iteration_dir(path))
         if not os.path.isdir(path):
             raise OstateError(
                 f"{TRACKER} names a folder that is not here", where=path, hint="copy that iteration's folder"
             )
+    return path
+
+
+def resolve_rank_dir(path: str) -> str:
+    """The ``mp_rank_00`` folder of ``path`` (an ``iter_*`` folder or the rank folder itself)."""
+    if os.path.isfile(os.path.join(path, OPTIM_FILE)) or os.path.isfile(os.path.join(path, MODEL_FILE)):
+        return path
     ranks = _rank_dirs(path)
     if not ranks:
         raise OstateError(
@@ -265,7 +228,9 @@ def _tracked_is_legacy(save_dir: str) -> bool:
         iteration = os.path.join(save_dir, _iteration_dir(save_dir))
     except (OSError, OstateError):
         return False
-    return any(os.path.isfile(os.path.join(iteration, r, OPTIM_FILE)) for r in _rank_dirs(iteration))
+    return dist.is_torch_dist(iteration) or any(
+        os.path.isfile(os.path.join(iteration, r, OPTIM_FILE)) for r in _rank_dirs(iteration)
+    )
 
 
 def _rank_dirs(path: str) -> list[str]:
@@ -278,7 +243,7 @@ def _rank_dirs(path: str) -> list[str]:
 
 READER = Reader(
     name="megatron",
-    summary="a Megatron distributed-optimizer checkpoint (iter_*/mp_rank_00/ with distrib_optim.pt)",
+    summary="a Megatron checkpoint: torch_dist (DCP + metadata.json) or iter_*/mp_rank_00/ with distrib_optim.pt",
     sniff=sniff,
     read=read,
 )
