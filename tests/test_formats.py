@@ -90,9 +90,9 @@ def test_every_reader_is_listed_with_a_summary():
     assert registry.reader_names() == [
         "hf-trainer",
         "accelerate",
+        "megatron",
         "dcp",
         "deepspeed",
-        "megatron",
         "safetensors",
         "torch",
     ]
