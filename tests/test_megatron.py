@@ -215,3 +215,13 @@ def test_torch_dist_analysis_matches_the_real_tensors_and_damage_is_one_line(tor
     data.write_bytes(data.read_bytes()[:100])
     result = run_cli("inspect", str(broken))
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_distrib_optim_file_of_another_shape_is_one_clear_error(saved, tmp_path):
+    _, _, rank_dir = saved
+    bad = tmp_path / "mp_rank_00"
+    bad.mkdir()
+    os.link(os.path.join(rank_dir, "model_optim_rng.pt"), bad / "model_optim_rng.pt")
+    torch.save({0: {(torch.float32, torch.float32): {"param": [1, 2]}}}, bad / "distrib_optim.pt")
+    with pytest.raises(OstateError, match="do not have the layout Megatron writes"):
+        ostate.load(bad)

@@ -57,9 +57,20 @@ def sniff(path: str) -> int:
 def read(path: str, *, trust_pickle: bool = False) -> Checkpoint:
     """Read a Megatron save folder, one ``iter_*`` folder, or its ``mp_rank_00`` folder."""
     path = iteration_dir(os.fspath(path))
-    if dist.is_torch_dist(path):
-        return dist.read(path, trust_pickle=trust_pickle)
-    rank_dir = resolve_rank_dir(path)
+    try:
+        if dist.is_torch_dist(path):
+            return dist.read(path, trust_pickle=trust_pickle)
+        return _read_rank_dir(resolve_rank_dir(path), trust_pickle=trust_pickle)
+    except (KeyError, AttributeError, TypeError, IndexError, ValueError) as e:
+        # The files unpickled (safely) but do not hold what Megatron writes: a damaged or hand-made file.
+        raise OstateError(
+            f"the files do not have the layout Megatron writes ({type(e).__name__}: {e})",
+            where=path,
+            hint="a file may be damaged, or from a Megatron version ostate does not know; rerun with --debug",
+        ) from e
+
+
+def _read_rank_dir(rank_dir: str, *, trust_pickle: bool) -> Checkpoint:
     model_path = os.path.join(rank_dir, MODEL_FILE)
     optim_path = os.path.join(rank_dir, OPTIM_FILE)
     for f in (model_path, optim_path):
@@ -71,14 +82,7 @@ def read(path: str, *, trust_pickle: bool = False) -> Checkpoint:
             )
     saved = load_torch_file(model_path, trust_pickle=trust_pickle, allowed_globals=MEGATRON_GLOBALS)
     optim = load_torch_file(optim_path, trust_pickle=trust_pickle)
-    try:
-        return _read(rank_dir, saved, optim, model_path, optim_path)
-    except (KeyError, AttributeError, TypeError, IndexError, ValueError) as e:
-        raise OstateError(
-            f"the files do not have the layout Megatron writes ({type(e).__name__}: {e})",
-            where=rank_dir,
-            hint="a file may be damaged, or from a Megatron version ostate does not know; rerun with --debug",
-        ) from e
+    return _read(rank_dir, saved, optim, model_path, optim_path)
 
 
 def _read(rank_dir: str, saved: Any, optim: Any, model_path: str, optim_path: str) -> Checkpoint:
