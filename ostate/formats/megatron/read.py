@@ -44,14 +44,15 @@ _MAX_TRACKER_BYTES = 64
 
 
 def sniff(path: str) -> int:
-    """3 for a rank folder holding ``distrib_optim.pt`` or an iteration folder of such rank folders, 2 for a save folder."""
+    """3 for a torch_dist folder, a rank folder holding ``distrib_optim.pt`` or an iteration folder of
+    such rank folders; 2 for a save folder whose tracker file names one of these; else 0."""
     if not os.path.isdir(path):
         return 0
     if os.path.isfile(os.path.join(path, OPTIM_FILE)) or dist.is_torch_dist(path):
         return 3
     if any(os.path.isfile(os.path.join(path, r, OPTIM_FILE)) for r in _rank_dirs(path)):
         return 3
-    return 2 if os.path.isfile(os.path.join(path, TRACKER)) and _tracked_is_legacy(path) else 0
+    return 2 if os.path.isfile(os.path.join(path, TRACKER)) and _tracked_is_megatron(path) else 0
 
 
 def read(path: str, *, trust_pickle: bool = False) -> Checkpoint:
@@ -227,7 +228,7 @@ def _iteration_dir(save_dir: str) -> str:
     return f"iter_{int(text):07d}"
 
 
-def _tracked_is_legacy(save_dir: str) -> bool:
+def _tracked_is_megatron(save_dir: str) -> bool:
     try:
         iteration = os.path.join(save_dir, _iteration_dir(save_dir))
     except (OSError, OstateError):
