@@ -162,7 +162,7 @@ def _backend(path: str) -> dict[str, Any]:
     where = os.path.join(path, METADATA_JSON)
     try:
         with open(where, "rb") as f:
-            data = json.loads(f.read(_MAX_JSON_BYTES + 1)[: _MAX_JSON_BYTES + 1])
+            data = json.loads(f.read(_MAX_JSON_BYTES))
     except (OSError, ValueError) as e:
         raise OstateError(f"cannot read megatron's metadata.json ({e})", where=where) from None
     if not isinstance(data, dict):
