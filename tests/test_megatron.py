@@ -74,6 +74,15 @@ def test_iteration_folder_rank_folder_and_legacy_per_bucket_files_read_the_same(
             assert torch.equal(ckpt.optimizers[0].param(name).read("exp_avg_sq"), opt.state[w]["exp_avg_sq"])
 
 
+def test_bf16_model_reads_the_fp32_master_weights_and_moments(tmp_path):
+    model, opt, rank_dir = megatron_ckpt.write(str(tmp_path / "bf16"), bf16=True)
+    ckpt = ostate.load(rank_dir)
+    for name, w in model.named_parameters():
+        p = ckpt.optimizers[0].param(name)
+        assert torch.equal(p.read("exp_avg"), opt.state[w]["exp_avg"])
+        assert ckpt.weights[name].dtype == torch.float32 and torch.equal(ckpt.weights[name].read(), w.detach())
+
+
 def test_layout_matches_megatrons_buffer_in_several_buckets():
     model = megatron_ckpt.tiny_gpt()
     params = list(model.parameters())

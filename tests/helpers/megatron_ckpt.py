@@ -159,6 +159,7 @@ def write(
     dp: int = 2,
     bucket_size: int | None = None,
     legacy: bool = False,
+    bf16: bool = False,
 ) -> tuple[nn.Module, torch.optim.AdamW, str]:
     """Train the tiny model and save it as Megatron-LM does; returns the model, optimizer and rank folder."""
     torch.manual_seed(0)
@@ -176,14 +177,18 @@ def write(
             "args": args,
             "checkpoint_version": 3.0,
             "iteration": steps,
-            "model": model.state_dict(),
+            # bf16 training: the model holds bf16 weights, the optimizer fp32 master copies of them
+            "model": {k: v.to(torch.bfloat16) for k, v in model.state_dict().items()} if bf16 else model.state_dict(),
             "optimizer": optimizer_state_dict(opt),
             "opt_param_scheduler": {"max_lr": 1e-2, "num_steps": steps, "lr_decay_style": "constant"},
             "rng_state": [rng],
         },
         os.path.join(rank_dir, "model_optim_rng.pt"),
     )
-    torch.save(parameter_state(model, opt, dp, bucket_size, legacy), os.path.join(rank_dir, "distrib_optim.pt"))
+    state = parameter_state(model, opt, dp, bucket_size, legacy)
+    if bf16:  # buffers are keyed (param_dtype, grad_dtype)
+        state[0] = {(torch.bfloat16, torch.float32): state[0][(torch.float32, torch.float32)]}
+    torch.save(state, os.path.join(rank_dir, "distrib_optim.pt"))
     with open(os.path.join(save_dir, "latest_checkpointed_iteration.txt"), "w") as f:
         f.write(str(steps))
     return model, opt, rank_dir
