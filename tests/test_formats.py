@@ -49,7 +49,7 @@ def test_format_hint_forces_a_reader_and_its_error_is_specific(pt_file):
     with pytest.raises(OstateError, match="not a directory"):
         ostate.load(pt_file, format_hint="dcp")
     with pytest.raises(
-        OstateError, match="unknown format 'nope'.*hf-trainer, accelerate, dcp, deepspeed, safetensors, torch"
+        OstateError, match="unknown format 'nope'.*hf-trainer, accelerate, megatron, dcp, deepspeed, safetensors, torch"
     ):
         ostate.load(pt_file, format_hint="nope")
 
@@ -87,7 +87,15 @@ def test_a_deepspeed_folder_goes_to_the_deepspeed_reader(tmp_path):
 
 
 def test_every_reader_is_listed_with_a_summary():
-    assert registry.reader_names() == ["hf-trainer", "accelerate", "dcp", "deepspeed", "safetensors", "torch"]
+    assert registry.reader_names() == [
+        "hf-trainer",
+        "accelerate",
+        "megatron",
+        "dcp",
+        "deepspeed",
+        "safetensors",
+        "torch",
+    ]
     assert all(r.summary and callable(r.sniff) and callable(r.read) for r in registry.READERS)
 
 

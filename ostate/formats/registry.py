@@ -13,6 +13,7 @@ from ostate.errors import OstateError
 from ostate.formats import accelerate, hf_trainer, safetensors_optim
 from ostate.formats.dcp import read as dcp
 from ostate.formats.deepspeed import read as deepspeed
+from ostate.formats.megatron import read as megatron
 from ostate.formats.reader import Reader
 from ostate.formats.torch_save import read as torch_save
 from ostate.state import Checkpoint
@@ -21,6 +22,7 @@ from ostate.state import Checkpoint
 READERS: tuple[Reader, ...] = (
     hf_trainer.READER,
     accelerate.READER,
+    megatron.READER,
     dcp.READER,
     deepspeed.READER,
     safetensors_optim.READER,
@@ -35,7 +37,7 @@ def reader_names() -> list[str]:
 
     Example:
         >>> reader_names()
-        ['hf-trainer', 'accelerate', 'dcp', 'deepspeed', 'safetensors', 'torch']
+        ['hf-trainer', 'accelerate', 'megatron', 'dcp', 'deepspeed', 'safetensors', 'torch']
     """
     return [r.name for r in READERS]
 

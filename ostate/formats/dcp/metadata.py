@@ -36,6 +36,8 @@ _ALLOWED: dict[str, frozenset[str]] = {
         }
     ),
     "torch.distributed.checkpoint.filesystem": frozenset({"_StorageInfo", "_StoragePrefix"}),
+    # megatron-core's planner keeps every rank's save plan in Metadata.all_local_plans (inert dataclasses).
+    "torch.distributed.checkpoint.planner": frozenset({"SavePlan", "WriteItem", "WriteItemType", "TensorWriteData"}),
     # torch < 2.2 kept these two in the sharded-tensor package.
     "torch.distributed._shard.sharded_tensor.metadata": frozenset({"TensorProperties", "MEM_FORMAT_ENCODING"}),
     "torch": frozenset({"Size"}),
