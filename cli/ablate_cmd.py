@@ -11,6 +11,7 @@ import click
 
 from ostate.errors import OstateError
 from ostate.harness import TASKS, Spec, Sweep, builtin_task, load_spec, run
+from ostate.harness.device import AUTO
 from ostate.harness.executors import EXECUTORS
 from ostate.harness.store import ResultsStore
 from ostate.harness.text import render_summary
@@ -93,6 +94,12 @@ def _numbers(text: str | None, kind: type, option: str) -> list | None:
     type=click.IntRange(min=1),
     help="Torch threads per trial (default: cores / workers; 1 on Ray). Same value, same numbers.",
 )
+@click.option(
+    "--device",
+    metavar="DEVICE",
+    help="Where trials (and a built-in task's pretraining) train: auto (default: a GPU when there is one), "
+    "cpu, cuda, cuda:N.",
+)
 @click.option("--executor", type=click.Choice(EXECUTORS), help="local process pool (default) or ray.")
 @click.option("--address", metavar="ADDR", help="With --executor ray: join this cluster (e.g. auto).")
 @click.option(
@@ -169,6 +176,7 @@ def ablate(
     baseline,
     workers,
     threads,
+    device,
     executor,
     address,
     store,
@@ -212,7 +220,7 @@ def ablate(
         raise click.UsageError("--source-eval and --block-size go with --train and --eval")
     progress = "bar" if progress_enabled() else "lines"  # a log (nohup, CI) gets plain lines now and then
     if spec_file:
-        spec = load_spec(spec_file)
+        spec = load_spec(spec_file, device=device)
         if pretrain_steps is not None or source is not None or optimizer_index is not None or new_head:
             raise click.UsageError(
                 "--source, --optimizer-index, --new-head and --pretrain-steps apply to --task; "
@@ -234,7 +242,9 @@ def ablate(
                 optimizer_index=optimizer_index,
             )
         else:
-            task = builtin_task(task_name, pretrain_steps=pretrain_steps, progress=progress, new_head=new_head)
+            task = builtin_task(
+                task_name, pretrain_steps=pretrain_steps, progress=progress, new_head=new_head, device=device or AUTO
+            )
             if source is not None:
                 task.source = source
             task.source_optimizer = optimizer_index
@@ -277,6 +287,7 @@ def ablate(
         baseline=baseline,
         workers=workers,
         threads=threads,
+        device=device,
         executor=executor,
         address=address,
         cache_dir=cache_dir,

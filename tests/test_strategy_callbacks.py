@@ -117,6 +117,8 @@ def trainer_mode_ablation(tmp_path, task):
     )
     results = run(spec)
     assert results.ran == 2 and not results.failed, results.failed
+    # the cells are labelled with the sweep's lr and batch size, which the user's trainer may not follow
+    assert results.summary is not None and "the trials ran under the task's own" in results.summary.warnings[0]
     records = ResultsStore(spec.store).records()
     return records.merge(ResultsStore(spec.store).trials()[["trial_id", "strategy"]], on="trial_id")
 

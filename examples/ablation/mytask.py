@@ -36,13 +36,18 @@ def loss(model: nn.Module, batch) -> torch.Tensor:
     return nn.functional.mse_loss(model(x), y)
 
 
+def _held_out_loss(model: nn.Module, x: torch.Tensor, mapping: torch.Tensor) -> float:
+    device = next(model.parameters()).device  # the trial's device: a GPU when there is one
+    return float(loss(model, (x.to(device), (x @ mapping).to(device))))
+
+
 def evaluate(model: nn.Module) -> float:
-    return float(loss(model, (EVAL_X, EVAL_X @ TARGET_MAP)))
+    return _held_out_loss(model, EVAL_X, TARGET_MAP)
 
 
 def evaluate_source(model: nn.Module) -> float:
     """Forgetting: the loss on the source map (optional; every eval step, as source_loss)."""
-    return float(loss(model, (EVAL_X, EVAL_X @ SOURCE_MAP)))
+    return _held_out_loss(model, EVAL_X, SOURCE_MAP)
 
 
 def source_batches(batch_size: int, generator: torch.Generator):
@@ -52,7 +57,7 @@ def source_batches(batch_size: int, generator: torch.Generator):
 
 def validate(model: nn.Module) -> float:
     """A validation split apart from evaluate's test data, for --tune (optional)."""
-    return float(loss(model, (VALIDATION_X, VALIDATION_X @ TARGET_MAP)))
+    return _held_out_loss(model, VALIDATION_X, TARGET_MAP)
 
 
 def pretrain(path: str) -> None:

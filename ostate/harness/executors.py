@@ -37,12 +37,14 @@ EXECUTORS = ("local", "ray")
 
 @dataclass(frozen=True)
 class Job:
-    """One trial to run: the task, the source checkpoint's path, the settings and torch's thread count."""
+    """One trial to run: the task, the source checkpoint's path, the settings, torch's thread
+    count and the device the trial trains on (``cpu``, ``cuda``, ``cuda:N``)."""
 
     task: Task
     source: str
     config: TrialConfig
     threads: int
+    device: str = "cpu"
 
 
 @dataclass
@@ -57,12 +59,18 @@ class Outcome:
 def run_job(job: Job) -> Outcome:
     """Run one trial; an exception becomes the outcome's error (so one bad trial stops no other)."""
     try:
-        return Outcome(job, result=run_trial(job.task, job.source, job.config, threads=job.threads))
+        return Outcome(job, result=run_trial(job.task, job.source, job.config, threads=job.threads, device=job.device))
     except OstateError as e:
         return Outcome(job, error=str(e))
     except Exception as e:  # report the trial's own failure with where it happened
         where = traceback.extract_tb(e.__traceback__)[-1]
-        return Outcome(job, error=f"{type(e).__name__}: {e} (at {os.path.basename(where.filename)}:{where.lineno})")
+        error = f"{type(e).__name__}: {e} (at {os.path.basename(where.filename)}:{where.lineno})"
+        if "same device" in str(e):  # a task's own tensors left on the CPU while the model is on a GPU
+            error += (
+                f"; the trial trains on {job.device}: make the task's tensors on "
+                "next(model.parameters()).device, or run with --device cpu"
+            )
+        return Outcome(job, error=error)
 
 
 def default_threads(workers: int) -> int:
@@ -114,7 +122,8 @@ def _ignore_interrupts() -> None:
 
 
 def run_ray(jobs: Sequence[Job], *, address: str | None = None, num_cpus: int | None = None) -> Iterator[Outcome]:
-    """Run jobs as Ray tasks, each reserving ``threads`` CPUs.
+    """Run jobs as Ray tasks, each reserving ``threads`` CPUs (and a whole GPU when its device
+    is a CUDA one: Ray shows a task only the GPUs it reserved).
 
     ``address`` joins an existing cluster (``auto``, or ``ray://host:10001``); without it
     a local Ray is started with ``num_cpus`` CPUs (and stopped after). The source
@@ -143,7 +152,12 @@ def run_ray(jobs: Sequence[Job], *, address: str | None = None, num_cpus: int | 
             ray.cloudpickle.register_pickle_by_value(module)
         sources = {path: ray.put(_read(path)) for path in {job.source for job in jobs}}
         remote = ray.remote(_run_on_ray)
-        pending = {remote.options(num_cpus=job.threads).remote(job, sources[job.source]): job for job in jobs}
+        pending = {
+            remote.options(num_cpus=job.threads, num_gpus=1 if job.device.startswith("cuda") else 0).remote(
+                job, sources[job.source]
+            ): job
+            for job in jobs
+        }
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
             for ref in done:
@@ -217,7 +231,7 @@ def local_source(source_bytes: bytes) -> str:
 def _run_on_ray(job: Job, source_bytes: bytes) -> Outcome:
     """On a Ray worker: write the source checkpoint to a local file or folder named by its content
     (once per node; the path on the driver may not exist here, or hold another file), then run."""
-    return run_job(Job(job.task, local_source(source_bytes), job.config, job.threads))
+    return run_job(dataclasses.replace(job, source=local_source(source_bytes)))
 
 
 def execute(

@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
+from ostate.harness.device import to_device
 from ostate.harness.progress import Progress
 
 
@@ -57,9 +58,11 @@ def pretrain(
     clip: float | None = None,
     description: str = "pretraining",
     progress: bool | str = True,
+    device: str | torch.device = "cpu",
 ) -> dict[str, Any]:
     """Train ``model`` for ``steps`` steps on ``batches`` and return the checkpoint dict
-    (``clip``: the gradients' global norm is clipped to it, as LLM training does).
+    (``clip``: the gradients' global norm is clipped to it, as LLM training does). The model
+    trains on ``device`` (each batch moved there); the checkpoint's tensors are on the CPU.
 
     Example:
         >>> m = nn.Linear(3, 1)
@@ -68,6 +71,8 @@ def pretrain(
         >>> ckpt["global_step"], sorted(ckpt["optimizer"]["param_groups"][0]["param_names"])
         (3, ['weight'])
     """
+    device = torch.device(device)
+    model.to(device)
     optimizer = torch.optim.AdamW(decay_groups(model, weight_decay), lr=lr, betas=betas)
     warmup = max(1, steps // 10) if warmup is None else warmup
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, warmup=warmup, steps=steps))
@@ -75,7 +80,7 @@ def pretrain(
     model.train()
     with Progress(steps, description, enabled=progress, unit="step") as bar:
         for _ in range(steps):
-            value = loss(model, next(stream))
+            value = loss(model, to_device(next(stream), device))
             optimizer.zero_grad(set_to_none=True)
             value.backward()
             if clip:
@@ -83,9 +88,10 @@ def pretrain(
             optimizer.step()
             schedule.step()
             bar.update(f"loss {value.item():.3f}")
+    cpu = torch.device("cpu")
     return {
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
+        "model": to_device(model.state_dict(), cpu),
+        "optimizer": to_device(optimizer.state_dict(), cpu),
         "lr_scheduler": schedule.state_dict(),
         "global_step": steps,
         "final_train_loss": float(value.item()) if steps else float("nan"),

@@ -10,6 +10,7 @@ from typing import Sequence
 import torch
 
 from ostate.errors import OstateError
+from ostate.harness.device import AUTO, parse_device, resolve_device
 from ostate.harness.executors import EXECUTORS, Job, default_threads, execute
 from ostate.harness.progress import Progress
 from ostate.harness.source import Source, load_source
@@ -84,7 +85,9 @@ class Spec:
     (default: cores / workers locally, 1 on Ray); ``target_loss`` for steps-to-target
     (default: the baseline's mean final eval loss); ``tune`` compares each strategy at its
     own best ``lr`` and ``warmup`` of the sweep (selected on the task's validation split,
-    reported on its test split: :func:`~ostate.harness.summary.select_tuned`).
+    reported on its test split: :func:`~ostate.harness.summary.select_tuned`); ``device``
+    where the trials train (:mod:`ostate.harness.device`: ``auto`` is the GPU when this
+    machine has one; on Ray, ``auto`` is the CPU and ``cuda`` reserves a GPU per trial).
     """
 
     task: Task
@@ -102,6 +105,7 @@ class Spec:
     plot_format: str = "png"
     tune: bool = False
     progress: bool | str = True  # "bar", "lines" (plain lines for a log) or False
+    device: str = AUTO
 
 
 @dataclass
@@ -154,7 +158,8 @@ def run(spec: Spec) -> Results:
     optimizer = check_strategies(task, source, [c.strategy for c in configs]) if task.trainer is None else None
     workers = spec.workers or (os.cpu_count() or 1)
     threads = spec.threads or (default_threads(workers) if spec.executor == "local" else 1)
-    context = trial_context(task, optimizer, threads)
+    device = trial_device(spec)
+    context = trial_context(task, optimizer, threads, device)
 
     ids = {c: c.trial_id(task.name, source.fingerprint, context) for c in configs}
     failed: list[tuple[TrialConfig, str]] = []
@@ -164,7 +169,7 @@ def run(spec: Spec) -> Results:
         claimed = set(store.claim([ids[c] for c in todo]))
         busy = [c for c in todo if ids[c] not in claimed]  # another process runs them
         todo = [c for c in todo if ids[c] in claimed]
-        jobs = [Job(task, source_path, c, threads) for c in todo]
+        jobs = [Job(task, source_path, c, threads, str(device)) for c in todo]
         try:
             with Progress(len(jobs), f"{task.name} trials", enabled=spec.progress) as bar:
                 for outcome in execute(jobs, executor=spec.executor, workers=workers, address=spec.address):
@@ -203,6 +208,13 @@ def run(spec: Spec) -> Results:
             order=[str(Strategy.parse(s)) for s in spec.sweep.strategies],
             tune=spec.tune,
         )
+        if task.trainer is not None:  # the cells are labelled by the sweep, which the trainer may not follow
+            summary.warnings.insert(
+                0,
+                f"the trials ran under the task's own {task.trainer_kind or 'hf'} trainer: the lr, warmup, batch "
+                "size and schedule in the cell labels are the settings each trial's trainer was given "
+                "(make_trainer(config, ...)); the trainer's own arguments decide what it used",
+            )
         if spec.out is not None:
             files = write_outputs(summary, spec.out, fmt=spec.plot_format if spec.plots else None, title=task.name)
     ran = len(todo) - len(failed)
@@ -243,3 +255,19 @@ def write_outputs(
             frame.to_csv(tmp, index=False)
         files.append(path)
     return files + (write_plots(summary, directory, fmt=fmt, title=title) if fmt else [])
+
+
+def trial_device(spec: Spec) -> torch.device:
+    """Where ``spec``'s trials train: its ``device`` on this machine; on Ray, ``auto`` is the CPU
+    (a Ray task sees no GPU it did not reserve) and a CUDA device is taken as given (the
+    workers have the GPUs, not necessarily this machine).
+
+    Example:
+        >>> from ostate.harness.task import Task
+        >>> t = Task("t", model=None, train_batches=None, loss=None, evaluate=None)
+        >>> trial_device(Spec(t, executor="ray")), trial_device(Spec(t, device="cpu"))
+        (device(type='cpu'), device(type='cpu'))
+    """
+    if spec.executor == "ray":
+        return torch.device("cpu") if spec.device == AUTO else parse_device(spec.device)
+    return resolve_device(spec.device)

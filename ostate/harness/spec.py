@@ -39,6 +39,7 @@
     baseline = "reload"
     plot_format = "png"
     cache_dir = "~/.cache/ostate"
+    device = "auto"              # where trials and a built-in task's pretraining train: cpu, cuda, cuda:N
 
 Relative paths are relative to the TOML file, and its directory is put on
 ``sys.path`` so that a task module beside it imports.
@@ -55,6 +56,7 @@ from typing import Any, Callable
 import tomllib
 
 from ostate.errors import OstateError
+from ostate.harness.device import AUTO
 from ostate.harness.run import Spec, Sweep
 from ostate.harness.task import Task
 from ostate.harness.tasks import builtin_task
@@ -86,8 +88,8 @@ _RUN_KEYS = {f.name for f in dataclasses.fields(Spec)} - {"task", "sweep"}
 _LISTS = ("strategies", "seeds", "lr", "warmup", "batch_size", "grad_clip", "beta2", "replay")
 
 
-def load_spec(path: str | os.PathLike) -> Spec:
-    """Read an ablation spec from a TOML file.
+def load_spec(path: str | os.PathLike, *, device: str | None = None) -> Spec:
+    """Read an ablation spec from a TOML file; ``device`` (given) replaces its ``[run] device``.
 
     Example:
         >>> import os, tempfile
@@ -115,7 +117,8 @@ def load_spec(path: str | os.PathLike) -> Spec:
     _check_keys(sweep_table, _SWEEP_KEYS, path, "[sweep]")
     _check_keys(run_table, _RUN_KEYS, path, "[run]")
 
-    task = _task(task_table, base, path)
+    device = device or str(run_table.get("device", AUTO))
+    task = _task(task_table, base, path, device)
     sweep_values = {k: (list(v) if isinstance(v, list) else [v]) if k in _LISTS else v for k, v in sweep_table.items()}
     sweep = Sweep(
         **{
@@ -124,7 +127,7 @@ def load_spec(path: str | os.PathLike) -> Spec:
             **sweep_values,
         }
     )
-    run_values = dict(run_table)
+    run_values = {**run_table, "device": device}
     for key in ("store", "out", "cache_dir"):
         if isinstance(run_values.get(key), str):
             run_values[key] = _relative(run_values[key], base)
@@ -133,7 +136,7 @@ def load_spec(path: str | os.PathLike) -> Spec:
     return Spec(task=task, sweep=sweep, **run_values)
 
 
-def _task(table: dict[str, Any], base: str, path: str) -> Task:
+def _task(table: dict[str, Any], base: str, path: str, device: str) -> Task:
     if "builtin" in table:
         extra = set(table) - {"builtin", "pretrain_steps", "source", "source_optimizer", "new_head"}
         if extra:
@@ -143,7 +146,10 @@ def _task(table: dict[str, Any], base: str, path: str) -> Task:
                 where=path,
             )
         task = builtin_task(
-            table["builtin"], pretrain_steps=table.get("pretrain_steps"), new_head=bool(table.get("new_head", False))
+            table["builtin"],
+            pretrain_steps=table.get("pretrain_steps"),
+            new_head=bool(table.get("new_head", False)),
+            device=device,
         )
         task.source_optimizer = table.get("source_optimizer")
         if "source" in table:

@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 import torch
 
 from ostate.errors import OstateError
+from ostate.harness.device import AUTO, device_key, resolve_device, to_device
 from ostate.harness.metrics import (
     ALL,
     Record,
@@ -140,14 +141,18 @@ def optimizer_hyperparameters(optimizer: torch.optim.Optimizer | None) -> list[d
     return [{k: v for k, v in group.items() if k not in skip} for group in optimizer.param_groups]
 
 
-def trial_context(task: Task, optimizer: torch.optim.Optimizer | None, threads: int) -> dict[str, Any]:
+def trial_context(
+    task: Task, optimizer: torch.optim.Optimizer | None, threads: int, device: torch.device | None = None
+) -> dict[str, Any]:
     """What besides its settings changes a trial's numbers: the task's code, the optimizer's
-    hyperparameters (before a trial's ``beta2``), torch's thread count and version."""
+    hyperparameters (before a trial's ``beta2``), torch's thread count and version, and the
+    device type unless it is the CPU (:func:`~ostate.harness.device.device_key`)."""
     return {
         "task_code": task_code_hash(task),
         "optimizer_hyperparameters": optimizer_hyperparameters(optimizer),
         "threads": threads,
         "torch_version": torch.__version__,
+        **device_key(device or torch.device("cpu")),
     }
 
 
@@ -189,10 +194,19 @@ class TrialResult:
     info: dict[str, Any] = field(default_factory=dict)
 
 
-def run_trial(task: Task, source: Source | str, config: TrialConfig, *, threads: int | None = None) -> TrialResult:
+def run_trial(
+    task: Task,
+    source: Source | str,
+    config: TrialConfig,
+    *,
+    threads: int | None = None,
+    device: str | torch.device | None = AUTO,
+) -> TrialResult:
     """Fine-tune ``task``'s model from ``source`` under ``config``; every record in the result.
 
     With the same ``threads`` (torch's intra-op threads) the result is the same on every run.
+    ``device``: where the model trains (:mod:`ostate.harness.device`; ``auto``: the GPU when
+    there is one); a trainer task's trainer picks its own.
     ``info`` holds what happened, with ``g2_over_v``: each parameter's new gradient square
     over its loaded second moment at the first step (:func:`gradient_to_second_moment`).
     """
@@ -214,10 +228,12 @@ def run_trial(task: Task, source: Source | str, config: TrialConfig, *, threads:
             hint="give the task source_batches(batch_size, generator) (TOML: source_batches = 'module:function')",
         )
 
+    on = resolve_device(device)
     model = task.model()
     new_weights = load_weights(model, source)
+    model.to(on)  # before the optimizer: torch puts the loaded state beside the parameters
     optimizer = (task.optimizer or optimizer_like_source(source))(model, config.lr)
-    context = trial_context(task, optimizer, torch.get_num_threads())
+    context = trial_context(task, optimizer, torch.get_num_threads(), on)
     if config.beta2:
         for group in optimizer.param_groups:
             if "betas" not in group:
@@ -258,7 +274,8 @@ def run_trial(task: Task, source: Source | str, config: TrialConfig, *, threads:
             group["lr"] = peak * lr_factor(step, config)
         replay = source_stream is not None and float(torch.rand((), generator=coin)) < config.replay
         replayed += replay
-        loss = task.loss(model, next(source_stream if replay and source_stream is not None else batches))
+        batch = next(source_stream if replay and source_stream is not None else batches)
+        loss = task.loss(model, to_device(batch, on))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if config.grad_clip:
@@ -294,6 +311,7 @@ def run_trial(task: Task, source: Source | str, config: TrialConfig, *, threads:
         "g2_over_v": g2_over_v,
         **context,
         "threads": torch.get_num_threads(),
+        "device": str(on),
         "torch": torch.__version__,
         "wall_s": time.perf_counter() - started,
     }

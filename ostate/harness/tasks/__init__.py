@@ -9,7 +9,9 @@
   sans-serif fonts, fine-tuned on serif fonts (the fonts that ship with matplotlib).
 
 When no source checkpoint is given, the source model is pretrained once (about a
-minute) and cached (see :func:`ostate.harness.task.resolve_source`).
+minute; on the GPU when there is one) and cached (see
+:func:`ostate.harness.task.resolve_source`); a source pretrained on a GPU is cached
+apart from one pretrained on the CPU (they round differently).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any
 import torch
 
 from ostate.errors import OstateError
+from ostate.harness.device import AUTO, resolve_device
 from ostate.harness.task import Task
 from ostate.harness.tasks import code_to_prose, gpt_code_to_prose, sans_to_serif
 
@@ -30,10 +33,16 @@ PRETRAIN_STEPS = {"code-to-prose": 1500, "gpt-code-to-prose": 1000, "sans-to-ser
 
 
 def builtin_task(
-    name: str, *, pretrain_steps: int | None = None, progress: bool | str = True, new_head: bool = False
+    name: str,
+    *,
+    pretrain_steps: int | None = None,
+    progress: bool | str = True,
+    new_head: bool = False,
+    device: str = AUTO,
 ) -> Task:
     """A built-in task by name; ``pretrain_steps`` sets how long its source model trains;
-    ``new_head`` fine-tunes a new output layer (``gpt-code-to-prose`` only).
+    ``new_head`` fine-tunes a new output layer (``gpt-code-to-prose`` only); ``device``
+    where the source model is pretrained (:func:`~ostate.harness.device.resolve_device`).
 
     Example:
         >>> builtin_task("sans-to-serif").defaults["lr"]
@@ -43,6 +52,9 @@ def builtin_task(
         raise OstateError(f"unknown task '{name}'", hint=f"built-in tasks: {', '.join(TASKS)}")
     steps = PRETRAIN_STEPS[name] if pretrain_steps is None else pretrain_steps
     versions = f"py{sys.version_info[0]}.{sys.version_info[1]}-torch{torch.__version__.split('+')[0]}-s{steps}"
+    on = resolve_device(device)
+    if on.type != "cpu":  # the CPU's cached sources keep their names
+        versions += f"-{on.type}"
     if new_head and name != "gpt-code-to-prose":
         raise OstateError(f"task '{name}' has no new-head variant", hint="gpt-code-to-prose has one")
     if name == "code-to-prose":
@@ -87,7 +99,7 @@ def builtin_task(
         )
     return Task(
         name=name + ("-new-head" if new_head else ""),
-        pretrain=functools.partial(module.pretrain_source, steps=steps, progress=progress),
+        pretrain=functools.partial(module.pretrain_source, steps=steps, progress=progress, device=str(on)),
         fingerprint=f"{versions}-{module.data_fingerprint()}",
         **parts,
     )

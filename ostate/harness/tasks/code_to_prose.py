@@ -30,6 +30,7 @@ from torch.nn import functional as F
 
 from ostate.demo import save_atomically
 from ostate.errors import OstateError
+from ostate.harness.device import model_device
 from ostate.harness.pretrain import pretrain
 
 VOCAB = 128
@@ -141,7 +142,7 @@ def held_out_loss(model: nn.Module, held_out: torch.Tensor) -> dict[str, float]:
     """Mean next-character cross-entropy (nats) over fixed, evenly spaced windows of ``held_out``."""
     starts = torch.linspace(0, len(held_out) - CONTEXT - 2, EVAL_WINDOWS).long()
     batch = torch.stack([held_out[s : s + CONTEXT + 1] for s in starts.tolist()])
-    return {"loss": float(next_char_loss(model, batch))}
+    return {"loss": float(next_char_loss(model, batch.to(model_device(model))))}
 
 
 def evaluate_prose(model: nn.Module) -> dict[str, float]:
@@ -169,8 +170,8 @@ def data_fingerprint() -> str:
     return digest.hexdigest()[:12]
 
 
-def pretrain_source(path: str, *, steps: int, progress: bool | str = True) -> Any:
-    """Pretrain the model on stdlib code and save the checkpoint at ``path``."""
+def pretrain_source(path: str, *, steps: int, progress: bool | str = True, device: str = "cpu") -> Any:
+    """Pretrain the model on stdlib code (on ``device``) and save the checkpoint at ``path``."""
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)
     checkpoint = pretrain(
@@ -181,6 +182,7 @@ def pretrain_source(path: str, *, steps: int, progress: bool | str = True) -> An
         lr=3e-3,
         description="pretraining code-to-prose on stdlib code",
         progress=progress,
+        device=device,
     )
     checkpoint["task"] = "code-to-prose"
     save_atomically(checkpoint, path)

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ostate.demo import save_atomically
+from ostate.harness.device import model_device
 from ostate.harness.pretrain import pretrain
 from ostate.harness.tasks.code_to_prose import TinyGPT, help_prose, next_char_loss, stdlib_code
 from ostate.harness.tasks.code_to_prose import data_fingerprint as data_fingerprint  # the same data
@@ -74,7 +75,7 @@ def code_batches(batch_size: int, generator: torch.Generator) -> Iterator[torch.
 def _held_out_loss(model: nn.Module, text: torch.Tensor) -> dict[str, float]:
     starts = torch.linspace(0, len(text) - CONTEXT - 2, EVAL_WINDOWS).long()
     batch = torch.stack([text[s : s + CONTEXT + 1] for s in starts.tolist()])
-    return {"loss": float(next_char_loss(model, batch))}
+    return {"loss": float(next_char_loss(model, batch.to(model_device(model))))}
 
 
 def evaluate_prose(model: nn.Module) -> dict[str, float]:
@@ -92,8 +93,8 @@ def evaluate_code(model: nn.Module) -> dict[str, float]:
     return _held_out_loss(model, stdlib_code(held_out=True))
 
 
-def pretrain_source(path: str, *, steps: int, progress: bool | str = True) -> Any:
-    """Pretrain the model on stdlib code with LLM settings and save the checkpoint at ``path``."""
+def pretrain_source(path: str, *, steps: int, progress: bool | str = True, device: str = "cpu") -> Any:
+    """Pretrain the model on stdlib code with LLM settings (on ``device``) and save the checkpoint at ``path``."""
     torch.manual_seed(0)
     checkpoint = pretrain(
         gpt(),
@@ -106,6 +107,7 @@ def pretrain_source(path: str, *, steps: int, progress: bool | str = True) -> An
         clip=CLIP,
         description="pretraining gpt-code-to-prose on stdlib code",
         progress=progress,
+        device=device,
     )
     checkpoint["task"] = "gpt-code-to-prose"
     save_atomically(checkpoint, path)

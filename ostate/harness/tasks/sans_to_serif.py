@@ -33,6 +33,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ostate.demo import save_atomically
+from ostate.harness.device import model_device
 from ostate.harness.pretrain import pretrain
 
 CLASSES = string.digits + string.ascii_uppercase
@@ -147,6 +148,8 @@ def eval_set(domain: str = "target", seed: int = EVAL_SEED) -> tuple[torch.Tenso
 
 
 def _scores(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    device = model_device(model)
+    images, labels = images.to(device), labels.to(device)
     logits = model(images)
     return {
         "loss": float(F.cross_entropy(logits, labels)),
@@ -176,8 +179,8 @@ def data_fingerprint() -> str:
     return digest.hexdigest()[:12]
 
 
-def pretrain_source(path: str, *, steps: int, progress: bool | str = True) -> Any:
-    """Pretrain the CNN on the sans-serif fonts and save the checkpoint at ``path``."""
+def pretrain_source(path: str, *, steps: int, progress: bool | str = True, device: str = "cpu") -> Any:
+    """Pretrain the CNN on the sans-serif fonts (on ``device``) and save the checkpoint at ``path``."""
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)
     checkpoint = pretrain(
@@ -189,6 +192,7 @@ def pretrain_source(path: str, *, steps: int, progress: bool | str = True) -> An
         weight_decay=0.01,
         description="pretraining sans-to-serif on sans-serif fonts",
         progress=progress,
+        device=device,
     )
     checkpoint["task"] = "sans-to-serif"
     save_atomically(checkpoint, path)
