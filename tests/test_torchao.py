@@ -13,28 +13,15 @@ import warnings
 
 import pytest
 import torch
-from torch import nn
 
 import ostate
 from ostate.optimizers import get_family
+from tests.helpers.families import Wide
 from tests.helpers.oracle import actual_step, saved_and_loaded, set_next_gradient
 
 torchao_optim = pytest.importorskip("torchao.optim")
 
 pytestmark = pytest.mark.slow  # torch.compile of every step
-
-
-class Wide(nn.Module):
-    """A 64x64 matrix (4096 elements: quantised by torchao) between small layers (kept in float32)."""
-
-    def __init__(self):
-        super().__init__()
-        self.inp = nn.Linear(4, 64)
-        self.big = nn.Linear(64, 64)
-        self.head = nn.Linear(64, 3)
-
-    def forward(self, x):
-        return self.head(torch.relu(self.big(torch.relu(self.inp(x)))))
 
 
 def trained(make, steps: int = 3):

@@ -81,8 +81,8 @@ def describe(optimizer: OptimizerState) -> dict[str, Any]:
 
 def first_step_params(optimizer: OptimizerState) -> list[str]:
     """The names of the parameters that have no state yet and whose first step the family predicts
-    (``Family.first_step``): not frozen, and of a family that keeps state (SGD without momentum
-    keeps none, so its parameters are not waiting for any).
+    (``Family.first_step`` with an initial state; Adam-mini's cannot be predicted): not frozen, and of a
+    family that keeps state (SGD without momentum keeps none, so its parameters are not waiting for any).
 
     Example:
         >>> import ostate, torch
@@ -91,10 +91,11 @@ def first_step_params(optimizer: OptimizerState) -> list[str]:
         ['param.0']
     """
     family = get_family(optimizer.kind)
-    if family.first_step is None:
+    if family.first_step is None or family.first_step.initial_state is None:
         return []
+    initial_state = family.first_step.initial_state
     keeps_state = any(p.has_state for p in optimizer.params) or any(
-        family.first_step.initial_state(torch.zeros(1), group)
+        initial_state(torch.zeros(1), group)
         for i, group in enumerate(optimizer.groups)
         if not optimizer.is_frozen_group(i)
     )

@@ -60,6 +60,7 @@ def effective_lr(param: ParamState, group: Group, *, kind: str | None = None) ->
     if family.effective_lr is None:
         raise OstateError(f"no effective learning rate is defined for optimizer kind '{family.name}'")
     if not param.has_state and family.first_step is not None:
+        _refuse_unpredictable(param, family)
         if family.first_step.effective_lr_refusal is not None:
             raise OstateError(
                 f"'{param.name}' has no state yet (first step), and for optimizer kind '{family.name}' "
@@ -86,7 +87,8 @@ def next_update(
     A parameter without state (a new head, an optimizer saved before its first step) is
     stepped from the state its optimizer creates at the first step (its documented
     initial values, ``Family.first_step``), so its first step is predicted exactly too;
-    a family that does not describe that state refuses such a parameter.
+    a family that does not describe that state refuses such a parameter, and one whose
+    first step depends on what nothing saved holds says what (``FirstStep.refusal``).
 
     Example:
         >>> import ostate, torch
@@ -104,6 +106,17 @@ def next_update(
     if family.next_update is None:
         raise OstateError(f"the next update of optimizer kind '{family.name}' cannot be computed from its state")
     if not param.has_state and family.first_step is not None:
+        _refuse_unpredictable(param, family)
         param = initial_param(param, family.first_step, group, weight.detach())
     with explain_bad_state(param, family, group):
         return family.next_update(param, group, grad, weight)
+
+
+def _refuse_unpredictable(param: ParamState, family: Family) -> None:
+    """One clear error for a parameter without state whose first step the family says it cannot predict."""
+    if family.first_step is not None and family.first_step.refusal is not None:
+        raise OstateError(
+            f"'{param.name}' has no state yet (first step), and optimizer kind '{family.name}' cannot predict it: "
+            + family.first_step.refusal,
+            hint="once the optimizer has stepped it, its state records what is missing and its steps are predicted",
+        )

@@ -33,6 +33,17 @@ Adam's with the block's :math:`\bar v_B` for every coordinate of the block,
 mirrored: ``reduced`` tensor blocks sum their squared gradients across ranks
 (all-reduce), which a single process cannot see.
 
+**First step** of a parameter without state: not predicted. Adam-mini chooses the
+parameter's blocks when it first steps it, from the parameter's name (the group's
+``name``) and the optimizer's name lists (``embd_names``, ``output_names``,
+``wqk_names``, ``wv_names``, ``attn_proj_names``, ``mlp_names``, ``adam_block_names``:
+attributes of the optimizer object that users extend, not saved in its state dict) and,
+for a query or key, the head size ``dim * dim / n_heads`` (constructor arguments, not
+saved). The first step differs by block kind (a coordinate block moves by
+:math:`\gamma g/(|g|+\epsilon)`, a row by :math:`\gamma g/(\mathrm{RMS}(g_{row})+\epsilon)`),
+so ``next_update`` and ``effective_lr`` refuse such a parameter and say so; once
+stepped, the state records the split.
+
 **Strategies**: ``reset-m`` (``m``), ``reset-v`` (``v``, ``vmean``), ``reset-step``
 (``step``, which the bias corrections use), as for Adam; ``keep-v`` is refused (its
 step hook reads torch's ``betas``); ``fresh`` clears the state (Adam-mini creates it at
@@ -48,7 +59,15 @@ import torch
 
 from ostate.errors import OstateError
 from ostate.optimizers.adam import adam_effective_lr, adam_momentum_update
-from ostate.optimizers.family import Family, Group, StateLayout, fresh_zeros, group_has, step_of
+from ostate.optimizers.family import (
+    Family,
+    Group,
+    StateLayout,
+    fresh_zeros,
+    group_has,
+    step_of,
+    unpredictable_first_step,
+)
 from ostate.state import ParamState
 
 _STATE_KEYS = frozenset({"m", "v", "vmean", "step", "head_per_gpu", "neuron_per_gpu", "reduced", "block_numel"})
@@ -188,6 +207,13 @@ ADAM_MINI = Family(
         fresh={"m": fresh_zeros, "v": fresh_zeros, "vmean": fresh_zeros, "step": fresh_zeros},
         keep_v_refusal="the step hook that keeps a kept v's bias correction reads torch's 'betas'; Adam-mini's groups "
         "keep 'beta1' and 'beta2'",
+    ),
+    first_step=unpredictable_first_step(
+        "Adam-mini splits a parameter into blocks (one per coordinate, head, row, or the whole tensor) at its "
+        "first step, by matching its name against the optimizer's name lists (embd_names, output_names, "
+        "wqk_names, wv_names, attn_proj_names, mlp_names, adam_block_names) and, for a query or key, by the "
+        "head size dim * dim / n_heads: these are attributes of the optimizer object, not saved in its state "
+        "dict, and the first step differs by block"
     ),
     notes=(
         "Adam-mini: one second moment per block (head, row or whole tensor; 'coordinate' is plain Adam); "

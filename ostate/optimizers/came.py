@@ -29,6 +29,12 @@ the saved statistics, before clipping:
 :math:`\hat S` (large: the updates disagree with their momentum, and CAME's step is
 small). ``next_update`` is exact; the ``update`` quantity (zero gradient) too.
 
+**First step** of a parameter without state: came-pytorch creates ``step`` 0, ``RMS`` 0
+and zero ``exp_avg`` and statistics (factored for a matrix), so the first step is the
+update above from zeros, exactly predicted by ``next_update``. It divides by the first
+gradient (:math:`u = g/\sqrt{(1-\beta_2)(g^2+\epsilon_1)}` factored, clipped to RMS
+:math:`d`), so its effective learning rate is refused.
+
 **Strategies**: ``reset-m`` (``exp_avg``), ``reset-v`` (the second-moment and
 instability factors); the step count does not enter the update, so ``reset-step`` and
 ``keep-v`` are refused.
@@ -40,7 +46,7 @@ from typing import Mapping
 
 import torch
 
-from ostate.optimizers.family import Family, Group, StateLayout, fresh_zeros, group_has
+from ostate.optimizers.family import Family, Group, StateLayout, adaptive_first_step, fresh_zeros, group_has, zeros_for
 from ostate.state import ParamState
 
 _STATE_KEYS = frozenset(
@@ -154,6 +160,26 @@ def match(state_keys: frozenset[str], group: Group) -> int:
     return 6 if len(betas) == 3 and isinstance(eps, (list, tuple)) and len(eps) == 2 else 0
 
 
+def initial_state(weight: torch.Tensor, group: Group) -> dict:
+    """came-pytorch's state before the first step: ``step`` 0, ``RMS`` 0, zero ``exp_avg`` and, for a matrix (two
+    or more dimensions), zero row and column factors of the second moment and the instability (else a zero
+    ``exp_avg_sq``), in the gradient's dtype (float32 for a half-precision parameter)."""
+    like = weight.float() if weight.dtype in _LOW_PRECISION else weight
+    state: dict = {"step": 0, "RMS": 0, **zeros_for(like, "exp_avg")}
+    if like.dim() < 2:
+        return state | zeros_for(like, "exp_avg_sq")
+    rows, cols = like.shape[:-1], like.shape[:-2] + like.shape[-1:]
+    return state | {
+        key: torch.zeros(shape, dtype=like.dtype)
+        for key, shape in (
+            ("exp_avg_sq_row", rows),
+            ("exp_avg_sq_col", cols),
+            ("exp_avg_res_row", rows),
+            ("exp_avg_res_col", cols),
+        )
+    }
+
+
 CAME = Family(
     name="came",
     label="CAME",
@@ -185,6 +211,9 @@ CAME = Family(
         | {"step": fresh_zeros},
         step_in_update=lambda group: False,
         keep_v_refusal="CAME's step count does not enter the update (no bias correction); use reset-m",
+    ),
+    first_step=adaptive_first_step(
+        initial_state, "-lr * (1 - beta1) * u / sqrt(S), u = g / sqrt(V) clipped to RMS clip_threshold, V from g^2"
     ),
     notes=(
         "CAME: eff_lr = lr / (sqrt(V) * sqrt(S)) with V the factored second moment (exp_avg_sq) and S the factored "

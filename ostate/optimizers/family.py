@@ -94,10 +94,21 @@ class FirstStep:
     the first gradient itself (Adam: :math:`\Delta\theta = -\gamma g/(|g|+\epsilon)`), so
     only ``next_update``, given the gradient, predicts it. None: ``effective_lr`` is the
     family's formula applied to the initial state (SGD, Lion, Muon, Rprop, ...).
+
+    ``refusal`` (with no ``initial_state``; see :func:`unpredictable_first_step`) says why
+    the first step cannot be predicted at all: it depends on something neither the saved
+    state, the param group nor the gradient holds (Adam-mini's block split: the
+    optimizer's name lists, not saved). ``next_update`` and ``effective_lr`` then refuse
+    such a parameter with that reason.
     """
 
-    initial_state: InitialState
+    initial_state: InitialState | None
     effective_lr_refusal: str | None = None
+    refusal: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.initial_state is None) == (self.refusal is None):
+            raise ValueError("a FirstStep has either an initial_state or a refusal")
 
 
 def adaptive_first_step(initial_state: InitialState, formula: str) -> FirstStep:
@@ -107,6 +118,11 @@ def adaptive_first_step(initial_state: InitialState, formula: str) -> FirstStep:
         effective_lr_refusal=f"its first step is {formula}: the effective learning rate of a first step is "
         "the first gradient's, not a function of the state",
     )
+
+
+def unpredictable_first_step(reason: str) -> FirstStep:
+    """The :class:`FirstStep` of a family whose first step depends on what no saved state holds (``reason``)."""
+    return FirstStep(None, refusal=reason)
 
 
 def zeros_for(weight: torch.Tensor, *keys: str) -> dict[str, torch.Tensor]:
@@ -278,6 +294,8 @@ def initial_param(param: ParamState, first_step: FirstStep, group: Group, weight
         >>> start.step, start.read("m").tolist()
         (0.0, [0.0, 0.0])
     """
+    if first_step.initial_state is None:
+        raise OstateError(f"'{param.name}' has no state yet (first step): {first_step.refusal}")
     state = first_step.initial_state(weight, group)
     step = state.get("step")
     return ParamState(

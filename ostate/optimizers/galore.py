@@ -39,6 +39,14 @@ saved projection; ``projection_refresh_next`` says when the next step replaces i
 :math:`|m P|` or :math:`|P m|`. The ``full`` projection type (two matrices) is read
 but not computed.
 
+**First step** of a parameter without state: galore-torch creates ``step`` 0, zero
+moments of the projected shape and a projector without a matrix, which the first step
+fills from the SVD of that step's gradient (step 0 is a refresh). ``next_update``, given
+the gradient, computes that SVD as galore-torch does, so the first step is predicted
+exactly: :math:`-\gamma s\,\frac{R}{|R|+\epsilon}P` (right; left: :math:`P\frac{R}{|R|+\epsilon}`)
+with :math:`R` the gradient projected on its own top-:math:`r` singular vectors. Its
+effective learning rate depends on that gradient and is refused.
+
 **Strategies**: only ``fresh`` and ``reload``: the projector is an object of
 galore-torch's, which ostate reads as its attributes but does not write back.
 """
@@ -51,7 +59,7 @@ from typing import Mapping
 import torch
 
 from ostate.errors import OstateError
-from ostate.optimizers.family import Family, Group, group_has, step_of
+from ostate.optimizers.family import Family, Group, adaptive_first_step, group_has, step_of, zeros_for
 from ostate.state import ParamState
 
 _STATE_KEYS = frozenset(
@@ -192,9 +200,45 @@ def columns(param: ParamState, group: Group) -> dict:
 
 
 def match(state_keys: frozenset[str], group: Group) -> int:
-    if not ({"projector_ortho", "exp_avg", "exp_avg_sq"} <= state_keys <= _STATE_KEYS):
+    if not group_has(group, "lr", "betas", "eps", "weight_decay", "correct_bias"):
         return 0
-    return 7 if group_has(group, "lr", "betas", "eps", "weight_decay", "correct_bias") else 0
+    if not state_keys:  # saved before the first step: a projected group says GaLore, a plain one only fits it
+        return 7 if group_has(group, "rank", "update_proj_gap", "scale", "proj_type") else 1
+    return 7 if {"projector_ortho", "exp_avg", "exp_avg_sq"} <= state_keys <= _STATE_KEYS else 0
+
+
+def initial_state(weight: torch.Tensor, group: Group) -> dict:
+    """galore-torch's state before the first step: ``step`` 0 and zero moments, of the projected shape for a
+    matrix in a group with ``rank``, with the projector's settings from the group and a zero matrix of its shape
+    (the first step replaces it with the gradient's singular vectors; ``full``: two, which ostate does not compute).
+    """
+    if "rank" not in group or weight.dim() != 2:
+        return {"step": 0, **zeros_for(weight, "exp_avg", "exp_avg_sq")}
+    rows, cols = weight.shape
+    kind, rank = group["proj_type"], int(group["rank"])
+    state: dict = {
+        "step": 0,
+        "projector_rank": rank,
+        "projector_scale": group["scale"],
+        "projector_type": kind,
+        "projector_update_proj_gap": group["update_proj_gap"],
+    }
+    kept = min(rank, rows, cols)  # torch.linalg.svd's reduced factors have min(rows, cols) vectors
+    if kind == "full":
+        return state | {
+            "projector_ortho_left": torch.zeros(rows, kept),
+            "projector_ortho_right": torch.zeros(kept, cols),
+        }
+    side = {"std": rows >= cols, "reverse_std": rows < cols, "right": True, "left": False}.get(kind)
+    if side is None:
+        raise OstateError(f"unknown GaLore projection type '{kind}'")
+    moment, ortho = ((rows, kept), (kept, cols)) if side else ((kept, cols), (rows, kept))
+    zeros = torch.zeros(moment, dtype=weight.dtype)
+    return state | {
+        "projector_ortho": torch.zeros(ortho, dtype=weight.dtype),
+        "exp_avg": zeros,
+        "exp_avg_sq": zeros.clone(),
+    }
 
 
 GALORE_ADAMW = Family(
@@ -210,6 +254,10 @@ GALORE_ADAMW = Family(
     first_moment="exp_avg_abs",
     chunked=False,
     signed_first_moment=lambda chunk, group, param: _back(param, param.read("exp_avg").float()).reshape(-1),
+    first_step=adaptive_first_step(
+        initial_state,
+        "-lr * scale * P(R / (|R| + eps)), with R the gradient projected on its own top-rank singular vectors",
+    ),
     notes=(
         "GaLore AdamW: moments live in a rank-r projection; eff_lr is the diagonal of the map from a first moment "
         "to the step in parameter space, exp_avg_abs the first moment projected back",

@@ -41,6 +41,17 @@ divided by its own RMS: ``next_update`` mirrors it, the effective lr refuses it)
 ``maximize`` and ``data_format``, which the optimizer keeps as attributes, not in its state
 (the defaults are assumed).
 
+**First step** of a parameter without state. The optimizer's first ``step()`` (the
+groups' :math:`S` is 0, or absent in a state saved before it) only initialises: it
+creates zero moments and takes :math:`L, R` and :math:`Q` from the gradient, and moves
+no weight (not even by the weight decay), so ``next_update`` is 0 and so is the
+effective learning rate. A parameter that gets its first gradient later (a new head,
+:math:`S \ge 1`) is initialised the same way within the step, then updated with the
+group's bias correction for :math:`S` (not the parameter's age):
+``next_update`` computes :math:`L, R` from that gradient and their eigenbases as
+pytorch-optimizer does (``torch.linalg.eigh``, columns reversed), so it is exact; the
+effective learning rate then depends on that gradient and is refused.
+
 **Strategies**: only ``fresh`` and ``reload`` (the moments are tied to the bases in the
 same state).
 """
@@ -48,12 +59,13 @@ same state).
 from __future__ import annotations
 
 import math
+from itertools import chain
 from typing import Any, Mapping
 
 import torch
 
 from ostate.errors import OstateError
-from ostate.optimizers.family import Family, Group, group_has
+from ostate.optimizers.family import Family, FirstStep, Group, group_has, zeros_for
 from ostate.state import ParamState
 
 _STATE_KEYS = frozenset({"exp_avg", "exp_avg_sq", "GG", "Q", "precondition_frequency", "shampoo_beta"})
@@ -81,8 +93,64 @@ def project(x: torch.Tensor, bases: list[Any], backward: bool = False) -> torch.
     return x
 
 
+def initial_state(weight: torch.Tensor, group: Group) -> dict:
+    """pytorch-optimizer's SOAP state as ``init_group`` creates it, before it sees the gradient: zero moments,
+    zero ``GG`` per preconditioned dimension (an empty list for the others), no bases yet (``Q`` None), and
+    the settings."""
+    limit = group["max_precondition_dim"]
+    if weight.dim() == 1:
+        sizes = [weight.shape[0] if group.get("precondition_1d", False) and weight.shape[0] <= limit else 0]
+    else:
+        sizes = [size if size <= limit else 0 for size in weight.shape]
+    shampoo_beta = group.get("shampoo_beta")
+    return {
+        **zeros_for(weight, "exp_avg", "exp_avg_sq"),
+        "GG": [torch.zeros(n, n, dtype=weight.dtype) if n else [] for n in sizes],
+        "Q": None,
+        "precondition_frequency": group["precondition_frequency"],
+        "shampoo_beta": shampoo_beta if shampoo_beta is not None else group["betas"][1],
+    }
+
+
+def first_bases(param: ParamState, grad: torch.Tensor) -> list[Any]:
+    """The eigenbases SOAP takes from a parameter's first gradient (``update_pre_conditioner`` on zero ``GG``,
+    then ``get_orthogonal_matrix``), in its order of operations."""
+    weight = 1.0 - param.state["shampoo_beta"]
+    statistics = [mat.clone() if len(mat) > 0 else [] for mat in param.state["GG"]]
+    if grad.dim() == 1:
+        if len(statistics[0]) > 0:
+            statistics[0].lerp_((grad.unsqueeze(1) @ grad.unsqueeze(0)).to(statistics[0].dtype), weight=weight)
+    else:
+        for idx, mat in enumerate(statistics):
+            if len(mat) > 0:
+                others = [*chain(range(idx), range(idx + 1, grad.dim()))]
+                mat.lerp_(torch.tensordot(grad, grad, dims=[others] * 2).to(mat.dtype), weight=weight)
+    bases: list[Any] = []
+    for mat in statistics:
+        if len(mat) == 0:
+            bases.append([])
+            continue
+        _values, vectors = torch.linalg.eigh(mat + 1e-30 * torch.eye(mat.shape[0], dtype=mat.dtype))
+        bases.append(torch.flip(vectors, dims=[1]))
+    return bases
+
+
+def _only_initialises(group: Group) -> bool:
+    """Whether the next ``step()`` is the optimizer's first, which only initialises (moves no weight)."""
+    return group.get("step", 0) == 0
+
+
 def effective_lr(param: ParamState, group: Group) -> torch.Tensor:
     _check(param, group)
+    if _only_initialises(group):
+        return torch.zeros(param.shape or ())
+    if param.state.get("Q", ()) is None:
+        raise OstateError(
+            f"'{param.name}' has no state yet (first step), and for optimizer kind 'soap' its first step rotates by "
+            "the eigenbases of its first gradient's outer products and divides by that rotated gradient: the "
+            "effective learning rate of a first step is the first gradient's, not a function of the state",
+            hint="ostate.next_update(param, group, grad, weight) predicts the first step from the gradient",
+        )
     if group.get("normalize_gradient", False):
         raise OstateError(
             f"'{param.name}': with normalize_gradient the step is divided by its own RMS, which needs the gradient",
@@ -99,9 +167,12 @@ def effective_lr(param: ParamState, group: Group) -> torch.Tensor:
 
 
 def next_update(param: ParamState, group: Group, grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """SOAP's next change of ``weight``, in its order of operations."""
+    """SOAP's next change of ``weight``, in its order of operations (the bases from ``grad`` at a parameter's
+    first step; nothing at the optimizer's first, which only initialises)."""
     _check(param, group)
-    bases = _bases(param)
+    if _only_initialises(group):
+        return torch.zeros_like(weight)
+    bases = first_bases(param, grad) if param.state.get("Q", ()) is None else _bases(param)
     beta1, beta2 = group["betas"]
     step = group["step"]
     step_size = group["lr"]
@@ -146,7 +217,9 @@ def columns(param: ParamState, group: Group) -> dict:
 def match(state_keys: frozenset[str], group: Group) -> int:
     if state_keys and not ({"exp_avg", "exp_avg_sq", "GG", "Q"} <= state_keys <= _STATE_KEYS):
         return 0
-    return 7 if group_has(group, "shampoo_beta", "precondition_frequency", "max_precondition_dim", "step") else 0
+    # The groups' step appears at the first step(): a state saved before it has neither step nor state.
+    keys = ("shampoo_beta", "precondition_frequency", "max_precondition_dim", *(("step",) if state_keys else ()))
+    return 7 if group_has(group, *keys) else 0
 
 
 SOAP = Family(
@@ -171,6 +244,7 @@ SOAP = Family(
     ),
     first_moment="exp_avg_abs",
     chunked=False,
+    first_step=FirstStep(initial_state),
     notes=(
         "SOAP: Adam in the eigenbasis Q of Shampoo's preconditioner; eff_lr is the diagonal of the rotated "
         "preconditioner in parameter space, exp_avg_sq the second moment in the rotated basis",

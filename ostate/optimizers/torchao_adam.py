@@ -29,6 +29,12 @@ The **effective learning rate** is Adam's, on the dequantised second moment:
 real step to float32 rounding: torch.compile fuses them); bf16 stochastic rounding
 (``bf16_stochastic_round``, not saved) is random and not mirrored.
 
+**First step** of a parameter without state (an optimizer saved before its first step
+saves no state at all, neither the moments nor their quantisation): torchao creates
+``step`` 0 and zero moments (a quantised moment starts as all-zero codes with zero block
+scales, which dequantise to exactly 0), so the first step is the update above from zero
+moments in float32, :math:`-\gamma g/(|g|+\epsilon)` plus the weight decay.
+
 **Strategies**: only ``fresh`` and ``reload``: the moments are tensor subclasses that
 ostate reads (as their inner tensors) but does not write back.
 """
@@ -40,7 +46,7 @@ from typing import Mapping
 import torch
 
 from ostate.optimizers.adam import ADAM_MOMENTS, adam_effective_lr, adam_momentum_update, adam_snr
-from ostate.optimizers.family import Family, Group, group_has, step_of
+from ostate.optimizers.family import Family, Group, adaptive_first_step, group_has, step_of, zeros_for
 from ostate.state import ParamState
 
 _MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
@@ -128,6 +134,14 @@ def _match(state_keys: frozenset[str], group: Group) -> int:
     return 7
 
 
+def initial_state(weight: torch.Tensor, group: Group) -> dict:
+    """torchao's state before the first step: ``step`` 0 (a float32 tensor) and zero moments (``max_exp_avg_sq``
+    too with amsgrad), dequantised: all-zero codes with zero block scales are zeros."""
+    keys = _MOMENTS if group.get("amsgrad", False) else _MOMENTS[:2]
+    return {"step": torch.tensor(0.0), **zeros_for(weight.float(), *keys)}
+
+
+_FIRST_STEP = adaptive_first_step(initial_state, "-lr * g / (|g| + eps)")
 _DISPLAY = ("state_bits", "blocksize", "exp_avg_sq_zero_fraction", "exp_avg_sq_mean", "eff_lr_min", "eff_lr_p50")
 _HYPER = ("lr", "initial_lr", "betas", "eps", "weight_decay", "amsgrad")
 _NOTE = (
@@ -150,6 +164,7 @@ TORCHAO_ADAMW = Family(
     moments=ADAM_MOMENTS,
     preferred=True,
     notes=_NOTE,
+    first_step=_FIRST_STEP,
 )
 TORCHAO_ADAM = Family(
     name="torchao_adam",
@@ -165,4 +180,5 @@ TORCHAO_ADAM = Family(
     second_moment="exp_avg_sq",
     moments=ADAM_MOMENTS,
     notes=_NOTE,
+    first_step=_FIRST_STEP,
 )

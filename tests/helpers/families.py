@@ -138,6 +138,77 @@ FAMILIES: dict[str, tuple[str, Callable[[], nn.Module], Callable]] = {
 }
 
 
+class Wide(nn.Module):
+    """A 64x64 matrix (4096 elements: quantised by torchao) between small layers (kept in float32)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(4, 64)
+        self.big = nn.Linear(64, 64)
+        self.head = nn.Linear(64, 3)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.big(torch.relu(self.inp(x)))))
+
+
+def _torchao(name: str, **kwargs):
+    def make(model: nn.Module):
+        import torchao.optim
+
+        return getattr(torchao.optim, name)(model.parameters(), **kwargs)
+
+    return make
+
+
+def _galore(model: nn.Module):
+    import galore_torch
+
+    # Its matrices projected (inp 8 x 4 from the right, head 3 x 8 from the left), the rest plain AdamW.
+    matrices = [model.inp.weight, model.hidden.weight, model.head.weight]
+    others = [p for p in model.parameters() if all(p is not m for m in matrices)]
+    return galore_torch.GaLoreAdamW(
+        [{"params": matrices, "rank": 2, "update_proj_gap": 3, "scale": 0.5, "proj_type": "std"}, {"params": others}],
+        lr=1e-2,
+        weight_decay=0.1,
+    )
+
+
+def _adam_mini(model: nn.Module):
+    import contextlib
+    import io
+
+    import adam_mini
+
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints its block choices
+        return adam_mini.Adam_mini(model.named_parameters(), lr=1e-3, dim=8, n_heads=2)
+
+
+def _came(model: nn.Module):
+    import came_pytorch
+
+    return came_pytorch.CAME(model.parameters(), lr=2e-4, weight_decay=0.1)
+
+
+def _soap(model: nn.Module):
+    import pytorch_optimizer
+
+    return pytorch_optimizer.SOAP(model.parameters(), lr=3e-3, precondition_1d=True, max_precondition_dim=6)
+
+
+# The families of issue 22 whose optimizers need the model (names, groups, a quantised size): name ->
+# (kind, model class, optimizer factory taking the model, the package to skip without).
+MODEL_FAMILIES: dict[str, tuple[str, Callable[[], nn.Module], Callable[[nn.Module], torch.optim.Optimizer], str]] = {
+    "torchao.AdamW8bit": ("torchao_adamw", Wide, _torchao("AdamW8bit", lr=1e-3, weight_decay=0.1), "torchao"),
+    "torchao.AdamW4bit": ("torchao_adamw", Wide, _torchao("AdamW4bit", lr=1e-3), "torchao"),
+    "torchao.AdamWFp8": ("torchao_adamw", Wide, _torchao("AdamWFp8", lr=1e-3, betas=(0.8, 0.99)), "torchao"),
+    "torchao.Adam8bit": ("torchao_adam", Wide, _torchao("Adam8bit", lr=1e-3, weight_decay=0.1), "torchao"),
+    "galore_torch.GaLoreAdamW": ("galore_adamw", Net, _galore, "galore_torch"),
+    "adam_mini.Adam_mini": ("adam_mini", Net, _adam_mini, "adam_mini"),
+    "came_pytorch.CAME": ("came", Net, _came, "came_pytorch"),
+    "pytorch_optimizer.SOAP": ("soap", Net, _soap, "pytorch_optimizer"),
+}
+
+
 def trained(name: str, steps: int = 3) -> tuple[nn.Module, torch.optim.Optimizer]:
     _kind, make_model, make_opt = FAMILIES[name]
     torch.manual_seed(0)
