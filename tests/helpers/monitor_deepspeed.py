@@ -9,7 +9,8 @@ the monitor's records (per parameter and per layer) beside the oracle: ``ostate.
 of ``ostate.load`` of that checkpoint (what ``ostate inspect`` shows) and of the whole state
 DeepSpeed itself gathers (``safe_get_full_fp32_param`` / ``safe_get_full_optimizer_state``),
 to ``OUT/rank0.pkl`` (rank 1: its records, which must be ``None``). The stage 3 case gives
-the monitor the engine itself (no model): names come from ``engine.module``.
+the monitor the engine itself (no model): names come from ``engine.module``; the stage 1
+case gives it accelerate's ``DeepSpeedOptimizerWrapper``, as the Hugging Face Trainer does.
 """
 
 from __future__ import annotations
@@ -54,10 +55,9 @@ def worker(rank: int, world_size: int, port: int, out: str) -> None:
         if case == "zero3":
             monitors = {"param": Monitor(engine, every=1, by="param", writer=os.path.join(out, f"{case}.csv"))}
         else:
+            optimizer = _trainer_optimizer(engine) if case == "zero1" else engine.optimizer
             monitors = {
-                by: Monitor(
-                    engine.optimizer, engine.module, every=1, by=by, writer=os.path.join(out, f"{case}_{by}.csv")
-                )
+                by: Monitor(optimizer, engine.module, every=1, by=by, writer=os.path.join(out, f"{case}_{by}.csv"))
                 for by in ("param", "layer")
             }
         dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float32
@@ -88,6 +88,19 @@ def worker(rank: int, world_size: int, port: int, out: str) -> None:
     with open(os.path.join(out, f"rank{rank}.pkl"), "wb") as f:
         pickle.dump(results, f)
     dist.destroy_process_group()
+
+
+def _trainer_optimizer(engine):
+    """What a Hugging Face Trainer under DeepSpeed holds as its optimizer: accelerate's wrapper of ``engine.optimizer``.
+
+    Made without its ``__init__`` (which wants accelerate's launcher state): the monitor
+    reads only its class and its ``optimizer`` attribute.
+    """
+    from accelerate.utils.deepspeed import DeepSpeedOptimizerWrapper
+
+    wrapper = DeepSpeedOptimizerWrapper.__new__(DeepSpeedOptimizerWrapper)
+    wrapper.optimizer = engine.optimizer
+    return wrapper
 
 
 def _gathered_state(engine, truth):
