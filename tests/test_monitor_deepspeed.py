@@ -1,7 +1,7 @@
 """The monitor on two real DeepSpeed ranks (CPU, gloo): ZeRO stages 1-3 and the BF16_Optimizer read live.
 
 One module fixture runs tests/helpers/monitor_deepspeed.py once (two spawned ranks, every
-case in turn, about a minute); each case's last record must equal what ``ostate inspect``
+case in turn, 10-25 s on a busy 2-core machine); each case's last record must equal what ``ostate inspect``
 shows of the checkpoint the same engine saved at the same step, and what DeepSpeed's own
 gather of the whole state (``safe_get_full_optimizer_state``) analyses to.
 """
