@@ -8,16 +8,18 @@ gather the shards): every state tensor is wrapped as it is, on its own device, i
 decided as :func:`ostate.load` decides it (:func:`ostate.loading.identified`).
 
 Wrappers are looked through: accelerate's ``AcceleratedOptimizer`` (what the Hugging
-Face ``Trainer`` holds), Lightning's ``LightningOptimizer`` and torch's
-``ZeroRedundancyOptimizer`` (whose ``optim`` holds this rank's share of the
-parameters). A parameter or state tensor that is a ``DTensor`` (FSDP2,
-``fully_shard``) is read as its local shard.
+Face ``Trainer`` holds; ``DeepSpeedOptimizerWrapper`` under DeepSpeed), Lightning's
+``LightningOptimizer``, DeepSpeed's engine, torch's ``ZeroRedundancyOptimizer`` (whose
+``optim`` holds this rank's share of the parameters) and DeepSpeed's ZeRO optimizers
+(whose flat partitions :mod:`ostate.monitor.deepspeed_live` cuts into parameters). A
+parameter or state tensor that is a ``DTensor`` (FSDP2, ``fully_shard``) is read as its
+local shard.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, Protocol
 
 import torch
 
@@ -27,19 +29,39 @@ from ostate.loading import IN_MEMORY, identified
 from ostate.state import Checkpoint, OptimizerState, TensorRef
 
 # Wrappers that hold the real optimizer in an attribute: (class name, attribute).
-_WRAPPERS = (("AcceleratedOptimizer", "optimizer"), ("LightningOptimizer", "_optimizer"))
+_WRAPPERS = (
+    ("AcceleratedOptimizer", "optimizer"),
+    ("DeepSpeedOptimizerWrapper", "optimizer"),
+    ("LightningOptimizer", "_optimizer"),
+    ("DeepSpeedEngine", "optimizer"),
+)
 # A wrapper whose inner optimizer holds only this rank's share of the parameters.
 _SHARDING_WRAPPERS = (("ZeroRedundancyOptimizer", "optim"),)
-# DeepSpeed's ZeRO optimizers keep flat partitions that are not the model's parameters.
-_DEEPSPEED = ("DeepSpeedZeroOptimizer", "DeepSpeedZeroOptimizer_Stage3", "BF16_Optimizer")
+# DeepSpeed's ZeRO optimizers: flat partitions of this rank's share (ostate.monitor.deepspeed_live).
+ZERO_OPTIMIZERS = ("DeepSpeedZeroOptimizer", "DeepSpeedZeroOptimizer_Stage3", "BF16_Optimizer")
 
 
 @dataclass
 class LiveOptimizer:
-    """The optimizer the monitor reads (wrappers looked through) and whether it holds only a share of the parameters."""
+    """The optimizer the monitor reads (wrappers looked through) and whether it holds only a share of the parameters.
+
+    ``zero`` is DeepSpeed's ZeRO optimizer when there is one (``optimizer`` is then its
+    inner torch optimizer, stepping this rank's flat partitions).
+    """
 
     optimizer: torch.optim.Optimizer
     sharded: bool
+    zero: Any = None
+
+
+class StatefulOptimizer(Protocol):
+    """What :func:`live_checkpoint` reads of an optimizer: its ``param_groups`` and ``state``."""
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]: ...
+
+    @property
+    def state(self) -> Mapping[Any, Any]: ...
 
 
 def unwrap(optimizer: Any) -> LiveOptimizer:
@@ -61,16 +83,12 @@ def unwrap(optimizer: Any) -> LiveOptimizer:
         if inner is None:
             break
         optimizer = inner
-    if type(optimizer).__name__ in _DEEPSPEED:
-        raise OstateError(
-            f"the monitor cannot read DeepSpeed's {type(optimizer).__name__} while training (its state is flat "
-            "partitions, not the model's parameters)",
-            hint="read its checkpoints instead: ostate inspect SAVE_DIR, or ostate plot out/checkpoint-* --kind timeline",
-        )
+    if type(optimizer).__name__ in ZERO_OPTIMIZERS:
+        return LiveOptimizer(optimizer.optimizer, True, zero=optimizer)
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise OstateError(
             f"cannot monitor a {type(optimizer).__name__}",
-            hint="pass the torch.optim.Optimizer that steps the model (or accelerate's or Lightning's wrapper of it)",
+            hint="pass the torch.optim.Optimizer that steps the model (or accelerate's, Lightning's or DeepSpeed's wrapper of it)",
         )
     return LiveOptimizer(optimizer, sharded)
 
@@ -103,7 +121,7 @@ def parameter_names(model: torch.nn.Module | None) -> dict[int, str]:
 
 
 def live_checkpoint(
-    optimizer: torch.optim.Optimizer,
+    optimizer: StatefulOptimizer,
     names: Mapping[int, str],
     *,
     location: str = "optimizer",

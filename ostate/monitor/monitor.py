@@ -23,6 +23,7 @@ from ostate.analysis.engine import check_view
 from ostate.errors import OstateError
 from ostate.formats.naming.module_kinds import module_kinds
 from ostate.monitor import ranks
+from ostate.monitor.deepspeed_live import engine_module, whole_shape, zero_checkpoint
 from ostate.monitor.live import is_sharded_parameter, live_checkpoint, parameter_names, unwrap
 from ostate.monitor.watch import check_rows, warn
 from ostate.monitor.writers import LOG_NAME, CSVWriter, Record, Writer
@@ -35,9 +36,11 @@ class Monitor:
 
     Args:
         optimizer: the ``torch.optim.Optimizer`` (or accelerate's, Lightning's or
-            ``ZeroRedundancyOptimizer``'s wrapper of it).
+            ``ZeroRedundancyOptimizer``'s wrapper of it), or DeepSpeed's ZeRO optimizer
+            (``engine.optimizer``, stages 1-3 and ``BF16_Optimizer``) or engine.
         model: names the parameters (``named_parameters()``), and gives the weights for
-            ``update_to_weight_rms``; without it parameters are ``param.<index>``.
+            ``update_to_weight_rms``; without it parameters are ``param.<index>`` (given a
+            DeepSpeed engine, its ``module``).
         every: summarise at every step that is a multiple of ``every``.
         by: the view logged: ``param``, ``group``, ``layer``, ``kind`` or ``model``
             (the rows of ``ostate inspect --by``).
@@ -50,7 +53,7 @@ class Monitor:
             :mod:`ostate.monitor.watch` finds (NaN state, eps-domination jumping, the
             second moment collapsing after a reset).
         shards: ``auto`` (sharded when the parameters are FSDP2 ``DTensor`` shards or the
-            optimizer is a ``ZeroRedundancyOptimizer``), ``replicated`` (every rank holds
+            optimizer is a ``ZeroRedundancyOptimizer`` or DeepSpeed's ZeRO), ``replicated`` (every rank holds
             the whole state: rank 0 summarises it alone) or ``sharded`` (every rank
             summarises its share and rank 0 merges them).
         kind: the optimizer family instead of detecting it (``adamw``, ``sgd``, ...).
@@ -86,7 +89,9 @@ class Monitor:
             raise OstateError(f"every must be at least 1, got {every}")
         if shards not in ranks.SHARDS:
             raise OstateError(f"unknown shards='{shards}'", hint=f"choose one of: {', '.join(ranks.SHARDS)}")
-        unwrap(optimizer)  # a clear error now, not at the first monitored step
+        model = engine_module(optimizer, model)
+        if unwrap(optimizer).zero is not None:  # a clear error now, not at the first monitored step
+            _check_zero(shards, model)
         self.optimizer = optimizer
         self.model = model
         self.every = every
@@ -129,12 +134,16 @@ class Monitor:
         """The record of the state as it is now (rank 0; ``None`` on the other ranks), nothing written."""
         live = unwrap(self.optimizer)
         rank, size = ranks.world()
-        sharded = self._sharded(live.sharded) and size > 1
+        # ZeRO's pieces of parameters are merged into whole ones even on a single rank.
+        sharded = self._sharded(live.sharded) and (size > 1 or live.zero is not None)
         if not sharded and rank != 0:
             return None
-        names = parameter_names(self.model)
-        kinds = module_kinds(self.model) if self.model is not None else None
-        checkpoint = live_checkpoint(live.optimizer, names, kind=self.kind, kinds=kinds)
+        if live.zero is not None:
+            checkpoint = zero_checkpoint(live.zero, self.model, kind=self.kind)
+        else:
+            names = parameter_names(self.model)
+            kinds = module_kinds(self.model) if self.model is not None else None
+            checkpoint = live_checkpoint(live.optimizer, names, kind=self.kind, kinds=kinds)
         optimizer = checkpoint.optimizers[0]
         with torch.no_grad():
             mine = list(summaries(optimizer, weights=checkpoint.weights, workers=self.workers))
@@ -142,7 +151,7 @@ class Monitor:
             per_rank = ranks.gathered(mine)
             if per_rank is None:
                 return None
-            shapes = {n: tuple(p.shape) for n, p in self.model.named_parameters()} if self.model is not None else {}
+            shapes = {n: whole_shape(p) for n, p in self.model.named_parameters()} if self.model is not None else {}
             mine = ranks.merged(per_rank, optimizer.kind, shapes)
         analysis = OptimizerAnalysis(optimizer, mine)
         rows = analysis.rows(self.by)
@@ -175,6 +184,19 @@ class Monitor:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _check_zero(shards: str, model: torch.nn.Module | None) -> None:
+    if shards == "replicated":
+        raise OstateError(
+            "shards='replicated' cannot describe DeepSpeed's ZeRO optimizer: every rank holds a different partition",
+            hint="leave shards='auto'",
+        )
+    if model is None:
+        raise OstateError(
+            "the monitor needs the model to name the pieces of DeepSpeed's ZeRO partitions",
+            hint="pass the model: Monitor(engine.optimizer, engine.module), or the engine itself: Monitor(engine)",
+        )
 
 
 def _writers(spec: WriterSpec) -> list[Writer]:

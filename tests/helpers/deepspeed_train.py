@@ -128,6 +128,20 @@ def unpartitioned_truth(opt, module: nn.Module) -> dict[str, dict[str, torch.Ten
     return out
 
 
+def gloo_only() -> None:
+    """Keep DeepSpeed from building and mapping its CPU shared-memory all-reduce: the ranks talk through gloo alone.
+
+    That op (a C++ extension built at start-up) is a speed path with no bearing on the
+    checkpoint layout; one of its ranks once aborted at start-up in CI ("terminate called
+    without an active exception"). The stub goes on the module itself: the attribute
+    ``deepspeed.comm.torch`` is the ``torch`` package (``deepspeed.comm`` imports it by
+    that name), so patching it there left the op built.
+    """
+    import importlib
+
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+
+
 def worker(rank: int, world_size: int, port: int, out: str, cases: list[str]) -> None:
     os.environ.update(
         {
@@ -141,12 +155,8 @@ def worker(rank: int, world_size: int, port: int, out: str, cases: list[str]) ->
     )
     import deepspeed
     import deepspeed.comm as dist
-    import deepspeed.comm.torch
 
-    # DeepSpeed's CPU shared-memory allreduce (a C++ op it builds and maps at start-up) is a speed
-    # path with no bearing on the checkpoint layout; one of its ranks once aborted at start-up in CI
-    # ("terminate called without an active exception"). The ranks talk through gloo alone.
-    deepspeed.comm.torch.build_shm_op = lambda: None
+    gloo_only()
     deepspeed.init_distributed(dist_backend="gloo")
     for case in cases:
         torch.manual_seed(0)
