@@ -8,17 +8,25 @@ resumed run's first step uses the source run's last lr, and a new ``LambdaLR`` i
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
+import ostate
 from ostate.errors import OstateError
+from ostate.formats.deepspeed.files import DEEPSPEED_PICKLE, load_file
 from ostate.harness.source import load_source
 from ostate.harness.transfer import load_weights, optimizer_like_source, transfer_state
 from ostate.harness.trial import TrialConfig, lr_factor
 from ostate.reset.strategies import apply_strategy, attach, optimizer_kind
 from ostate.reset.write import lr_lines, reset
-from tests.helpers.common import Net, run_cli
+from tests.helpers.common import REPO, Net, run_cli
 
 NEW_LR = 3e-4
 # The harness's schedule for the resumed run: 2 warmup steps, so its first step runs at half the peak lr.
@@ -139,6 +147,129 @@ def test_a_learning_rate_that_is_not_one_is_refused_before_anything_is_written(t
     with pytest.raises(OstateError, match="is not a learning rate"):
         reset(source, tmp_path / "r.pt", "fresh", lr=bad)
     assert not (tmp_path / "r.pt").exists()
+
+
+# ------------------------------------------------------------------------------ DeepSpeed
+DS_FIXTURES = REPO / "tests" / "fixtures" / "deepspeed"
+
+
+def partition_groups(tag_dir):
+    """Each rank's saved param groups, where DeepSpeed's load_checkpoint restores them from (ZeRO 1-3)."""
+    out = []
+    for path in sorted(tag_dir.glob("*optim_states.pt")):
+        state = load_file(str(path), trust_pickle=False)["optimizer_state_dict"]
+        inner = state.get("base_optimizer_state") or state["optimizer_state_dict"]  # ZeRO 1-2 / ZeRO 3
+        out.append([{k: v for k, v in g.items() if k != "params"} for g in inner["param_groups"]])
+    return out
+
+
+@pytest.mark.parametrize("case", ["fusedadam", "zero3_subgroups"])
+def test_deepspeed_lr_is_written_into_every_ranks_param_groups(case, tmp_path):
+    source, out = DS_FIXTURES / case, tmp_path / "out"
+    done = run_cli("reset", str(source), "--strategy", "reload", "--lr", str(NEW_LR), "-o", str(out))
+    assert done.returncode == 0, done.stderr
+    assert f"first step's lr after engine.load_checkpoint: {NEW_LR:g}" in done.stderr and "as set" in done.stderr
+    before, after = partition_groups(source / "global_step3"), partition_groups(out / "global_step3")
+    assert len(after) == 2
+    for old_rank, new_rank in zip(before, after):
+        assert [g["lr"] for g in old_rank] == [1e-2, 5e-3]
+        assert [g["lr"] for g in new_rank] == [NEW_LR, NEW_LR]
+        assert not any("initial_lr" in g for g in new_rank)  # none saved: none written by --lr alone
+        assert [{**g, "lr": None} for g in new_rank] == [{**g, "lr": None} for g in old_rank]  # nothing else
+    assert [g.get("lr") for g in ostate.load(out).optimizers[0].groups][:2] == [NEW_LR, NEW_LR]
+    # initial_lr is set apart, as for the other formats.
+    result = reset(source, tmp_path / "apart", "reset-m", lr=1e-4, initial_lr=5e-4)
+    assert (result.optimizers[0].lrs, result.optimizers[0].initial_lrs) == ([1e-4, 1e-4], [5e-4, 5e-4])
+    for rank in partition_groups(tmp_path / "apart" / "global_step3"):
+        assert [(g["lr"], g["initial_lr"]) for g in rank] == [(1e-4, 5e-4), (1e-4, 5e-4)]
+
+
+def rewrite_ds_file(path, change):
+    saved = load_file(str(path), trust_pickle=False)
+    torch.save(change(saved), path, pickle_module=DEEPSPEED_PICKLE)
+
+
+def test_deepspeed_elastic_checkpoint_refuses_lr_and_a_saved_scheduler_is_not_dropped(tmp_path):
+    source = tmp_path / "ds"
+    shutil.copytree(DS_FIXTURES / "fusedadam", source)
+    # A scheduler state, as engine.save_checkpoint writes one for an engine with a scheduler.
+    sched = torch.optim.lr_scheduler.StepLR(torch.optim.AdamW(Net().parameters()), 10)
+    rewrite_ds_file(
+        source / "global_step3" / "mp_rank_00_model_states.pt", lambda s: {**s, "lr_scheduler": sched.state_dict()}
+    )
+    done = run_cli("reset", str(source), "--strategy", "fresh", "--scheduler", "drop", "-o", str(tmp_path / "x"))
+    assert done.returncode == 2 and not (tmp_path / "x").exists()
+    assert "loads the saved lr_scheduler into the engine's scheduler" in done.stderr
+    assert "load_lr_scheduler_states=False" in done.stderr
+    done = run_cli("reset", str(source), "--strategy", "fresh", "-o", str(tmp_path / "kept"))
+    assert "scheduler state kept at 'lr_scheduler' (last_epoch=0" in done.stderr
+    # elastic_checkpoint: each rank's state as a list of flat groups, no param groups to hold an lr.
+    for path in (source / "global_step3").glob("*optim_states.pt"):
+
+        def elastic(saved):
+            inner = saved["optimizer_state_dict"]
+            base = inner["base_optimizer_state"]
+            flat = [base["state"][i] for i in range(len(base["param_groups"]))]
+            return {
+                **saved,
+                "optimizer_state_dict": {**inner, "base_optimizer_state": flat, "base_optimizer_state_step": 3},
+            }
+
+        rewrite_ds_file(path, elastic)
+    assert ostate.load(source).optimizers[0].params
+    done = run_cli("reset", str(source), "--strategy", "fresh", "--lr", "1e-4", "-o", str(tmp_path / "y"))
+    assert done.returncode == 2 and not (tmp_path / "y").exists()
+    assert "keeps no param groups: DeepSpeed restores no learning rate from it" in done.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="DeepSpeed is not installed")
+def test_deepspeed_resumes_a_reset_checkpoint_at_the_lr_written(tmp_path):
+    """ZeRO 0 and 2 trained in the spawn, ZeRO 3 from the committed fixture: each reset with
+    reset-m and lr=NEW_LR, resumed by engine.load_checkpoint on two ranks, one step taken."""
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONWARNINGS": "ignore"}
+    cases = ["zero0", "zero2", f"zero3_subgroups={DS_FIXTURES / 'zero3_subgroups'}"]
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.helpers.deepspeed_resume", str(tmp_path), str(NEW_LR), *cases],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    from tests.helpers.deepspeed_train import STEPS, TinyNet, param_groups
+
+    recorded = torch.load(tmp_path / "resumed.pt", weights_only=False)
+    assert set(recorded) == {"zero0", "zero2", "zero3_subgroups"}
+    for case, run in recorded.items():
+        # The engine was built at the config's lr (1e-2, 5e-3): load_checkpoint restored the written one.
+        assert [g["lr"] for g in run["groups"]] == [NEW_LR, NEW_LR], case
+        # torch's AdamW stepping the loaded state at NEW_LR on both ranks' batches (DeepSpeed averages
+        # the ranks' gradients) takes DeepSpeed's first step.
+        torch.manual_seed(0)  # the frozen layer, as the source run built it
+        net = TinyNet()
+        named = dict(net.named_parameters())
+        with torch.no_grad():
+            for name, saved in run["before"].items():
+                named[name].copy_(saved["fp32"])
+        (sum((net(x) - y).square().mean() for x, y in run["batches"]) / len(run["batches"])).backward()
+        groups = param_groups(net)
+        optimizer = torch.optim.AdamW([{**g, "lr": NEW_LR} for g in groups], betas=(0.9, 0.999), eps=1e-8)
+        name_of = {id(p): n for n, p in named.items()}
+        for p in (p for g in groups for p in g["params"]):
+            saved = run["before"][name_of[id(p)]]
+            assert not saved["exp_avg"].any()  # reset-m
+            optimizer.state[p] = {
+                "step": torch.tensor(float(STEPS)),
+                **{k: saved[k].clone() for k in ("exp_avg", "exp_avg_sq")},
+            }
+        optimizer.step()
+        for name, saved in run["before"].items():
+            expected = named[name].detach() - saved["fp32"]
+            torch.testing.assert_close(
+                run["after"][name] - saved["fp32"], expected, rtol=1e-6, atol=0, msg=f"{case} {name}"
+            )
 
 
 L = pytest.importorskip("lightning.pytorch")

@@ -17,7 +17,7 @@ import tempfile
 
 import torch
 
-from tests.helpers.deepspeed_train import TAG, TinyNet, config, free_port, ground_truth, param_groups
+from tests.helpers.deepspeed_train import TAG, TinyNet, config, free_port, gloo_only, ground_truth, param_groups
 
 WORLD_SIZE = 2
 
@@ -35,12 +35,8 @@ def worker(rank: int, world_size: int, port: int, checkpoint: str, case: str, ou
     )
     import deepspeed
     import deepspeed.comm as dist
-    import deepspeed.comm.torch
 
-    # DeepSpeed's CPU shared-memory allreduce (a C++ op it builds and maps at start-up) is a speed
-    # path with no bearing on the checkpoint layout; one of its ranks once aborted at start-up in CI
-    # ("terminate called without an active exception"). The ranks talk through gloo alone.
-    deepspeed.comm.torch.build_shm_op = lambda: None
+    gloo_only()
     deepspeed.init_distributed(dist_backend="gloo")
     torch.manual_seed(1)  # weights unlike the saved ones: the load must overwrite them
     model = TinyNet()

@@ -141,12 +141,8 @@ def worker(rank: int, world_size: int, port: int, out: str, cases: list[str]) ->
     )
     import deepspeed
     import deepspeed.comm as dist
-    import deepspeed.comm.torch
 
-    # DeepSpeed's CPU shared-memory allreduce (a C++ op it builds and maps at start-up) is a speed
-    # path with no bearing on the checkpoint layout; one of its ranks once aborted at start-up in CI
-    # ("terminate called without an active exception"). The ranks talk through gloo alone.
-    deepspeed.comm.torch.build_shm_op = lambda: None
+    gloo_only()
     deepspeed.init_distributed(dist_backend="gloo")
     for case in cases:
         torch.manual_seed(0)
@@ -167,6 +163,20 @@ def worker(rank: int, world_size: int, port: int, out: str, cases: list[str]) ->
             torch.save(truth, os.path.join(run_dir, "ground_truth.pt"))
         dist.barrier()
     dist.destroy_process_group()
+
+
+def gloo_only() -> None:
+    """Keep DeepSpeed from building its CPU shared-memory allreduce op: the ranks talk through gloo alone.
+
+    That op (C++ DeepSpeed compiles and maps at start-up) is a speed path with no bearing on the
+    checkpoint layout; one of its ranks once aborted at start-up in CI ("terminate called without
+    an active exception"), and compiling it costs most of a spawn's time. The stub goes on the
+    module in ``sys.modules``: the attribute ``deepspeed.comm.torch`` is the torch package itself
+    (``deepspeed.comm`` re-exports it), so patching through it leaves DeepSpeed's function alone.
+    """
+    import deepspeed.comm.torch  # noqa: F401  (the module, registered in sys.modules)
+
+    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None  # type: ignore[attr-defined]
 
 
 def free_port() -> int:
