@@ -16,7 +16,6 @@ import sys
 
 import pytest
 import torch
-from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import ostate
 from ostate.errors import OstateError
@@ -31,6 +30,8 @@ from tests.helpers.common import REPO, Net, run_cli
 NEW_LR = 3e-4
 # The harness's schedule for the resumed run: 2 warmup steps, so its first step runs at half the peak lr.
 CONFIG = TrialConfig("reset-m", seed=0, lr=NEW_LR, warmup=2, steps=10, schedule="cosine")
+# A harness trial at NEW_LR throughout (lr_factor 1 at the first step).
+CONSTANT = TrialConfig("reset-m", seed=0, lr=NEW_LR, schedule="constant")
 
 
 def loss_of(model, x):
@@ -57,10 +58,9 @@ def source_run(tmp_path):
     return path, opt.param_groups[0]["lr"]
 
 
-def harness_first_step(source_path, strategy: str, x, config=CONFIG) -> tuple[float, dict[str, torch.Tensor]]:
-    """The first step of a harness trial (the setup of ostate.harness.trial.run_trial, then its step 1)."""
-    source = load_source(source_path)
-    model = Net()
+def harness_optimizer(source_path, strategy: str, model, config=CONFIG) -> torch.optim.Optimizer:
+    """A harness trial's optimizer at its first step (the setup of ostate.harness.trial.run_trial, the lr of step 1)."""
+    source = load_source(str(source_path))
     load_weights(model, source)
     optimizer = optimizer_like_source(source)(model, config.lr)
     transfer = transfer_state(source, optimizer, model)
@@ -70,14 +70,22 @@ def harness_first_step(source_path, strategy: str, x, config=CONFIG) -> tuple[fl
     attach(optimizer)
     for group in optimizer.param_groups:
         group["lr"] = group["lr"] * lr_factor(1, config)
-    return first_step(model, optimizer, x)
+    return optimizer
 
 
-def first_step(model, optimizer, x) -> tuple[float, dict[str, torch.Tensor]]:
+def harness_first_step(source_path, strategy: str, x, config=CONFIG) -> tuple[float, dict[str, torch.Tensor]]:
+    """The first step of a harness trial on the batch ``x``."""
+    model = Net()
+    return first_step(model, harness_optimizer(source_path, strategy, model, config), x)
+
+
+def first_step(model, optimizer, x=None) -> tuple[float, dict[str, torch.Tensor]]:
+    """The lr and update of one step, on the batch ``x`` (None: on the gradients already set)."""
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     lr = optimizer.param_groups[0]["lr"]
-    optimizer.zero_grad()
-    loss_of(model, x).backward()
+    if x is not None:
+        optimizer.zero_grad()
+        loss_of(model, x).backward()
     optimizer.step()
     return lr, {n: p.detach() - before[n] for n, p in model.named_parameters()}
 
@@ -348,48 +356,126 @@ def test_lightning_resume_with_lr_set_and_scheduler_dropped_takes_the_harness_tr
     fit(Module(NEW_LR, lambda s: 1.0), 5, ckpt_path=out, callbacks=[seen])
     assert seen.lr == pytest.approx(NEW_LR)
     # A harness trial at the same lr with a constant schedule (lr_factor 1 at the first step).
-    constant = TrialConfig("reset-m", seed=0, lr=NEW_LR, schedule="constant")
-    assert lr_factor(1, constant) == 1.0
+    assert lr_factor(1, CONSTANT) == 1.0
     flat = tmp_path / "source.pt"
     ckpt = torch.load(source, weights_only=False)
     model_state = {k.removeprefix("net."): v for k, v in ckpt["state_dict"].items()}
     torch.save({"model": model_state, "optimizer": ckpt["optimizer_states"][0]}, flat)
-    assert_same_step((seen.lr, seen.update), harness_first_step(flat, "reset-m", seen.batch, constant))
+    assert_same_step((seen.lr, seen.update), harness_first_step(flat, "reset-m", seen.batch, CONSTANT))
 
 
-@pytest.mark.slow
-def test_a_trainer_checkpoint_keeps_its_scheduler_and_its_first_step_takes_the_lr_written(tmp_path):
-    pytest.importorskip("transformers")
+# ------------------------------------------------------------------------------ Hugging Face Trainer
+def trainer_resuming(output_dir, callbacks):
+    """The Trainer resuming tests/conftest.py's gpt2_run (checkpoint-4) for two more steps, as
+    tests/test_strategy_callbacks.py builds it (its own lr 1e-3: replaced by the checkpoint's on load)."""
     from transformers import Trainer, TrainingArguments
 
-    from tests.helpers.builders import RandomTokens, tiny_gpt2, train_with_trainer
+    from tests.helpers.builders import RandomTokens, tiny_gpt2
 
-    run = train_with_trainer(tmp_path / "run", tiny_gpt2(), steps=2, save_steps=2)
-    done = run_cli(
-        "reset", str(run.checkpoint), "--strategy", "fresh", "--scheduler", "drop", "-o", str(tmp_path / "x")
-    )
-    assert done.returncode == 2 and "needs" not in done.stdout
-    assert "optimizer.pt only when scheduler.pt is beside it" in done.stderr and not (tmp_path / "x").exists()
-    out = tmp_path / "reset"
-    done = run_cli("reset", str(run.checkpoint), "--strategy", "reset-m", "--lr", str(NEW_LR), "-o", str(out))
-    assert done.returncode == 0, done.stderr
-    assert f"first step's lr after load_state_dict: {NEW_LR:g}" in done.stderr
-    assert "scheduler state kept at 'scheduler.pt" in done.stderr
-    seen = []
+    torch.manual_seed(0)
     args = TrainingArguments(
-        output_dir=str(tmp_path / "resumed"),
-        max_steps=3,
+        output_dir=str(output_dir),
+        max_steps=6,
+        save_strategy="no",
         per_device_train_batch_size=4,
-        learning_rate=1e-2,  # the resumed optimizer's own lr: replaced by the checkpoint's on load
+        learning_rate=1e-3,
+        weight_decay=0.1,
+        warmup_steps=1,
+        lr_scheduler_type="linear",
         report_to=[],
         use_cpu=True,
         disable_tqdm=True,
-        save_strategy="no",
+        seed=0,
     )
-    trainer = Trainer(model=tiny_gpt2(), args=args, train_dataset=RandomTokens(64))
-    hook = register_optimizer_step_pre_hook(lambda opt, *_: seen.append([g["lr"] for g in opt.param_groups]))
-    try:
-        trainer.train(resume_from_checkpoint=str(out))
-    finally:
-        hook.remove()
-    assert seen[0] == pytest.approx([NEW_LR, NEW_LR])
+    return Trainer(model=tiny_gpt2(), args=args, train_dataset=RandomTokens(64), callbacks=list(callbacks))
+
+
+def trainer_steps():
+    """A TrainerCallback recording each step's lr, and the first step's gradients (after the Trainer's
+    clipping: what the optimizer steps on) and update."""
+    from transformers import TrainerCallback
+
+    class Steps(TrainerCallback):
+        def __init__(self):
+            self.lrs, self.before, self.grads, self.update = [], None, None, None
+
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            self.before = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+        def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
+            self.lrs.append([g["lr"] for g in optimizer.param_groups])
+            if self.grads is None:
+                self.grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+        def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+            if self.update is None:
+                self.update = {n: p.detach() - self.before[n] for n, p in model.named_parameters()}
+
+    return Steps()
+
+
+def rms(update: dict[str, torch.Tensor]) -> float:
+    total = sum(float(u.double().square().sum()) for u in update.values())
+    return (total / sum(u.numel() for u in update.values())) ** 0.5
+
+
+@pytest.mark.slow
+def test_a_trainer_resume_after_reset_with_lr_takes_the_harness_trials_first_step_then_the_saved_schedule(
+    gpt2_run, tmp_path
+):
+    """``ostate reset --lr`` on a Trainer folder, resumed with ``train(resume_from_checkpoint=OUT)``.
+
+    Agrees with a harness trial of the same strategy at that lr (the built-in loop's setup,
+    constant schedule) on the first step: its lr and every parameter's update, the harness
+    optimizer stepped on the Trainer's own (clipped) gradients. Differs by design from the
+    second step on: the Trainer loads ``scheduler.pt`` (it must: without it it would not load
+    ``optimizer.pt``) and its ``LambdaLR`` sets ``saved base_lrs × λ(step)``, whatever lr was
+    written. A harness trial in trainer mode (the user's Trainer resuming the source with a
+    StrategyCallback) keeps the Trainer's own lr: the saved one at the first step, so its
+    update is this one scaled by saved lr / --lr, and the same saved schedule after.
+    """
+    from ostate.harness import trainer_task
+    from ostate.harness.trial import run_trial
+    from tests.helpers.builders import tiny_gpt2
+
+    source = gpt2_run.checkpoint
+    done = run_cli("reset", str(source), "--strategy", "fresh", "--scheduler", "drop", "-o", str(tmp_path / "x"))
+    assert done.returncode == 2 and "needs" not in done.stdout
+    assert "optimizer.pt only when scheduler.pt is beside it" in done.stderr and not (tmp_path / "x").exists()
+    out = tmp_path / "reset"
+    done = run_cli("reset", str(source), "--strategy", "reset-m", "--lr", str(NEW_LR), "-o", str(out))
+    assert done.returncode == 0, done.stderr
+    assert f"first step's lr after load_state_dict: {NEW_LR:g}" in done.stderr
+    assert "scheduler state kept at 'scheduler.pt" in done.stderr
+    resumed = trainer_steps()
+    trainer_resuming(tmp_path / "resumed", [resumed]).train(resume_from_checkpoint=str(out))
+    assert len(resumed.lrs) == 2
+
+    # Step 1 = the harness trial's (built-in loop) first step at NEW_LR.
+    model = tiny_gpt2()
+    optimizer = harness_optimizer(source, "reset-m", model, CONSTANT)
+    for name, p in model.named_parameters():
+        assert torch.equal(p, resumed.before[name]), name
+        p.grad = resumed.grads[name]
+    harness = first_step(model, optimizer)
+    assert resumed.lrs[0] == pytest.approx([NEW_LR] * len(optimizer.param_groups), rel=1e-12)
+    assert_same_step((resumed.lrs[0][0], resumed.update), harness)
+
+    # Step 2 on: the saved schedule. The harness trial in trainer mode resumes the source itself.
+    def evaluate(model):
+        return 0.0
+
+    task = trainer_task(
+        "gpt2", lambda config, callbacks: trainer_resuming(tmp_path / "trial", callbacks), evaluate, source, kind="hf"
+    )
+    trial = run_trial(task, str(source), TrialConfig("reset-m", seed=0, lr=NEW_LR, steps=2, eval_every=2))
+    lrs = {(step, g): v for step, name, g, v in trial.records if name == "lr"}
+    saved_lr = [g["lr"] for g in torch.load(source / "optimizer.pt", weights_only=True)["param_groups"]]
+    assert [lrs[1, g] for g in range(len(saved_lr))] == pytest.approx(saved_lr, rel=1e-12)
+    assert saved_lr[0] != pytest.approx(NEW_LR)  # the trial's first step: the Trainer's own lr, the saved one
+    assert [lrs[2, g] for g in range(len(saved_lr))] == pytest.approx(resumed.lrs[1], rel=1e-12)
+    schedule = torch.load(source / "scheduler.pt", weights_only=True)
+    assert resumed.lrs[1][0] == pytest.approx(schedule["base_lrs"][0] * (6 - 5) / (6 - 1), rel=1e-12)  # linear, T=6
+    assert resumed.lrs[1][0] != pytest.approx(NEW_LR)  # not the harness's constant NEW_LR
+    trial_rms = next(v for step, name, g, v in trial.records if (step, name, g) == (1, "update_rms", -1))
+    assert trial_rms == pytest.approx(rms(resumed.update) * saved_lr[0] / NEW_LR, rel=1e-4)
