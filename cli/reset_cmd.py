@@ -53,7 +53,8 @@ from ostate_cli.common import base_config_option, format_hint_option, handle_err
     type=float,
     metavar="LR",
     help="Write LR as every param group's lr (and initial_lr, where the groups have one): the lr of the "
-    "resumed run's first step, since load_state_dict restores the saved one over the new optimizer's. "
+    "resumed run's first step, since load_state_dict (DeepSpeed: load_checkpoint) restores the saved one "
+    "over the new optimizer's. "
     "Default: keep the saved lr (the source run's last).",
 )
 @click.option(
@@ -69,7 +70,8 @@ from ostate_cli.common import base_config_option, format_hint_option, handle_err
     default="keep",
     show_default=True,
     help="Keep the saved scheduler state, or drop it so that the resumed run's own scheduler starts afresh "
-    "(torch.save files, Lightning's lr_schedulers; a Trainer or accelerate folder needs its scheduler file).",
+    "(torch.save files, Lightning's lr_schedulers; a Trainer, accelerate or DeepSpeed folder needs its "
+    "scheduler state).",
 )
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (never PATH).")
 @trust_pickle_option

@@ -17,6 +17,7 @@ import torch
 
 import ostate
 from ostate import OstateError
+from ostate.formats.deepspeed.files import load_file
 from ostate.reset.write import reset
 from tests.helpers.builders import Mlp, mlp_optimizer
 from tests.helpers.common import REPO, run_cli, sha256
@@ -362,3 +363,10 @@ def test_a_universal_checkpoint_gets_the_strategy_in_its_per_parameter_files(tmp
     assert_other_files_identical(universal, out, changed)
     with pytest.raises(OstateError, match="stage 3 universal"):
         reset(universal, tmp_path / "fresh", "fresh")
+    # lr= goes to zero/optimizer_state.pt, whose param groups DeepSpeed sets the live groups' values from
+    # (ZeRO 3: under optimizer_state_dict); nothing else changes.
+    with_lr = tmp_path / "with_lr"
+    reset(universal, with_lr, "reload", lr=3e-4)
+    settings = load_file(str(with_lr / "zero" / "optimizer_state.pt"), trust_pickle=False)
+    assert [g["lr"] for g in settings["optimizer_state_dict"]["param_groups"]] == [3e-4, 3e-4]
+    assert_other_files_identical(universal, with_lr, {os.path.join("zero", "optimizer_state.pt")})

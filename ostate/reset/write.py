@@ -40,7 +40,9 @@ with, and a ``LambdaLR`` built after loading takes ``initial_lr`` as its base. S
 ``initial_lr`` where the groups have one; ``initial_lr=`` sets that apart) in every param
 group; ``scheduler="drop"`` removes the saved scheduler states where the framework then
 starts its own scheduler afresh (a ``torch.save`` file's top-level scheduler entries,
-Lightning's ``lr_schedulers``). :func:`lr_lines` says which lr the resumed run will use.
+Lightning's ``lr_schedulers``). DeepSpeed restores the groups from its partition files (ZeRO
+1-3), the model-state file (ZeRO 0) or ``zero/optimizer_state.pt`` (universal): ``lr=`` is
+written there. :func:`lr_lines` says which lr the resumed run will use.
 """
 
 from __future__ import annotations
@@ -75,11 +77,24 @@ from ostate.state import Checkpoint, OptimizerState, ParamState, TensorRef
 FILE_FORMATS = ("torch", "lightning", "safetensors")
 DIRECTORY_FORMATS = ("hf-trainer", "accelerate", "dcp", "deepspeed", "deepspeed-universal")
 SCHEDULER_CHOICES = ("keep", "drop")
-# Why a format's scheduler state cannot be dropped: what its loader does without it.
+# Why a format's scheduler state cannot be dropped (what its loader does without it), and what to do instead.
+_NEW_SCHEDULE = (
+    "keep it (scheduler keep); for a new schedule, load the model and optimizer files into your own "
+    "optimizer and scheduler instead of resuming (docs/reset.md)"
+)
 _SCHEDULER_KEPT_BY = {
-    "hf-trainer": "the Trainer loads optimizer.pt only when scheduler.pt is beside it (resume_from_checkpoint "
-    "would start a new optimizer), and its resume continues the run's schedule at its global step",
-    "accelerate": "Accelerator.load_state reads a scheduler.bin for every scheduler it prepared",
+    "hf-trainer": (
+        "the Trainer loads optimizer.pt only when scheduler.pt is beside it (resume_from_checkpoint "
+        "would start a new optimizer), and its resume continues the run's schedule at its global step",
+        _NEW_SCHEDULE,
+    ),
+    "accelerate": ("Accelerator.load_state reads a scheduler.bin for every scheduler it prepared", _NEW_SCHEDULE),
+    "deepspeed": (
+        "engine.load_checkpoint loads the saved lr_scheduler into the engine's scheduler whenever it has one "
+        "(a removed state fails to load)",
+        "keep it, and pass load_lr_scheduler_states=False to engine.load_checkpoint: the engine then keeps the "
+        "scheduler its config built, from its start (docs/reset.md)",
+    ),
 }
 ATTACH_NOTE = (
     "keep-v: load this state with ostate.reset.strategies.attach(optimizer) after load_state_dict, or its first "
@@ -170,13 +185,15 @@ def reset(
         lr: the lr written to every param group of the chosen optimizers: the lr of the
             resumed run's first step (``load_state_dict`` restores it over the new
             optimizer's). Groups that have an ``initial_lr`` get it too, so a scheduler
-            built after loading starts from it. None keeps the saved ones.
+            built after loading starts from it. None keeps the saved ones. In a DeepSpeed
+            folder it goes wherever ``engine.load_checkpoint`` restores the groups from
+            (every rank's partition file; refused for an ``elastic_checkpoint``, which keeps none).
         initial_lr: the ``initial_lr`` written to every param group (the base a
             ``LambdaLR`` built after loading takes), when it should differ from ``lr``.
         scheduler: ``keep`` the saved scheduler states, or ``drop`` them where the
             framework then starts its own scheduler afresh (a ``torch.save`` file's
             top-level scheduler entries, Lightning's ``lr_schedulers``); refused where the
-            loader needs them (Trainer, accelerate folders).
+            loader needs them (Trainer, accelerate, DeepSpeed folders).
 
     Example:
         >>> import ostate, torch, tempfile, os
@@ -207,7 +224,7 @@ def reset(
         )
     chosen = selected_optimizers(checkpoint, optimizer_index)
     _check_regex_matches(chosen_strategy, chosen)
-    _check_rates_and_scheduler(checkpoint, rates, scheduler)
+    _check_scheduler(checkpoint, scheduler)
     check_output(out, [source], overwrite=overwrite, out_is_directory=checkpoint.format in DIRECTORY_FORMATS)
     result = ResetResult(source, out, checkpoint.format, str(chosen_strategy), [], lr_set=rates.lr is not None)
     if scheduler == "drop":
@@ -227,7 +244,7 @@ def reset(
             elif checkpoint.format == "dcp":
                 _reset_dcp(source, tmp, chosen, chosen_strategy, result, trust_pickle, rates)
             else:
-                _reset_deepspeed(checkpoint, source, tmp, chosen[0], chosen_strategy, result, trust_pickle)
+                _reset_deepspeed(checkpoint, source, tmp, chosen[0], chosen_strategy, result, trust_pickle, rates)
     if result.needs_attach:
         result.notes.append(ATTACH_NOTE)
     return result
@@ -434,15 +451,20 @@ def _reset_deepspeed(
     strategy: Strategy,
     result: ResetResult,
     trust_pickle: bool,
+    rates: _LearningRates,
 ) -> None:
-    """A DeepSpeed folder: copy it, then write the chosen tag's optimizer files (see deepspeed_write)."""
+    """A DeepSpeed folder: copy it, then write the chosen tag's optimizer files (see deepspeed_write).
+
+    ``rates`` go where ``engine.load_checkpoint`` restores the param groups from: the model-state
+    file's optimizer for ZeRO 0, every rank's partition file for ZeRO 1-3 and the BF16_Optimizer,
+    ``zero/optimizer_state.pt`` for a universal checkpoint."""
     shutil.copytree(source, target, symlinks=True, dirs_exist_ok=True)
     tag_dir = checkpoint.path
     target_tag = os.path.normpath(os.path.join(target, os.path.relpath(tag_dir, source)))
     files = tag_files(tag_dir)
     if not is_universal(tag_dir) and not files.optim_files:  # ZeRO disabled: the optimizer is in the model file
         model_file = files.model_files[0]
-        transform = _Transform([optimizer], strategy, result, rates=_LearningRates())
+        transform = _Transform([optimizer], strategy, result, rates=rates)
         rewrite_torch_file(
             model_file,
             os.path.join(target_tag, os.path.basename(model_file)),
@@ -467,26 +489,34 @@ def _reset_deepspeed(
 
     writer = rewrite_universal if is_universal(tag_dir) else rewrite_partitions
     trained_groups = [g for i, g in enumerate(optimizer.groups) if not optimizer.is_frozen_group(i)]
-    writer(tag_dir, target_tag, actions, apply_action, trained_groups, trust_pickle=trust_pickle)
-    result.optimizers.append(OptimizerReset(optimizer.location, optimizer.kind, actions))
+    edit_groups = rates.apply if rates.lr is not None or rates.initial_lr is not None else None
+    writer(
+        tag_dir, target_tag, actions, apply_action, trained_groups, trust_pickle=trust_pickle, edit_groups=edit_groups
+    )
+    written = [dict(g) for g in trained_groups]
+    rates.apply(written)
+    result.optimizers.append(
+        OptimizerReset(
+            optimizer.location,
+            optimizer.kind,
+            actions,
+            lrs=[_number(g.get("lr")) for g in written],
+            initial_lrs=[_number(g.get("initial_lr")) for g in written],
+        )
+    )
 
 
 # ------------------------------------------------------------------- learning rates, schedulers
-def _check_rates_and_scheduler(checkpoint: Checkpoint, rates: _LearningRates, scheduler: str) -> None:
-    if (rates.lr is not None or rates.initial_lr is not None) and checkpoint.format.startswith("deepspeed"):
-        raise OstateError(
-            "ostate reset cannot write learning rates into a DeepSpeed checkpoint",
-            where=checkpoint.path,
-            hint="leave out lr/initial_lr and set the lr in the DeepSpeed config or after load_checkpoint",
-        )
+def _check_scheduler(checkpoint: Checkpoint, scheduler: str) -> None:
     if scheduler != "drop" or not checkpoint.schedulers:
         return
-    if checkpoint.format in _SCHEDULER_KEPT_BY:
+    kept_by = _SCHEDULER_KEPT_BY.get("deepspeed" if checkpoint.format.startswith("deepspeed") else checkpoint.format)
+    if kept_by is not None:
+        why, hint = kept_by
         raise OstateError(
-            f"cannot drop the scheduler state of a {checkpoint.format} checkpoint: {_SCHEDULER_KEPT_BY[checkpoint.format]}",
+            f"cannot drop the scheduler state of a {checkpoint.format} checkpoint: {why}",
             where=checkpoint.path,
-            hint="keep it (scheduler keep); for a new schedule, load the model and optimizer files into your own "
-            "optimizer and scheduler instead of resuming (docs/reset.md)",
+            hint=hint,
         )
     if checkpoint.format not in ("torch", "lightning"):
         raise OstateError(
@@ -548,11 +578,12 @@ def lr_lines(result: ResetResult) -> list[str]:
         return shown[0] if len(set(shown)) == 1 else ", ".join(f"group {i} {v}" for i, v in enumerate(shown))
 
     how = "as set" if result.lr_set else "as saved: it replaces the lr the new optimizer was built with"
+    loader = "engine.load_checkpoint" if result.format.startswith("deepspeed") else "load_state_dict"
     lines = []
     for o in result.optimizers:
         if not o.lrs:
             continue
-        lines.append(f"first step's lr after load_state_dict: {listed(o.lrs)} (optimizer at '{o.location}', {how})")
+        lines.append(f"first step's lr after {loader}: {listed(o.lrs)} (optimizer at '{o.location}', {how})")
         if any(v is not None for v in o.initial_lrs):
             lines.append(
                 f"a LambdaLR built after loading takes initial_lr {listed(o.initial_lrs)} as its base "

@@ -23,6 +23,15 @@ state files and everything else in the folder are copied unchanged.
 
 Universal checkpoints (``ds_to_universal``) keep one file per parameter and state key,
 so each parameter is transformed on its own (the step rule above still holds).
+
+``edit_groups`` (the caller's, e.g. setting ``lr``) changes the saved param groups in every
+place DeepSpeed 0.19 restores them from on ``load_checkpoint``: each rank's
+``optimizer_state_dict`` → ``base_optimizer_state`` → ``param_groups`` (ZeRO 1-2,
+BF16_Optimizer: ``self.optimizer.load_state_dict`` of it), ``optimizer_state_dict`` →
+``optimizer_state_dict`` → ``param_groups`` (ZeRO 3, one group per sub-group), and
+``zero/optimizer_state.pt``'s ``param_groups`` (universal; ZeRO 3: under
+``optimizer_state_dict``). An ``elastic_checkpoint`` keeps no param groups and DeepSpeed
+restores none from it, so edits are refused there.
 """
 
 from __future__ import annotations
@@ -49,6 +58,8 @@ ApplyAction = Callable[[Mapping[str, Any], str], Mapping[str, Any]]
 UNCHANGED = ("reload", "none")
 # Strategies that change the step or the age of v, which a flat group's parameters share.
 GROUP_WIDE = ("fresh", "reset-step", "keep-v")
+# A change of the saved param groups (hyperparameters only; their "params" are kept), in place.
+EditGroups = Callable[[list[dict[str, Any]]], None]
 
 
 def rewrite_partitions(
@@ -59,18 +70,28 @@ def rewrite_partitions(
     groups: Sequence[Mapping[str, Any]],
     *,
     trust_pickle: bool = False,
+    edit_groups: EditGroups | None = None,
 ) -> list[str]:
     """Write the transformed optimizer files of a ZeRO (1-3) or BF16_Optimizer tag folder into
     ``target_tag_dir`` (which already holds a copy of the folder); returns the files written.
 
     ``actions`` maps each trainable parameter's name to its strategy; ``groups`` are the
-    param groups' hyperparameters (used where the files keep none: ``elastic_checkpoint``).
+    param groups' hyperparameters (used where the files keep none: ``elastic_checkpoint``);
+    ``edit_groups`` changes every rank's saved param groups after the strategy.
     """
     files = tag_files(tag_dir)
     model_states = load_file(files.model_files[0], trust_pickle=trust_pickle)
     shards = [load_file(f, trust_pickle=trust_pickle) for f in files.optim_files]
     states = [shard["optimizer_state_dict"] for shard in shards]
     stage = zero_stage(states[0], model_states)
+    if edit_groups is not None and stage != 3 and isinstance(states[0].get("base_optimizer_state"), list):
+        raise OstateError(
+            "this DeepSpeed checkpoint (elastic_checkpoint) keeps no param groups: DeepSpeed restores no "
+            "learning rate from it",
+            where=tag_dir,
+            hint="leave out lr/initial_lr: the resumed engine runs with the lr of its config (or set it after "
+            "load_checkpoint)",
+        )
     param_shapes = model_states["param_shapes"]
     if stage == 3:
         inner = [s["optimizer_state_dict"] for s in states]
@@ -93,6 +114,7 @@ def rewrite_partitions(
             apply_action,
             groups,
             [_flat_lengths(s, stage, len(param_shapes)) for s in states],
+            edit_groups,
         )
         if new_state is None:
             continue
@@ -112,6 +134,7 @@ def _rewrite_rank(
     apply_action: ApplyAction,
     groups: Sequence[Mapping[str, Any]],
     lengths: list[list[int]],
+    edit_groups: EditGroups | None = None,
 ) -> dict | None:
     """One rank's new ``optimizer_state_dict``, or None when nothing on it changes."""
     if stage == 3:
@@ -149,6 +172,9 @@ def _rewrite_rank(
             new = _sliced(flat_states[flat_group], original, members, actions, apply_action, starts)
         flat_states[flat_group] = new
         changed = True
+    if edit_groups is not None:  # never elastic (refused above): these groups are the saved ones
+        edit_groups(saved_groups)
+        changed = changed or saved_groups != originals
     if not changed:
         return None
     if stage == 3:
@@ -263,9 +289,11 @@ def rewrite_universal(
     groups: Sequence[Mapping[str, Any]],
     *,
     trust_pickle: bool = False,
+    edit_groups: EditGroups | None = None,
 ) -> list[str]:
     """Write the transformed per-parameter files of a universal checkpoint into ``target_tag_dir``
-    (a copy of the folder); returns the files written."""
+    (a copy of the folder); returns the files written. ``edit_groups`` changes the param groups
+    of ``zero/optimizer_state.pt`` (those DeepSpeed sets the live groups' hyperparameters from)."""
     if not is_universal(tag_dir):
         raise OstateError("not a DeepSpeed universal checkpoint", where=tag_dir)
     files = tag_files(tag_dir)
@@ -290,6 +318,13 @@ def rewrite_universal(
             "fresh, reset-step and keep-v are not written to it",
             where=tag_dir,
             hint="apply the strategy to the ZeRO checkpoint, then run ds_to_universal",
+        )
+    if edit_groups is not None and not saved_groups:
+        raise OstateError(
+            f"this universal checkpoint's {UNIVERSAL_STATE} keeps no param groups: DeepSpeed restores no "
+            "learning rate from it",
+            where=tag_dir,
+            hint="leave out lr/initial_lr and set the lr in the DeepSpeed config",
         )
     new_groups = [dict(g) for g in (saved_groups or groups)]
     written = []
@@ -328,6 +363,8 @@ def rewrite_universal(
         group.update(new_group)
         for key in set(group) - set(new_group) - {"params"}:
             del group[key]
+    if edit_groups is not None:
+        edit_groups(new_groups)
     if saved_groups is not None and any(dict(a) != dict(b) for a, b in zip(saved_groups, new_groups)):
         if stage == 3:
             settings = {**settings, "optimizer_state_dict": {**inner, "param_groups": new_groups}}
