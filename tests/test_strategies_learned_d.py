@@ -25,9 +25,11 @@ prodigyopt = pytest.importorskip("prodigyopt")
 dadaptation = pytest.importorskip("dadaptation")
 
 MAKERS = {
-    "prodigy": lambda ps: prodigyopt.Prodigy(ps, lr=1.0),
-    "prodigy-bias-correction": lambda ps: prodigyopt.Prodigy(ps, lr=1.0, use_bias_correction=True, weight_decay=0.01),
-    "dadapt_adam": lambda ps: dadaptation.DAdaptAdam(ps, lr=1.0),
+    "prodigy": lambda ps, **kw: prodigyopt.Prodigy(ps, lr=1.0, **kw),
+    "prodigy-bias-correction": lambda ps, **kw: prodigyopt.Prodigy(
+        ps, lr=1.0, use_bias_correction=True, weight_decay=0.01, **kw
+    ),
+    "dadapt_adam": lambda ps, **kw: dadaptation.DAdaptAdam(ps, lr=1.0, **kw),
 }
 LEARNED = {
     "prodigy": ("d", "d_max", "d_numerator", "d_denom", "d_hat", "k"),
@@ -68,13 +70,13 @@ def trial_weights(source: str, strategy: str, optimizer=None) -> torch.Tensor:
     return torch.tensor([after[f"eval_w{i}"] for i in range(len(after))], dtype=torch.float32)
 
 
-def library_step(source: str, case: str, optimizer_state: dict | None) -> torch.Tensor:
+def library_step(source: str, case: str, optimizer_state: dict | None, **options) -> torch.Tensor:
     """The source's weights stepped once on the trial's first batch by a new optimizer of the library,
     loaded with ``optimizer_state`` (None: a new optimizer's first step)."""
     saved = torch.load(source, weights_only=True)
     model = ht.make_model()
     model.load_state_dict(saved["model"])
-    opt = MAKERS[case](model.parameters())
+    opt = MAKERS[case](model.parameters(), **options)
     if optimizer_state is not None:
         opt.load_state_dict(copy.deepcopy(optimizer_state))
     batch = next(ht.target_batches(32, torch.Generator().manual_seed(SEED)))
@@ -105,6 +107,14 @@ def test_reload_in_a_trial_continues_the_real_optimizer_with_its_learned_d(sourc
 def test_fresh_in_a_trial_is_a_new_optimizers_first_step(source):
     case, path = source
     assert torch.equal(trial_weights(path, "fresh"), library_step(path, case, None))
+
+
+def test_fresh_in_a_trial_starts_at_the_d0_of_the_users_own_optimizer(source):
+    """DAdaptAdam's groups do not record d0: the trial's new optimizer's own d is the fresh one."""
+    case, path = source
+    own = trial_weights(path, "fresh", optimizer=lambda model, lr: MAKERS[case](model.parameters(), d0=1e-4))
+    assert torch.equal(own, library_step(path, case, None, d0=1e-4))
+    assert not torch.allclose(own, library_step(path, case, None), rtol=1e-3, atol=0)
 
 
 def test_the_trials_optimizer_gets_the_sources_learned_group_values_and_its_own_hyperparameters(source):

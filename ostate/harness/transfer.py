@@ -51,6 +51,7 @@ class Transfer:
     carried: list[str] = field(default_factory=list)
     started_fresh: list[str] = field(default_factory=list)  # no state carried (new, reshaped or never stepped)
     reshaped: list[str] = field(default_factory=list)  # in the source with another shape (a new head, a new vocabulary)
+    new_groups: list[dict[str, Any]] = field(default_factory=list)  # the new optimizer's own groups (fresh's d)
 
 
 def load_weights(model: nn.Module, source: Source) -> list[str]:
@@ -145,7 +146,7 @@ def transfer_state(source: Source, optimizer: torch.optim.Optimizer, model: nn.M
     source's optimizer learned into its groups (Prodigy's and D-Adaptation's step-size
     estimate ``d`` with its sums and counter; :attr:`~ostate.optimizers.family.StateLayout.group_state`)
     is state, not a hyperparameter: it is carried (:func:`carry_group_state`), and the
-    strategy then keeps or resets it with the moments.
+    strategy then keeps it, or resets it to ``new_groups``'s (the new optimizer's own).
     """
     target_kind, source_kind = optimizer_kind(optimizer), source.kind
     if source_kind != "unknown" and target_kind != source_kind and not _same_layout(source_kind, target_kind):
@@ -159,7 +160,7 @@ def transfer_state(source: Source, optimizer: torch.optim.Optimizer, model: nn.M
     saved = source.state_by_name()
     names: list[str] = []
     state: dict[int, dict[str, Any]] = {}
-    out = Transfer(state_dict={**fresh, "state": state}, names=names)
+    out = Transfer(state_dict={**fresh, "state": state}, names=names, new_groups=fresh["param_groups"])
     index = 0
     for group in optimizer.param_groups:
         for p in group["params"]:

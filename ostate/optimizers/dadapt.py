@@ -68,7 +68,7 @@ The moments carry :math:`d` (Prodigy's :math:`m` in units of :math:`d\,g`, :math
 consistent with the :math:`d` it was made with. ``reload`` keeps all of it (the next step is
 the library's own continuation); ``fresh`` clears the per-parameter state and puts the
 groups' learned values back to a new optimizer's (:math:`d = d_0`; D-Adaptation does not
-save its ``d0``: the library's default 1e-6). ``reset-m`` and ``reset-v`` zero one moment
+save its ``d0``: the library's default 1e-6, or the harness's new optimizer's own). ``reset-m`` and ``reset-v`` zero one moment
 and keep :math:`d`, its sums, ``s`` and ``p0``: a zero moment restarts in the units of the
 kept :math:`d`, as a new gradient enters it, so the kept moment and :math:`d` stay in
 proportion; resetting :math:`d` under a kept moment would not (a moment of the old scale

@@ -259,6 +259,7 @@ def apply_strategy(
     names: Mapping[Any, str] | Sequence[str] | None = None,
     kind: str | None = None,
     explicit_fresh: bool = False,
+    new_groups: Sequence[Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """A new optimizer state dict: ``state_dict`` with ``strategy`` applied (the module docstring
     defines each strategy). ``kind`` is the optimizer family (e.g. :func:`optimizer_kind` of
@@ -269,6 +270,10 @@ def apply_strategy(
     ``mu_product`` 1) instead of removing it, for checkpoint formats whose loaders need
     every entry (torch.distributed.checkpoint, DeepSpeed); torch steps both forms alike.
     State whose fresh form is its absence (SGD's momentum buffer) is still removed.
+    ``new_groups`` are the param groups of a new optimizer like the one that will load the
+    result (the harness's trial optimizer, before it loads anything): ``fresh`` takes what
+    an optimizer learns into its groups (Prodigy's ``d``) from them, group by group; by
+    default from the family's ``fresh_group`` (:func:`reset_group_state`).
 
     Example:
         >>> m = torch.nn.Linear(2, 2); opt = torch.optim.AdamW(m.parameters())
@@ -301,8 +306,8 @@ def apply_strategy(
         if new or not (layout is None or layout.lazy_init):
             new_state[index] = new
     if layout is not None and layout.fresh_group is not None and keeps_no_state(actions, strategy):
-        for group in groups:  # the learned step size starts again with the state (see reset_group_state)
-            reset_group_state(group, layout)
+        for k, group in enumerate(groups):  # the learned step size starts again with the state
+            reset_group_state(group, layout, new_groups[k] if new_groups is not None else None)
     _update_v_age(groups, state_dict.get("state", {}), actions, kind=kind)
     out = {k: v for k, v in state_dict.items() if k not in ("state", "param_groups")}
     out["state"] = new_state
@@ -317,9 +322,10 @@ def keeps_no_state(actions: Mapping[Any, str], strategy: Strategy) -> bool:
     return not kept and (strategy.name == "fresh" or "fresh" in actions.values())
 
 
-def reset_group_state(group: dict[str, Any], layout: StateLayout) -> None:
+def reset_group_state(group: dict[str, Any], layout: StateLayout, new: Mapping[str, Any] | None = None) -> None:
     """Put what the optimizer learned into ``group`` (:attr:`~ostate.optimizers.family.StateLayout.group_state`:
-    Prodigy's and D-Adaptation's estimate ``d`` and its sums, their counter ``k``) back to a new optimizer's.
+    Prodigy's and D-Adaptation's estimate ``d`` and its sums, their counter ``k``) back to a new optimizer's:
+    those of ``new`` (a new optimizer's group) when given, else the family's ``fresh_group``.
 
     Example:
         >>> from ostate.optimizers import families
@@ -328,7 +334,7 @@ def reset_group_state(group: dict[str, Any], layout: StateLayout) -> None:
         {'d0': 1e-06, 'd': 1e-06, 'd_max': 1e-06, 'd_numerator': 0.0, 'k': 0}
     """
     assert layout.fresh_group is not None
-    fresh = layout.fresh_group(group)
+    fresh = layout.fresh_group(group) if new is None else {k: new[k] for k in layout.group_state if k in new}
     for key in layout.group_state:
         group.pop(key, None)
     group.update(fresh)
