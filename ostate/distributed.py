@@ -64,17 +64,29 @@ class RayExecutor:
 
 
 @contextlib.contextmanager
-def ray_session(address: str | None) -> Iterator[Any]:
-    """The ``ray`` module, initialised: joined to ``address``, or this process's Ray, or a local one."""
+def ray_session(address: str | None, *, num_cpus: int | None = None) -> Iterator[Any]:
+    """The ``ray`` module, initialised: joined to ``address``, or this process's Ray, or a local
+    one with ``num_cpus`` CPUs (default: all of them; ignored when joining ``address``).
+
+    Started without the dashboard and without workers' logs on this process's output; shut
+    down on exit only if this call started it (a Ray the caller initialised stays up). Used
+    by every Ray executor of ostate: inspect, plot and compare here, the fine-tuning harness's.
+    """
     try:
         # optional dependency (ostate[ray])
         import ray
     except ImportError:
-        raise OstateError("--executor ray needs Ray", hint="pip install 'ostate[ray]'") from None
+        raise OstateError("the Ray executor needs Ray", hint="pip install 'ostate[ray]'") from None
     started = not ray.is_initialized()
     if started:
         try:
-            ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+            ray.init(
+                address=address,
+                num_cpus=None if address else num_cpus,
+                include_dashboard=False,
+                log_to_driver=False,
+                configure_logging=False,
+            )
         except (ConnectionError, RuntimeError, ValueError) as e:
             raise OstateError(
                 f"cannot start or join Ray ({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})",

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, Iterator, Sequence
 
+from ostate.distributed import ray_session
 from ostate.errors import OstateError
 from ostate.harness.task import Task
 from ostate.harness.trial import TrialConfig, TrialResult, run_trial
@@ -126,53 +127,38 @@ def run_ray(jobs: Sequence[Job], *, address: str | None = None, num_cpus: int | 
     is a CUDA one: Ray shows a task only the GPUs it reserved).
 
     ``address`` joins an existing cluster (``auto``, or ``ray://host:10001``); without it
-    a local Ray is started with ``num_cpus`` CPUs (and stopped after). The source
+    a local Ray is started with ``num_cpus`` CPUs (and stopped after;
+    :func:`ostate.distributed.ray_session`, shared with inspect's Ray executor). The source
     checkpoint travels through Ray's object store, so workers need not share a disk;
     they need ostate (and a user task's module) installed.
     """
-    try:
-        # optional dependency (ostate[ray])
-        import ray
-    except ImportError:
-        raise OstateError("the Ray executor needs Ray", hint="pip install 'ostate[ray]'") from None
-    started = not ray.is_initialized()
-    if started:
-        ray.init(
-            address=address,
-            num_cpus=None if address else num_cpus,
-            include_dashboard=False,
-            log_to_driver=False,
-            configure_logging=False,
-        )
-    pending: dict[Any, Job] = {}
-    try:
-        for module in user_modules(jobs[0].task) if jobs else ():
-            # the workers may not have the user's task module (a spec's folder is on this
-            # process's sys.path only): its functions travel by value with each job
-            ray.cloudpickle.register_pickle_by_value(module)
-        sources = {path: ray.put(_read(path)) for path in {job.source for job in jobs}}
-        remote = ray.remote(_run_on_ray)
-        pending = {
-            remote.options(num_cpus=job.threads, num_gpus=1 if job.device.startswith("cuda") else 0).remote(
-                job, sources[job.source]
-            ): job
-            for job in jobs
-        }
-        while pending:
-            done, _ = ray.wait(list(pending), num_returns=1)
-            for ref in done:
-                job = pending.pop(ref)
-                try:
-                    yield ray.get(ref)
-                except Exception as e:  # the worker itself died
-                    yield Outcome(job, error=f"Ray task failed: {type(e).__name__}: {e}")
-    except BaseException:
-        for ref in pending:
-            ray.cancel(ref, force=True)
-        raise
-    finally:
-        if started:
-            ray.shutdown()
+    with ray_session(address, num_cpus=num_cpus) as ray:
+        pending: dict[Any, Job] = {}
+        try:
+            for module in user_modules(jobs[0].task) if jobs else ():
+                # the workers may not have the user's task module (a spec's folder is on this
+                # process's sys.path only): its functions travel by value with each job
+                ray.cloudpickle.register_pickle_by_value(module)
+            sources = {path: ray.put(_read(path)) for path in {job.source for job in jobs}}
+            remote = ray.remote(_run_on_ray)
+            pending = {
+                remote.options(num_cpus=job.threads, num_gpus=1 if job.device.startswith("cuda") else 0).remote(
+                    job, sources[job.source]
+                ): job
+                for job in jobs
+            }
+            while pending:
+                done, _ = ray.wait(list(pending), num_returns=1)
+                for ref in done:
+                    job = pending.pop(ref)
+                    try:
+                        yield ray.get(ref)
+                    except Exception as e:  # the worker itself died
+                        yield Outcome(job, error=f"Ray task failed: {type(e).__name__}: {e}")
+        except BaseException:
+            for ref in pending:
+                ray.cancel(ref, force=True)
+            raise
 
 
 def user_modules(task: Task) -> list[ModuleType]:

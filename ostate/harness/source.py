@@ -23,6 +23,7 @@ import torch
 from ostate.errors import OstateError
 from ostate.formats.naming.weights import find_weights
 from ostate.loading import load, pick_optimizer
+from ostate.optimizers import families
 from ostate.state import Checkpoint, OptimizerState, TensorRef
 
 
@@ -155,9 +156,13 @@ def _check_shapes(optimizer: OptimizerState, weights: Mapping[str, torch.Tensor]
 
 
 def _state_dict(optimizer: OptimizerState) -> dict[str, Any]:
-    """The optimizer's state dict as torch keeps it, every tensor read (a frozen-only group left out)."""
+    """The optimizer's state dict as torch keeps it, every tensor read (a frozen-only group left out).
+    A tensor with the parameter's size gets its shape (flat buffers of sharded formats), except
+    the state the optimizer keeps flat itself (Prodigy's ``s`` and ``p0``)."""
     state: dict[Any, dict[str, Any]] = {}
     groups: list[dict[str, Any]] = []
+    family = families().get(optimizer.kind)
+    flat = family.layout.flat if family is not None and family.layout is not None else ()
     for g, hyper in enumerate(optimizer.groups):
         if optimizer.is_frozen_group(g):
             continue
@@ -166,7 +171,8 @@ def _state_dict(optimizer: OptimizerState) -> dict[str, Any]:
         for p in members:
             if p.state:
                 state[p.index] = {
-                    k: _tensor(v.read(), p.shape) if isinstance(v, TensorRef) else v for k, v in p.state.items()
+                    k: _tensor(v.read(), None if k in flat else p.shape) if isinstance(v, TensorRef) else v
+                    for k, v in p.state.items()
                 }
     return {"state": state, "param_groups": groups}
 

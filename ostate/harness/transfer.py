@@ -7,6 +7,7 @@ shape changed keeps its initialisation and starts with no optimizer state.
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -29,6 +30,12 @@ OPTIMIZER_CLASSES: dict[str, Callable[..., torch.optim.Optimizer]] = {  # classe
     "adagrad": torch.optim.Adagrad,
     "adadelta": torch.optim.Adadelta,
 }
+# The families of other libraries the default factory rebuilds: (module, class, pip package),
+# imported when a source of that family is fine-tuned.
+LIBRARY_CLASSES: dict[str, tuple[str, str, str]] = {
+    "prodigy": ("prodigyopt", "Prodigy", "prodigyopt"),
+    "dadapt_adam": ("dadaptation", "DAdaptAdam", "dadaptation"),
+}
 # Group keys that describe a run rather than the optimizer (set again by the harness).
 _RUN_KEYS = ("params", "param_names", "lr", "initial_lr", V_AGE_KEY)
 
@@ -44,6 +51,7 @@ class Transfer:
     carried: list[str] = field(default_factory=list)
     started_fresh: list[str] = field(default_factory=list)  # no state carried (new, reshaped or never stepped)
     reshaped: list[str] = field(default_factory=list)  # in the source with another shape (a new head, a new vocabulary)
+    new_groups: list[dict[str, Any]] = field(default_factory=list)  # the new optimizer's own groups (fresh's d)
 
 
 def load_weights(model: nn.Module, source: Source) -> list[str]:
@@ -70,13 +78,9 @@ def optimizer_like_source(source: Source) -> OptimizerFactory:
     treat them apart (keep-v's bias correction is per group). Every group starts at the
     trial's peak ``lr``.
     """
-    if source.kind not in OPTIMIZER_CLASSES:
-        raise OstateError(
-            f"cannot rebuild an optimizer of kind '{source.kind}' for fine-tuning",
-            where=source.path,
-            hint="give the task an optimizer factory (Python: Task(optimizer=...); TOML: optimizer = 'module:function')",
-        )
-    cls = OPTIMIZER_CLASSES[source.kind]
+    cls = optimizer_class(source)
+    layout = layout_or_none(source.kind)
+    learned = layout.group_state if layout is not None else ()
     saved_groups = source.optimizer_state["param_groups"]
     group_of = source.group_by_name()
 
@@ -91,17 +95,41 @@ def optimizer_like_source(source: Source) -> OptimizerFactory:
         for g, saved in enumerate(saved_groups):
             members = [(n, p) for n, p in named if n in old and group_of[n] == g]
             if members:
-                groups.append({**_hyperparameters(saved), "params": members})
+                groups.append({**_hyperparameters(saved, learned), "params": members})
         new = [(n, p) for n, p in named if n not in old]
         if new:
-            groups.append({**_hyperparameters(saved_groups[0]), "params": new})
+            groups.append({**_hyperparameters(saved_groups[0], learned), "params": new})
         return cls(groups, lr=lr)
 
     return make
 
 
-def _hyperparameters(group: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in group.items() if k not in _RUN_KEYS}
+def optimizer_class(source: Source) -> Callable[..., torch.optim.Optimizer]:
+    """The optimizer class the default factory rebuilds for the source's family (an OstateError
+    for a family it cannot rebuild, or whose library is not installed)."""
+    if source.kind in OPTIMIZER_CLASSES:
+        return OPTIMIZER_CLASSES[source.kind]
+    if source.kind in LIBRARY_CLASSES:
+        module, name, package = LIBRARY_CLASSES[source.kind]
+        try:
+            return getattr(importlib.import_module(module), name)
+        except ImportError:
+            raise OstateError(
+                f"fine-tuning a {source.kind} source with its own optimizer needs {package}",
+                where=source.path,
+                hint=f"pip install {package}, or give the task an optimizer factory",
+            ) from None
+    raise OstateError(
+        f"cannot rebuild an optimizer of kind '{source.kind}' for fine-tuning",
+        where=source.path,
+        hint="give the task an optimizer factory (Python: Task(optimizer=...); TOML: optimizer = 'module:function')",
+    )
+
+
+def _hyperparameters(group: dict[str, Any], learned: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A saved group's hyperparameters: without the run's keys and what the optimizer learned into
+    the group (Prodigy's d: the factory builds a new optimizer; :func:`transfer_state` carries them)."""
+    return {k: v for k, v in group.items() if k not in _RUN_KEYS and k not in learned}
 
 
 def _same_layout(a: str, b: str) -> bool:
@@ -114,7 +142,11 @@ def transfer_state(source: Source, optimizer: torch.optim.Optimizer, model: nn.M
     """The source's optimizer state re-indexed for ``optimizer`` (a fresh optimizer over ``model``).
 
     Tensors are copied, so trials never share (or write to) the source's memory. The
-    result keeps ``optimizer``'s own param groups: the trial's hyperparameters win.
+    result keeps ``optimizer``'s own param groups: the trial's hyperparameters win. What the
+    source's optimizer learned into its groups (Prodigy's and D-Adaptation's step-size
+    estimate ``d`` with its sums and counter; :attr:`~ostate.optimizers.family.StateLayout.group_state`)
+    is state, not a hyperparameter: it is carried (:func:`carry_group_state`), and the
+    strategy then keeps it, or resets it to ``new_groups``'s (the new optimizer's own).
     """
     target_kind, source_kind = optimizer_kind(optimizer), source.kind
     if source_kind != "unknown" and target_kind != source_kind and not _same_layout(source_kind, target_kind):
@@ -128,7 +160,7 @@ def transfer_state(source: Source, optimizer: torch.optim.Optimizer, model: nn.M
     saved = source.state_by_name()
     names: list[str] = []
     state: dict[int, dict[str, Any]] = {}
-    out = Transfer(state_dict={**fresh, "state": state}, names=names)
+    out = Transfer(state_dict={**fresh, "state": state}, names=names, new_groups=fresh["param_groups"])
     index = 0
     for group in optimizer.param_groups:
         for p in group["params"]:
@@ -147,6 +179,11 @@ def transfer_state(source: Source, optimizer: torch.optim.Optimizer, model: nn.M
                     state[index] = fresh["state"][index]
                 out.started_fresh.append(name)
             index += 1
+    layout = layout_or_none(target_kind)
+    if layout is not None and layout.group_state:
+        out.state_dict["param_groups"] = carry_group_state(
+            fresh["param_groups"], source.optimizer_state["param_groups"], layout.group_state
+        )
     if saved and not out.carried:
         raise OstateError(
             f"none of the fine-tuning model's {len(names)} parameters matches a source parameter by name and shape",
@@ -156,6 +193,20 @@ def transfer_state(source: Source, optimizer: torch.optim.Optimizer, model: nn.M
             + "; fine-tune the source's architecture, its parameters named alike",
         )
     return out
+
+
+def carry_group_state(
+    groups: list[dict[str, Any]], saved_groups: list[dict[str, Any]], keys: tuple[str, ...]
+) -> list[dict[str, Any]]:
+    """``groups`` with the learned values ``keys`` of the source's first group (those optimizers
+    hold the same values in every group and step from the first's), the rest of each group unchanged.
+
+    Example:
+        >>> carry_group_state([{"d": 1e-6, "k": 0, "eps": 1e-8}], [{"d": 0.01, "k": 5, "d_hat": 0.02}], ("d", "d_hat", "k"))
+        [{'d': 0.01, 'k': 5, 'eps': 1e-08, 'd_hat': 0.02}]
+    """
+    learned = {k: saved_groups[0][k] for k in keys if k in saved_groups[0]}
+    return [{**{k: v for k, v in g.items() if k not in keys or k in learned}, **learned} for g in groups]
 
 
 def _examples(names: list[str]) -> str:

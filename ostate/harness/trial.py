@@ -242,7 +242,11 @@ def run_trial(
     kind = optimizer_kind(optimizer)
     transfer = transfer_state(source, optimizer, model)
     actions = plan(transfer.state_dict, config.strategy, names=transfer.names)
-    optimizer.load_state_dict(apply_strategy(transfer.state_dict, config.strategy, names=transfer.names, kind=kind))
+    optimizer.load_state_dict(
+        apply_strategy(
+            transfer.state_dict, config.strategy, names=transfer.names, kind=kind, new_groups=transfer.new_groups
+        )
+    )
     attach(optimizer)
     if config.schedule == "continue":  # each group at the saved lr of the source group its parameters were in
         source_lrs = [float(g["lr"]) for g in source.optimizer_state["param_groups"]]

@@ -60,11 +60,23 @@ is exact for both: with zero gradients :math:`d'` follows from the group's saved
 A group whose ``lr`` is 0 next to groups with another lr is stepped with the other
 groups' lr, which its group does not record: ``next_update`` refuses it.
 
-**Strategies.** ``reset-m`` and ``reset-v`` zero the moments (the estimate of
-:math:`d` and its sums in the groups stay as saved); the state's ``step`` does not
-enter the update (the group's :math:`k` does), so ``reset-step`` and ``keep-v`` are
-refused; ``fresh`` clears the per-parameter state, but the estimate :math:`d` lives in
-the param groups, which the strategies do not change.
+**Strategies.** The estimate :math:`d` lives in the param groups with what it is learned
+from (Prodigy: ``d_max``, ``d_numerator``; D-Adaptation: ``numerator_weighted``) and the
+counter :math:`k`; the per-parameter ``s`` (and Prodigy's starting point ``p0``) feed it.
+The moments carry :math:`d` (Prodigy's :math:`m` in units of :math:`d\,g`, :math:`v` of
+:math:`d^2g^2`; D-Adaptation's :math:`m` of :math:`d_{lr}\,g`), so a saved moment is only
+consistent with the :math:`d` it was made with. ``reload`` keeps all of it (the next step is
+the library's own continuation); ``fresh`` clears the per-parameter state and puts the
+groups' learned values back to a new optimizer's (:math:`d = d_0`; D-Adaptation does not
+save its ``d0``: the library's default 1e-6, or the harness's new optimizer's own). ``reset-m`` and ``reset-v`` zero one moment
+and keep :math:`d`, its sums, ``s`` and ``p0``: a zero moment restarts in the units of the
+kept :math:`d`, as a new gradient enters it, so the kept moment and :math:`d` stay in
+proportion; resetting :math:`d` under a kept moment would not (a moment of the old scale
+over new gradients scaled by :math:`d_0`, orders of magnitude smaller). The state's
+``step`` does not enter the update and :math:`k` (the bias correction's counter) is one
+for the whole optimizer, learned with :math:`d`, so ``reset-step`` and ``keep-v`` are
+refused; there is no age correction for the ``-ac`` strategies to make. A ``NAME:REGEX``
+strategy keeps some parameters' state, so it keeps :math:`d`.
 """
 
 from __future__ import annotations
@@ -232,16 +244,60 @@ def _dadapt_adam_match(state_keys: frozenset[str], group: Group) -> int:
 
 
 _REFUSAL = (
-    "the state's step count does not enter the update (the param groups' k does, with the estimate d); "
-    "use reset-m, or 'fresh' to clear the moments"
+    "the state's step count does not enter the update: the param groups' counter k does (bias correction), "
+    "one for the whole optimizer and learned with the estimate d; use reset-m or reset-v (d kept), "
+    "or 'fresh' (d back to d0)"
 )
-_LAYOUT = StateLayout(
+# d0 of dadaptation 3.2's DAdaptAdam (its groups do not record it: the constructor keeps it as self.d0).
+DADAPT_D0 = 1e-6
+# What prodigyopt 1.1 learns into every param group (step() reads group 0's and writes all):
+# the estimate d, its running maximum d_max, the numerator sum d_numerator, the counter k,
+# and d_denom, d_hat (written by each step for the record; the next step recomputes them).
+PRODIGY_GROUP_STATE = ("d", "d_max", "d_numerator", "d_denom", "d_hat", "k")
+# dadaptation 3.2 DAdaptAdam's: d, the weighted numerator sum and the counter k.
+DADAPT_ADAM_GROUP_STATE = ("d", "numerator_weighted", "k")
+
+
+def prodigy_fresh_group(group: Group) -> dict:
+    """A new Prodigy's learned group values: ``d = d_max = d0``, ``d_numerator`` 0, ``k`` 0 (no ``d_denom``,
+    ``d_hat`` before its first step).
+
+    Example:
+        >>> prodigy_fresh_group({"d0": 1e-6, "d": 3e-3})
+        {'d': 1e-06, 'd_max': 1e-06, 'd_numerator': 0.0, 'k': 0}
+    """
+    return {"d": group["d0"], "d_max": group["d0"], "d_numerator": 0.0, "k": 0}
+
+
+def dadapt_adam_fresh_group(group: Group) -> dict:
+    """A new DAdaptAdam's learned group values: ``d = d0``, ``numerator_weighted`` 0, ``k`` 0. Its groups
+    do not record ``d0``: the library's default (:data:`DADAPT_D0`) unless the group has a ``d0`` key."""
+    return {"d": group.get("d0", DADAPT_D0), "numerator_weighted": 0.0, "k": 0}
+
+
+_FRESH = {"exp_avg": fresh_zeros, "exp_avg_sq": fresh_zeros, "step": fresh_zeros, "s": fresh_zeros}
+_PRODIGY_LAYOUT = StateLayout(
     first_moment=("exp_avg",),
     second_moment=("exp_avg_sq",),
     counter=("step",),
-    fresh={"exp_avg": fresh_zeros, "exp_avg_sq": fresh_zeros, "step": fresh_zeros},
+    fresh=_FRESH,  # no fresh p0: a new Prodigy takes the weights at its first step (fresh leaves the state out)
     step_in_update=lambda group: False,
     keep_v_refusal=_REFUSAL,
+    group_state=PRODIGY_GROUP_STATE,
+    fresh_group=prodigy_fresh_group,
+    flat=("s", "p0"),
+    reset_step_refusal=_REFUSAL,
+)
+_DADAPT_ADAM_LAYOUT = StateLayout(
+    first_moment=("exp_avg",),
+    second_moment=("exp_avg_sq",),
+    counter=("step",),
+    fresh=_FRESH,
+    step_in_update=lambda group: False,
+    keep_v_refusal=_REFUSAL,
+    group_state=DADAPT_ADAM_GROUP_STATE,
+    fresh_group=dadapt_adam_fresh_group,
+    reset_step_refusal=_REFUSAL,
 )
 _DISPLAY = ("d", "d_lr", "exp_avg_sq_mean", "eff_lr_min", "eff_lr_p50", "eff_lr_max")
 _NOTE = (
@@ -294,7 +350,7 @@ PRODIGY = Family(
     ),
     first_moment="exp_avg_abs",
     second_moment="exp_avg_sq",
-    layout=_LAYOUT,
+    layout=_PRODIGY_LAYOUT,
     lr_scale="d",
     notes=("Prodigy: " + _NOTE,),
     first_step=adaptive_first_step(prodigy_initial_state, "-d * lr * g / (|g| + eps)"),
@@ -323,7 +379,7 @@ DADAPT_ADAM = Family(
     ),
     first_moment="exp_avg_abs",
     second_moment="exp_avg_sq",
-    layout=_LAYOUT,
+    layout=_DADAPT_ADAM_LAYOUT,
     lr_scale="d",
     notes=("D-Adaptation Adam: " + _NOTE + "; the first moment already carries d * lr",),
     first_step=adaptive_first_step(dadapt_adam_initial_state, "-d * lr * g / (|g| + eps)"),

@@ -60,6 +60,16 @@ class StateLayout:
     age); ``keep_v_refusal`` explains why keeping the second moment while resetting the
     rest cannot be expressed, when it cannot; ``lazy_init`` whether torch creates the
     state at the first step (a fresh state is then empty) rather than in the constructor.
+
+    ``group_state`` names what the optimizer *learns* into its param groups rather than its
+    per-parameter state (Prodigy's and D-Adaptation's step-size estimate ``d`` and the
+    sums it is made of, their step counter ``k``); ``fresh_group(group)`` gives those keys'
+    values in a new optimizer with the group's hyperparameters (a key it leaves out is one
+    a new optimizer does not have yet). A strategy that keeps any parameter's state keeps
+    them as saved; one that keeps none (``fresh``) writes ``fresh_group``'s. ``flat`` names
+    the state keys the optimizer keeps as flat vectors whatever the parameter's shape
+    (Prodigy's ``s`` and ``p0``), which a reader must not reshape to the parameter's shape;
+    ``reset_step_refusal`` explains why ``reset-step`` cannot be expressed, when it cannot.
     """
 
     first_moment: tuple[str, ...] = ()
@@ -70,6 +80,10 @@ class StateLayout:
     v_bias_corrected: bool = False
     keep_v_refusal: str | None = None
     lazy_init: bool = True
+    group_state: tuple[str, ...] = ()
+    fresh_group: Callable[[Group], Mapping[str, Any]] | None = None
+    flat: tuple[str, ...] = ()
+    reset_step_refusal: str | None = None
 
 
 # The state an optimizer creates for a parameter at its first step, from the weight and the param group.

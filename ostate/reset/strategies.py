@@ -31,6 +31,12 @@ strategy that has nothing to act on (``reset-v`` on SGD, ``reset-step`` where th
 count does not enter the update) is refused with an :class:`~ostate.errors.OstateError`,
 as is anything but ``fresh`` and ``reload`` for an optimizer kind without a layout.
 
+**Learned step sizes.** Prodigy and D-Adaptation keep their step-size estimate ``d`` (which
+multiplies lr), the sums it is learned from and their counter ``k`` in the *param groups*
+(the layout's ``group_state``). A strategy that keeps any parameter's state keeps them as
+saved (the saved moments carry ``d``); ``fresh`` (no state kept) puts them back to a new
+optimizer's (:func:`reset_group_state`: ``d = d0``). See :mod:`ostate.optimizers.dadapt`.
+
 **keep-v and bias correction.** Adam (and AdamW, AMSGrad, NAdam) use one counter
 :math:`t` for both corrections: :math:`\hat m = m/(1-\beta_1^t)`, :math:`\hat v =
 v/(1-\beta_2^t)`. Resetting :math:`m` and :math:`t` while keeping a saved :math:`v` of
@@ -253,6 +259,7 @@ def apply_strategy(
     names: Mapping[Any, str] | Sequence[str] | None = None,
     kind: str | None = None,
     explicit_fresh: bool = False,
+    new_groups: Sequence[Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """A new optimizer state dict: ``state_dict`` with ``strategy`` applied (the module docstring
     defines each strategy). ``kind`` is the optimizer family (e.g. :func:`optimizer_kind` of
@@ -263,6 +270,10 @@ def apply_strategy(
     ``mu_product`` 1) instead of removing it, for checkpoint formats whose loaders need
     every entry (torch.distributed.checkpoint, DeepSpeed); torch steps both forms alike.
     State whose fresh form is its absence (SGD's momentum buffer) is still removed.
+    ``new_groups`` are the param groups of a new optimizer like the one that will load the
+    result (the harness's trial optimizer, before it loads anything): ``fresh`` takes what
+    an optimizer learns into its groups (Prodigy's ``d``) from them, group by group; by
+    default from the family's ``fresh_group`` (:func:`reset_group_state`).
 
     Example:
         >>> m = torch.nn.Linear(2, 2); opt = torch.optim.AdamW(m.parameters())
@@ -294,11 +305,39 @@ def apply_strategy(
         new = _transform(dict(saved), action, layout, group_of.get(index, {}), explicit_fresh)
         if new or not (layout is None or layout.lazy_init):
             new_state[index] = new
+    if layout is not None and layout.fresh_group is not None and keeps_no_state(actions, strategy):
+        for k, group in enumerate(groups):  # the learned step size starts again with the state
+            reset_group_state(group, layout, new_groups[k] if new_groups is not None else None)
     _update_v_age(groups, state_dict.get("state", {}), actions, kind=kind)
     out = {k: v for k, v in state_dict.items() if k not in ("state", "param_groups")}
     out["state"] = new_state
     out["param_groups"] = groups
     return out
+
+
+def keeps_no_state(actions: Mapping[Any, str], strategy: Strategy) -> bool:
+    """Whether a plan keeps no parameter's saved state: ``fresh`` (every parameter fresh, or without
+    state). A ``NAME:REGEX`` plan that keeps some parameters' state keeps the groups' learned values."""
+    kept = any(a not in ("fresh", "none") for a in actions.values())
+    return not kept and (strategy.name == "fresh" or "fresh" in actions.values())
+
+
+def reset_group_state(group: dict[str, Any], layout: StateLayout, new: Mapping[str, Any] | None = None) -> None:
+    """Put what the optimizer learned into ``group`` (:attr:`~ostate.optimizers.family.StateLayout.group_state`:
+    Prodigy's and D-Adaptation's estimate ``d`` and its sums, their counter ``k``) back to a new optimizer's:
+    those of ``new`` (a new optimizer's group) when given, else the family's ``fresh_group``.
+
+    Example:
+        >>> from ostate.optimizers import families
+        >>> g = {"d0": 1e-6, "d": 3e-3, "d_max": 3e-3, "d_numerator": 0.2, "d_denom": 4.0, "d_hat": 3e-3, "k": 9}
+        >>> reset_group_state(g, families()["prodigy"].layout); g
+        {'d0': 1e-06, 'd': 1e-06, 'd_max': 1e-06, 'd_numerator': 0.0, 'k': 0}
+    """
+    assert layout.fresh_group is not None
+    fresh = layout.fresh_group(group) if new is None else {k: new[k] for k in layout.group_state if k in new}
+    for key in layout.group_state:
+        group.pop(key, None)
+    group.update(fresh)
 
 
 def _transform(
@@ -311,7 +350,9 @@ def _transform(
     if action in ("reload", "none"):
         return state
     if action == "fresh":
-        if layout is None or (layout.lazy_init and not explicit_fresh):
+        # A state with a key that has no fresh value to write (Prodigy's p0: the weights at the first step)
+        # starts fresh as no entry at all, as a lazily initialising optimizer's state does unless written out.
+        if layout is None or (layout.lazy_init and (not explicit_fresh or any(k not in layout.fresh for k in state))):
             return {}
         keys: Sequence[str] = list(state)
     else:
@@ -368,6 +409,10 @@ def _check_applies(
         raise OstateError(
             f"strategy '{action}' does not apply to optimizer kind '{kind}': its state has no {what}",
             hint=f"its state keys: {', '.join(sorted(keys)) or '(none)'}",
+        )
+    if action == "reset-step" and layout.reset_step_refusal:
+        raise OstateError(
+            f"strategy 'reset-step' does not apply to optimizer kind '{kind}'", hint=layout.reset_step_refusal
         )
     if action == "reset-step" and not any(layout.step_in_update(g) for g in groups):
         raise OstateError(

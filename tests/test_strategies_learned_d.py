@@ -1,0 +1,199 @@
+"""The strategies on Prodigy (prodigyopt) and D-Adaptation (dadaptation): the learned step size d.
+
+Both keep their estimate d (which multiplies lr) and the sums it is learned from in the
+param groups. The oracle is the real library: ``reload`` must continue exactly as the
+saved optimizer loaded into a new one of the library continues, ``fresh`` must take a
+new optimizer's first step, in a harness trial and in what ``ostate reset`` writes.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from ostate.errors import OstateError
+from ostate.harness import Task, TrialConfig, run_trial
+from ostate.harness.source import load_source
+from ostate.harness.transfer import optimizer_like_source, transfer_state
+from ostate.reset.strategies import apply_strategy
+from tests.helpers import harness_tasks as ht
+from tests.helpers.common import run_cli
+
+prodigyopt = pytest.importorskip("prodigyopt")
+dadaptation = pytest.importorskip("dadaptation")
+
+MAKERS = {
+    "prodigy": lambda ps, **kw: prodigyopt.Prodigy(ps, lr=1.0, **kw),
+    "prodigy-bias-correction": lambda ps, **kw: prodigyopt.Prodigy(
+        ps, lr=1.0, use_bias_correction=True, weight_decay=0.01, **kw
+    ),
+    "dadapt_adam": lambda ps, **kw: dadaptation.DAdaptAdam(ps, lr=1.0, **kw),
+}
+LEARNED = {
+    "prodigy": ("d", "d_max", "d_numerator", "d_denom", "d_hat", "k"),
+    "dadapt_adam": ("d", "numerator_weighted", "k"),
+}
+SEED = 3
+
+
+def family(case: str) -> str:
+    return case.split("-")[0]
+
+
+def make_source(path, case: str, steps: int = 20) -> str:
+    """The harness's tiny model trained on the source map by the real library; {'model', 'optimizer'} saved."""
+    torch.manual_seed(0)
+    model = ht.make_model()
+    opt = MAKERS[case](model.parameters())
+    stream = ht.batches(ht.W_SOURCE, 32, torch.Generator().manual_seed(0))
+    for _ in range(steps):
+        opt.zero_grad()
+        ht.mse(model, next(stream)).backward()
+        opt.step()
+    assert opt.param_groups[0]["d"] > 100 * 1e-6  # d has grown from d0 by orders of magnitude
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, path)
+    return str(path)
+
+
+def weights(model: torch.nn.Module) -> dict[str, float]:
+    """Every weight as an eval metric (float32 to float64 is exact), so a trial's weights can be compared."""
+    flat = torch.cat([p.detach().flatten() for p in model.parameters()]).tolist()
+    return {"loss": 0.0, **{f"w{i}": v for i, v in enumerate(flat)}}
+
+
+def trial_weights(source: str, strategy: str, optimizer=None) -> torch.Tensor:
+    task = Task("tiny", ht.make_model, ht.target_batches, ht.mse, weights, source=source, optimizer=optimizer)
+    result = run_trial(task, source, TrialConfig(strategy, SEED, 1.0, steps=1, schedule="constant"), threads=1)
+    after = {name: value for step, name, _, value in result.records if step == 1 and name.startswith("eval_w")}
+    return torch.tensor([after[f"eval_w{i}"] for i in range(len(after))], dtype=torch.float32)
+
+
+def library_step(source: str, case: str, optimizer_state: dict | None, **options) -> torch.Tensor:
+    """The source's weights stepped once on the trial's first batch by a new optimizer of the library,
+    loaded with ``optimizer_state`` (None: a new optimizer's first step)."""
+    saved = torch.load(source, weights_only=True)
+    model = ht.make_model()
+    model.load_state_dict(saved["model"])
+    opt = MAKERS[case](model.parameters(), **options)
+    if optimizer_state is not None:
+        opt.load_state_dict(copy.deepcopy(optimizer_state))
+    batch = next(ht.target_batches(32, torch.Generator().manual_seed(SEED)))
+    opt.zero_grad()
+    ht.mse(model, batch).backward()
+    opt.step()
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+@pytest.fixture(scope="module", params=sorted(MAKERS))
+def source(request, tmp_path_factory):
+    return request.param, make_source(tmp_path_factory.mktemp("src") / "source.pt", request.param)
+
+
+def test_reload_in_a_trial_continues_the_real_optimizer_with_its_learned_d(source):
+    case, path = source
+    saved = torch.load(path, weights_only=True)["optimizer"]
+    expected = library_step(path, case, saved)
+    assert torch.equal(trial_weights(path, "reload"), expected)
+    # the same with the user's own optimizer factory (a new optimizer of the library: d0 in its groups)
+    own = trial_weights(path, "reload", optimizer=lambda model, lr: MAKERS[case](model.parameters()))
+    assert torch.equal(own, expected)
+    # without the saved d (a new optimizer's groups, the saved moments) the step would be another
+    groups_reset = {**saved, "param_groups": [{**g, "d": 1e-6} for g in saved["param_groups"]]}
+    assert not torch.allclose(library_step(path, case, groups_reset), expected, rtol=1e-3, atol=0)
+
+
+def test_fresh_in_a_trial_is_a_new_optimizers_first_step(source):
+    case, path = source
+    assert torch.equal(trial_weights(path, "fresh"), library_step(path, case, None))
+
+
+def test_fresh_in_a_trial_starts_at_the_d0_of_the_users_own_optimizer(source):
+    """DAdaptAdam's groups do not record d0: the trial's new optimizer's own d is the fresh one."""
+    case, path = source
+    own = trial_weights(path, "fresh", optimizer=lambda model, lr: MAKERS[case](model.parameters(), d0=1e-4))
+    assert torch.equal(own, library_step(path, case, None, d0=1e-4))
+    assert not torch.allclose(own, library_step(path, case, None), rtol=1e-3, atol=0)
+
+
+def test_the_trials_optimizer_gets_the_sources_learned_group_values_and_its_own_hyperparameters(source):
+    case, path = source
+    src = load_source(path)
+    model = ht.make_model()
+    opt = optimizer_like_source(src)(model, 0.5)
+    assert opt.param_groups[0]["d"] == 1e-6 and opt.param_groups[0]["k"] == 0  # built new: d0, not the saved d
+    moved = transfer_state(src, opt, model).state_dict["param_groups"][0]
+    saved = src.optimizer_state["param_groups"][0]
+    assert {k: moved[k] for k in LEARNED[family(case)]} == {k: saved[k] for k in LEARNED[family(case)]}
+    assert moved["lr"] == 0.5  # the trial's hyperparameters win
+
+
+@pytest.mark.parametrize("strategy", ["reload", "fresh"])
+def test_ostate_reset_writes_what_the_real_library_resumes_as_the_strategy_says(source, strategy, tmp_path):
+    case, path = source
+    out = tmp_path / f"{strategy}.pt"
+    result = run_cli("reset", path, "--strategy", strategy, "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    written = torch.load(out, weights_only=True)["optimizer"]
+    saved = torch.load(path, weights_only=True)["optimizer"]
+    expected = library_step(path, case, saved if strategy == "reload" else None)
+    assert torch.equal(library_step(path, case, written), expected)
+    group = written["param_groups"][0]
+    if strategy == "fresh":
+        assert group["d"] == 1e-6 and group["k"] == 0
+        # written out as a new optimizer's values (ostate reset's default), except Prodigy's: its p0 is the
+        # weights at the first step, so its fresh state is no entry (the library then starts it itself)
+        if family(case) == "prodigy":
+            assert written["state"] == {}
+        else:
+            assert all(not torch.as_tensor(v).any() for state in written["state"].values() for v in state.values())
+    else:
+        assert all(group[k] == saved["param_groups"][0][k] for k in LEARNED[family(case)])
+
+
+@pytest.mark.parametrize("strategy, key", [("reset-m", "exp_avg"), ("reset-v", "exp_avg_sq")])
+def test_partial_resets_zero_one_moment_and_keep_d_with_everything_it_is_learned_from(source, strategy, key):
+    case, path = source
+    saved = torch.load(path, weights_only=True)["optimizer"]
+    new = apply_strategy(saved, strategy)
+    assert new["param_groups"] == saved["param_groups"]
+    by_hand = copy.deepcopy(saved)
+    for state in by_hand["state"].values():
+        state[key] = torch.zeros_like(state[key])
+    assert torch.equal(library_step(path, case, new), library_step(path, case, by_hand))
+
+
+@pytest.mark.parametrize("strategy", ["reset-step", "keep-v", "reset-m-ac", "reset-v-ac"])
+def test_strategies_on_the_step_or_ages_are_refused_with_the_reason(source, strategy):
+    _, path = source
+    saved = torch.load(path, weights_only=True)["optimizer"]
+    with pytest.raises(OstateError, match="does not apply") as error:
+        apply_strategy(saved, strategy)
+    if strategy in ("reset-step", "keep-v"):
+        assert "counter k" in str(error.value) and "learned with the estimate d" in str(error.value)
+
+
+def test_a_regex_strategy_that_keeps_some_state_keeps_d_and_a_new_head_starts_at_it(source):
+    case, path = source
+    saved = torch.load(path, weights_only=True)["optimizer"]
+    names = ["0.weight", "0.bias", "2.weight", "2.bias"]
+    new = apply_strategy(saved, r"reload:^0\.", names=names)
+    assert new["param_groups"] == saved["param_groups"] and sorted(new["state"]) == [0, 1]
+    fresh = apply_strategy(saved, "fresh")["param_groups"][0]
+    assert fresh["d"] == 1e-6 and "d_hat" not in fresh and "d_denom" not in fresh
+
+
+def test_a_prodigy_source_cannot_seed_a_dadaptation_trial(tmp_path):
+    path = make_source(tmp_path / "p.pt", "prodigy")
+    task = Task(
+        "tiny",
+        ht.make_model,
+        ht.target_batches,
+        ht.mse,
+        ht.evaluate,
+        source=path,
+        optimizer=lambda model, lr: dadaptation.DAdaptAdam(model.parameters(), lr=lr),
+    )
+    with pytest.raises(OstateError, match="prodigy but the fine-tuning optimizer is dadapt_adam"):
+        run_trial(task, path, TrialConfig("reload", 0, 1.0, steps=1))
