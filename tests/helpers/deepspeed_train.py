@@ -179,20 +179,6 @@ def worker(rank: int, world_size: int, port: int, out: str, cases: list[str]) ->
     dist.destroy_process_group()
 
 
-def gloo_only() -> None:
-    """Keep DeepSpeed from building its CPU shared-memory allreduce op: the ranks talk through gloo alone.
-
-    That op (C++ DeepSpeed compiles and maps at start-up) is a speed path with no bearing on the
-    checkpoint layout; one of its ranks once aborted at start-up in CI ("terminate called without
-    an active exception"), and compiling it costs most of a spawn's time. The stub goes on the
-    module in ``sys.modules``: the attribute ``deepspeed.comm.torch`` is the torch package itself
-    (``deepspeed.comm`` re-exports it), so patching through it leaves DeepSpeed's function alone.
-    """
-    import deepspeed.comm.torch  # noqa: F401  (the module, registered in sys.modules)
-
-    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None  # type: ignore[attr-defined]
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
