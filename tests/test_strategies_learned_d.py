@@ -197,3 +197,29 @@ def test_a_prodigy_source_cannot_seed_a_dadaptation_trial(tmp_path):
     )
     with pytest.raises(OstateError, match="prodigy but the fine-tuning optimizer is dadapt_adam"):
         run_trial(task, path, TrialConfig("reload", 0, 1.0, steps=1))
+
+
+@pytest.mark.parametrize("case", sorted(MAKERS))
+def test_a_live_fresh_restarts_at_the_d0_the_optimizer_was_built_with(case):
+    """The StrategyCallbacks' core: DAdaptAdam's groups do not record d0, the live optimizer's defaults do."""
+    from ostate.integrations.live import apply_to_optimizer
+
+    torch.manual_seed(0)
+    model = ht.make_model()
+    opt = MAKERS[case](model.parameters(), d0=1e-4)
+    stream = ht.batches(ht.W_SOURCE, 32, torch.Generator().manual_seed(0))
+    for _ in range(5):
+        opt.zero_grad()
+        ht.mse(model, next(stream)).backward()
+        opt.step()
+    assert opt.param_groups[0]["d"] > 1e-4
+    apply_to_optimizer(opt, model, "fresh")
+    assert opt.param_groups[0]["d"] == 1e-4 and opt.param_groups[0]["k"] == 0
+    twin = copy.deepcopy(model)
+    new = MAKERS[case](twin.parameters(), d0=1e-4)
+    batch = next(stream)
+    for m, o in ((model, opt), (twin, new)):
+        o.zero_grad()
+        ht.mse(m, batch).backward()
+        o.step()
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters()))

@@ -35,6 +35,7 @@ OPTIMIZER_CLASSES: dict[str, Callable[..., torch.optim.Optimizer]] = {  # classe
 LIBRARY_CLASSES: dict[str, tuple[str, str, str]] = {
     "prodigy": ("prodigyopt", "Prodigy", "prodigyopt"),
     "dadapt_adam": ("dadaptation", "DAdaptAdam", "dadaptation"),
+    "schedulefree_adamw": ("schedulefree", "AdamWScheduleFree", "schedulefree"),
 }
 # Group keys that describe a run rather than the optimizer (set again by the harness).
 _RUN_KEYS = ("params", "param_names", "lr", "initial_lr", V_AGE_KEY)
@@ -80,7 +81,7 @@ def optimizer_like_source(source: Source) -> OptimizerFactory:
     """
     cls = optimizer_class(source)
     layout = layout_or_none(source.kind)
-    learned = layout.group_state if layout is not None else ()
+    learned = layout.group_state + layout.group_mode if layout is not None else ()
     saved_groups = source.optimizer_state["param_groups"]
     group_of = source.group_by_name()
 
@@ -128,7 +129,8 @@ def optimizer_class(source: Source) -> Callable[..., torch.optim.Optimizer]:
 
 def _hyperparameters(group: dict[str, Any], learned: tuple[str, ...] = ()) -> dict[str, Any]:
     """A saved group's hyperparameters: without the run's keys and what the optimizer learned into
-    the group (Prodigy's d: the factory builds a new optimizer; :func:`transfer_state` carries them)."""
+    the group (Prodigy's d, schedule-free's k and train_mode: the factory builds a new optimizer;
+    :func:`transfer_state` carries them)."""
     return {k: v for k, v in group.items() if k not in _RUN_KEYS and k not in learned}
 
 
@@ -146,7 +148,9 @@ def transfer_state(source: Source, optimizer: torch.optim.Optimizer, model: nn.M
     source's optimizer learned into its groups (Prodigy's and D-Adaptation's step-size
     estimate ``d`` with its sums and counter; :attr:`~ostate.optimizers.family.StateLayout.group_state`)
     is state, not a hyperparameter: it is carried (:func:`carry_group_state`), and the
-    strategy then keeps it, or resets it to ``new_groups``'s (the new optimizer's own).
+    strategy then keeps it, or resets it to ``new_groups``'s (the new optimizer's own). So is
+    what says how the weights relate to the state (schedule-free's ``train_mode``: the
+    source's weights are its ``x`` or its ``y``), which no strategy changes.
     """
     target_kind, source_kind = optimizer_kind(optimizer), source.kind
     if source_kind != "unknown" and target_kind != source_kind and not _same_layout(source_kind, target_kind):
@@ -180,9 +184,18 @@ def transfer_state(source: Source, optimizer: torch.optim.Optimizer, model: nn.M
                 out.started_fresh.append(name)
             index += 1
     layout = layout_or_none(target_kind)
-    if layout is not None and layout.group_state:
+    if layout is not None and (layout.group_state or layout.group_mode):
+        group_of, carried = source.group_by_name(), set(out.carried)
+        origins = [
+            next((group_of[name_of[id(p)]] for p in group["params"] if name_of[id(p)] in carried), None)
+            for group in optimizer.param_groups
+        ]
         out.state_dict["param_groups"] = carry_group_state(
-            fresh["param_groups"], source.optimizer_state["param_groups"], layout.group_state
+            fresh["param_groups"],
+            source.optimizer_state["param_groups"],
+            layout.group_state + layout.group_mode,
+            origins,
+            per_group=layout.group_state_per_group,
         )
     if saved and not out.carried:
         raise OstateError(
@@ -196,17 +209,38 @@ def transfer_state(source: Source, optimizer: torch.optim.Optimizer, model: nn.M
 
 
 def carry_group_state(
-    groups: list[dict[str, Any]], saved_groups: list[dict[str, Any]], keys: tuple[str, ...]
+    groups: list[dict[str, Any]],
+    saved_groups: list[dict[str, Any]],
+    keys: tuple[str, ...],
+    origins: list[int | None] | None = None,
+    *,
+    per_group: bool = False,
 ) -> list[dict[str, Any]]:
-    """``groups`` with the learned values ``keys`` of the source's first group (those optimizers
-    hold the same values in every group and step from the first's), the rest of each group unchanged.
+    """``groups`` with the learned values ``keys`` of the source's groups, the rest of each group unchanged.
+
+    ``origins[i]`` is the source group that group ``i``'s carried parameters were in (None: it
+    carries none). Optimizers whose groups all hold the optimizer's one value (Prodigy's ``d``;
+    they step from the first group's) give every group the source's first group's values; with
+    ``per_group`` (each group learns its own, as schedule-free does from its own lr) each group
+    gets its origin's, and a group that carries no parameter keeps the new optimizer's, as a
+    group added to a running optimizer starts.
 
     Example:
         >>> carry_group_state([{"d": 1e-6, "k": 0, "eps": 1e-8}], [{"d": 0.01, "k": 5, "d_hat": 0.02}], ("d", "d_hat", "k"))
         [{'d': 0.01, 'k': 5, 'eps': 1e-08, 'd_hat': 0.02}]
+        >>> carry_group_state([{"k": 0}, {"k": 0}], [{"k": 7}, {"k": 9}], ("k",), [1, None], per_group=True)
+        [{'k': 9}, {'k': 0}]
     """
-    learned = {k: saved_groups[0][k] for k in keys if k in saved_groups[0]}
-    return [{**{k: v for k, v in g.items() if k not in keys or k in learned}, **learned} for g in groups]
+    out = []
+    for i, group in enumerate(groups):
+        origin = origins[i] if origins is not None and i < len(origins) else None
+        if per_group and origin is None:
+            out.append(dict(group))
+            continue
+        saved = saved_groups[origin if per_group and origin is not None else 0]
+        learned = {k: saved[k] for k in keys if k in saved}
+        out.append({**{k: v for k, v in group.items() if k not in keys or k in learned}, **learned})
+    return out
 
 
 def _examples(names: list[str]) -> str:

@@ -327,7 +327,18 @@ def evaluate(
 ) -> list[Record]:
     """Eval-step records: the task's eval metrics (``eval_``), those on held-out source data
     (``source_``) and on the validation split (``val_``) where the task has them, and each
-    group's median effective LR."""
+    group's median effective LR.
+
+    A schedule-free optimizer (:func:`has_train_mode`) is put in eval mode for the evaluation
+    (the weights become its averaged :math:`x`, as the library asks) and back in train mode
+    after (:math:`y`, where it steps). A trial's first evaluation finds it as the source saved
+    it: in eval mode (the library's advice) it evaluates the source's :math:`x` as saved, and
+    its first ``train()`` is the one a resume from the source makes, so the first step is the
+    library's own continuation.
+    """
+    modes = has_train_mode(optimizer)
+    if modes:
+        optimizer.eval()  # type: ignore[attr-defined]
     model.eval()
     records: list[Record] = []
     with torch.no_grad():
@@ -339,9 +350,26 @@ def evaluate(
             if function is not None:
                 records += evaluation_records(step, function(model), prefix, part)
     model.train()
+    if modes:
+        optimizer.train()  # type: ignore[attr-defined]
     if step > 0:  # before the first step a reset state may have step 0, where bias correction is undefined
         records += [(step, "eff_lr_p50", g, v) for g, v in median_effective_lr(optimizer, model, kind).items()]
     return records
+
+
+def has_train_mode(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer`` has a train and an eval mode that move the weights (schedule-free's
+    ``train()`` and ``eval()``, recorded in its groups' ``train_mode``).
+
+    Example:
+        >>> has_train_mode(torch.optim.SGD([torch.nn.Parameter(torch.ones(1))]))
+        False
+    """
+    return (
+        callable(getattr(optimizer, "train", None))
+        and callable(getattr(optimizer, "eval", None))
+        and all("train_mode" in group for group in optimizer.param_groups)
+    )
 
 
 def endless(

@@ -3,7 +3,9 @@
 The optimizer's state dict is transformed exactly as ``ostate reset`` transforms a
 saved one (:func:`ostate.reset.strategies.apply_strategy`) and loaded back, so a
 training that resumes with a callback steps as one that resumes from a checkpoint
-``ostate reset`` wrote. keep-v's recorded age is honoured by hooks on the optimizer
+``ostate reset`` wrote, except that ``fresh`` takes the values a new optimizer learns
+into its groups from the live optimizer's own constructor defaults (a DAdaptAdam built
+with another ``d0`` restarts at that ``d0``, which no saved state records). keep-v's recorded age is honoured by hooks on the optimizer
 (:func:`ostate.reset.strategies.attach`).
 """
 
@@ -66,5 +68,8 @@ def apply_to_optimizer(
     state_dict = inner.state_dict()
     kind = optimizer_kind(inner)
     actions = plan(state_dict, chosen, names=names)
-    inner.load_state_dict(apply_strategy(state_dict, chosen, names=names, kind=kind))
+    # fresh puts what the optimizer learned into its groups (D-Adaptation's d, schedule-free's k) back to a
+    # new optimizer's: this optimizer's constructor defaults (DAdaptAdam's groups do not record its d0).
+    new_groups = [dict(inner.defaults) for _ in state_dict["param_groups"]]
+    inner.load_state_dict(apply_strategy(state_dict, chosen, names=names, kind=kind, new_groups=new_groups))
     return dict(Counter(actions.values())), attach(inner)

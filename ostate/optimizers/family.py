@@ -69,7 +69,15 @@ class StateLayout:
     them as saved; one that keeps none (``fresh``) writes ``fresh_group``'s. ``flat`` names
     the state keys the optimizer keeps as flat vectors whatever the parameter's shape
     (Prodigy's ``s`` and ``p0``), which a reader must not reshape to the parameter's shape;
-    ``reset_step_refusal`` explains why ``reset-step`` cannot be expressed, when it cannot.
+    ``reset_step_refusal`` explains why ``reset-step`` cannot be expressed, when it cannot, and
+    ``reset_m_refusal`` the same for ``reset-m``.
+
+    ``group_state_per_group`` says that each group learns its own values (schedule-free: from
+    its own lr) rather than all groups holding the optimizer's one (Prodigy's ``d``): a group
+    of parameters new to a checkpoint then starts them as a new group would.
+    ``group_mode`` names group keys that say how the weights relate to the state
+    (schedule-free's ``train_mode``: the weights are :math:`y` or :math:`x`): they go with
+    the weights wherever the weights go, and no strategy changes them.
     """
 
     first_moment: tuple[str, ...] = ()
@@ -84,6 +92,9 @@ class StateLayout:
     fresh_group: Callable[[Group], Mapping[str, Any]] | None = None
     flat: tuple[str, ...] = ()
     reset_step_refusal: str | None = None
+    reset_m_refusal: str | None = None
+    group_state_per_group: bool = False
+    group_mode: tuple[str, ...] = ()
 
 
 # The state an optimizer creates for a parameter at its first step, from the weight and the param group.

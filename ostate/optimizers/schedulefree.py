@@ -27,6 +27,19 @@ in the :math:`z` step, with the next step's scheduled lr and the saved second mo
 includes ``optimizer.train()`` moving it from :math:`x` to :math:`y` before the step.
 The momentum-like part of a step needs the weights (:math:`c(z-y)`), so there is no
 ``update`` quantity.
+
+**Strategies.** What the optimizer learns into each param group (its own: the groups'
+``lr`` differ) is :math:`k`, ``weight_sum`` :math:`S`, ``lr_max`` and ``scheduled_lr`` (the
+last step's :math:`\gamma_k`, for the record): :data:`SCHEDULEFREE_GROUP_STATE`. ``reload``
+keeps them (the next step is the library's continuation); ``fresh`` clears the
+per-parameter state (``z`` is the weights at the first step, which cannot be written
+ahead: no entry) and puts them back to a new optimizer's (:func:`schedulefree_fresh_group`).
+``train_mode`` says whether the saved weights are :math:`x` or :math:`y`: it goes with the
+weights and ``z``, and no strategy changes it. ``reset-v`` zeroes :math:`v` and keeps
+:math:`z` and the groups' values; as Adam's ``reset-v`` it keeps the counter, so the new
+:math:`v` is bias-corrected as a mature one (the first steps are up to
+:math:`1/\sqrt{1-\beta_2}` larger). There is no first moment (:data:`RESET_M_REFUSAL`),
+no per-parameter step, and :math:`k` moves with :math:`S` (:data:`RESET_STEP_REFUSAL`).
 """
 
 from __future__ import annotations
@@ -39,7 +52,9 @@ from ostate.optimizers.family import (
     Family,
     Group,
     Preconditioned,
+    StateLayout,
     adaptive_first_step,
+    fresh_zeros,
     group_has,
     plain_preconditioned,
     zeros_for,
@@ -130,6 +145,42 @@ def initial_state(weight: torch.Tensor, group: Group) -> dict:
     return {"z": weight.detach().clone(), **zeros_for(weight, "exp_avg_sq")}
 
 
+# What schedulefree 1.4 AdamWScheduleFree.step() writes into each group (from that group's own lr):
+# the counter k, the sum of the averaging weights, the largest scheduled lr, the last scheduled lr.
+SCHEDULEFREE_GROUP_STATE = ("k", "weight_sum", "lr_max", "scheduled_lr")
+RESET_M_REFUSAL = (
+    "schedule-free keeps no first moment: its momentum is the interpolation y = (1-beta1) z + beta1 x between "
+    "the state's z and the averaged weights x, which the weights themselves hold; use reset-v or 'fresh'"
+)
+RESET_STEP_REFUSAL = (
+    "schedule-free keeps no per-parameter step: each param group's counter k sets the warmup, the bias "
+    "correction and the averaging weights, with their sum weight_sum, which only 'fresh' restarts consistently; "
+    "use reset-v or 'fresh'"
+)
+
+
+def schedulefree_fresh_group(group: Group) -> dict:
+    """A new AdamWScheduleFree's learned group values (its constructor's defaults).
+
+    Example:
+        >>> schedulefree_fresh_group({"k": 40, "lr_max": 2e-3})
+        {'k': 0, 'weight_sum': 0.0, 'lr_max': -1.0, 'scheduled_lr': 0.0}
+    """
+    return {"k": 0, "weight_sum": 0.0, "lr_max": -1.0, "scheduled_lr": 0.0}
+
+
+_LAYOUT = StateLayout(
+    second_moment=("exp_avg_sq",),
+    fresh={"exp_avg_sq": fresh_zeros},  # no fresh z: the weights at the first step (fresh leaves the state out)
+    keep_v_refusal=RESET_STEP_REFUSAL,
+    group_state=SCHEDULEFREE_GROUP_STATE,
+    group_state_per_group=True,
+    group_mode=("train_mode",),
+    fresh_group=schedulefree_fresh_group,
+    reset_m_refusal=RESET_M_REFUSAL,
+    reset_step_refusal=RESET_STEP_REFUSAL,
+)
+
 SCHEDULEFREE_ADAMW = Family(
     name="schedulefree_adamw",
     label="AdamW schedule-free",
@@ -155,5 +206,6 @@ SCHEDULEFREE_ADAMW = Family(
         "Schedule-free AdamW: the step counter k lives in the param groups; eff_lr uses the next step's "
         "warmup-scheduled lr. The saved weights are x in eval mode and y in train mode.",
     ),
+    layout=_LAYOUT,
     first_step=adaptive_first_step(initial_state, "-lr_1 * g / (|g| + eps)"),
 )

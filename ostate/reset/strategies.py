@@ -390,6 +390,15 @@ def _check_applies(
     }[action]
     if not states:
         return
+    # A family's own reason first: it says more than "its state has no ..." (schedule-free has no step at all).
+    refusal = {
+        "reset-m": layout.reset_m_refusal,
+        "reset-m-ac": layout.reset_m_refusal,
+        "reset-step": layout.reset_step_refusal,
+        "keep-v": layout.keep_v_refusal,
+    }.get(action)
+    if refusal:
+        raise OstateError(f"strategy '{action}' does not apply to optimizer kind '{kind}'", hint=refusal)
     if action in AGE_CORRECT_STRATEGIES and kind not in AGE_MECHANISM:
         raise OstateError(
             f"strategy '{action}' does not apply to optimizer kind '{kind}': its moments have no "
@@ -410,20 +419,12 @@ def _check_applies(
             f"strategy '{action}' does not apply to optimizer kind '{kind}': its state has no {what}",
             hint=f"its state keys: {', '.join(sorted(keys)) or '(none)'}",
         )
-    if action == "reset-step" and layout.reset_step_refusal:
-        raise OstateError(
-            f"strategy 'reset-step' does not apply to optimizer kind '{kind}'", hint=layout.reset_step_refusal
-        )
     if action == "reset-step" and not any(layout.step_in_update(g) for g in groups):
         raise OstateError(
             f"strategy 'reset-step' does not apply to optimizer kind '{kind}': its step count "
             "does not enter the update (with these hyperparameters), so resetting it changes nothing"
         )
     if action == "keep-v":
-        if layout.keep_v_refusal:
-            raise OstateError(
-                f"strategy 'keep-v' does not apply to optimizer kind '{kind}'", hint=layout.keep_v_refusal
-            )
         if not set(layout.first_moment) & keys:
             raise OstateError(
                 f"strategy 'keep-v' does not apply to optimizer kind '{kind}': its state has no first moment to reset",
