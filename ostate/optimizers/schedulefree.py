@@ -39,7 +39,8 @@ weights and ``z``, and no strategy changes it. ``reset-v`` zeroes :math:`v` and 
 :math:`z` and the groups' values; as Adam's ``reset-v`` it keeps the counter, so the new
 :math:`v` is bias-corrected as a mature one (the first steps are up to
 :math:`1/\sqrt{1-\beta_2}` larger). There is no first moment (:data:`RESET_M_REFUSAL`),
-no per-parameter step, and :math:`k` moves with :math:`S` (:data:`RESET_STEP_REFUSAL`).
+no per-parameter step, and :math:`k` moves with :math:`S` (:data:`RESET_STEP_REFUSAL`,
+:data:`KEEP_V_REFUSAL`).
 """
 
 from __future__ import annotations
@@ -152,6 +153,11 @@ RESET_M_REFUSAL = (
     "schedule-free keeps no first moment: its momentum is the interpolation y = (1-beta1) z + beta1 x between "
     "the state's z and the averaged weights x, which the weights themselves hold; use reset-v or 'fresh'"
 )
+KEEP_V_REFUSAL = (
+    "keep-v restarts a first moment and a step count, which schedule-free does not keep: its momentum is the "
+    "interpolation between z and the weights, and each param group's counter k moves with weight_sum; use reset-v "
+    "or 'fresh'"
+)
 RESET_STEP_REFUSAL = (
     "schedule-free keeps no per-parameter step: each param group's counter k sets the warmup, the bias "
     "correction and the averaging weights, with their sum weight_sum, which only 'fresh' restarts consistently; "
@@ -172,7 +178,7 @@ def schedulefree_fresh_group(group: Group) -> dict:
 _LAYOUT = StateLayout(
     second_moment=("exp_avg_sq",),
     fresh={"exp_avg_sq": fresh_zeros},  # no fresh z: the weights at the first step (fresh leaves the state out)
-    keep_v_refusal=RESET_STEP_REFUSAL,
+    keep_v_refusal=KEEP_V_REFUSAL,
     group_state=SCHEDULEFREE_GROUP_STATE,
     group_state_per_group=True,
     group_mode=("train_mode",),
