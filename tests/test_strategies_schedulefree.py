@@ -244,3 +244,16 @@ def test_a_live_fresh_keeps_train_mode_and_takes_a_new_optimizers_step_from_the_
         ht.mse(m, batch).backward()
         o.step()
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters()))
+
+
+def test_a_group_of_new_parameters_starts_its_counters_as_a_new_group_does(tmp_path):
+    """A new head gets a group of its own in the default factory: under reload it carries no state, so its
+    group's k, weight_sum and lr_max start as those of a group added to a running optimizer (k 0)."""
+    src = load_source(make_source(tmp_path / "s.pt", "warmup"))
+    model = torch.nn.Sequential(*ht.make_model(), torch.nn.Linear(1, 1))  # "3.weight", "3.bias": new
+    opt = optimizer_like_source(src)(model, LR)
+    moved = transfer_state(src, opt, model).state_dict["param_groups"]
+    saved = src.optimizer_state["param_groups"][0]
+    assert (saved["k"], saved["train_mode"]) == (20, False)
+    assert [(g["k"], g["lr_max"], g["train_mode"]) for g in moved] == [(20, saved["lr_max"], False), (0, -1.0, False)]
+    assert len(moved[1]["params"]) == 2
