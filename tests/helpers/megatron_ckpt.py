@@ -16,6 +16,9 @@ writes, from its source (megatron-core 0.16.1), independently of ostate's reader
   (``DistributedOptimizer.state_dict``: param groups without ``params``, with ``step``),
   ``opt_param_scheduler`` and ``rng_state``.
 
+``save_torch_dist`` (run as ``python -m tests.helpers.megatron_ckpt OUT``) instead saves a real
+megatron-core ``GPTModel`` with megatron's own ``dist_checkpointing.save`` (torch_dist).
+
 The model has the parameter names of megatron-core's ``GPTModel`` with its local layer spec;
 the optimizer is the real ``torch.optim.AdamW`` (what megatron uses without Apex/TE), with
 Megatron's default groups (biases and 1-D parameters with ``wd_mult`` 0).
