@@ -6,10 +6,14 @@ Needs megatron-core to *write* the checkpoint (pip install megatron-core); witho
 example says so and stops. ostate reads Megatron checkpoints without Megatron. The state
 dict is the one Megatron's DistributedOptimizer gives with one data-parallel rank
 ('fully_sharded_model_space'): ``optimizer.state.<state key>.<parameter's sharded key>``.
+The two layers are saved as megatron's TransformerBlock saves them, stacked under one key
+per module (``decoder.layers.linear_fc1.weight``, shape ``(2, 64, 16)``); ostate shows
+them one parameter per layer (``decoder.layers.0.linear_fc1.weight``, ...).
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 import socket
@@ -19,6 +23,32 @@ import torch
 from torch import nn
 
 import ostate
+
+
+class Layer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(16)
+        self.linear_fc1 = nn.Linear(16, 64)
+        self.linear_fc2 = nn.Linear(64, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.linear_fc2(torch.nn.functional.gelu(self.linear_fc1(self.norm(x))))
+
+
+class TinyModel(nn.Module):
+    """Residual MLP layers under ``decoder.layers`` (megatron's names), then an output layer."""
+
+    def __init__(self, layers: int) -> None:
+        super().__init__()
+        self.decoder = nn.Module()
+        self.decoder.layers = nn.ModuleList(Layer() for _ in range(layers))
+        self.output_layer = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.decoder.layers:  # type: ignore[union-attr]
+            x = layer(x)
+        return self.output_layer(x)
 
 
 def save(out: str) -> None:
@@ -36,7 +66,7 @@ def save(out: str) -> None:
     dist.init_process_group("gloo", rank=0, world_size=1)
 
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(16, 64), nn.GELU(), nn.LayerNorm(64), nn.Linear(64, 4))
+    model = TinyModel(layers=2)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "wd_mult": 1.0}, {"params": no_decay, "wd_mult": 0.0}], lr=3e-3)
@@ -49,7 +79,15 @@ def save(out: str) -> None:
 
     model_sd, param_state = {}, {}
     for i, (name, p) in enumerate(model.named_parameters()):
-        sh = ShardedTensor.from_rank_offsets(name, p.detach(), replica_id=(0, 0, 0))
+        if name.startswith("decoder.layers."):  # TransformerBlock: layer number out of the key, a leading layer axis
+            layer, _, rest = name[len("decoder.layers.") :].partition(".")
+            key = f"decoder.layers.{rest}"
+            sh = ShardedTensor.from_rank_offsets(
+                key, p.detach(), (0, int(layer), 2), replica_id=(0, 0, 0), prepend_axis_num=1
+            )
+        else:
+            key = name
+            sh = ShardedTensor.from_rank_offsets(key, p.detach(), replica_id=(0, 0, 0))
         model_sd[name] = sh
         tensors = {
             "fp32_param": p.detach().clone(),
@@ -57,7 +95,7 @@ def save(out: str) -> None:
             "exp_avg_sq": opt.state[p]["exp_avg_sq"],
         }
         param_state[i] = {
-            k: dataclasses.replace(sh, key=f"optimizer.state.{k}.{name}", data=t) for k, t in tensors.items()
+            k: dataclasses.replace(sh, key=f"optimizer.state.{k}.{key}", data=t) for k, t in tensors.items()
         }
     step = int(opt.state[decay[0]]["step"])
     groups = [dict({k: v for k, v in g.items() if k != "params"}, step=step) for g in opt.state_dict()["param_groups"]]
@@ -69,6 +107,7 @@ def save(out: str) -> None:
             "param_state_sharding_type": "fully_sharded_model_space",
         },
         "iteration": step,
+        "args": argparse.Namespace(num_layers=2),  # Megatron-LM saves its args: the number of stacked layers
     }
     os.makedirs(out, exist_ok=True)
     dist_checkpointing.save(state, out)
@@ -97,6 +136,8 @@ def main() -> None:
         print("note:", warning)
     table = ostate.analyze(checkpoint)
     print(table[["name", "group", "shape", "step", "exp_avg_sq_mean", "eff_lr_p50"]].to_string(index=False))
+    print()
+    print(ostate.analyze(checkpoint, by="layer")[["layer", "params", "exp_avg_sq_mean"]].to_string(index=False))
 
 
 if __name__ == "__main__":

@@ -73,6 +73,26 @@ def test_the_sharded_checkpoint_really_is_in_chunks_across_ranks(dcp_sharded):
 
 
 @pytest.mark.slow
+def test_rows_of_a_tensor_saved_in_chunks_are_its_rows(dcp_sharded):
+    # two ranks' chunks, three rows each: each row is read from the chunk that holds it
+    storage = dcp_reader.Storage(str(dcp_sharded / "nested"), read_metadata(str(dcp_sharded / "nested" / ".metadata")))
+    key = "optimizer.state.blocks.0.weight.exp_avg"
+    rows = storage.rows(key, storage.entries[key])
+    full = oracle(dcp_sharded)["optimizer"]["state"]["blocks.0.weight"]["exp_avg"]
+    assert len(rows) == full.shape[0] == 6 and all(r.shape == tuple(full.shape[1:]) for r in rows)
+    assert all(torch.equal(r.read(), full[i]) for i, r in enumerate(rows))
+
+
+def test_rows_of_a_tensor_in_one_chunk_are_its_rows(tmp_path):
+    whole = torch.arange(24.0).reshape(4, 6)
+    dcp.save({"t": whole}, checkpoint_id=str(tmp_path), no_dist=True)
+    storage = dcp_reader.Storage(str(tmp_path), read_metadata(str(tmp_path / ".metadata")))
+    rows = storage.rows("t", storage.entries["t"])
+    assert [r.shape for r in rows] == [(6,)] * 4
+    assert all(torch.equal(r.read(), whole[i]) for i, r in enumerate(rows))
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_a_gloo_group_of_one_reads_the_same_way(dcp_single, layout):
     (o,) = ostate.load(dcp_single / layout).optimizers

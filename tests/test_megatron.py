@@ -10,6 +10,7 @@ The ``torch_dist`` layout is written by megatron-core's real ``dist_checkpointin
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import subprocess
@@ -22,8 +23,10 @@ import torch
 import ostate
 from ostate import OstateError
 from ostate.formats import registry
+from ostate.formats.dcp.read import Storage
 from ostate.formats.megatron import buckets
 from ostate.formats.megatron import read as megatron
+from ostate.formats.megatron.layers import layer_name, split_layers
 from tests.helpers import megatron_ckpt
 from tests.helpers.common import REPO, run_cli
 
@@ -155,6 +158,7 @@ def test_cli_inspect_names_parameters(saved):
 
 @pytest.fixture(scope="module")
 def torch_dist(tmp_path_factory):
+    """A real megatron-core GPTModel (2 stacked layers) saved by dist_checkpointing, and the truth, per parameter."""
     out = tmp_path_factory.mktemp("megatron_dist") / "iter_0000003"
     done = subprocess.run(
         [sys.executable, "-W", "ignore", "-m", "tests.helpers.megatron_ckpt", str(out)],
@@ -165,65 +169,117 @@ def torch_dist(tmp_path_factory):
     )
     assert done.returncode == 0, done.stderr[-3000:]
     (out.parent / "latest_checkpointed_iteration.txt").write_text("3")
-    model, opt = megatron_ckpt.trained(3)
-    stacked: dict[str, dict[str, list]] = {}
-    for name, p in model.named_parameters():
-        key, _ = megatron_ckpt.sharded_key(name)
-        for k, t in {"param": p.detach(), **{k: opt.state[p][k] for k in ("exp_avg", "exp_avg_sq")}}.items():
-            stacked.setdefault(key, {}).setdefault(k, []).append(t)
-    truth = {
-        key: {k: torch.stack(ts) if ".layers." in key else ts[0] for k, ts in entry.items()}
-        for key, entry in stacked.items()
-    }
-    return out, truth, opt
+    saved = torch.load(f"{out}.truth.pt", weights_only=True)
+    # ostate's name: the sharded key with the layer number after "layers." (megatron's non-distributed form)
+    truth = {layer_name(t["key"], t["layer"]) if t["layer"] is not None else t["key"]: t for t in saved.values()}
+    return out, truth
 
 
 @pytest.mark.slow
-def test_torch_dist_checkpoint_by_megatron_reads_every_sharded_key_exactly(torch_dist):
-    out, truth, _ = torch_dist
+def test_torch_dist_layers_are_one_parameter_each_with_the_real_state(torch_dist):
+    out, truth = torch_dist
     assert registry.choose(str(out)).name == "megatron" and registry.choose(str(out.parent)).name == "megatron"
     ckpt = ostate.load(out.parent)
     assert ckpt.metadata["megatron_format"] == "torch_dist" and ckpt.metadata["global_step"] == 3
     o = ckpt.optimizers[0]
-    assert sorted(p.name for p in o.params) == sorted(truth) and o.kind == "adamw"
-    for key, tensors in truth.items():
-        p = o.param(key)
-        assert p.step == 3.0 and p.shape == tuple(tensors["param"].shape)
+    names = [p.name for p in o.params]
+    assert sorted(names) == sorted(truth) and len(set(names)) == len(names) and o.kind == "adamw"
+    assert sum(1 for t in truth.values() if t["layer"] == 1) >= 8  # every module of a layer, per layer
+    for name, t in truth.items():
+        p = o.param(name)
+        assert p.step == 3.0 and p.shape == tuple(t["exp_avg"].shape), name
         for k in ("exp_avg", "exp_avg_sq"):
-            assert torch.equal(p.read(k), tensors[k]), (key, k)
-        assert torch.equal(ckpt.weights[key].read(), tensors["param"])
-    groups = {p.name: o.groups[p.group]["weight_decay"] for p in o.params}
-    assert groups["decoder.layers.input_layernorm.weight"] == 0.0  # 1-D per layer, stacked to 2-D
-    assert groups["decoder.layers.mlp.linear_fc1.weight"] == 0.1
+            assert torch.equal(p.read(k), t[k]), (name, k)
+        assert torch.equal(ckpt.weights[name].read(), t["fp32_param"]), name
+        assert o.groups[p.group]["weight_decay"] == t["weight_decay"], name  # per-layer norms and biases: wd 0
+    assert o.groups[o.param("decoder.layers.1.self_attention.linear_qkv.layer_norm_weight").group]["weight_decay"] == 0
+    assert not any("kept stacked" in w for w in o.warnings)
 
 
 @pytest.mark.slow
-def test_torch_dist_analysis_matches_the_real_tensors_and_damage_is_one_line(torch_dist, tmp_path):
-    out, truth, opt = torch_dist
-    ours = ostate.analyze(ostate.load(out)).set_index("name")
-    groups = [dict(g, params=[]) for g in opt.state_dict()["param_groups"]]
-    o = ostate.load(out).optimizers[0]
+def test_torch_dist_layer_reads_only_its_own_chunks(torch_dist, monkeypatch):
+    out, truth = torch_dist
+    p = ostate.load(out).optimizers[0].param("decoder.layers.1.mlp.linear_fc1.weight")
+    read = []
+    chunk = Storage._chunk
+
+    def counted(self, key, info, sizes, dtype):
+        read.append((key, sizes))
+        return chunk(self, key, info, sizes, dtype)
+
+    monkeypatch.setattr(Storage, "_chunk", counted)
+    assert torch.equal(p.read("exp_avg_sq"), truth["decoder.layers.1.mlp.linear_fc1.weight"]["exp_avg_sq"])
+    assert read == [("optimizer.state.exp_avg_sq.decoder.layers.mlp.linear_fc1.weight", (1, 32, 8))]
+
+
+@pytest.mark.slow
+def test_torch_dist_analysis_by_layer_and_matches_the_real_tensors(torch_dist, tmp_path):
+    out, truth = torch_dist
+    ckpt = ostate.load(out)
+    by_layer = ostate.analyze(ckpt, by="layer")
+    layers = list(by_layer["layer"])
+    assert sorted(layers) == sorted({name.rsplit(".", 1)[0] for name in truth})
+    assert [x for x in layers if x.startswith("decoder.layers.")][:2] == [
+        "decoder.layers.0.self_attention.linear_qkv",
+        "decoder.layers.0.self_attention.linear_proj",
+    ]  # the model's order: layer by layer
+    assert "decoder.layers.mlp.linear_fc1" not in layers and "decoder.layers.1.mlp.linear_fc1" in layers
+
+    ours = ostate.analyze(ckpt).set_index("name")
+    o = ckpt.optimizers[0]
+    groups = [dict(g, params=[]) for g in o.groups]
     state = {}
     for p in o.params:
         groups[p.group]["params"].append(p.name)
         state[p.name] = {"step": torch.tensor(3.0), **{k: truth[p.name][k] for k in ("exp_avg", "exp_avg_sq")}}
     plain = tmp_path / "plain.pt"
-    torch.save(
-        {"model": {k: v["param"] for k, v in truth.items()}, "optimizer": {"state": state, "param_groups": groups}},
-        plain,
-    )
+    model = {k: v["fp32_param"] for k, v in truth.items()}
+    torch.save({"model": model, "optimizer": {"state": state, "param_groups": groups}}, plain)
     expected = ostate.analyze(ostate.load(plain)).set_index("name")
     numeric = [
         c for c in expected.columns if pd.api.types.is_numeric_dtype(expected[c]) and c not in ("index", "group")
     ]
     pd.testing.assert_frame_equal(ours.loc[expected.index, numeric], expected[numeric], check_exact=False, rtol=1e-6)
 
+
+@pytest.mark.slow
+def test_torch_dist_layers_stay_stacked_with_a_warning_where_the_count_disagrees(torch_dist, tmp_path):
+    out, truth = torch_dist
+    other = shutil.copytree(out, tmp_path / "iter_0000003")
+    common = torch.load(other / "common.pt", weights_only=False)
+    common["args"].num_layers = 3  # not the stored first axis (2): which axis is the layers' is then not known
+    torch.save(common, other / "common.pt")
+    o = ostate.load(other).optimizers[0]
+    stacked = o.param("decoder.layers.mlp.linear_fc1.weight")
+    assert stacked.shape == (2, 32, 8) and not any(".layers.0." in p.name for p in o.params)
+    assert torch.equal(stacked.read("exp_avg")[1], truth["decoder.layers.1.mlp.linear_fc1.weight"]["exp_avg"])
+    assert any("kept stacked" in w and "num_layers (3)" in w for w in o.warnings)
+    # the layer axis is discounted for the 1-D rule: a stacked norm is still in the group without weight decay
+    assert o.groups[o.param("decoder.layers.mlp.linear_fc1.layer_norm_weight").group]["weight_decay"] == 0
+
+
+@pytest.mark.slow
+def test_torch_dist_damage_is_one_line(torch_dist, tmp_path):
+    out, _ = torch_dist
     broken = shutil.copytree(out, tmp_path / "broken")
     (broken / "metadata.json").write_text('{"sharded_backend": "torch_dist"}')
     data = sorted(broken.glob("*.distcp"))[0]
     data.write_bytes(data.read_bytes()[:100])
     result = run_cli("inspect", str(broken))
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_expert_keys_stay_stacked_and_are_named_in_a_warning():
+    shapes = {
+        "decoder.layers.mlp.router.weight": (2, 4, 8),
+        "decoder.layers.mlp.experts.linear_fc1.weight": (2, 4, 64, 8),
+        "decoder.layers.mlp.experts.linear_fc2.weight": (2, 4, 8, 32),
+        "decoder.layers.mlp.shared_experts.linear_fc1.weight": (2, 32, 8),
+        "decoder.layers.3.mlp.linear_fc1.weight": (32, 8),  # a layer saved with its number: no added axis
+    }
+    split, warnings = split_layers(shapes, argparse.Namespace(num_layers=2))
+    assert split == {"decoder.layers.mlp.router.weight": 2, "decoder.layers.mlp.shared_experts.linear_fc1.weight": 2}
+    assert len(warnings) == 1 and "'decoder.layers.mlp.experts.linear_fc1.weight' and 1 more" in warnings[0]
 
 
 def test_a_distrib_optim_file_of_another_shape_is_one_clear_error(saved, tmp_path):

@@ -16,6 +16,9 @@ writes, from its source (megatron-core 0.16.1), independently of ostate's reader
   (``DistributedOptimizer.state_dict``: param groups without ``params``, with ``step``),
   ``opt_param_scheduler`` and ``rng_state``.
 
+``save_torch_dist`` (run as ``python -m tests.helpers.megatron_ckpt OUT``) instead saves a real
+megatron-core ``GPTModel`` with megatron's own ``dist_checkpointing.save`` (torch_dist).
+
 The model has the parameter names of megatron-core's ``GPTModel`` with its local layer spec;
 the optimizer is the real ``torch.optim.AdamW`` (what megatron uses without Apex/TE), with
 Megatron's default groups (biases and 1-D parameters with ``wd_mult`` 0).
@@ -194,38 +197,30 @@ def write(
     return model, opt, rank_dir
 
 
-def trained(steps: int = 3) -> tuple[nn.Module, torch.optim.AdamW]:
-    """The tiny model after ``steps`` AdamW steps (the same every call)."""
-    torch.manual_seed(0)
-    model = tiny_gpt()
-    return model, train(model, steps)
-
-
-def sharded_key(name: str) -> tuple[str, int | None]:
-    """megatron-core's sharded key of a parameter, and its layer (layers are stacked on a leading axis)."""
-    head, sep, rest = name.partition("decoder.layers.")
-    if not sep:
-        return name, None
-    layer, _, tail = rest.partition(".")
-    return f"{head}decoder.layers.{tail}", int(layer)
-
-
 def save_torch_dist(out: str, steps: int = 3) -> None:
-    """Save with megatron-core's real ``dist_checkpointing.save`` (torch_dist backend, gloo, one rank).
+    """Save a real megatron-core ``GPTModel`` with ``dist_checkpointing.save`` (torch_dist backend, gloo, one rank).
 
-    The sharded state dict is what ``GPTModel.sharded_state_dict`` and
-    ``DistributedOptimizer.sharded_state_dict(sharding_type='fully_sharded_model_space')`` give
-    with one data-parallel rank: the model's ShardedTensors (layers stacked on axis 0 through
-    ``prepend_axis_num=1``), and for each, ``optimizer.state.<key>.<sharded key>`` made by
-    ``dataclasses.replace`` of the model's ShardedTensor (the flattened range of one rank
-    covers the whole parameter, so it is saved unflattened here). The optimizer's
-    ``state_dict()`` and the iteration go to common.pt.
+    The model is megatron-core's ``GPTModel`` (local layer spec, ``LAYERS`` layers, built on
+    the CPU), trained ``steps`` AdamW steps with Megatron's default groups. The sharded state
+    dict is what Megatron-LM saves with ``DistributedOptimizer.sharded_state_dict
+    (sharding_type='fully_sharded_model_space')`` and one data-parallel rank: the model's own
+    ``sharded_state_dict()`` (its TransformerBlock stacks the layers: one key per module,
+    ``prepend_axis_num=1``), and for each parameter ``optimizer.state.<key>.<sharded key>``
+    made by ``dataclasses.replace`` of the model's ShardedTensor (the flattened range of one
+    rank covers the whole parameter, so it is saved unflattened here); the optimizer's
+    ``state_dict()``, the iteration and Megatron-LM's ``args`` go to common.pt.
+
+    The truth is saved to ``OUT.truth.pt``: per parameter (named as ``model.named_parameters``)
+    its sharded key, its layer (``None`` for unstacked keys), its group's weight decay, the
+    weight (``fp32_param``) and the AdamW moments.
     """
     import dataclasses
 
     import torch.distributed as dist
-    from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing import ShardedTensor
+    from megatron.core import dist_checkpointing, parallel_state
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer import TransformerConfig
 
     # megatron's saver calls torch.cuda.synchronize() and puts a status flag on torch.cuda.current_device();
     # with CPU-only torch these become a no-op and the CPU (gloo broadcasts CPU tensors).
@@ -234,25 +229,26 @@ def save_torch_dist(out: str, steps: int = 3) -> None:
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
     dist.init_process_group("gloo", rank=0, world_size=1)
-    model, opt = trained(steps)
-    model_sd: dict = {}
+    parallel_state.initialize_model_parallel(1, 1)
+    torch.manual_seed(0)
+    config = TransformerConfig(num_layers=LAYERS, hidden_size=H, num_attention_heads=2, use_cpu_initialization=True)
+    model = GPTModel(config, get_gpt_layer_local_spec(), vocab_size=V, max_sequence_length=S)
+    opt = train(model, steps)
+    sharded = model.sharded_state_dict()
     param_state: dict = {}
+    truth: dict = {}
     for i, (name, p) in enumerate(model.named_parameters()):
-        key, layer = sharded_key(name)
-        if layer is None:
-            sh = ShardedTensor.from_rank_offsets(key, p.detach(), replica_id=(0, 0, 0))
-        else:
-            sh = ShardedTensor.from_rank_offsets(
-                key, p.detach(), (0, layer, LAYERS), replica_id=(0, 0, 0), prepend_axis_num=1
-            )
-        model_sd[f"{name}"] = sh
+        sh = sharded[name]
         tensors = {"fp32_param": p.detach().clone(), **{k: opt.state[p][k] for k in ("exp_avg", "exp_avg_sq")}}
         param_state[i] = {
-            k: dataclasses.replace(sh, key=f"optimizer.state.{k}.{key}", data=t, dtype=t.dtype)
+            k: dataclasses.replace(sh, key=f"optimizer.state.{k}.{sh.key}", data=t, dtype=t.dtype)
             for k, t in tensors.items()
         }
+        layer = sh.global_offset[0] if sh.prepend_axis_num else None
+        group = next(g for g in opt.param_groups if any(q is p for q in g["params"]))
+        truth[name] = {"key": sh.key, "layer": layer, "weight_decay": group["weight_decay"], **tensors}
     state = {
-        "model": model_sd,
+        "model": sharded,
         "optimizer": {
             **optimizer_state_dict(opt),
             "param_state": param_state,
@@ -260,10 +256,12 @@ def save_torch_dist(out: str, steps: int = 3) -> None:
         },
         "iteration": steps,
         "checkpoint_version": 3.0,
+        "args": argparse.Namespace(num_layers=LAYERS, hidden_size=H, use_distributed_optimizer=True, lr=1e-2),
         "opt_param_scheduler": {"max_lr": 1e-2, "num_steps": steps, "lr_decay_style": "constant"},
     }
     os.makedirs(out, exist_ok=True)
     dist_checkpointing.save(state, out)
+    torch.save(truth, f"{out}.truth.pt")
     dist.destroy_process_group()
 
 

@@ -28,7 +28,7 @@ import math
 import os
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any, BinaryIO, Iterable, Mapping, cast
+from typing import Any, BinaryIO, Callable, Iterable, Mapping, cast
 
 import torch
 
@@ -145,6 +145,33 @@ class Storage:
 
     def tensor(self, key: str, item: Any) -> TensorRef:
         """A lazy tensor: its chunks are located now, their bytes read on ``read()``."""
+        shape, dtype, chunks = self._chunks(key, item)
+
+        def read() -> torch.Tensor:
+            return self._assemble(key, shape, dtype, chunks)
+
+        return TensorRef(shape, dtype, read)
+
+    def rows(self, key: str, item: Any) -> list[TensorRef]:
+        """The tensor's rows (``tensor[i]`` for each index ``i`` of its first axis), each lazy.
+
+        A row reads only the chunks that hold part of it: where the tensor was saved
+        chunk by chunk along its first axis (megatron saves each layer of stacked layers
+        as its own chunk), each row reads its own bytes and nothing else. A chunk that
+        spans several rows is read again for each of them.
+        """
+        shape, dtype, chunks = self._chunks(key, item)
+        if not shape:
+            raise OstateError(f"'{key}' is a scalar, it has no rows", where=self.directory)
+
+        def reader(i: int) -> Callable[[], torch.Tensor]:
+            mine = [(o, s, info) for o, s, info in chunks if o[0] <= i < o[0] + s[0]]
+            return lambda: self._assemble_row(key, i, shape, dtype, mine)
+
+        return [TensorRef(shape[1:], dtype, reader(i)) for i in range(shape[0])]
+
+    def _chunks(self, key: str, item: Any) -> tuple[tuple[int, ...], torch.dtype, list]:
+        """The tensor's global shape, dtype and chunks (offsets, sizes, storage), checked to cover it exactly."""
         shape = tuple(int(d) for d in item.size)
         dtype = item.properties.dtype
         chunks = [(tuple(c.offsets), tuple(c.sizes), self._info(key, c.offsets)) for c in item.chunks]
@@ -167,11 +194,7 @@ class Storage:
             )
         for _offsets, sizes, info in chunks:
             self._check_range(key, info, math.prod(sizes) * dtype.itemsize)
-
-        def read() -> torch.Tensor:
-            return self._assemble(key, shape, dtype, chunks)
-
-        return TensorRef(shape, dtype, read)
+        return shape, dtype, chunks
 
     def _assemble(self, key: str, shape: tuple, dtype: torch.dtype, chunks: list) -> torch.Tensor:
         if len(chunks) == 1 and chunks[0][1] == shape:
@@ -182,6 +205,18 @@ class Storage:
             for dim, (o, s) in enumerate(zip(offsets, sizes)):
                 view = view.narrow(dim, o, s)
             view.copy_(self._chunk(key, info, sizes, dtype))
+        return out
+
+    def _assemble_row(self, key: str, row: int, shape: tuple, dtype: torch.dtype, chunks: list) -> torch.Tensor:
+        """``tensor[row]`` from the chunks that hold part of that row."""
+        if len(chunks) == 1 and chunks[0][1] == (1, *shape[1:]):
+            return self._chunk(key, chunks[0][2], chunks[0][1], dtype)[0]
+        out = torch.empty(shape[1:], dtype=dtype)
+        for offsets, sizes, info in chunks:
+            view = out
+            for dim, (o, s) in enumerate(zip(offsets[1:], sizes[1:])):
+                view = view.narrow(dim, o, s)
+            view.copy_(self._chunk(key, info, sizes, dtype)[row - offsets[0]])
         return out
 
     def _chunk(self, key: str, info: Any, sizes: tuple, dtype: torch.dtype) -> torch.Tensor:

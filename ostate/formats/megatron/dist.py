@@ -14,9 +14,13 @@ all layers) and, with the distributed optimizer's ``fully_sharded_model_space`` 
 ``sharded_param_state_fully_reshardable``), ``optimizer.state.<state key>.<sharded key>``
 for ``exp_avg``, ``exp_avg_sq`` and the fp32 master weight (``fp32_param`` or ``param``).
 ``common.pt`` holds the optimizer's param groups without their parameters
-(``DistributedOptimizer.state_dict``). Each parameter here is one sharded key, shown
-with megatron's global shape (the layer axis first for stacked layers). The DCP folder is
-read by :mod:`ostate.formats.dcp.read` (lazily, chunk by chunk).
+(``DistributedOptimizer.state_dict``) and, from Megatron-LM, its ``args``.
+
+Stacked layers are shown one parameter per layer, ``decoder.layers.<i>.<rest of the key>``
+(:mod:`ostate.formats.megatron.layers` says which keys, and when they stay stacked), each
+a lazy row of the stored tensor that reads only that layer's chunks. Every other parameter
+is one sharded key with megatron's global shape. The DCP folder is read by
+:mod:`ostate.formats.dcp.read` (lazily, chunk by chunk).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from ostate.formats.dcp.metadata import read_metadata
 from ostate.formats.dcp.read import METADATA_FILE, Storage
 from ostate.formats.files.torchfile import load_torch_file
 from ostate.formats.megatron.groups import MEGATRON_GLOBALS, param_groups
+from ostate.formats.megatron.layers import layer_name, prepended_axes, split_layers, stacked_block
 from ostate.formats.naming import discover
 from ostate.formats.naming.objects import model_entries
 from ostate.formats.naming.torch_optim import read_optimizer
@@ -67,18 +72,35 @@ def read(path: str, *, trust_pickle: bool = False) -> Checkpoint:
     storage = Storage(path, read_metadata(os.path.join(path, METADATA_FILE), trust_pickle=trust_pickle))
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    tensors = {
-        key: storage.tensor(key, item)
-        for key, item in storage.entries.items()
-        if isinstance(item, TensorStorageMetadata)
-    }
     if not isinstance(common, Mapping):
         raise OstateError("common.pt does not hold a dict", where=common_path, hint=discover.top_level_summary(common))
+    items = {key: item for key, item in storage.entries.items() if isinstance(item, TensorStorageMetadata)}
+    shapes: dict[str, tuple[int, ...]] = {}
+    for key, item in items.items():  # a parameter's model and optimizer tensors share its sharded key and shape
+        shape = tuple(int(d) for d in item.size)
+        if shapes.setdefault(_sharded_key(key), shape) != shape:
+            raise OstateError(
+                f"'{key}' has shape {shape}, '{_sharded_key(key)}' {shapes[_sharded_key(key)]}",
+                where=path,
+                hint="the checkpoint is inconsistent",
+            )
+    per_layer, layer_warnings = split_layers(shapes, common.get("args"))
+    tensors: dict[str, TensorRef] = {}
+    layers: dict[str, tuple[str, int]] = {}  # per-layer name -> (its stacked key, its layer)
+    for key, item in items.items():
+        name = _sharded_key(key)
+        if name in per_layer:
+            prefix = key[: len(key) - len(name)]
+            for layer, row in enumerate(storage.rows(key, item)):
+                tensors[prefix + layer_name(name, layer)] = row
+                layers[layer_name(name, layer)] = (name, layer)
+        else:
+            tensors[key] = storage.tensor(key, item)
     sharding = (common.get("optimizer") or {}).get("param_state_sharding_type")
     model = {k: t for k, t in tensors.items() if not k.startswith("optimizer.")}
-    by_param = _optimizer_tensors(tensors, model, path, sharding)
-    shapes = [(name, by_param[name][next(iter(by_param[name]))].shape) for name in by_param]
-    groups, assignment, warnings = param_groups(common, shapes, common_path, stacked=_stacked)
+    by_param = _layer_major(_optimizer_tensors(tensors, model, path, sharding), layers)
+    param_shapes = [(name, by_param[name][next(iter(by_param[name]))].shape) for name in by_param]
+    groups, assignment, warnings = param_groups(common, param_shapes, common_path, stacked=prepended_axes)
     step = groups[0].get("step")
 
     state: dict[str, dict[str, Any]] = {}
@@ -97,7 +119,7 @@ def read(path: str, *, trust_pickle: bool = False) -> Checkpoint:
     opt = read_optimizer(
         {"state": state, "param_groups": groups_with_params}, STATE_PREFIX + "*", model=("model", entries)
     )
-    opt.warnings[:0] = warnings
+    opt.warnings[:0] = warnings + layer_warnings
     for name, t in model.items():
         if name not in weights and t.dtype.is_floating_point:
             weights[name] = t
@@ -153,9 +175,28 @@ def _optimizer_tensors(
     return out
 
 
-def _stacked(name: str) -> int:
-    """Leading axes megatron prepends to a sharded key's shape: one for the layers of a transformer block."""
-    return 1 if ".layers." in f".{name}" and ".experts." not in name else 0
+def _layer_major(by_param: dict[str, Any], layers: Mapping[str, tuple[str, int]]) -> dict[str, Any]:
+    """The parameters in the model's order: a block's layers one after the other, each with all its parameters."""
+    position = {name: i for i, name in enumerate(by_param)}
+    block_start: dict[str | None, int] = {}
+    for name in by_param:
+        if name in layers:
+            block = stacked_block(layers[name][0])
+            block_start[block] = min(block_start.get(block, position[name]), position[name])
+
+    def order(name: str) -> tuple[int, int, int]:
+        if name not in layers:
+            return position[name], 0, 0
+        return block_start[stacked_block(layers[name][0])], layers[name][1], position[name]
+
+    return {name: by_param[name] for name in sorted(by_param, key=order)}
+
+
+def _sharded_key(key: str) -> str:
+    """The model's sharded key of a DCP key: ``optimizer.state.<state key>.<sharded key>`` or the key itself."""
+    if key.startswith(STATE_PREFIX):
+        return key[len(STATE_PREFIX) :].partition(".")[2]  # state keys (exp_avg, fp32_param) have no dots
+    return key
 
 
 def _backend(path: str) -> dict[str, Any]:
