@@ -69,7 +69,9 @@ class StateLayout:
     them as saved; one that keeps none (``fresh``) writes ``fresh_group``'s. ``flat`` names
     the state keys the optimizer keeps as flat vectors whatever the parameter's shape
     (Prodigy's ``s`` and ``p0``), which a reader must not reshape to the parameter's shape;
-    ``reset_step_refusal`` explains why ``reset-step`` cannot be expressed, when it cannot.
+    ``reset_step_refusal`` explains why ``reset-step`` cannot be expressed, when it cannot;
+    ``partial_refusal`` why no partial strategy (``reset-m``, ``reset-v``, ...) can be, when none can
+    (D-Adaptation's SGD and AdaGrad compute the weights from their whole state at every step).
     """
 
     first_moment: tuple[str, ...] = ()
@@ -84,6 +86,7 @@ class StateLayout:
     fresh_group: Callable[[Group], Mapping[str, Any]] | None = None
     flat: tuple[str, ...] = ()
     reset_step_refusal: str | None = None
+    partial_refusal: str | None = None
 
 
 # The state an optimizer creates for a parameter at its first step, from the weight and the param group.
