@@ -71,8 +71,12 @@ def optimizers() -> dict:
         import dadaptation
 
         found["DAdaptAdam"] = lambda ps: dadaptation.DAdaptAdam(ps, lr=1.0)
+        found["DAdaptSGD"] = lambda ps: dadaptation.DAdaptSGD(ps, lr=1.0, momentum=0.9)
+        found["DAdaptAdaGrad"] = lambda ps: dadaptation.DAdaptAdaGrad(ps, lr=1.0)
+        found["DAdaptLion"] = lambda ps: dadaptation.DAdaptLion(ps, lr=1.0)
+        found["DAdaptAdan"] = lambda ps: dadaptation.DAdaptAdan(ps, lr=1.0)
     except ImportError:
-        print("(dadaptation not installed: skipping DAdaptAdam)")
+        print("(dadaptation not installed: skipping its optimizers)")
     try:
         from came_pytorch import CAME
 
@@ -113,6 +117,10 @@ FAMILY_COLUMN = {
     "adamw": "bias_correction2",
     "prodigy": "d",
     "dadapt_adam": "d",
+    "dadapt_sgd": "d_lr",
+    "dadapt_adagrad": "d",
+    "dadapt_lion": "d",
+    "dadapt_adan": "d",
     "came": "instability_mean",
     "soap": "preconditioned_dims",
 }

@@ -37,11 +37,18 @@ THIRD_PARTY = {
     "schedulefree.AdamWScheduleFree": "schedulefree",
     "prodigyopt.Prodigy": "prodigyopt",
     "dadaptation.DAdaptAdam": "dadaptation",
+    "dadaptation.DAdaptSGD": "dadaptation",
+    "dadaptation.DAdaptAdaGrad": "dadaptation",
+    "dadaptation.DAdaptLion": "dadaptation",
+    "dadaptation.DAdaptAdan": "dadaptation",
 }
 # The first step's rate where it does not depend on the gradient: the group's lr (Muon: its adjusted lr).
-NOT_ADAPTIVE = {"sgd", "radam", "asgd", "rprop", "muon", "lion", "bnb_lion", "bnb_momentum"}
+NOT_ADAPTIVE = {"sgd", "radam", "asgd", "rprop", "muon", "lion", "bnb_lion", "bnb_momentum", "dadapt_lion"}
 # Families whose first step cannot be predicted from what is saved (the reason is tested below).
 UNPREDICTABLE = {"adam_mini.Adam_mini"}
+# DAdaptSGD's first step divides by every parameter's first gradients' norm: refused before it ever
+# stepped, predicted for a new parameter of a stepped one (tested below).
+NEEDS_G0 = {"dadaptation.DAdaptSGD"}
 
 
 def _cases(exclude: set[str]) -> list:
@@ -91,7 +98,7 @@ def assert_close_to_compiled_step(predicted, actual, weights) -> None:
     assert not bool(((predicted[big] * 0.9 - actual[big]).abs() <= rounding + 1e-6 * actual[big].abs().max()).all())
 
 
-@pytest.mark.parametrize("name", _cases({"LBFGS"}))
+@pytest.mark.parametrize("name", _cases({"LBFGS", *NEEDS_G0}))
 def test_the_first_step_of_an_optimizer_that_never_stepped_is_predicted_exactly(tmp_path, name):
     model, opt, loaded = never_stepped(name, tmp_path)
     # torch creates Adagrad's state in its constructor; every other family has none yet.
@@ -122,7 +129,7 @@ def test_the_first_step_of_an_optimizer_that_never_stepped_is_predicted_exactly(
     assert_matches(predicted, actual, tolerance=1e-5 if name.startswith("bitsandbytes.") else 1e-6)
 
 
-@pytest.mark.parametrize("name", _cases({"LBFGS", "Adagrad"}))
+@pytest.mark.parametrize("name", _cases({"LBFGS", "Adagrad", *NEEDS_G0}))
 def test_effective_lr_of_a_first_step_is_the_lr_or_refused_with_the_reason(tmp_path, name):
     model, opt, loaded = never_stepped(name, tmp_path)
     param, group = loaded.params[0], loaded.groups[0]
@@ -141,8 +148,10 @@ def test_effective_lr_of_a_first_step_is_the_lr_or_refused_with_the_reason(tmp_p
         stepped = saved_and_loaded(tmp_path, model, opt)
         torch.testing.assert_close(eta, ostate.effective_lr(stepped.params[0], stepped.groups[0]))
         return
-    # The first step's rate is the group's lr (RAdam: unrectified; ASGD's eta and Rprop's step size start at lr).
-    assert torch.equal(eta, torch.full(param.shape, float(group["lr"])))
+    # The first step's rate is the group's lr (RAdam: unrectified; ASGD's eta and Rprop's step size start at lr;
+    # D-Adaptation Lion's is d0 * lr, its learned step size times lr).
+    rate = group["d"] * group["lr"] if loaded.kind == "dadapt_lion" else group["lr"]
+    assert torch.equal(eta, torch.full(param.shape, float(rate)))
     if loaded.kind in ("lion", "bnb_lion", "rprop"):  # sign descent: the real first step moves by eta
         for g in opt.param_groups:
             g["weight_decay"] = 0.0
@@ -165,6 +174,30 @@ def test_a_new_head_is_predicted_beside_parameters_that_have_state(tmp_path):
     model.head.requires_grad_(True)
     loaded = saved_and_loaded(tmp_path, model, opt)
     assert not loaded.param("head.weight").has_state and loaded.param("inp.weight").has_state
+    set_next_gradient(model)
+    assert_matches(predicted_updates(loaded, model), actual_step(model, opt.step), tolerance=1e-6)
+
+
+def test_dadapt_sgd_refuses_a_first_step_before_g0_norm_and_predicts_a_new_head_after(tmp_path):
+    dadaptation = pytest.importorskip("dadaptation")
+    model, opt, loaded = never_stepped("dadaptation.DAdaptSGD", tmp_path)
+    param, group = loaded.params[0], loaded.groups[0]
+    set_next_gradient(model)
+    weight = next(iter(model.parameters()))
+    for call in (
+        lambda: ostate.next_update(param, group, weight.grad, weight.detach()),
+        lambda: ostate.effective_lr(param, group),
+    ):
+        with pytest.raises(OstateError, match="norm of every parameter's first gradient"):
+            call()
+    torch.manual_seed(0)
+    model = Net()
+    opt = dadaptation.DAdaptSGD(model.parameters(), lr=1.0, momentum=0.9, weight_decay=0.01)
+    model.head.requires_grad_(False)  # the head joins later: no state for it until then
+    train(model, opt, steps=3)
+    model.head.requires_grad_(True)
+    loaded = saved_and_loaded(tmp_path, model, opt)
+    assert not loaded.param("head.weight").has_state and loaded.groups[0]["d"] > 1e-6
     set_next_gradient(model)
     assert_matches(predicted_updates(loaded, model), actual_step(model, opt.step), tolerance=1e-6)
 

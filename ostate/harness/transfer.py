@@ -36,6 +36,10 @@ LIBRARY_CLASSES: dict[str, tuple[str, str, str]] = {
     "prodigy": ("prodigyopt", "Prodigy", "prodigyopt"),
     "dadapt_adam": ("dadaptation", "DAdaptAdam", "dadaptation"),
     "schedulefree_adamw": ("schedulefree", "AdamWScheduleFree", "schedulefree"),
+    "dadapt_sgd": ("dadaptation", "DAdaptSGD", "dadaptation"),
+    "dadapt_adagrad": ("dadaptation", "DAdaptAdaGrad", "dadaptation"),
+    "dadapt_lion": ("dadaptation", "DAdaptLion", "dadaptation"),
+    "dadapt_adan": ("dadaptation", "DAdaptAdan", "dadaptation"),
 }
 # Group keys that describe a run rather than the optimizer (set again by the harness).
 _RUN_KEYS = ("params", "param_names", "lr", "initial_lr", V_AGE_KEY)

@@ -131,23 +131,23 @@ def prodigy_next_d_zero_gradient(group: Group) -> float:
     return min(d_max, d * group["growth_rate"])
 
 
-def _float(values: torch.Tensor) -> torch.Tensor:
+def as_float(values: torch.Tensor) -> torch.Tensor:
     return values if values.dtype == torch.float64 else values.float()
 
 
 def prodigy_effective_lr(exp_avg_sq: torch.Tensor, group: Group) -> torch.Tensor:
     d = group["d"]
     _c, c2 = next_step_correction(group)
-    return _float(exp_avg_sq).sqrt().div_(d).add_(group["eps"]).reciprocal_().mul_(d * group["lr"] * c2**0.5)
+    return as_float(exp_avg_sq).sqrt().div_(d).add_(group["eps"]).reciprocal_().mul_(d * group["lr"] * c2**0.5)
 
 
 def dadapt_adam_effective_lr(exp_avg_sq: torch.Tensor, group: Group) -> torch.Tensor:
     _c, c2 = next_step_correction(group)
     scale = group.get("layer_scale", 1.0) * group["d"] * group["lr"] * c2**0.5
-    return _float(exp_avg_sq).sqrt().add_(group["eps"]).reciprocal_().mul_(scale)
+    return as_float(exp_avg_sq).sqrt().add_(group["eps"]).reciprocal_().mul_(scale)
 
 
-def _refuse_zero_lr(param: ParamState, group: Group) -> None:
+def refuse_zero_lr(param: ParamState, group: Group) -> None:
     if group["lr"] == 0:
         raise OstateError(
             f"'{param.name}': its param group has lr 0, and these optimizers step such a group with the other "
@@ -160,7 +160,7 @@ def prodigy_step(
     param: ParamState, group: Group, grad: torch.Tensor, weight: torch.Tensor, *, next_d: float
 ) -> torch.Tensor:
     """Prodigy's next change of ``weight`` given the step's new estimate ``next_d`` (:math:`d'`), in its order."""
-    _refuse_zero_lr(param, group)
+    refuse_zero_lr(param, group)
     beta1, beta2 = group["betas"][:2]
     d, eps, decay = group["d"], group["eps"], group["weight_decay"]
     dlr = d_lr(group)
@@ -185,7 +185,7 @@ def prodigy_next_update(param: ParamState, group: Group, grad: torch.Tensor, wei
 
 def dadapt_adam_next_update(param: ParamState, group: Group, grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """D-Adaptation Adam's next change of ``weight``, in its order of operations."""
-    _refuse_zero_lr(param, group)
+    refuse_zero_lr(param, group)
     beta1, beta2 = group["betas"][:2]
     eps, decay, r = group["eps"], group["weight_decay"], group.get("layer_scale", 1.0)
     dlr = d_lr(group)
@@ -201,11 +201,11 @@ def dadapt_adam_next_update(param: ParamState, group: Group, grad: torch.Tensor,
 
 
 def prodigy_quantities(chunk: Mapping[str, torch.Tensor], group: Group, param: ParamState) -> dict:
-    v = _float(chunk["exp_avg_sq"])
+    v = as_float(chunk["exp_avg_sq"])
     q: dict = {"eff_lr": prodigy_effective_lr(v, group), "exp_avg_sq": v}
     beta1, beta2 = group["betas"][:2]
     if "exp_avg" in chunk and beta1 > 0:
-        m = _float(chunk["exp_avg"])
+        m = as_float(chunk["exp_avg"])
         q["exp_avg_abs"] = m.abs()
         d_next = prodigy_next_d_zero_gradient(group)
         q["update"] = m.mul(-d_lr(group) * beta1).div_(v.mul(beta2).sqrt_().add_(d_next * group["eps"]))
@@ -213,7 +213,7 @@ def prodigy_quantities(chunk: Mapping[str, torch.Tensor], group: Group, param: P
 
 
 def dadapt_adam_quantities(chunk: Mapping[str, torch.Tensor], group: Group, param: ParamState) -> dict:
-    v, m = _float(chunk["exp_avg_sq"]), _float(chunk["exp_avg"])
+    v, m = as_float(chunk["exp_avg_sq"]), as_float(chunk["exp_avg"])
     beta1, beta2 = group["betas"][:2]
     return {
         "eff_lr": dadapt_adam_effective_lr(v, group),

@@ -70,7 +70,9 @@ class StateLayout:
     the state keys the optimizer keeps as flat vectors whatever the parameter's shape
     (Prodigy's ``s`` and ``p0``), which a reader must not reshape to the parameter's shape;
     ``reset_step_refusal`` explains why ``reset-step`` cannot be expressed, when it cannot, and
-    ``reset_m_refusal`` the same for ``reset-m``.
+    ``reset_m_refusal`` the same for ``reset-m``; ``partial_refusal`` why no partial strategy
+    (``reset-m``, ``reset-v``, ...) can be, when none can (D-Adaptation's SGD and AdaGrad
+    compute the weights from their whole state at every step).
 
     ``group_state_per_group`` says that each group learns its own values (schedule-free: from
     its own lr) rather than all groups holding the optimizer's one (Prodigy's ``d``): a group
@@ -95,6 +97,7 @@ class StateLayout:
     reset_m_refusal: str | None = None
     group_state_per_group: bool = False
     group_mode: tuple[str, ...] = ()
+    partial_refusal: str | None = None
 
 
 # The state an optimizer creates for a parameter at its first step, from the weight and the param group.

@@ -168,7 +168,9 @@ def layout_of(kind: str) -> StateLayout:
     an OstateError for a kind without one)."""
     layout = layout_or_none(kind)
     if layout is None:
-        with_layout = sorted(name for name, family in families().items() if family.layout is not None)
+        with_layout = sorted(
+            name for name, f in families().items() if f.layout is not None and f.layout.partial_refusal is None
+        )
         raise OstateError(
             f"optimizer kind '{kind}' has no known state layout, so only 'fresh' and 'reload' apply",
             hint=f"kinds with partial strategies: {', '.join(with_layout)}",
@@ -393,6 +395,8 @@ def _check_applies(
     }[action]
     if not states:
         return
+    if layout.partial_refusal:
+        raise OstateError(f"strategy '{action}' does not apply to optimizer kind '{kind}'", hint=layout.partial_refusal)
     # A family's own reason first: it says more than "its state has no ..." (schedule-free has no step at all).
     refusal = {
         "reset-m": layout.reset_m_refusal,

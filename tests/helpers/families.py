@@ -93,6 +93,15 @@ def _dadapt_adam(params):
     return dadaptation.DAdaptAdam(params, lr=1.0)
 
 
+def _dadaptation(name: str, **kwargs):
+    def make(params):
+        import dadaptation
+
+        return getattr(dadaptation, name)(params, lr=1.0, **kwargs)
+
+    return make
+
+
 def _hf_adafactor(params):
     from transformers.optimization import Adafactor
 
@@ -130,6 +139,10 @@ FAMILIES: dict[str, tuple[str, Callable[[], nn.Module], Callable]] = {
     "schedulefree.AdamWScheduleFree": ("schedulefree_adamw", Net, _schedulefree),
     "prodigyopt.Prodigy": ("prodigy", Net, _prodigy),
     "dadaptation.DAdaptAdam": ("dadapt_adam", Net, _dadapt_adam),
+    "dadaptation.DAdaptSGD": ("dadapt_sgd", Net, _dadaptation("DAdaptSGD", momentum=0.9, weight_decay=0.01)),
+    "dadaptation.DAdaptAdaGrad": ("dadapt_adagrad", Net, _dadaptation("DAdaptAdaGrad", weight_decay=0.01)),
+    "dadaptation.DAdaptLion": ("dadapt_lion", Net, _dadaptation("DAdaptLion", weight_decay=0.01)),
+    "dadaptation.DAdaptAdan": ("dadapt_adan", Net, _dadaptation("DAdaptAdan")),
     "bitsandbytes.AdamW8bit": ("bnb_adam", Big, _bnb("AdamW8bit", lr=1e-3)),
     "bitsandbytes.Lion8bit": ("bnb_lion", Big, _bnb("Lion8bit", lr=1e-4)),
     "bitsandbytes.SGD8bit": ("bnb_momentum", Big, _bnb("SGD8bit", lr=0.01, momentum=0.9)),
