@@ -2,7 +2,11 @@
 
 Example:
 
-    >>> trainer = lightning.Trainer(callbacks=[MonitorCallback(every=50)])  # doctest: +SKIP
+    >>> import lightning, tempfile
+    >>> trainer = lightning.Trainer(callbacks=[MonitorCallback(every=50)], default_root_dir=tempfile.mkdtemp(),
+    ...                             logger=False, enable_progress_bar=False, enable_model_summary=False)
+    >>> [type(c).__name__ for c in trainer.callbacks if isinstance(c, MonitorCallback)]
+    ['MonitorCallback']
 
 The log goes to ``ostate_monitor.csv`` in the trainer's ``log_dir`` (or
 ``default_root_dir``) unless ``writer`` says otherwise
