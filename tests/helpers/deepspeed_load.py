@@ -17,27 +17,16 @@ import tempfile
 
 import torch
 
-from tests.helpers.deepspeed_train import TAG, TinyNet, config, free_port, gloo_only, ground_truth, param_groups
+from tests.helpers.deepspeed_train import TAG, TinyNet, config, free_port, ground_truth, param_groups, start_rank
 
 WORLD_SIZE = 2
 
 
 def worker(rank: int, world_size: int, port: int, checkpoint: str, case: str, out: str) -> None:
-    os.environ.update(
-        {
-            "RANK": str(rank),
-            "LOCAL_RANK": str(rank),
-            "WORLD_SIZE": str(world_size),
-            "LOCAL_WORLD_SIZE": str(world_size),
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-        }
-    )
+    start_rank(rank, world_size, port)
     import deepspeed
     import deepspeed.comm as dist
 
-    gloo_only()
-    deepspeed.init_distributed(dist_backend="gloo")
     torch.manual_seed(1)  # weights unlike the saved ones: the load must overwrite them
     model = TinyNet()
     engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model), config=config(case))

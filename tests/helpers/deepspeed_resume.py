@@ -27,7 +27,7 @@ import tempfile
 
 import torch
 
-from tests.helpers.deepspeed_train import STEPS, TAG, TinyNet, config, free_port, gloo_only, ground_truth, param_groups
+from tests.helpers.deepspeed_train import STEPS, TAG, TinyNet, config, free_port, ground_truth, param_groups, start_rank
 
 WORLD_SIZE = 2
 STRATEGY = "reset-m"
@@ -71,23 +71,11 @@ def resume(case: str, rank: int, checkpoint: str) -> dict:
 
 
 def worker(rank: int, world_size: int, port: int, work: str, lr: float, cases: list[tuple[str, str | None]]) -> None:
-    os.environ.update(
-        {
-            "RANK": str(rank),
-            "LOCAL_RANK": str(rank),
-            "WORLD_SIZE": str(world_size),
-            "LOCAL_WORLD_SIZE": str(world_size),
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-        }
-    )
-    import deepspeed
+    start_rank(rank, world_size, port)
     import deepspeed.comm as dist
 
     from ostate.reset.write import reset
 
-    gloo_only()
-    deepspeed.init_distributed(dist_backend="gloo")
     recorded = {}
     for case, fixture in cases:
         source = fixture or os.path.join(work, case)

@@ -142,7 +142,9 @@ def gloo_only() -> None:
     importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
 
 
-def worker(rank: int, world_size: int, port: int, out: str, cases: list[str]) -> None:
+def start_rank(rank: int, world_size: int, port: int) -> None:
+    """In a spawned process: become rank ``rank`` of ``world_size`` on 127.0.0.1:``port``,
+    DeepSpeed's process group over gloo alone (:func:`gloo_only`)."""
     os.environ.update(
         {
             "RANK": str(rank),
@@ -154,10 +156,16 @@ def worker(rank: int, world_size: int, port: int, out: str, cases: list[str]) ->
         }
     )
     import deepspeed
-    import deepspeed.comm as dist
 
     gloo_only()
     deepspeed.init_distributed(dist_backend="gloo")
+
+
+def worker(rank: int, world_size: int, port: int, out: str, cases: list[str]) -> None:
+    start_rank(rank, world_size, port)
+    import deepspeed
+    import deepspeed.comm as dist
+
     for case in cases:
         torch.manual_seed(0)
         model = TinyNet()

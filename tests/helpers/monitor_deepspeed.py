@@ -23,30 +23,19 @@ import time
 
 import torch
 
-from tests.helpers.deepspeed_train import STEPS, TAG, TinyNet, config, free_port, gloo_only, ground_truth, param_groups
+from tests.helpers.deepspeed_train import STEPS, TAG, TinyNet, config, free_port, ground_truth, param_groups, start_rank
 
 CASES = ("zero1", "zero2", "zero3", "zero3_subgroups", "bf16")
 
 
 def worker(rank: int, world_size: int, port: int, out: str) -> None:
-    os.environ.update(
-        {
-            "RANK": str(rank),
-            "LOCAL_RANK": str(rank),
-            "WORLD_SIZE": str(world_size),
-            "LOCAL_WORLD_SIZE": str(world_size),
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-        }
-    )
+    start_rank(rank, world_size, port)
     import deepspeed
     import deepspeed.comm as dist
 
     import ostate
     from ostate.monitor import Monitor
 
-    gloo_only()
-    deepspeed.init_distributed(dist_backend="gloo")
     results = {}
     for case in CASES:
         torch.manual_seed(0)
