@@ -299,3 +299,5 @@ def test_inspect_and_doctor_show_d_of_every_dadaptation_optimizer(tmp_path, name
     assert table.loc["hidden.weight", "d_lr"] == pytest.approx(expected)
     (finding,) = [f for f in diagnose(ckpt).findings if f.code == "learned-step-size"]
     assert f"d={group['d']:.4g}" in finding.evidence[0].detail
+    # the step size is the d_lr column's (DAdaptSGD's divides by g0_norm), not d * lr
+    assert f"step size d_lr={expected * group['lr']:.4g}" in finding.evidence[0].detail

@@ -484,19 +484,26 @@ def check_learned_step_size(ctx: Context) -> list[Finding]:
     out = []
     for result in ctx.analysis.optimizers:
         o = result.optimizer
-        key = get_family(o.kind).lr_scale if o.kind else None
-        if key is None:
+        family = get_family(o.kind) if o.kind else None
+        key = family.lr_scale if family is not None else None
+        if family is None or key is None:
             continue
         evidence = []
         for g, group in enumerate(o.groups):
             value = group.get(key)
             if o.is_frozen_group(g) or not isinstance(value, (int, float)):
                 continue
+            members = [p for p in o.params if p.group == g and p.has_state]
+            # the step size as the family's own column gives it (DAdaptSGD divides d*lr by g0_norm)
+            step = family.columns(members[0], group).get(f"{key}_lr") if members else None
             lr = group.get("lr")
-            detail = f"{key}={value:.4g}" + (f", {key}*lr={value * lr:.4g}" if isinstance(lr, (int, float)) else "")
+            if not isinstance(step, (int, float)) and isinstance(lr, (int, float)):
+                step = value * lr
+            detail = f"{key}={value:.4g}" + (
+                f", step size {key}_lr={step:.4g}" if isinstance(step, (int, float)) else ""
+            )
             if isinstance(group.get(f"{key}0"), (int, float)) and group[f"{key}0"]:
                 detail += f", {value / group[f'{key}0']:.3g} x its start {key}0={group[f'{key}0']:.3g}"
-            members = [p for p in o.params if p.group == g and p.has_state]
             evidence.append(Evidence(f"group {g}", sum(p.numel or 0 for p in members), None, detail))
         if evidence:
             out.append(
