@@ -189,13 +189,21 @@ def test_schedulefree_sgd_effective_lr_is_the_next_scheduled_lr(tmp_path):
     assert torch.equal(ostate.effective_lr(loaded.params[0], group), torch.full((8, 4), 0.05 * 5 / 10))
 
 
-@pytest.mark.parametrize("steps, rectified", [(3, False), (9, True)])
+@pytest.mark.parametrize("steps, rectified", [(0, False), (3, False), (9, True)])
 def test_schedulefree_radam_effective_lr_is_the_next_rectified_lr(tmp_path, steps, rectified):
-    """Step k+1 = 4 is in the silent phase (rho_4 < 4 at beta2 0.999: rate 0); step 10 is rectified."""
+    """Steps 1 (never stepped: the first-step hook) and 4 are in the silent phase (rho_t < 4 at beta2 0.999:
+    rate 0, and the real step moves nothing); step 10 is rectified."""
     model, opt = schedulefree_run(steps, "RAdamScheduleFree", lr=2e-3)
     loaded = saved_and_loaded(tmp_path, model, opt)
     group = loaded.groups[0]
-    eta = ostate.effective_lr(loaded.params[0], group)
+    eta = ostate.effective_lr(loaded.params[0], group, kind="schedulefree_radam")
+    if steps == 0:
+        assert loaded.kind == "schedulefree_radam" and not loaded.params[0].has_state
+        set_next_gradient(model)
+        predicted = predicted_updates(loaded, model)
+        actual = actual_step(model, opt.step)
+        assert all(bool((p == 0).all()) and bool((a == 0).all()) for p, a in zip(predicted, actual))
+        assert opt.param_groups[0]["k"] == 1 and bool(opt.state[next(model.parameters())]["exp_avg_sq"].any())
     columns = get_family("schedulefree_radam").columns(loaded.params[0], group)
     assert columns["rectified"] is rectified
     if not rectified:
