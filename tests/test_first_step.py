@@ -35,6 +35,8 @@ THIRD_PARTY = {
     "transformers.Adafactor": "transformers",
     "lion_pytorch.Lion": "lion_pytorch",
     "schedulefree.AdamWScheduleFree": "schedulefree",
+    "schedulefree.SGDScheduleFree": "schedulefree",
+    "schedulefree.RAdamScheduleFree": "schedulefree",
     "prodigyopt.Prodigy": "prodigyopt",
     "dadaptation.DAdaptAdam": "dadaptation",
     "dadaptation.DAdaptSGD": "dadaptation",
@@ -43,7 +45,19 @@ THIRD_PARTY = {
     "dadaptation.DAdaptAdan": "dadaptation",
 }
 # The first step's rate where it does not depend on the gradient: the group's lr (Muon: its adjusted lr).
-NOT_ADAPTIVE = {"sgd", "radam", "asgd", "rprop", "muon", "lion", "bnb_lion", "bnb_momentum", "dadapt_lion"}
+NOT_ADAPTIVE = {
+    "sgd",
+    "radam",
+    "asgd",
+    "rprop",
+    "muon",
+    "lion",
+    "bnb_lion",
+    "bnb_momentum",
+    "dadapt_lion",
+    "schedulefree_sgd",  # warmup_steps 0: lr
+    "schedulefree_radam",  # never rectified at step 1 (rho_1 = 1): lr, or 0 in the silent phase
+}
 # Families whose first step cannot be predicted from what is saved (the reason is tested below).
 UNPREDICTABLE = {"adam_mini.Adam_mini"}
 # DAdaptSGD's first step divides by every parameter's first gradients' norm: refused before it ever

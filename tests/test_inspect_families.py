@@ -54,6 +54,8 @@ FAMILY_COLUMNS = {
     "bitsandbytes.AdamW8bit": ("state_bits", "blocksize", "state2_zero_fraction", "exp_avg_sq_mean"),
     "LBFGS": ("n_iter", "func_evals", "history", "H_diag"),
     "schedulefree.AdamWScheduleFree": ("k", "train_mode", "scheduled_lr"),
+    "schedulefree.SGDScheduleFree": ("k", "train_mode", "scheduled_lr", "averaging_weight"),
+    "schedulefree.RAdamScheduleFree": ("k", "rectified", "scheduled_lr", "eff_lr_p50"),
     "Muon": ("adjusted_lr",),
     "ASGD": ("eta", "averaging"),
 }
@@ -94,7 +96,16 @@ def test_the_output_says_which_lr_the_numbers_use(checkpoints):
 
 def test_optimizer_option_is_offered_for_every_family():
     result = run_cli("inspect", "--help")
-    for kind in ("radam", "nadam", "bnb_adam", "hf_adafactor", "schedulefree_adamw", "lbfgs"):
+    for kind in (
+        "radam",
+        "nadam",
+        "bnb_adam",
+        "hf_adafactor",
+        "schedulefree_adamw",
+        "schedulefree_sgd",
+        "schedulefree_radam",
+        "lbfgs",
+    ):
         assert kind in result.stdout
 
 

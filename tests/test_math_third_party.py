@@ -110,11 +110,11 @@ def test_lion_effective_lr_is_lr_and_update_is_the_sign_of_momentum(tmp_path):
     torch.testing.assert_close(update["update"].double(), taken.reshape(-1), rtol=1e-6, atol=1e-12)
 
 
-# ------------------------------------------------------------------- schedule-free AdamW
-def schedulefree_run(steps: int, **kwargs):
+# ------------------------------------------------------------------- schedule-free AdamW, SGD, RAdam
+def schedulefree_run(steps: int, optimizer: str = "AdamWScheduleFree", **kwargs):
     torch.manual_seed(0)
     model = Net()
-    opt = schedulefree.AdamWScheduleFree(model.parameters(), **kwargs)
+    opt = getattr(schedulefree, optimizer)(model.parameters(), **kwargs)
     opt.train()
     train(model, opt, steps=steps)
     return model, opt
@@ -123,20 +123,41 @@ def schedulefree_run(steps: int, **kwargs):
 @pytest.mark.parametrize("saved_mode", ["train", "eval"])
 @pytest.mark.parametrize("steps", [1, 6])
 @pytest.mark.parametrize(
-    "kwargs",
+    "optimizer, kind, kwargs",
     [
-        dict(lr=2e-3),
-        dict(lr=2e-3, warmup_steps=10, weight_decay=0.01, betas=(0.8, 0.99)),
-        dict(lr=1e-3, r=1.0, weight_lr_power=1.0, foreach=False),
+        ("AdamWScheduleFree", "schedulefree_adamw", dict(lr=2e-3)),
+        (
+            "AdamWScheduleFree",
+            "schedulefree_adamw",
+            dict(lr=2e-3, warmup_steps=10, weight_decay=0.01, betas=(0.8, 0.99)),
+        ),
+        ("AdamWScheduleFree", "schedulefree_adamw", dict(lr=1e-3, r=1.0, weight_lr_power=1.0, foreach=False)),
+        ("SGDScheduleFree", "schedulefree_sgd", dict(lr=0.05, warmup_steps=10, weight_decay=0.01)),
+        ("SGDScheduleFree", "schedulefree_sgd", dict(lr=0.02, momentum=0.8, r=1.0, foreach=False)),
+        # silent: steps 1-4 move nothing, 7 is rectified; without the silent phase steps 1-4 are SGD's
+        ("RAdamScheduleFree", "schedulefree_radam", dict(lr=2e-3, weight_decay=0.01)),
+        (
+            "RAdamScheduleFree",
+            "schedulefree_radam",
+            dict(lr=2e-3, silent_sgd_phase=False, r=1.0, betas=(0.8, 0.99), foreach=False),
+        ),
     ],
-    ids=["defaults", "warmup-decay", "polynomial-weights-single-tensor"],
+    ids=[
+        "adamw-defaults",
+        "adamw-warmup-decay",
+        "adamw-polynomial-weights-single-tensor",
+        "sgd-warmup-decay",
+        "sgd-momentum-polynomial-single-tensor",
+        "radam-silent-decay",
+        "radam-sgd-phase-single-tensor",
+    ],
 )
-def test_schedulefree_adamw_next_update_matches_the_real_step(tmp_path, kwargs, steps, saved_mode):
-    model, opt = schedulefree_run(steps, **kwargs)
+def test_schedulefree_next_update_matches_the_real_step(tmp_path, optimizer, kind, kwargs, steps, saved_mode):
+    model, opt = schedulefree_run(steps, optimizer, **kwargs)
     if saved_mode == "eval":
         opt.eval()  # the recommended way to save: the model holds x
     loaded = saved_and_loaded(tmp_path, model, opt)
-    assert (loaded.kind, loaded.kind_source) == ("schedulefree_adamw", "detected")
+    assert (loaded.kind, loaded.kind_source) == (kind, "detected")
     assert loaded.groups[0]["train_mode"] is (saved_mode == "train")
     set_next_gradient(model)
     predicted = predicted_updates(loaded, model)
@@ -158,6 +179,43 @@ def test_schedulefree_effective_lr_uses_the_next_scheduled_lr_and_group_counter(
     torch.testing.assert_close(ostate.effective_lr(loaded.params[0], group), expected, rtol=1e-6, atol=0)
     columns = get_family("schedulefree_adamw").columns(loaded.params[0], group)
     assert columns["k"] == 4 and columns["scheduled_lr"] == pytest.approx(1e-3)
+
+
+def test_schedulefree_sgd_effective_lr_is_the_next_scheduled_lr(tmp_path):
+    model, opt = schedulefree_run(4, "SGDScheduleFree", lr=0.05, warmup_steps=10)
+    loaded = saved_and_loaded(tmp_path, model, opt)
+    group = loaded.groups[0]
+    assert (loaded.kind, group["k"]) == ("schedulefree_sgd", 4)
+    assert torch.equal(ostate.effective_lr(loaded.params[0], group), torch.full((8, 4), 0.05 * 5 / 10))
+
+
+@pytest.mark.parametrize("steps, rectified", [(0, False), (3, False), (9, True)])
+def test_schedulefree_radam_effective_lr_is_the_next_rectified_lr(tmp_path, steps, rectified):
+    """Steps 1 (never stepped: the first-step hook) and 4 are in the silent phase (rho_t < 4 at beta2 0.999:
+    rate 0, and the real step moves nothing); step 10 is rectified."""
+    model, opt = schedulefree_run(steps, "RAdamScheduleFree", lr=2e-3)
+    loaded = saved_and_loaded(tmp_path, model, opt)
+    group = loaded.groups[0]
+    eta = ostate.effective_lr(loaded.params[0], group, kind="schedulefree_radam")
+    if steps == 0:
+        assert loaded.kind == "schedulefree_radam" and not loaded.params[0].has_state
+        set_next_gradient(model)
+        predicted = predicted_updates(loaded, model)
+        actual = actual_step(model, opt.step)
+        assert all(bool((p == 0).all()) and bool((a == 0).all()) for p, a in zip(predicted, actual))
+        assert opt.param_groups[0]["k"] == 1 and bool(opt.state[next(model.parameters())]["exp_avg_sq"].any())
+    columns = get_family("schedulefree_radam").columns(loaded.params[0], group)
+    assert columns["rectified"] is rectified
+    if not rectified:
+        assert torch.equal(eta, torch.zeros(8, 4)) and columns["scheduled_lr"] == 0.0
+        return
+    t, rho_inf = steps + 1, 2 / (1 - 0.999) - 1
+    rho = rho_inf - 2 * t * 0.999**t / (1 - 0.999**t)
+    rect = ((rho - 4) * (rho - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho)) ** 0.5
+    v = opt.state[next(model.parameters())]["exp_avg_sq"]
+    expected = 2e-3 * rect / ((v / (1 - 0.999**steps)).sqrt() + 1e-8)
+    torch.testing.assert_close(eta, expected, rtol=1e-6, atol=0)
+    assert columns["scheduled_lr"] == pytest.approx(2e-3 * rect)
 
 
 class ConvNet(torch.nn.Module):

@@ -441,7 +441,7 @@ def test_the_hint_for_a_kind_without_a_layout_lists_the_families_that_have_one()
     with pytest.raises(OstateError) as info:
         apply_strategy(model_and_optimizer("adam", steps=1)[1].state_dict(), "reset-v", kind="rprop")
     assert info.value.hint == (
-        "kinds with partial strategies: adadelta, adagrad, adam, adam_mini, adamax, adamw, came, dadapt_adam, dadapt_adan, dadapt_lion, nadam, prodigy, radam, rmsprop, schedulefree_adamw, sgd"
+        "kinds with partial strategies: adadelta, adagrad, adam, adam_mini, adamax, adamw, came, dadapt_adam, dadapt_adan, dadapt_lion, nadam, prodigy, radam, rmsprop, schedulefree_adamw, schedulefree_radam, sgd"
     )
 
 

@@ -1,6 +1,8 @@
-"""The strategies on schedule-free AdamW (schedulefree): what it learns into its param groups, and its modes.
+"""The strategies on schedule-free AdamW, SGD and RAdam (schedulefree): what they learn into their param
+groups, and their modes.
 
-AdamWScheduleFree keeps ``z`` and ``exp_avg_sq`` per parameter and learns, per param
+AdamWScheduleFree keeps ``z`` and ``exp_avg_sq`` per parameter (SGDScheduleFree only ``z``;
+RAdamScheduleFree both, and no warmup: its counter sets the rectification) and learns, per param
 group, its counter ``k``, the sum of its averaging weights ``weight_sum``, ``lr_max`` (and
 ``scheduled_lr``); ``train_mode`` says whether the weights are the averaged ``x`` (eval
 mode, how the library says to save) or ``y``. The oracle is the real library: ``reload``
@@ -29,12 +31,12 @@ schedulefree = pytest.importorskip("schedulefree")
 LR = 2e-3
 
 
-def _groups(model: torch.nn.Module) -> list[dict]:
+def _groups(model: torch.nn.Module, lr: float = LR) -> list[dict]:
     """Weights and biases in two groups with their own lr: each group learns its own k, weight_sum, lr_max."""
     named = list(model.named_parameters())
     return [
         {"params": [p for n, p in named if n.endswith("weight")]},
-        {"params": [p for n, p in named if n.endswith("bias")], "lr": LR / 4},
+        {"params": [p for n, p in named if n.endswith("bias")], "lr": lr / 4},
     ]
 
 
@@ -46,7 +48,13 @@ MAKERS = {
         model.parameters(), lr=LR, warmup_steps=5, weight_decay=0.01, r=1.0, **kw
     ),
     "two-groups": lambda model, **kw: schedulefree.AdamWScheduleFree(_groups(model), lr=LR, warmup_steps=5, **kw),
+    # SGD: z only, still warming up; RAdam: rectified by the source's 20 steps, silent at a fresh start.
+    "sgd": lambda model, **kw: schedulefree.SGDScheduleFree(
+        _groups(model, 0.05), lr=0.05, warmup_steps=30, weight_decay=0.01, **kw
+    ),
+    "radam": lambda model, **kw: schedulefree.RAdamScheduleFree(_groups(model), lr=LR, weight_decay=0.01, **kw),
 }
+CLASSES = {"two-groups": "AdamWScheduleFree", "sgd": "SGDScheduleFree", "radam": "RAdamScheduleFree"}
 LEARNED = ("k", "weight_sum", "lr_max", "scheduled_lr")
 SEED = 3
 
@@ -149,12 +157,15 @@ def test_a_source_saved_in_train_mode_continues_from_its_y(tmp_path):
     assert not torch.allclose(library_step(path, "warmup", as_eval), expected, rtol=1e-4, atol=0)
 
 
-def test_the_trials_optimizer_is_the_library_with_each_groups_learned_values_and_its_own_hyperparameters(tmp_path):
-    path = make_source(tmp_path / "two.pt", "two-groups")
+@pytest.mark.parametrize("case", sorted(CLASSES))
+def test_the_trials_optimizer_is_the_library_with_each_groups_learned_values_and_its_own_hyperparameters(
+    tmp_path, case
+):
+    path = make_source(tmp_path / "two.pt", case)
     src = load_source(path)
     model = ht.make_model()
     opt = optimizer_like_source(src)(model, 0.5)
-    assert isinstance(opt, schedulefree.AdamWScheduleFree)
+    assert type(opt) is getattr(schedulefree, CLASSES[case])
     assert [(g["k"], g["lr_max"], g["train_mode"]) for g in opt.param_groups] == [(0, -1.0, False)] * 2
     moved = transfer_state(src, opt, model).state_dict["param_groups"]
     saved = src.optimizer_state["param_groups"]
@@ -187,6 +198,11 @@ def test_ostate_reset_writes_what_the_real_library_resumes_as_the_strategy_says(
 def test_reset_v_zeroes_v_and_keeps_z_and_the_groups_counters(source):
     case, path = source
     saved = torch.load(path, weights_only=True)["optimizer"]
+    if case == "sgd":  # z only: nothing to zero
+        with pytest.raises(OstateError, match="does not apply") as error:
+            apply_strategy(saved, "reset-v")
+        assert "no second moment" in str(error.value.hint)
+        return
     new = apply_strategy(saved, "reset-v")
     assert new["param_groups"] == saved["param_groups"]
     by_hand = copy.deepcopy(saved)
@@ -197,27 +213,43 @@ def test_reset_v_zeroes_v_and_keeps_z_and_the_groups_counters(source):
 
 
 @pytest.mark.parametrize(
-    "strategy, reason",
+    "case, strategy, reason",
     [
-        ("reset-m", "keeps no first moment"),
-        ("reset-step", "counter k"),
-        ("keep-v", "counter k"),
-        ("reset-m-ac", "keeps no first moment"),
-        ("reset-v-ac", "no bias correction by age"),
+        ("warmup", "reset-m", "keeps no first moment"),
+        ("warmup", "reset-step", "counter k"),
+        ("warmup", "keep-v", "counter k"),
+        ("warmup", "reset-m-ac", "keeps no first moment"),
+        ("warmup", "reset-v-ac", "no bias correction by age"),
+        ("sgd", "reset-m", "y = (1-momentum) z + momentum x"),
+        ("sgd", "reset-step", "counter k sets the warmup"),
+        ("sgd", "keep-v", "no second moment"),
+        ("sgd", "reset-v-ac", "no second moment"),
+        ("radam", "reset-m", "keeps no first moment"),
+        ("radam", "reset-step", "counter k sets the rectification"),
+        ("radam", "keep-v", "counter k"),
     ],
 )
-def test_strategies_on_a_first_moment_the_step_or_ages_are_refused_with_the_reason(tmp_path, strategy, reason):
-    saved = torch.load(make_source(tmp_path / "s.pt", "warmup", steps=3), weights_only=True)["optimizer"]
+def test_strategies_on_a_first_moment_the_step_or_ages_are_refused_with_the_reason(tmp_path, case, strategy, reason):
+    saved = torch.load(make_source(tmp_path / "s.pt", case, steps=3), weights_only=True)["optimizer"]
     with pytest.raises(OstateError, match="does not apply") as error:
         apply_strategy(saved, strategy)
     assert reason in str(error.value)
 
 
-def test_a_regex_strategy_that_keeps_some_state_keeps_the_groups_counters(tmp_path):
-    saved = torch.load(make_source(tmp_path / "s.pt", "warmup", steps=3), weights_only=True)["optimizer"]
-    names = ["0.weight", "0.bias", "2.weight", "2.bias"]
+@pytest.mark.parametrize(
+    "case, names",
+    [
+        ("warmup", ["0.weight", "0.bias", "2.weight", "2.bias"]),
+        ("sgd", ["0.weight", "2.weight", "0.bias", "2.bias"]),  # weights, then biases: two groups
+        ("radam", ["0.weight", "2.weight", "0.bias", "2.bias"]),
+    ],
+)
+def test_a_regex_strategy_that_keeps_some_state_keeps_the_groups_counters(tmp_path, case, names):
+    saved = torch.load(make_source(tmp_path / "s.pt", case, steps=3), weights_only=True)["optimizer"]
     new = apply_strategy(saved, r"reload:^0\.", names=names)
-    assert new["param_groups"] == saved["param_groups"] and sorted(new["state"]) == [0, 1]
+    kept = [i for i, n in enumerate(names) if n.startswith("0.")]
+    assert new["param_groups"] == saved["param_groups"] and sorted(new["state"]) == kept
+    assert all(new["state"][i].keys() == saved["state"][i].keys() for i in kept)
 
 
 def test_a_live_fresh_keeps_train_mode_and_takes_a_new_optimizers_step_from_the_weights_it_has():

@@ -36,6 +36,8 @@ LIBRARY_CLASSES: dict[str, tuple[str, str, str]] = {
     "prodigy": ("prodigyopt", "Prodigy", "prodigyopt"),
     "dadapt_adam": ("dadaptation", "DAdaptAdam", "dadaptation"),
     "schedulefree_adamw": ("schedulefree", "AdamWScheduleFree", "schedulefree"),
+    "schedulefree_sgd": ("schedulefree", "SGDScheduleFree", "schedulefree"),
+    "schedulefree_radam": ("schedulefree", "RAdamScheduleFree", "schedulefree"),
     "dadapt_sgd": ("dadaptation", "DAdaptSGD", "dadaptation"),
     "dadapt_adagrad": ("dadaptation", "DAdaptAdaGrad", "dadaptation"),
     "dadapt_lion": ("dadaptation", "DAdaptLion", "dadaptation"),

@@ -6,7 +6,8 @@ One module per family holds its math (the formula is in the module docstring):
   ``adagrad``, ``rmsprop``, ``adadelta``, ``asgd``, ``rprop``, ``sparse_adam``,
   ``adafactor``, ``muon``, ``lbfgs`` (summary only);
 - third-party: ``hf_adafactor`` (transformers), ``bnb8bit`` (bitsandbytes 8-bit and
-  32-bit state), ``lion`` (lion-pytorch), ``schedulefree`` (schedule-free AdamW);
+  32-bit state), ``lion`` (lion-pytorch), ``schedulefree`` (schedule-free AdamW),
+  ``schedulefree_variants`` (schedule-free SGD and RAdam);
 - ``generic`` for state nobody recognises.
 
 ``registry.py`` lists them all (:data:`FAMILIES`); docs/optimizers.md lists each family's

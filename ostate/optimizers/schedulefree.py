@@ -71,20 +71,27 @@ def scheduled_lr(group: Group) -> float:
     return group["lr"] * ((k + 1) / warmup if k < warmup else 1.0)
 
 
-def next_averaging_weight(group: Group) -> float:
-    """:math:`c_{k+1}`, the weight of :math:`z` in the next average (0 when the weights sum to 0)."""
+def averaging_weight(group: Group, lr: float) -> float:
+    """:math:`c_{k+1}`, the weight of :math:`z` in the next average given the next step's lr ``lr``
+    (0 when the weights sum to 0, as the library's ``ZeroDivisionError`` branch)."""
     k = group["k"]
-    lr_max = max(scheduled_lr(group), group["lr_max"])
+    lr_max = max(lr, group["lr_max"])
     weight = ((k + 1) ** group.get("r", 0.0)) * (lr_max ** group.get("weight_lr_power", 2.0))
     weight_sum = group["weight_sum"] + weight
     return weight / weight_sum if weight_sum != 0 else 0.0
 
 
-def schedulefree_effective_lr(exp_avg_sq: torch.Tensor, group: Group) -> torch.Tensor:
+def next_averaging_weight(group: Group) -> float:
+    """:math:`c_{k+1}` with the warmup-scheduled lr (AdamW and SGD schedule-free)."""
+    return averaging_weight(group, scheduled_lr(group))
+
+
+def schedulefree_effective_lr(exp_avg_sq: torch.Tensor, group: Group, lr: float | None = None) -> torch.Tensor:
+    """``lr`` (default: the warmup-scheduled lr) over the saved second moment's bias-corrected root plus eps."""
     v = exp_avg_sq if exp_avg_sq.dtype == torch.float64 else exp_avg_sq.float()
     k, beta2 = group["k"], group["betas"][1]
     bias_correction2 = 1 - beta2**k if k > 0 else 1.0
-    return scheduled_lr(group) / (v.div(bias_correction2).sqrt_() + group["eps"])
+    return (scheduled_lr(group) if lr is None else lr) / (v.div(bias_correction2).sqrt_() + group["eps"])
 
 
 def effective_lr(param: ParamState, group: Group) -> torch.Tensor:

@@ -36,8 +36,8 @@ multiplies lr), the sums it is learned from and their counter ``k`` in the *para
 (the layout's ``group_state``). A strategy that keeps any parameter's state keeps them as
 saved (the saved moments carry ``d``); ``fresh`` (no state kept) puts them back to a new
 optimizer's (:func:`reset_group_state`: ``d = d0``). See :mod:`ostate.optimizers.dadapt`.
-Schedule-free AdamW learns its counter ``k``, ``weight_sum`` and ``lr_max`` into each group alike
-(:mod:`ostate.optimizers.schedulefree`); its ``train_mode`` (whether the weights are ``x`` or
+Schedule-free AdamW, SGD and RAdam learn their counter ``k``, ``weight_sum`` and ``lr_max`` into each
+group alike (:mod:`ostate.optimizers.schedulefree`, :mod:`ostate.optimizers.schedulefree_variants`); their ``train_mode`` (whether the weights are ``x`` or
 ``y``) is the layout's ``group_mode``, which no strategy changes.
 
 **keep-v and bias correction.** Adam (and AdamW, AMSGrad, NAdam) use one counter

@@ -75,6 +75,17 @@ def _schedulefree(params):
     return opt
 
 
+def _schedulefree_variant(name: str, **kwargs):
+    def make(params):
+        import schedulefree
+
+        opt = getattr(schedulefree, name)(params, **kwargs)
+        opt.train()
+        return opt
+
+    return make
+
+
 def _lion(params):
     import lion_pytorch
 
@@ -137,6 +148,17 @@ FAMILIES: dict[str, tuple[str, Callable[[], nn.Module], Callable]] = {
     "transformers.Adafactor": ("hf_adafactor", Net, _hf_adafactor),
     "lion_pytorch.Lion": ("lion", Net, _lion),
     "schedulefree.AdamWScheduleFree": ("schedulefree_adamw", Net, _schedulefree),
+    "schedulefree.SGDScheduleFree": (
+        "schedulefree_sgd",
+        Net,
+        _schedulefree_variant("SGDScheduleFree", lr=0.05, weight_decay=0.01),
+    ),
+    # Without the silent phase its first step moves (the first-step suite checks a step that moves).
+    "schedulefree.RAdamScheduleFree": (
+        "schedulefree_radam",
+        Net,
+        _schedulefree_variant("RAdamScheduleFree", lr=2e-3, silent_sgd_phase=False),
+    ),
     "prodigyopt.Prodigy": ("prodigy", Net, _prodigy),
     "dadaptation.DAdaptAdam": ("dadapt_adam", Net, _dadapt_adam),
     "dadaptation.DAdaptSGD": ("dadapt_sgd", Net, _dadaptation("DAdaptSGD", momentum=0.9, weight_decay=0.01)),
