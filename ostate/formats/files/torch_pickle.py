@@ -191,9 +191,7 @@ def _rebuild_tensor(storage: Any, offset: Any, size: Any, stride: Any, requires_
         raise Unsupported(
             f"a tensor of size {size} at offset {offset} reaches element {last}; its storage holds {data.numel()}"
         )
-    # A tensor of its own on the storage, as torch.load builds it, not a view of ``data``: a view also
-    # keeps autograd's record of its base, about 0.5 KB more for each of a checkpoint's tensors.
-    tensor = torch.empty(0, dtype=data.dtype).set_(data.untyped_storage(), offset, size, stride)
+    tensor = torch.as_strided(data, size, stride, offset)
     if requires_grad:
         tensor.requires_grad_(True)
     return tensor
