@@ -237,7 +237,11 @@ def to_json(report: Report) -> dict[str, Any]:
             },
             "param_count": d["params"],
         }
-        rows = [jsonable(r) for r in o.table.to_dict(orient="records")]
+        records = o.table.to_dict(orient="records")
+        records.reverse()
+        rows = []
+        while records:  # each record dropped once converted: one table's records in memory, not two
+            rows.append(jsonable(records.pop()))
         entry["params" if report.view == "param" else "rows"] = rows
         out["optimizers"].append(entry)
     return out

@@ -135,6 +135,25 @@ def test_add_constant_is_the_same_as_adding_copies():
     assert z.zeros == 7 and z.count == 7
 
 
+def test_a_kept_histogram_is_stored_in_narrow_types_and_read_back_exactly():
+    s = Sketch()
+    s.add(torch.randn(128))  # a tiny tensor: a few hundred bytes of histogram, not 16 bytes a bucket
+    s.compact()
+    assert (s._buckets.dtype, s._counts.dtype) == (np.uint16, np.uint8)
+    assert (s.buckets.dtype, s.counts.dtype) == (np.int64, np.int64)
+    wide = Sketch.from_dict(s.to_dict())
+    assert wide.quantiles(QS) == s.quantiles(QS) and wide.histogram()[1].tolist() == s.histogram()[1].tolist()
+    # Counts past what the narrow types hold: widened before they grow, by copies and by merging.
+    huge = Sketch()
+    huge.add_constant(0.5, 2**40)
+    assert huge.counts.tolist() == [2**40] and huge._counts.dtype == np.int64
+    half = Sketch()
+    half.add_constant(0.5, 200)
+    assert half.compact()._counts.dtype == np.uint8
+    assert Sketch.merged([half, half]).counts.tolist() == [400]
+    assert half.merge(Sketch().merge(half)).counts.tolist() == [400]
+
+
 def test_float32_overflow_in_the_sum_of_squares_falls_back_to_float64():
     s = Sketch()
     s.add(torch.tensor([3e30, -3e30, 1.0]))

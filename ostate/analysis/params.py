@@ -39,7 +39,7 @@ RELEASE_EVERY = 1 << 22
 assert READ_CHUNK % BLOCK == 0 and RELEASE_EVERY % READ_CHUNK == 0
 
 
-@dataclass
+@dataclass(slots=True)
 class ParamSummary:
     """One parameter's table row, the sketches behind its statistics, its additive sums, and
     its joint histograms (``moments``: (sqrt(v̂), |m̂|), only when asked for)."""
