@@ -168,24 +168,12 @@ def test_a_finished_cosine_schedule_leaves_lr_at_zero(tmp_path):
 @pytest.mark.slow
 def test_a_trainer_run_saved_at_its_last_step_has_a_finished_linear_schedule(tmp_path):
     pytest.importorskip("transformers")
-    from transformers import Trainer, TrainingArguments
+    from transformers import Trainer
 
-    from tests.helpers.builders import RandomTokens, tiny_gpt2
+    from tests.helpers.builders import RandomTokens, tiny_gpt2, trainer_arguments
 
     torch.manual_seed(0)
-    args = TrainingArguments(
-        output_dir=str(tmp_path),
-        max_steps=2,
-        save_steps=2,
-        per_device_train_batch_size=4,
-        learning_rate=1e-3,
-        weight_decay=0.1,
-        lr_scheduler_type="linear",
-        report_to=[],
-        use_cpu=True,
-        disable_tqdm=True,
-        seed=0,
-    )
+    args = trainer_arguments(tmp_path, 2, save_strategy="steps", save_steps=2, warmup_steps=0)
     Trainer(model=tiny_gpt2(), args=args, train_dataset=RandomTokens(64)).train()
     found = codes(doctor(tmp_path / "checkpoint-2"))
     assert "lr-zero" in found and "global_step 2 of max_steps 2" in found["schedule-finished"].evidence[0].detail

@@ -36,9 +36,9 @@ def assert_other_files_identical(source, out, changed):
 # ------------------------------------------------------------------------------ Hugging Face Trainer
 @pytest.mark.slow
 def test_trainer_checkpoint_resumes_in_the_trainer_with_the_first_block_reset(gpt2_run, tmp_path):
-    from transformers import Trainer, TrainingArguments
+    from transformers import Trainer
 
-    from tests.helpers.builders import RandomTokens, tiny_gpt2
+    from tests.helpers.builders import RandomTokens, tiny_gpt2, trainer_arguments
 
     out = tmp_path / "checkpoint-reset"
     result = reset(gpt2_run.checkpoint, out, "reset-m", params=r"^transformer\.h\.0\.")
@@ -49,20 +49,7 @@ def test_trainer_checkpoint_resumes_in_the_trainer_with_the_first_block_reset(gp
     }
 
     saved = torch.load(gpt2_run.checkpoint / "optimizer.pt", weights_only=True)
-    args = TrainingArguments(
-        output_dir=str(tmp_path / "resume"),
-        max_steps=gpt2_run.global_step + 4,
-        per_device_train_batch_size=4,
-        learning_rate=1e-3,
-        weight_decay=0.1,
-        warmup_steps=1,
-        lr_scheduler_type="linear",
-        report_to=[],
-        use_cpu=True,
-        disable_tqdm=True,
-        seed=0,
-        save_strategy="no",
-    )
+    args = trainer_arguments(tmp_path / "resume", gpt2_run.global_step + 4)
     snapshot = _snapshot_class()()
     trainer = Trainer(model=tiny_gpt2(), args=args, train_dataset=RandomTokens(64), callbacks=[snapshot])
     trainer.train(resume_from_checkpoint=str(out))  # loads model, optimizer and scheduler, then the snapshot stops it

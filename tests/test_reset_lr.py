@@ -368,25 +368,12 @@ def test_lightning_resume_with_lr_set_and_scheduler_dropped_takes_the_harness_tr
 def trainer_resuming(output_dir, callbacks):
     """The Trainer resuming tests/conftest.py's gpt2_run (checkpoint-4) for two more steps, as
     tests/test_strategy_callbacks.py builds it (its own lr 1e-3: replaced by the checkpoint's on load)."""
-    from transformers import Trainer, TrainingArguments
+    from transformers import Trainer
 
-    from tests.helpers.builders import RandomTokens, tiny_gpt2
+    from tests.helpers.builders import RandomTokens, tiny_gpt2, trainer_arguments
 
     torch.manual_seed(0)
-    args = TrainingArguments(
-        output_dir=str(output_dir),
-        max_steps=6,
-        save_strategy="no",
-        per_device_train_batch_size=4,
-        learning_rate=1e-3,
-        weight_decay=0.1,
-        warmup_steps=1,
-        lr_scheduler_type="linear",
-        report_to=[],
-        use_cpu=True,
-        disable_tqdm=True,
-        seed=0,
-    )
+    args = trainer_arguments(output_dir, 6)
     return Trainer(model=tiny_gpt2(), args=args, train_dataset=RandomTokens(64), callbacks=list(callbacks))
 
 

@@ -14,26 +14,13 @@ STRATEGIES = ["reset-v", "fresh"]
 # ---------------------------------------------------------------- Hugging Face Trainer
 def resume_trainer(checkpoint, output_dir, callbacks=()):
     """One more step of the run that wrote ``checkpoint`` (tests/helpers/builders.py), resumed by the real Trainer."""
-    from transformers import Trainer, TrainingArguments
+    from transformers import Trainer
 
-    from tests.helpers.builders import RandomTokens, tiny_gpt2
+    from tests.helpers.builders import RandomTokens, tiny_gpt2, trainer_arguments
 
     torch.manual_seed(0)
     model = tiny_gpt2()
-    args = TrainingArguments(
-        output_dir=str(output_dir),
-        max_steps=5,  # the checkpoint is at step 4
-        save_strategy="no",
-        per_device_train_batch_size=4,
-        learning_rate=1e-3,
-        weight_decay=0.1,
-        warmup_steps=1,
-        lr_scheduler_type="linear",
-        report_to=[],
-        use_cpu=True,
-        disable_tqdm=True,
-        seed=0,
-    )
+    args = trainer_arguments(output_dir, 5)  # the checkpoint is at step 4
     trainer = Trainer(model=model, args=args, train_dataset=RandomTokens(64), callbacks=list(callbacks))
     trainer.train(resume_from_checkpoint=str(checkpoint))
     return {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -138,10 +125,10 @@ def value(records, strategy, metric, step, group=-1):
 
 @pytest.mark.slow
 def test_the_harness_runs_trials_with_the_users_trainer_and_steps_as_ostate_reset(gpt2_run, tmp_path):
-    from transformers import Trainer, TrainingArguments
+    from transformers import Trainer
 
     from ostate.harness import trainer_task
-    from tests.helpers.builders import RandomTokens, tiny_gpt2
+    from tests.helpers.builders import RandomTokens, tiny_gpt2, trainer_arguments
 
     ids = RandomTokens(64).ids[:8]
 
@@ -150,19 +137,7 @@ def test_the_harness_runs_trials_with_the_users_trainer_and_steps_as_ostate_rese
 
     def make_trainer(config, callbacks):
         torch.manual_seed(0)
-        args = TrainingArguments(
-            output_dir=str(tmp_path / f"run-{config.strategy}"),
-            max_steps=8,
-            per_device_train_batch_size=4,
-            learning_rate=1e-3,
-            weight_decay=0.1,
-            warmup_steps=1,
-            lr_scheduler_type="linear",
-            report_to=[],
-            use_cpu=True,
-            disable_tqdm=True,
-            seed=config.seed,
-        )
+        args = trainer_arguments(tmp_path / f"run-{config.strategy}", 8, save_strategy="steps", seed=config.seed)
         return Trainer(model=tiny_gpt2(), args=args, train_dataset=RandomTokens(64), callbacks=callbacks)
 
     records = trainer_mode_ablation(

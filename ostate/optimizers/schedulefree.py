@@ -182,7 +182,7 @@ def schedulefree_fresh_group(group: Group) -> dict:
     return {"k": 0, "weight_sum": 0.0, "lr_max": -1.0, "scheduled_lr": 0.0}
 
 
-_LAYOUT = StateLayout(
+SCHEDULEFREE_LAYOUT = StateLayout(
     second_moment=("exp_avg_sq",),
     fresh={"exp_avg_sq": fresh_zeros},  # no fresh z: the weights at the first step (fresh leaves the state out)
     keep_v_refusal=KEEP_V_REFUSAL,
@@ -219,6 +219,6 @@ SCHEDULEFREE_ADAMW = Family(
         "Schedule-free AdamW: the step counter k lives in the param groups; eff_lr uses the next step's "
         "warmup-scheduled lr. The saved weights are x in eval mode and y in train mode.",
     ),
-    layout=_LAYOUT,
+    layout=SCHEDULEFREE_LAYOUT,
     first_step=adaptive_first_step(initial_state, "-lr_1 * g / (|g| + eps)"),
 )

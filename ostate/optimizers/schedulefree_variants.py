@@ -44,16 +44,17 @@ for RAdam all but ``reset-v`` (:data:`RADAM_RESET_STEP_REFUSAL`, ...).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Mapping
 
 import torch
 
-from ostate.optimizers.family import Family, FirstStep, Group, StateLayout, fresh_zeros, group_has, zeros_for
+from ostate.optimizers.family import Family, FirstStep, Group, StateLayout, group_has, zeros_for
 from ostate.optimizers.schedulefree import (
-    KEEP_V_REFUSAL,
-    RESET_M_REFUSAL,
     SCHEDULEFREE_GROUP_STATE,
+    SCHEDULEFREE_LAYOUT,
     averaging_weight,
+    columns,
     next_averaging_weight,
     preconditioned,
     scheduled_lr,
@@ -100,15 +101,6 @@ def sgd_quantities(chunk: Mapping[str, torch.Tensor], group: Group, param: Param
     return {"eff_lr": scheduled_lr(group)}
 
 
-def sgd_columns(param: ParamState, group: Group) -> dict:
-    return {
-        "k": group["k"],
-        "train_mode": bool(group.get("train_mode", False)),
-        "scheduled_lr": scheduled_lr(group),
-        "averaging_weight": next_averaging_weight(group),
-    }
-
-
 def sgd_match(state_keys: frozenset[str], group: Group) -> int:
     if state_keys and state_keys != {"z"}:
         return 0
@@ -136,7 +128,7 @@ SCHEDULEFREE_SGD = Family(
     quantities=sgd_quantities,
     effective_lr=sgd_effective_lr,
     next_update=sgd_next_update,
-    columns=sgd_columns,
+    columns=columns,  # schedule-free AdamW's: k, train_mode, scheduled_lr, averaging_weight
     display=("k", "train_mode", "scheduled_lr", "averaging_weight", "eff_lr_p50"),
     hyperparameters=("lr", "momentum", "weight_decay", "warmup_steps", "r", "weight_lr_power", "k", "train_mode"),
     notes=(
@@ -285,17 +277,7 @@ SCHEDULEFREE_RADAM = Family(
         "Schedule-free RAdam: the step counter k lives in the param groups; eff_lr uses the next step's "
         "rectified lr (0 in the silent first steps). The saved weights are x in eval mode and y in train mode.",
     ),
-    layout=StateLayout(
-        second_moment=("exp_avg_sq",),
-        fresh={"exp_avg_sq": fresh_zeros},  # no fresh z: the weights at the first step (fresh leaves the state out)
-        keep_v_refusal=KEEP_V_REFUSAL,
-        group_state=SCHEDULEFREE_GROUP_STATE,
-        group_state_per_group=True,
-        group_mode=("train_mode",),
-        fresh_group=schedulefree_fresh_group,
-        reset_m_refusal=RESET_M_REFUSAL,
-        reset_step_refusal=RADAM_RESET_STEP_REFUSAL,
-    ),
+    layout=dataclasses.replace(SCHEDULEFREE_LAYOUT, reset_step_refusal=RADAM_RESET_STEP_REFUSAL),
     # Its first step is never rectified (rho_1 = 1): -lr * g (or nothing in the silent phase), not adaptive.
     first_step=FirstStep(radam_initial_state),
 )

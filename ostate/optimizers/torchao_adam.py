@@ -41,6 +41,7 @@ ostate reads (as their inner tensors) but does not write back.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Mapping
 
 import torch
@@ -166,19 +167,11 @@ TORCHAO_ADAMW = Family(
     notes=_NOTE,
     first_step=_FIRST_STEP,
 )
-TORCHAO_ADAM = Family(
+# Adam's coupled weight decay; everything else as AdamW's (torchao saves no word of which it was).
+TORCHAO_ADAM = dataclasses.replace(
+    TORCHAO_ADAMW,
     name="torchao_adam",
     label="torchao low-bit Adam",
-    match=_match,
-    quantities=quantities,
-    effective_lr=effective_lr,
     next_update=_update(decoupled=False),
-    columns=quantization_columns,
-    display=_DISPLAY,
-    hyperparameters=_HYPER,
-    first_moment="exp_avg_abs",
-    second_moment="exp_avg_sq",
-    moments=ADAM_MOMENTS,
-    notes=_NOTE,
-    first_step=_FIRST_STEP,
+    preferred=False,
 )

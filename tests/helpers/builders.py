@@ -67,6 +67,29 @@ def tiny_qwen2():
     )
 
 
+def trainer_arguments(output_dir, max_steps: int, **changes: Any):
+    """The ``TrainingArguments`` of the tests' tiny Trainer runs: CPU, batch 4, AdamW at lr 1e-3 with
+    weight decay 0.1, one warmup step then linear decay, seed 0, no checkpoints, no reports (``changes``
+    replace any of them)."""
+    from transformers import TrainingArguments
+
+    settings: dict[str, Any] = dict(
+        output_dir=str(output_dir),
+        max_steps=max_steps,
+        save_strategy="no",
+        per_device_train_batch_size=4,
+        learning_rate=1e-3,
+        weight_decay=0.1,
+        warmup_steps=1,
+        lr_scheduler_type="linear",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+    )
+    return TrainingArguments(**{**settings, **changes})
+
+
 def train_with_trainer(
     output_dir: Path,
     model: nn.Module,
@@ -78,27 +101,13 @@ def train_with_trainer(
     callbacks: list | None = None,
 ) -> TrainerRun:
     """A real ``transformers.Trainer`` run on random tokens that writes ``checkpoint-N/`` every ``save_steps``."""
-    from transformers import Trainer, TrainingArguments
+    from transformers import Trainer
 
     torch.manual_seed(0)
     for name, p in model.named_parameters():
         if name in freeze:
             p.requires_grad_(False)
-    args = TrainingArguments(
-        output_dir=str(output_dir),
-        max_steps=steps + 4,
-        save_steps=save_steps,
-        per_device_train_batch_size=4,
-        learning_rate=1e-3,
-        weight_decay=0.1,
-        warmup_steps=1,
-        lr_scheduler_type="linear",
-        logging_steps=1,
-        report_to=[],
-        use_cpu=True,
-        disable_tqdm=True,
-        seed=0,
-    )
+    args = trainer_arguments(output_dir, steps + 4, save_strategy="steps", save_steps=save_steps, logging_steps=1)
     trainer = (trainer_class or Trainer)(model=model, args=args, train_dataset=RandomTokens(64), callbacks=callbacks)
     trainer.add_callback(_stop_after(steps))
     trainer.train()

@@ -118,11 +118,13 @@ def help_prose() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return encode(train), encode(test), encode(validation)
 
 
-def random_windows(text: torch.Tensor, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
-    """Endless batches of ``CONTEXT + 1`` consecutive characters at random places."""
+def random_windows(
+    text: torch.Tensor, batch_size: int, generator: torch.Generator, *, context: int = CONTEXT
+) -> Iterator[torch.Tensor]:
+    """Endless batches of ``context + 1`` consecutive characters at random places."""
     while True:
-        starts = torch.randint(len(text) - CONTEXT - 1, (batch_size,), generator=generator)
-        yield torch.stack([text[s : s + CONTEXT + 1] for s in starts.tolist()])
+        starts = torch.randint(len(text) - context - 1, (batch_size,), generator=generator)
+        yield torch.stack([text[s : s + context + 1] for s in starts.tolist()])
 
 
 def next_char_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
@@ -138,10 +140,13 @@ def code_batches(batch_size: int, generator: torch.Generator) -> Iterator[torch.
     return random_windows(stdlib_code(), batch_size, generator)
 
 
-def held_out_loss(model: nn.Module, held_out: torch.Tensor) -> dict[str, float]:
-    """Mean next-character cross-entropy (nats) over fixed, evenly spaced windows of ``held_out``."""
-    starts = torch.linspace(0, len(held_out) - CONTEXT - 2, EVAL_WINDOWS).long()
-    batch = torch.stack([held_out[s : s + CONTEXT + 1] for s in starts.tolist()])
+def held_out_loss(
+    model: nn.Module, held_out: torch.Tensor, *, context: int = CONTEXT, windows: int = EVAL_WINDOWS
+) -> dict[str, float]:
+    """Mean next-character cross-entropy (nats) over ``windows`` fixed, evenly spaced windows of
+    ``context + 1`` characters of ``held_out``."""
+    starts = torch.linspace(0, len(held_out) - context - 2, windows).long()
+    batch = torch.stack([held_out[s : s + context + 1] for s in starts.tolist()])
     return {"loss": float(next_char_loss(model, batch.to(model_device(model))))}
 
 

@@ -23,9 +23,15 @@ import torch
 from torch import nn
 
 from ostate.demo import save_atomically
-from ostate.harness.device import model_device
 from ostate.harness.pretrain import pretrain
-from ostate.harness.tasks.code_to_prose import TinyGPT, help_prose, next_char_loss, stdlib_code
+from ostate.harness.tasks.code_to_prose import (
+    TinyGPT,
+    held_out_loss,
+    help_prose,
+    next_char_loss,
+    random_windows,
+    stdlib_code,
+)
 from ostate.harness.tasks.code_to_prose import data_fingerprint as data_fingerprint  # the same data
 
 CONTEXT = 128
@@ -57,25 +63,16 @@ class GPTNewHead(TinyGPT):
         return self.prose_head(self.norm(h))
 
 
-def windows(text: torch.Tensor, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
-    """Endless batches of ``CONTEXT + 1`` consecutive characters at random places."""
-    while True:
-        starts = torch.randint(len(text) - CONTEXT - 1, (batch_size,), generator=generator)
-        yield torch.stack([text[s : s + CONTEXT + 1] for s in starts.tolist()])
-
-
 def prose_batches(batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
-    return windows(help_prose()[0], batch_size, generator)
+    return random_windows(help_prose()[0], batch_size, generator, context=CONTEXT)
 
 
 def code_batches(batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
-    return windows(stdlib_code(), batch_size, generator)
+    return random_windows(stdlib_code(), batch_size, generator, context=CONTEXT)
 
 
 def _held_out_loss(model: nn.Module, text: torch.Tensor) -> dict[str, float]:
-    starts = torch.linspace(0, len(text) - CONTEXT - 2, EVAL_WINDOWS).long()
-    batch = torch.stack([text[s : s + CONTEXT + 1] for s in starts.tolist()])
-    return {"loss": float(next_char_loss(model, batch.to(model_device(model))))}
+    return held_out_loss(model, text, context=CONTEXT, windows=EVAL_WINDOWS)
 
 
 def evaluate_prose(model: nn.Module) -> dict[str, float]:
